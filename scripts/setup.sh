@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Set up everything smsblock and its tests need on a fresh Debian 12 machine (as root):
+# Debian packages (disk, filesystem and build tools), Python packages, the native build.
+# Idempotent: a second run installs nothing and only rebuilds what changed.
+#
+#   scripts/setup.sh            release build (demo, benchmarks)
+#   scripts/setup.sh --debug    Cython bounds/wraparound checks on (the test build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+DEBUG=0
+[ "${1:-}" = "--debug" ] && DEBUG=1
+
+DEB_PACKAGES=(
+  # native build: deflate (VMDK grains), xxh3 (change hash), zstd
+  build-essential libdeflate-dev libxxhash-dev libzstd-dev
+  # disk-format oracle and peers measured by the benchmarks
+  qemu-utils xxhash zstd
+  # real tools that make test disks and filesystems (image step)
+  fdisk e2fsprogs xfsprogs btrfs-progs jfsutils ntfs-3g dosfstools grub-pc-bin
+)
+
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Python packages: the project itself (editable) with its test and optional extras.
+# Build isolation is off so the build uses the Cython installed here.
+$PYTHON -m pip install -q --disable-pip-version-check "cython>=3.0" "setuptools>=64" wheel 2>&1 \
+  | grep -v -E "^WARNING: (Location|Running pip)" || true
+$PYTHON -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test,cloud,vsphere]" 2>&1 \
+  | grep -v -E "^WARNING: (Location|Running pip)" || true
+
+# The native modules, in place, in the requested mode.
+SMSBLOCK_DEBUG=$DEBUG $PYTHON setup.py -q build_ext --inplace -j 2 2>&1 | grep -v -E "^(running|copying|creating)" || true
+$PYTHON -c "import smsblock" || { echo "setup: smsblock does not import" >&2; exit 1; }
+echo "setup: ready ($([ $DEBUG = 1 ] && echo debug || echo release) build)"

@@ -1,0 +1,44 @@
+"""Build the native core: every smsblock/*.pyx becomes an extension module.
+
+SMSBLOCK_DEBUG=1 turns Cython's bounds, wraparound and initialisation checks on (the test
+build); the default is the fast release build.  The native modules link Debian's
+libdeflate, libxxhash and libzstd (packages libdeflate-dev, libxxhash-dev, libzstd-dev).
+"""
+
+import glob
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("SMSBLOCK_DEBUG", "") not in ("", "0")
+
+directives = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": not DEBUG,
+    "embedsignature": True,
+}
+
+extensions = [
+    Extension(
+        name="smsblock." + os.path.splitext(os.path.basename(pyx))[0],
+        sources=[pyx],
+        include_dirs=["csrc"],
+        libraries=["deflate", "xxhash", "zstd"],
+        extra_compile_args=["-O3", "-Wno-unused-function"] + (["-UNDEBUG", "-g"] if DEBUG else []),
+        define_macros=[("SMSBLOCK_DEBUG", "1" if DEBUG else "0")],
+    )
+    for pyx in sorted(glob.glob("smsblock/*.pyx"))
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives=directives,
+        build_dir="build/cython-debug" if DEBUG else "build/cython",
+        quiet=True,
+    ),
+)

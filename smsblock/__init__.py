@@ -1,0 +1,12 @@
+"""smsblock: move live VM disks to the cloud block by block.
+
+The public API is re-exported here; see docs/ for guides and the file formats.
+"""
+
+__version__ = "0.1.0"
+
+from . import errors
+from .disk import Disk, DiskInfo, Extent, ExtentKind, open_disk
+from .progress import CancelToken
+
+__all__ = ["errors", "open_disk", "Disk", "DiskInfo", "Extent", "ExtentKind", "CancelToken"]

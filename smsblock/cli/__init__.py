@@ -1,0 +1,64 @@
+"""``smsblock``: the command line.
+
+Each area keeps its subcommands in its own module with a ``register(subparsers)``
+function; this module wires them up and turns every :class:`SmsBlockError` (and OS
+error) into one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .. import __version__
+from ..errors import SmsBlockError
+
+# Areas of the CLI, in help order.  A module that is not there yet is skipped.
+COMMAND_MODULES = ["disk_cmds", "engine_cmds", "image_cmds", "service_cmds", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smsblock",
+        description="Replicate VM disks block by block, incrementally, and turn runs into machine images.")
+    parser.add_argument("--version", action="version", version=f"smsblock {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__name__}.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="smsblock: %(levelname)s: %(message)s")
+    try:
+        status = args.func(args)
+    except SmsBlockError as e:
+        print(f"smsblock: error: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        print("smsblock: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"smsblock: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    return int(status or 0)
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")

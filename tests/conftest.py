@@ -1,0 +1,71 @@
+"""Shared fixtures: paths to ../shared, qemu-img as the disk-format oracle, hypothesis profiles."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("SMSBLOCK_SHARED", ROOT.parent / "shared"))
+VMDK_SAMPLES = SHARED / "vmdk-samples" / "vmware-workstation"
+AWS_MODELS = SHARED / "aws-models"
+
+settings.register_profile(
+    "default", deadline=None, max_examples=25,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                           HealthCheck.data_too_large])
+settings.register_profile("thorough", parent=settings.get_profile("default"), max_examples=200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run qemu-img (the oracle); raise with its stderr on failure."""
+    proc = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qemu-img {' '.join(map(str, args))} failed: {proc.stderr.strip()}")
+    return proc
+
+
+def qemu_raw_bytes(path, tmp_path: Path, fmt: str | None = None) -> bytes:
+    """The raw content of an image as qemu-img sees it."""
+    out = tmp_path / f"oracle-{os.getpid()}-{abs(hash(str(path)))}.raw"
+    args = ["convert"] + (["-f", fmt] if fmt else []) + ["-O", "raw", str(path), str(out)]
+    qemu_img(*args)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def vmdk_samples() -> Path:
+    if not VMDK_SAMPLES.is_dir():
+        pytest.fail(f"VMware sample disks not found at {VMDK_SAMPLES} (../shared missing?)")
+    return VMDK_SAMPLES
+
+
+@pytest.fixture(scope="session")
+def aws_models() -> Path:
+    if not AWS_MODELS.is_dir():
+        pytest.fail(f"AWS service models not found at {AWS_MODELS}")
+    return AWS_MODELS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tools_present():
+    missing = [t for t in ("qemu-img",) if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"required tools missing: {missing}; run scripts/setup.sh")
