@@ -32,6 +32,9 @@ extensions = [
         define_macros=[("SMSBLOCK_DEBUG", "1" if DEBUG else "0")],
     )
     for pyx in sorted(glob.glob("smsblock/*.pyx"))
+    # SMSBLOCK_ONLY=_vmdk,_scan builds just those (handy while others import the rest)
+    if not os.environ.get("SMSBLOCK_ONLY")
+    or os.path.splitext(os.path.basename(pyx))[0] in os.environ["SMSBLOCK_ONLY"].split(",")
 ]
 
 setup(

@@ -34,12 +34,19 @@ fi
 
 # Python packages: the project itself (editable) with its test and optional extras.
 # Build isolation is off so the build uses the Cython installed here.
-$PYTHON -m pip install -q --disable-pip-version-check "cython>=3.0" "setuptools>=64" wheel 2>&1 \
-  | grep -v -E "^WARNING: (Location|Running pip)" || true
-$PYTHON -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test,cloud,vsphere]" 2>&1 \
-  | grep -v -E "^WARNING: (Location|Running pip)" || true
+pip_install() {
+  local log
+  log=$(mktemp)
+  if ! $PYTHON -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; echo "setup: pip install $* failed" >&2; exit 1
+  fi
+  grep -v -E "^WARNING: (Location|Running pip)|^\[notice\]" "$log" || true
+  rm -f "$log"
+}
+pip_install "cython>=3.0" "setuptools>=64" wheel
+pip_install --no-build-isolation -e ".[test,cloud,vsphere]"
 
 # The native modules, in place, in the requested mode.
-SMSBLOCK_DEBUG=$DEBUG $PYTHON setup.py -q build_ext --inplace -j 2 2>&1 | grep -v -E "^(running|copying|creating)" || true
+SMSBLOCK_DEBUG=$DEBUG $PYTHON setup.py -q build_ext --inplace -j 2
 $PYTHON -c "import smsblock" || { echo "setup: smsblock does not import" >&2; exit 1; }
 echo "setup: ready ($([ $DEBUG = 1 ] && echo debug || echo release) build)"
