@@ -49,4 +49,5 @@ pip_install --no-build-isolation -e ".[test,cloud,vsphere]"
 # The native modules, in place, in the requested mode.
 SMSBLOCK_DEBUG=$DEBUG $PYTHON setup.py -q build_ext --inplace -j 2
 $PYTHON -c "import smsblock" || { echo "setup: smsblock does not import" >&2; exit 1; }
+scripts/build-vcsim.sh   # vCenter simulator for the vSphere source's tests (Go, GOPATH mode)
 echo "setup: ready ($([ $DEBUG = 1 ] && echo debug || echo release) build)"
