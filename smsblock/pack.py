@@ -1,0 +1,335 @@
+"""Pack files: many zstd-compressed, content-addressed blocks in one immutable file.
+
+A pack is written front to back and sealed once, then never changes::
+
+    header   16 bytes   magic "SMSBPACK", u16 version, u16 address algorithm, u32 zero
+    frames   ...        one zstd frame per block, back to back (content size in the frame)
+    index    48 * n     per block: address[32], u64 offset, u32 compressed length,
+                        u32 uncompressed length (little endian, in write order)
+    footer   64 bytes   magic "SMSBPIDX", u16 version, u16 algorithm, u32 n,
+                        u64 index offset, sha256(index)[32], 8 zero bytes
+
+The pack's name (its id) is the hex SHA-256 of its index bytes, so it is a pure function
+of the content: a retried upload lands on the same name, and nothing is ever renamed or
+rewritten at the protocol level.  Everything here reads through a ``read_range(offset,
+length)`` callable, so a remote store can serve packs with ranged GETs.
+
+The content address of a block is a cryptographic hash of its *uncompressed* bytes
+(SHA-256 or BLAKE3, fixed per store in its config).  :class:`BlockIndex` maps addresses to
+their place in the store's packs: the global dedup index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import zstandard
+
+from .errors import StoreCorruptError, UsageError
+
+PACK_MAGIC = b"SMSBPACK"
+FOOTER_MAGIC = b"SMSBPIDX"
+PACK_VERSION = 1
+HEADER = struct.Struct("<8sHHI")                 # 16 bytes
+FOOTER = struct.Struct("<8sHHIQ32s8x")           # 64 bytes
+ADDRESS_SIZE = 32
+MAX_BLOCK = 4 << 20                              # the largest block size a store accepts
+
+#: one index entry, exactly as it is laid out in the file
+INDEX_DTYPE = np.dtype([("address", "u1", (ADDRESS_SIZE,)), ("offset", "<u8"),
+                        ("clen", "<u4"), ("ulen", "<u4")])
+assert INDEX_DTYPE.itemsize == 48
+
+ALGORITHMS = {"sha256": 1, "blake3": 2}
+ALGORITHM_NAMES = {v: k for k, v in ALGORITHMS.items()}
+
+ReadRange = Callable[[int, int], bytes]
+
+
+def address_function(algorithm: str) -> Callable[[object], bytes]:
+    """The content-address function ``f(bytes-like) -> 32 bytes`` of an algorithm name."""
+    if algorithm == "sha256":
+        return lambda data: hashlib.sha256(data).digest()
+    if algorithm == "blake3":
+        import blake3
+        return lambda data: blake3.blake3(data).digest()
+    raise UsageError(f"unknown content-address algorithm {algorithm!r} (sha256 or blake3)")
+
+
+def pack_id_of(index_bytes: bytes) -> str:
+    return hashlib.sha256(index_bytes).hexdigest()
+
+
+def is_pack_id(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+# --- writing -------------------------------------------------------------------
+
+class PackWriter:
+    """Appends compressed blocks to a local file; :meth:`seal` writes index + footer.
+
+    Not thread-safe: one writer thread owns it.  The file is fsynced by :meth:`seal`,
+    before the store makes it visible under its id.
+    """
+
+    def __init__(self, path, algorithm: str):
+        self.path = os.fspath(path)
+        self.algorithm = algorithm
+        self._alg_id = ALGORITHMS[algorithm]
+        self._f = open(self.path, "wb")
+        self._f.write(HEADER.pack(PACK_MAGIC, PACK_VERSION, self._alg_id, 0))
+        self._offset = HEADER.size
+        self._entries: list[tuple[bytes, int, int, int]] = []
+
+    @property
+    def count(self) -> int:
+        return len(self._entries)
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far (frames and header)."""
+        return self._offset
+
+    def add(self, address: bytes, frame: bytes, ulen: int) -> None:
+        self._f.write(frame)
+        self._entries.append((address, self._offset, len(frame), ulen))
+        self._offset += len(frame)
+
+    def seal(self) -> tuple[str, np.ndarray]:
+        """Write the index and footer, fsync, close; return ``(pack_id, index)``."""
+        index = np.zeros(len(self._entries), INDEX_DTYPE)
+        for i, (address, offset, clen, ulen) in enumerate(self._entries):
+            index[i] = (np.frombuffer(address, np.uint8), offset, clen, ulen)
+        index_bytes = index.tobytes()
+        self._f.write(index_bytes)
+        self._f.write(FOOTER.pack(FOOTER_MAGIC, PACK_VERSION, self._alg_id, len(index),
+                                  self._offset, hashlib.sha256(index_bytes).digest()))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self.sealed_size = self._offset + len(index_bytes) + FOOTER.size
+        return pack_id_of(index_bytes), index
+
+    def discard(self) -> None:
+        """Close and delete the unsealed file (an error path)."""
+        try:
+            self._f.close()
+        finally:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+# --- reading -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PackFooter:
+    algorithm: str
+    count: int
+    index_offset: int
+    index_sha256: bytes
+
+
+def parse_footer(raw: bytes, name: str, size: int) -> PackFooter:
+    """Check and decode a pack's last 64 bytes."""
+    if size < HEADER.size + FOOTER.size:
+        raise StoreCorruptError(f"pack too small ({size} bytes)", name, 0)
+    magic, version, alg, count, index_offset, digest = FOOTER.unpack(raw)
+    where = size - FOOTER.size
+    if magic != FOOTER_MAGIC:
+        raise StoreCorruptError("bad pack footer magic", name, where)
+    if version != PACK_VERSION:
+        raise StoreCorruptError(f"unsupported pack version {version}", name, where)
+    if alg not in ALGORITHM_NAMES:
+        raise StoreCorruptError(f"unknown address algorithm id {alg}", name, where)
+    if index_offset + count * INDEX_DTYPE.itemsize != where or index_offset < HEADER.size:
+        raise StoreCorruptError(f"index of {count} entries at {index_offset} does not end at the footer",
+                                name, where)
+    return PackFooter(ALGORITHM_NAMES[alg], count, index_offset, digest)
+
+
+def read_index(read_range: ReadRange, size: int, name: str, *, check_id: bool = True) -> tuple[PackFooter, np.ndarray]:
+    """Read and check a pack's footer and index (two ranged reads).
+
+    Checks the index checksum, that the name is the index's id (``check_id``), and that
+    every entry lies inside the frame area without overlapping another.
+    """
+    footer = parse_footer(read_range(size - FOOTER.size, FOOTER.size), name, size)
+    raw = read_range(footer.index_offset, footer.count * INDEX_DTYPE.itemsize)
+    if len(raw) != footer.count * INDEX_DTYPE.itemsize:
+        raise StoreCorruptError("short read of pack index", name, footer.index_offset)
+    if hashlib.sha256(raw).digest() != footer.index_sha256:
+        raise StoreCorruptError("pack index checksum mismatch", name, footer.index_offset)
+    if check_id and pack_id_of(raw) != os.path.basename(name).split(".")[0]:
+        raise StoreCorruptError("pack name is not the id of its index", name, footer.index_offset)
+    index = np.frombuffer(raw, INDEX_DTYPE).copy()
+    if len(index):
+        order = np.argsort(index["offset"], kind="stable")
+        starts = index["offset"][order].astype(np.int64)
+        ends = starts + index["clen"][order].astype(np.int64)
+        bad = (starts < HEADER.size) | (ends > footer.index_offset) | (index["ulen"][order] > MAX_BLOCK)
+        bad[1:] |= starts[1:] < ends[:-1]
+        if bad.any():
+            i = int(order[int(np.argmax(bad))])
+            raise StoreCorruptError(f"index entry {i} out of range, overlapping or too large",
+                                    name, footer.index_offset + i * INDEX_DTYPE.itemsize)
+    return footer, index
+
+
+def check_header(read_range: ReadRange, name: str, footer: PackFooter) -> None:
+    magic, version, alg, _ = HEADER.unpack(read_range(0, HEADER.size))
+    if magic != PACK_MAGIC or version != PACK_VERSION or ALGORITHM_NAMES.get(alg) != footer.algorithm:
+        raise StoreCorruptError("bad pack header (magic, version or algorithm)", name, 0)
+
+
+_decompressors = threading.local()
+
+
+def decompress_block(frame: bytes, ulen: int, name: str = "?", offset: int | None = None) -> bytes:
+    """Inflate one stored frame, checking it yields exactly ``ulen`` bytes."""
+    d = getattr(_decompressors, "d", None)
+    if d is None:
+        d = _decompressors.d = zstandard.ZstdDecompressor()
+    try:
+        data = d.decompress(frame, max_output_size=ulen)
+    except zstandard.ZstdError as e:
+        raise StoreCorruptError(f"block frame does not decompress: {e}", name, offset) from None
+    if len(data) != ulen:
+        raise StoreCorruptError(f"block frame gives {len(data)} bytes, index says {ulen}", name, offset)
+    return data
+
+
+def verify_pack(read_range: ReadRange, size: int, name: str, algorithm: str,
+                on_bytes: Callable[[int], None] | None = None
+                ) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
+    """Read a whole pack and check every block against its content address.
+
+    Returns ``(index or None, good, problems)``: ``good`` marks the index entries whose
+    block decompresses to bytes matching its address; problems are one-line strings.
+    """
+    problems: list[str] = []
+    try:
+        footer, index = read_index(read_range, size, name)
+        check_header(read_range, name, footer)
+    except StoreCorruptError as e:
+        return None, None, [str(e)]
+    good = np.zeros(len(index), bool)
+    if footer.algorithm != algorithm:
+        problems.append(f"{name}: pack uses {footer.algorithm}, store uses {algorithm}")
+        return index, good, problems
+    addr = address_function(algorithm)
+    # read in runs of frames so a big pack is a few large reads, not many small ones
+    order = np.argsort(index["offset"], kind="stable")
+    chunk_start, chunk = None, b""
+    for i in order:
+        off, clen, ulen = int(index["offset"][i]), int(index["clen"][i]), int(index["ulen"][i])
+        if chunk_start is None or off + clen > chunk_start + len(chunk):
+            chunk_start = off
+            chunk = read_range(off, max(clen, min(8 << 20, footer.index_offset - off)))
+        frame = chunk[off - chunk_start: off - chunk_start + clen]
+        try:
+            data = decompress_block(frame, ulen, name, off)
+        except StoreCorruptError as e:
+            problems.append(str(e))
+            continue
+        if addr(data) != index["address"][i].tobytes():
+            problems.append(f"{name}: offset {off}: block does not match its content address "
+                            f"{index['address'][i].tobytes().hex()[:16]}...")
+        else:
+            good[i] = True
+        if on_bytes is not None:
+            on_bytes(clen)
+    return index, good, problems
+
+
+# --- the global dedup index ----------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class BlockLocation:
+    pack_id: str
+    offset: int
+    clen: int
+    ulen: int
+
+
+class BlockIndex:
+    """Where every stored block lives: address -> :class:`BlockLocation`.
+
+    Sealed packs are held in sorted numpy arrays (about 60 bytes a block, looked up by
+    binary search on the address's first 8 bytes); blocks added during a run go to a small
+    dict until the index is rebuilt.  Lookups are thread-safe; :meth:`add` takes a lock.
+    """
+
+    def __init__(self, packs: dict[str, np.ndarray] | None = None):
+        self._lock = threading.Lock()
+        self._extra: dict[bytes, BlockLocation] = {}
+        self.pack_ids: list[str] = []
+        entries, pack_nums = [], []
+        for n, (pack_id, index) in enumerate((packs or {}).items()):
+            self.pack_ids.append(pack_id)
+            entries.append(index)
+            pack_nums.append(np.full(len(index), n, np.uint32))
+        if entries:
+            self._entries = np.concatenate(entries)
+            self._packs = np.concatenate(pack_nums)
+        else:
+            self._entries = np.zeros(0, INDEX_DTYPE)
+            self._packs = np.zeros(0, np.uint32)
+        keys = self._key_of_array(self._entries["address"])
+        order = np.argsort(keys, kind="stable")
+        self._keys = keys[order]
+        self._entries = self._entries[order]
+        self._packs = self._packs[order]
+
+    @staticmethod
+    def _key_of_array(addresses: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(addresses[:, :8]).view("<u8").reshape(-1)
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self._extra)
+
+    def get(self, address: bytes) -> BlockLocation | None:
+        loc = self._extra.get(address)
+        if loc is not None:
+            return loc
+        key = np.uint64(int.from_bytes(address[:8], "little"))   # a Python int >= 2**63 would compare as float
+        lo = int(np.searchsorted(self._keys, key, "left"))
+        hi = int(np.searchsorted(self._keys, key, "right"))
+        for i in range(lo, hi):
+            e = self._entries[i]
+            if e["address"].tobytes() == address:
+                return BlockLocation(self.pack_ids[int(self._packs[i])], int(e["offset"]),
+                                     int(e["clen"]), int(e["ulen"]))
+        return None
+
+    def __contains__(self, address: bytes) -> bool:
+        return self.get(address) is not None
+
+    def add(self, pack_id: str, index: np.ndarray) -> None:
+        with self._lock:
+            for e in index:
+                self._extra.setdefault(e["address"].tobytes(), BlockLocation(
+                    pack_id, int(e["offset"]), int(e["clen"]), int(e["ulen"])))
+
+    def contains_all(self, addresses: np.ndarray) -> np.ndarray:
+        """Vectorised membership for an (n, 32) address array: a bool array."""
+        out = np.zeros(len(addresses), bool)
+        if len(addresses) == 0:
+            return out
+        keys = self._key_of_array(addresses)
+        lo = np.searchsorted(self._keys, keys, "left")
+        hi = np.searchsorted(self._keys, keys, "right")
+        for i in range(len(addresses)):
+            if hi[i] - lo[i] == 1 and np.array_equal(self._entries["address"][lo[i]], addresses[i]):
+                out[i] = True
+            elif hi[i] > lo[i] or self._extra:
+                out[i] = self.get(addresses[i].tobytes()) is not None
+        return out

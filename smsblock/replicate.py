@@ -1,0 +1,709 @@
+"""Replication runs and what reads them back: replicate, restore, verify, prune.
+
+One run (:func:`replicate`)::
+
+    scan(disk, previous=latest manifest) ──on_changed(i, block)──► content address
+        │                                  (worker threads)        │ already in the store? skip
+        │                                                          ▼
+        │                                          zstd (one compressor per thread)
+        │                                                          │ bounded queue
+        ▼                                                          ▼
+    manifest (addresses of new blocks;             pack writer thread: append, seal each
+    unchanged ones from the previous run)          full pack (fsync, then put under its id)
+        │
+        └──► put manifest, last: the run now exists
+
+A run killed at any moment leaves only sealed packs (immutable, indexed, found by the next
+run's dedup index so their blocks are not stored again) and temp files (removed by
+:func:`prune`); earlier runs are untouched.  Runs hold the store lock shared, prune holds
+it exclusive, so prune never deletes a pack a running replicate is about to reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Iterator
+
+import numpy as np
+import zstandard
+
+from .disk import Disk, DiskInfo, Extent, ExtentKind, open_disk
+from .errors import (Cancelled, ManifestError, RunNotFoundError, SmsBlockError, StoreCorruptError,
+                     StoreError, UsageError)
+from .manifest import DEFAULT_BLOCK_SIZE, BlockState, Manifest, check_block_size
+from .pack import BlockIndex, PackWriter, address_function, verify_pack
+from .progress import CancelToken, ProgressCallback, check_cancel
+from .store import Store, open_store
+from .store.base import check_run_id, check_server_id
+
+__all__ = ["replicate", "restore", "verify", "prune", "RunSummary", "VerifyReport",
+           "PruneReport", "RunDisk", "new_run_id"]
+
+QUEUE_DEPTH = 16          # compressed blocks waiting for the pack writer (bounds memory)
+
+
+# --- run ids -------------------------------------------------------------------
+
+_TS_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+
+
+def new_run_id(latest: str | None = None) -> str:
+    """``r-YYYYMMDDTHHMMSS.ffffffZ-xxxxxxxx`` (UTC): sorting ids sorts runs by time.
+
+    When ``latest`` (the server's newest run id) is not older than now (clock steps, two
+    runs in one microsecond), the new id takes ``latest``'s time plus 1 µs, so ids of one
+    server stay strictly increasing.
+    """
+    now = datetime.now(timezone.utc)
+    if latest is not None:
+        last = datetime.strptime(check_run_id(latest)[2:25], _TS_FORMAT).replace(tzinfo=timezone.utc)
+        if now <= last:
+            now = last + timedelta(microseconds=1)
+    return f"r-{now.strftime(_TS_FORMAT)}-{secrets.token_hex(4)}"
+
+
+# --- summaries and reports ---------------------------------------------------------
+
+@dataclass
+class RunSummary:
+    """What one run did.  ``blocks_changed`` counts blocks that differ from the previous
+    run (state or content; against an empty disk for a first run), ``blocks_stored`` the
+    blocks this run added to the store (new content not already stored anywhere)."""
+
+    run_id: str
+    server_id: str
+    disk_size: int
+    block_size: int
+    blocks_total: int
+    blocks_data: int
+    blocks_zero: int
+    blocks_unallocated: int
+    blocks_changed: int
+    blocks_data_changed: int
+    blocks_stored: int
+    bytes_read: int
+    bytes_stored: int
+    bytes_stored_uncompressed: int
+    seconds: float
+    previous_run_id: str | None = None
+    address_algorithm: str = "sha256"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` checked and found; ``ok`` when ``problems`` is empty."""
+
+    packs_checked: int = 0
+    blocks_checked: int = 0
+    bytes_checked: int = 0
+    runs_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    unreferenced_packs: int = 0       # packs no run uses (left by a killed run; prune removes)
+    leftovers: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune` removed."""
+
+    runs_deleted: list[str] = field(default_factory=list)
+    runs_kept: list[str] = field(default_factory=list)
+    packs_deleted: int = 0
+    packs_rewritten: int = 0
+    blocks_deleted: int = 0
+    bytes_freed: int = 0
+    leftovers_removed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- the pack writer ----------------------------------------------------------------
+
+class _PackSink:
+    """Owns the pack being filled: a thread that appends frames from a bounded queue and
+    seals the pack (fsync + put under its id) each time it reaches the store's pack size,
+    adding the sealed blocks to the dedup index."""
+
+    _STOP = object()
+
+    def __init__(self, store: Store, index: BlockIndex):
+        self.store = store
+        self.index = index
+        self.pack_size = store.config.pack_size
+        self.algorithm = store.config.address
+        self.blocks_stored = 0
+        self.bytes_stored = 0
+        self.bytes_uncompressed = 0
+        self.packs_sealed = 0
+        self.error: BaseException | None = None
+        self._writer: PackWriter | None = None
+        self._queue: queue.Queue = queue.Queue(QUEUE_DEPTH)
+        self._thread = threading.Thread(target=self._run, name="smsblock-pack-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, address: bytes, frame: bytes, ulen: int) -> None:
+        while True:
+            if self.error is not None:
+                raise StoreError(f"pack writer failed: {self.error}")
+            try:
+                self._queue.put((address, frame, ulen), timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is self._STOP:
+                    return
+                address, frame, ulen = item
+                if self._writer is None:
+                    self._writer = PackWriter(self.store.staging_path(".pack.tmp"), self.algorithm)
+                self._writer.add(address, frame, ulen)
+                self.blocks_stored += 1
+                self.bytes_stored += len(frame)
+                self.bytes_uncompressed += ulen
+                if self._writer.size >= self.pack_size:
+                    self._seal()
+        except BaseException as e:      # reported to the submitting threads and close()
+            self.error = e
+            while True:                 # drain so no submitter stays blocked
+                try:
+                    if self._queue.get(timeout=0.5) is self._STOP:
+                        return
+                except queue.Empty:
+                    return
+
+    def _seal(self) -> None:
+        writer, self._writer = self._writer, None
+        pack_id, idx = writer.seal()
+        self.store.put_pack(pack_id, writer.path)
+        self.index.add(pack_id, idx)
+        self.packs_sealed += 1
+
+    def close(self, seal: bool = True) -> None:
+        """Stop the thread; seal the partial pack (``seal``) or discard it."""
+        self._queue.put(self._STOP)
+        self._thread.join()
+        if self._writer is not None:
+            if seal and self.error is None and self._writer.count:
+                self._seal()
+            else:
+                self._writer.discard()
+                self._writer = None
+        if self.error is not None:
+            err = self.error
+            if isinstance(err, SmsBlockError):
+                raise err
+            raise StoreError(f"pack writer failed: {err}") from err
+
+
+class _BlockStorer:
+    """``on_changed`` of a run: address each changed block, store it unless the store
+    already has it.  Called concurrently from the scan's worker threads."""
+
+    def __init__(self, store: Store, index: BlockIndex, sink: _PackSink, n_blocks: int,
+                 cancel: CancelToken | None):
+        cfg = store.config
+        self.address_of = address_function(cfg.address)
+        self.level = cfg.zstd_level
+        self.index = index
+        self.sink = sink
+        self.cancel = cancel
+        self.addresses = np.zeros((n_blocks, 32), np.uint8)
+        self.changed = np.zeros(n_blocks, bool)
+        self._claimed: set[bytes] = set()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+        return c
+
+    def __call__(self, index: int, view) -> None:
+        check_cancel(self.cancel)
+        address = self.address_of(view)
+        self.addresses[index] = np.frombuffer(address, np.uint8)
+        self.changed[index] = True
+        with self._lock:
+            if address in self._claimed:
+                return
+            self._claimed.add(address)
+        if address in self.index:
+            return
+        frame = self._compressor().compress(view)
+        self.sink.submit(address, frame, len(view))
+
+
+# --- replicate ---------------------------------------------------------------------
+
+def _bytes_read(disk: Disk) -> int:
+    return sum(e.length for e in disk.extents() if e.kind is ExtentKind.DATA)
+
+
+def replicate(disk, store, server_id: str, *, block_size: int | None = None,
+              progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+              threads: int = 2, source: str | None = None) -> RunSummary:
+    """Perform one replication run of ``disk`` for ``server_id`` into ``store``.
+
+    ``disk`` is a :class:`~smsblock.disk.Disk` or a path; ``store`` a Store or a path/URL
+    (created on first use).  The first run stores every data block; later runs scan against
+    the server's latest manifest and store only changed blocks the store does not hold
+    yet.  ``block_size`` defaults to the previous run's (512 KiB for a first run).
+    ``progress(done, total)`` reports scanned bytes; ``cancel`` stops the run at the next
+    block, leaving the store valid (blocks sealed so far are kept for the next run) and
+    raising :class:`~smsblock.errors.Cancelled`.  Returns a :class:`RunSummary`; the
+    run's manifest, written last, makes the run visible.
+    """
+    from .scan import scan
+
+    check_server_id(server_id)
+    store = open_store(store)
+    own_disk = not isinstance(disk, Disk)
+    if own_disk:
+        disk = open_disk(disk)
+    try:
+        with store.lock(exclusive=False, purpose="replicate"):
+            store.initialise()
+            return _replicate_locked(scan, disk, store, server_id, block_size, progress,
+                                     cancel, threads, source)
+    finally:
+        if own_disk:
+            disk.close()
+
+
+def _replicate_locked(scan, disk, store, server_id, block_size, progress, cancel, threads,
+                      source) -> RunSummary:
+    t0 = time.monotonic()
+    cfg = store.config
+    previous_id = store.latest_run_id(server_id)
+    previous = store.load_manifest(server_id, previous_id) if previous_id else None
+    if block_size is None:
+        block_size = previous.block_size if previous is not None else DEFAULT_BLOCK_SIZE
+    check_block_size(block_size)
+    comparable = (previous is not None and previous.block_size == block_size
+                  and previous.disk_size == disk.size)
+    run_id = new_run_id(previous_id)
+    index = store.block_index()
+    n_blocks = (disk.size + block_size - 1) // block_size
+    sink = _PackSink(store, index)
+    storer = _BlockStorer(store, index, sink, n_blocks, cancel)
+    sealed = False
+    try:
+        manifest = scan(disk, block_size=block_size, previous=previous, on_changed=storer,
+                        threads=threads, progress=progress, cancel=cancel)
+        data = manifest.states == BlockState.DATA
+        carried = data & ~storer.changed
+        if carried.any():
+            if not comparable:
+                raise StoreError(f"scan reported unchanged blocks without a comparable previous run")
+            carried_addr = previous.addresses[carried]
+            missing = ~index.contains_all(carried_addr)
+            if missing.any():
+                # the previous run references blocks the store lost: store them again
+                for i in np.flatnonzero(carried)[missing]:
+                    check_cancel(cancel)
+                    off, length = manifest.block_range(int(i))
+                    buf = bytearray(length)
+                    disk.readinto(off, buf)
+                    storer(int(i), memoryview(buf))
+                carried[np.flatnonzero(carried)[missing]] = False
+            storer.addresses[carried] = previous.addresses[carried]
+        sealed = True
+        sink.close(seal=True)
+    except BaseException:
+        if not sealed:
+            # keep every complete block written so far: the next run finds it in the index
+            try:
+                sink.close(seal=True)
+            except SmsBlockError:
+                pass
+        raise
+    check_cancel(cancel)
+
+    manifest.addresses[:] = storer.addresses
+    manifest.addresses[~data] = 0
+    manifest.address_algorithm = cfg.address
+    if (manifest.addresses[data] == 0).all(axis=1).any():
+        raise StoreError("internal error: a data block has no content address")
+
+    if comparable:
+        from .manifest import diff
+        blocks_changed = len(diff(previous, manifest))
+    else:
+        blocks_changed = int(np.count_nonzero(manifest.states != BlockState.UNALLOCATED))
+    bytes_read = (manifest.meta.get("scan") or {}).get("bytes_read")
+    if not isinstance(bytes_read, int):
+        bytes_read = _bytes_read(disk)
+    created = run_id[2:25]
+    summary = RunSummary(
+        run_id=run_id, server_id=server_id, disk_size=disk.size, block_size=block_size,
+        blocks_total=manifest.n_blocks, blocks_data=int(np.count_nonzero(data)),
+        blocks_zero=manifest.count(BlockState.ZERO),
+        blocks_unallocated=manifest.count(BlockState.UNALLOCATED),
+        blocks_changed=blocks_changed, blocks_data_changed=int(np.count_nonzero(storer.changed)),
+        blocks_stored=sink.blocks_stored, bytes_read=bytes_read, bytes_stored=sink.bytes_stored,
+        bytes_stored_uncompressed=sink.bytes_uncompressed, seconds=0.0,
+        previous_run_id=previous_id, address_algorithm=cfg.address)
+    summary.seconds = round(time.monotonic() - t0, 6)
+    manifest.meta.update({
+        "server_id": server_id, "run_id": run_id,
+        "created": datetime.strptime(created, _TS_FORMAT).replace(tzinfo=timezone.utc).isoformat(),
+        "source": source if source is not None else disk.path,
+        "previous_run_id": previous_id, "summary": summary.to_dict()})
+    store.put_manifest_bytes(server_id, run_id, manifest.to_bytes())
+    summary.seconds = round(time.monotonic() - t0, 6)
+    return summary
+
+
+# --- reading a run back ---------------------------------------------------------------
+
+class RunDisk(Disk):
+    """A read-only :class:`~smsblock.disk.Disk` over one run, reading blocks from the packs.
+
+    DATA blocks are extents of kind DATA, ZERO blocks extents of kind ZERO, unallocated
+    blocks are gaps.  Thread-safe; keeps a few inflated blocks cached.
+    """
+
+    CACHE_BLOCKS = 4
+
+    def __init__(self, store: Store, manifest: Manifest, index: BlockIndex | None = None):
+        self.store = store
+        self.manifest = manifest
+        meta = manifest.meta
+        self.path = f"{store.url}#{meta.get('server_id', '?')}/{meta.get('run_id', '?')}"
+        self.size = manifest.disk_size
+        self.info = DiskInfo(path=self.path, format="run", virtual_size=self.size)
+        self._index = index if index is not None else store.block_index()
+        self._cache: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+
+    def block(self, i: int) -> bytes | None:
+        """Block ``i``'s bytes, or None when it reads as zeros."""
+        if self.manifest.states[i] != BlockState.DATA:
+            return None
+        with self._lock:
+            hit = self._cache.get(i)
+        if hit is not None:
+            return hit
+        address = self.manifest.addresses[i].tobytes()
+        loc = self._index.get(address)
+        if loc is None:
+            raise StoreCorruptError(f"block {i} ({address.hex()[:16]}...) is not in the store",
+                                    self.path, i * self.manifest.block_size)
+        data = self.store.read_block(loc)
+        expected = self.manifest.block_range(i)[1]
+        if len(data) != expected:
+            raise StoreCorruptError(f"stored block {i} has {len(data)} bytes, expected {expected}",
+                                    self.path, i * self.manifest.block_size)
+        with self._lock:
+            if len(self._cache) >= self.CACHE_BLOCKS:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[i] = data
+        return data
+
+    def readinto(self, offset: int, buf) -> int:
+        view = memoryview(buf).cast("B")
+        self._check_range(offset, len(view))
+        want = max(0, min(len(view), self.size - offset))
+        bs = self.manifest.block_size
+        done = 0
+        while done < want:
+            pos = offset + done
+            i, within = divmod(pos, bs)
+            n = min(want - done, self.manifest.block_range(i)[1] - within)
+            data = self.block(i)
+            if data is None:
+                view[done:done + n] = bytes(n)
+            else:
+                view[done:done + n] = data[within:within + n]
+            done += n
+        return done
+
+    def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
+        start, end = self._clip(start, end)
+        if start >= end:
+            return
+        bs = self.manifest.block_size
+        states = self.manifest.states
+        first, last = start // bs, (end - 1) // bs + 1
+        s = states[first:last]
+        # runs of equal state: boundaries where the state changes
+        cuts = np.flatnonzero(s[1:] != s[:-1]) + 1
+        bounds = np.concatenate([[0], cuts, [len(s)]])
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            state = s[a]
+            if state == BlockState.UNALLOCATED:
+                continue
+            lo = max(start, (first + int(a)) * bs)
+            hi = min(end, (first + int(b)) * bs)
+            yield Extent(lo, hi - lo, ExtentKind.DATA if state == BlockState.DATA else ExtentKind.ZERO)
+
+
+# --- restore ----------------------------------------------------------------------
+
+def _restore_raw(run: RunDisk, out_path: str, progress, cancel) -> None:
+    m = run.manifest
+    data_blocks = np.flatnonzero(m.states == BlockState.DATA)
+    total = sum(m.block_range(int(i))[1] for i in data_blocks)
+    is_regular = not os.path.exists(out_path) or os.path.isfile(out_path)
+    target = out_path + ".part" if is_regular else out_path
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if is_regular else 0), 0o644)
+    except OSError as e:
+        raise StoreError(f"{out_path}: cannot create: {e.strerror}") from None
+    done = 0
+    ok = False
+    try:
+        if is_regular:
+            os.ftruncate(fd, m.disk_size)
+        bs = m.block_size
+        if not is_regular:      # a block device keeps old bytes: write the zeros too
+            zeros = bytes(bs)
+            for i in np.flatnonzero(m.states != BlockState.DATA):
+                off, length = m.block_range(int(i))
+                os.pwrite(fd, zeros[:length], off)
+        for i in data_blocks:
+            check_cancel(cancel)
+            i = int(i)
+            data = run.block(i)
+            off = i * bs
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, off)
+                view = view[n:]
+                off += n
+            done += len(data)
+            if progress is not None:
+                progress(done, total)
+        os.fsync(fd)
+        ok = True
+    except OSError as e:
+        raise StoreError(f"{out_path}: write failed: {e.strerror}") from None
+    finally:
+        os.close(fd)
+        if is_regular and not ok:
+            try:
+                os.unlink(target)
+            except OSError:
+                pass
+    if is_regular:
+        os.replace(target, out_path)
+    if progress is not None:
+        progress(total, total)
+
+
+def restore(store, server_id: str, out_path, *, run_id: str | None = None, format: str = "raw",
+            progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> Manifest:
+    """Write the disk exactly as it was at a run (default: the latest) to ``out_path``.
+
+    ``format="raw"`` writes a sparse raw image (holes where the run has zero or
+    unallocated blocks); ``format="vmdk"`` a streamOptimized VMDK.  A cancelled or failed
+    raw restore leaves no partial file behind.  Returns the run's manifest.
+    """
+    store = open_store(store)
+    store.require()
+    out_path = os.fspath(out_path)
+    if format not in ("raw", "vmdk"):
+        raise UsageError(f"unknown output format {format!r} (raw or vmdk)")
+    with store.lock(exclusive=False, purpose="restore"):
+        manifest = store.load_manifest(check_server_id(server_id), run_id)
+        run = RunDisk(store, manifest)
+        if format == "raw":
+            _restore_raw(run, out_path, progress, cancel)
+        else:
+            from .disk.writer import write_stream_optimized
+            write_stream_optimized(run, out_path, progress=progress, cancel=cancel)
+    return manifest
+
+
+# --- verify ----------------------------------------------------------------------------
+
+def verify(store, *, progress: ProgressCallback | None = None,
+           cancel: CancelToken | None = None) -> VerifyReport:
+    """Read every pack and check every block against its content address; load every
+    manifest (its own checksums) and check every block it references is in the store.
+
+    Problems are collected in the report, not raised; ``report.ok`` tells.
+    ``progress`` counts pack bytes read.
+    """
+    store = open_store(store)
+    store.require()
+    report = VerifyReport()
+    with store.lock(exclusive=False, purpose="verify"):
+        algorithm = store.config.address
+        packs = store.list_packs()
+        total = sum(packs.values())
+        done = 0
+        good_packs: dict[str, np.ndarray] = {}
+        for pack_id, size in sorted(packs.items()):
+            check_cancel(cancel)
+            index, good, problems = verify_pack(
+                lambda o, n, p=pack_id: store.read_pack(p, o, n), size,
+                store.pack_name(pack_id), algorithm)
+            report.packs_checked += 1
+            report.problems.extend(problems)
+            if index is not None:
+                report.blocks_checked += len(index)
+                good_packs[pack_id] = index[good]
+            report.bytes_checked += size
+            done += size
+            if progress is not None:
+                progress(done, total)
+        good_index = BlockIndex(good_packs)
+        referenced: set[str] = set()
+        for server_id, run_id in store.iter_manifests():
+            check_cancel(cancel)
+            report.runs_checked += 1
+            where = f"{store.url}: run {server_id}/{run_id}"
+            try:
+                m = store.load_manifest(server_id, run_id)
+            except (ManifestError, RunNotFoundError) as e:
+                report.problems.append(f"{where}: {e}")
+                continue
+            report.problems.extend(_check_manifest(m, server_id, run_id, algorithm,
+                                                   good_index, where, referenced))
+        report.unreferenced_packs = sum(1 for p in good_packs if p not in referenced)
+        report.leftovers = store.list_leftovers()
+    return report
+
+
+def _check_manifest(m: Manifest, server_id, run_id, algorithm, index: BlockIndex, where,
+                    referenced: set[str]) -> list[str]:
+    problems = []
+    if m.meta.get("server_id") != server_id or m.meta.get("run_id") != run_id:
+        problems.append(f"{where}: manifest says it is run {m.meta.get('server_id')}/"
+                        f"{m.meta.get('run_id')}")
+    data = m.states == BlockState.DATA
+    if data.any() and m.address_algorithm != algorithm:
+        problems.append(f"{where}: addresses are {m.address_algorithm}, the store uses {algorithm}")
+        return problems
+    no_addr = data & (m.addresses == 0).all(axis=1)
+    if no_addr.any():
+        problems.append(f"{where}: {int(no_addr.sum())} data blocks have no address "
+                        f"(first: block {int(np.flatnonzero(no_addr)[0])})")
+    stray = ~data & (m.addresses != 0).any(axis=1)
+    if stray.any():
+        problems.append(f"{where}: {int(stray.sum())} non-data blocks carry an address "
+                        f"(first: block {int(np.flatnonzero(stray)[0])})")
+    rows = np.flatnonzero(data & ~no_addr)
+    present = index.contains_all(m.addresses[rows])
+    if not present.all():
+        first = int(rows[np.flatnonzero(~present)[0]])
+        problems.append(f"{where}: {int((~present).sum())} referenced blocks are missing or "
+                        f"damaged in the store (first: block {first})")
+    for r in rows[present]:
+        loc = index.get(m.addresses[r].tobytes())
+        referenced.add(loc.pack_id)
+        if loc.ulen != m.block_range(int(r))[1]:
+            problems.append(f"{where}: block {int(r)} is stored with {loc.ulen} bytes, "
+                            f"expected {m.block_range(int(r))[1]}")
+            break
+    return problems
+
+
+# --- prune ----------------------------------------------------------------------------
+
+def _address_view(a: np.ndarray) -> np.ndarray:
+    """Rows of an (n, 32) uint8 array as single comparable items."""
+    return np.ascontiguousarray(a).view(np.dtype((np.void, 32))).reshape(-1)
+
+
+def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None = None) -> PruneReport:
+    """Keep the newest ``keep`` runs of ``server_id`` and delete the older ones, then delete
+    every stored block no remaining run (of any server) references: packs with no live
+    block are deleted, packs with some are rewritten with only the live ones (frames copied
+    as they are).  Also removes what killed runs left (temp files, unreferenced packs).
+
+    Takes the store lock exclusively: fails with StoreLockedError while a run is going.
+    """
+    from .pack import PackWriter
+    store = open_store(store)
+    store.require()
+    check_server_id(server_id)
+    if not isinstance(keep, int) or keep < 0:
+        raise UsageError(f"--keep must be a non-negative integer, not {keep!r}")
+    report = PruneReport()
+    with store.lock(exclusive=True, purpose="prune"):
+        ids = store.list_run_ids(server_id)
+        doomed = ids[:max(0, len(ids) - keep)]
+        report.runs_kept = ids[len(doomed):]
+        for run_id in doomed:        # oldest first: a crash midway still keeps the newest
+            store.delete_manifest(server_id, run_id)
+            report.runs_deleted.append(run_id)
+
+        live_parts = []
+        for sid, rid in store.iter_manifests():
+            m = store.load_manifest(sid, rid)
+            live_parts.append(_address_view(m.addresses[m.states == BlockState.DATA]))
+        live = np.unique(np.concatenate(live_parts)) if live_parts else np.zeros(0, np.dtype((np.void, 32)))
+
+        algorithm = store.config.address
+        packs = sorted(store.list_packs().items())
+        indexes = [store.pack_index(pack_id, size) for pack_id, size in packs]
+        # an entry is wanted when a run uses it and it is the first copy of its address
+        # (copies come from concurrent runs or an interrupted rewrite)
+        all_addrs = _address_view(np.concatenate([ix["address"] for ix in indexes])
+                                  if indexes else np.zeros((0, 32), np.uint8))
+        _, first = np.unique(all_addrs, return_index=True)
+        wanted_all = np.zeros(len(all_addrs), bool)
+        wanted_all[first] = True
+        wanted_all &= np.isin(all_addrs, live)
+        done, total, start = 0, sum(size for _, size in packs), 0
+        for (pack_id, size), index in zip(packs, indexes):
+            want = wanted_all[start:start + len(index)]
+            start += len(index)
+            if want.all():
+                pass
+            elif not want.any():
+                store.delete_pack(pack_id)
+                report.packs_deleted += 1
+                report.blocks_deleted += len(index)
+                report.bytes_freed += size
+            else:
+                writer = PackWriter(store.staging_path(".pack.tmp"), algorithm)
+                try:
+                    for e in index[want]:
+                        frame = store.read_pack(pack_id, int(e["offset"]), int(e["clen"]))
+                        writer.add(e["address"].tobytes(), frame, int(e["ulen"]))
+                    new_id, _ = writer.seal()
+                except BaseException:
+                    writer.discard()
+                    raise
+                store.put_pack(new_id, writer.path)     # the new pack first, then the old goes
+                if new_id != pack_id:
+                    store.delete_pack(pack_id)
+                report.packs_rewritten += 1
+                report.blocks_deleted += int((~want).sum())
+                report.bytes_freed += max(0, size - writer.sealed_size)
+            done += size
+            if progress is not None:
+                progress(done, total)
+
+        for name in store.list_leftovers():
+            report.bytes_freed += store.remove_leftover(name)
+            report.leftovers_removed += 1
+    return report

@@ -1,0 +1,42 @@
+"""Block stores behind one protocol: :func:`open_store` picks the backend from a URL.
+
+* a local path or ``file:///path``: :class:`LocalStore` (the embedded default);
+* ``s3://BUCKET/PREFIX`` and ``ebs://[REGION]``: cloud stores (not available yet).
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import unquote, urlparse
+
+from ..errors import UsageError
+from .base import RunInfo, Store, StoreConfig, check_run_id, check_server_id
+from .local import LocalStore
+
+__all__ = ["open_store", "Store", "StoreConfig", "RunInfo", "LocalStore",
+           "check_server_id", "check_run_id"]
+
+
+def open_store(url_or_path) -> Store:
+    """Open the store at a local path, ``file://`` URL (or, later, ``s3://``/``ebs://``).
+
+    Opening does not create anything: a first :func:`smsblock.replicate.replicate`
+    creates the store; readers of a store that does not exist get a StoreError.
+    """
+    if isinstance(url_or_path, Store):
+        return url_or_path
+    text = os.fspath(url_or_path)
+    if not text:
+        raise UsageError("empty store path")
+    scheme = urlparse(text).scheme.lower() if "://" in text else ""
+    if scheme in ("", "file"):
+        if scheme == "file":
+            parsed = urlparse(text)
+            if parsed.netloc not in ("", "localhost"):
+                raise UsageError(f"{text}: file:// URLs must name a local path (file:///path)")
+            text = unquote(parsed.path)
+        return LocalStore(text)
+    if scheme in ("s3", "ebs"):
+        raise UsageError(f"{text}: {scheme}:// stores are not available yet "
+                         "(cloud stores come with issue 4); use a local directory")
+    raise UsageError(f"{text}: unknown store URL scheme {scheme!r} (use a path, file://, s3:// or ebs://)")

@@ -1,0 +1,285 @@
+"""The Store protocol: where runs (manifests) and blocks (packs) live.
+
+A store holds three kinds of objects, all immutable once visible and all under
+deterministic names, so the same protocol fits a local folder, S3 and the like:
+
+* ``config``: one small JSON object written when the store is created (content-address
+  algorithm, compression, pack size);
+* packs: ``pack_id`` -> bytes (see :mod:`smsblock.pack`); the id is the SHA-256 of the
+  pack's index, so writing a pack twice writes the same object;
+* manifests: ``(server_id, run_id)`` -> bytes; a run exists exactly when its manifest
+  does, and the manifest is put last, in one atomic put.
+
+A backend implements the primitives marked abstract below (put/get/list/delete of those
+objects, a staging area for packs being built, and a lock).  Everything else, the dedup
+index, run listing, reading blocks back, lives here, on top of the primitives.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field, asdict
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import RunNotFoundError, StoreCorruptError, StoreError, UsageError
+from ..manifest import DEFAULT_BLOCK_SIZE, Manifest
+from ..pack import ALGORITHMS, BlockIndex, BlockLocation, decompress_block, read_index
+
+STORE_FORMAT = "smsblock-store"
+STORE_VERSION = 1
+DEFAULT_PACK_SIZE = 64 << 20
+SERVER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_ID_RE = re.compile(r"^r-\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}$")
+
+
+def check_server_id(server_id: str) -> str:
+    if not isinstance(server_id, str) or not SERVER_ID_RE.match(server_id):
+        raise UsageError(f"server id {server_id!r} must be 1-128 characters of letters, digits, "
+                         "'.', '_' and '-', starting with a letter or digit")
+    return server_id
+
+
+def check_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
+        raise UsageError(f"run id {run_id!r} is not of the form r-YYYYMMDDTHHMMSS.ffffffZ-xxxxxxxx")
+    return run_id
+
+
+@dataclass
+class StoreConfig:
+    """Settings fixed when a store is created (``config.json``)."""
+
+    address: str = "sha256"           # content address of blocks: sha256 or blake3
+    compression: str = "zstd"
+    zstd_level: int = 1
+    pack_size: int = DEFAULT_PACK_SIZE  # a pack is sealed once its frames reach this size
+    format: str = STORE_FORMAT
+    version: int = STORE_VERSION
+
+    def __post_init__(self):
+        if self.address not in ALGORITHMS:
+            raise UsageError(f"unknown content-address algorithm {self.address!r} (sha256 or blake3)")
+        if self.compression != "zstd":
+            raise UsageError(f"unknown compression {self.compression!r} (zstd)")
+        if not (1 <= int(self.zstd_level) <= 19):
+            raise UsageError(f"zstd level {self.zstd_level} out of range 1-19")
+        if int(self.pack_size) < 4096:
+            raise UsageError(f"pack size {self.pack_size} is too small (at least 4096)")
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> "StoreConfig":
+        try:
+            d = json.loads(data)
+        except ValueError as e:
+            raise StoreCorruptError(f"store config is not JSON: {e}", where) from None
+        if not isinstance(d, dict) or d.get("format") != STORE_FORMAT:
+            raise StoreCorruptError("not a smsblock store config", where)
+        if d.get("version") != STORE_VERSION:
+            raise StoreCorruptError(f"unsupported store version {d.get('version')!r}", where)
+        known = {k: d[k] for k in ("address", "compression", "zstd_level", "pack_size") if k in d}
+        try:
+            return cls(**known)
+        except UsageError as e:
+            raise StoreCorruptError(str(e), where) from None
+
+
+@dataclass
+class RunInfo:
+    """One completed run of a server, as :meth:`Store.runs` lists it."""
+
+    server_id: str
+    run_id: str
+    created: str
+    summary: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Store(abc.ABC):
+    """A block store; see the module docstring.  Thread-safe for reads."""
+
+    url: str
+
+    def __init__(self) -> None:
+        self._config: StoreConfig | None = None
+        self._index_cache: dict[str, np.ndarray] = {}
+        self._cache_lock = threading.Lock()
+
+    # == primitives a backend implements ==================================
+
+    @abc.abstractmethod
+    def exists(self) -> bool:
+        """Whether the store has been created (its config object is there)."""
+
+    @abc.abstractmethod
+    def _read_config(self) -> bytes:
+        """The config object's bytes (StoreError when missing)."""
+
+    @abc.abstractmethod
+    def _create(self, config_bytes: bytes) -> None:
+        """Create the store with this config (no-op when it exists already)."""
+
+    @abc.abstractmethod
+    def lock(self, exclusive: bool, purpose: str) -> contextlib.AbstractContextManager:
+        """Hold the store lock: shared for runs and reads, exclusive for prune.
+
+        Raises :class:`~smsblock.errors.StoreLockedError` at once when it cannot be had.
+        """
+
+    @abc.abstractmethod
+    def staging_path(self, suffix: str) -> str:
+        """A fresh local file path to build a pack in (left-overs are found by prune)."""
+
+    @abc.abstractmethod
+    def put_pack(self, pack_id: str, staged_path: str) -> None:
+        """Make the sealed, fsynced file at ``staged_path`` visible as pack ``pack_id``
+        (consuming the staged file).  Idempotent: the same id always has the same bytes."""
+
+    @abc.abstractmethod
+    def list_packs(self) -> dict[str, int]:
+        """Every visible pack: ``{pack_id: size in bytes}``."""
+
+    @abc.abstractmethod
+    def read_pack(self, pack_id: str, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)`` of a pack (short only at its end)."""
+
+    @abc.abstractmethod
+    def delete_pack(self, pack_id: str) -> None:
+        """Remove a pack (missing is fine)."""
+
+    @abc.abstractmethod
+    def list_servers(self) -> list[str]:
+        """Server ids with at least one run."""
+
+    @abc.abstractmethod
+    def list_run_ids(self, server_id: str) -> list[str]:
+        """Run ids of a server, sorted (= oldest first)."""
+
+    @abc.abstractmethod
+    def get_manifest_bytes(self, server_id: str, run_id: str) -> bytes:
+        """A run's manifest (RunNotFoundError when missing)."""
+
+    @abc.abstractmethod
+    def put_manifest_bytes(self, server_id: str, run_id: str, data: bytes) -> None:
+        """Publish a run's manifest in one atomic, durable step."""
+
+    @abc.abstractmethod
+    def delete_manifest(self, server_id: str, run_id: str) -> None:
+        """Remove a run (missing is fine)."""
+
+    @abc.abstractmethod
+    def list_leftovers(self) -> list[str]:
+        """Names of unfinished objects killed runs left behind (temp files, uploads)."""
+
+    @abc.abstractmethod
+    def remove_leftover(self, name: str) -> int:
+        """Remove one leftover; return the bytes freed."""
+
+    def pack_name(self, pack_id: str) -> str:
+        """How a pack is named in messages (a path or a URL)."""
+        return pack_id
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # == shared logic ====================================================
+
+    @property
+    def config(self) -> StoreConfig:
+        if self._config is None:
+            self._config = StoreConfig.from_bytes(self._read_config(), self.url)
+        return self._config
+
+    def initialise(self, config: StoreConfig | None = None) -> StoreConfig:
+        """Create the store if it does not exist yet; return its config."""
+        if not self.exists():
+            self._create((config or StoreConfig()).to_bytes())
+        self._config = None
+        return self.config
+
+    def require(self) -> None:
+        """Raise StoreError unless the store exists."""
+        if not self.exists():
+            raise StoreError(f"{self.url}: no smsblock store here (a first replicate creates one)")
+
+    def pack_index(self, pack_id: str, size: int) -> np.ndarray:
+        """A sealed pack's index (cached: packs never change)."""
+        with self._cache_lock:
+            hit = self._index_cache.get(pack_id)
+        if hit is not None:
+            return hit
+        _, index = read_index(lambda o, n: self.read_pack(pack_id, o, n), size,
+                              self.pack_name(pack_id))
+        with self._cache_lock:
+            self._index_cache[pack_id] = index
+        return index
+
+    def forget_pack(self, pack_id: str) -> None:
+        with self._cache_lock:
+            self._index_cache.pop(pack_id, None)
+
+    def block_index(self) -> BlockIndex:
+        """The global dedup index, built from every sealed pack's index."""
+        return BlockIndex({pid: self.pack_index(pid, size)
+                           for pid, size in sorted(self.list_packs().items())})
+
+    def read_block(self, location: BlockLocation) -> bytes:
+        """A stored block's uncompressed bytes."""
+        frame = self.read_pack(location.pack_id, location.offset, location.clen)
+        if len(frame) != location.clen:
+            raise StoreCorruptError(f"pack ends inside a block frame", self.pack_name(location.pack_id),
+                                    location.offset)
+        return decompress_block(frame, location.ulen, self.pack_name(location.pack_id), location.offset)
+
+    # -- runs ------------------------------------------------------------
+    def load_manifest(self, server_id: str, run_id: str | None = None) -> Manifest:
+        """A run's manifest; ``run_id=None`` is the server's latest run."""
+        check_server_id(server_id)
+        if run_id is None:
+            ids = self.list_run_ids(server_id)
+            if not ids:
+                raise RunNotFoundError(f"{self.url}: no runs of server {server_id!r}")
+            run_id = ids[-1]
+        check_run_id(run_id)
+        data = self.get_manifest_bytes(server_id, run_id)
+        return Manifest.from_bytes(bytearray(data), f"{self.url}: {server_id}/{run_id}")
+
+    def latest_run_id(self, server_id: str) -> str | None:
+        ids = self.list_run_ids(check_server_id(server_id))
+        return ids[-1] if ids else None
+
+    def runs(self, server_id: str) -> list[RunInfo]:
+        """The server's completed runs, oldest first."""
+        out = []
+        for run_id in self.list_run_ids(check_server_id(server_id)):
+            m = self.load_manifest(server_id, run_id)
+            out.append(RunInfo(server_id, run_id, m.meta.get("created", ""),
+                               dict(m.meta.get("summary", {}))))
+        return out
+
+    def run_disk(self, server_id: str, run_id: str | None = None):
+        """A :class:`~smsblock.disk.Disk` reading the run's blocks straight from the packs."""
+        from ..replicate import RunDisk
+        return RunDisk(self, self.load_manifest(server_id, run_id))
+
+    def iter_manifests(self) -> Iterator[tuple[str, str]]:
+        """Every ``(server_id, run_id)`` in the store."""
+        for server_id in self.list_servers():
+            for run_id in self.list_run_ids(server_id):
+                yield server_id, run_id
