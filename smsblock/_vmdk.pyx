@@ -1,0 +1,533 @@
+# cython: language_level=3
+"""Native core of the VMDK sparse-extent reader: grain-table walking and grain inflation.
+
+One :class:`SparseCore` per sparse extent file.  ``read`` fills a buffer from a range of
+grains with the GIL released for the whole loop: it looks up each grain's GT entry (grain
+tables are loaded lazily and published lock-free, so several threads can share one core),
+preads uncompressed grains straight into the caller's buffer (coalescing grains that lie
+back to back in the file), inflates compressed grains with libdeflate (zlib streams, raw
+deflate as a fallback), zero-fills unallocated and zero grains, and reports per grain
+whether it was unallocated (so the Python layer can read it from the parent), zero or data.
+
+Every GT entry is checked before it is followed (inside the file, not over the metadata);
+failures come back as ``(kind, file_offset, message)`` and become DiskFormatError
+subclasses in ``smsblock.disk.sparse``.
+"""
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memset, memcpy, strerror
+from libc.errno cimport errno, EINTR
+from posix.types cimport off_t
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t pread(int fd, void *buf, size_t count, off_t offset)
+
+cdef extern from "<libdeflate.h>" nogil:
+    cdef struct libdeflate_decompressor:
+        pass
+    cdef enum libdeflate_result:
+        LIBDEFLATE_SUCCESS
+        LIBDEFLATE_BAD_DATA
+        LIBDEFLATE_SHORT_OUTPUT
+        LIBDEFLATE_INSUFFICIENT_SPACE
+    libdeflate_decompressor *libdeflate_alloc_decompressor()
+    void libdeflate_free_decompressor(libdeflate_decompressor *d)
+    libdeflate_result libdeflate_zlib_decompress_ex(
+        libdeflate_decompressor *d, const void *src, size_t src_n, void *dst, size_t dst_n,
+        size_t *actual_in, size_t *actual_out)
+    libdeflate_result libdeflate_deflate_decompress_ex(
+        libdeflate_decompressor *d, const void *src, size_t src_n, void *dst, size_t dst_n,
+        size_t *actual_in, size_t *actual_out)
+
+cdef extern from *:
+    """
+    #include <endian.h>
+    /* Grain tables are published once with a compare-and-swap, so readers on several
+       threads never lock: a loser of the race frees its copy and uses the winner's. */
+    static inline uint32_t *smsb_gt_get(uint32_t **slot) {
+        return __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+    }
+    static inline int smsb_gt_publish(uint32_t **slot, uint32_t *table) {
+        uint32_t *expected = NULL;
+        return __atomic_compare_exchange_n(slot, &expected, table, 0,
+                                           __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    }
+    static inline uint32_t smsb_le32(const uint8_t *p) {
+        uint32_t v; memcpy(&v, p, 4); return le32toh(v);
+    }
+    static inline uint64_t smsb_le64(const uint8_t *p) {
+        uint64_t v; memcpy(&v, p, 8); return le64toh(v);
+    }
+    """
+    uint32_t *smsb_gt_get(uint32_t **slot) nogil
+    bint smsb_gt_publish(uint32_t **slot, uint32_t *table) nogil
+    uint32_t smsb_le32(const uint8_t *p) nogil
+    uint64_t smsb_le64(const uint8_t *p) nogil
+    uint32_t le32toh(uint32_t v) nogil
+
+
+# error kinds (what the Python layer raises) and details (what the message says)
+cdef enum:
+    E_OK = 0
+    E_IO = 1
+    E_TRUNCATED = 2
+    E_GT = 3
+    E_GRAIN = 4
+    E_NOMEM = 5
+
+cdef enum:
+    D_NONE = 0
+    D_GT_PAST_EOF = 1
+    D_GT_IN_HEADER = 2
+    D_GTE_PAST_EOF = 3
+    D_GTE_IN_META = 4
+    D_GTE_IN_GD = 5
+    D_MARKER_LBA = 6
+    D_MARKER_SIZE = 7
+    D_INFLATE_BAD = 8
+    D_INFLATE_BIG = 9
+    D_INFLATE_SHORT = 10
+    D_SHORT_READ = 11
+    D_READ_FAILED = 12
+    D_NOMEM = 13
+
+cdef struct Err:
+    int kind
+    int detail
+    int64_t offset
+    uint64_t a
+    uint64_t b
+    int errnum
+
+cdef struct Scratch:
+    uint8_t *win           # read window over the file (compressed grains)
+    size_t win_cap
+    int64_t win_off
+    size_t win_len
+    uint8_t *grain         # one inflated grain, when the caller's buffer cannot take it whole
+    libdeflate_decompressor *dec
+
+cdef enum:
+    SECTOR = 512
+    MIN_WINDOW = 1 << 20
+    GTE_UNALLOCATED = 0
+    GTE_ZERO = 1
+
+# per-grain status codes reported to Python
+cdef enum:
+    STATUS_UNALLOCATED = 0
+    STATUS_ZERO = 1
+    STATUS_DATA = 2
+
+
+cdef inline void set_err(Err *err, int kind, int detail, int64_t offset,
+                         uint64_t a, uint64_t b) noexcept nogil:
+    if err.kind == E_OK:
+        err.kind = kind
+        err.detail = detail
+        err.offset = offset
+        err.a = a
+        err.b = b
+
+
+cdef ssize_t pread_full(int fd, uint8_t *buf, size_t n, int64_t off, Err *err) noexcept nogil:
+    """Read up to n bytes (fewer only at end of file); -1 with err set on an OS error."""
+    cdef size_t done = 0
+    cdef ssize_t r
+    while done < n:
+        r = pread(fd, buf + done, n - done, <off_t>(off + <int64_t>done))
+        if r < 0:
+            if errno == EINTR:
+                continue
+            err.errnum = errno
+            set_err(err, E_IO, D_READ_FAILED, off + <int64_t>done, 0, 0)
+            return -1
+        if r == 0:
+            break
+        done += <size_t>r
+    return <ssize_t>done
+
+
+cdef class SparseCore:
+    """The grain map and read loop of one sparse extent (see the module docstring)."""
+
+    cdef int fd
+    cdef uint64_t file_size, capacity, grain, meta_end, gd_at, gd_len, grain_sectors
+    cdef uint64_t n_grains
+    cdef uint32_t gtes_per_gt, n_gts
+    cdef uint32_t *gd
+    cdef uint32_t **gts
+    cdef uint32_t *empty_gt
+    cdef bint compressed, markers
+    cdef size_t max_compressed
+
+    def __cinit__(self, int fd, uint64_t file_size, uint64_t capacity, uint64_t grain,
+                  uint32_t gtes_per_gt, const uint32_t[::1] gd, bint compressed,
+                  bint markers, uint64_t meta_end, uint64_t gd_at, uint64_t gd_len):
+        cdef size_t i
+        self.fd = fd
+        self.file_size = file_size
+        self.capacity = capacity
+        self.grain = grain
+        self.grain_sectors = grain // SECTOR
+        self.gtes_per_gt = gtes_per_gt
+        self.n_grains = (capacity + grain - 1) // grain
+        self.n_gts = <uint32_t>gd.shape[0]
+        if <uint64_t>self.n_gts * gtes_per_gt < self.n_grains:
+            raise ValueError("grain directory too short for the capacity")
+        self.compressed = compressed
+        self.markers = markers
+        self.meta_end = meta_end
+        self.gd_at = gd_at
+        self.gd_len = gd_len
+        # deflate never grows data by more than a few bytes per 16 KiB block
+        self.max_compressed = 2 * grain + 4096
+        self.gd = <uint32_t *>malloc(max(1, self.n_gts) * sizeof(uint32_t))
+        self.gts = <uint32_t **>calloc(max(1, self.n_gts), sizeof(uint32_t *))
+        self.empty_gt = <uint32_t *>calloc(gtes_per_gt, sizeof(uint32_t))
+        if self.gd == NULL or self.gts == NULL or self.empty_gt == NULL:
+            raise MemoryError()
+        for i in range(self.n_gts):
+            self.gd[i] = gd[i]
+
+    def __dealloc__(self):
+        cdef size_t i
+        cdef uint32_t *t
+        if self.gts != NULL:
+            for i in range(self.n_gts):
+                t = self.gts[i]
+                if t != NULL and t != self.empty_gt:
+                    free(t)
+            free(self.gts)
+        free(self.gd)
+        free(self.empty_gt)
+
+    def release(self):
+        """Nothing to do today (tables are freed with the object); kept for symmetry."""
+
+    # -- grain tables ---------------------------------------------------------
+    cdef uint32_t *table(self, uint32_t i, Err *err) noexcept nogil:
+        """Grain table i, loaded and checked on first use; NULL with err set on failure."""
+        cdef uint32_t *t = smsb_gt_get(&self.gts[i])
+        cdef uint64_t at, nbytes
+        cdef ssize_t r
+        cdef uint32_t k
+        if t != NULL:
+            return t
+        if self.gd[i] == 0:
+            smsb_gt_publish(&self.gts[i], self.empty_gt)
+            return self.empty_gt
+        at = <uint64_t>self.gd[i] * SECTOR
+        nbytes = <uint64_t>self.gtes_per_gt * 4
+        if at < SECTOR:
+            set_err(err, E_GT, D_GT_IN_HEADER, self.gd_at + 4 * i, self.gd[i], 0)
+            return NULL
+        if at + nbytes > self.file_size:
+            set_err(err, E_GT, D_GT_PAST_EOF, self.gd_at + 4 * i, self.gd[i], 0)
+            return NULL
+        t = <uint32_t *>malloc(nbytes)
+        if t == NULL:
+            set_err(err, E_NOMEM, D_NOMEM, <int64_t>at, nbytes, 0)
+            return NULL
+        r = pread_full(self.fd, <uint8_t *>t, nbytes, <int64_t>at, err)
+        if r < 0 or <uint64_t>r != nbytes:
+            free(t)
+            if r >= 0:
+                set_err(err, E_TRUNCATED, D_SHORT_READ, <int64_t>(at + <uint64_t>r), nbytes, 0)
+            return NULL
+        for k in range(self.gtes_per_gt):
+            t[k] = le32toh(t[k])
+        if not smsb_gt_publish(&self.gts[i], t):
+            free(t)
+            t = smsb_gt_get(&self.gts[i])
+        return t
+
+    cdef int entry(self, uint64_t g, uint32_t *out, int64_t *where, Err *err) noexcept nogil:
+        """GT entry of grain g into *out (and its file offset into *where); -1 on error."""
+        cdef uint32_t i = <uint32_t>(g // self.gtes_per_gt)
+        cdef uint32_t k = <uint32_t>(g % self.gtes_per_gt)
+        cdef uint32_t *t = self.table(i, err)
+        if t == NULL:
+            return -1
+        out[0] = t[k]
+        where[0] = <int64_t>(<uint64_t>self.gd[i] * SECTOR + 4 * k)
+        return 0
+
+    cdef int check_grain(self, uint64_t g, uint32_t gte, int64_t where,
+                         Err *err) noexcept nogil:
+        """Is an allocated grain's place in the file plausible?  -1 with err set if not."""
+        cdef uint64_t at = <uint64_t>gte * SECTOR
+        cdef uint64_t need = self.capacity - g * self.grain
+        if need > self.grain:
+            need = self.grain
+        if self.compressed:
+            need = 12 if self.markers else 1
+        if at < self.meta_end or at < SECTOR:
+            set_err(err, E_GT, D_GTE_IN_META, where, gte, self.meta_end // SECTOR)
+            return -1
+        if at + need > self.file_size:
+            set_err(err, E_GT, D_GTE_PAST_EOF, where, gte, self.file_size)
+            return -1
+        if self.gd_len and at < self.gd_at + self.gd_len and at + need > self.gd_at:
+            set_err(err, E_GT, D_GTE_IN_GD, where, gte, self.gd_at // SECTOR)
+            return -1
+        return 0
+
+    # -- compressed grains ------------------------------------------------------
+    cdef const uint8_t *window(self, Scratch *s, int64_t lo, size_t n, size_t want,
+                               Err *err) noexcept nogil:
+        """Bytes [lo, lo+n) of the file through the read window (reading ahead up to want)."""
+        cdef ssize_t r
+        cdef size_t span
+        if s.win_off >= 0 and lo >= s.win_off and \
+                <uint64_t>(lo - s.win_off) + n <= s.win_len:
+            return s.win + (lo - s.win_off)
+        span = want if want > n else n
+        if span > s.win_cap:
+            span = s.win_cap
+        r = pread_full(self.fd, s.win, span, lo, err)
+        if r < 0:
+            s.win_off = -1
+            return NULL
+        s.win_off = lo
+        s.win_len = <size_t>r
+        if <size_t>r < n:
+            set_err(err, E_TRUNCATED, D_SHORT_READ, lo + r, n, 0)
+            return NULL
+        return s.win
+
+    cdef int inflate(self, uint64_t g, uint32_t gte, uint8_t *dst, size_t need,
+                     Scratch *s, size_t readahead, Err *err) noexcept nogil:
+        """Inflate grain g (at sector gte) into dst (room for a whole grain)."""
+        cdef int64_t at = <int64_t>gte * SECTOR
+        cdef int64_t data_at = at
+        cdef size_t data_len
+        cdef const uint8_t *p
+        cdef uint64_t lba
+        cdef uint32_t size
+        cdef size_t used = 0, produced = 0
+        cdef libdeflate_result r
+        if self.markers:
+            p = self.window(s, at, 12, readahead, err)
+            if p == NULL:
+                return -1
+            lba = smsb_le64(p)
+            size = smsb_le32(p + 8)
+            if lba != g * self.grain_sectors:
+                set_err(err, E_GRAIN, D_MARKER_LBA, at, lba, g * self.grain_sectors)
+                return -1
+            if size == 0 or size > self.max_compressed:
+                set_err(err, E_GRAIN, D_MARKER_SIZE, at, size, self.max_compressed)
+                return -1
+            data_at = at + 12
+            data_len = size
+            if <uint64_t>data_at + data_len > self.file_size:
+                set_err(err, E_TRUNCATED, D_SHORT_READ, <int64_t>self.file_size, data_len, 0)
+                return -1
+        else:
+            # no marker: the stream ends where it ends; give the decoder what can hold it
+            data_len = self.max_compressed
+            if <uint64_t>data_at + data_len > self.file_size:
+                data_len = <size_t>(self.file_size - <uint64_t>data_at)
+        p = self.window(s, data_at, data_len, readahead, err)
+        if p == NULL:
+            return -1
+        r = libdeflate_zlib_decompress_ex(s.dec, p, data_len, dst, self.grain, &used, &produced)
+        if r == LIBDEFLATE_BAD_DATA and (data_len < 2 or (p[0] & 0x0F) != 8 or
+                                         ((<uint32_t>p[0] << 8) | p[1]) % 31 != 0):
+            # not a zlib header: some writers store bare deflate streams
+            r = libdeflate_deflate_decompress_ex(s.dec, p, data_len, dst, self.grain,
+                                                 &used, &produced)
+        if r == LIBDEFLATE_INSUFFICIENT_SPACE:
+            set_err(err, E_GRAIN, D_INFLATE_BIG, at, self.grain, 0)
+            return -1
+        if r != LIBDEFLATE_SUCCESS:
+            set_err(err, E_GRAIN, D_INFLATE_BAD, at, <uint64_t>r, 0)
+            return -1
+        if produced < need:
+            set_err(err, E_GRAIN, D_INFLATE_SHORT, at, produced, need)
+            return -1
+        return 0
+
+    # -- the read loop --------------------------------------------------------
+    cdef int read_range(self, uint64_t offset, uint8_t *out, size_t length, uint8_t *status,
+                        Err *err) noexcept nogil:
+        cdef uint64_t pos = offset, g, g0 = offset // self.grain, gg, in_off, need
+        cdef size_t done = 0, n, run, more
+        cdef uint32_t gte, e2
+        cdef int64_t where, where2
+        cdef Scratch s
+        cdef int rc = 0
+        cdef uint8_t st
+        memset(&s, 0, sizeof(Scratch))
+        s.win_off = -1
+        while done < length:
+            g = pos // self.grain
+            in_off = pos - g * self.grain
+            n = <size_t>(self.grain - in_off)
+            if n > length - done:
+                n = length - done
+            if self.entry(g, &gte, &where, err) < 0:
+                rc = -1
+                break
+            if gte == GTE_UNALLOCATED or gte == GTE_ZERO:
+                memset(out + done, 0, n)
+                if status != NULL:
+                    status[g - g0] = STATUS_UNALLOCATED if gte == GTE_UNALLOCATED else STATUS_ZERO
+            elif self.check_grain(g, gte, where, err) < 0:
+                rc = -1
+                break
+            elif not self.compressed:
+                if status != NULL:
+                    status[g - g0] = STATUS_DATA
+                # extend over following grains stored right after this one in the file
+                run = n
+                gg = g + 1
+                while done + run < length:
+                    if self.entry(gg, &e2, &where2, err) < 0:
+                        rc = -1
+                        break
+                    if <uint64_t>e2 != <uint64_t>gte + (gg - g) * self.grain_sectors:
+                        break
+                    if self.check_grain(gg, e2, where2, err) < 0:
+                        rc = -1
+                        break
+                    if status != NULL:
+                        status[gg - g0] = STATUS_DATA
+                    more = length - done - run
+                    run += self.grain if more > self.grain else more
+                    gg += 1
+                if rc < 0:
+                    break
+                n = run
+                if self.read_plain(gte, in_off, out + done, n, err) < 0:
+                    rc = -1
+                    break
+            else:
+                if status != NULL:
+                    status[g - g0] = STATUS_DATA
+                need = self.capacity - g * self.grain
+                if need > self.grain:
+                    need = self.grain
+                if s.dec == NULL:
+                    s.dec = libdeflate_alloc_decompressor()
+                    s.win_cap = MIN_WINDOW
+                    if s.win_cap < self.max_compressed + 12:
+                        s.win_cap = self.max_compressed + 12
+                    s.win = <uint8_t *>malloc(s.win_cap)
+                    s.grain = <uint8_t *>malloc(self.grain)
+                    if s.dec == NULL or s.win == NULL or s.grain == NULL:
+                        set_err(err, E_NOMEM, D_NOMEM, 0, s.win_cap, 0)
+                        rc = -1
+                        break
+                if in_off == 0 and n == self.grain:
+                    rc = self.inflate(g, gte, out + done, need, &s, length - done, err)
+                else:
+                    rc = self.inflate(g, gte, s.grain, need, &s, length - done, err)
+                    if rc == 0:
+                        memcpy(out + done, s.grain + in_off, n)
+                if rc < 0:
+                    break
+            done += n
+            pos += n
+        if s.dec != NULL:
+            libdeflate_free_decompressor(s.dec)
+        free(s.win)
+        free(s.grain)
+        return rc
+
+    cdef int read_plain(self, uint32_t gte, uint64_t in_off, uint8_t *dst, size_t n,
+                        Err *err) noexcept nogil:
+        cdef int64_t at = <int64_t>(<uint64_t>gte * SECTOR + in_off)
+        cdef ssize_t r = pread_full(self.fd, dst, n, at, err)
+        if r < 0:
+            return -1
+        if <size_t>r < n:
+            set_err(err, E_TRUNCATED, D_SHORT_READ, at + r, n, 0)
+            return -1
+        return 0
+
+    # -- Python entry points ----------------------------------------------------
+    def read(self, uint64_t offset, unsigned char[::1] buf, status=None):
+        """Fill buf with the extent's bytes at offset; None or (kind, offset, message).
+
+        ``status`` (a uint8 array with one slot per grain the range touches) receives
+        0 unallocated, 1 zero, 2 data.  The range must lie inside the capacity.
+        """
+        cdef Err err
+        cdef size_t length = buf.shape[0]
+        cdef uint8_t *st = NULL
+        cdef unsigned char[::1] stview
+        cdef uint64_t first, last
+        memset(&err, 0, sizeof(Err))
+        if length == 0:
+            return None
+        if offset + length > self.capacity or offset + length < offset:
+            raise ValueError("read outside the extent's capacity")
+        if status is not None:
+            stview = status
+            first = offset // self.grain
+            last = (offset + length - 1) // self.grain
+            if <uint64_t>stview.shape[0] < last - first + 1:
+                raise ValueError("status array too short for the range")
+            st = &stview[0]
+        with nogil:
+            self.read_range(offset, &buf[0], length, st, &err)
+        return self.describe(&err)
+
+    def entries(self, uint64_t first, uint32_t[::1] out):
+        """GT entries of grains first, first+1, ... into out; None or (kind, offset, message)."""
+        cdef Err err
+        cdef size_t i, n = out.shape[0]
+        cdef int64_t where
+        cdef uint32_t gte
+        memset(&err, 0, sizeof(Err))
+        if first + n > self.n_grains:
+            raise ValueError("grain range outside the extent")
+        with nogil:
+            for i in range(n):
+                if self.entry(first + i, &gte, &where, &err) < 0:
+                    break
+                out[i] = gte
+        return self.describe(&err)
+
+    cdef object describe(self, Err *err):
+        if err.kind == E_OK:
+            return None
+        kind = {E_IO: "io", E_TRUNCATED: "truncated", E_GT: "gt", E_GRAIN: "grain",
+                E_NOMEM: "nomem"}[err.kind]
+        a, b = err.a, err.b
+        d = err.detail
+        if d == D_GT_PAST_EOF:
+            msg = f"grain directory entry points at sector {a}, past the end of the file"
+        elif d == D_GT_IN_HEADER:
+            msg = f"grain directory entry points at sector {a}, inside the header"
+        elif d == D_GTE_PAST_EOF:
+            msg = f"grain table entry points at sector {a}, past the end of the file ({b} bytes)"
+        elif d == D_GTE_IN_META:
+            msg = f"grain table entry points at sector {a}, inside the metadata (first {b} sectors)"
+        elif d == D_GTE_IN_GD:
+            msg = f"grain table entry points at sector {a}, over the grain directory at sector {b}"
+        elif d == D_MARKER_LBA:
+            msg = f"grain marker says sector {a}, the grain table says sector {b}"
+        elif d == D_MARKER_SIZE:
+            msg = f"grain marker gives a compressed size of {a} bytes (1..{b} possible)"
+        elif d == D_INFLATE_BAD:
+            msg = "compressed grain is not a valid zlib/deflate stream"
+        elif d == D_INFLATE_BIG:
+            msg = f"compressed grain inflates to more than a grain ({a} bytes)"
+        elif d == D_INFLATE_SHORT:
+            msg = f"compressed grain inflates to {a} bytes, fewer than the {b} it must hold"
+        elif d == D_SHORT_READ:
+            msg = f"file ends before the {a} bytes it should hold here"
+        elif d == D_READ_FAILED:
+            msg = f"read failed: {strerror(err.errnum).decode(errors='replace')}"
+        else:
+            msg = f"out of memory ({a} bytes)"
+        return kind, err.offset, msg
+
+
+def grain_status_meaning():
+    """The per-grain status codes ``SparseCore.read`` reports (for tests and callers)."""
+    return {"unallocated": STATUS_UNALLOCATED, "zero": STATUS_ZERO, "data": STATUS_DATA}

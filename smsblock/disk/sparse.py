@@ -1,0 +1,267 @@
+"""Hosted sparse VMDK extents (``KDMV``): header, footer, grain directory, native reads.
+
+Layout (all little-endian, offsets in 512-byte sectors): a 512-byte header, an optional
+embedded descriptor, a grain directory (GD) of uint32 entries each pointing at a grain
+table (GT) of ``numGTEsPerGT`` uint32 entries, each pointing at a grain of ``grainSize``
+sectors.  A GT entry 0 is an unallocated grain (read through to the parent, or zeros),
+1 is a zero grain.  streamOptimized extents (compressAlgorithm 1) store each grain as
+a marker (lba u64, size u32) followed by a zlib stream; when ``gdOffset`` is
+``GD_AT_END`` the real header is the footer at the end of the file.
+
+Everything read from the file is checked before it is used: sizes are capped by what the
+file can hold, and the native core (``smsblock._vmdk``) checks every GT entry it follows.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _vmdk
+from ..errors import (CorruptGrainError, CorruptGrainTableError, CorruptHeaderError,
+                      DiskIOError, DiskFormatError, TruncatedDiskError, UnsupportedFormatError)
+from .base import ExtentKind
+
+SECTOR = 512
+MAGIC = b"KDMV"
+GD_AT_END = 0xFFFFFFFFFFFFFFFF
+FLAG_NEWLINE_TEST = 1 << 0
+FLAG_REDUNDANT_GD = 1 << 1
+FLAG_ZERO_GRAIN = 1 << 2
+FLAG_COMPRESSED = 1 << 16
+FLAG_MARKERS = 1 << 17
+COMPRESS_NONE, COMPRESS_DEFLATE = 0, 1
+MARKER_EOS, MARKER_GT, MARKER_GD, MARKER_FOOTER = 0, 1, 2, 3
+
+#: grains larger than this (in sectors: 1 MiB) are not written by anyone and would make
+#: per-grain buffers big; VMware and qemu use 128 (64 KiB)
+MAX_GRAIN_SECTORS = 2048
+MAX_GTES_PER_GT = 512 * 8
+MAX_CAPACITY_SECTORS = (1 << 62) // SECTOR
+
+_HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")   # 79 bytes, then padding to 512
+
+
+@dataclass(slots=True)
+class SparseHeader:
+    version: int
+    flags: int
+    capacity: int            # sectors
+    grain_sectors: int
+    descriptor_offset: int   # sectors
+    descriptor_size: int     # sectors
+    gtes_per_gt: int
+    rgd_offset: int          # sectors
+    gd_offset: int           # sectors
+    overhead: int            # sectors
+    unclean_shutdown: int
+    check_bytes: bytes
+    compress_algorithm: int
+
+    @property
+    def compressed(self) -> bool:
+        return self.compress_algorithm == COMPRESS_DEFLATE
+
+    @property
+    def has_markers(self) -> bool:
+        return bool(self.flags & FLAG_MARKERS)
+
+    @property
+    def grain_bytes(self) -> int:
+        return self.grain_sectors * SECTOR
+
+    @property
+    def n_grains(self) -> int:
+        return -(-self.capacity // self.grain_sectors)
+
+    @property
+    def n_gts(self) -> int:
+        return -(-self.n_grains // self.gtes_per_gt)
+
+
+def parse_header(raw: bytes, path: str, offset: int = 0) -> SparseHeader:
+    """Decode and check a 512-byte sparse header (or footer copy) found at ``offset``."""
+    if len(raw) < _HEADER.size:
+        raise TruncatedDiskError("sparse header is cut short", path, offset)
+    fields = _HEADER.unpack_from(raw)
+    if fields[0] != MAGIC:
+        raise CorruptHeaderError(f"bad sparse header magic {fields[0]!r}", path, offset)
+    h = SparseHeader(*fields[1:])
+    if h.version not in (1, 2, 3):
+        raise UnsupportedFormatError(f"sparse extent version {h.version} (1-3 are read)",
+                                     path, offset + 4)
+    if h.flags & FLAG_NEWLINE_TEST and h.check_bytes != b"\n \r\n":
+        raise CorruptHeaderError("newline check bytes damaged (file copied in text mode?)",
+                                 path, offset + 73)
+    if h.compress_algorithm not in (COMPRESS_NONE, COMPRESS_DEFLATE):
+        raise UnsupportedFormatError(f"compression algorithm {h.compress_algorithm}",
+                                     path, offset + 77)
+    g = h.grain_sectors
+    if g == 0 or g & (g - 1) or g > MAX_GRAIN_SECTORS:
+        raise CorruptHeaderError(f"grain size of {g} sectors (a power of two up to "
+                                 f"{MAX_GRAIN_SECTORS} expected)", path, offset + 20)
+    if not 0 < h.gtes_per_gt <= MAX_GTES_PER_GT:
+        raise CorruptHeaderError(f"{h.gtes_per_gt} entries per grain table", path, offset + 44)
+    if h.capacity > MAX_CAPACITY_SECTORS:
+        raise CorruptHeaderError(f"capacity of {h.capacity} sectors is absurd", path, offset + 12)
+    return h
+
+
+class SparseExtent:
+    """One ``KDMV`` sparse extent file, read through the native core."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise DiskIOError(f"cannot open sparse extent: {e.strerror}", path) from None
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening ------------------------------------------------------------
+    def _pread(self, length: int, offset: int, what: str) -> bytes:
+        if offset < 0 or offset + length > self.file_size:
+            raise TruncatedDiskError(f"{what} ({length} bytes) lies past the end of the "
+                                     f"file ({self.file_size} bytes)", self.path, offset)
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as e:
+            raise DiskIOError(f"read failed: {e.strerror}", self.path, offset) from None
+        if len(data) != length:
+            raise TruncatedDiskError(f"{what} is cut short", self.path, offset + len(data))
+        return data
+
+    def _open(self) -> None:
+        self.file_size = os.fstat(self._fd).st_size
+        if self.file_size < SECTOR:
+            raise TruncatedDiskError(f"file of {self.file_size} bytes is too short for a "
+                                     "sparse header", self.path, 0)
+        h = parse_header(self._pread(SECTOR, 0, "sparse header"), self.path, 0)
+        self.first_header = h
+        if h.gd_offset == GD_AT_END:
+            h = self._read_footer(h)
+        self.header = h
+        self.descriptor_bytes = self._read_embedded_descriptor(self.first_header)
+        self.size = h.capacity * SECTOR
+        self._check_layout(h)
+        gd = self._read_gd(h)
+        self.core = _vmdk.SparseCore(
+            self._fd, self.file_size, self.size, h.grain_bytes, h.gtes_per_gt, gd,
+            h.compressed, h.has_markers, h.overhead * SECTOR,
+            h.gd_offset * SECTOR, h.n_gts * 4)
+
+    def _read_footer(self, first: SparseHeader) -> SparseHeader:
+        """gdOffset == GD_AT_END: the footer (3 sectors before the end) has the real header."""
+        at = self.file_size - 3 * SECTOR
+        if at < SECTOR:
+            raise TruncatedDiskError("header says the grain directory is at the end, but "
+                                     "the file has no room for a footer", self.path, 56)
+        raw = self._pread(3 * SECTOR, at, "footer")
+        lba, size, mtype = struct.unpack_from("<QII", raw, 0)
+        if size != 0 or mtype != MARKER_FOOTER:
+            raise CorruptHeaderError("footer marker missing or damaged", self.path, at)
+        eos_lba, eos_size, eos_type = struct.unpack_from("<QII", raw, 2 * SECTOR)
+        if (eos_lba, eos_size, eos_type) != (0, 0, MARKER_EOS):
+            raise CorruptHeaderError("end-of-stream marker missing after the footer",
+                                     self.path, at + 2 * SECTOR)
+        footer = parse_header(raw[SECTOR:2 * SECTOR], self.path, at + SECTOR)
+        if footer.gd_offset == GD_AT_END:
+            raise CorruptHeaderError("footer does not say where the grain directory is",
+                                     self.path, at + SECTOR + 56)
+        return footer
+
+    def _read_embedded_descriptor(self, h: SparseHeader) -> bytes | None:
+        if h.descriptor_offset == 0 or h.descriptor_size == 0:
+            return None
+        from .descriptor import MAX_DESCRIPTOR_BYTES
+        size = h.descriptor_size * SECTOR
+        if size > MAX_DESCRIPTOR_BYTES:
+            raise CorruptHeaderError(f"embedded descriptor of {h.descriptor_size} sectors is "
+                                     "absurdly large", self.path, 36)
+        return self._pread(size, h.descriptor_offset * SECTOR, "embedded descriptor")
+
+    def _check_layout(self, h: SparseHeader) -> None:
+        gd_bytes = h.n_gts * 4
+        gd_at = h.gd_offset * SECTOR
+        if h.capacity and h.gd_offset == 0:
+            raise CorruptHeaderError("no grain directory offset", self.path, 56)
+        # the GD must fit in the file: this also caps every allocation that follows from
+        # the (untrusted) capacity, since the GD grows with it
+        if gd_at + gd_bytes > self.file_size:
+            raise CorruptGrainTableError(
+                f"grain directory of {h.n_gts} entries ({h.capacity} sectors of capacity) "
+                f"does not fit in the file of {self.file_size} bytes", self.path, gd_at)
+        if h.overhead * SECTOR > self.file_size and not h.compressed:
+            raise TruncatedDiskError(f"file ends before its metadata area "
+                                     f"({h.overhead} sectors)", self.path, 64)
+
+    def _read_gd(self, h: SparseHeader) -> np.ndarray:
+        if h.n_gts == 0:
+            return np.zeros(0, dtype=np.uint32)
+        raw = self._pread(h.n_gts * 4, h.gd_offset * SECTOR, "grain directory")
+        return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+
+    # -- reading ------------------------------------------------------------
+    def readinto(self, offset: int, view: memoryview, status: np.ndarray | None) -> None:
+        """Fill ``view`` with the extent's bytes at ``offset`` (inside the capacity).
+
+        ``status`` (uint8, one per grain touched) receives 0 unallocated, 1 zero,
+        2 data; unallocated grains are zero-filled here.
+        """
+        rc = self.core.read(offset, view, status)
+        if rc is not None:
+            raise self._error(rc)
+
+    def grain_entries(self, first: int, count: int) -> np.ndarray:
+        """The GT entries of grains ``first .. first+count-1`` (uint32)."""
+        out = np.empty(count, dtype=np.uint32)
+        rc = self.core.entries(first, out)
+        if rc is not None:
+            raise self._error(rc)
+        return out
+
+    def extents(self, start: int, end: int):
+        """Yield (offset, length, kind-or-None) runs inside ``[start, end)``; None = unallocated."""
+        g = self.header.grain_bytes
+        end = min(end, self.size)
+        if start >= end:
+            return
+        first, last = start // g, (end - 1) // g
+        step = max(self.header.gtes_per_gt, 1 << 16)
+        for chunk in range(first, last + 1, step):
+            n = min(step, last + 1 - chunk)
+            ent = self.grain_entries(chunk, n)
+            kind = np.where(ent == 0, 0, np.where(ent == 1, 1, 2)).astype(np.int8)
+            cuts = np.flatnonzero(np.diff(kind)) + 1
+            starts = np.concatenate(([0], cuts))
+            stops = np.concatenate((cuts, [n]))
+            for s, t in zip(starts.tolist(), stops.tolist()):
+                lo = max(start, (chunk + s) * g)
+                hi = min(end, (chunk + t) * g)
+                k = kind[s]
+                yield lo, hi - lo, (None if k == 0 else ExtentKind.ZERO if k == 1
+                                    else ExtentKind.DATA)
+
+    def _error(self, rc) -> DiskFormatError:
+        code, offset, detail = rc
+        cls = {"io": DiskIOError, "truncated": TruncatedDiskError,
+               "gt": CorruptGrainTableError, "grain": CorruptGrainError}.get(code, DiskFormatError)
+        return cls(detail, self.path, offset)
+
+    def close(self) -> None:
+        fd, self._fd = getattr(self, "_fd", -1), -1
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.release()
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self):
+        self.close()
