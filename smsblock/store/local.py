@@ -91,6 +91,7 @@ class LocalStore(Store):
     @contextlib.contextmanager
     def lock(self, exclusive: bool, purpose: str):
         try:
+            os.makedirs(self.root, exist_ok=True)      # a first replicate locks before creating
             fd = os.open(self._p("lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise StoreError(f"{self.root}: cannot open lock file: {e.strerror}") from None

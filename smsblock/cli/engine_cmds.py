@@ -1,0 +1,145 @@
+"""``smsblock replicate | runs | restore | verify | prune``: the replication engine's commands."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from ..errors import UsageError
+from ..progress import terminal_progress
+from . import add_json_flag
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``524288``, ``512K``, ``512KiB``, ``1M`` -> bytes (binary units)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise UsageError(f"bad size {text!r} (use e.g. 524288, 512K, 1M)")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
+
+
+def _print_json(doc) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_replicate(args) -> int:
+    from ..disk import open_disk
+    from ..replicate import replicate
+    block_size = parse_size(args.block_size) if args.block_size else None
+    with open_disk(args.disk) as disk, terminal_progress(f"replicate {args.server}") as bar:
+        s = replicate(disk, args.store, args.server, block_size=block_size, progress=bar)
+    if args.json:
+        _print_json(s.to_dict())
+    else:
+        print(f"run {s.run_id}: {s.blocks_total} blocks ({s.blocks_data} data, {s.blocks_zero} zero, "
+              f"{s.blocks_unallocated} unallocated), {s.blocks_changed} changed, "
+              f"{s.blocks_stored} stored ({_human(s.bytes_stored)} compressed of "
+              f"{_human(s.bytes_stored_uncompressed)}), read {_human(s.bytes_read)} in {s.seconds:.2f} s")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from ..store import open_store
+    store = open_store(args.store)
+    store.require()
+    runs = store.runs(args.server)
+    if args.json:
+        _print_json({"server_id": args.server, "runs": [r.to_dict() for r in runs]})
+        return 0
+    if not runs:
+        print(f"no runs of server {args.server}")
+    for r in runs:
+        s = r.summary
+        print(f"{r.run_id}  {r.created}  {s.get('blocks_total', '?')} blocks, "
+              f"{s.get('blocks_changed', '?')} changed, {s.get('blocks_stored', '?')} stored")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from ..replicate import restore
+    with terminal_progress(f"restore {args.server}") as bar:
+        m = restore(args.store, args.server, args.output, run_id=args.run, format=args.output_format,
+                    progress=bar)
+    print(f"restored run {m.meta.get('run_id')} of {args.server} to {args.output} "
+          f"({args.output_format}, {_human(m.disk_size)})")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from ..replicate import verify
+    with terminal_progress("verify") as bar:
+        report = verify(args.store, progress=bar)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        for p in report.problems:
+            print(f"problem: {p}")
+        print(f"{'OK' if report.ok else 'FAILED'}: {report.packs_checked} packs, "
+              f"{report.blocks_checked} blocks, {report.runs_checked} runs checked, "
+              f"{len(report.problems)} problems; {report.unreferenced_packs} unreferenced packs, "
+              f"{len(report.leftovers)} leftovers (prune removes them)")
+    return 0 if report.ok else 1
+
+
+def cmd_prune(args) -> int:
+    from ..replicate import prune
+    if args.keep < 0:
+        raise UsageError(f"--keep must be 0 or more, not {args.keep}")
+    with terminal_progress("prune") as bar:
+        r = prune(args.store, args.server, args.keep, progress=bar)
+    if args.json:
+        _print_json(r.to_dict())
+    else:
+        print(f"deleted {len(r.runs_deleted)} runs, kept {len(r.runs_kept)}; "
+              f"{r.packs_deleted} packs deleted, {r.packs_rewritten} rewritten, "
+              f"{r.blocks_deleted} blocks and {r.leftovers_removed} leftovers removed, "
+              f"{_human(r.bytes_freed)} freed")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("replicate", help="replicate a disk into a store (one incremental run)")
+    p.add_argument("disk", help="disk image (raw or VMDK)")
+    p.add_argument("--store", required=True, help="store directory (created on first use)")
+    p.add_argument("--server", required=True, help="server id the run belongs to")
+    p.add_argument("--block-size", help="block size, a power of two from 64K to 4M "
+                   "(default: the previous run's, else 512K)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_replicate)
+
+    p = sub.add_parser("runs", help="list a server's completed runs, oldest first")
+    p.add_argument("--store", required=True)
+    p.add_argument("--server", required=True)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("restore", help="write a disk as it was at a run")
+    p.add_argument("--store", required=True)
+    p.add_argument("--server", required=True)
+    p.add_argument("--run", help="run id (default: the latest)")
+    p.add_argument("-o", "--output", required=True, help="output image path")
+    p.add_argument("-O", "--output-format", choices=["raw", "vmdk"], default="raw",
+                   help="raw (sparse) or vmdk (streamOptimized); default raw")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("verify", help="check every pack, block and run of a store")
+    p.add_argument("--store", required=True)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("prune", help="keep a server's newest N runs and delete unreferenced blocks")
+    p.add_argument("--store", required=True)
+    p.add_argument("--server", required=True)
+    p.add_argument("--keep", required=True, type=int, help="how many of the newest runs to keep")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_prune)
