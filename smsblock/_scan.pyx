@@ -18,8 +18,21 @@ cdef extern from "xxhash.h" nogil:
         uint64_t high64
     ctypedef struct XXH128_canonical_t:
         unsigned char digest[16]
-    XXH128_hash_t XXH3_128bits(const void *data, size_t length)
     void XXH128_canonicalFromHash(XXH128_canonical_t *dst, XXH128_hash_t h)
+
+# On x86, Debian's libxxhash exports runtime-dispatched entry points that pick the
+# AVX2/AVX-512 kernels when the CPU has them (2-3x the baseline SSE2 speed, as xxhsum).
+cdef extern from *:
+    """
+    #include <xxhash.h>
+    #if defined(__x86_64__) || defined(__i386__)
+    #include <xxh_x86dispatch.h>
+    #define smsblock_xxh3_128(p, n) XXH3_128bits_dispatch((p), (n))
+    #else
+    #define smsblock_xxh3_128(p, n) XXH3_128bits((p), (n))
+    #endif
+    """
+    XXH128_hash_t smsblock_xxh3_128(const void *data, size_t length) nogil
 
 # Mirrors smsblock.manifest.BlockState (kept literal: no Python lookups in the loop).
 cdef enum:
@@ -68,7 +81,7 @@ def scan_batch(const uint8_t[::1] buf, Py_ssize_t nbytes, Py_ssize_t block_size,
                 memset(&hashes[i, 0], 0, 16)
                 changed[i] = 0
                 continue
-            XXH128_canonicalFromHash(&canon, XXH3_128bits(base + off, <size_t>length))
+            XXH128_canonicalFromHash(&canon, smsblock_xxh3_128(base + off, <size_t>length))
             memcpy(&hashes[i, 0], canon.digest, 16)
             states[i] = DATA
             if have_prev:

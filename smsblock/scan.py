@@ -30,9 +30,9 @@ from .progress import CancelToken, ProgressCallback, ThreadSafeProgress, check_c
 
 __all__ = ["scan", "plan_reads", "DEFAULT_BATCH_BYTES"]
 
-#: bytes per read+hash batch: big enough that syscalls and Python cost nothing, small
+#: bytes per read+hash batch: big enough that syscalls and Python cost little, small
 #: enough that the batch is still in the CPU cache when the hash loop runs over it
-DEFAULT_BATCH_BYTES = 2 * 1024 * 1024
+DEFAULT_BATCH_BYTES = 1024 * 1024
 
 OnChanged = Callable[[int, memoryview], None]
 
