@@ -1,0 +1,92 @@
+"""Snapshot sources: where a connector finds VMs and reads a consistent copy of their disks.
+
+A source lists the VMs of its virtualisation manager for the server catalog
+(:meth:`Source.list_vms`) and, for one replication run of one VM, opens a
+:class:`SourceRun`: a context manager that takes a snapshot on entry, exposes the
+snapshot's disks as :class:`~smsblock.disk.Disk` objects, and removes the snapshot on exit,
+whether the run completed, failed or was cancelled.
+
+Sources: :mod:`smsblock.source.vsphere` (vCenter through pyVmomi).  The datastore-folder
+source of the control plane follows the same shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..disk.base import Disk
+
+
+@dataclass
+class VmRecord:
+    """One VM as the catalog needs it, with the SMS API's field names where they exist."""
+
+    vmId: str                 # the manager's id of the VM (vSphere: managed object id)
+    vmName: str
+    vmPath: str               # "/Datacenters/DC/vm/Folder/.../name"
+    vmManagerName: str
+    vmManagerId: str
+    vmManagerType: str        # "VSPHERE"
+    #: identities that survive a move (vSphere: instance UUID and BIOS UUID)
+    identity: dict[str, str] = field(default_factory=dict)
+    #: things the operator should fix before replicating (connected CD-ROMs, ...)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vmId": self.vmId, "vmName": self.vmName, "vmPath": self.vmPath,
+                "vmManagerName": self.vmManagerName, "vmManagerId": self.vmManagerId,
+                "vmManagerType": self.vmManagerType, "identity": dict(self.identity),
+                "warnings": list(self.warnings)}
+
+
+@dataclass
+class SourceDisk:
+    """One disk of a snapshot, ready for the engine."""
+
+    key: str                  # stable name of the disk within the VM (vSphere: device key)
+    label: str                # "Hard disk 1"
+    location: str             # "[datastore] folder/file.vmdk"
+    disk: Disk
+    #: "cbt" when only the areas changed block tracking reported are read over the
+    #: network, "hash" when the whole disk is read and the engine's hashing finds changes
+    change_method: str = "hash"
+    change_reason: str = ""   # why the method was chosen (shown in the run's record)
+    change_id: str | None = None  # to hand back as ``previous`` on the next run
+
+    def record(self) -> dict[str, Any]:
+        return {"key": self.key, "label": self.label, "location": self.location,
+                "size": self.disk.size, "changeMethod": self.change_method,
+                "changeReason": self.change_reason, "changeId": self.change_id}
+
+
+class SourceRun(Protocol):
+    """A snapshot being read; use as a context manager (exit removes the snapshot)."""
+
+    disks: list[SourceDisk]
+    warnings: list[str]
+
+    def __enter__(self) -> "SourceRun": ...
+    def __exit__(self, *exc) -> None: ...
+
+    def record(self) -> dict[str, Any]:
+        """JSON-serialisable facts for the run's record; give it back as ``previous``."""
+        ...
+
+
+class Source(Protocol):
+    """A virtualisation manager a connector is registered with."""
+
+    manager_type: str
+    manager_name: str
+    manager_id: str
+
+    def list_vms(self) -> list[VmRecord]: ...
+
+    def open_run(self, vm: VmRecord | dict, *, previous: dict | None = None,
+                 previous_disks: dict[str, Disk] | None = None, cancel=None) -> SourceRun: ...
+
+    def close(self) -> None: ...
+
+
+__all__ = ["VmRecord", "SourceDisk", "SourceRun", "Source"]
