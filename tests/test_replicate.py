@@ -1,0 +1,403 @@
+"""Replication runs end to end: properties over random disks and change sets, restore,
+verify, prune, cancellation, progress and the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import smsblock
+from smsblock.errors import Cancelled, RunNotFoundError, StoreLockedError, UsageError
+from smsblock.manifest import BlockState, Manifest, diff
+from smsblock.progress import CancelToken
+from smsblock.replicate import RunDisk, new_run_id, prune, replicate, restore, verify
+from smsblock.store import StoreConfig, open_store
+
+from conftest import qemu_img
+
+BS = 64 * 1024          # the smallest block size keeps disks tiny
+
+
+def pattern(seed: int, length: int) -> bytes:
+    """Deterministic, partly compressible block content for a pattern id (>= 1)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 16, length, dtype=np.uint8).tobytes()
+
+
+def write_disk(path, blocks: list, size: int) -> bytes:
+    """Write a sparse raw disk: per block None = hole, 0 = written zeros, k = pattern k.
+    Returns the disk's bytes as a reader must see them."""
+    content = bytearray(size)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i, b in enumerate(blocks):
+            off = i * BS
+            length = min(BS, size - off)
+            if b is None:
+                continue
+            data = bytes(length) if b == 0 else pattern(b, length)
+            f.seek(off)
+            f.write(data)
+            content[off:off + length] = data
+    return bytes(content)
+
+
+def new_store(path, pack_size=256 * 1024, address="sha256"):
+    store = open_store(path)
+    store.initialise(StoreConfig(pack_size=pack_size, address=address))
+    return store
+
+
+def stored_addresses(store) -> set[bytes]:
+    return {bytes(e["address"]) for pid, size in store.list_packs().items()
+            for e in store.pack_index(pid, size)}
+
+
+def sha(b: bytes) -> bytes:
+    return hashlib.sha256(b).digest()
+
+
+def blocks_of(content: bytes) -> list[bytes]:
+    return [content[o:o + BS] for o in range(0, len(content), BS)]
+
+
+block_kind = st.one_of(st.none(), st.just(0), st.integers(1, 6))
+
+
+@st.composite
+def disk_history(draw):
+    n = draw(st.integers(1, 10))
+    tail = draw(st.sampled_from([0, 4096, 30000]))   # a short last block sometimes
+    size = n * BS - (BS - tail if tail else 0)
+    first = draw(st.lists(block_kind, min_size=n, max_size=n))
+    changes = draw(st.lists(st.dictionaries(st.integers(0, n - 1), block_kind, max_size=n),
+                            min_size=0, max_size=3))
+    return size, first, changes
+
+
+@settings(max_examples=20)
+@given(history=disk_history())
+def test_every_run_restores_and_stores_exactly_the_new_changed_blocks(tmp_path_factory, history):
+    size, blocks, changes = history
+    tmp = tmp_path_factory.mktemp("prop")
+    store = new_store(tmp / "store")
+    disk_path = tmp / "disk.raw"
+    snapshots = []      # (run_id, bytes)
+    previous = None
+    for step in range(len(changes) + 1):
+        if step:
+            for i, kind in changes[step - 1].items():
+                blocks[i] = kind
+        content = write_disk(disk_path, blocks, size)
+        before = stored_addresses(store) if store.exists() else set()
+        s = replicate(disk_path, store, "srv-a", block_size=BS)
+        # stored = the distinct addresses of changed data blocks the store did not hold
+        new_blocks = blocks_of(content)
+        old_blocks = blocks_of(previous) if previous is not None else [None] * len(new_blocks)
+        expected = {sha(b) for i, b in enumerate(new_blocks)
+                    if blocks[i] not in (None, 0) and b != old_blocks[i]} - before
+        assert s.blocks_stored == len(expected)
+        assert stored_addresses(store) == before | expected
+        m = store.load_manifest("srv-a", s.run_id)
+        assert s.blocks_total == m.n_blocks == len(new_blocks)
+        assert s.blocks_data == sum(1 for b in blocks if b not in (None, 0))
+        assert s.blocks_zero + s.blocks_unallocated + s.blocks_data == s.blocks_total
+        for i, b in enumerate(new_blocks):
+            if m.states[i] == BlockState.DATA:
+                assert m.addresses[i].tobytes() == sha(b)
+            else:
+                assert b == bytes(len(b)) and not m.addresses[i].any()
+        if step:
+            prev_m = store.load_manifest("srv-a", snapshots[-1][0])
+            assert s.blocks_changed == len(diff(prev_m, m))
+        snapshots.append((s.run_id, content))
+        previous = content
+
+    assert [r.run_id for r in store.runs("srv-a")] == [rid for rid, _ in snapshots]
+    for run_id, content in snapshots:
+        out = tmp / f"{run_id}.raw"
+        restore(store, "srv-a", out, run_id=run_id)
+        assert out.read_bytes() == content
+        with store.run_disk("srv-a", run_id) as d:
+            assert d.read(0, size) == content
+    assert verify(store).ok
+
+    # another server with the same disk stores nothing new: dedup across servers
+    s = replicate(disk_path, store, "srv-b", block_size=BS)
+    assert s.blocks_stored == 0
+    restore(store, "srv-b", tmp / "b.raw")
+    assert (tmp / "b.raw").read_bytes() == snapshots[-1][1]
+
+
+@settings(max_examples=10)
+@given(history=disk_history(), keep=st.integers(0, 3))
+def test_prune_keeps_what_kept_runs_need_and_drops_the_rest(tmp_path_factory, history, keep):
+    size, blocks, changes = history
+    tmp = tmp_path_factory.mktemp("prune")
+    store = new_store(tmp / "store", pack_size=100_000)
+    disk_path = tmp / "disk.raw"
+    runs = []
+    for step in range(len(changes) + 1):
+        if step:
+            for i, kind in changes[step - 1].items():
+                blocks[i] = kind
+        content = write_disk(disk_path, blocks, size)
+        runs.append((replicate(disk_path, store, "a", block_size=BS).run_id, content))
+    other = write_disk(tmp / "other.raw", [7, 1, None], 3 * BS)
+    replicate(tmp / "other.raw", store, "b", block_size=BS)
+
+    report = prune(store, "a", keep)
+    kept = runs[max(0, len(runs) - keep):] if keep else []
+    assert [r.run_id for r in store.runs("a")] == [rid for rid, _ in kept]
+    assert report.runs_deleted == [rid for rid, _ in runs[:len(runs) - len(kept)]]
+    # exactly the blocks the remaining runs (of both servers) use are left
+    live = set()
+    for sid in ("a", "b"):
+        for r in store.runs(sid):
+            m = store.load_manifest(sid, r.run_id)
+            live |= {a.tobytes() for a in m.addresses[m.states == BlockState.DATA]}
+    assert stored_addresses(store) == live
+    assert verify(store).ok
+    for run_id, content in kept:
+        restore(store, "a", tmp / "out.raw", run_id=run_id)
+        assert (tmp / "out.raw").read_bytes() == content
+    restore(store, "b", tmp / "outb.raw")
+    assert (tmp / "outb.raw").read_bytes() == other
+
+
+def test_zero_and_unallocated_blocks_are_recorded_not_stored(tmp_path):
+    store = new_store(tmp_path / "s")
+    content = write_disk(tmp_path / "d.raw", [1, 0, None, 2, 0, None], 6 * BS)
+    s = replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
+    m = store.load_manifest("srv")
+    assert list(m.states) == [2, 1, 0, 2, 1, 0]
+    assert (s.blocks_zero, s.blocks_unallocated) == (2, 2)
+    assert s.blocks_data == 2 and s.blocks_stored == 2
+    assert s.bytes_stored_uncompressed == 2 * BS
+    # data that becomes zero is recorded as zero, and not stored
+    content = write_disk(tmp_path / "d.raw", [0, 0, None, 2, 0, None], 6 * BS)
+    s2 = replicate(tmp_path / "d.raw", store, "srv")
+    assert s2.blocks_stored == 0 and s2.blocks_data == 1 and s2.blocks_changed == 1
+    assert s2.block_size == BS                       # taken from the previous run
+    restore(store, "srv", tmp_path / "o.raw")
+    assert (tmp_path / "o.raw").read_bytes() == content
+
+
+def test_summary_fields_and_cli_json(tmp_path):
+    write_disk(tmp_path / "d.raw", [1, 2, 0, None], 4 * BS)
+    env = dict(os.environ, PYTHONPATH=str(os.path.dirname(os.path.dirname(smsblock.__file__))))
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "smsblock", *map(str, args)],
+                              capture_output=True, text=True, env=env)
+    p = cli("replicate", tmp_path / "d.raw", "--store", tmp_path / "st", "--server", "s-1",
+            "--block-size", "64K", "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    for key in ("run_id", "blocks_total", "blocks_zero", "blocks_unallocated", "blocks_changed",
+                "blocks_stored", "bytes_read", "bytes_stored", "seconds"):
+        assert key in doc
+    assert doc["blocks_total"] == 4 and doc["blocks_stored"] == 2 and doc["bytes_read"] >= 2 * BS
+    p = cli("runs", "--store", tmp_path / "st", "--server", "s-1", "--json")
+    assert [r["run_id"] for r in json.loads(p.stdout)["runs"]] == [doc["run_id"]]
+    p = cli("restore", "--store", tmp_path / "st", "--server", "s-1", "-o", tmp_path / "o.raw")
+    assert p.returncode == 0 and (tmp_path / "o.raw").read_bytes() == (tmp_path / "d.raw").read_bytes()
+    p = cli("verify", "--store", tmp_path / "st", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["ok"] is True
+    p = cli("prune", "--store", tmp_path / "st", "--server", "s-1", "--keep", "1", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["runs_deleted"] == []
+    p = cli("runs", "--store", tmp_path / "nothing", "--server", "s-1")
+    assert p.returncode != 0 and "no smsblock store" in p.stderr
+    p = cli("replicate", tmp_path / "d.raw", "--store", "s3://bucket/x", "--server", "s-1")
+    assert p.returncode == 2 and "not available yet" in p.stderr
+    p = cli("replicate", tmp_path / "d.raw", "--store", tmp_path / "st", "--server", "../x")
+    assert p.returncode == 2 and "server id" in p.stderr
+    p = cli("restore", "--store", tmp_path / "st", "--server", "s-1", "--run", "r-nope", "-o", tmp_path / "x")
+    assert p.returncode != 0 and "r-nope" in p.stderr
+
+
+def test_restore_vmdk_matches_qemu_img(tmp_path):
+    content = write_disk(tmp_path / "d.raw", [3, None, 0, 4, 5], 5 * BS - 1000)
+    store = new_store(tmp_path / "s")
+    replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
+    restore(store, "srv", tmp_path / "o.vmdk", format="vmdk")
+    qemu_img("compare", "-f", "vmdk", "-F", "raw", tmp_path / "o.vmdk", tmp_path / "d.raw")
+    # raw output is sparse: the hole and the zero block take no space
+    restore(store, "srv", tmp_path / "o.raw")
+    assert (tmp_path / "o.raw").read_bytes() == content
+    assert os.stat(tmp_path / "o.raw").st_blocks * 512 <= 3 * BS + 65536
+
+
+def test_run_disk_extents_follow_block_states(tmp_path):
+    write_disk(tmp_path / "d.raw", [1, 1, 0, None, None, 2], 6 * BS)
+    store = new_store(tmp_path / "s")
+    replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
+    with store.run_disk("srv") as d:
+        kinds = [(e.offset // BS, e.length // BS, e.kind.value) for e in d.extents()]
+        m = d.manifest
+        expect = []
+        for i, s in enumerate(m.states):
+            if s == BlockState.UNALLOCATED:
+                continue
+            kind = "data" if s == BlockState.DATA else "zero"
+            if expect and expect[-1][2] == kind and expect[-1][0] + expect[-1][1] == i:
+                expect[-1] = (expect[-1][0], expect[-1][1] + 1, kind)
+            else:
+                expect.append((i, 1, kind))
+        assert kinds == expect
+        assert d.read(BS - 10, 20) == pattern(1, BS)[-10:] + pattern(1, BS)[:10]
+
+
+def test_verify_reports_damaged_and_missing_blocks(tmp_path):
+    write_disk(tmp_path / "d.raw", [1, 2, 3], 3 * BS)
+    store = new_store(tmp_path / "s", pack_size=4096)      # one block per pack
+    replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
+    packs = sorted(store.list_packs())
+    assert len(packs) == 3
+    # flip a byte inside the first block frame of one pack
+    path = store.pack_name(packs[0])
+    raw = bytearray(open(path, "rb").read())
+    raw[40] ^= 0xFF
+    open(path, "wb").write(raw)
+    report = verify(store)
+    assert not report.ok and any(path in p for p in report.problems)
+    assert any("referenced blocks are missing or damaged" in p for p in report.problems)
+    # a missing pack
+    os.unlink(store.pack_name(packs[1]))
+    report = verify(store)
+    assert sum("missing or damaged" in p for p in report.problems) == 1
+    assert "2 referenced blocks" in " ".join(report.problems)
+
+
+def test_verify_reports_corrupt_manifest(tmp_path):
+    write_disk(tmp_path / "d.raw", [1], BS)
+    store = new_store(tmp_path / "s")
+    s = replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
+    path = tmp_path / "s" / "runs" / "srv" / f"{s.run_id}.manifest"
+    raw = bytearray(path.read_bytes())
+    raw[130] ^= 1
+    path.write_bytes(raw)
+    report = verify(store)
+    assert not report.ok and any(s.run_id in p for p in report.problems)
+
+
+def test_next_run_repairs_blocks_the_store_lost(tmp_path):
+    content = write_disk(tmp_path / "d.raw", [1, 2], 2 * BS)
+    store = new_store(tmp_path / "s", pack_size=4096)
+    replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
+    os.unlink(store.pack_name(sorted(store.list_packs())[0]))
+    s = replicate(tmp_path / "d.raw", open_store(tmp_path / "s"), "srv")
+    assert s.blocks_stored == 1 and s.blocks_changed == 0
+    restore(tmp_path / "s", "srv", tmp_path / "o.raw")
+    assert (tmp_path / "o.raw").read_bytes() == content
+
+
+def test_cancel_leaves_store_valid_and_keeps_sealed_blocks(tmp_path):
+    blocks = list(range(1, 41))
+    content1 = write_disk(tmp_path / "d.raw", blocks[:5] + [None] * 35, 40 * BS)
+    store = new_store(tmp_path / "s", pack_size=4096)
+    replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
+    write_disk(tmp_path / "d.raw", blocks, 40 * BS)
+    token = CancelToken()
+    seen = []
+
+    def progress(done, total):
+        seen.append((done, total))
+        if done >= 10 * BS:
+            token.cancel("test")
+
+    with pytest.raises(Cancelled):
+        replicate(tmp_path / "d.raw", store, "srv", progress=progress, cancel=token)
+    assert len(store.runs("srv")) == 1
+    assert verify(store).ok
+    restore(store, "srv", tmp_path / "o.raw")
+    assert (tmp_path / "o.raw").read_bytes() == content1
+    sealed = len(stored_addresses(store))
+    assert sealed > 5
+    s = replicate(tmp_path / "d.raw", store, "srv")
+    assert s.blocks_stored == 40 - sealed
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))     # progress never goes back
+
+
+def test_progress_reaches_total(tmp_path):
+    write_disk(tmp_path / "d.raw", [1, 2, None, 3], 4 * BS)
+    seen = []
+    replicate(tmp_path / "d.raw", tmp_path / "s", "srv", block_size=BS,
+              progress=lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1][0] == seen[-1][1] > 0
+    out = []
+    restore(tmp_path / "s", "srv", tmp_path / "o.raw", progress=lambda d, t: out.append((d, t)))
+    assert out[-1] == (3 * BS, 3 * BS)
+
+
+def test_prune_is_refused_while_a_run_holds_the_lock(tmp_path):
+    write_disk(tmp_path / "d.raw", [1], BS)
+    store = new_store(tmp_path / "s")
+    replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
+    with store.lock(exclusive=False, purpose="replicate"):
+        with pytest.raises(StoreLockedError):
+            prune(store, "srv", 0)
+    with store.lock(exclusive=True, purpose="prune"):
+        with pytest.raises(StoreLockedError):
+            replicate(tmp_path / "d.raw", store, "srv")
+    assert prune(store, "srv", 0).runs_deleted
+
+
+def test_prune_removes_leftovers_and_unreferenced_packs(tmp_path):
+    write_disk(tmp_path / "d.raw", [1, 2], 2 * BS)
+    store = new_store(tmp_path / "s", pack_size=4096)
+    replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
+    (tmp_path / "s" / "tmp" / "dead.pack.tmp").write_bytes(b"half a pack")
+    # a sealed pack no run references, as a killed run leaves it
+    from smsblock.pack import PackWriter
+    w = PackWriter(store.staging_path(".pack.tmp"), "sha256")
+    w.add(sha(b"x" * 10), __import__("zstandard").ZstdCompressor().compress(b"x" * 10), 10)
+    pid, _ = w.seal()
+    store.put_pack(pid, w.path)
+    report = verify(store)
+    assert report.ok and report.unreferenced_packs == 1 and report.leftovers == ["dead.pack.tmp"]
+    r = prune(store, "srv", 5)
+    assert r.packs_deleted == 1 and r.leftovers_removed == 1 and r.runs_deleted == []
+    report = verify(store)
+    assert report.ok and report.unreferenced_packs == 0 and not report.leftovers
+
+
+def test_blake3_store(tmp_path):
+    content = write_disk(tmp_path / "d.raw", [1, 2, 1], 3 * BS)
+    store = new_store(tmp_path / "s", address="blake3")
+    s = replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
+    assert s.blocks_stored == 2 and s.address_algorithm == "blake3"
+    assert store.load_manifest("srv").address_algorithm == "blake3"
+    assert verify(store).ok
+    restore(store, "srv", tmp_path / "o.raw")
+    assert (tmp_path / "o.raw").read_bytes() == content
+
+
+def test_errors_name_what_is_wrong(tmp_path):
+    write_disk(tmp_path / "d.raw", [1], BS)
+    with pytest.raises(UsageError, match="block size"):
+        replicate(tmp_path / "d.raw", tmp_path / "s", "srv", block_size=1000)
+    replicate(tmp_path / "d.raw", tmp_path / "s", "srv", block_size=BS)
+    with pytest.raises(RunNotFoundError):
+        restore(tmp_path / "s", "other", tmp_path / "o.raw")
+    with pytest.raises(UsageError):
+        restore(tmp_path / "s", "srv", tmp_path / "o.raw", run_id="latest")
+    with pytest.raises(UsageError):
+        restore(tmp_path / "s", "srv", tmp_path / "o.raw", format="qcow2")
+    with pytest.raises(UsageError):
+        prune(tmp_path / "s", "srv", -1)
+
+
+def test_run_ids_sort_by_time_even_within_a_microsecond():
+    ids = [new_run_id()]
+    for _ in range(200):
+        ids.append(new_run_id(ids[-1]))
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    future = "r-29991231T235959.999999Z-00000000"
+    assert new_run_id(future) > future
