@@ -1,0 +1,272 @@
+"""The SMS API's nouns: enums, records and ids, with the field names of API 2016-10-24.
+
+Records are plain dataclasses whose attribute names are the wire names
+(``replicationJobId``, ``seedReplicationTime``...), so ``to_api()`` is a straight
+mapping; timestamps are held as aware UTC :class:`datetime` objects and sent as epoch
+seconds, which is how the SMS JSON protocol puts them on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import secrets
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+
+from ..errors import ServiceError
+
+
+class _StrEnum(str, enum.Enum):
+    def __str__(self) -> str:  # the wire value, not "Class.NAME"
+        return self.value
+
+
+class ConnectorStatus(_StrEnum):
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+
+
+class ConnectorCapability(_StrEnum):
+    VSPHERE = "VSPHERE"
+    SCVMM = "SCVMM"
+    HYPERV_MANAGER = "HYPERV-MANAGER"
+    SNAPSHOT_BATCHING = "SNAPSHOT_BATCHING"
+    SMS_OPTIMIZED = "SMS_OPTIMIZED"
+
+
+class VmManagerType(_StrEnum):
+    VSPHERE = "VSPHERE"
+    SCVMM = "SCVMM"
+    HYPERV_MANAGER = "HYPERV-MANAGER"
+
+
+class ServerCatalogStatus(_StrEnum):
+    NOT_IMPORTED = "NOT_IMPORTED"
+    IMPORTING = "IMPORTING"
+    AVAILABLE = "AVAILABLE"
+    DELETED = "DELETED"
+    EXPIRED = "EXPIRED"
+
+
+class ServerType(_StrEnum):
+    VIRTUAL_MACHINE = "VIRTUAL_MACHINE"
+
+
+class LicenseType(_StrEnum):
+    AWS = "AWS"
+    BYOL = "BYOL"
+
+
+class ReplicationJobState(_StrEnum):
+    PENDING = "PENDING"
+    ACTIVE = "ACTIVE"
+    FAILED = "FAILED"
+    DELETING = "DELETING"
+    DELETED = "DELETED"
+    COMPLETED = "COMPLETED"
+    PAUSED_ON_FAILURE = "PAUSED_ON_FAILURE"
+    FAILING = "FAILING"
+
+
+class ReplicationRunState(_StrEnum):
+    PENDING = "PENDING"
+    MISSED = "MISSED"
+    ACTIVE = "ACTIVE"
+    FAILED = "FAILED"
+    COMPLETED = "COMPLETED"
+    DELETING = "DELETING"
+    DELETED = "DELETED"
+
+
+class ReplicationRunType(_StrEnum):
+    ON_DEMAND = "ON_DEMAND"
+    AUTOMATIC = "AUTOMATIC"
+
+
+#: job states that count as "still replicating" (the active-jobs limit, one job per server)
+LIVE_JOB_STATES = frozenset({ReplicationJobState.PENDING, ReplicationJobState.ACTIVE,
+                             ReplicationJobState.FAILING,
+                             ReplicationJobState.PAUSED_ON_FAILURE})
+#: run states in which a run still occupies its job
+BUSY_RUN_STATES = frozenset({ReplicationRunState.PENDING, ReplicationRunState.ACTIVE})
+
+
+# --- ids -----------------------------------------------------------------------
+
+CONNECTOR_ID = re.compile(r"^c-[0-9a-f]{17}$")
+SERVER_ID = re.compile(r"^s-[0-9a-f]{8}$")
+JOB_ID = re.compile(r"^sms-job-[0-9a-f]{8}$")
+RUN_ID = re.compile(r"^sms-run-[0-9a-f]{8}$")
+
+
+def _hex(n: int) -> str:
+    return secrets.token_hex((n + 1) // 2)[:n]
+
+
+def new_connector_id() -> str:
+    return "c-" + _hex(17)
+
+
+def new_server_id() -> str:
+    return "s-" + _hex(8)
+
+
+def new_job_id() -> str:
+    return "sms-job-" + _hex(8)
+
+
+def new_run_id() -> str:
+    return "sms-run-" + _hex(8)
+
+
+# --- timestamps ----------------------------------------------------------------
+
+def utc(dt: datetime) -> datetime:
+    """``dt`` as an aware UTC datetime (naive values are taken as UTC)."""
+    if dt.tzinfo is None:
+        return dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc)
+
+
+def parse_timestamp(value, name: str = "timestamp") -> datetime:
+    """An SMS timestamp from epoch seconds (number or numeric string) or ISO 8601 text."""
+    if isinstance(value, datetime):
+        return utc(value)
+    if isinstance(value, bool):
+        raise ServiceError(f"{name}: expected a timestamp, got {value!r}", "InvalidParameterException")
+    if isinstance(value, (int, float)):
+        try:
+            return datetime.fromtimestamp(float(value), tz=timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            raise ServiceError(f"{name}: {value!r} is out of range", "InvalidParameterException") from None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return parse_timestamp(float(text), name)
+        except ValueError:
+            pass
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            return utc(datetime.fromisoformat(text))
+        except ValueError:
+            pass
+    raise ServiceError(f"{name}: {value!r} is neither ISO 8601 nor epoch seconds",
+                       "InvalidParameterException")
+
+
+def to_epoch(dt: datetime | None) -> float | None:
+    return None if dt is None else round(utc(dt).timestamp(), 3)
+
+
+# --- records ---------------------------------------------------------------------
+
+class _Record:
+    """Shared ``to_api``: wire names, enums as strings, datetimes as epoch seconds, no Nones."""
+
+    _internal: tuple[str, ...] = ()
+
+    def to_api(self) -> dict:
+        out = {}
+        for f in fields(self):
+            if f.name in self._internal:
+                continue
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            out[f.name] = _wire(value)
+        return out
+
+
+def _wire(value):
+    if isinstance(value, datetime):
+        return to_epoch(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, _Record):
+        return value.to_api()
+    if isinstance(value, list):
+        return [_wire(v) for v in value]
+    return value
+
+
+@dataclass
+class Connector(_Record):
+    connectorId: str
+    version: str
+    status: ConnectorStatus
+    capabilityList: list[ConnectorCapability]
+    vmManagerName: str
+    vmManagerType: VmManagerType
+    vmManagerId: str
+    ipAddress: str | None = None
+    macAddress: str | None = None
+    associatedOn: datetime | None = None
+
+
+@dataclass
+class VmServerAddress(_Record):
+    vmManagerId: str
+    vmId: str
+
+
+@dataclass
+class VmServer(_Record):
+    vmServerAddress: VmServerAddress
+    vmName: str
+    vmManagerName: str
+    vmManagerType: VmManagerType
+    vmPath: str
+
+
+@dataclass
+class Server(_Record):
+    serverId: str
+    serverType: ServerType
+    vmServer: VmServer
+    replicationJobId: str | None = None
+    replicationJobTerminated: bool | None = None
+
+
+@dataclass
+class ReplicationRunStageDetails(_Record):
+    stage: str | None = None
+    stageProgress: str | None = None
+
+
+@dataclass
+class ReplicationRun(_Record):
+    replicationRunId: str
+    state: ReplicationRunState
+    type: ReplicationRunType
+    stageDetails: ReplicationRunStageDetails | None = None
+    statusMessage: str | None = None
+    amiId: str | None = None
+    scheduledStartTime: datetime | None = None
+    completedTime: datetime | None = None
+    description: str | None = None
+    encrypted: bool | None = None
+    kmsKeyId: str | None = None
+
+
+@dataclass
+class ReplicationJob(_Record):
+    replicationJobId: str
+    serverId: str
+    serverType: ServerType
+    vmServer: VmServer | None
+    seedReplicationTime: datetime
+    frequency: int | None
+    runOnce: bool
+    nextReplicationRunStartTime: datetime | None
+    licenseType: LicenseType
+    roleName: str | None
+    latestAmiId: str | None
+    state: ReplicationJobState
+    statusMessage: str | None
+    description: str | None
+    numberOfRecentAmisToKeep: int
+    encrypted: bool
+    kmsKeyId: str | None
+    replicationRunList: list[ReplicationRun] = field(default_factory=list)

@@ -1,0 +1,100 @@
+"""The replication schedule: AUTOMATIC runs at the seed time and every ``frequency`` hours.
+
+:func:`tick` is called by the connector loop (and by tests with an injected clock).  For
+each live job whose ``nextReplicationRunStartTime`` has come it either creates a PENDING
+AUTOMATIC run for that slot, or - when another run of the job (an on-demand one, or a
+previous run still going) occupies it - records the slot as a MISSED run.  Then the next
+slot is the first ``seed + k * frequency`` after ``now`` (a run-once job has none).
+Slots that passed while no connector ticked at all are not replayed one by one: one run
+is made for the latest of them, as SMS does after a connector outage.
+
+It also closes the replication window: a job whose server's first run was more than
+``server_replication_days`` ago is COMPLETED with a message saying so.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+from .jobs import HOUR, _LIVE, _in, busy_runs, insert_run, window_closed
+from .models import ReplicationJobState, ReplicationRunState, ReplicationRunType
+from .state import ServiceConfig, State
+
+#: a clock returns "now" as epoch seconds; tests inject a fake one
+Clock = Callable[[], float]
+
+
+def system_clock() -> float:
+    return time.time()
+
+
+class FakeClock:
+    """A clock that stands still until moved; for tests and simulations."""
+
+    def __init__(self, start: float | datetime = 1_800_000_000.0):
+        self.now = start.timestamp() if isinstance(start, datetime) else float(start)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+    def datetime(self) -> datetime:
+        return datetime.fromtimestamp(self.now, tz=timezone.utc)
+
+
+def next_slot(slot: float, frequency_hours: int, now: float) -> float:
+    """The first ``slot + k * frequency`` (k >= 1) strictly after ``now``."""
+    step = frequency_hours * HOUR
+    k = max(1, math.floor((now - slot) / step) + 1)
+    return slot + k * step
+
+
+def tick(state: State, now: float, config: ServiceConfig) -> list[str]:
+    """Create the runs that are due at ``now``; return the ids of the runs made (PENDING or MISSED)."""
+    made: list[str] = []
+    with state.transaction() as db:
+        jobs = db.execute(
+            f"SELECT * FROM jobs WHERE state IN {_in(_LIVE)} AND next_run_time IS NOT NULL "
+            "AND next_run_time <= ? ORDER BY next_run_time", (*_LIVE, now)).fetchall()
+        for job in jobs:
+            made.extend(_tick_job(db, job, now, config))
+    return made
+
+
+def _tick_job(db: sqlite3.Connection, job: sqlite3.Row, now: float, config: ServiceConfig) -> list[str]:
+    server = db.execute("SELECT * FROM servers WHERE server_id = ?", (job["server_id"],)).fetchone()
+    if window_closed(server, now, config):
+        db.execute("UPDATE jobs SET state = ?, status_message = ?, next_run_time = NULL "
+                   "WHERE job_id = ?",
+                   (ReplicationJobState.COMPLETED.value,
+                    f"replication stopped: the server's {config.server_replication_days}-day "
+                    "replication limit was reached", job["job_id"]))
+        return []
+    slot = job["next_run_time"]
+    if job["frequency"] is not None and not job["run_once"]:
+        # only the latest passed slot gets a run
+        step = job["frequency"] * HOUR
+        slot += math.floor((now - slot) / step) * step
+    busy = busy_runs(db, job["job_id"])
+    if busy:
+        occupant = busy[0]
+        kind = "on-demand " if occupant["type"] == ReplicationRunType.ON_DEMAND.value else ""
+        run_id = insert_run(db, job, ReplicationRunType.AUTOMATIC, ReplicationRunState.MISSED,
+                            slot, now, message=f"skipped: {kind}run {occupant['run_id']} was "
+                            f"{occupant['state']} at the scheduled time")
+    else:
+        run_id = insert_run(db, job, ReplicationRunType.AUTOMATIC, ReplicationRunState.PENDING,
+                            slot, now)
+    if job["run_once"] or job["frequency"] is None:
+        following = None
+    else:
+        following = next_slot(slot, job["frequency"], now)
+    db.execute("UPDATE jobs SET next_run_time = ? WHERE job_id = ?", (following, job["job_id"]))
+    return [run_id]
