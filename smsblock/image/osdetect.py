@@ -1,0 +1,457 @@
+"""The operating system on a disk, from files in its root filesystem.
+
+Linux: etc/os-release, etc/redhat-release (and its centos/oracle/fedora siblings),
+etc/lsb-release, etc/SuSE-release and etc/debian_version, read from ext2/3/4 (libfsext),
+XFS (libfsxfs) or Btrfs (:mod:`.btrfs`); the most precise consistent version wins
+(redhat-release's 7.2.1511 over os-release's 7).  The architecture comes from the ELF
+header of /bin/sh.  Windows: ProductName, version, build, edition and service pack from
+the SOFTWARE registry hive (libregf) on NTFS (libfsntfs); 64-bit when SysWOW64 exists.
+
+The libyal bindings read through a :class:`~.region.Region`, so only the blocks a lookup
+needs are read, from any disk (raw, VMDK, a stored run).
+"""
+
+from __future__ import annotations
+
+import re
+import stat
+import struct
+from dataclasses import dataclass, field
+
+from .findings import INFO, WARNING, Finding
+from .region import Region
+
+MAX_RELEASE_FILE = 64 << 10
+MAX_SYMLINK_HOPS = 40
+
+LINUX_READABLE = ("ext2", "ext3", "ext4", "xfs", "btrfs")
+
+
+@dataclass(slots=True)
+class OsInfo:
+    """What runs on the disk; ``family`` is "linux" or "windows"."""
+
+    family: str
+    distribution: str | None
+    version: str | None
+    architecture: str | None
+    name: str | None = None             # PRETTY_NAME / ProductName, for people
+    edition: str | None = None          # Windows EditionID
+    service_pack: str | None = None     # Windows CSDVersion
+    root_partition: int | None = None
+    root_filesystem: str | None = None
+    sources: list[str] = field(default_factory=list)   # files the answer came from
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, "distribution": self.distribution,
+                "version": self.version, "architecture": self.architecture,
+                "name": self.name, "edition": self.edition, "service_pack": self.service_pack,
+                "root_partition": self.root_partition, "root_filesystem": self.root_filesystem,
+                "sources": list(self.sources)}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "OsInfo | None":
+        if d is None:
+            return None
+        return cls(**{k: d.get(k) for k in cls.__slots__ if k != "sources"},
+                   sources=list(d.get("sources") or []))
+
+
+class Unreadable(Exception):
+    """A filesystem that should be readable could not be read; the message says why."""
+
+
+# --- filesystem readers: a common lookup with symlinks resolved inside the guest ---------
+
+class _Reader:
+    """Path lookup over a filesystem library's directory primitives."""
+
+    def root(self): ...
+    def child(self, node, name): ...
+    def link_target(self, node) -> str | None: ...
+    def read(self, node, limit: int) -> bytes: ...
+
+    def lookup(self, path: str):
+        """The node at ``path`` (symlinks followed as the guest would, with / as its root)."""
+        root = self.root()
+        stack = [root]
+        parts = [c for c in path.split("/") if c and c != "."]
+        hops = 0
+        while parts:
+            name = parts.pop(0)
+            if name == "..":
+                if len(stack) > 1:
+                    stack.pop()
+                continue
+            node = self.child(stack[-1], name)
+            if node is None:
+                return None
+            target = self.link_target(node)
+            if target is not None:
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS:
+                    raise Unreadable(f"too many symbolic links resolving /{path}")
+                if target.startswith("/"):
+                    stack = [root]
+                parts = [c for c in target.split("/") if c and c != "."] + parts
+                continue
+            stack.append(node)
+        return stack[-1]
+
+    def read_file(self, path: str, limit: int = MAX_RELEASE_FILE) -> bytes | None:
+        node = self.lookup(path)
+        return None if node is None else self.read(node, limit)
+
+    def exists(self, path: str) -> bool:
+        return self.lookup(path) is not None
+
+
+class _LibyalReader(_Reader):
+    """libfsext / libfsxfs volumes (file entries with POSIX modes).
+
+    Nodes are (resolved path, file entry); children are looked up by full path because
+    libfsext 20260821's lookup by name fails on valid directories.
+    """
+
+    def __init__(self, module, region: Region):
+        self.volume = module.volume()
+        self.volume.open_file_object(region)
+
+    def root(self):
+        return "", self.volume.get_root_directory()
+
+    def child(self, node, name):
+        path = f"{node[0]}/{name}"
+        try:
+            entry = self.volume.get_file_entry_by_path(path)
+        except (IOError, OSError, TypeError):
+            return None
+        return None if entry is None else (path, entry)
+
+    def link_target(self, node):
+        mode = node[1].file_mode
+        if mode is not None and stat.S_ISLNK(mode):
+            return node[1].symbolic_link_target
+        return None
+
+    def read(self, node, limit):
+        size = min(node[1].size or 0, limit)
+        return node[1].read_buffer_at_offset(size, 0) if size else b""
+
+
+class _BtrfsReader(_Reader):
+    def __init__(self, region: Region):
+        from .btrfs import BtrfsVolume
+        self.volume = BtrfsVolume(region)
+
+    def root(self):
+        return self.volume.root()
+
+    def child(self, node, name):
+        return self.volume.child(node, name)
+
+    def link_target(self, node):
+        from .btrfs import FT_SYMLINK
+        if node.type == FT_SYMLINK:
+            return self.volume.read(node, 4096).decode("utf-8", "surrogateescape")
+        return None
+
+    def read(self, node, limit):
+        return self.volume.read(node, limit)
+
+
+def open_linux_reader(fs_type: str, region: Region) -> _Reader:
+    """A path reader for an ext2/3/4, XFS or Btrfs filesystem; raises :class:`Unreadable`."""
+    try:
+        if fs_type == "btrfs":
+            return _BtrfsReader(region)
+        if fs_type in ("ext2", "ext3", "ext4"):
+            import pyfsext as module
+        elif fs_type == "xfs":
+            import pyfsxfs as module
+        else:
+            raise Unreadable(f"no reader for {fs_type}")
+        return _LibyalReader(module, region)
+    except ImportError as e:
+        raise Unreadable(f"the {e.name} library is not installed (pip install smsblock[image])") from None
+    except Unreadable:
+        raise
+    except Exception as e:      # the libraries raise IOError/OSError; btrfs raises BtrfsError
+        raise Unreadable(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+# --- Linux ------------------------------------------------------------------------
+
+_VERSION = re.compile(r"\d+(?:\.\d+)*")
+_OS_RELEASE_IDS = {"rhel": "rhel", "centos": "centos", "ol": "oracle", "oracle": "oracle",
+                   "sles": "suse", "sled": "suse", "sles_sap": "suse", "ubuntu": "ubuntu",
+                   "debian": "debian", "fedora": "fedora"}
+_LINUX_FILES = ("etc/os-release", "usr/lib/os-release", "etc/lsb-release", "etc/redhat-release",
+                "etc/centos-release", "etc/oracle-release", "etc/fedora-release",
+                "etc/SuSE-release", "etc/debian_version", "etc/system-release")
+_ELF_MACHINES = {3: "i386", 62: "x86_64", 183: "aarch64", 40: "arm", 20: "ppc", 21: "ppc64",
+                 22: "s390x", 243: "riscv64", 8: "mips"}
+_ARCH_FILES = ("bin/sh", "usr/bin/sh", "bin/bash", "sbin/init", "usr/bin/env", "bin/ls")
+
+
+def _kv(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        k, v = line.split("=", 1)
+        v = v.strip()
+        if len(v) >= 2 and v[0] == v[-1] and v[0] in "\"'":
+            v = v[1:-1]
+        out[k.strip()] = v
+    return out
+
+
+def _version(text: str | None) -> str | None:
+    m = _VERSION.search(text or "")
+    return m.group(0) if m else None
+
+
+def _redhat_distribution(line: str) -> str | None:
+    low = line.lower()
+    for needle, dist in (("centos", "centos"), ("oracle", "oracle"), ("fedora", "fedora"),
+                         ("red hat enterprise", "rhel"), ("scientific", "scientific"),
+                         ("amazon", "amzn"), ("enterprise linux", "oracle")):
+        if needle in low:
+            return dist
+    return None
+
+
+def linux_release(files: dict[str, str]) -> tuple[str | None, str | None, str | None, list[str], list[Finding]]:
+    """(distribution, version, pretty name, files used, findings) from release file texts.
+
+    ``files`` maps paths like "etc/os-release" to their text.  The distribution is taken
+    from the most specific file; the version is the most precise one among the files
+    that agree on the distribution (more numeric components, same leading ones).
+    """
+    findings: list[Finding] = []
+    claims: list[tuple[str, str | None, str]] = []   # (distribution, version, file)
+    pretty = None
+
+    osr_text = files.get("etc/os-release") or files.get("usr/lib/os-release")
+    osr_file = "etc/os-release" if "etc/os-release" in files else "usr/lib/os-release"
+    osr = _kv(osr_text) if osr_text else {}
+    if osr:
+        pretty = osr.get("PRETTY_NAME") or osr.get("NAME")
+    for path in ("etc/oracle-release", "etc/centos-release", "etc/fedora-release",
+                 "etc/redhat-release", "etc/system-release"):
+        text = files.get(path)
+        if text and text.strip():
+            line = text.strip().splitlines()[0]
+            dist = _redhat_distribution(line)
+            if dist:
+                m = re.search(r"release\s+(\d+(?:\.\d+)*)", line)
+                claims.append((dist, m.group(1) if m else None, path))
+                pretty = pretty or line
+    if osr.get("ID"):
+        osr_id = osr["ID"].lower()
+        claims.append((_OS_RELEASE_IDS.get(osr_id, osr_id), _version(osr.get("VERSION_ID")), osr_file))
+    suse = files.get("etc/SuSE-release")
+    if suse and suse.strip():
+        first = suse.strip().splitlines()[0]
+        kv = {k.strip().upper(): v.strip() for k, v in
+              (ln.split("=", 1) for ln in suse.splitlines() if "=" in ln)}
+        dist = "suse" if "enterprise" in first.lower() else "opensuse" if "opensuse" in first.lower() else "suse"
+        ver = _version(kv.get("VERSION")) or _version(first)
+        if ver and kv.get("PATCHLEVEL", "").isdigit() and "." not in ver:
+            ver = f"{ver}.{kv['PATCHLEVEL']}"
+        claims.append((dist, ver, "etc/SuSE-release"))
+        pretty = pretty or first
+    lsb = _kv(files.get("etc/lsb-release") or "")
+    if lsb.get("DISTRIB_ID"):
+        lsb_id = lsb["DISTRIB_ID"].lower()
+        claims.append((_OS_RELEASE_IDS.get(lsb_id, lsb_id), _version(lsb.get("DISTRIB_RELEASE")),
+                       "etc/lsb-release"))
+        pretty = pretty or lsb.get("DISTRIB_DESCRIPTION")
+    deb = (files.get("etc/debian_version") or "").strip()
+    if deb and re.fullmatch(r"\d+(\.\d+)*", deb):
+        claims.append(("debian", deb, "etc/debian_version"))
+    elif deb and not claims:
+        claims.append(("debian", None, "etc/debian_version"))
+    if not claims:
+        return None, None, None, [], findings
+
+    # the distribution: oracle-release beats the RHEL-compatible redhat-release it ships,
+    # otherwise the first claim in the order above (specific files, then os-release)
+    distribution = claims[0][0]
+    agreeing = [c for c in claims if c[0] == distribution]
+    others = {c[0] for c in claims} - {distribution}
+    if others - {"debian"} and not (distribution == "oracle" and others <= {"rhel"}):
+        findings.append(Finding(INFO, "os-release-disagree",
+                                f"Release files name different distributions ({distribution}, "
+                                f"{', '.join(sorted(others))}); {claims[0][2]} was believed."))
+    versions = [(v, f) for _d, v, f in agreeing if v]
+    version, used = None, [f for _d, _v, f in agreeing]
+    if versions:
+        best_v, best_f = versions[0]
+        for v, f in versions[1:]:
+            a, b = best_v.split("."), v.split(".")
+            if b[:len(a)] == a and len(b) > len(a):
+                best_v, best_f = v, f
+            elif a[:len(b)] != b:
+                findings.append(Finding(INFO, "os-version-disagree",
+                                        f"{best_f} says version {best_v} but {f} says {v}; "
+                                        f"{best_v} was believed."))
+        version = best_v
+    return distribution, version, pretty, used, findings
+
+
+def elf_architecture(header: bytes) -> str | None:
+    """The CPU architecture an ELF header names (None when it is not ELF)."""
+    if len(header) < 20 or header[:4] != b"\x7fELF":
+        return None
+    fmt = "<H" if header[5] == 1 else ">H"
+    machine = struct.unpack_from(fmt, header, 18)[0]
+    if machine == 62 and header[4] == 1:
+        return "x86_64"       # x32 ABI
+    return _ELF_MACHINES.get(machine, f"elf-machine-{machine}")
+
+
+def detect_linux(reader: _Reader) -> tuple[OsInfo | None, list[Finding]]:
+    """The Linux distribution on one filesystem (None when it holds no release files)."""
+    texts = {}
+    for path in _LINUX_FILES:
+        data = reader.read_file(path)
+        if data is not None:
+            texts[path] = data.decode("utf-8", "replace")
+    dist, version, pretty, used, findings = linux_release(texts)
+    if dist is None:
+        return None, findings
+    arch = None
+    for path in _ARCH_FILES:
+        data = reader.read_file(path, 64)
+        arch = elf_architecture(data or b"")
+        if arch:
+            break
+    if arch is None:
+        m = re.search(r"\((x86_64|i[3-6]86|aarch64|s390x|ppc64le?)\)", texts.get("etc/SuSE-release", ""))
+        arch = m.group(1) if m else None
+        if arch and re.fullmatch(r"i[3-6]86", arch):
+            arch = "i386"
+    return OsInfo("linux", dist, version, arch, name=pretty, sources=used), findings
+
+
+# --- Windows ----------------------------------------------------------------------
+
+SOFTWARE_HIVE = "\\Windows\\System32\\config\\SOFTWARE"
+CURRENT_VERSION_KEY = "Microsoft\\Windows NT\\CurrentVersion"
+
+
+class _EntryFile:
+    """A file object over a libfsntfs file entry, for libregf."""
+
+    def __init__(self, entry):
+        self.entry = entry
+        self.size = entry.get_size()
+        self.pos = 0
+
+    def read(self, size=-1):
+        if size is None or size < 0:
+            size = self.size - self.pos
+        size = max(0, min(size, self.size - self.pos))
+        data = self.entry.read_buffer_at_offset(size, self.pos) if size else b""
+        self.pos += len(data)
+        return data
+
+    def seek(self, offset, whence=0):
+        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.size + offset
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def get_offset(self):
+        return self.pos
+
+    def get_size(self):
+        return self.size
+
+
+def open_ntfs(region: Region):
+    """A libfsntfs volume over ``region``; raises :class:`Unreadable`."""
+    try:
+        import pyfsntfs
+    except ImportError:
+        raise Unreadable("the pyfsntfs library is not installed (pip install smsblock[image])") from None
+    try:
+        volume = pyfsntfs.volume()
+        volume.open_file_object(region)
+        return volume
+    except Exception as e:
+        raise Unreadable(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def ntfs_label(volume) -> str | None:
+    try:
+        return volume.get_name() or None
+    except Exception:
+        return None
+
+
+def _ntfs_entry(volume, path):
+    try:
+        return volume.get_file_entry_by_path(path)
+    except Exception:
+        return None
+
+
+def _reg_value(key, name):
+    value = key.get_value_by_name(name)
+    if value is None:
+        return None
+    if value.type in (1, 2):       # REG_SZ, REG_EXPAND_SZ
+        return (value.get_data_as_string() or "").strip() or None
+    if value.type == 4:            # REG_DWORD
+        return value.get_data_as_integer()
+    return None
+
+
+def windows_version(values: dict) -> tuple[str | None, str | None, str | None, str | None]:
+    """(product name, version, edition, service pack) from CurrentVersion's values."""
+    major, minor = values.get("CurrentMajorVersionNumber"), values.get("CurrentMinorVersionNumber")
+    version = f"{major}.{minor}" if isinstance(major, int) and isinstance(minor, int) \
+        else values.get("CurrentVersion")
+    build = values.get("CurrentBuildNumber") or values.get("CurrentBuild")
+    if version and build and str(build).isdigit():
+        version = f"{version}.{build}"
+    return values.get("ProductName"), version, values.get("EditionID"), values.get("CSDVersion")
+
+
+def detect_windows(volume) -> tuple[OsInfo | None, list[Finding]]:
+    """Windows from the SOFTWARE hive on an NTFS volume (None when there is none)."""
+    entry = _ntfs_entry(volume, SOFTWARE_HIVE)
+    if entry is None:
+        return None, []
+    try:
+        import pyregf
+    except ImportError:
+        return None, [Finding(WARNING, "fs-reader-missing", "A Windows SOFTWARE hive is present but "
+                              "the pyregf library is not installed (pip install smsblock[image]).")]
+    try:
+        hive = pyregf.file()
+        hive.open_file_object(_EntryFile(entry))
+        key = hive.get_key_by_path(CURRENT_VERSION_KEY)
+        if key is None:
+            return None, [Finding(WARNING, "windows-hive-incomplete",
+                                  f"The SOFTWARE hive has no {CURRENT_VERSION_KEY} key.")]
+        values = {n: _reg_value(key, n) for n in (
+            "ProductName", "CurrentVersion", "CurrentBuildNumber", "CurrentBuild", "EditionID",
+            "CSDVersion", "CurrentMajorVersionNumber", "CurrentMinorVersionNumber")}
+    except Exception as e:
+        return None, [Finding(WARNING, "windows-hive-unreadable",
+                              f"The SOFTWARE registry hive could not be read ({e}).")]
+    product, version, edition, sp = windows_version(values)
+    if _ntfs_entry(volume, "\\Windows\\SysWOW64") is not None:
+        arch = "x86_64"
+    elif _ntfs_entry(volume, "\\Windows\\System32") is not None:
+        arch = "i386"
+    else:
+        arch = None
+    return OsInfo("windows", product, version, arch, name=product, edition=edition,
+                  service_pack=sp, sources=["Windows/System32/config/SOFTWARE"]), []
