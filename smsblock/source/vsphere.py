@@ -678,13 +678,11 @@ class VSphereRun:
         if not cbt:
             sd.change_reason = "changed block tracking is off for this VM"
             return
-        if not b.change_id:
-            sd.change_reason = "the snapshot's disk has no changeId"
-            return
         prev = {d.get("key"): d for d in (self.previous.get("disks") or [])}.get(sd.key) or {}
         prev_id = prev.get("changeId")
         base = self.previous_disks.get(sd.key)
-        since = prev_id if (prev_id and base is not None) else "*"
+        # without the previous changeId and disk, ask for the allocated areas ("*")
+        since = prev_id if (prev_id and base is not None and b.change_id) else "*"
         try:
             areas = self._changed_areas(b.key, since, sd.disk.size)
         except VSphereError as e:
