@@ -10,6 +10,8 @@ import random
 import shutil
 import struct
 import subprocess
+import threading
+import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -203,6 +205,33 @@ def test_nonzero_runs_match_python(buf, block):
     if start is not None:
         want.append((start, len(buf)))
     assert _deflate.nonzero_runs(buf, block) == want
+
+
+def test_pack_grains_releases_the_gil():
+    """While one thread compresses, another keeps running Python code."""
+    data = random.Random(1).randbytes(GRAIN_SIZE) * 256          # 16 MiB, one native call
+    c = _deflate.GrainCompressor(6)
+    out = bytearray(c.record_bound(GRAIN_SIZE, 256))
+    sizes = np.zeros(256, dtype=np.int64)
+    state = {"in_call": False, "span": []}
+
+    def work():
+        state["in_call"] = True
+        state["t0"] = time.perf_counter()
+        c.pack_grains(data, GRAIN_SIZE, 0, out, sizes)
+        state["t1"] = time.perf_counter()
+        state["in_call"] = False
+
+    t = threading.Thread(target=work)
+    t.start()
+    while t.is_alive():
+        if state["in_call"]:
+            state["span"].append(time.perf_counter())
+    t.join()
+    call = state["t1"] - state["t0"]
+    ticks = [x for x in state["span"] if state["t0"] <= x <= state["t1"]]
+    assert ticks and ticks[-1] - ticks[0] > 0.3 * call, (
+        f"main thread ran {ticks[-1] - ticks[0] if ticks else 0:.3f} s of a {call:.3f} s call")
 
 
 def test_compressor_rejects_bad_arguments():
@@ -519,6 +548,12 @@ def test_bad_parameters_raise_one_clear_error(tmp_path):
             write_stream_optimized(disk, tmp_path / "o.vmdk", level=99)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.raw", "s.raw"]
     assert src.read_bytes()[:1] == b"x"
+
+
+def test_refuses_disks_larger_than_a_vmdk_holds(tmp_path):
+    with pytest.raises(UsageError, match="more than a streamOptimized VMDK holds"):
+        convert(SyntheticDisk(3 << 40), tmp_path / "big.vmdk")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_format_from_extension():
