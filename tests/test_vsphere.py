@@ -472,7 +472,7 @@ def test_tls_certificate_checks(vcsim_tls, certs, env_password):
         VSphereSource(VCenterSettings.from_options(f"localhost:{port}", USER,
                                                    ca_bundle=str(certs["ca"])))
     assert "certificate verification failed" in _one_line(err)
-    assert "--insecure" in str(err.value)
+    assert "--insecure ignores hostname mismatches" in str(err.value)
     with VSphereSource(VCenterSettings.from_options(f"localhost:{port}", USER,
                                                     ca_bundle=str(certs["ca"]),
                                                     insecure=True)) as src:
@@ -484,14 +484,14 @@ def test_tls_certificate_checks(vcsim_tls, certs, env_password):
     # http spoken to a TLS port
     with pytest.raises(VSphereError) as err:
         VSphereSource(VCenterSettings.from_options(f"http://127.0.0.1:{port}", USER, timeout=5))
-    _one_line(err)
+    assert "does not answer as a vSphere API endpoint" in _one_line(err)
 
 
 def test_tls_to_http_port(vcsim, env_password):
     with pytest.raises(VSphereError) as err:
         VSphereSource(VCenterSettings.from_options(f"https://127.0.0.1:{vcsim.port}", USER,
                                                    timeout=5))
-    assert "TLS" in _one_line(err) or "unreachable" in str(err.value)
+    assert "TLS handshake failed" in _one_line(err)
 
 
 def test_expired_certificate_needs_insecure(tmp_path, certs, env_password):
@@ -551,3 +551,52 @@ def test_area_overlay_matches_its_meaning(tmp_path, areas, with_base, off, n):
         else:
             assert (covered == inside).all()
         assert d.changed_bytes() == int(inside.sum())
+
+
+def test_two_disks_in_boot_order_from_stored_config(vcsim, env_password, tmp_path):
+    """A second disk on a SATA controller comes after the SCSI boot disk; the source is
+    reopened from its secret-free config, as a connector does."""
+    settings = VCenterSettings.from_options(vcsim.url, USER)
+    assert PASSWORD not in json.dumps(settings.to_config())
+    with VSphereSource.from_config(settings.to_config()) as src:
+        assert src.config() == settings.to_config()
+        vm = _vm(src, "DC0_C0_RP0_VM0")
+        obj = vim.VirtualMachine(vm.vmId, src._si._stub)
+        sata = vim.vm.device.VirtualAHCIController(key=-10, busNumber=0)
+        disk = vim.vm.device.VirtualDisk(
+            key=-11, controllerKey=-10, unitNumber=0, capacityInKB=1024,
+            backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+                fileName="[LocalDS_0] DC0_C0_RP0_VM0/data.vmdk", diskMode="persistent"))
+        spec = vim.vm.ConfigSpec(deviceChange=[
+            vim.vm.device.VirtualDeviceSpec(operation="add", device=sata),
+            vim.vm.device.VirtualDeviceSpec(operation="add", device=disk, fileOperation="create")])
+        _wait_task(obj.ReconfigVM_Task(spec))
+        boot = _put_flat_vmdk(vcsim, "DC0_C0_RP0_VM0", tmp_path, size=1 << 20, seed=3)
+        folder = boot.parent
+        raw = tmp_path / "data.raw"
+        raw.write_bytes(os.urandom(4096) + bytes(2 << 20))
+        for name in ("data.vmdk", "data-flat.vmdk"):
+            (folder / name).unlink(missing_ok=True)
+        qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicFlat",
+                 raw, folder / "data.vmdk")
+        with src.open_run(vm) as run:
+            assert [d.location for d in run.disks] == ["[LocalDS_0] DC0_C0_RP0_VM0/disk1.vmdk",
+                                                       "[LocalDS_0] DC0_C0_RP0_VM0/data.vmdk"]
+            assert run.disks[0].disk.read(0, 1 << 20) == qemu_raw_bytes(boot, tmp_path)
+            assert run.disks[1].disk.read(0, raw.stat().st_size) == raw.read_bytes()
+
+
+def test_boot_order_of_disks():
+    from smsblock.source.vsphere import _boot_order
+    dev = vim.vm.device
+    scsi = dev.ParaVirtualSCSIController(key=1000, busNumber=0)
+    ide = dev.VirtualIDEController(key=200, busNumber=0)
+    sata = dev.VirtualAHCIController(key=15000, busNumber=0)
+    ide_disk = dev.VirtualDisk(key=3000, controllerKey=200, unitNumber=0)
+    scsi1 = dev.VirtualDisk(key=2001, controllerKey=1000, unitNumber=1)
+    scsi0 = dev.VirtualDisk(key=2000, controllerKey=1000, unitNumber=0)
+    sata0 = dev.VirtualDisk(key=16000, controllerKey=15000, unitNumber=0)
+    devices = [ide, ide_disk, sata0, scsi, scsi1, sata, scsi0]
+    assert [d.key for d in _boot_order(devices, None)] == [2000, 2001, 16000, 3000]
+    boot = vim.vm.BootOptions(bootOrder=[vim.vm.BootOptions.BootableDiskDevice(deviceKey=3000)])
+    assert [d.key for d in _boot_order(devices, boot)] == [3000, 2000, 2001, 16000]

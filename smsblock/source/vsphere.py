@@ -182,12 +182,13 @@ def _translate(e: BaseException, settings: VCenterSettings, action: str) -> VSph
         return VSphereError(f"vCenter {where}: {action}: the session is not authenticated "
                             "(expired or logged out)")
     if isinstance(e, ssl.SSLCertVerificationError):
-        hint = ("give the vCenter's CA certificate with --ca-bundle"
-                if "self-signed" in str(e) or "unable to get local issuer" in str(e) else
-                "use --ca-bundle with the right CA, or --insecure to ignore a hostname mismatch "
-                "or an expired certificate")
-        return VSphereError(f"vCenter {where}: certificate verification failed: "
-                            f"{e.verify_message or e.reason}; {hint}")
+        reason = (e.verify_message or str(e.reason or e)).rstrip(".")
+        if "mismatch" in reason.lower() or "expired" in reason or "not yet valid" in reason:
+            hint = ("--insecure ignores hostname mismatches and expired certificates "
+                    "(the chain is still checked)")
+        else:
+            hint = "give the CA certificate that signed vCenter's certificate with --ca-bundle"
+        return VSphereError(f"vCenter {where}: certificate verification failed: {reason}; {hint}")
     if isinstance(e, ssl.SSLError):
         return VSphereError(f"vCenter {where}: TLS handshake failed: {e.reason or e} "
                             "(is it an https endpoint?)")
@@ -200,6 +201,9 @@ def _translate(e: BaseException, settings: VCenterSettings, action: str) -> VSph
     if isinstance(e, (http.client.HTTPException, ConnectionError)):
         return VSphereError(f"vCenter {where}: not a vSphere API endpoint or connection "
                             f"dropped ({type(e).__name__}: {e})")
+    if "not a VIM server" in str(e):
+        return VSphereError(f"vCenter {where}: does not answer as a vSphere API endpoint "
+                            "(wrong port, or http/https mixed up?)")
     if isinstance(e, vmodl.MethodFault):
         msg = getattr(e, "msg", None) or _fault_name(e)
         return VSphereError(f"vCenter {where}: {action} failed: {_fault_name(e)}: {msg}")
@@ -218,12 +222,24 @@ def _is_unsupported(e: BaseException) -> bool:
 class VSphereSource:
     """A logged-in vCenter session: the catalog's VMs and the runs' snapshots."""
 
+    kind = "vsphere"
     manager_type = "VSPHERE"
 
     def __init__(self, settings: VCenterSettings):
         self.settings = settings
         self._si = None
         self._connect()
+
+    @classmethod
+    def from_config(cls, config: dict, environ=None) -> "VSphereSource":
+        """Reopen a connector's source from its stored (secret-free) config."""
+        if not isinstance(config, dict) or not isinstance(config.get("address"), str):
+            raise ConnectorError(f"vSphere source config has no address: {sorted(config or {})}")
+        return cls(VCenterSettings.from_config(config, environ=environ))
+
+    def config(self) -> dict:
+        """What the connector stores to reopen this source: no password, only its source."""
+        return self.settings.to_config()
 
     # -- session -------------------------------------------------------------------
     def _connect(self) -> None:
@@ -479,6 +495,30 @@ class _DiskBacking:
     chain: list[str]          # the delta chain, top first (backing.parent)
 
 
+_BUS_RANK = (("VirtualSCSIController", 0), ("VirtualSATAController", 1),
+             ("VirtualNVMEController", 2), ("VirtualIDEController", 3))
+
+
+def _boot_order(devices, boot_options) -> list:
+    """Disks first to last as the VM boots them: the disk named in the boot order, then by
+    bus (SCSI, SATA, NVMe, IDE), controller number and unit number."""
+    from pyVmomi import vim
+    controllers = {}
+    for d in devices:
+        for name, rank in _BUS_RANK:
+            if isinstance(d, getattr(vim.vm.device, name)):
+                controllers[d.key] = (rank, d.busNumber)
+    boot_key = None
+    for item in (getattr(boot_options, "bootOrder", None) or []):
+        if isinstance(item, vim.vm.BootOptions.BootableDiskDevice):
+            boot_key = item.deviceKey
+            break
+    disks = [d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)]
+    return sorted(disks, key=lambda d: (d.key != boot_key,
+                                        controllers.get(d.controllerKey, (9, 0)),
+                                        d.unitNumber if d.unitNumber is not None else 99, d.key))
+
+
 def _split_ds_path(name: str) -> tuple[str, str]:
     m = re.match(r"^\[([^\]]+)\]\s*(.*)$", name or "")
     if not m:
@@ -616,12 +656,10 @@ class VSphereRun:
 
     def _snapshot_disks(self) -> list[_DiskBacking]:
         from pyVmomi import vim
-        devices = self.source._call("read snapshot disks",
-                                    lambda: self.snapshot.config.hardware.device)
+        config = self.source._call("read snapshot disks", lambda: self.snapshot.config)
+        devices = list(config.hardware.device)
         out = []
-        for d in devices:
-            if not isinstance(d, vim.vm.device.VirtualDisk):
-                continue
+        for d in _boot_order(devices, config.bootOptions):
             b = d.backing
             if not hasattr(b, "fileName"):
                 raise VSphereError(f"VM {self.vm._moId}: disk {d.key} has a "
