@@ -1,0 +1,219 @@
+"""``smsblock inspect`` and ``smsblock image create|list|show|delete``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import ImageValidationError, UsageError
+from ..progress import terminal_progress
+from . import add_json_flag
+
+
+def _print_json(doc) -> None:
+    json.dump(doc, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _add_rules_options(p) -> None:
+    p.add_argument("--allow-unsupported", action="store_true",
+                   help="report an OS off the supported list as a warning, not an error")
+    p.add_argument("--rules", metavar="FILE",
+                   help="a supported-OS list (JSON) replacing the bundled one")
+
+
+def _add_run_options(p, required: bool) -> None:
+    p.add_argument("--store", required=required, help="store path or URL")
+    p.add_argument("--server", required=required, help="server id")
+    p.add_argument("--run", help="run id (default: the latest)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "inspect", help="describe a disk's partitions, filesystems, boot code and OS, and validate it",
+        description="Read a disk's partition table (MBR or GPT), identify each partition's "
+                    "filesystem, the MBR boot code and the operating system, and check them "
+                    "against the image rules. Give a disk image, or --store/--server[/--run] "
+                    "to inspect a replicated run without restoring it.")
+    p.add_argument("disk", nargs="?", metavar="DISK", help="a raw image or a VMDK")
+    _add_run_options(p, required=False)
+    p.add_argument("-f", "--format", dest="src_format", metavar="FMT",
+                   help="the disk's format, raw or vmdk (detected by default)")
+    _add_rules_options(p)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("image", help="create and manage machine images from runs")
+    isub = p.add_subparsers(dest="image_command", metavar="ACTION", required=True)
+
+    c = isub.add_parser(
+        "create", help="validate a run and register it as an image",
+        description="Reconstruct a run's disk from the store while streaming it, validate it "
+                    "(refusing with the findings unless --force), and register an image: in "
+                    "the local catalog (a streamOptimized VMDK plus a JSON record), or in EC2.")
+    _add_run_options(c, required=True)
+    c.add_argument("--target", choices=["local", "ec2"], default="local",
+                   help="local catalog (default) or ec2 (EBS snapshot + RegisterImage)")
+    c.add_argument("--catalog", metavar="DIR",
+                   help="local catalog folder (default: $SMSBLOCK_CATALOG or "
+                        "~/.local/share/smsblock/images)")
+    c.add_argument("--force", action="store_true", help="register even when validation finds errors")
+    c.add_argument("--license-type", choices=["Auto", "AWS", "BYOL"], default="Auto",
+                   help="Auto: BYOL for Linux, AWS for Windows (default)")
+    c.add_argument("--name", help="image name (default: SERVER-RUN)")
+    c.add_argument("--description", help="image description")
+    c.add_argument("--endpoint-url", help="EC2 endpoint for --target ec2")
+    _add_rules_options(c)
+    add_json_flag(c)
+    c.set_defaults(func=cmd_image_create)
+
+    for name, helptext, func in (("list", "list the catalog's images", cmd_image_list),
+                                 ("show", "show one image's record", cmd_image_show),
+                                 ("delete", "delete an image and its disk", cmd_image_delete)):
+        q = isub.add_parser(name, help=helptext)
+        if name != "list":
+            q.add_argument("image_id", metavar="IMAGE_ID")
+        q.add_argument("--catalog", metavar="DIR", help="local catalog folder")
+        if name != "delete":
+            add_json_flag(q)
+        q.set_defaults(func=func)
+
+
+def _rules(args):
+    from ..image.rules import load_rules
+    return load_rules(args.rules)
+
+
+def cmd_inspect(args) -> int:
+    from ..image.validate import inspect_and_validate
+
+    if (args.disk is None) == (args.store is None):
+        raise UsageError("inspect needs either DISK or --store with --server (not both)")
+    rules = _rules(args)
+    if args.disk is not None:
+        if args.server or args.run:
+            raise UsageError("--server and --run go with --store, not with DISK")
+        from ..disk import open_disk
+        disk, source = open_disk(args.disk, format=args.src_format), args.disk
+    else:
+        if not args.server:
+            raise UsageError("--store needs --server")
+        from ..store import open_store
+        store = open_store(args.store)
+        disk = store.run_disk(args.server, args.run)
+        run_id = getattr(disk, "manifest", None) and disk.manifest.meta.get("run_id")
+        source = f"{store.url}#{args.server}/{run_id or args.run or 'latest'}"
+    with disk:
+        report = inspect_and_validate(disk, rules=rules, allow_unsupported=args.allow_unsupported,
+                                      source=source)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        _print_report(report)
+    return 0 if report.ok else 1
+
+
+def _print_report(report) -> None:
+    print(f"disk: {report.source} ({_size(report.disk_size)})")
+    print(f"partition table: {report.partition_table}"
+          + (f" (id {report.disk_id})" if report.disk_id else ""))
+    code = report.boot_code + (f" ({report.boot_code_detail})" if report.boot_code_detail else "")
+    print(f"boot code: {code}")
+    if report.partitions:
+        print(f"  {'#':>2} {'start':>12} {'size':>10}  {'type':<38} {'boot':<4} {'fs':<6} label / uuid")
+        for p in report.partitions:
+            ptype = p.type or "-"
+            if p.type_name:
+                ptype = f"{ptype} {p.type_name}"
+            print(f"  {p.number:>2} {p.start:>12} {_size(p.size):>10}  {ptype[:38]:<38} "
+                  f"{'*' if p.bootable else '':<4} {p.filesystem or '-':<6} "
+                  f"{p.label or '-'} / {p.uuid or '-'}")
+    o = report.os
+    if o:
+        print(f"os: {o.family} {o.distribution or '?'} {o.version or '?'} "
+              f"({o.architecture or 'unknown architecture'}) on partition {o.root_partition}")
+    else:
+        print("os: not found")
+    for f in report.findings:
+        print(f"{f.severity}: {f.code}: {f.message}")
+    print("OK: the disk can be imported" if report.ok else "NOT OK: the disk cannot be imported as is")
+
+
+def _catalog(args):
+    from ..image.catalog import Catalog
+    return Catalog(args.catalog)
+
+
+def cmd_image_create(args) -> int:
+    from ..image.register import create_image
+
+    try:
+        with terminal_progress(f"image {args.server}") as bar:
+            record = create_image(args.store, args.server, args.run, target=args.target,
+                                  catalog=_catalog(args), force=args.force,
+                                  allow_unsupported=args.allow_unsupported,
+                                  license_type=args.license_type, name=args.name,
+                                  description=args.description, rules=_rules(args),
+                                  endpoint_url=args.endpoint_url, progress=bar)
+    except ImageValidationError as e:
+        if args.json:
+            _print_json({"ok": False, "error": str(e), "findings": [f.to_dict() for f in e.findings]})
+        else:
+            for f in e.findings:
+                print(f"{f.severity}: {f.code}: {f.message}", file=sys.stderr)
+        raise
+    if args.json:
+        _print_json(record)
+    else:
+        o = record.get("os") or {}
+        print(f"{record['image_id']}: {record['name']} ({o.get('distribution') or 'unknown OS'} "
+              f"{o.get('version') or ''}, {record['architecture']}, {record['license_type']}"
+              f"{', forced' if record['forced'] else ''})")
+    return 0
+
+
+def cmd_image_list(args) -> int:
+    records = _catalog(args).list()
+    if args.json:
+        _print_json([{k: r.get(k) for k in ("image_id", "name", "created", "source", "os",
+                                             "architecture", "license_type", "ok", "forced")}
+                     for r in records])
+        return 0
+    for r in records:
+        o = r.get("os") or {}
+        src = r.get("source") or {}
+        print(f"{r['image_id']}  {r.get('created', '')}  {r.get('name', '')}  "
+              f"{o.get('distribution') or '-'} {o.get('version') or ''}  "
+              f"{src.get('server_id')}/{src.get('run_id')}")
+    return 0
+
+
+def cmd_image_show(args) -> int:
+    record = _catalog(args).show(args.image_id)
+    if args.json:
+        _print_json(record)
+    else:
+        for key in ("image_id", "name", "description", "created", "target", "architecture",
+                    "boot_mode", "root_device_name", "license_type", "ok", "forced", "disk_path"):
+            print(f"{key}: {record.get(key)}")
+        src = record.get("source") or {}
+        print(f"source: {src.get('store')} server {src.get('server_id')} run {src.get('run_id')}")
+        o = record.get("os") or {}
+        print(f"os: {o.get('family')} {o.get('distribution')} {o.get('version')}")
+        for f in record.get("findings", []):
+            print(f"{f['severity']}: {f['code']}: {f['message']}")
+    return 0
+
+
+def cmd_image_delete(args) -> int:
+    _catalog(args).delete(args.image_id)
+    print(f"deleted {args.image_id}")
+    return 0
