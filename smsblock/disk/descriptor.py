@@ -111,10 +111,8 @@ def parse_descriptor(data: bytes, where: str, base_offset: int = 0) -> Descripto
                               f"{MAX_DESCRIPTOR_BYTES}", where, base_offset)
     nul = data.find(b"\0")
     if nul >= 0:
-        # embedded descriptors are padded with zeros; text after the padding is garbage
-        if data[nul:].strip(b"\0"):
-            raise DescriptorError("descriptor contains NUL bytes inside its text",
-                                  where, base_offset + nul)
+        # the text ends at the first NUL: descriptors are padded to whole sectors, and
+        # qemu-img pads its descriptor files with whatever was in memory after the string
         data = data[:nul]
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -199,7 +197,7 @@ def resolve_extent_path(name: str, descriptor_path: str, allow_outside: bool,
         raise UnsafeExtentPathError(
             f"{what} file {name!r} is outside the descriptor's folder "
             f"(allow_outside_paths to accept)", descriptor_path)
-    return os.path.join(folder, normal)
+    return os.path.normpath(os.path.join(folder, normal))
 
 
 def _short(line: str, limit: int = 80) -> str:

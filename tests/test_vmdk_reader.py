@@ -1,0 +1,355 @@
+"""VMDK reader: VMware samples, every qemu-made layout, delta chains, metadata, threads.
+
+qemu-img is the oracle for bytes; a pure-Python reading of the sparse format (below) is
+the meaning the native core (smsblock._vmdk) is checked against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import smsblock
+from smsblock.disk import ExtentKind
+from smsblock.disk.vmdk import VmdkDisk
+from smsblock.errors import (CidMismatchError, ParentChainError, UnsafeExtentPathError)
+from conftest import qemu_img, qemu_raw_bytes
+from vmdk_images import (QEMU_SUBFORMATS, make_child, oracle_raw, patch_bytes, qemu_convert,
+                         qemu_io, vmdkstream_convert, vmfs_descriptor, write_raw)
+
+KiB, MiB = 1 << 10, 1 << 20
+
+SAMPLES = {  # file -> (createType, virtual size, sha256 of the raw content), from the README
+    "monolithicSparse.vmdk": ("monolithicSparse", 10485760,
+                              "a3bcf05f07a1c06a3380eeca8571f0efb2b85afafa1e21662b8cad436d1f7727"),
+    "streamOptimized.vmdk": ("streamOptimized", 10485760,
+                             "a3bcf05f07a1c06a3380eeca8571f0efb2b85afafa1e21662b8cad436d1f7727"),
+    "streamOptimizedWithMarkers.vmdk": (
+        "streamOptimized", 1048576,
+        "92c0f8b4280377437056f57c51ef51a5f8aeb1462ac630ef0633febcbfc3db4e"),
+    "twoGbMaxExtentSparse.vmdk": ("twoGbMaxExtentSparse", 10485760,
+                                  "a3bcf05f07a1c06a3380eeca8571f0efb2b85afafa1e21662b8cad436d1f7727"),
+    "vmfs_thick.vmdk": ("vmfs", 2097152,
+                        "8d43c795d24bce01b49f92744f934c1072210dcac170bb1c83a5aa56df46ab7d"),
+}
+
+
+# --- a pure-Python meaning of a hosted sparse extent -----------------------------------
+
+def reference_sparse(path: Path) -> tuple[bytes, list[int]]:
+    """(content, GT entry per grain) of one KDMV file, the slow obvious way."""
+    data = path.read_bytes()
+    fmt = "<4sIIQQQQIQQQB4sH"
+    h = struct.unpack_from(fmt, data)
+    if h[9] == 0xFFFFFFFFFFFFFFFF:                       # GD at end: header is the footer
+        h = struct.unpack_from(fmt, data, len(data) - 1024)
+    _, _, flags, capacity, grain, _, _, per_gt, _, gd, _, _, _, algo = h
+    size, gbytes = capacity * 512, grain * 512
+    n_grains = -(-capacity // grain)
+    out = bytearray(n_grains * gbytes)
+    entries = []
+    for g in range(n_grains):
+        gt = struct.unpack_from("<I", data, gd * 512 + 4 * (g // per_gt))[0]
+        e = struct.unpack_from("<I", data, gt * 512 + 4 * (g % per_gt))[0] if gt else 0
+        entries.append(e)
+        if e in (0, 1):
+            continue
+        if algo == 1:
+            start = e * 512
+            if flags & (1 << 17):
+                lba, n = struct.unpack_from("<QI", data, start)
+                assert lba == g * grain
+                comp = data[start + 12:start + 12 + n]
+            else:
+                comp = data[start:]
+            plain = zlib.decompressobj().decompress(comp)
+        else:
+            plain = data[e * 512:e * 512 + gbytes]
+        out[g * gbytes:g * gbytes + len(plain)] = plain
+    return bytes(out[:size]), entries
+
+
+def assert_extents_consistent(disk, content: bytes) -> None:
+    """Extents are sorted, merged and inside the disk; data outside them and in ZERO is zero."""
+    exts = list(disk.extents())
+    pos = 0
+    for i, e in enumerate(exts):
+        assert e.offset >= pos and e.length > 0 and e.end <= disk.size
+        if i and exts[i - 1].end == e.offset:
+            assert exts[i - 1].kind is not e.kind, "adjacent extents of one kind not merged"
+        assert not content[pos:e.offset].strip(b"\0"), f"data in the gap {pos}..{e.offset}"
+        if e.kind is ExtentKind.ZERO:
+            assert not content[e.offset:e.end].strip(b"\0")
+        pos = e.end
+    assert not content[pos:].strip(b"\0")
+
+
+def sample_content(size: int, seed: int = 1) -> list[tuple[int, bytes]]:
+    """Pieces of a test disk: random runs, a compressible run, zero runs between."""
+    rnd = __import__("random").Random(seed)
+    pieces, off = [], 4096
+    while off < size:
+        n = rnd.choice([512, 4096, 65536, 100000, 200000])
+        n = min(n, size - off)
+        body = rnd.randbytes(n) if rnd.random() < 0.6 else bytes([rnd.randrange(256)]) * n
+        pieces.append((off, body))
+        off += n + rnd.choice([0, 65536, 300000])
+    return pieces
+
+
+# --- VMware-written samples -------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_vmware_samples_read_to_their_sha256(vmdk_samples, name):
+    create_type, size, digest = SAMPLES[name]
+    with smsblock.open_disk(vmdk_samples / name) as d:
+        assert isinstance(d, VmdkDisk)
+        assert d.info.format == "vmdk" and d.info.create_type == create_type
+        assert d.size == size == d.info.virtual_size
+        content = d.read(0, d.size)
+        assert hashlib.sha256(content).hexdigest() == digest
+        assert_extents_consistent(d, content)
+        assert d.info.compressed == (create_type == "streamOptimized")
+
+
+def test_vmware_sample_metadata(vmdk_samples):
+    with smsblock.open_disk(vmdk_samples / "vmfs_thick.vmdk") as d:
+        assert d.info.cid == 0x0172E8A4 and d.info.parent_cid == 0xFFFFFFFF
+        assert d.info.adapter_type == "lsilogic" and d.info.parent is None
+        [ext] = d.info.extents
+        assert (ext.access, ext.sectors, ext.type) == ("RW", 4096, "VMFS")
+        assert ext.path == str(vmdk_samples / "vmfs_thick-flat.vmdk")
+    with smsblock.open_disk(vmdk_samples / "twoGbMaxExtentSparse.vmdk") as d:
+        assert d.info.adapter_type == "buslogic"
+        assert [e.type for e in d.info.extents] == ["SPARSE"]
+        assert d.info.extents[0].path.endswith("twoGbMaxExtentSparse-s001.vmdk")
+        assert d.info.to_dict()["cid"] == "00000000"
+
+
+@pytest.mark.parametrize("name", ["monolithicSparse.vmdk", "streamOptimized.vmdk",
+                                  "streamOptimizedWithMarkers.vmdk"])
+def test_native_core_matches_python_reference_on_samples(vmdk_samples, name):
+    content, entries = reference_sparse(vmdk_samples / name)
+    with smsblock.open_disk(vmdk_samples / name) as d:
+        assert d.read(0, d.size) == content
+        ext = d._parts[0].extent
+        assert ext.grain_entries(0, len(entries)).tolist() == entries
+
+
+# --- qemu-made layouts ------------------------------------------------------------------
+
+LAYOUTS = QEMU_SUBFORMATS + ("vmfs", "vmfsThin", "streamOptimized-footer")
+
+
+def make_layout(layout: str, raw: Path, folder: Path) -> Path:
+    if layout in ("vmfs", "vmfsThin"):
+        return vmfs_descriptor(folder, layout, raw, thin=layout == "vmfsThin")
+    if layout == "streamOptimized-footer":
+        return vmdkstream_convert(raw, folder / "footer.vmdk")
+    return qemu_convert(raw, folder / f"{layout}.vmdk", layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_read_byte_exact_like_qemu(tmp_path, layout):
+    size = 3 * MiB + 4608                       # not a grain multiple
+    raw = write_raw(tmp_path / "src.raw", size, sample_content(size))
+    img = make_layout(layout, raw, tmp_path)
+    if layout == "vmfsThin":    # qemu refuses createType vmfsThin; its flat extent is raw
+        expected = qemu_raw_bytes(tmp_path / "vmfsThin-flat.vmdk", tmp_path, "raw")
+    else:
+        expected = oracle_raw(img, tmp_path)
+    with smsblock.open_disk(img) as d:
+        assert d.size == len(expected)
+        assert d.read(0, d.size) == expected
+        # unaligned pieces, across grain and extent boundaries
+        for off, n in [(1, 70000), (65535, 2), (d.size - 1000, 5000), (123457, 400000)]:
+            assert d.read(off, n) == expected[off:off + n]
+        assert_extents_consistent(d, expected)
+        data_bytes = sum(e.length for e in d.extents() if e.is_data)
+        if layout not in ("monolithicFlat", "twoGbMaxExtentFlat", "vmfs"):
+            assert data_bytes < size * 0.9        # zero runs are not data
+        expected_type = {"streamOptimized-footer": "streamOptimized"}.get(layout, layout)
+        assert d.info.create_type == expected_type
+
+
+def test_two_gb_split_layouts_span_several_extents(tmp_path):
+    """twoGbMaxExtent* split at 2 GiB: a sparse 4.5 GiB disk with data in every extent."""
+    size = 4 * 1024 * MiB + 512 * MiB
+    pieces = [(4096, b"a" * 4096), (2048 * MiB - 100, b"b" * 200), (4096 * MiB + 7, b"c" * 9)]
+    raw = write_raw(tmp_path / "big.raw", size, pieces)
+    for layout in ("twoGbMaxExtentSparse", "twoGbMaxExtentFlat"):
+        img = qemu_convert(raw, tmp_path / f"{layout}.vmdk", layout)
+        with smsblock.open_disk(img) as d:
+            assert len(d.info.extents) == 3 and d.size == size
+            for off, data in pieces:
+                assert d.read(off - 10, len(data) + 20) == b"\0" * 10 + data + b"\0" * 10
+            exts = [e for e in d.extents() if e.is_data]
+            assert sum(e.length for e in exts) < 64 * MiB
+            for off, data in pieces:
+                assert any(e.offset <= off and off + len(data) <= e.end for e in exts)
+        for p in tmp_path.glob(f"{layout}*"):
+            p.unlink()
+
+
+@settings(max_examples=15)
+@given(ranges=st.lists(st.tuples(st.integers(0, 3 * MiB), st.integers(0, 300000)),
+                       min_size=1, max_size=8))
+def test_native_reads_match_python_reference(tmp_path_factory, ranges):
+    folder = tmp_path_factory.mktemp("ref")
+    size = 2 * MiB + 1536
+    raw = write_raw(folder / "src.raw", size, sample_content(size, seed=7))
+    for img in (qemu_convert(raw, folder / "s.vmdk", "monolithicSparse"),
+                qemu_convert(raw, folder / "o.vmdk", "streamOptimized"),
+                vmdkstream_convert(raw, folder / "f.vmdk")):
+        content, entries = reference_sparse(img)
+        with smsblock.open_disk(img) as d:
+            for off, n in ranges:
+                assert d.read(off, n) == content[off:off + n]
+            kinds = {0: None, 1: ExtentKind.ZERO}
+            grain = d._parts[0].extent.header.grain_bytes
+            for e in d.extents():
+                for g in range(e.offset // grain, -(-e.end // grain)):
+                    assert kinds.get(entries[g], ExtentKind.DATA) is e.kind
+
+
+# --- snapshot delta chains --------------------------------------------------------------
+
+def make_chain(folder: Path) -> tuple[Path, Path, Path]:
+    size = 2 * MiB
+    raw = write_raw(folder / "base.raw", size, [(0, os.urandom(300000)),
+                                                (MiB, os.urandom(200000))])
+    base = qemu_convert(raw, folder / "base.vmdk", "monolithicSparse")
+    child = make_child(base, folder / "child.vmdk")
+    qemu_io(child, "write -P 0x55 0 64k", "write -P 0x66 1100k 10k")
+    grand = make_child(child, folder / "grand.vmdk")
+    qemu_io(grand, "write -P 0x77 60k 8k", "write -P 0x88 1900k 64k")
+    return base, child, grand
+
+
+def test_delta_chain_reads_through_to_parents(tmp_path):
+    base, child, grand = make_chain(tmp_path)
+    for img, depth in ((child, 1), (grand, 2)):
+        expected = oracle_raw(img, tmp_path)
+        with smsblock.open_disk(img) as d:
+            assert d.read(0, d.size) == expected
+            assert d.read(65000, 200000) == expected[65000:265000]
+            assert len(d.info.parent_chain) == depth
+            assert d.info.parent_chain[-1] == str(base)
+            assert d.info.parent_cid == d.info.parent.cid
+            assert_extents_consistent(d, expected)
+            # the union: the parent's data shows through where the child has none
+            assert any(e.offset <= MiB < e.end for e in d.extents())
+
+
+def test_zero_grain_in_child_hides_parent_data(tmp_path):
+    raw = write_raw(tmp_path / "p.raw", MiB, [(0, b"\xaa" * MiB)])
+    parent = qemu_convert(raw, tmp_path / "p.vmdk", "monolithicSparse")
+    child = make_child(parent, tmp_path / "c.vmdk", "zeroed_grain=on")
+    qemu_io(child, "write -z 128k 128k")
+    expected = oracle_raw(child, tmp_path)
+    assert expected[128 * KiB:256 * KiB] == bytes(128 * KiB)
+    with smsblock.open_disk(child) as d:
+        assert d.read(0, d.size) == expected
+        exts = list(d.extents())
+        assert [(e.offset, e.length, e.kind) for e in exts] == [
+            (0, 128 * KiB, ExtentKind.DATA), (128 * KiB, 128 * KiB, ExtentKind.ZERO),
+            (256 * KiB, MiB - 256 * KiB, ExtentKind.DATA)]
+
+
+def test_cid_mismatch_is_refused_unless_ignored(tmp_path):
+    base, child, _ = make_chain(tmp_path)
+    with smsblock.open_disk(child) as d:
+        cid = d.info.parent_cid
+    wrong = (cid ^ 0x1) & 0xFFFFFFFF
+    patch_bytes(child, b"parentCID=%x" % cid, b"parentCID=%x" % wrong)
+    with pytest.raises(CidMismatchError) as err:
+        smsblock.open_disk(child)
+    assert str(child) in str(err.value) and f"{wrong:08x}" in str(err.value)
+    expected = oracle_raw(base, tmp_path)
+    with smsblock.open_disk(child, ignore_cid_mismatch=True) as d:
+        assert d.read(MiB, 1000) == expected[MiB:MiB + 1000]
+
+
+def test_parent_chain_loop_is_refused(tmp_path):
+    raw = write_raw(tmp_path / "p0.raw", MiB, [(0, b"\x11" * 5000)])
+    p0 = qemu_convert(raw, tmp_path / "p0.vmdk", "monolithicSparse")
+    c1 = make_child(p0, tmp_path / "c1.vmdk")
+    c2 = make_child(c1, tmp_path / "c2.vmdk")
+    # c1 now names c2 as its parent: c2 -> c1 -> c2
+    patch_bytes(c1, b'parentFileNameHint="p0.vmdk"', b'parentFileNameHint="c2.vmdk"')
+    with pytest.raises(ParentChainError, match="loops") as err:
+        smsblock.open_disk(c2, ignore_cid_mismatch=True)
+    assert str(c2) in str(err.value)
+    patch_bytes(c1, b'parentFileNameHint="c2.vmdk"', b'parentFileNameHint="c1.vmdk"')
+    with pytest.raises(ParentChainError, match="loops"):     # its own parent
+        smsblock.open_disk(c1, ignore_cid_mismatch=True)
+
+
+def test_missing_parent_is_refused(tmp_path):
+    base, child, _ = make_chain(tmp_path)
+    base.unlink()
+    with pytest.raises(ParentChainError, match="not found"):
+        smsblock.open_disk(child)
+
+
+def test_parent_outside_the_folder_needs_permission(tmp_path):
+    raw = write_raw(tmp_path / "p.raw", MiB, [(0, b"\x11" * 5000)])
+    qemu_convert(raw, tmp_path / "p.vmdk", "monolithicSparse")
+    sub = tmp_path / "snap"
+    sub.mkdir()
+    qemu_img("create", "-f", "vmdk", "-b", "../p.vmdk", "-F", "vmdk", sub / "c.vmdk")
+    with pytest.raises(UnsafeExtentPathError, match="outside"):
+        smsblock.open_disk(sub / "c.vmdk")
+    with smsblock.open_disk(sub / "c.vmdk", allow_outside_paths=True) as d:
+        assert d.read(0, 5000) == b"\x11" * 5000
+        assert d.info.parent.path == str(tmp_path / "p.vmdk")
+
+
+# --- threads -----------------------------------------------------------------------------
+
+def test_two_threads_reading_halves_of_a_compressed_disk(tmp_path):
+    size = 4 * MiB
+    raw = write_raw(tmp_path / "src.raw", size, sample_content(size, seed=3))
+    img = qemu_convert(raw, tmp_path / "s.vmdk", "streamOptimized")
+    expected = raw.read_bytes()
+    results, errors = {}, []
+    with smsblock.open_disk(img) as d:
+        def reader(lo, hi):
+            try:
+                got = bytearray(hi - lo)
+                for _ in range(3):
+                    for off in range(lo, hi, 192 * KiB + 512):    # ranges split grains
+                        n = min(192 * KiB + 512, hi - off)
+                        d.readinto(off, memoryview(got)[off - lo:off - lo + n])
+                    results[lo] = bytes(got)
+            except Exception as e:      # surfaced below
+                errors.append(e)
+        threads = [threading.Thread(target=reader, args=(0, size // 2)),
+                   threading.Thread(target=reader, args=(size // 2, size))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert results[0] + results[size // 2] == expected
+
+
+def test_readinto_contract(tmp_path):
+    raw = write_raw(tmp_path / "src.raw", MiB, [(0, b"z" * MiB)])
+    img = qemu_convert(raw, tmp_path / "s.vmdk", "monolithicSparse")
+    with smsblock.open_disk(img) as d:
+        buf = bytearray(100)
+        assert d.readinto(MiB - 40, buf) == 40 and buf[:40] == b"z" * 40
+        assert d.readinto(MiB + 5, buf) == 0
+        assert d.read(MiB - 1, 10) == b"z"
+        assert list(d.extents(MiB // 2, MiB // 2 + 10)) == [
+            smsblock.Extent(MiB // 2, 10, ExtentKind.DATA)]
+        assert re.match(r"<VmdkDisk '.*s.vmdk' size=1048576>", repr(d))

@@ -1,0 +1,113 @@
+"""Making VMDK test images with real tools (qemu-img, qemu-io, python3-vmdkstream).
+
+Shared by the VMDK reader, conformance and bad-input tests.  Every image is made by a
+tool that is not smsblock, so the reader is checked against independent writers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from conftest import qemu_img
+
+#: the createTypes `qemu-img convert -O vmdk -o subformat=...` writes
+QEMU_SUBFORMATS = ("monolithicSparse", "streamOptimized", "monolithicFlat",
+                   "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
+VMDKSTREAM = "/usr/lib/python3/dist-packages/VMDKstream.py"
+
+
+def write_raw(path: Path, size: int, pieces=()) -> Path:
+    """A raw file of ``size`` bytes, zero except ``pieces`` [(offset, bytes)]."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, data in pieces:
+            f.seek(off)
+            f.write(data)
+    return path
+
+
+def qemu_convert(raw: Path, out: Path, subformat: str, *extra: str) -> Path:
+    opts = f"subformat={subformat}" + "".join("," + e for e in extra)
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", opts, raw, out)
+    return out
+
+
+def vmdkstream_convert(raw: Path, out: Path) -> Path:
+    """streamOptimized with markers, grain directory at the end and a footer."""
+    proc = subprocess.run(["/usr/bin/python3", VMDKSTREAM, str(raw), str(out)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"VMDKstream failed: {proc.stderr.strip()}")
+    return out
+
+
+def vmfs_descriptor(folder: Path, name: str, raw: Path, thin: bool) -> Path:
+    """An ESXi-style descriptor (createType vmfs/vmfsThin) around a flat copy of ``raw``.
+
+    qemu-img cannot create these layouts, so the descriptor is written as ESXi writes it.
+    """
+    flat = folder / f"{name}-flat.vmdk"
+    data = raw.read_bytes()
+    sectors = -(-len(data) // 512)
+    with open(flat, "wb") as f:
+        f.truncate(sectors * 512)
+        # a thin disk keeps its zero regions as holes
+        for off in range(0, len(data), 65536):
+            chunk = data[off:off + 65536]
+            if not thin or chunk.strip(b"\0"):
+                f.seek(off)
+                f.write(chunk)
+    desc = folder / f"{name}.vmdk"
+    desc.write_text(
+        "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID=0a0b0c0d\n"
+        f"parentCID=ffffffff\ncreateType=\"{'vmfsThin' if thin else 'vmfs'}\"\n\n"
+        f"# Extent description\nRW {sectors} VMFS \"{flat.name}\"\n\n"
+        "# The Disk Data Base\n#DDB\n\nddb.adapterType = \"lsilogic\"\n"
+        "ddb.virtualHWVersion = \"14\"\n")
+    return desc
+
+
+def qemu_io(path: Path, *commands: str) -> None:
+    args = ["qemu-io", "-f", "vmdk"]
+    for c in commands:
+        args += ["-c", c]
+    args.append(str(path))
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0 or "error" in proc.stdout.lower() + proc.stderr.lower():
+        raise AssertionError(f"qemu-io {commands} failed: {proc.stdout}{proc.stderr}")
+
+
+def make_child(parent: Path, child: Path, *options: str) -> Path:
+    """A snapshot delta of ``parent`` as qemu-img makes it (parentFileNameHint relative)."""
+    args = ["create", "-f", "vmdk", "-b", parent.name, "-F", "vmdk"]
+    if options:
+        args += ["-o", ",".join(options)]
+    qemu_img(*args, child)
+    return child
+
+
+def patch_bytes(path: Path, old: bytes, new: bytes) -> None:
+    """Replace the first ``old`` with ``new`` (same length) in place, e.g. in a descriptor."""
+    assert len(old) == len(new), "a patch must keep the file's layout"
+    data = path.read_bytes()
+    at = data.find(old)
+    assert at >= 0, f"{old!r} not in {path}"
+    path.write_bytes(data[:at] + new + data[at + len(old):])
+
+
+def image_files(path: Path) -> list[Path]:
+    """The descriptor and every extent file next to it that belongs to the image."""
+    stem = path.stem
+    return sorted(p for p in path.parent.iterdir()
+                  if p == path or (p.name.startswith(stem + "-") and p.suffix == ".vmdk"))
+
+
+def oracle_raw(path: Path, tmp: Path) -> bytes:
+    """What qemu-img reads from the image (the oracle)."""
+    out = tmp / f"oracle-{os.getpid()}-{path.stem}.raw"
+    qemu_img("convert", "-f", "vmdk", "-O", "raw", path, out)
+    data = out.read_bytes()
+    out.unlink()
+    return data
