@@ -600,3 +600,62 @@ def test_boot_order_of_disks():
     assert [d.key for d in _boot_order(devices, None)] == [2000, 2001, 16000, 3000]
     boot = vim.vm.BootOptions(bootOrder=[vim.vm.BootOptions.BootableDiskDevice(deviceKey=3000)])
     assert [d.key for d in _boot_order(devices, boot)] == [3000, 2000, 2001, 16000]
+
+
+def test_cbt_areas_read_over_network_rest_from_previous_run(source, vcsim, tmp_path, monkeypatch):
+    """vcsim has no QueryChangedDiskAreas: a stand-in answers it, the rest is the real path
+    (snapshot, HTTP disk, overlay on the previous run's disk, record)."""
+    from smsblock.source import vsphere as mod
+    desc = _put_flat_vmdk(vcsim, "DC0_H0_VM0", tmp_path, size=1 << 20, seed=11)
+    current = qemu_raw_bytes(desc, tmp_path)
+    vm = _vm(source, "DC0_H0_VM0")
+    obj = vim.VirtualMachine(vm.vmId, source._si._stub)
+    _wait_task(obj.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=True)))
+    asked = []
+    answers = {"*": [(0, 65536), (5000, 100)], "52 aa/7": [(131072, 4096)]}
+
+    def fake_areas(self, key, since, size):
+        asked.append(since)
+        return answers[since]
+    original = mod.VSphereRun._snapshot_disks
+
+    def with_change_ids(self):      # vcsim's disk backings carry no changeId
+        out = original(self)
+        for b in out:
+            b.change_id = "52 aa/8" if asked else "52 aa/7"
+        return out
+    monkeypatch.setattr(mod.VSphereRun, "_changed_areas", fake_areas)
+    monkeypatch.setattr(mod.VSphereRun, "_snapshot_disks", with_change_ids)
+    try:
+        # first run: allocated areas only; outside them the disk reads as zeros
+        with source.open_run(vm) as run:
+            d = run.disks[0].disk
+            assert [(e.offset, e.length) for e in d.extents()] == [(0, 65536)]
+            assert d.read(0, 65536) == current[:65536]
+            assert d.read(65536, 100) == bytes(100)
+            first = run.record()
+        assert first["changeTracking"] == "cbt" and first["disks"][0]["changeId"] == "52 aa/7"
+        # second run: only the changed area comes from vCenter, the rest from the last run
+        base_file = tmp_path / "previous.raw"
+        base_bytes = bytes(np.random.default_rng(4).integers(0, 256, len(current), dtype=np.uint8))
+        base_file.write_bytes(base_bytes)
+        with RawDisk(base_file) as base:
+            with source.open_run(vm, previous=first,
+                                 previous_disks={first["disks"][0]["key"]: base}) as run:
+                d = run.disks[0].disk
+                got = d.read(0, d.size)
+                second = run.record()
+        assert got == base_bytes[:131072] + current[131072:135168] + base_bytes[135168:]
+        assert asked == ["*", "52 aa/7"]
+        assert second["disks"][0]["changeReason"] == "changed areas since changeId 52 aa/7"
+        assert second["disks"][0]["changeId"] == "52 aa/8"
+    finally:
+        monkeypatch.undo()
+        _wait_task(obj.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=False)))
+
+
+def test_datastore_endpoint_repr_hides_the_session_cookie():
+    from smsblock.source.datastore_http import DatastoreEndpoint
+    ep = DatastoreEndpoint("https://vc:443", "DC0", "ds1", "vmware_soap_session=SECRET")
+    assert "SECRET" not in repr(ep) and "SECRET" not in str(ep)
+    assert ep.url("vm 1/disk.vmdk") == "https://vc:443/folder/vm%201/disk.vmdk?dcPath=DC0&dsName=ds1"
