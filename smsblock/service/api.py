@@ -1,0 +1,352 @@
+"""The SMS operations as a Python API: :class:`SmsService`.
+
+Methods are named after the SMS operations in snake case and take the SMS request
+members as keyword arguments with their API names (``serverId``, ``seedReplicationTime``
+...); they return the SMS response as a dict in wire form (timestamps as epoch seconds),
+exactly what ``smsblock sms`` prints and ``smsblock serve`` sends.  :meth:`SmsService.call`
+takes an operation name and a decoded JSON request, checks the member names and types
+against the SMS model, and dispatches; the CLI and the HTTP server both go through it.
+
+Refusals raise :class:`~smsblock.errors.ServiceError` whose ``code`` is the SMS error
+name; nothing is changed when one is raised.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import socket
+import uuid
+
+from .. import __version__
+from ..errors import ServiceError
+from . import catalog, jobs, scheduler
+from .models import (CONNECTOR_ID, ConnectorCapability, ReplicationJobState,
+                     ServerCatalogStatus, new_connector_id, parse_timestamp, to_epoch)
+from .records import connector_from_row, job_from_row, run_from_row, server_from_row, ts
+from .sources import open_source
+from .state import ServiceConfig, State
+
+DEFAULT_MAX_RESULTS = 50
+MAX_MAX_RESULTS = 1000
+JOB_RUNS_SHOWN = 10  # runs embedded in each GetReplicationJobs entry (GetReplicationRuns pages all)
+
+# Request members of each operation and their types, from the SMS model (2016-10-24).
+OPERATIONS: dict[str, dict[str, str]] = {
+    "GetConnectors": {"nextToken": "string", "maxResults": "integer"},
+    "DisassociateConnector": {"connectorId": "string"},
+    "ImportServerCatalog": {},
+    "DeleteServerCatalog": {},
+    "GetServers": {"nextToken": "string", "maxResults": "integer",
+                   "vmServerAddressList": "addresses"},
+    "CreateReplicationJob": {"serverId": "string", "seedReplicationTime": "timestamp",
+                             "frequency": "integer", "runOnce": "boolean",
+                             "licenseType": "string", "roleName": "string",
+                             "description": "string", "numberOfRecentAmisToKeep": "integer",
+                             "encrypted": "boolean", "kmsKeyId": "string"},
+    "GetReplicationJobs": {"replicationJobId": "string", "nextToken": "string",
+                           "maxResults": "integer"},
+    "GetReplicationRuns": {"replicationJobId": "string", "nextToken": "string",
+                           "maxResults": "integer"},
+    "UpdateReplicationJob": {"replicationJobId": "string", "frequency": "integer",
+                             "nextReplicationRunStartTime": "timestamp",
+                             "licenseType": "string", "roleName": "string",
+                             "description": "string", "numberOfRecentAmisToKeep": "integer",
+                             "encrypted": "boolean", "kmsKeyId": "string"},
+    "StartOnDemandReplicationRun": {"replicationJobId": "string", "description": "string"},
+    "DeleteReplicationJob": {"replicationJobId": "string"},
+}
+
+
+def snake(operation: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", operation).lower()
+
+
+def _check_type(op: str, name: str, kind: str, value):
+    bad = ServiceError(f"{op}: {name} must be {kind}, got {value!r}"[:300],
+                       "InvalidParameterException")
+    if kind == "string":
+        if not isinstance(value, str):
+            raise bad
+    elif kind == "integer":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif kind == "boolean":
+        if not isinstance(value, bool):
+            raise bad
+    elif kind == "timestamp":
+        return parse_timestamp(value, name)
+    elif kind == "addresses":
+        if not isinstance(value, list) or not all(
+                isinstance(a, dict) and set(a) <= {"vmManagerId", "vmId"}
+                and all(isinstance(v, str) for v in a.values()) for a in value):
+            raise ServiceError(f"{op}: {name} must be a list of {{vmManagerId, vmId}}",
+                               "InvalidParameterException")
+    return value
+
+
+class SmsService:
+    """The SMS control plane over one state directory.
+
+    ``clock`` returns epoch seconds (inject a :class:`~.scheduler.FakeClock` in tests);
+    ``config`` defaults to ``STATE/config.toml`` or the SMS limits.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike | None = None, *,
+                 clock: scheduler.Clock = scheduler.system_clock,
+                 config: ServiceConfig | None = None, state: State | None = None):
+        self.state = state if state is not None else State(state_dir)
+        self.clock = clock
+        self.config = config if config is not None else ServiceConfig.load(self.state.dir)
+
+    def close(self) -> None:
+        self.state.close()
+
+    def __enter__(self) -> "SmsService":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- wire entry point --------------------------------------------------------
+
+    def call(self, operation: str, params: dict | None) -> dict:
+        """Run one SMS operation from a decoded JSON request."""
+        spec = OPERATIONS.get(operation)
+        if spec is None:
+            raise ServiceError(f"unknown or unsupported operation {operation!r}",
+                               "InvalidAction")
+        params = params or {}
+        if not isinstance(params, dict):
+            raise ServiceError(f"{operation}: the request body must be a JSON object",
+                               "SerializationException")
+        unknown = sorted(set(params) - set(spec))
+        if unknown:
+            raise ServiceError(f"{operation}: unknown parameters {unknown}",
+                               "InvalidParameterException")
+        checked = {k: _check_type(operation, k, spec[k], v)
+                   for k, v in params.items() if v is not None}
+        return getattr(self, snake(operation))(**checked)
+
+    # --- connectors (registration is not an SMS operation) ---------------------------
+
+    def register_connector(self, kind: str, config: dict, *, store: str | None = None) -> dict:
+        """Associate a new connector with the source ``kind`` opened with ``config``
+        (``"datastore"``, ``{"path": ...}``); its blocks go to ``store`` (default
+        ``STATE/store``).  Returns the connector as GetConnectors shows it."""
+        source = open_source(kind, config)   # refuses an unreachable or malformed source
+        try:
+            names = (source.manager_name, source.manager_type, source.manager_id)
+        finally:
+            source.close()
+        now = self.clock()
+        connector_id = new_connector_id()
+        store = store or str(self.state.dir / "store")
+        caps = [ConnectorCapability.VSPHERE.value, ConnectorCapability.SMS_OPTIMIZED.value]
+        with self.state.transaction() as db:
+            db.execute(
+                "INSERT INTO connectors (connector_id, version, capabilities, vm_manager_name, "
+                "vm_manager_type, vm_manager_id, ip_address, mac_address, associated_on, "
+                "last_heartbeat, source_kind, source_config, store) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (connector_id, __version__, json.dumps(caps), *names, _local_ip(), _local_mac(),
+                 now, now, kind, json.dumps(config), store))
+            row = db.execute("SELECT * FROM connectors WHERE connector_id = ?",
+                             (connector_id,)).fetchone()
+        return connector_from_row(row, now, self.config.heartbeat_timeout_seconds).to_api()
+
+    def heartbeat(self, connector_id: str) -> None:
+        with self.state.transaction() as db:
+            db.execute("UPDATE connectors SET last_heartbeat = ? WHERE connector_id = ?",
+                       (self.clock(), connector_id))
+
+    def get_connectors(self, nextToken: str | None = None, maxResults: int | None = None) -> dict:
+        now = self.clock()
+        rows = self.state.query("SELECT * FROM connectors WHERE disassociated_on IS NULL "
+                                "ORDER BY associated_on, connector_id")
+        page, token = _paginate("GetConnectors", rows, nextToken, maxResults)
+        out = {"connectorList": [connector_from_row(r, now, self.config.heartbeat_timeout_seconds)
+                                 .to_api() for r in page]}
+        if token:
+            out["nextToken"] = token
+        return out
+
+    def disassociate_connector(self, connectorId: str | None = None) -> dict:
+        if connectorId is None:
+            raise ServiceError("connectorId is required", "MissingRequiredParameterException")
+        if not CONNECTOR_ID.match(connectorId):
+            raise jobs.invalid(f"connectorId {connectorId!r} is not a connector id (c- and 17 hex digits)")
+        with self.state.transaction() as db:
+            row = db.execute("SELECT * FROM connectors WHERE connector_id = ? AND "
+                             "disassociated_on IS NULL", (connectorId,)).fetchone()
+            if row is None:
+                raise jobs.invalid(f"connector {connectorId} is not associated")
+            needed = (*jobs._LIVE, ReplicationJobState.DELETING.value)
+            job = db.execute(
+                f"SELECT j.job_id, j.state FROM jobs j JOIN servers s ON s.server_id = j.server_id "
+                f"WHERE s.connector_id = ? AND j.state IN {jobs._in(needed)} LIMIT 1",
+                (connectorId, *needed)).fetchone()
+            if job is not None:
+                raise jobs.not_permitted(
+                    f"connector {connectorId} is still needed by replication job "
+                    f"{job['job_id']} ({job['state']}); delete the job first")
+            db.execute("UPDATE connectors SET disassociated_on = ? WHERE connector_id = ?",
+                       (self.clock(), connectorId))
+            db.execute("UPDATE servers SET in_catalog = 0 WHERE connector_id = ?", (connectorId,))
+        return {}
+
+    # --- catalog ----------------------------------------------------------------------
+
+    def import_server_catalog(self) -> dict:
+        catalog.import_catalog(self.state, self.clock())
+        return {}
+
+    def delete_server_catalog(self) -> dict:
+        catalog.delete_catalog(self.state, self.clock())
+        return {}
+
+    def get_servers(self, nextToken: str | None = None, maxResults: int | None = None,
+                    vmServerAddressList: list[dict] | None = None) -> dict:
+        with self.state.transaction() as db:
+            cat = db.execute("SELECT * FROM catalog WHERE id = 1").fetchone()
+            rows = db.execute("SELECT * FROM servers WHERE in_catalog = 1 "
+                              "ORDER BY vm_path, server_id").fetchall()
+            if vmServerAddressList:
+                rows = [r for r in rows if any(
+                    all(r[_col(k)] == v for k, v in addr.items()) for addr in vmServerAddressList)]
+            page, token = _paginate("GetServers", rows, nextToken, maxResults)
+            servers = [server_from_row(r, jobs.live_job_for_server(db, r["server_id"]) or
+                                       _latest_job(db, r["server_id"])).to_api() for r in page]
+        out = {"serverCatalogStatus": ServerCatalogStatus(cat["status"]).value,
+               "serverList": servers}
+        if cat["last_modified_on"] is not None:
+            out["lastModifiedOn"] = to_epoch(ts(cat["last_modified_on"]))
+        if token:
+            out["nextToken"] = token
+        return out
+
+    # --- replication jobs ---------------------------------------------------------------
+
+    def create_replication_job(self, **params) -> dict:
+        params = self._times(params, "seedReplicationTime")
+        with self.state.transaction() as db:
+            job_id = jobs.create_job(db, params, self.clock(), self.config)
+        return {"replicationJobId": job_id}
+
+    def update_replication_job(self, **params) -> dict:
+        params = self._times(params, "nextReplicationRunStartTime")
+        with self.state.transaction() as db:
+            jobs.update_job(db, params, self.clock(), self.config)
+        return {}
+
+    def delete_replication_job(self, replicationJobId: str | None = None) -> dict:
+        with self.state.transaction() as db:
+            jobs.delete_job(db, replicationJobId, self.clock())
+        return {}
+
+    def start_on_demand_replication_run(self, replicationJobId: str | None = None,
+                                        description: str | None = None) -> dict:
+        with self.state.transaction() as db:
+            run_id = jobs.start_on_demand(db, replicationJobId, description, self.clock(),
+                                          self.config)
+        return {"replicationRunId": run_id}
+
+    def get_replication_jobs(self, replicationJobId: str | None = None,
+                             nextToken: str | None = None, maxResults: int | None = None) -> dict:
+        with self.state.transaction() as db:
+            if replicationJobId is not None:
+                rows = [jobs.get_job(db, replicationJobId)]
+            else:
+                rows = db.execute("SELECT * FROM jobs WHERE state != 'DELETED' "
+                                  "ORDER BY created, job_id").fetchall()
+            page, token = _paginate("GetReplicationJobs", rows, nextToken, maxResults)
+            out = {"replicationJobList": [self._job(db, r, JOB_RUNS_SHOWN) for r in page]}
+        if token:
+            out["nextToken"] = token
+        return out
+
+    def get_replication_runs(self, replicationJobId: str | None = None,
+                             nextToken: str | None = None, maxResults: int | None = None) -> dict:
+        if replicationJobId is None:
+            raise ServiceError("replicationJobId is required", "MissingRequiredParameterException")
+        with self.state.transaction() as db:
+            job = jobs.get_job(db, replicationJobId)
+            runs = db.execute("SELECT * FROM runs WHERE job_id = ? ORDER BY created DESC, rowid DESC",
+                              (replicationJobId,)).fetchall()
+            page, token = _paginate("GetReplicationRuns", runs, nextToken, maxResults)
+            out = {"replicationJob": self._job(db, job, 0),
+                   "replicationRunList": [run_from_row(r).to_api() for r in page]}
+        if token:
+            out["nextToken"] = token
+        return out
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _times(self, params: dict, *names: str) -> dict:
+        params = dict(params)
+        for n in names:
+            if params.get(n) is not None:
+                params[n] = parse_timestamp(params[n], n).timestamp()
+        return params
+
+    def _job(self, db, row, n_runs: int) -> dict:
+        server = db.execute("SELECT * FROM servers WHERE server_id = ?", (row["server_id"],)).fetchone()
+        runs = db.execute("SELECT * FROM runs WHERE job_id = ? ORDER BY created DESC, rowid DESC "
+                          "LIMIT ?", (row["job_id"], n_runs)).fetchall() if n_runs else []
+        out = job_from_row(row, server, runs).to_api()
+        if not n_runs:
+            out.pop("replicationRunList", None)
+        return out
+
+    def tick(self) -> list[str]:
+        """Let the scheduler create the runs due now (the connector loop calls this)."""
+        return scheduler.tick(self.state, self.clock(), self.config)
+
+
+def _col(member: str) -> str:
+    return {"vmManagerId": "vm_manager_id", "vmId": "vm_id"}[member]
+
+
+def _latest_job(db, server_id: str):
+    return db.execute("SELECT * FROM jobs WHERE server_id = ? ORDER BY created DESC LIMIT 1",
+                      (server_id,)).fetchone()
+
+
+def _paginate(op: str, rows: list, token: str | None, max_results: int | None):
+    """One page of ``rows`` and the token of the next (None at the end)."""
+    if max_results is None:
+        max_results = DEFAULT_MAX_RESULTS
+    if not 1 <= max_results <= MAX_MAX_RESULTS:
+        raise jobs.invalid(f"maxResults must be between 1 and {MAX_MAX_RESULTS}, got {max_results}")
+    start = 0
+    if token:
+        try:
+            data = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
+            if data.get("op") != op or not isinstance(data.get("offset"), int) or data["offset"] < 0:
+                raise ValueError
+            start = data["offset"]
+        except (ValueError, UnicodeError, binascii.Error, AttributeError):
+            raise jobs.invalid(f"nextToken {token[:40]!r} is not a token this operation gave") from None
+    end = start + max_results
+    next_token = None
+    if end < len(rows):
+        next_token = base64.urlsafe_b64encode(json.dumps({"op": op, "offset": end}).encode()).decode()
+    return rows[start:end], next_token
+
+
+def _local_ip() -> str:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(("192.0.2.1", 9))  # no packet is sent; picks the outgoing interface
+        return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+    finally:
+        s.close()
+
+
+def _local_mac() -> str:
+    node = uuid.getnode()
+    return ":".join(f"{(node >> s) & 0xff:02x}" for s in range(40, -1, -8))

@@ -1,0 +1,103 @@
+"""The server catalog: import from the connectors' sources, delete, and list.
+
+Import runs in two transactions around the (possibly slow) listing of the sources:
+first the catalog goes IMPORTING, then - with every source listed - the servers are
+written and the catalog goes AVAILABLE in one step.  A VM already known (same
+vmManagerId and vmId) keeps its serverId; a new one gets a new id; one that is gone
+from its source leaves the catalog (its row, and so its id and replication window, is
+kept in case it comes back).  If listing fails, the catalog returns to its previous
+status with the reason in the log, and the error goes to the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+
+from ..errors import ServiceError, SmsBlockError
+from .jobs import _LIVE, _in
+from .models import ServerCatalogStatus, new_server_id
+from ..source import VmRecord
+from .sources import open_source
+from .state import State
+
+log = logging.getLogger(__name__)
+
+
+def associated_connectors(db: sqlite3.Connection) -> list[sqlite3.Row]:
+    return db.execute("SELECT * FROM connectors WHERE disassociated_on IS NULL "
+                      "ORDER BY associated_on").fetchall()
+
+
+def import_catalog(state: State, now: float) -> int:
+    """ImportServerCatalog; returns the number of servers now in the catalog."""
+    with state.transaction() as db:
+        connectors = associated_connectors(db)
+        if not connectors:
+            raise ServiceError("no connector is associated; register one with "
+                               "`smsblock connector register`", "NoConnectorsAvailableException")
+        previous = db.execute("SELECT status FROM catalog WHERE id = 1").fetchone()["status"]
+        db.execute("UPDATE catalog SET status = ?, last_modified_on = ? WHERE id = 1",
+                   (ServerCatalogStatus.IMPORTING.value, now))
+    listed: list[tuple[sqlite3.Row, list[VmRecord]]] = []
+    try:
+        for c in connectors:
+            source = open_source(c["source_kind"], json.loads(c["source_config"]))
+            try:
+                listed.append((c, source.list_vms()))
+            finally:
+                source.close()
+    except (SmsBlockError, OSError) as e:
+        with state.transaction() as db:
+            db.execute("UPDATE catalog SET status = ?, status_message = ? WHERE id = 1",
+                       (previous if previous != ServerCatalogStatus.IMPORTING.value
+                        else ServerCatalogStatus.NOT_IMPORTED.value, f"import failed: {e}"))
+        raise ServiceError(f"importing the server catalog failed: {e}",
+                           "InvalidParameterException") from None
+    count = 0
+    with state.transaction() as db:
+        seen: set[str] = set()
+        for connector, vms in listed:
+            for vm in vms:
+                for w in vm.warnings:
+                    log.warning("%s (%s): %s", vm.vmName, vm.vmPath, w)
+                row = db.execute("SELECT server_id FROM servers WHERE vm_manager_id = ? AND vm_id = ?",
+                                 (vm.vmManagerId, vm.vmId)).fetchone()
+                values = (connector["connector_id"], vm.vmName, vm.vmManagerName,
+                          vm.vmManagerType, vm.vmPath, json.dumps(vm.to_dict()), now)
+                if row is None:
+                    server_id = new_server_id()
+                    db.execute(
+                        "INSERT INTO servers (server_id, vm_manager_id, vm_id, connector_id, "
+                        "vm_name, vm_manager_name, vm_manager_type, vm_path, vm_record, "
+                        "imported_on, in_catalog) VALUES (?,?,?,?,?,?,?,?,?,?,1)",
+                        (server_id, vm.vmManagerId, vm.vmId, *values))
+                else:
+                    server_id = row["server_id"]
+                    db.execute(
+                        "UPDATE servers SET connector_id = ?, vm_name = ?, vm_manager_name = ?, "
+                        "vm_manager_type = ?, vm_path = ?, vm_record = ?, imported_on = ?, "
+                        "in_catalog = 1 WHERE server_id = ?",
+                        (*values, server_id))
+                seen.add(server_id)
+        for row in db.execute("SELECT server_id FROM servers WHERE in_catalog = 1").fetchall():
+            if row["server_id"] not in seen:
+                db.execute("UPDATE servers SET in_catalog = 0 WHERE server_id = ?", (row["server_id"],))
+        count = len(seen)
+        db.execute("UPDATE catalog SET status = ?, last_modified_on = ?, status_message = NULL "
+                   "WHERE id = 1", (ServerCatalogStatus.AVAILABLE.value, now))
+    return count
+
+
+def delete_catalog(state: State, now: float) -> None:
+    """DeleteServerCatalog; refused while a live replication job needs a server."""
+    with state.transaction() as db:
+        live = db.execute(f"SELECT job_id FROM jobs WHERE state IN {_in(_LIVE)} LIMIT 1",
+                          _LIVE).fetchone()
+        if live is not None:
+            raise ServiceError(f"replication job {live['job_id']} still uses the catalog; "
+                               "delete it first", "OperationNotPermittedException")
+        db.execute("UPDATE servers SET in_catalog = 0")
+        db.execute("UPDATE catalog SET status = ?, last_modified_on = ? WHERE id = 1",
+                   (ServerCatalogStatus.DELETED.value, now))

@@ -1,0 +1,347 @@
+"""Executing one replication run: source snapshot → engine → image step → run record.
+
+This is the only module of the control plane that touches the engine
+(:func:`smsblock.replicate.replicate`) and the image step, so everything else is
+testable on its own and the engine can be swapped for a fake in tests.
+
+A run goes PENDING → ACTIVE (``stageDetails``: ``preparing``, ``uploading`` with a
+percentage of the disks' bytes scanned, ``converting`` while the image step builds and
+registers the image) → COMPLETED with ``amiId`` and ``completedTime``, or FAILED with
+the reason in ``statusMessage``.  Each disk of the VM is one engine run in the
+connector's store: the boot disk under the serverId itself (so
+``smsblock restore --store STATE/store --server s-...`` gives the boot disk) and
+further disks under ``<serverId>-disk<N>``.
+
+Every state change is one transaction.  A process killed while a run is ACTIVE leaves
+it ACTIVE; :func:`fail_orphaned_runs` (called when the connector comes back) marks it
+FAILED with the reason, and the next run resumes from the blocks already stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from ..errors import Cancelled, SmsBlockError
+from ..progress import CancelToken
+from .models import ReplicationJobState, ReplicationRunState
+from .sources import open_source
+from .state import State
+
+log = logging.getLogger(__name__)
+
+#: how often (seconds) progress is written to the state database and cancellation polled
+PROGRESS_INTERVAL = 1.0
+
+
+class ImageStep(Protocol):
+    """Turns a stored run into a registered image (``ami-...``) and removes old ones."""
+
+    def register(self, store: Any, server_id: str, run_id: str, *, name: str,
+                 description: str, license_type: str, progress=None, cancel=None) -> str: ...
+
+    def deregister(self, ami_id: str) -> None: ...
+
+
+def default_replicate() -> Callable:
+    from ..replicate import replicate
+    return replicate
+
+
+def default_image_step(state_dir) -> ImageStep | None:
+    """The local image catalog of the image step, or None while it is not built in."""
+    try:
+        from ..image import catalog as image_catalog  # noqa: F401
+    except ImportError:
+        return None
+    return _LocalImageStep(state_dir)
+
+
+class _LocalImageStep:
+    """Adapter from the image step's local catalog to :class:`ImageStep`."""
+
+    def __init__(self, state_dir):
+        from ..image import catalog as image_catalog
+        self._mod = image_catalog
+        self._catalog = image_catalog.open_catalog(state_dir / "images") \
+            if hasattr(image_catalog, "open_catalog") else None
+
+    def register(self, store, server_id, run_id, *, name, description, license_type,
+                 progress=None, cancel=None) -> str:
+        image = self._mod.register(store, server_id, run_id=run_id, name=name,
+                                   description=description, license_type=license_type,
+                                   catalog=self._catalog, progress=progress, cancel=cancel)
+        return image if isinstance(image, str) else image.image_id
+
+    def deregister(self, ami_id: str) -> None:
+        self._mod.deregister(ami_id, catalog=self._catalog)
+
+
+def disk_store_key(server_id: str, index: int) -> str:
+    """The store's server id for disk ``index`` of a server (the boot disk is the server)."""
+    return server_id if index == 0 else f"{server_id}-disk{index}"
+
+
+@dataclass
+class RunContext:
+    run: Any
+    job: Any
+    server: Any
+    connector: Any
+
+
+def fail_orphaned_runs(state: State, connector_id: str, now: float) -> list[str]:
+    """Mark FAILED every run left ACTIVE by a dead process of this connector.
+
+    Call only while holding the connector's process lock: then no live process of this
+    connector can own an ACTIVE run.
+    """
+    with state.transaction() as db:
+        rows = db.execute(
+            "SELECT r.run_id, r.job_id FROM runs r JOIN jobs j ON j.job_id = r.job_id "
+            "JOIN servers s ON s.server_id = j.server_id "
+            "WHERE s.connector_id = ? AND r.state = ?",
+            (connector_id, ReplicationRunState.ACTIVE.value)).fetchall()
+        for r in rows:
+            message = ("FAILED: the connector stopped while the run was active (killed or "
+                       "crashed); the next run resumes from the blocks already stored")
+            db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ?, "
+                       "stage = NULL, stage_progress = NULL WHERE run_id = ?",
+                       (ReplicationRunState.FAILED.value, message, now, r["run_id"]))
+            db.execute("UPDATE jobs SET status_message = ? WHERE job_id = ?",
+                       (f"run {r['run_id']} failed: the connector stopped while it was active",
+                        r["job_id"]))
+    return [r["run_id"] for r in rows]
+
+
+class RunExecutor:
+    """Executes runs of one connector; ``replicate`` and ``image_step`` are injectable."""
+
+    def __init__(self, state: State, clock: Callable[[], float], *,
+                 replicate: Callable | None = None, image_step: ImageStep | None = None,
+                 use_default_image_step: bool = True, stop: CancelToken | None = None):
+        self.state = state
+        self.clock = clock
+        self._replicate = replicate
+        self.image_step = image_step
+        if image_step is None and use_default_image_step:
+            self.image_step = default_image_step(state.dir)
+        self.stop = stop
+
+    # --- state changes (each one transaction) --------------------------------------
+
+    def _update_run(self, run_id: str, **cols) -> None:
+        sets = ", ".join(f"{k} = ?" for k in cols)
+        with self.state.transaction() as db:
+            db.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", (*cols.values(), run_id))
+
+    def _claim(self, run_id: str) -> RunContext | None:
+        """PENDING → ACTIVE; None when the run is no longer pending (deleted, taken)."""
+        now = self.clock()
+        with self.state.transaction() as db:
+            run = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if run is None or run["state"] != ReplicationRunState.PENDING.value:
+                return None
+            job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (run["job_id"],)).fetchone()
+            server = db.execute("SELECT * FROM servers WHERE server_id = ?",
+                                (job["server_id"],)).fetchone()
+            connector = db.execute("SELECT * FROM connectors WHERE connector_id = ?",
+                                   (server["connector_id"],)).fetchone()
+            db.execute("UPDATE runs SET state = ?, started = ?, stage = ?, stage_progress = ?, "
+                       "status_message = ? WHERE run_id = ?",
+                       (ReplicationRunState.ACTIVE.value, now, "preparing", "0%",
+                        "taking a snapshot of the VM's disks", run_id))
+            if job["state"] == ReplicationJobState.PENDING.value:
+                db.execute("UPDATE jobs SET state = ? WHERE job_id = ?",
+                           (ReplicationJobState.ACTIVE.value, job["job_id"]))
+            if server["first_run_time"] is None:   # the replication window starts now
+                db.execute("UPDATE servers SET first_run_time = ? WHERE server_id = ?",
+                           (now, server["server_id"]))
+            job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (run["job_id"],)).fetchone()
+            run = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return RunContext(run, job, server, connector)
+
+    def _fail(self, ctx: RunContext, reason: str) -> None:
+        now = self.clock()
+        with self.state.transaction() as db:
+            db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ? "
+                       "WHERE run_id = ?",
+                       (ReplicationRunState.FAILED.value, f"FAILED: {reason}", now,
+                        ctx.run["run_id"]))
+            db.execute("UPDATE jobs SET status_message = ? WHERE job_id = ? AND state != ?",
+                       (f"run {ctx.run['run_id']} failed: {reason}"[:1000], ctx.job["job_id"],
+                        ReplicationJobState.DELETED.value))
+
+    def _complete(self, ctx: RunContext, ami_id: str | None, summary: dict, message: str) -> None:
+        now = self.clock()
+        run_id, job_id = ctx.run["run_id"], ctx.job["job_id"]
+        doomed: list[str] = []
+        with self.state.transaction() as db:
+            db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ?, ami_id = ?, "
+                       "stage = NULL, stage_progress = NULL, store_run_id = ?, summary = ? "
+                       "WHERE run_id = ?",
+                       (ReplicationRunState.COMPLETED.value, message, now, ami_id,
+                        summary.get("disks", [{}])[0].get("run_id"), json.dumps(summary), run_id))
+            job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            sets = {"status_message": f"run {run_id} completed"
+                    + (f": image {ami_id}" if ami_id else "")}
+            if ami_id:
+                sets["latest_ami_id"] = ami_id
+                db.execute("INSERT INTO images (ami_id, job_id, run_id, created) VALUES (?,?,?,?)",
+                           (ami_id, job_id, run_id, now))
+                keep = job["amis_to_keep"]
+                if keep > 0:
+                    live = db.execute("SELECT ami_id FROM images WHERE job_id = ? AND "
+                                      "deregistered IS NULL ORDER BY created DESC, rowid DESC",
+                                      (job_id,)).fetchall()
+                    doomed = [r["ami_id"] for r in live[keep:]]
+            if job["run_once"] and job["state"] in (ReplicationJobState.ACTIVE.value,
+                                                     ReplicationJobState.PENDING.value):
+                sets["state"] = ReplicationJobState.COMPLETED.value
+                sets["next_run_time"] = None
+            cols = ", ".join(f"{k} = ?" for k in sets)
+            db.execute(f"UPDATE jobs SET {cols} WHERE job_id = ?", (*sets.values(), job_id))
+        for ami in doomed:     # outside the transaction: the image step may be slow
+            try:
+                self.image_step.deregister(ami)
+            except SmsBlockError as e:
+                log.warning("could not deregister old image %s of job %s: %s", ami, job_id, e)
+                continue
+            with self.state.transaction() as db:
+                db.execute("UPDATE images SET deregistered = ? WHERE ami_id = ?",
+                           (self.clock(), ami))
+
+    # --- one run --------------------------------------------------------------------
+
+    def execute(self, run_id: str) -> str | None:
+        """Run ``run_id`` if it is still PENDING; return its final state (None if not run)."""
+        ctx = self._claim(run_id)
+        if ctx is None:
+            return None
+        cancel = CancelToken()
+        watcher = _Watcher(self, ctx, cancel)
+        try:
+            ami_id, summary, message = self._work(ctx, cancel, watcher)
+        except Cancelled as e:
+            self._fail(ctx, f"cancelled: {e}")
+            return ReplicationRunState.FAILED.value
+        except (SmsBlockError, OSError) as e:
+            log.warning("run %s failed: %s", run_id, e)
+            self._fail(ctx, _one_line(e))
+            return ReplicationRunState.FAILED.value
+        except Exception as e:   # a bug must not leave the run ACTIVE forever
+            log.exception("run %s failed unexpectedly", run_id)
+            self._fail(ctx, f"internal error: {type(e).__name__}: {_one_line(e)}")
+            return ReplicationRunState.FAILED.value
+        self._complete(ctx, ami_id, summary, message)
+        return ReplicationRunState.COMPLETED.value
+
+    def _work(self, ctx: RunContext, cancel: CancelToken, watcher: "_Watcher"):
+        replicate = self._replicate or default_replicate()
+        server, connector = ctx.server, ctx.connector
+        server_id = server["server_id"]
+        vm = json.loads(server["vm_record"])
+        previous = self._previous_record(ctx.job["job_id"])
+        source = open_source(connector["source_kind"], json.loads(connector["source_config"]))
+        summary: dict[str, Any] = {"disks": []}
+        try:
+            with source.open_run(vm, previous=previous, cancel=cancel) as snap:
+                for w in snap.warnings:
+                    log.warning("%s: %s", server_id, w)
+                total = sum(d.disk.size for d in snap.disks) or 1
+                done_before = 0
+                self._update_run(ctx.run["run_id"], stage="uploading", stage_progress="0%",
+                                 status_message=f"replicating {len(snap.disks)} disk(s), "
+                                                f"{total} bytes")
+                for i, sdisk in enumerate(snap.disks):
+                    watcher.check()
+
+                    def progress(done, _total, base=done_before):
+                        watcher.progress("uploading", (base + done) / total)
+
+                    result = replicate(sdisk.disk, connector["store"], disk_store_key(server_id, i),
+                                       progress=progress, cancel=cancel,
+                                       source=json.dumps({"vmId": vm.get("vmId"), "disk": sdisk.key}))
+                    done_before += sdisk.disk.size
+                    entry = result.to_dict()
+                    entry.update(key=sdisk.key, storeServerId=disk_store_key(server_id, i),
+                                 changeMethod=sdisk.change_method)
+                    summary["disks"].append(entry)
+                summary["source"] = snap.record()
+        finally:
+            source.close()
+        watcher.check()
+        boot = summary["disks"][0]
+        ami_id = None
+        if self.image_step is not None:
+            self._update_run(ctx.run["run_id"], stage="converting", stage_progress="0%",
+                             status_message="building and registering the image of the boot disk")
+            ami_id = self.image_step.register(
+                connector["store"], server_id, boot["run_id"],
+                name=f"{server['vm_name']} {ctx.run['run_id']}",
+                description=ctx.run["description"] or ctx.job["description"] or
+                f"smsblock replication job {ctx.job['job_id']} run {ctx.run['run_id']}",
+                license_type=ctx.job["license_type"],
+                progress=lambda d, t: watcher.progress("converting", d / t if t else 1.0),
+                cancel=cancel)
+        changed = sum(d.get("blocks_changed", 0) for d in summary["disks"])
+        stored = sum(d.get("bytes_stored", 0) for d in summary["disks"])
+        message = (f"completed: {changed} blocks changed, {stored} bytes stored"
+                   + (f", image {ami_id}" if ami_id else ", no image step available: blocks only"))
+        return ami_id, summary, message
+
+    def _previous_record(self, job_id: str) -> dict | None:
+        rows = self.state.query("SELECT summary FROM runs WHERE job_id = ? AND state = ? "
+                                "ORDER BY completed DESC LIMIT 1",
+                                (job_id, ReplicationRunState.COMPLETED.value))
+        if not rows or rows[0]["summary"] is None:
+            return None
+        return json.loads(rows[0]["summary"]).get("source")
+
+
+class _Watcher:
+    """Throttled progress writes, and cancellation when the job is deleted or the
+    connector stops."""
+
+    def __init__(self, executor: RunExecutor, ctx: RunContext, cancel: CancelToken):
+        self.executor = executor
+        self.ctx = ctx
+        self.cancel = cancel
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        stop = self.executor.stop
+        if stop is not None and stop.cancelled:
+            self.cancel.cancel(f"the connector is stopping ({stop.reason})")
+        else:
+            rows = self.executor.state.query("SELECT state FROM jobs WHERE job_id = ?",
+                                             (self.ctx.job["job_id"],))
+            if rows and rows[0]["state"] in (ReplicationJobState.DELETING.value,
+                                             ReplicationJobState.DELETED.value):
+                self.cancel.cancel("the replication job was deleted")
+        self.cancel.check()
+
+    def progress(self, stage: str, fraction: float) -> None:
+        # called from engine worker threads; only one writes at a time, at most once a second
+        now = time.monotonic()
+        if now - self._last < PROGRESS_INTERVAL or not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._last = now
+            pct = max(0, min(100, int(fraction * 100)))
+            self.executor._update_run(self.ctx.run["run_id"], stage=stage,
+                                      stage_progress=f"{pct}%")
+            self.check()
+        except Cancelled:
+            pass   # the engine sees the token at its next check
+        finally:
+            self._lock.release()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

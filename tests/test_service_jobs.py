@@ -1,0 +1,446 @@
+"""Control-plane rules through the Python API: catalog, jobs, on-demand runs, limits, errors.
+
+Time comes from a FakeClock; every refusal is checked for its SMS error name and for
+leaving the state database unchanged.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from smsblock.errors import ServiceError, UsageError
+from smsblock.service import FakeClock, ServiceConfig, SmsService, State
+from smsblock.service.models import (CONNECTOR_ID, JOB_ID, RUN_ID, SERVER_ID, new_connector_id,
+                                     new_job_id, new_run_id, new_server_id, parse_timestamp)
+from smsblock.service.state import SCHEMA_VERSION
+from test_service_sources import make_datastore, make_vm
+
+H = 3600.0
+DAY = 86400.0
+T0 = 1_800_000_000.0
+
+
+@pytest.fixture
+def env(tmp_path):
+    ds = make_datastore(tmp_path / "ds", 2)
+    clock = FakeClock(T0)
+    svc = SmsService(tmp_path / "state", clock=clock)
+    conn = svc.register_connector("datastore", {"path": str(ds)})
+    svc.import_server_catalog()
+    servers = [s["serverId"] for s in svc.get_servers()["serverList"]]
+    yield svc, clock, servers, conn, ds
+    svc.close()
+
+
+def dump(svc: SmsService) -> dict:
+    """Every row of every table, for "a refusal changes nothing" checks."""
+    tables = [r["name"] for r in svc.state.query(
+        "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    return {t: [tuple(r) for r in svc.state.query(f"SELECT * FROM {t} ORDER BY rowid")]
+            for t in tables}
+
+
+def refused(svc, code, fn, *args, **kw):
+    before = dump(svc)
+    with pytest.raises(ServiceError) as info:
+        fn(*args, **kw)
+    assert info.value.code == code, str(info.value)
+    assert dump(svc) == before, "a refused call changed the state"
+    return info.value
+
+
+def new_job(svc, server, **kw):
+    params = {"serverId": server, "seedReplicationTime": svc.clock(), "frequency": 12}
+    params.update(kw)
+    return svc.create_replication_job(**params)["replicationJobId"]
+
+
+# --- ids, timestamps, schema --------------------------------------------------------
+
+def test_id_shapes():
+    for _ in range(50):
+        assert CONNECTOR_ID.match(new_connector_id())
+        assert SERVER_ID.match(new_server_id())
+        assert JOB_ID.match(new_job_id())
+        assert RUN_ID.match(new_run_id())
+
+
+@pytest.mark.parametrize("text", ["2027-01-15T08:00:00Z", "2027-01-15T08:00:00+00:00",
+                                  "2027-01-15T09:00:00+01:00", "1800000000", 1800000000,
+                                  "1800000000.0", "2027-01-15 08:00:00"])
+def test_timestamps_iso_8601_or_epoch(text):
+    assert parse_timestamp(text).timestamp() == T0
+
+
+@pytest.mark.parametrize("bad", ["yesterday", "", True, [1], "2027-13-01T00:00:00"])
+def test_bad_timestamps_are_invalid_parameters(bad):
+    with pytest.raises(ServiceError) as e:
+        parse_timestamp(bad, "seedReplicationTime")
+    assert e.value.code == "InvalidParameterException" and "seedReplicationTime" in str(e.value)
+
+
+def test_schema_is_versioned_and_a_newer_one_is_refused(tmp_path):
+    with State(tmp_path) as st:
+        assert st.version == SCHEMA_VERSION and st.check() == "ok"
+    with State(tmp_path) as st:   # reopening migrates nothing
+        assert st.version == SCHEMA_VERSION
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(ServiceError, match="newer"):
+        State(tmp_path)
+
+
+def test_state_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMSBLOCK_HOME", str(tmp_path / "home"))
+    with State() as st:
+        assert st.dir == tmp_path / "home" and (tmp_path / "home" / "state.db").exists()
+
+
+def test_config_toml_overrides_limits_and_rejects_unknown_keys(tmp_path):
+    (tmp_path / "config.toml").write_text("max_active_jobs = 3\nserver_replication_days = 120\n")
+    cfg = ServiceConfig.load(tmp_path)
+    assert cfg.max_active_jobs == 3 and cfg.server_replication_days == 120
+    assert cfg.on_demand_runs_per_day == 2
+    (tmp_path / "config.toml").write_text("max_jobs = 3\n")
+    with pytest.raises(UsageError, match="unknown settings"):
+        ServiceConfig.load(tmp_path)
+    (tmp_path / "config.toml").write_text("max_active_jobs = -1\n")
+    with pytest.raises(UsageError, match="non-negative"):
+        ServiceConfig.load(tmp_path)
+
+
+# --- connectors and catalog ----------------------------------------------------------
+
+def test_connector_health_follows_heartbeat(env):
+    svc, clock, _, conn, _ = env
+    assert conn["status"] == "HEALTHY" and CONNECTOR_ID.match(conn["connectorId"])
+    clock.advance(svc.config.heartbeat_timeout_seconds + 1)
+    (c,) = svc.get_connectors()["connectorList"]
+    assert c["status"] == "UNHEALTHY"
+    svc.heartbeat(conn["connectorId"])
+    assert svc.get_connectors()["connectorList"][0]["status"] == "HEALTHY"
+
+
+def test_catalog_statuses_and_reimport_keeps_ids(env, tmp_path):
+    svc, clock, servers, conn, ds = env
+    fresh = SmsService(tmp_path / "other", clock=clock)
+    assert fresh.get_servers() == {"serverCatalogStatus": "NOT_IMPORTED", "serverList": []}
+    refused(fresh, "NoConnectorsAvailableException", fresh.import_server_catalog)
+
+    first = {s["vmServer"]["vmPath"]: s["serverId"] for s in svc.get_servers()["serverList"]}
+    assert set(first) == {"/Datacenters/DC1/vm/prod/vm 0", "/Datacenters/DC1/vm/prod/vm 1"}
+    make_vm(ds, "DC1/prod/vm9", "vm 9")
+    import shutil
+    shutil.rmtree(ds / "DC1/prod/vm1")
+    clock.advance(60)
+    svc.import_server_catalog()
+    out = svc.get_servers()
+    assert out["serverCatalogStatus"] == "AVAILABLE" and out["lastModifiedOn"] == T0 + 60
+    second = {s["vmServer"]["vmPath"]: s["serverId"] for s in out["serverList"]}
+    assert set(second) == {"/Datacenters/DC1/vm/prod/vm 0", "/Datacenters/DC1/vm/prod/vm 9"}
+    assert second["/Datacenters/DC1/vm/prod/vm 0"] == first["/Datacenters/DC1/vm/prod/vm 0"]
+    # the VM that comes back gets its old id back
+    make_vm(ds, "DC1/prod/vm1", "vm 1")
+    svc.import_server_catalog()
+    third = {s["vmServer"]["vmPath"]: s["serverId"] for s in svc.get_servers()["serverList"]}
+    assert third["/Datacenters/DC1/vm/prod/vm 1"] == first["/Datacenters/DC1/vm/prod/vm 1"]
+
+
+def test_get_servers_filters_by_vm_address(env):
+    svc, _, servers, _, _ = env
+    all_servers = svc.get_servers()["serverList"]
+    addr = all_servers[1]["vmServer"]["vmServerAddress"]
+    out = svc.call("GetServers", {"vmServerAddressList": [addr]})
+    assert [s["serverId"] for s in out["serverList"]] == [all_servers[1]["serverId"]]
+    out = svc.call("GetServers", {"vmServerAddressList": [{"vmId": "nope"}]})
+    assert out["serverList"] == []
+
+
+def test_delete_catalog_refused_while_a_job_lives(env):
+    svc, _, servers, _, _ = env
+    job = new_job(svc, servers[0])
+    refused(svc, "OperationNotPermittedException", svc.delete_server_catalog)
+    svc.delete_replication_job(replicationJobId=job)
+    svc.delete_server_catalog()
+    assert svc.get_servers()["serverCatalogStatus"] == "DELETED"
+    assert svc.get_servers()["serverList"] == []
+    refused(svc, "InvalidParameterException", new_job, svc, servers[0])
+    svc.import_server_catalog()
+    assert sorted(s["serverId"] for s in svc.get_servers()["serverList"]) == sorted(servers)
+
+
+def test_disassociate_refused_while_a_job_needs_the_connector(env):
+    svc, _, servers, conn, _ = env
+    cid = conn["connectorId"]
+    job = new_job(svc, servers[0])
+    refused(svc, "OperationNotPermittedException", svc.disassociate_connector, connectorId=cid)
+    refused(svc, "InvalidParameterException", svc.disassociate_connector, connectorId="c-123")
+    refused(svc, "MissingRequiredParameterException", svc.disassociate_connector)
+    svc.delete_replication_job(replicationJobId=job)
+    svc.disassociate_connector(connectorId=cid)
+    assert svc.get_connectors()["connectorList"] == []
+    assert svc.get_servers()["serverList"] == []
+    refused(svc, "InvalidParameterException", svc.disassociate_connector, connectorId=cid)
+    refused(svc, "NoConnectorsAvailableException", svc.import_server_catalog)
+
+
+# --- creating jobs ----------------------------------------------------------------------
+
+def test_create_job_and_its_record(env):
+    svc, clock, servers, _, _ = env
+    job_id = new_job(svc, servers[0], frequency=24, licenseType="BYOL", roleName="sms-role",
+                     description="web tier", numberOfRecentAmisToKeep=3)
+    assert JOB_ID.match(job_id)
+    (job,) = svc.get_replication_jobs()["replicationJobList"]
+    assert job["replicationJobId"] == job_id and job["serverId"] == servers[0]
+    assert job["state"] == "PENDING" and job["frequency"] == 24 and job["licenseType"] == "BYOL"
+    assert job["roleName"] == "sms-role" and job["description"] == "web tier"
+    assert job["numberOfRecentAmisToKeep"] == 3 and job["runOnce"] is False
+    assert job["seedReplicationTime"] == T0 == job["nextReplicationRunStartTime"]
+    assert job["vmServer"]["vmName"] == "vm 0" and job["serverType"] == "VIRTUAL_MACHINE"
+    s = [s for s in svc.get_servers()["serverList"] if s["serverId"] == servers[0]][0]
+    assert s["replicationJobId"] == job_id and s["replicationJobTerminated"] is False
+
+
+def test_seed_time_window(env):
+    svc, clock, servers, _, _ = env
+    now = clock()
+    refused(svc, "InvalidParameterException", new_job, svc, servers[0],
+            seedReplicationTime=now - 3600)
+    refused(svc, "InvalidParameterException", new_job, svc, servers[0],
+            seedReplicationTime=now + 30 * DAY + 1)
+    # a few minutes ago counts as now
+    job = new_job(svc, servers[0], seedReplicationTime=now - 300)
+    assert svc.get_replication_jobs(replicationJobId=job)["replicationJobList"][0][
+        "seedReplicationTime"] == now
+    new_job(svc, servers[1], seedReplicationTime=now + 30 * DAY)
+
+
+@pytest.mark.parametrize("params,code", [
+    ({"frequency": 11}, "InvalidParameterException"),
+    ({"frequency": 25}, "InvalidParameterException"),
+    ({"frequency": None}, "MissingRequiredParameterException"),
+    ({"licenseType": "FREE"}, "InvalidParameterException"),
+    ({"roleName": "bad role!"}, "InvalidParameterException"),
+    ({"description": "x" * 256}, "InvalidParameterException"),
+    ({"numberOfRecentAmisToKeep": -1}, "InvalidParameterException"),
+    ({"encrypted": True}, "InvalidParameterException"),
+    ({"runOnce": "yes"}, "InvalidParameterException"),
+    ({"serverId": "s-00000000"}, "InvalidParameterException"),
+    ({"serverId": "server-1"}, "InvalidParameterException"),
+    ({"serverId": None}, "MissingRequiredParameterException"),
+    ({"seedReplicationTime": None}, "MissingRequiredParameterException"),
+])
+def test_create_job_refusals(env, params, code):
+    svc, _, servers, _, _ = env
+    refused(svc, code, new_job, svc, servers[0], **params)
+
+
+def test_frequency_bounds_and_run_once(env):
+    svc, _, servers, _, _ = env
+    new_job(svc, servers[0], frequency=12)
+    new_job(svc, servers[1], frequency=None, runOnce=True)
+    jobs = svc.get_replication_jobs()["replicationJobList"]
+    assert [j["runOnce"] for j in jobs] == [False, True]
+
+
+def test_one_job_per_server(env):
+    svc, _, servers, _, _ = env
+    job = new_job(svc, servers[0])
+    e = refused(svc, "ReplicationJobAlreadyExistsException", new_job, svc, servers[0])
+    assert job in str(e)
+
+
+def test_active_job_limit_is_configurable(env):
+    svc, _, servers, _, _ = env
+    svc.config.max_active_jobs = 1
+    new_job(svc, servers[0])
+    refused(svc, "OperationNotPermittedException", new_job, svc, servers[1])
+    svc.config.max_active_jobs = 2
+    new_job(svc, servers[1])
+
+
+def test_no_connector_for_server(env):
+    svc, _, servers, conn, _ = env
+    # a disassociated connector's servers leave the catalog, so mark it by hand as the
+    # race "disassociated after the catalog was read" would leave it
+    with svc.state.transaction() as db:
+        db.execute("UPDATE connectors SET disassociated_on = 1")
+    refused(svc, "NoConnectorsAvailableException", new_job, svc, servers[0])
+
+
+# --- update / delete ------------------------------------------------------------------------
+
+def test_update_job_changes_the_allowed_fields(env):
+    svc, clock, servers, _, _ = env
+    job = new_job(svc, servers[0])
+    nxt = datetime.fromtimestamp(clock() + 5 * DAY, tz=timezone.utc).isoformat()
+    svc.call("UpdateReplicationJob", {"replicationJobId": job, "frequency": 18,
+                                      "nextReplicationRunStartTime": nxt,
+                                      "licenseType": "BYOL", "roleName": "r2",
+                                      "description": "new", "numberOfRecentAmisToKeep": 2})
+    j = svc.get_replication_jobs(replicationJobId=job)["replicationJobList"][0]
+    assert (j["frequency"], j["licenseType"], j["roleName"], j["description"],
+            j["numberOfRecentAmisToKeep"]) == (18, "BYOL", "r2", "new", 2)
+    assert j["nextReplicationRunStartTime"] == clock() + 5 * DAY
+    assert j["seedReplicationTime"] == T0
+
+
+@pytest.mark.parametrize("params,code", [
+    ({"replicationJobId": "sms-job-00000000"}, "ReplicationJobNotFoundException"),
+    ({"replicationJobId": "job-1"}, "InvalidParameterException"),
+    ({"frequency": 30}, "InvalidParameterException"),
+    ({"nextReplicationRunStartTime": T0 - DAY}, "InvalidParameterException"),
+    ({"nextReplicationRunStartTime": T0 + 31 * DAY}, "InvalidParameterException"),
+    ({"licenseType": "x"}, "InvalidParameterException"),
+])
+def test_update_refusals(env, params, code):
+    svc, _, servers, _, _ = env
+    job = new_job(svc, servers[0])
+    p = {"replicationJobId": job, **params}
+    refused(svc, code, svc.update_replication_job, **p)
+
+
+def test_delete_of_a_job_that_never_ran_is_immediate(env):
+    svc, clock, servers, _, _ = env
+    job = new_job(svc, servers[0])
+    svc.tick()   # makes the first (PENDING) run
+    svc.delete_replication_job(replicationJobId=job)
+    assert svc.get_replication_jobs()["replicationJobList"] == []
+    refused(svc, "ReplicationJobNotFoundException", svc.get_replication_runs, replicationJobId=job)
+    refused(svc, "ReplicationJobNotFoundException", svc.delete_replication_job,
+            replicationJobId=job)
+    runs = svc.state.query("SELECT state FROM runs")
+    assert [r["state"] for r in runs] == ["DELETED"]
+    # the server can have a new job
+    new_job(svc, servers[0])
+
+
+def test_delete_of_a_job_that_ran_waits_for_the_connector(env):
+    svc, _, servers, _, _ = env
+    job = new_job(svc, servers[0])
+    with svc.state.transaction() as db:   # as if a run had started
+        db.execute("UPDATE jobs SET state = 'ACTIVE'")
+        db.execute("INSERT INTO runs (run_id, job_id, type, state, scheduled_start, created, "
+                   "started, completed, encrypted) VALUES ('sms-run-00000001', ?, 'ON_DEMAND', "
+                   "'COMPLETED', 1, 1, 1, 2, 0)", (job,))
+    svc.delete_replication_job(replicationJobId=job)
+    (j,) = svc.get_replication_jobs()["replicationJobList"]
+    assert j["state"] == "DELETING" and j.get("nextReplicationRunStartTime") is None
+    refused(svc, "ReplicationJobAlreadyExistsException", new_job, svc, servers[0])
+    refused(svc, "OperationNotPermittedException", svc.start_on_demand_replication_run,
+            replicationJobId=job)
+    refused(svc, "OperationNotPermittedException", svc.delete_replication_job,
+            replicationJobId=job)
+
+
+# --- on-demand runs ---------------------------------------------------------------------------
+
+def finish_runs(svc, state="COMPLETED"):
+    with svc.state.transaction() as db:
+        db.execute("UPDATE runs SET state = ?, completed = ? WHERE state IN ('PENDING', 'ACTIVE')",
+                   (state, svc.clock()))
+
+
+def test_on_demand_limit_per_rolling_24_hours(env):
+    svc, clock, servers, _, _ = env
+    job = new_job(svc, servers[0], seedReplicationTime=clock() + 10 * DAY)
+    r1 = svc.start_on_demand_replication_run(replicationJobId=job, description="first")
+    assert RUN_ID.match(r1["replicationRunId"])
+    refused(svc, "OperationNotPermittedException", svc.start_on_demand_replication_run,
+            replicationJobId=job)
+    finish_runs(svc)
+    clock.advance(10 * H)
+    svc.start_on_demand_replication_run(replicationJobId=job)
+    finish_runs(svc, "FAILED")
+    clock.advance(10 * H)
+    refused(svc, "ReplicationRunLimitExceededException", svc.start_on_demand_replication_run,
+            replicationJobId=job)
+    clock.advance(4 * H + 1)   # the first run is now more than 24 h old
+    svc.start_on_demand_replication_run(replicationJobId=job)
+    runs = svc.get_replication_runs(replicationJobId=job)["replicationRunList"]
+    assert [r["type"] for r in runs] == ["ON_DEMAND"] * 3
+    assert runs[-1]["description"] == "first" and runs[0]["state"] == "PENDING"
+    assert runs[0]["scheduledStartTime"] == clock()
+
+
+def test_on_demand_limit_is_configurable(env):
+    svc, clock, servers, _, _ = env
+    svc.config.on_demand_runs_per_day = 3
+    job = new_job(svc, servers[0], seedReplicationTime=clock() + DAY)
+    for _ in range(3):
+        svc.start_on_demand_replication_run(replicationJobId=job)
+        finish_runs(svc)
+    refused(svc, "ReplicationRunLimitExceededException", svc.start_on_demand_replication_run,
+            replicationJobId=job)
+
+
+def test_replication_window_closes_after_90_days(env):
+    svc, clock, servers, _, _ = env
+    job = new_job(svc, servers[0])
+    with svc.state.transaction() as db:   # the first run started now
+        db.execute("UPDATE servers SET first_run_time = ? WHERE server_id = ?", (clock(), servers[0]))
+    clock.advance(90 * DAY)
+    refused(svc, "ServerCannotBeReplicatedException", svc.start_on_demand_replication_run,
+            replicationJobId=job)
+    svc.tick()
+    j = svc.get_replication_jobs(replicationJobId=job)["replicationJobList"][0]
+    assert j["state"] == "COMPLETED" and "90-day" in j["statusMessage"]
+    assert "nextReplicationRunStartTime" not in j
+    svc.delete_replication_job(replicationJobId=job)
+    refused(svc, "ServerCannotBeReplicatedException", new_job, svc, servers[0])
+    svc.config.server_replication_days = 120
+    new_job(svc, servers[0])
+
+
+# --- the wire entry point and pagination -----------------------------------------------------
+
+def test_call_checks_member_names_and_types(env):
+    svc, _, servers, _, _ = env
+    refused(svc, "InvalidParameterException", svc.call, "CreateReplicationJob",
+            {"serverId": servers[0], "seedReplicationTime": T0, "frequency": "12"})
+    refused(svc, "InvalidParameterException", svc.call, "CreateReplicationJob",
+            {"serverId": servers[0], "seedReplicationTime": T0, "bogus": 1})
+    refused(svc, "InvalidParameterException", svc.call, "GetServers", {"maxResults": True})
+    refused(svc, "InvalidAction", svc.call, "DeleteApp", {})
+    out = svc.call("CreateReplicationJob", {"serverId": servers[0], "frequency": 12,
+                                            "seedReplicationTime": "2027-01-15T08:00:00Z"})
+    assert JOB_ID.match(out["replicationJobId"])
+
+
+def test_pagination_with_max_results_and_next_token(env):
+    svc, clock, servers, _, ds = env
+    for i in range(2, 7):
+        make_vm(ds, f"DC1/more/vm{i}", f"vm {i}")
+    svc.import_server_catalog()
+    seen, token, pages = [], None, 0
+    while True:
+        out = svc.call("GetServers", {"maxResults": 2, **({"nextToken": token} if token else {})})
+        assert len(out["serverList"]) <= 2
+        seen += [s["serverId"] for s in out["serverList"]]
+        pages += 1
+        token = out.get("nextToken")
+        if not token:
+            break
+    assert pages == 4 and len(seen) == len(set(seen)) == 7
+    assert len(svc.get_servers()["serverList"]) == 7   # default page of 50
+    refused(svc, "InvalidParameterException", svc.get_servers, nextToken="garbage!")
+    refused(svc, "InvalidParameterException", svc.get_servers, maxResults=0)
+    tok = svc.get_servers(maxResults=1)["nextToken"]
+    refused(svc, "InvalidParameterException", svc.get_connectors, nextToken=tok)
+    # runs page too
+    job = new_job(svc, servers[0])
+    for _ in range(3):
+        svc.tick()
+        finish_runs(svc)
+        clock.advance(12 * H)
+    r1 = svc.get_replication_runs(replicationJobId=job, maxResults=2)
+    r2 = svc.get_replication_runs(replicationJobId=job, maxResults=2, nextToken=r1["nextToken"])
+    assert len(r1["replicationRunList"]) == 2 and len(r2["replicationRunList"]) == 1
+    assert "nextToken" not in r2
+    assert "replicationRunList" not in r1["replicationJob"]

@@ -1,0 +1,209 @@
+"""Scheduling rules under hypothesis: random interleavings of time passing, scheduler
+ticks, on-demand requests, runs starting and finishing, with an injected clock.
+
+The rules checked after every step:
+* AUTOMATIC runs sit on the grid ``seed + k * frequency``, in increasing order, never in
+  the future, and a slot gets a MISSED record exactly when another run of the job was
+  busy at tick time;
+* a job never has two busy (PENDING/ACTIVE) runs;
+* no 24-hour window holds more than 2 on-demand runs, and an on-demand request is
+  refused exactly when the model says so (busy run, or the quota);
+* after a tick, the next run time is in the future.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from smsblock.errors import ServiceError
+from smsblock.service import FakeClock, SmsService
+from smsblock.service.scheduler import next_slot
+from test_service_sources import make_datastore
+
+H = 3600.0
+DAY = 86400.0
+
+
+@pytest.fixture(scope="module")
+def datastore(tmp_path_factory):
+    return make_datastore(tmp_path_factory.mktemp("ds"), 1)
+
+
+def test_next_slot_is_the_first_grid_point_after_now():
+    assert next_slot(0, 12, 0) == 12 * H
+    assert next_slot(0, 12, 12 * H - 1) == 12 * H
+    assert next_slot(0, 12, 12 * H) == 24 * H
+    assert next_slot(100, 24, 100 + 5 * DAY + 7) == 100 + 6 * DAY
+
+
+class Scheduling(RuleBasedStateMachine):
+    datastore: Path = None
+
+    def __init__(self):
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="smsblock-sched-"))
+        self.clock = FakeClock(1_800_000_000.0)
+        self.svc = SmsService(self.dir / "state", clock=self.clock)
+        self.svc.register_connector("datastore", {"path": str(self.datastore)})
+        self.svc.import_server_catalog()
+        self.server = self.svc.get_servers()["serverList"][0]["serverId"]
+        self.on_demand_created: list[float] = []
+
+    def teardown(self):
+        self.svc.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @initialize(seed_hours=st.floats(0, 72), frequency=st.integers(12, 24))
+    def create_job(self, seed_hours, frequency):
+        self.seed = self.clock() + seed_hours * H
+        self.frequency = frequency
+        self.job = self.svc.create_replication_job(
+            serverId=self.server, seedReplicationTime=self.seed,
+            frequency=frequency)["replicationJobId"]
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def runs(self):
+        return self.svc.state.query("SELECT * FROM runs WHERE job_id = ? ORDER BY created, rowid",
+                                    (self.job,))
+
+    def busy(self):
+        return [r for r in self.runs() if r["state"] in ("PENDING", "ACTIVE")]
+
+    def next_time(self):
+        return self.svc.state.query("SELECT next_run_time FROM jobs WHERE job_id = ?",
+                                    (self.job,))[0][0]
+
+    # --- rules -----------------------------------------------------------------------
+
+    @rule(hours=st.floats(0, 40))
+    def time_passes(self, hours):
+        self.clock.advance(hours * H)
+
+    @rule()
+    def tick(self):
+        was_busy = bool(self.busy())
+        due = self.next_time() <= self.clock()
+        before = {r["run_id"] for r in self.runs()}
+        self.svc.tick()
+        new = [r for r in self.runs() if r["run_id"] not in before]
+        if not due:
+            assert new == []
+        else:
+            (run,) = new
+            assert run["type"] == "AUTOMATIC"
+            assert run["state"] == ("MISSED" if was_busy else "PENDING")
+            assert run["scheduled_start"] <= self.clock()
+            # the latest passed slot, not an old one
+            assert run["scheduled_start"] > self.clock() - self.frequency * H
+        assert self.next_time() > self.clock()
+
+    @rule(description=st.none() | st.text(max_size=20))
+    def on_demand(self, description):
+        now = self.clock()
+        recent = [t for t in self.on_demand_created if t > now - DAY]
+        if self.busy():
+            expect = "OperationNotPermittedException"
+        elif len(recent) >= 2:
+            expect = "ReplicationRunLimitExceededException"
+        else:
+            expect = None
+        try:
+            self.svc.start_on_demand_replication_run(replicationJobId=self.job,
+                                                     description=description)
+        except ServiceError as e:
+            assert e.code == expect, str(e)
+            return
+        assert expect is None
+        self.on_demand_created.append(now)
+
+    @rule()
+    def a_run_starts(self):
+        with self.svc.state.transaction() as db:
+            db.execute("UPDATE runs SET state = 'ACTIVE', started = ? WHERE job_id = ? AND "
+                       "state = 'PENDING'", (self.clock(), self.job))
+
+    @rule(ok=st.booleans())
+    def runs_finish(self, ok):
+        with self.svc.state.transaction() as db:
+            db.execute("UPDATE runs SET state = ?, completed = ? WHERE job_id = ? AND "
+                       "state IN ('PENDING', 'ACTIVE')",
+                       ("COMPLETED" if ok else "FAILED", self.clock(), self.job))
+
+    # --- invariants ------------------------------------------------------------------
+
+    @invariant()
+    def at_most_one_busy_run(self):
+        assert len(self.busy()) <= 1
+
+    @invariant()
+    def automatic_runs_on_the_grid(self):
+        slots = [r["scheduled_start"] for r in self.runs() if r["type"] == "AUTOMATIC"]
+        assert slots == sorted(slots) and len(set(slots)) == len(slots)
+        step = self.frequency * H
+        for s in slots:
+            k = (s - self.seed) / step
+            assert abs(k - round(k)) < 1e-6 and k >= -1e-9
+            assert s <= self.clock()
+
+    @invariant()
+    def on_demand_quota(self):
+        times = sorted(r["created"] for r in self.runs() if r["type"] == "ON_DEMAND")
+        for a, c in zip(times, times[2:]):
+            assert c - a >= DAY
+
+
+def test_scheduling_rules(datastore):
+    Scheduling.datastore = datastore
+    run = Scheduling.TestCase()
+    run.settings = settings(max_examples=30, stateful_step_count=25, deadline=None)
+    run.runTest()
+
+
+def test_missed_run_when_on_demand_is_active_then_next_slot(datastore, tmp_path):
+    clock = FakeClock(1_800_000_000.0)
+    svc = SmsService(tmp_path / "s", clock=clock)
+    svc.register_connector("datastore", {"path": str(datastore)})
+    svc.import_server_catalog()
+    server = svc.get_servers()["serverList"][0]["serverId"]
+    job = svc.create_replication_job(serverId=server, seedReplicationTime=clock() + H,
+                                     frequency=12)["replicationJobId"]
+    od = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
+    clock.advance(H)
+    svc.tick()
+    runs = svc.get_replication_runs(replicationJobId=job)["replicationRunList"]
+    assert [(r["type"], r["state"]) for r in runs] == [("AUTOMATIC", "MISSED"), ("ON_DEMAND", "PENDING")]
+    assert od in runs[0]["statusMessage"] and "on-demand" in runs[0]["statusMessage"]
+    j = svc.get_replication_jobs(replicationJobId=job)["replicationJobList"][0]
+    assert j["nextReplicationRunStartTime"] == clock() + 12 * H
+    with svc.state.transaction() as db:
+        db.execute("UPDATE runs SET state = 'COMPLETED' WHERE run_id = ?", (od,))
+    clock.advance(12 * H)
+    svc.tick()
+    runs = svc.get_replication_runs(replicationJobId=job)["replicationRunList"]
+    assert (runs[0]["type"], runs[0]["state"]) == ("AUTOMATIC", "PENDING")
+    svc.close()
+
+
+def test_run_once_job_gets_one_automatic_run(datastore, tmp_path):
+    clock = FakeClock(1_800_000_000.0)
+    svc = SmsService(tmp_path / "s", clock=clock)
+    svc.register_connector("datastore", {"path": str(datastore)})
+    svc.import_server_catalog()
+    server = svc.get_servers()["serverList"][0]["serverId"]
+    job = svc.create_replication_job(serverId=server, seedReplicationTime=clock(),
+                                     runOnce=True)["replicationJobId"]
+    svc.tick()
+    clock.advance(5 * DAY)
+    svc.tick()
+    runs = svc.get_replication_runs(replicationJobId=job)["replicationRunList"]
+    assert len(runs) == 1 and runs[0]["type"] == "AUTOMATIC"
+    assert "nextReplicationRunStartTime" not in svc.get_replication_jobs(
+        replicationJobId=job)["replicationJobList"][0]
+    svc.close()

@@ -1,0 +1,171 @@
+"""Datastore folder source: .vmx parsing, disks and CD-ROMs, vmPath, snapshots of disks.
+
+Also holds the helpers the other service tests import (``make_vm``, ``make_datastore``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import qemu_img
+from smsblock.errors import ConnectorError
+from smsblock.service.sources import (DatastoreSource, open_source, parse_vmx,
+                                      register_source_kind, vmx_disks)
+
+
+def make_vm(root: Path, rel_folder: str, name: str, *, disks=(("scsi0:0", 1 << 20),),
+            fmt: str = "vmdk", extra: str = "", data: bytes | None = None) -> Path:
+    """A VM folder with a .vmx and real disks made by qemu-img (``data`` written at 0)."""
+    folder = root / rel_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ['.encoding = "UTF-8"', f'displayName = "{name}"', 'guestOS = "ubuntu-64"',
+             'uuid.bios = "56 4d 00 11 22 33 44 55-66 77 88 99 aa bb cc dd"']
+    for i, (dev, size) in enumerate(disks):
+        fname = f"{folder.name}{'' if i == 0 else f'_{i}'}.{'vmdk' if fmt == 'vmdk' else 'img'}"
+        path = folder / fname
+        if data is not None and i == 0:
+            raw = folder / f".{fname}.raw"
+            raw.write_bytes(data + b"\0" * (size - len(data)))
+            qemu_img("convert", "-f", "raw", "-O", fmt, raw, path)
+            raw.unlink()
+        else:
+            qemu_img("create", "-q", "-f", fmt, path, str(size))
+        lines += [f'{dev}.present = "TRUE"', f'{dev}.fileName = "{fname}"']
+    vmx = folder / f"{folder.name}.vmx"
+    vmx.write_text("\n".join(lines) + "\n" + extra)
+    return vmx
+
+
+def make_datastore(root: Path, n: int = 2) -> Path:
+    """``n`` small VMs under DC1/prod (and one at the datastore root when n > 2)."""
+    for i in range(n):
+        folder = f"DC1/prod/vm{i}" if i < 2 else f"vm{i}"
+        make_vm(root, folder, f"vm {i}")
+    return root
+
+
+def test_vmx_parsing_lowercases_keys_and_decodes_escapes(tmp_path):
+    p = tmp_path / "a.vmx"
+    p.write_text('.encoding = "UTF-8"\n# comment\nDisplayName = "a|22b|7Cc"\n\nguestOS = "windows9-64"\n')
+    assert parse_vmx(p) == {"displayname": 'a"b|c', "guestos": "windows9-64"}
+
+
+@pytest.mark.parametrize("text,where", [("garbage line\n", "line 1"),
+                                        ('ok = "1"\nkey = unquoted\n', "line 2")])
+def test_vmx_malformed_lines_name_the_line(tmp_path, text, where):
+    p = tmp_path / "bad.vmx"
+    p.write_text(text)
+    with pytest.raises(ConnectorError, match=where):
+        parse_vmx(p)
+
+
+def test_vmx_binary_or_huge_file_refused(tmp_path):
+    p = tmp_path / "bin.vmx"
+    p.write_bytes(b"a\0b")
+    with pytest.raises(ConnectorError, match="binary"):
+        parse_vmx(p)
+    p.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(ConnectorError, match="larger than"):
+        parse_vmx(p)
+
+
+def test_vmx_disks_order_skip_absent_and_warn_about_connected_cdroms():
+    vmx = {
+        "ide0:0.filename": "ide.vmdk",
+        "scsi1:0.filename": "s10.vmdk",
+        "scsi0:1.filename": "s01.vmdk",
+        "scsi0:0.filename": "s00.vmdk",
+        "nvme0:0.filename": "nv.vmdk",
+        "sata0:2.filename": "sata.vmdk",
+        "scsi0:3.filename": "gone.vmdk", "scsi0:3.present": "FALSE",
+        "ide1:0.filename": "/isos/ubuntu.iso", "ide1:0.devicetype": "cdrom-image",
+        "sata0:1.filename": "auto detect", "sata0:1.devicetype": "cdrom-raw",
+        "ide1:1.filename": "x.iso", "ide1:1.devicetype": "cdrom-image",
+        "ide1:1.startconnected": "FALSE",
+    }
+    disks, warnings = vmx_disks(vmx)
+    assert [f for _, f in disks] == ["s00.vmdk", "s01.vmdk", "s10.vmdk", "sata.vmdk", "nv.vmdk",
+                                     "ide.vmdk"]
+    assert disks[0][0] == "scsi0:0"
+    assert len(warnings) == 1 and "ide1:0" in warnings[0] and "disconnect" in warnings[0]
+
+
+def test_datastore_lists_vms_with_vmpath_from_folders(tmp_path):
+    make_vm(tmp_path, "DC1/prod/web/web", "web 01", extra='ide1:0.deviceType = "cdrom-image"\n'
+                                                         'ide1:0.fileName = "/iso/a.iso"\n')
+    make_vm(tmp_path, "DC2/db", "db")
+    make_vm(tmp_path, "standalone", "lonely")
+    src = DatastoreSource(tmp_path)
+    assert all(hasattr(src, a) for a in ("manager_type", "manager_name", "manager_id",
+                                            "list_vms", "open_run", "close"))
+    vms = {v.vmName: v for v in src.list_vms()}
+    assert set(vms) == {"web 01", "db", "lonely"}
+    assert vms["web 01"].vmPath == "/Datacenters/DC1/vm/prod/web/web 01"
+    assert vms["web 01"].vmId == "DC1/prod/web/web/web.vmx"
+    assert vms["db"].vmPath == "/Datacenters/DC2/vm/db"
+    assert vms["lonely"].vmPath == "/Datacenters/ha-datacenter/vm/lonely"
+    assert vms["web 01"].identity["guestOS"] == "ubuntu-64"
+    assert vms["web 01"].identity["biosUuid"].startswith("56 4d")
+    assert any("CD-ROM" in w for w in vms["web 01"].warnings)
+    assert vms["db"].vmManagerType == "VSPHERE" and vms["db"].vmManagerId == src.manager_id
+    # the id of the datastore is stable
+    assert DatastoreSource(tmp_path).manager_id == src.manager_id
+
+
+def test_open_run_gives_the_disks_boot_first_and_closes_them(tmp_path):
+    data = b"boot sector!" * 100
+    make_vm(tmp_path, "DC1/a", "a", disks=(("scsi0:1", 2 << 20), ("scsi0:0", 1 << 20)), data=data)
+    src = open_source("datastore", {"path": str(tmp_path)})
+    (vm,) = src.list_vms()
+    with src.open_run(vm.to_dict()) as run:
+        assert [d.key for d in run.disks] == ["scsi0:0", "scsi0:1"]
+        # the boot disk is scsi0:0 (the second file made, 1 MiB); data went to the first
+        assert run.disks[0].disk.size == 1 << 20
+        assert run.disks[1].disk.read(0, len(data)) == data
+        assert run.disks[0].disk.info.format == "vmdk"
+        rec = run.record()
+        assert rec["disks"][0]["changeMethod"] == "hash"
+    assert run.disks == []
+
+
+def test_open_run_refuses_disks_outside_the_datastore_and_missing_files(tmp_path):
+    ds = tmp_path / "ds"
+    vmx = make_vm(ds, "DC1/a", "a")
+    outside = tmp_path / "outside.img"
+    outside.write_bytes(b"\0" * 4096)
+    vmx.write_text(vmx.read_text().replace('fileName = "a.vmdk"', f'fileName = "{outside}"'))
+    src = DatastoreSource(ds)
+    with pytest.raises(ConnectorError, match="outside the datastore"):
+        with src.open_run({"vmId": "DC1/a/a.vmx"}):
+            pass
+    vmx.write_text(vmx.read_text().replace(str(outside), "missing.vmdk"))
+    with pytest.raises(ConnectorError, match="does not exist"):
+        with src.open_run({"vmId": "DC1/a/a.vmx"}):
+            pass
+    with pytest.raises(ConnectorError, match="not a .vmx"):
+        src.open_run({"vmId": "../../etc/passwd"})
+    with pytest.raises(ConnectorError, match="gone"):
+        src.open_run({"vmId": "DC1/b/b.vmx"})
+
+
+def test_unknown_source_kind_and_bad_folder(tmp_path):
+    with pytest.raises(ConnectorError, match="unknown connector source kind"):
+        open_source("hyperv", {})
+    with pytest.raises(ConnectorError, match="does not exist"):
+        open_source("datastore", {"path": str(tmp_path / "nope")})
+    with pytest.raises(ConnectorError, match="no path"):
+        open_source("datastore", {})
+
+
+def test_other_source_kinds_plug_in(tmp_path):
+    calls = []
+
+    def factory(config):
+        calls.append(config)
+        return DatastoreSource(config["root"])
+
+    register_source_kind("test-kind", factory)
+    src = open_source("test-kind", {"root": str(tmp_path)})
+    assert calls == [{"root": str(tmp_path)}] and src.list_vms() == []
