@@ -28,7 +28,7 @@ _WINDOWS_STRINGS = (b"Invalid partition table", b"Missing operating system")
 # prologue of the Microsoft MBRs: xor ax,ax; mov ss,ax; mov sp,7C00h
 _MS_PROLOGUE = b"\x33\xc0\x8e\xd0\xbc\x00\x7c"
 _OTHER_NAMES = ((b"SYSLINUX", "SYSLINUX"), (b"LILO", "LILO"), (b"isolinux", "ISOLINUX"),
-                (b"Multiple active partitions.", "SYSLINUX MBR"), (b"MBR \x00", "install-mbr"),
+                (b"Multiple active partitions.", "SYSLINUX MBR"),
                 (b"GRLDR", "GRUB4DOS"), (b"BOOTMGR", "Windows boot manager (VBR)"))
 
 
