@@ -17,6 +17,8 @@ DEB_PACKAGES=(
   build-essential libdeflate-dev libxxhash-dev libzstd-dev
   # disk-format oracle and peers measured by the benchmarks
   qemu-utils xxhash zstd
+  # a second, independent streamOptimized VMDK writer the writer tests compare layouts with
+  python3-vmdkstream
   # real tools that make test disks and filesystems (image step)
   fdisk e2fsprogs xfsprogs btrfs-progs jfsutils ntfs-3g dosfstools grub-pc-bin
 )
