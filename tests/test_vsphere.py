@@ -659,3 +659,29 @@ def test_datastore_endpoint_repr_hides_the_session_cookie():
     ep = DatastoreEndpoint("https://vc:443", "DC0", "ds1", "vmware_soap_session=SECRET")
     assert "SECRET" not in repr(ep) and "SECRET" not in str(ep)
     assert ep.url("vm 1/disk.vmdk") == "https://vc:443/folder/vm%201/disk.vmdk?dcPath=DC0&dsName=ds1"
+
+
+def test_failed_cleanup_does_not_hide_the_run_error(source, vcsim, tmp_path, monkeypatch):
+    from smsblock.source import vsphere as mod
+    _put_flat_vmdk(vcsim, "DC0_H0_VM0", tmp_path)
+    vm = _vm(source, "DC0_H0_VM0")
+
+    def refuse(self, snap):
+        raise VSphereError("snapshot snapshot-1 is still there")
+    original = mod.VSphereRun._remove_snapshot
+    monkeypatch.setattr(mod.VSphereRun, "_remove_snapshot", refuse)
+    with pytest.raises(RuntimeError, match="engine failed") as err:
+        with source.open_run(vm) as run:
+            raise RuntimeError("engine failed")
+    assert "still there" in " ".join(getattr(err.value, "__notes__", []))
+    # a leftover that cannot be removed fails the next run before it snapshots again
+    with pytest.raises(VSphereError, match="still there"):
+        with source.open_run(vm) as run:
+            pass
+    assert len(_snapshots(source, vm.vmId)) == 1
+    monkeypatch.setattr(mod.VSphereRun, "_remove_snapshot", original)
+    # once removal works, the next run cleans the leftover up before taking its own snapshot
+    with source.open_run(vm) as run:
+        assert sum("left by an earlier run" in w for w in run.warnings) == 1
+        assert len(_snapshots(source, vm.vmId)) == 1
+    assert _snapshots(source, vm.vmId) == []

@@ -561,8 +561,16 @@ class VSphereRun:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except VSphereError as cleanup:
+            if exc is None:
+                raise
+            # keep the run's own failure as the error; say the snapshot is still there
+            log.error("%s", cleanup)
+            exc.add_note(f"also: {cleanup}")
+            self.warnings.append(str(cleanup))
 
     def close(self) -> None:
         """Close the disks and remove the snapshot (idempotent; never skipped on cancel)."""
@@ -643,8 +651,13 @@ class VSphereRun:
         """RemoveSnapshot_Task, then poll the VM's snapshot tree until it is gone (the
         task's info is not read: see the module docstring)."""
         moid = snap._moId
-        self.source._call("remove snapshot (needs VirtualMachine.State.RemoveSnapshot)",
-                          snap.RemoveSnapshot_Task, removeChildren=False, consolidate=True)
+        try:
+            snap.RemoveSnapshot_Task(removeChildren=False, consolidate=True)
+        except Exception as e:
+            if not _is_gone(e):     # already removed (by a person, or a retried cleanup): fine
+                raise _translate(e, self.source.settings,
+                                 "remove snapshot (needs VirtualMachine.State.RemoveSnapshot)") \
+                    from None
         deadline = time.monotonic() + self.task_timeout
         while any(n.snapshot._moId == moid for n in self._snapshot_tree()):
             if time.monotonic() > deadline:
