@@ -7,6 +7,8 @@ __version__ = "0.1.0"
 
 from . import errors
 from .disk import Disk, DiskInfo, Extent, ExtentKind, open_disk
+from .disk.writer import convert, write_raw, write_stream_optimized
 from .progress import CancelToken
 
-__all__ = ["errors", "open_disk", "Disk", "DiskInfo", "Extent", "ExtentKind", "CancelToken"]
+__all__ = ["errors", "open_disk", "Disk", "DiskInfo", "Extent", "ExtentKind", "CancelToken",
+           "convert", "write_raw", "write_stream_optimized"]
