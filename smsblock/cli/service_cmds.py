@@ -1,0 +1,249 @@
+"""``smsblock connector ...``, ``smsblock sms VERB ...`` and ``smsblock serve``.
+
+``smsblock sms`` takes the verbs, options and JSON output of ``aws sms`` (AWS CLI v1):
+empty responses print nothing, errors print ``An error occurred (Code) when calling the
+Op operation: message`` and exit 255.  Timestamps are accepted as ISO 8601 or epoch
+seconds and printed as epoch seconds, as the SMS wire protocol carries them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+
+from ..errors import ServiceError, UsageError
+
+log = logging.getLogger(__name__)
+
+EXIT_SERVICE_ERROR = 255   # what aws (v1) exits with on a service error
+
+
+def _add_state(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", metavar="DIR", default=None,
+                   help="state directory (default: $SMSBLOCK_HOME or ~/.smsblock)")
+
+
+def _service(args):
+    from ..service import SmsService
+    return SmsService(args.state)
+
+
+def _print_json(doc) -> None:
+    if doc != {}:
+        print(json.dumps(doc, indent=4, ensure_ascii=False))
+
+
+# --- smsblock connector ----------------------------------------------------------------
+
+def _connector_register(args) -> int:
+    if bool(args.datastore) == bool(args.vcenter):
+        raise UsageError("connector register: give exactly one of --datastore PATH or --vcenter HOST")
+    if args.datastore:
+        from ..service.sources import DatastoreSource
+        kind, config = "datastore", DatastoreSource(args.datastore).config()  # absolute, checked
+    else:
+        from ..source.vsphere import VCenterSettings
+        settings = VCenterSettings.from_options(
+            args.vcenter, args.username, password_file=args.password_file,
+            ca_bundle=args.ca_bundle, insecure=args.insecure)
+        kind, config = "vsphere", settings.to_config()
+    with _service(args) as svc:
+        connector = svc.register_connector(kind, config, store=args.store)
+    _print_json(connector)
+    return 0
+
+
+def _connector_run(args) -> int:
+    from ..service.connector import ConnectorLoop
+    with _service(args) as svc:
+        loop = ConnectorLoop(svc, args.connector_id, heartbeat_interval=args.heartbeat_interval)
+        with loop:
+            if args.once:
+                _print_json(loop.run_once())
+                return 0
+            previous = signal.signal(signal.SIGTERM, lambda *_: loop.stop.cancel("SIGTERM"))
+            try:
+                log.info("connector %s running; polling every %ss", loop.connector_id,
+                         args.poll_interval)
+                loop.run_forever(args.poll_interval)
+            except KeyboardInterrupt:
+                loop.stop.cancel("interrupted")
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+# --- smsblock sms VERB ------------------------------------------------------------------
+
+def _shorthand_addresses(text: str) -> list[dict]:
+    """``--vm-server-address-list``: JSON, or aws shorthand ``vmManagerId=a,vmId=b ...``."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise UsageError(f"--vm-server-address-list: bad JSON: {e}") from None
+        return value
+    out = []
+    for item in text.split():
+        entry = {}
+        for pair in item.split(","):
+            key, sep, value = pair.partition("=")
+            if not sep or key not in ("vmManagerId", "vmId"):
+                raise UsageError(f"--vm-server-address-list: expected vmManagerId=...,vmId=..., "
+                                 f"got {pair!r}")
+            entry[key] = value
+        out.append(entry)
+    return out
+
+
+def _paging(p):
+    p.add_argument("--max-results", dest="maxResults", type=int)
+    p.add_argument("--next-token", dest="nextToken")
+
+
+def _job_settings(p, create: bool):
+    p.add_argument("--frequency", type=int, help="hours between runs (12 to 24)")
+    if create:
+        p.add_argument("--run-once", dest="runOnce", action=argparse.BooleanOptionalAction)
+    p.add_argument("--license-type", dest="licenseType", choices=["AWS", "BYOL"])
+    p.add_argument("--role-name", dest="roleName")
+    p.add_argument("--description")
+    p.add_argument("--number-of-recent-amis-to-keep", dest="numberOfRecentAmisToKeep", type=int)
+    p.add_argument("--encrypted", action=argparse.BooleanOptionalAction)
+    p.add_argument("--kms-key-id", dest="kmsKeyId")
+
+
+def _verbs():
+    """(verb, operation, add-options function)."""
+
+    def none(p):
+        pass
+
+    def connector_id(p):
+        p.add_argument("--connector-id", dest="connectorId", required=True)
+
+    def get_servers(p):
+        _paging(p)
+        p.add_argument("--vm-server-address-list", dest="vmServerAddressList",
+                       type=_shorthand_addresses)
+
+    def create_job(p):
+        p.add_argument("--server-id", dest="serverId", required=True)
+        p.add_argument("--seed-replication-time", dest="seedReplicationTime", required=True,
+                       help="ISO 8601 or epoch seconds")
+        _job_settings(p, create=True)
+
+    def get_jobs(p):
+        p.add_argument("--replication-job-id", dest="replicationJobId")
+        _paging(p)
+
+    def get_runs(p):
+        p.add_argument("--replication-job-id", dest="replicationJobId", required=True)
+        _paging(p)
+
+    def update_job(p):
+        p.add_argument("--replication-job-id", dest="replicationJobId", required=True)
+        p.add_argument("--next-replication-run-start-time", dest="nextReplicationRunStartTime",
+                       help="ISO 8601 or epoch seconds")
+        _job_settings(p, create=False)
+
+    def on_demand(p):
+        p.add_argument("--replication-job-id", dest="replicationJobId", required=True)
+        p.add_argument("--description")
+
+    def job_id(p):
+        p.add_argument("--replication-job-id", dest="replicationJobId", required=True)
+
+    return [
+        ("get-connectors", "GetConnectors", _paging),
+        ("disassociate-connector", "DisassociateConnector", connector_id),
+        ("import-server-catalog", "ImportServerCatalog", none),
+        ("delete-server-catalog", "DeleteServerCatalog", none),
+        ("get-servers", "GetServers", get_servers),
+        ("create-replication-job", "CreateReplicationJob", create_job),
+        ("get-replication-jobs", "GetReplicationJobs", get_jobs),
+        ("get-replication-runs", "GetReplicationRuns", get_runs),
+        ("update-replication-job", "UpdateReplicationJob", update_job),
+        ("start-on-demand-replication-run", "StartOnDemandReplicationRun", on_demand),
+        ("delete-replication-job", "DeleteReplicationJob", job_id),
+    ]
+
+
+def _sms(args) -> int:
+    from ..service.api import OPERATIONS
+    params = {k: v for k, v in vars(args).items()
+              if k in OPERATIONS[args.operation] and v is not None}
+    with _service(args) as svc:
+        try:
+            result = svc.call(args.operation, params)
+        except ServiceError as e:
+            print(f"\nAn error occurred ({e.code}) when calling the {args.operation} "
+                  f"operation: {e}", file=sys.stderr)
+            return EXIT_SERVICE_ERROR
+    _print_json(result)
+    return 0
+
+
+# --- smsblock serve -----------------------------------------------------------------------
+
+def _serve(args) -> int:
+    from ..service.server import make_server
+    with _service(args) as svc:
+        server = make_server(svc, args.host, args.port)
+        print(f"smsblock serve: listening on {server.url} (state {svc.state.dir})", flush=True)
+        previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        try:
+            server.serve_forever(poll_interval=0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            server.server_close()
+    return 0
+
+
+def register(subparsers) -> None:
+    conn = subparsers.add_parser("connector", help="register and run a connector")
+    conn_sub = conn.add_subparsers(dest="connector_command", metavar="ACTION", required=True)
+
+    reg = conn_sub.add_parser("register", help="associate a new connector; prints it as JSON")
+    _add_state(reg)
+    reg.add_argument("--datastore", metavar="PATH", help="datastore folder of VM folders (.vmx + VMDKs)")
+    reg.add_argument("--vcenter", metavar="HOST[:PORT]", help="vCenter address (or https:// / http:// URL)")
+    reg.add_argument("--username", help="vCenter user")
+    reg.add_argument("--password-file", metavar="FILE",
+                     help="file whose first line is the vCenter password "
+                          "(default: $SMSBLOCK_VCENTER_PASSWORD)")
+    reg.add_argument("--ca-bundle", metavar="FILE", help="CA certificates to verify vCenter with")
+    reg.add_argument("--insecure", action="store_true",
+                     help="ignore hostname mismatch and expiration errors for vCenter and "
+                          "ESXi certificates")
+    reg.add_argument("--store", metavar="PATH_OR_URL",
+                     help="block store for this connector's runs (default: STATE/store)")
+    reg.set_defaults(func=_connector_register)
+
+    run = conn_sub.add_parser("run", help="heartbeat, schedule and execute due runs")
+    _add_state(run)
+    run.add_argument("--connector-id", help="which connector (default: the only one)")
+    run.add_argument("--once", action="store_true", help="do what is due now, print it, exit")
+    run.add_argument("--poll-interval", type=float, default=10.0, metavar="SECONDS")
+    run.add_argument("--heartbeat-interval", type=float, default=30.0, metavar="SECONDS")
+    run.set_defaults(func=_connector_run)
+
+    sms = subparsers.add_parser("sms", help="the SMS API verbs of `aws sms`, on local state")
+    sms_sub = sms.add_subparsers(dest="sms_verb", metavar="VERB", required=True)
+    for verb, operation, add_options in _verbs():
+        p = sms_sub.add_parser(verb, help=operation)
+        _add_state(p)
+        add_options(p)
+        p.set_defaults(func=_sms, operation=operation)
+
+    serve = subparsers.add_parser("serve", help="serve the SMS JSON API over HTTP (SigV4-checked)")
+    _add_state(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    serve.set_defaults(func=_serve)
