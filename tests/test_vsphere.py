@@ -231,7 +231,8 @@ def test_catalog_fields(source):
     assert names - {"DC0_C0_RP0_VM1"} == {"DC0_H0_VM0", "DC0_H0_VM1", "DC0_C0_RP0_VM0"}
     for v in vms:
         assert v.vmId.startswith("vm-")
-        assert v.vmPath == f"/Datacenters/DC0/vm/{v.vmName}"
+        # (another test of this session moves DC0_H0_VM1 into a folder)
+        assert v.vmPath.startswith("/Datacenters/DC0/vm/") and v.vmPath.endswith("/" + v.vmName)
         assert v.vmManagerName == "127.0.0.1"
         assert v.vmManagerId == about.instanceUuid
         assert v.vmManagerType == "VSPHERE"
@@ -685,3 +686,15 @@ def test_failed_cleanup_does_not_hide_the_run_error(source, vcsim, tmp_path, mon
         assert sum("left by an earlier run" in w for w in run.warnings) == 1
         assert len(_snapshots(source, vm.vmId)) == 1
     assert _snapshots(source, vm.vmId) == []
+
+
+def test_vm_path_follows_folders(source):
+    vm = _vm(source, "DC0_H0_VM1")
+    obj = vim.VirtualMachine(vm.vmId, source._si._stub)
+    dc = source.content.rootFolder.childEntity[0]
+    prod = dc.vmFolder.CreateFolder("Prod")
+    web = prod.CreateFolder("Web tier")
+    _wait_task(web.MoveIntoFolder_Task([obj]))
+    moved = _vm(source, "DC0_H0_VM1")
+    assert moved.vmId == vm.vmId
+    assert moved.vmPath == "/Datacenters/DC0/vm/Prod/Web tier/DC0_H0_VM1"

@@ -335,12 +335,16 @@ class VSphereSource:
             view.Destroy()
 
     def _paths(self) -> dict[str, tuple[str, str]]:
-        """moid → (name, parent moid) of every folder and datacenter, plus the root."""
+        """moid → (name, parent moid) of every folder, datacenter and vApp (a vApp sits in
+        the VM folder it was placed in), plus the root."""
         from pyVmomi import vim
-        objs = self._retrieve([vim.Folder, vim.Datacenter],
-                              {vim.Folder: ["name", "parent"], vim.Datacenter: ["name", "parent"]})
-        tree = {moid: (p.get("name", moid), p["parent"]._moId if p.get("parent") else None)
-                for moid, (_, p) in objs.items()}
+        objs = self._retrieve([vim.Folder, vim.Datacenter, vim.VirtualApp],
+                              {vim.Folder: ["name", "parent"], vim.Datacenter: ["name", "parent"],
+                               vim.VirtualApp: ["name", "parentFolder", "parentVApp"]})
+        tree = {}
+        for moid, (_, p) in objs.items():
+            parent = p.get("parent") or p.get("parentFolder") or p.get("parentVApp")
+            tree[moid] = (p.get("name", moid), parent._moId if parent is not None else None)
         root = self.content.rootFolder
         tree.setdefault(root._moId, (self._call("inventory", lambda: root.name), None))
         return tree
@@ -455,15 +459,24 @@ class VSphereSource:
             timeout=self.settings.timeout)
 
     def tls_error(self, e: Exception) -> VSphereError:
-        inner = e
-        while inner is not None and not isinstance(inner, ssl.SSLError):
-            inner = inner.__context__ or (inner.args[0] if inner.args and
-                                          isinstance(inner.args[0], BaseException) else None)
-            if isinstance(inner, BaseException) and getattr(inner, "reason", None) is not None \
-                    and isinstance(inner.reason, ssl.SSLError):
-                inner = inner.reason
-        return _translate(inner if isinstance(inner, ssl.SSLError) else e, self.settings,
-                          "datastore download")
+        """The one-line error for a TLS failure on the datastore file service (requests
+        wraps the ssl error a few levels deep)."""
+        return _translate(_find_ssl_error(e) or e, self.settings, "datastore download")
+
+
+def _find_ssl_error(e: BaseException | None, depth: int = 0) -> ssl.SSLError | None:
+    if e is None or depth > 8:
+        return None
+    if isinstance(e, ssl.SSLError):
+        return e
+    inner = [e.__cause__, e.__context__, getattr(e, "reason", None)]
+    inner += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+    for i in inner:
+        if isinstance(i, BaseException):
+            found = _find_ssl_error(i, depth + 1)
+            if found is not None:
+                return found
+    return None
 
 
 def _is_gone(e: BaseException) -> bool:
@@ -778,5 +791,4 @@ def _is_unsupported_text(text: str) -> bool:
                                    "not implemented", "not supported"))
 
 
-__all__ = ["VCenterSettings", "VSphereSource", "VSphereRun", "parse_address", "PASSWORD_ENV",
-           "ConnectorError"]
+__all__ = ["VCenterSettings", "VSphereSource", "VSphereRun", "parse_address", "PASSWORD_ENV"]
