@@ -61,6 +61,11 @@ class Unreadable(Exception):
     """A filesystem that should be readable could not be read; the message says why."""
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 # --- filesystem readers: a common lookup with symlinks resolved inside the guest ---------
 
 class _Reader:
@@ -124,8 +129,8 @@ class _LibyalReader(_Reader):
         path = f"{node[0]}/{name}"
         try:
             entry = self.volume.get_file_entry_by_path(path)
-        except (IOError, OSError, TypeError):
-            return None
+        except OSError as e:      # a missing path is None; an error means damaged metadata
+            raise Unreadable(f"looking up {path}: {_first_line(e)}") from None
         return None if entry is None else (path, entry)
 
     def link_target(self, node):
@@ -177,7 +182,7 @@ def open_linux_reader(fs_type: str, region: Region) -> _Reader:
     except Unreadable:
         raise
     except Exception as e:      # the libraries raise IOError/OSError; btrfs raises BtrfsError
-        raise Unreadable(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        raise Unreadable(_first_line(e)) from None
 
 
 # --- Linux ------------------------------------------------------------------------
@@ -384,7 +389,7 @@ def open_ntfs(region: Region):
         volume.open_file_object(region)
         return volume
     except Exception as e:
-        raise Unreadable(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        raise Unreadable(_first_line(e)) from None
 
 
 def ntfs_label(volume) -> str | None:

@@ -1,0 +1,175 @@
+"""Operating system detection on filesystems that mkfs populated from fake root trees:
+ext2/3/4 (mkfs -d), XFS (protofile), Btrfs (--rootdir), NTFS with a SOFTWARE hive."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+
+import pytest
+
+from image_builders import (DISTROS, MiB, fake_root, fuse_available, mkfs_btrfs, mkfs_ext,
+                            mkfs_windows, mkfs_xfs, patch)
+from smsblock import open_disk
+from smsblock.image.btrfs import BtrfsVolume
+from smsblock.image.inspect import inspect_disk
+from smsblock.image.osdetect import elf_architecture, linux_release, open_linux_reader
+from smsblock.image.region import Region
+
+EXT_KINDS = ("ext2", "ext3", "ext4")
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    base = tmp_path_factory.mktemp("roots")
+    return base
+
+
+def _os(path):
+    with open_disk(path) as d:
+        return inspect_disk(d)
+
+
+@pytest.mark.parametrize("i,distro", list(enumerate(sorted(DISTROS))))
+def test_each_distribution_on_ext(roots, tmp_path, i, distro):
+    kind = EXT_KINDS[i % 3]
+    root = fake_root(roots, distro, merged_usr=bool(i % 2))
+    img = mkfs_ext(tmp_path / "fs.img", kind, 4 * MiB, label=f"r{i}", root=root)
+    report = _os(img)
+    dist, version, pretty = DISTROS[distro]["expect"]
+    o = report.os
+    assert (o.family, o.distribution, o.version, o.architecture, o.name) == \
+        ("linux", dist, version, "x86_64", pretty)
+    assert (o.root_partition, o.root_filesystem) == (0, kind)
+    assert report.partitions[0].filesystem == kind
+    assert [f.code for f in report.findings] == ["bare-filesystem"]
+
+
+def test_most_precise_version_wins():
+    osr = 'ID="centos"\nVERSION_ID="7"\n'
+    assert linux_release({"etc/os-release": osr,
+                          "etc/redhat-release": "CentOS Linux release 7.2.1511 (Core)"})[:2] == \
+        ("centos", "7.2.1511")
+    assert linux_release({"etc/os-release": 'ID=debian\nVERSION_ID="7"\n',
+                          "etc/debian_version": "7.8"})[:2] == ("debian", "7.8")
+    # disagreeing versions: the first file believed, and said so
+    dist, ver, _, _, findings = linux_release({"etc/redhat-release": "CentOS release 6.5 (Final)",
+                                               "etc/os-release": 'ID=centos\nVERSION_ID="7"\n'})
+    assert (dist, ver) == ("centos", "6.5") and [f.code for f in findings] == ["os-version-disagree"]
+    assert linux_release({})[0] is None
+    assert linux_release({"etc/os-release": "garbage without equals\n\x00\x01"})[0] is None
+
+
+def test_elf_architecture_from_a_real_binary():
+    head = bytearray(open(shutil.which("true"), "rb").read(64))
+    assert elf_architecture(bytes(head)) == "x86_64"
+    struct.pack_into("<H", head, 18, 3)
+    head[4] = 1
+    assert elf_architecture(bytes(head)) == "i386"
+    struct.pack_into("<H", head, 18, 183)
+    head[4] = 2
+    assert elf_architecture(bytes(head)) == "aarch64"
+    assert elf_architecture(b"#!/bin/sh\n") is None
+
+
+def test_xfs_root_from_protofile(roots, tmp_path):
+    root = fake_root(roots, "centos-7.2.1511", merged_usr=True)
+    img = mkfs_xfs(tmp_path / "xfs.img", label="xroot", root=root)
+    report = _os(img)
+    o = report.os
+    assert (o.distribution, o.version, o.architecture, o.root_filesystem) == \
+        ("centos", "7.2.1511", "x86_64", "xfs")
+    assert report.partitions[0].label == "xroot"
+
+
+def test_btrfs_root_from_rootdir(roots, tmp_path):
+    root = fake_root(roots, "ubuntu-16.10", merged_usr=True)
+    img = mkfs_btrfs(tmp_path / "b.img", label="broot", root=root)
+    report = _os(img)
+    o = report.os
+    assert (o.distribution, o.version, o.architecture, o.root_filesystem) == \
+        ("ubuntu", "16.10", "x86_64", "btrfs")
+    assert o.sources == ["usr/lib/os-release"] or "etc/os-release" in o.sources
+
+
+def test_btrfs_reader_reads_inline_and_regular_extents(tmp_path):
+    root = tmp_path / "tree"
+    (root / "etc/deep/er").mkdir(parents=True)
+    small = b"small file\n"
+    big = bytes(range(256)) * 300            # 76800 bytes: regular (non-inline) extents
+    (root / "etc/small").write_bytes(small)
+    (root / "etc/deep/er/big").write_bytes(big)
+    (root / "link").symlink_to("etc/deep/er/big")
+    img = mkfs_btrfs(tmp_path / "b.img", label="t", root=root)
+    with open_disk(img) as d:
+        reader = open_linux_reader("btrfs", Region(d))
+        assert reader.read_file("etc/small") == small
+        assert reader.read_file("etc/deep/er/big", 1 << 20) == big
+        assert reader.read_file("link", 1 << 20) == big
+        assert reader.read_file("etc/missing") is None
+        assert reader.read_file("etc/deep/../small") == small
+        vol = BtrfsVolume(Region(d))
+        assert vol.child(vol.root(), "etc") is not None
+
+
+def test_symlink_loop_is_a_finding(tmp_path):
+    root = tmp_path / "tree"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/os-release").symlink_to("os-release")
+    img = mkfs_ext(tmp_path / "e.img", "ext4", 4 * MiB, label="loop", root=root)
+    report = _os(img)
+    assert report.os is None
+    assert [f.code for f in report.findings] == ["bare-filesystem", "fs-unreadable"]
+    assert "too many symbolic links" in report.findings[1].message
+
+
+def test_unreadable_filesystem_is_a_finding(roots, tmp_path):
+    """An ext4 whose group descriptors are wiped: identified, but unreadable, not a crash."""
+    img = mkfs_ext(tmp_path / "e.img", "ext4", 4 * MiB, label="broken",
+                   root=fake_root(roots, "debian-7.8"), extra=["-b", "4096"])
+    patch(img, 4096, bytes(4096))           # block size 4096: descriptors in block 1
+    report = _os(img)
+    assert report.partitions[0].filesystem == "ext4"
+    assert report.os is None
+    assert [f.code for f in report.findings] == ["bare-filesystem", "fs-unreadable"]
+
+
+def test_damaged_btrfs_tree_is_a_finding(roots, tmp_path):
+    img = mkfs_btrfs(tmp_path / "b.img", label="broken", root=fake_root(roots, "debian-7.8"))
+    with open(img, "rb") as f:
+        f.seek(0x10000 + 0x50)
+        root_tree = struct.unpack("<Q", f.read(8))[0]
+    with open_disk(img) as d:
+        phys = BtrfsVolume(Region(d)).physical(root_tree)
+    patch(img, phys + 0x30, b"\xff" * 8)    # the root tree node no longer names itself
+    report = _os(img)
+    assert report.os is None
+    assert [f.code for f in report.findings] == ["bare-filesystem", "fs-unreadable"]
+    assert "names another address" in report.findings[1].message
+
+
+WINDOWS = {
+    "2012r2": ({"ProductName": "Windows Server 2012 R2 Standard", "CurrentVersion": "6.3",
+                "CurrentBuildNumber": "9600", "EditionID": "ServerStandard"}, True,
+               ("Windows Server 2012 R2 Standard", "6.3.9600", "x86_64", "ServerStandard", None)),
+    "win10": ({"ProductName": "Windows 10 Pro", "CurrentVersion": "6.3", "CurrentBuild": "14393",
+               "CurrentMajorVersionNumber": 10, "CurrentMinorVersionNumber": 0,
+               "EditionID": "Professional"}, True,
+              ("Windows 10 Pro", "10.0.14393", "x86_64", "Professional", None)),
+    "win7-32": ({"ProductName": "Windows 7 Ultimate", "CurrentVersion": "6.1",
+                 "CurrentBuildNumber": "7601", "CSDVersion": "Service Pack 1",
+                 "EditionID": "Ultimate"}, False,
+                ("Windows 7 Ultimate", "6.1.7601", "i386", "Ultimate", "Service Pack 1")),
+}
+
+
+@pytest.mark.skipif(not fuse_available(), reason="ntfs-3g FUSE mount (/dev/fuse) needed to make folders")
+@pytest.mark.parametrize("name", sorted(WINDOWS))
+def test_windows_from_software_hive(tmp_path, name):
+    values, wow64, expect = WINDOWS[name]
+    img = mkfs_windows(tmp_path / "w.img", label="System", values=values, wow64=wow64)
+    report = _os(img)
+    o = report.os
+    assert (o.distribution, o.version, o.architecture, o.edition, o.service_pack) == expect
+    assert (o.family, o.root_filesystem) == ("windows", "ntfs")
+    assert report.partitions[0].label == "System"
