@@ -190,7 +190,7 @@ def mkfs_simple(path: Path, kind: str, size: int, label: str) -> Path:
     elif kind == "swap":
         run("mkswap", "-L", label, path)
     elif kind.startswith("fat"):
-        run("mkfs.fat", "-F", kind[3:], "-n", label, path)
+        run("mkfs.fat", "-F", kind[3:], "-s", "1", "-n", label, path)   # 1 sector/cluster: small FATs
     elif kind == "ntfs":
         run("mkntfs", "-q", "-F", "-f", "-L", label, path)
     else:
