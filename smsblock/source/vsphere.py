@@ -153,6 +153,34 @@ class VCenterSettings:
         return ctx
 
 
+def add_vcenter_options(parser) -> None:
+    """The connector's vCenter options, for ``smsblock connector register``."""
+    g = parser.add_argument_group("vCenter source")
+    g.add_argument("--vcenter", metavar="HOST[:PORT]|URL",
+                   help="vCenter to register with (https:// by default; http:// for simulators)")
+    g.add_argument("--username", help="vCenter service account")
+    g.add_argument("--password-file", metavar="FILE",
+                   help=f"file whose first line is the password (default: ${PASSWORD_ENV})")
+    g.add_argument("--ca-bundle", metavar="FILE",
+                   help="PEM CA certificate(s) that signed vCenter's certificate")
+    g.add_argument("--insecure", action="store_true",
+                   help="ignore hostname mismatch and expiration errors for vCenter and ESXi "
+                        "certificates (the chain is still verified)")
+
+
+def settings_from_args(args, environ=None) -> "VCenterSettings | None":
+    """Settings from the options of :func:`add_vcenter_options` (None without --vcenter)."""
+    if not getattr(args, "vcenter", None):
+        for opt in ("username", "password_file", "ca_bundle"):
+            if getattr(args, opt, None):
+                raise UsageError(f"--{opt.replace('_', '-')} is only valid with --vcenter")
+        return None
+    return VCenterSettings.from_options(args.vcenter, args.username,
+                                        password_file=args.password_file,
+                                        ca_bundle=args.ca_bundle, insecure=args.insecure,
+                                        environ=environ)
+
+
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -791,4 +819,5 @@ def _is_unsupported_text(text: str) -> bool:
                                    "not implemented", "not supported"))
 
 
-__all__ = ["VCenterSettings", "VSphereSource", "VSphereRun", "parse_address", "PASSWORD_ENV"]
+__all__ = ["VCenterSettings", "VSphereSource", "VSphereRun", "parse_address", "PASSWORD_ENV",
+           "add_vcenter_options", "settings_from_args"]
