@@ -102,8 +102,12 @@ class PackWriter:
         self._entries.append((address, self._offset, len(frame), ulen))
         self._offset += len(frame)
 
-    def seal(self) -> tuple[str, np.ndarray]:
-        """Write the index and footer, fsync, close; return ``(pack_id, index)``."""
+    def seal(self, sync: bool = True) -> tuple[str, np.ndarray]:
+        """Write the index and footer, fsync, close; return ``(pack_id, index)``.
+
+        With ``sync=False`` the file stays open and unsynced: call :meth:`sync` (from
+        another thread, say, so the next pack fills while this one reaches the disk).
+        """
         index = np.zeros(len(self._entries), INDEX_DTYPE)
         for i, (address, offset, clen, ulen) in enumerate(self._entries):
             index[i] = (np.frombuffer(address, np.uint8), offset, clen, ulen)
@@ -112,10 +116,16 @@ class PackWriter:
         self._f.write(FOOTER.pack(FOOTER_MAGIC, PACK_VERSION, self._alg_id, len(index),
                                   self._offset, hashlib.sha256(index_bytes).digest()))
         self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
         self.sealed_size = self._offset + len(index_bytes) + FOOTER.size
+        if sync:
+            self.sync()
         return pack_id_of(index_bytes), index
+
+    def sync(self) -> None:
+        """fsync and close a sealed pack."""
+        if not self._f.closed:
+            os.fsync(self._f.fileno())
+            self._f.close()
 
     def discard(self) -> None:
         """Close and delete the unsealed file (an error path)."""

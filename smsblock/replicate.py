@@ -93,7 +93,7 @@ class RunSummary:
     bytes_stored_uncompressed: int
     seconds: float
     previous_run_id: str | None = None
-    address_algorithm: str = "sha256"
+    address_algorithm: str = "blake3"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -140,9 +140,10 @@ class PruneReport:
 # --- the pack writer ----------------------------------------------------------------
 
 class _PackSink:
-    """Owns the pack being filled: a thread that appends frames from a bounded queue and
-    seals the pack (fsync + put under its id) each time it reaches the store's pack size,
-    adding the sealed blocks to the dedup index."""
+    """Owns the pack being filled.  A writer thread appends frames from a bounded queue
+    and seals the pack each time it reaches the store's pack size; a syncer thread then
+    fsyncs it, puts it under its id and adds its blocks to the dedup index, while the
+    writer already fills the next pack (disk writes overlap compression)."""
 
     _STOP = object()
 
@@ -158,8 +159,11 @@ class _PackSink:
         self.error: BaseException | None = None
         self._writer: PackWriter | None = None
         self._queue: queue.Queue = queue.Queue(QUEUE_DEPTH)
+        self._sealed: queue.Queue = queue.Queue(2)      # packs written, waiting for fsync
         self._thread = threading.Thread(target=self._run, name="smsblock-pack-writer", daemon=True)
+        self._syncer = threading.Thread(target=self._sync_loop, name="smsblock-pack-sync", daemon=True)
         self._thread.start()
+        self._syncer.start()
 
     def submit(self, address: bytes, frame: bytes, ulen: int) -> None:
         while True:
@@ -177,6 +181,8 @@ class _PackSink:
                 item = self._queue.get()
                 if item is self._STOP:
                     return
+                if self.error is not None:
+                    continue            # drain: submitters raise the error
                 address, frame, ulen = item
                 if self._writer is None:
                     self._writer = PackWriter(self.store.staging_path(".pack.tmp"), self.algorithm)
@@ -188,30 +194,56 @@ class _PackSink:
                     self._seal()
         except BaseException as e:      # reported to the submitting threads and close()
             self.error = e
-            while True:                 # drain so no submitter stays blocked
-                try:
-                    if self._queue.get(timeout=0.5) is self._STOP:
-                        return
-                except queue.Empty:
-                    return
+            while self._queue.get() is not self._STOP:
+                pass
 
     def _seal(self) -> None:
         writer, self._writer = self._writer, None
-        pack_id, idx = writer.seal()
-        self.store.put_pack(pack_id, writer.path)
-        self.index.add(pack_id, idx)
-        self.packs_sealed += 1
+        pack_id, idx = writer.seal(sync=False)
+        self._put_sealed((writer, pack_id, idx))
+
+    def _put_sealed(self, item) -> None:
+        while True:
+            if self.error is not None:
+                raise StoreError(f"pack sync failed: {self.error}")
+            try:
+                self._sealed.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _sync_loop(self) -> None:
+        while True:
+            item = self._sealed.get()
+            if item is self._STOP:
+                return
+            writer, pack_id, idx = item
+            try:
+                if self.error is None:
+                    writer.sync()
+                    self.store.put_pack(pack_id, writer.path)
+                    self.index.add(pack_id, idx)
+                    self.packs_sealed += 1
+                    continue
+            except BaseException as e:
+                self.error = e
+            writer.discard()
 
     def close(self, seal: bool = True) -> None:
-        """Stop the thread; seal the partial pack (``seal``) or discard it."""
+        """Stop the threads; seal the partial pack (``seal``) or discard it.  Every pack
+        sealed before this returns is durable and visible."""
         self._queue.put(self._STOP)
         self._thread.join()
-        if self._writer is not None:
-            if seal and self.error is None and self._writer.count:
-                self._seal()
-            else:
-                self._writer.discard()
-                self._writer = None
+        try:
+            if self._writer is not None:
+                if seal and self.error is None and self._writer.count:
+                    self._seal()
+                else:
+                    self._writer.discard()
+                    self._writer = None
+        finally:
+            self._sealed.put(self._STOP)
+            self._syncer.join()
         if self.error is not None:
             err = self.error
             if isinstance(err, SmsBlockError):

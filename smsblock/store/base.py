@@ -55,7 +55,9 @@ def check_run_id(run_id: str) -> str:
 class StoreConfig:
     """Settings fixed when a store is created (``config.json``)."""
 
-    address: str = "sha256"           # content address of blocks: sha256 or blake3
+    # content address of blocks: blake3 (measured ~25 % faster end to end than sha256 on a
+    # first full run here) or sha256 (what an EBS sink wants per block: no second hash)
+    address: str = "blake3"
     compression: str = "zstd"
     zstd_level: int = 1
     pack_size: int = DEFAULT_PACK_SIZE  # a pack is sealed once its frames reach this size

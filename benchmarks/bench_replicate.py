@@ -1,0 +1,202 @@
+"""Replication run benchmarks (issue 3, outcome 8), peers measured in the same run.
+
+* first full run into a local store vs ``zstd -1 -T2`` of the same raw file (target <= 1.2x);
+* an incremental run with 2 % of the blocks changed vs a scan of the same image (<= 1.5x);
+* SHA-256 vs BLAKE3 content addresses, end to end (the store's ``address`` setting);
+* peak RSS of a run, in a subprocess (``os.wait4`` rusage), on a dense image and on a
+  16 GiB sparse one (<= 256 MiB whatever the disk size), and the sparse run's time.
+
+The image is ``SMSBLOCK_BENCH_MIB`` MiB (default 1024) of disk-like 512 KiB blocks: a
+quarter incompressible, a quarter text, a quarter small-alphabet binary, an eighth written
+zeros, an eighth holes.  Ratios are printed (run with ``-s``) and kept in ``extra_info``.
+The machine is shared by other jobs: figures are noisy; compare ratios taken together.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smsblock.disk import open_disk
+from smsblock.replicate import replicate
+from smsblock.scan import scan
+from smsblock.store import StoreConfig, open_store
+
+MIB = 1 << 20
+BS = 512 * 1024
+SIZE = int(os.environ.get("SMSBLOCK_BENCH_MIB", "1024")) * MIB
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = np.array([b"kernel ", b"module ", b"the ", b"of ", b"config ", b"0x7f3a ", b"error ",
+                  b"init ", b"/usr/lib ", b"python3 ", b"return ", b"static ", b"void ", b"\n"])
+
+
+def _text_corpus(rng, size: int) -> bytes:
+    return b"".join(rng.choice(WORDS, size // 6).tolist())[:size]
+
+
+def make_image(path: Path, size: int, seed: int = 7) -> None:
+    """Write the disk-like image described in the module docstring."""
+    rng = np.random.default_rng(seed)
+    corpus = _text_corpus(rng, 8 * MIB)
+    alphabet = np.array([0, 0, 0, 0, 1, 2, 0xFF, 0x40, 0x10, 0x7F], np.uint8)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i in range(size // BS):
+            kind = i % 8
+            if kind == 7:
+                continue                                        # hole
+            if kind == 6:
+                block = bytes(BS)                               # written zeros
+            elif kind in (0, 1):
+                block = rng.bytes(BS)                           # compressed media
+            elif kind in (2, 3):
+                start = int(rng.integers(0, len(corpus) - BS))  # text
+                block = rng.bytes(16) + corpus[start:start + BS - 16]
+            else:
+                block = rng.choice(alphabet, BS).tobytes()      # binaries, tables
+            f.seek(i * BS)
+            f.write(block)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bench-replicate") / "disk.raw"
+    make_image(path, SIZE)
+    return path
+
+
+def _fresh(path: Path, config: StoreConfig | None = None):
+    shutil.rmtree(path, ignore_errors=True)
+    store = open_store(path)
+    store.initialise(config or StoreConfig())
+    return store
+
+
+def _best(fn, rounds: int = 3) -> float:
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _report(benchmark, **figures) -> None:
+    benchmark.extra_info.update(figures)
+    print("\n" + ", ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+def test_first_full_run_vs_zstd(benchmark, image, tmp_path):
+    store_dir = tmp_path / "store"
+    out = tmp_path / "peer.zst"
+
+    def ours():
+        with open_disk(image) as d:
+            return replicate(d, _fresh(store_dir), "srv")
+
+    summary = benchmark.pedantic(ours, rounds=3, iterations=1)
+    ours_s = benchmark.stats.stats.min
+    zstd_s = _best(lambda: subprocess.run(["zstd", "-1", "-T2", "-q", "-f", str(image), "-o", str(out)],
+                                          check=True))
+    zstd_sync_s = _best(lambda: (subprocess.run(["zstd", "-1", "-T2", "-q", "-f", str(image), "-o", str(out)],
+                                                check=True), subprocess.run(["sync", str(out)], check=True)))
+    _report(benchmark, image_mib=SIZE // MIB, ours_s=round(ours_s, 3), zstd_s=round(zstd_s, 3),
+            zstd_plus_sync_s=round(zstd_sync_s, 3), ratio_vs_zstd=round(ours_s / zstd_s, 2),
+            ratio_vs_zstd_plus_sync=round(ours_s / zstd_sync_s, 2),
+            stored_mib=round(summary.bytes_stored / MIB, 1),
+            zstd_output_mib=round(os.path.getsize(out) / MIB, 1), target="<= 1.2x zstd")
+
+
+def test_incremental_2pct_vs_scan(benchmark, image, tmp_path):
+    store_dir = tmp_path / "store"
+    _fresh(store_dir)
+    replicate(image, store_dir, "srv")
+    n_blocks = SIZE // BS
+    rng = np.random.default_rng(11)
+    changes = max(1, n_blocks * 2 // 100)
+
+    def change_2pct():
+        with open(image, "r+b") as f:
+            for i in rng.choice(n_blocks, changes, replace=False):
+                f.seek(int(i) * BS)
+                f.write(rng.bytes(BS))
+        with open(image, "rb") as f:            # back in the page cache, as the scan peer has it
+            while f.read(16 * MIB):
+                pass
+        return (), {}
+
+    summary = benchmark.pedantic(lambda: replicate(image, store_dir, "srv"), setup=change_2pct,
+                                 rounds=3, iterations=1)
+    ours_s = benchmark.stats.stats.min
+    with open_disk(image) as d:
+        scan_s = _best(lambda: scan(d))
+    _report(benchmark, image_mib=SIZE // MIB, blocks_changed=summary.blocks_changed,
+            blocks_stored=summary.blocks_stored, incremental_s=round(ours_s, 3),
+            scan_s=round(scan_s, 3), ratio_vs_scan=round(ours_s / scan_s, 2), target="<= 1.5x scan")
+
+
+@pytest.mark.parametrize("address", ["sha256", "blake3"])
+def test_address_algorithm_end_to_end(benchmark, image, tmp_path, address):
+    store_dir = tmp_path / "store"
+
+    def run():
+        return replicate(image, _fresh(store_dir, StoreConfig(address=address)), "srv")
+
+    summary = benchmark.pedantic(run, rounds=3, iterations=1)
+    _report(benchmark, address=address, full_run_s=round(benchmark.stats.stats.min, 3),
+            mib_per_s=round(SIZE / MIB / benchmark.stats.stats.min, 1),
+            blocks_stored=summary.blocks_stored)
+
+
+# A small parent runs the replicate and reports RUSAGE_CHILDREN: a child forked straight
+# from pytest would inherit pytest's own RSS high-water mark through fork + exec.
+_RSS_WRAPPER = """
+import resource, subprocess, sys
+rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
+print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def _run_rss(disk: Path, store: Path) -> tuple[float, int]:
+    """Seconds and peak RSS (bytes) of a CLI replicate in its own process."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, sys.executable, "-m", "smsblock",
+                          "replicate", str(disk), "--store", str(store), "--server", "rss"],
+                         env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "0", out
+    return time.perf_counter() - t, int(out[1]) * 1024
+
+
+def test_peak_rss_of_runs(benchmark, image, tmp_path):
+    sparse = tmp_path / "sparse16g.raw"
+    size = 16 << 30
+    rng = np.random.default_rng(3)
+    with open(sparse, "wb") as f:                    # 16 GiB, 5 % allocated in 64 MiB runs
+        f.truncate(size)
+        for start in range(0, size, 1 << 30):
+            f.seek(start + int(rng.integers(0, 15)) * (64 << 20))
+            for _ in range(((1 << 30) // 20) // MIB):
+                f.write(rng.integers(0, 16, MIB, dtype=np.uint8).tobytes())
+    dense_s, dense_rss = _run_rss(image, tmp_path / "s1")
+    sparse_first_s, sparse_rss = _run_rss(sparse, tmp_path / "s2")
+    sparse_again = benchmark.pedantic(lambda: _run_rss(sparse, tmp_path / "s2"), rounds=1, iterations=1)
+    with open_disk(image) as d:
+        dense_scan_s = _best(lambda: scan(d), rounds=2)
+    _report(benchmark, dense_mib=SIZE // MIB, dense_run_s=round(dense_s, 2),
+            dense_peak_rss_mib=round(dense_rss / MIB, 1),
+            sparse16g_first_run_s=round(sparse_first_s, 2), sparse16g_peak_rss_mib=round(sparse_rss / MIB, 1),
+            sparse16g_unchanged_run_s=round(sparse_again[0], 2),
+            sparse16g_unchanged_rss_mib=round(sparse_again[1] / MIB, 1),
+            dense_scan_s=round(dense_scan_s, 3),
+            sparse_run_vs_dense16g_scan_extrapolated=round(
+                sparse_first_s / (dense_scan_s * (16 << 30) / SIZE), 3),
+            target="peak RSS <= 256 MiB")
+    assert max(dense_rss, sparse_rss, sparse_again[1]) <= 256 * MIB
