@@ -9,6 +9,10 @@ from . import errors
 from .disk import Disk, DiskInfo, Extent, ExtentKind, open_disk
 from .disk.writer import convert, write_raw, write_stream_optimized
 from .progress import CancelToken
+from .replicate import PruneReport, RunSummary, VerifyReport, prune, replicate, restore, verify
+from .store import open_store
 
 __all__ = ["errors", "open_disk", "Disk", "DiskInfo", "Extent", "ExtentKind", "CancelToken",
-           "convert", "write_raw", "write_stream_optimized"]
+           "convert", "write_raw", "write_stream_optimized",
+           "open_store", "replicate", "restore", "verify", "prune", "RunSummary", "VerifyReport",
+           "PruneReport"]
