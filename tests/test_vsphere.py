@@ -717,3 +717,13 @@ def test_cli_options(tmp_path):
     s = settings_from_args(p.parse_args(["--vcenter", "vc", "--username", "svc"]),
                            environ={PASSWORD_ENV: "pw-from-env"})
     assert s.password == "pw-from-env"
+
+
+def test_faults_become_one_line():
+    s = VCenterSettings("vc:443", "u", "pw")
+    err = _translate(vim.fault.InvalidPowerState(requestedState="poweredOff",
+                                                 existingState="poweredOn"), s, "mark as template")
+    assert str(err) == ("vCenter https://vc:443: mark as template failed: vim.fault.InvalidPowerState: "
+                        "no message")
+    err = _translate(ValueError("a\nb  c"), s, "x")
+    assert str(err) == "vCenter https://vc:443: x failed: ValueError: a b c"

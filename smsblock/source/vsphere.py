@@ -193,6 +193,14 @@ def _fault_name(e: BaseException) -> str:
 
 def _translate(e: BaseException, settings: VCenterSettings, action: str) -> VSphereError:
     """One clear line for an exception raised while talking to vCenter."""
+    err = _translate_any(e, settings, action)
+    text = " ".join(str(err).split())        # pyVmomi faults print over many lines
+    if text != str(err):
+        err = VSphereError(text)
+    return err
+
+
+def _translate_any(e: BaseException, settings: VCenterSettings, action: str) -> VSphereError:
     from pyVmomi import vim, vmodl
     where = settings.display
     if isinstance(e, VSphereError):
@@ -233,7 +241,9 @@ def _translate(e: BaseException, settings: VCenterSettings, action: str) -> VSph
         return VSphereError(f"vCenter {where}: does not answer as a vSphere API endpoint "
                             "(wrong port, or http/https mixed up?)")
     if isinstance(e, vmodl.MethodFault):
-        msg = getattr(e, "msg", None) or _fault_name(e)
+        msg = getattr(e, "msg", None) or "; ".join(
+            m.message for m in (getattr(e, "faultMessage", None) or []) if m.message) \
+            or "no message"
         return VSphereError(f"vCenter {where}: {action} failed: {_fault_name(e)}: {msg}")
     return VSphereError(f"vCenter {where}: {action} failed: {type(e).__name__}: {e}")
 
