@@ -1,0 +1,149 @@
+"""``smsblock inspect`` and ``smsblock image create|list|show|delete`` end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import qemu_img
+from image_builders import GRUB2_BOOT_IMG, MiB, fake_root, mkfs_ext, partition_disk, place, write_boot_code
+from smsblock import open_disk
+from smsblock.cli import main
+from test_image_inspect import linux_disk  # noqa: F401  (the shared module fixture)
+
+REPORT_KEYS = {"source", "disk_size", "partition_table", "disk_id", "partitions", "boot_code",
+               "boot_code_detail", "os", "findings", "ok"}
+PARTITION_KEYS = {"number", "start", "size", "type", "bootable", "filesystem", "label", "uuid",
+                  "kind", "type_name", "fs_variant", "name"}
+
+
+def run_cli(capsys, *args):
+    status = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture(scope="module")
+def store_with_runs(tmp_path_factory, linux_disk):  # noqa: F811
+    """A store with the Linux disk (srv-ok) and a GPT disk (srv-gpt) replicated."""
+    from smsblock.replicate import replicate
+    d = tmp_path_factory.mktemp("store")
+    gpt = d / "gpt.img"
+    partition_disk(gpt, 16 * MiB, "label: gpt\nstart=2048, size=16384, type=L\n")
+    place(gpt, 2048 * 512, mkfs_ext(d / "r.img", "ext4", 8 * MiB, label="r",
+                                    root=fake_root(d, "ubuntu-14.04")))
+    write_boot_code(gpt, GRUB2_BOOT_IMG.read_bytes())
+    store = d / "store"
+    with open_disk(linux_disk[0]) as disk:
+        run_ok = replicate(disk, str(store), "srv-ok").run_id
+    with open_disk(gpt) as disk:
+        replicate(disk, str(store), "srv-gpt")
+    return store, run_ok
+
+
+def test_inspect_json_shape(capsys, linux_disk):  # noqa: F811
+    status, out, _ = run_cli(capsys, "inspect", linux_disk[0], "--json")
+    doc = json.loads(out)
+    assert status == 0 and set(doc) == REPORT_KEYS
+    assert doc["partition_table"] == "mbr" and doc["ok"] is True and doc["boot_code"] == "grub2"
+    assert all(set(p) == PARTITION_KEYS for p in doc["partitions"])
+    assert [p["filesystem"] for p in doc["partitions"]] == ["ext4", "swap", None, "vfat", "jfs"]
+    assert {k: doc["os"][k] for k in ("family", "distribution", "version", "architecture")} == \
+        {"family": "linux", "distribution": "centos", "version": "7.2.1511", "architecture": "x86_64"}
+    assert all(set(f) == {"severity", "code", "message"} for f in doc["findings"])
+
+
+def test_inspect_text(capsys, linux_disk):  # noqa: F811
+    status, out, _ = run_cli(capsys, "inspect", linux_disk[0])
+    assert status == 0
+    assert "partition table: mbr" in out and "boot code: grub2" in out
+    assert "os: linux centos 7.2.1511 (x86_64) on partition 1" in out
+    assert out.rstrip().endswith("OK: the disk can be imported")
+
+
+def test_inspect_stored_run_equals_file(capsys, linux_disk, store_with_runs):  # noqa: F811
+    store, run_ok = store_with_runs
+    _, file_out, _ = run_cli(capsys, "inspect", linux_disk[0], "--json")
+    status, run_out, _ = run_cli(capsys, "inspect", "--store", store, "--server", "srv-ok",
+                                 "--run", run_ok, "--json")
+    a, b = json.loads(file_out), json.loads(run_out)
+    assert status == 0 and b["source"].endswith(f"#srv-ok/{run_ok}")
+    a.pop("source"), b.pop("source")
+    assert a == b
+
+
+def test_inspect_gpt_run_fails_and_allow_unsupported_keeps_layout_errors(capsys, store_with_runs):
+    store, _ = store_with_runs
+    status, out, _ = run_cli(capsys, "inspect", "--store", store, "--server", "srv-gpt", "--json",
+                             "--allow-unsupported")
+    doc = json.loads(out)
+    assert status == 1 and doc["ok"] is False and doc["partition_table"] == "gpt"
+    assert [f["code"] for f in doc["findings"] if f["severity"] == "error"] == ["gpt-not-supported"]
+
+
+def test_inspect_usage_errors(capsys, tmp_path, linux_disk):  # noqa: F811
+    assert run_cli(capsys, "inspect")[0] == 2
+    assert run_cli(capsys, "inspect", linux_disk[0], "--store", tmp_path)[0] == 2
+    status, _, err = run_cli(capsys, "inspect", tmp_path / "missing.img")
+    assert status == 1 and "missing.img" in err
+    status, _, err = run_cli(capsys, "inspect", "--store", tmp_path / "nostore", "--server", "x")
+    assert status != 0 and err.startswith("smsblock: error:")
+
+
+def test_image_create_list_show_delete(capsys, tmp_path, linux_disk, store_with_runs):  # noqa: F811
+    store, run_ok = store_with_runs
+    catalog = tmp_path / "catalog"
+    status, out, _ = run_cli(capsys, "image", "create", "--store", store, "--server", "srv-ok",
+                             "--catalog", catalog, "--json")
+    rec = json.loads(out)
+    assert status == 0 and re.fullmatch(r"ami-[0-9a-f]{17}", rec["image_id"])
+    assert rec["source"] == {"store": rec["source"]["store"], "server_id": "srv-ok", "run_id": run_ok}
+    assert (rec["license_type"], rec["license_type_requested"]) == ("BYOL", "Auto")
+    assert (rec["architecture"], rec["boot_mode"], rec["root_device_name"]) == \
+        ("x86_64", "legacy-bios", "/dev/sda1")
+    assert rec["os"]["version"] == "7.2.1511" and rec["ok"] and not rec["forced"]
+    assert rec["disk"]["create_type"] == "streamOptimized"
+    vmdk = catalog / rec["image_id"] / "disk.vmdk"
+    assert "streamOptimized" in qemu_img("info", vmdk).stdout
+    qemu_img("compare", "-f", "vmdk", "-F", "raw", vmdk, linux_disk[0])
+
+    status, out, _ = run_cli(capsys, "image", "list", "--catalog", catalog, "--json")
+    assert status == 0 and [r["image_id"] for r in json.loads(out)] == [rec["image_id"]]
+    status, out, _ = run_cli(capsys, "image", "show", rec["image_id"], "--catalog", catalog, "--json")
+    shown = json.loads(out)
+    assert shown["disk_path"] == str(vmdk)
+    shown.pop("disk_path")
+    assert shown == rec
+    status, out, _ = run_cli(capsys, "image", "list", "--catalog", catalog)
+    assert rec["image_id"] in out and "centos 7.2.1511" in out
+    assert run_cli(capsys, "image", "delete", rec["image_id"], "--catalog", catalog)[0] == 0
+    assert not (catalog / rec["image_id"]).exists()
+    status, _, err = run_cli(capsys, "image", "show", rec["image_id"], "--catalog", catalog)
+    assert status == 1 and "no image" in err
+    assert run_cli(capsys, "image", "show", "ami-123", "--catalog", catalog)[0] == 2
+
+
+def test_image_create_refuses_then_force(capsys, tmp_path, store_with_runs):
+    store, _ = store_with_runs
+    catalog = tmp_path / "catalog"
+    status, _, err = run_cli(capsys, "image", "create", "--store", store, "--server", "srv-gpt",
+                             "--catalog", catalog)
+    assert status == 1 and "gpt-not-supported" in err and "--force" in err
+    assert not catalog.exists() or not any(catalog.iterdir())
+    status, out, _ = run_cli(capsys, "image", "create", "--store", store, "--server", "srv-gpt",
+                             "--catalog", catalog, "--force", "--license-type", "AWS", "--json")
+    rec = json.loads(out)
+    assert status == 0 and rec["forced"] is True and rec["ok"] is False
+    assert rec["license_type"] == "AWS"
+    assert "gpt-not-supported" in [f["code"] for f in rec["findings"]]
+    assert [p.name for p in catalog.iterdir()] == [rec["image_id"]]
+
+
+def test_image_create_ec2_is_refused_honestly(capsys, tmp_path, store_with_runs):
+    store, _ = store_with_runs
+    status, _, err = run_cli(capsys, "image", "create", "--store", store, "--server", "srv-ok",
+                             "--target", "ec2", "--catalog", tmp_path / "c")
+    assert status == 2 and "EBS snapshot store" in err
+    assert not (tmp_path / "c").exists()

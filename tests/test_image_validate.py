@@ -1,0 +1,159 @@
+"""Validation rules: the supported list as data, version ranges, Windows editions and
+bitness, --allow-unsupported, license types, and replacing the list with another file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from image_builders import DISTROS
+from smsblock.errors import UsageError
+from smsblock.image.findings import Finding
+from smsblock.image.inspect import InspectionReport, PartitionReport
+from smsblock.image.osdetect import OsInfo
+from smsblock.image.rules import DEFAULT_RULES, REFUSED, SUPPORTED, UNSUPPORTED, in_range, load_rules
+from smsblock.image.validate import validate
+
+RULES = load_rules()
+
+
+@pytest.mark.parametrize("version,lo,hi,ok", [
+    ("7.2.1511", "7.0", "7.2", True), ("7.3.1611", "7.0", "7.2", False), ("7", "7.0", "7.2", True),
+    ("7.8", "7.0.0", "7.8.0", True), ("7.9", "7.0.0", "7.8.0", False), ("6.0.10", "6.0.0", "6.0.8", False),
+    ("16.04", "12.04", "16.10", True), ("16.10", "12.04", "16.10", True), ("17.04", "12.04", "16.10", False),
+    ("12.04", "12.04", "16.10", True), ("11.10", "12.04", "16.10", False), ("", "1", "2", False),
+    ("5.11", "5.1", "5.11", True), ("5.2", "5.1", "5.11", True),
+])
+def test_version_ranges(version, lo, hi, ok):
+    assert in_range(version, lo, hi) is ok
+
+
+@pytest.mark.parametrize("distro", sorted(DISTROS))
+def test_every_test_distribution_against_the_list(distro):
+    dist, version, _ = DISTROS[distro]["expect"]
+    verdict = RULES.check_linux(dist, version, "x86_64")
+    want = REFUSED if DISTROS[distro].get("refused") else \
+        SUPPORTED if DISTROS[distro]["supported"] else UNSUPPORTED
+    assert verdict.status == want, verdict.reason
+
+
+@pytest.mark.parametrize("dist,version,status", [
+    ("rhel", "6.0", REFUSED), ("centos", "6.0", REFUSED), ("rhel", "7.2", UNSUPPORTED),
+    ("centos", "7.2", SUPPORTED), ("suse", "11", UNSUPPORTED), ("suse", "11.1", SUPPORTED),
+    ("suse", "12.2", UNSUPPORTED), ("oracle", "7.1", SUPPORTED), ("oracle", "7.2", UNSUPPORTED),
+    ("fedora", "19", SUPPORTED), ("fedora", "22", UNSUPPORTED), ("debian", "8.1", UNSUPPORTED),
+    ("alpine", "3.4", UNSUPPORTED), ("ubuntu", None, UNSUPPORTED),
+])
+def test_linux_list_edges(dist, version, status):
+    assert RULES.check_linux(dist, version, "x86_64").status == status
+
+
+def test_refusal_says_why():
+    assert "lacks the drivers" in RULES.check_linux("rhel", "6.0", "x86_64").reason
+    assert "5.1-5.11, 6.1-6.6, 7.0-7.1" in RULES.check_linux("rhel", "7.3", "x86_64").reason
+    assert RULES.check_linux("ubuntu", "14.04", "aarch64").status == UNSUPPORTED
+
+
+@pytest.mark.parametrize("product,edition,sp,arch,status", [
+    ("Windows Server 2003 R2 Enterprise Edition", "ServerEnterprise", "Service Pack 2", "i386", SUPPORTED),
+    ("Microsoft Windows Server 2003", "ServerStandard", None, "i386", UNSUPPORTED),   # no SP1
+    ("Microsoft Windows Server 2003", "ServerStandard", "Service Pack 1", "x86_64", SUPPORTED),
+    ("Windows Server (R) 2008 Standard", "ServerStandard", "Service Pack 2", "i386", SUPPORTED),
+    ("Windows Server 2008 R2 Datacenter", "ServerDatacenter", "Service Pack 1", "x86_64", SUPPORTED),
+    ("Windows Server 2008 R2 Standard", "ServerStandard", None, "i386", UNSUPPORTED),
+    ("Windows Server 2012 Datacenter", "ServerDatacenter", None, "x86_64", SUPPORTED),
+    ("Windows Server 2012 R2 Essentials", "ServerSolution", None, "x86_64", UNSUPPORTED),
+    ("Windows Server 2016 Standard", "ServerStandard", None, "x86_64", SUPPORTED),
+    ("Windows Server 2019 Standard", "ServerStandard", None, "x86_64", UNSUPPORTED),
+    ("Windows 7 Professional", "Professional", "Service Pack 1", "i386", SUPPORTED),
+    ("Windows 7 Starter", "Starter", None, "i386", UNSUPPORTED),
+    ("Windows 8", "Core", None, "i386", SUPPORTED),
+    ("Windows 8.1 Pro", "Professional", None, "x86_64", SUPPORTED),
+    ("Windows 8.1 Pro", "Professional", None, "i386", UNSUPPORTED),
+    ("Windows 10 Education", "Education", None, "x86_64", SUPPORTED),
+    ("Windows 10 Home", "Core", None, "i386", UNSUPPORTED),
+    ("Windows Vista Business", "Business", None, "i386", UNSUPPORTED),
+])
+def test_windows_list(product, edition, sp, arch, status):
+    assert RULES.check_windows(product, edition, sp, arch).status == status
+
+
+def test_license_auto():
+    assert RULES.resolve_license("Auto", "linux") == "BYOL"
+    assert RULES.resolve_license("Auto", "windows") == "AWS"
+    assert RULES.resolve_license("AWS", "linux") == "AWS"
+    assert RULES.resolve_license("BYOL", "windows") == "BYOL"
+    with pytest.raises(UsageError):
+        RULES.resolve_license("Free", "linux")
+
+
+def _report(os_info, *, table="mbr", boot="grub2", fs="ext4", bootable=True):
+    parts = [PartitionReport(1, 1 << 20, 8 << 20, "0x83", bootable, fs)]
+    return InspectionReport(9 << 20, table, parts, boot, None, os_info, [])
+
+
+def _codes(findings):
+    return [(f.severity, f.code) for f in findings]
+
+
+def test_linux_rules():
+    centos = OsInfo("linux", "centos", "7.2.1511", "x86_64", root_partition=1, root_filesystem="ext4")
+    assert _codes(validate(_report(centos))) == [("info", "mbr"), ("info", "os-supported")]
+    assert _codes(validate(_report(centos, table="gpt", boot="windows"))) == [
+        ("error", "gpt-not-supported"), ("error", "bootloader-unsupported"), ("info", "os-supported")]
+    vfat_root = OsInfo("linux", "centos", "7.1", "x86_64", root_partition=1, root_filesystem="vfat")
+    assert ("error", "linux-root-filesystem") in _codes(validate(_report(vfat_root)))
+    legacy = validate(_report(centos, boot="grub-legacy"))
+    assert _codes(legacy) == [("info", "mbr"), ("info", "os-supported")]
+    no_arch = OsInfo("linux", "debian", "7.8", None, root_partition=1, root_filesystem="ext4")
+    assert ("warning", "architecture-unknown") in _codes(validate(_report(no_arch)))
+
+
+def test_allow_unsupported_turns_os_list_errors_into_warnings():
+    new = OsInfo("linux", "ubuntu", "18.04", "x86_64", root_partition=1, root_filesystem="ext4")
+    strict = validate(_report(new))
+    assert ("error", "os-unsupported") in _codes(strict)
+    relaxed = validate(_report(new), allow_unsupported=True)
+    assert ("warning", "os-unsupported") in _codes(relaxed)
+    assert "--allow-unsupported" in [f for f in relaxed if f.code == "os-unsupported"][0].message
+    # layout errors stay errors
+    relaxed_gpt = validate(_report(new, table="gpt"), allow_unsupported=True)
+    assert ("error", "gpt-not-supported") in _codes(relaxed_gpt)
+    refused = OsInfo("linux", "rhel", "6.0", "x86_64", root_partition=1, root_filesystem="ext4")
+    assert ("warning", "os-refused") in _codes(validate(_report(refused), allow_unsupported=True))
+    assert ("warning", "os-not-found") in _codes(validate(_report(None), allow_unsupported=True))
+
+
+def test_windows_rules():
+    win = OsInfo("windows", "Windows Server 2012 R2 Standard", "6.3.9600", "x86_64",
+                 edition="ServerStandard", root_partition=1, root_filesystem="ntfs")
+    assert _codes(validate(_report(win, boot="windows", fs="ntfs"))) == [
+        ("info", "mbr"), ("info", "os-supported")]
+    assert _codes(validate(_report(win, boot="windows", fs="ntfs", bootable=False))) == [
+        ("info", "mbr"), ("error", "no-active-partition"), ("info", "os-supported")]
+    assert ("error", "windows-not-ntfs") in _codes(validate(_report(None, boot="windows", fs="vfat")))
+
+
+def test_rules_are_replaceable(tmp_path, monkeypatch):
+    data = json.loads(DEFAULT_RULES.read_text())
+    for d in data["linux"]["distributions"]:
+        if d["id"] == "ubuntu":
+            d["versions"].append({"from": "18.04", "to": "18.04"})
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps(data))
+    assert load_rules(newer).check_linux("ubuntu", "18.04", "x86_64").status == SUPPORTED
+    monkeypatch.setenv("SMSBLOCK_SUPPORTED_OS", str(newer))
+    assert load_rules().check_linux("ubuntu", "18.04", "x86_64").status == SUPPORTED
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"linux": {}}')
+    with pytest.raises(UsageError, match="not a valid supported-OS list"):
+        load_rules(bad)
+    bad.write_text("{nope")
+    with pytest.raises(UsageError, match="not JSON"):
+        load_rules(bad)
+
+
+def test_finding_severity_is_checked():
+    with pytest.raises(ValueError):
+        Finding("fatal", "x", "y")
