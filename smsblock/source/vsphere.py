@@ -607,8 +607,8 @@ class VSphereRun:
     def __enter__(self) -> "VSphereRun":
         try:
             self._start()
-        except BaseException:
-            self.close()
+        except BaseException as e:
+            self.__exit__(type(e), e, e.__traceback__)   # cleanup never hides the cause
             raise
         return self
 
