@@ -21,6 +21,8 @@ DEB_PACKAGES=(
   python3-vmdkstream
   # real tools that make test disks and filesystems (image step)
   fdisk e2fsprogs xfsprogs btrfs-progs jfsutils ntfs-3g dosfstools grub-pc-bin
+  # image step tests: registry hive writer, GRUB legacy stage1, other MBR boot codes
+  libwin-hivex-perl grub-legacy syslinux-common mbr
 )
 
 missing=()
@@ -46,7 +48,7 @@ pip_install() {
   rm -f "$log"
 }
 pip_install "cython>=3.0" "setuptools>=64" wheel
-pip_install --no-build-isolation -e ".[test,cloud,vsphere]"
+pip_install --no-build-isolation -e ".[test,cloud,vsphere,image]"
 
 # The native modules, in place, in the requested mode.
 SMSBLOCK_DEBUG=$DEBUG $PYTHON setup.py -q build_ext --inplace -j 2
