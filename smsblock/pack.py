@@ -37,7 +37,7 @@ PACK_MAGIC = b"SMSBPACK"
 FOOTER_MAGIC = b"SMSBPIDX"
 PACK_VERSION = 1
 HEADER = struct.Struct("<8sHHI")                 # 16 bytes
-FOOTER = struct.Struct("<8sHHIQ32s8x")           # 64 bytes
+FOOTER = struct.Struct("<8sHHIQ32s8s")           # 64 bytes, the last 8 reserved (zero)
 ADDRESS_SIZE = 32
 MAX_BLOCK = 4 << 20                              # the largest block size a store accepts
 
@@ -114,7 +114,7 @@ class PackWriter:
         index_bytes = index.tobytes()
         self._f.write(index_bytes)
         self._f.write(FOOTER.pack(FOOTER_MAGIC, PACK_VERSION, self._alg_id, len(index),
-                                  self._offset, hashlib.sha256(index_bytes).digest()))
+                                  self._offset, hashlib.sha256(index_bytes).digest(), bytes(8)))
         self._f.flush()
         self.sealed_size = self._offset + len(index_bytes) + FOOTER.size
         if sync:
@@ -152,10 +152,12 @@ def parse_footer(raw: bytes, name: str, size: int) -> PackFooter:
     """Check and decode a pack's last 64 bytes."""
     if size < HEADER.size + FOOTER.size:
         raise StoreCorruptError(f"pack too small ({size} bytes)", name, 0)
-    magic, version, alg, count, index_offset, digest = FOOTER.unpack(raw)
+    magic, version, alg, count, index_offset, digest, reserved = FOOTER.unpack(raw)
     where = size - FOOTER.size
     if magic != FOOTER_MAGIC:
         raise StoreCorruptError("bad pack footer magic", name, where)
+    if reserved != bytes(8):
+        raise StoreCorruptError("reserved pack footer bytes are not zero", name, where + 56)
     if version != PACK_VERSION:
         raise StoreCorruptError(f"unsupported pack version {version}", name, where)
     if alg not in ALGORITHM_NAMES:

@@ -401,3 +401,23 @@ def test_run_ids_sort_by_time_even_within_a_microsecond():
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     future = "r-29991231T235959.999999Z-00000000"
     assert new_run_id(future) > future
+
+
+def test_a_damaged_pack_index_does_not_stop_runs_or_restores(tmp_path, caplog):
+    content = write_disk(tmp_path / "d.raw", [1, 2], 2 * BS)
+    store = new_store(tmp_path / "s", pack_size=4096)
+    replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
+    packs = sorted(store.list_packs())
+    path = store.pack_name(packs[0])
+    raw = bytearray(open(path, "rb").read())
+    raw[-3] ^= 0xFF                                  # the footer
+    open(path, "wb").write(raw)
+    fresh = open_store(tmp_path / "s")
+    report = verify(fresh)
+    assert not report.ok and any(path in p and "reserved" in p for p in report.problems)
+    s = replicate(tmp_path / "d.raw", fresh, "srv")
+    assert s.blocks_stored == 1 and "left out of the block index" in caplog.text
+    restore(fresh, "srv", tmp_path / "o.raw")
+    assert (tmp_path / "o.raw").read_bytes() == content
+    # the block was packed again alone, so under the same pack id: the store healed
+    assert verify(fresh).ok

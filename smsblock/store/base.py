@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
+import logging
 import re
 import threading
 from dataclasses import dataclass, field, asdict
@@ -34,6 +35,7 @@ from ..pack import ALGORITHMS, BlockIndex, BlockLocation, decompress_block, read
 STORE_FORMAT = "smsblock-store"
 STORE_VERSION = 1
 DEFAULT_PACK_SIZE = 64 << 20
+log = logging.getLogger(__name__)
 SERVER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RUN_ID_RE = re.compile(r"^r-\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}$")
 
@@ -237,9 +239,18 @@ class Store(abc.ABC):
             self._index_cache.pop(pack_id, None)
 
     def block_index(self) -> BlockIndex:
-        """The global dedup index, built from every sealed pack's index."""
-        return BlockIndex({pid: self.pack_index(pid, size)
-                           for pid, size in sorted(self.list_packs().items())})
+        """The global dedup index, built from every sealed pack's index.
+
+        A pack whose index is damaged is left out with a warning (``verify`` reports it):
+        its blocks count as absent, so a run stores them again instead of failing.
+        """
+        indexes = {}
+        for pid, size in sorted(self.list_packs().items()):
+            try:
+                indexes[pid] = self.pack_index(pid, size)
+            except StoreCorruptError as e:
+                log.warning("%s (left out of the block index; run verify)", e)
+        return BlockIndex(indexes)
 
     def read_block(self, location: BlockLocation) -> bytes:
         """A stored block's uncompressed bytes."""
