@@ -165,16 +165,19 @@ def _snapshots(source, vm_id):
     return names
 
 
-def _put_flat_vmdk(vcsim, vm_name, tmp_path, size=3 << 20, seed=1) -> Path:
+def _put_flat_vmdk(vcsim, vm_name, tmp_path, size=3 << 20, seed=1, image=None) -> Path:
     """Replace the VM's placeholder disk with a monolithicFlat VMDK (descriptor + -flat file,
-    the layout ESXi uses) holding random data with holes; returns the descriptor path."""
-    rng = np.random.default_rng(seed)
-    raw = tmp_path / f"{vm_name}-{seed}.raw"
-    with open(raw, "wb") as f:
-        f.truncate(size)
-        for off in (0, 65536 * 3, size // 2 + 4096, size - 1000):
-            f.seek(off)
-            f.write(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()[:size - off])
+    the layout ESXi uses) holding random data with holes (or the raw ``image``); returns
+    the descriptor path."""
+    raw = image
+    if raw is None:
+        rng = np.random.default_rng(seed)
+        raw = tmp_path / f"{vm_name}-{seed}.raw"
+        with open(raw, "wb") as f:
+            f.truncate(size)
+            for off in (0, 65536 * 3, size // 2 + 4096, size - 1000):
+                f.seek(off)
+                f.write(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()[:size - off])
     folder = vcsim.datastore / vm_name
     for name in ("disk1.vmdk", "disk1-flat.vmdk"):
         (folder / name).unlink(missing_ok=True)
@@ -727,3 +730,50 @@ def test_faults_become_one_line():
                         "no message")
     err = _translate(ValueError("a\nb  c"), s, "x")
     assert str(err) == "vCenter https://vc:443: x failed: ValueError: a b c"
+
+
+# --- end to end through the control plane ---------------------------------------------------
+
+def _cli(*args, env):
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "smsblock", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, f"smsblock {args} failed: {proc.stderr}"
+    assert PASSWORD not in proc.stdout + proc.stderr
+    return json.loads(proc.stdout) if proc.stdout.strip() else {}
+
+
+def test_connector_on_vcenter_end_to_end(vcsim, source, tmp_path):
+    """`connector register --vcenter`, catalog import, a job's run through the connector
+    (snapshot, HTTP stream, engine), restore equal to qemu-img, snapshot gone, no secret
+    stored."""
+    from test_service_sources import bootable_image
+    desc = _put_flat_vmdk(vcsim, "DC0_H0_VM0", tmp_path, image=bootable_image(tmp_path))
+    state = tmp_path / "state"
+    env = dict(os.environ, **{PASSWORD_ENV: PASSWORD})
+    conn = _cli("connector", "register", "--state", state, "--vcenter", vcsim.url,
+                "--username", USER, env=env)
+    assert conn["vmManagerType"] == "VSPHERE"
+    assert conn["vmManagerId"] == source.content.about.instanceUuid
+    assert conn["vmManagerName"] == "127.0.0.1"
+    _cli("sms", "import-server-catalog", "--state", state, env=env)
+    servers = _cli("sms", "get-servers", "--state", state, env=env)["serverList"]
+    by_name = {s["vmServer"]["vmName"]: s for s in servers}
+    web = by_name["DC0_H0_VM0"]
+    assert web["vmServer"]["vmPath"] == "/Datacenters/DC0/vm/DC0_H0_VM0"
+    assert web["vmServer"]["vmServerAddress"]["vmId"] == _vm(source, "DC0_H0_VM0").vmId
+    job = _cli("sms", "create-replication-job", "--state", state, "--server-id", web["serverId"],
+               "--seed-replication-time", int(time.time()), "--frequency", 12, env=env)
+    _cli("connector", "run", "--state", state, "--once", env=env)
+    runs = _cli("sms", "get-replication-runs", "--state", state, "--replication-job-id",
+                job["replicationJobId"], env=env)["replicationRunList"]
+    assert [r["state"] for r in runs] == ["COMPLETED"], [r.get("statusMessage") for r in runs]
+    assert _snapshots(source, web["vmServer"]["vmServerAddress"]["vmId"]) == []
+    restored = tmp_path / "restored.raw"
+    subprocess.run([os.sys.executable, "-m", "smsblock", "restore", "--store", state / "store",
+                    "--server", web["serverId"], "-o", restored], check=True, timeout=120,
+                   capture_output=True)
+    assert restored.read_bytes() == qemu_raw_bytes(desc, tmp_path)
+    for f in state.rglob("*"):
+        if f.is_file():
+            assert PASSWORD.encode() not in f.read_bytes(), f
