@@ -339,9 +339,13 @@ class BlockIndex:
         keys = self._key_of_array(addresses)
         lo = np.searchsorted(self._keys, keys, "left")
         hi = np.searchsorted(self._keys, keys, "right")
-        for i in range(len(addresses)):
-            if hi[i] - lo[i] == 1 and np.array_equal(self._entries["address"][lo[i]], addresses[i]):
-                out[i] = True
-            elif hi[i] > lo[i] or self._extra:
-                out[i] = self.get(addresses[i].tobytes()) is not None
+        if len(self._keys):
+            # the common case, one entry with that key: compare whole addresses at once
+            single = (hi - lo) == 1
+            at = np.where(single, lo, 0)
+            out = single & (self._entries["address"][at] == addresses).all(axis=1)
+        # the rest (shared keys, blocks added during this run) one by one
+        rest = np.flatnonzero(~out & ((hi > lo) | bool(self._extra)))
+        for i in rest:
+            out[i] = self.get(addresses[i].tobytes()) is not None
         return out
