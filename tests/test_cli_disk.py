@@ -9,10 +9,12 @@ import os
 import pty
 import random
 import select
+import signal
 import struct
 import subprocess
 import sys
 import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -240,3 +242,22 @@ def test_bad_input_in_process(tmp_path, raw_disk, capsys):
     assert main(["convert", str(raw_disk), str(tmp_path / "o.vmdk"), "-O", "nope"]) == 2
     assert "unknown output format 'nope'" in capsys.readouterr().err
     assert not any(p.name.endswith(".part") for p in tmp_path.iterdir())
+
+
+def test_ctrl_c_removes_the_partial_output(tmp_path):
+    block = random.Random(1).randbytes(MIB)        # incompressible: slow enough to interrupt
+    src = make_raw(tmp_path / "big.raw", 96 * MIB, [(i * MIB, block) for i in range(96)])
+    out = tmp_path / "out.vmdk"
+    part = tmp_path / "out.vmdk.part"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.Popen([sys.executable, "-m", "smsblock", "convert", str(src), str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not part.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert part.exists(), "convert never started writing"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130
+    assert err.strip() == "smsblock: interrupted"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["big.raw"]

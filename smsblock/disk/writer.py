@@ -130,7 +130,17 @@ class _PartialFile:
                               | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as e:
             raise DiskIOError(f"cannot create: {e.strerror}", self.part) from None
+        except BaseException:
+            # Ctrl-C right after the file appeared, before the with block owns it
+            self._remove()
+            raise
         return self
+
+    def _remove(self) -> None:
+        try:
+            os.unlink(self.part)
+        except FileNotFoundError:
+            pass
 
     def commit(self) -> None:
         try:
@@ -142,14 +152,13 @@ class _PartialFile:
             raise DiskIOError(f"cannot finish: {e.strerror}", self.dst) from None
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if exc_type is not None:
-            try:
-                os.unlink(self.part)
-            except FileNotFoundError:
-                pass
+        try:
+            if exc_type is not None:
+                self._remove()
+        finally:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
 
 def _check_output_path(dst: str) -> None:
