@@ -15,6 +15,9 @@ plus the manifest's arrays (49 bytes per block).
 from __future__ import annotations
 
 import datetime
+import mmap
+import os
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,15 +27,19 @@ import numpy as np
 
 from ._scan import scan_batch
 from .disk.base import Disk
+from .disk.raw import RawDisk
 from .errors import DiskIOError, UsageError
 from .manifest import DEFAULT_BLOCK_SIZE, Manifest, blocks_for, check_block_size
 from .progress import CancelToken, ProgressCallback, ThreadSafeProgress, check_cancel
 
-__all__ = ["scan", "plan_reads", "DEFAULT_BATCH_BYTES"]
+__all__ = ["scan", "plan_reads", "DEFAULT_BATCH_BYTES", "MAP_BATCH_BYTES"]
 
 #: bytes per read+hash batch: big enough that syscalls and Python cost little, small
 #: enough that the batch is still in the CPU cache when the hash loop runs over it
 DEFAULT_BATCH_BYTES = 1024 * 1024
+#: bytes per batch when the file is mapped: no copy to keep in cache, so bigger windows
+#: only save mmap/munmap calls
+MAP_BATCH_BYTES = 8 * 1024 * 1024
 
 OnChanged = Callable[[int, memoryview], None]
 
@@ -74,10 +81,85 @@ def _aligned_buffer(nbytes: int) -> np.ndarray:
     return raw[skip:skip + nbytes]
 
 
+def _release(view: memoryview) -> None:
+    try:
+        view.release()
+    except BufferError:         # the callee still holds a derived buffer: let GC end it
+        pass
+
+
+class _CopyLoader:
+    """Reads a batch through ``disk.readinto`` into a reused, page-aligned buffer."""
+
+    def __init__(self, disk: Disk, capacity: int):
+        self._disk = disk
+        self._capacity = capacity
+        self._buf = None
+
+    def load(self, offset: int, nbytes: int) -> memoryview:
+        if self._buf is None:   # allocated on first use: mapped scans rarely need it
+            self._buf = memoryview(_aligned_buffer(self._capacity))
+            self._ro = self._buf.toreadonly()
+        got = self._disk.readinto(offset, self._buf[:nbytes])
+        if got != nbytes:
+            raise DiskIOError(f"short read: {got} of {nbytes} bytes", self._disk.path, offset + got)
+        return self._ro[:nbytes]
+
+    def done(self, data: memoryview) -> None:
+        _release(data)
+
+
+class _MapLoader:
+    """Maps a batch of a raw regular file read-only: the page cache, without a copy."""
+
+    def __init__(self, disk: Disk, limit: int):
+        self._disk = disk
+        self._fd = disk.fileno()
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def load(self, offset: int, nbytes: int) -> memoryview:
+        # Mapping past the file's end would fault on access: check the size now.
+        if os.fstat(self._fd).st_size < offset + nbytes:
+            raise DiskIOError("the file shrank during the scan", self._disk.path, offset)
+        try:
+            m = mmap.mmap(self._fd, nbytes, flags=mmap.MAP_SHARED | _MAP_POPULATE,
+                          prot=mmap.PROT_READ, offset=offset)
+        except OSError as e:
+            raise DiskIOError(f"cannot map: {e.strerror}", self._disk.path, offset) from None
+        view = memoryview(m).toreadonly()
+        self._maps[id(view)] = m
+        return view
+
+    def done(self, data: memoryview) -> None:
+        m = self._maps.pop(id(data))
+        _release(data)
+        try:
+            m.close()
+        except BufferError:     # a callee kept a buffer: the mapping ends when it does
+            pass
+
+
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _mappable_size(disk: Disk) -> int:
+    """Bytes of ``disk`` that may be mapped instead of read: a raw regular file's
+    length (batches past it go through readinto, which fills zeros), else 0."""
+    if not isinstance(disk, RawDisk):
+        return 0
+    try:
+        st = os.fstat(disk.fileno())
+    except OSError:
+        return 0
+    if not stat.S_ISREG(st.st_mode):
+        return 0
+    return min(st.st_size, disk.size)
+
+
 def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest | None = None,
          on_changed: OnChanged | None = None, threads: int = 2,
          progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-         batch_bytes: int = DEFAULT_BATCH_BYTES) -> Manifest:
+         batch_bytes: int | None = None, use_mmap: bool = True) -> Manifest:
     """Scan ``disk`` into a :class:`~smsblock.manifest.Manifest` (content addresses left zero).
 
     Every block becomes UNALLOCATED (no DATA extent touches it: not read), ZERO (read,
@@ -93,12 +175,16 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
     ``progress(done, total)`` counts the bytes of the blocks that are read;
     ``cancel`` stops the scan at the next batch with :class:`~smsblock.errors.Cancelled`.
     ``threads`` worker threads read and hash batches of ``batch_bytes`` (rounded to whole
-    blocks); memory use is about ``threads * batch_bytes``.
+    blocks; default 1 MiB, 8 MiB when mapped); memory use is about ``threads *
+    batch_bytes``.  Raw regular files are mapped (``use_mmap``) rather than copied: the
+    hash reads the page cache directly, half the CPU time of a copy.  A raw file must not
+    shrink while it is scanned (each batch checks its size first; a shrink between that
+    check and the hash would fault, as for any program that maps a file).
     """
     block_size = check_block_size(block_size)
     if not isinstance(threads, int) or threads < 1:
         raise UsageError(f"threads must be a positive integer, not {threads!r}")
-    if batch_bytes < 1:
+    if batch_bytes is not None and batch_bytes < 1:
         raise UsageError(f"batch_bytes must be positive, not {batch_bytes!r}")
     started = time.monotonic()
     size = disk.size
@@ -118,6 +204,9 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
     runs = list(plan_reads(disk, block_size))
     total = sum(min(end * block_size, size) - first * block_size for first, end in runs)
     meter = ThreadSafeProgress(progress, total)
+    map_limit = _mappable_size(disk) if use_mmap else 0
+    if batch_bytes is None:
+        batch_bytes = MAP_BATCH_BYTES if map_limit else DEFAULT_BATCH_BYTES
     blocks_per_batch = max(1, batch_bytes // block_size)
     batches = _batches(iter(runs), blocks_per_batch)
     lock = threading.Lock()
@@ -129,9 +218,8 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
             return next(batches, None)
 
     def worker() -> None:
-        buf = _aligned_buffer(blocks_per_batch * block_size)
-        mv = memoryview(buf)
-        ro = mv.toreadonly()
+        copier = _CopyLoader(disk, blocks_per_batch * block_size)
+        mapper = _MapLoader(disk, map_limit) if map_limit else None
         n_changed = bytes_read = 0
         try:
             while not failed.is_set():
@@ -142,24 +230,23 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
                 first, count = batch
                 offset = first * block_size
                 nbytes = min(count * block_size, size - offset)
-                got = disk.readinto(offset, mv[:nbytes])
-                if got != nbytes:
-                    raise DiskIOError(f"short read: {got} of {nbytes} bytes", disk.path, offset + got)
-                bytes_read += nbytes
-                found = scan_batch(buf, nbytes, block_size, first, manifest.states,
-                                   manifest.hashes, prev_states, prev_hashes, changed)
-                n_changed += found
-                if found and on_changed is not None:
-                    for k in np.flatnonzero(changed[first:first + count]).tolist():
-                        start = k * block_size
-                        view = ro[start:min(start + block_size, nbytes)]
-                        try:
-                            on_changed(first + k, view)
-                        finally:
+                loader = mapper if mapper is not None and offset + nbytes <= map_limit else copier
+                data = loader.load(offset, nbytes)
+                try:
+                    bytes_read += nbytes
+                    found = scan_batch(data, nbytes, block_size, first, manifest.states,
+                                       manifest.hashes, prev_states, prev_hashes, changed)
+                    n_changed += found
+                    if found and on_changed is not None:
+                        for k in np.flatnonzero(changed[first:first + count]).tolist():
+                            start = k * block_size
+                            view = data[start:min(start + block_size, nbytes)]
                             try:
-                                view.release()      # a kept view must not see later batches
-                            except BufferError:
-                                pass
+                                on_changed(first + k, view)
+                            finally:
+                                _release(view)      # a kept view must not see later batches
+                finally:
+                    loader.done(data)
                 meter.add(nbytes)
         except BaseException:
             failed.set()

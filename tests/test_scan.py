@@ -15,6 +15,7 @@ from smsblock import open_disk
 from smsblock._scan import scan_batch
 from smsblock.cli import main
 from smsblock.disk.base import Disk, DiskInfo, Extent, ExtentKind
+from smsblock.disk.raw import RawDisk
 from smsblock.errors import Cancelled, DiskIOError, UsageError
 from smsblock.manifest import BlockState, Manifest
 from smsblock.progress import CancelToken
@@ -145,8 +146,9 @@ def test_scan_matches_reference_on_sparse_raw_files(tmp_path_factory, layout, bl
     path = tmp_path_factory.mktemp("raw") / "disk.raw"
     content = make_raw(path, layout)
     with open_disk(path) as disk:
-        m = scan(disk, block_size=block_size)
+        m = scan(disk, block_size=block_size)                   # mapped from the page cache
         same_blocks(m, reference_scan(disk, block_size))
+        same_blocks(scan(disk, block_size=block_size, use_mmap=False, batch_bytes=block_size), m)
     # and against the file's bytes: DATA blocks hash the content, others are zero content
     for i in range(m.n_blocks):
         block = content[i * block_size:(i + 1) * block_size]
@@ -250,6 +252,29 @@ def test_plan_merges_runs():
     disk = MemoryDisk(bytes(8 * BS), [Extent(0, 10), Extent(BS - 1, 2), Extent(2 * BS, BS),
                                       Extent(4 * BS, 1, ExtentKind.ZERO), Extent(6 * BS, 1)])
     assert list(plan_reads(disk, BS)) == [(0, 3), (6, 7)]
+
+
+def test_raw_disk_larger_than_its_file(tmp_path):
+    # a declared size past the file's end: mapped batches inside the file, copied ones after
+    path = tmp_path / "short.raw"
+    path.write_bytes(os.urandom(3 * BS + 10))
+    disk = RawDisk(path, size=6 * BS + 5)
+    for batch in (BS, 2 * BS, None):
+        m = scan(disk, block_size=BS, batch_bytes=batch)
+        same_blocks(m, reference_scan(disk, BS))
+        assert m.states.tolist() == [2, 2, 2, 2, 0, 0, 0]
+
+
+def test_raw_file_shrinking_during_the_scan_is_an_error(tmp_path):
+    path = tmp_path / "shrinks.raw"
+    path.write_bytes(os.urandom(8 * BS))
+
+    def truncate(index, view):
+        os.truncate(path, BS)           # only the next batch's size check sees it
+
+    with open_disk(path) as disk, pytest.raises(DiskIOError, match="shrank") as e:
+        scan(disk, block_size=BS, threads=1, batch_bytes=BS, on_changed=truncate)
+    assert e.value.offset == BS
 
 
 # -- change detection --------------------------------------------------------
