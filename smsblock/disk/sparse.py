@@ -198,7 +198,7 @@ class SparseExtent:
             raise CorruptGrainTableError(
                 f"grain directory of {h.n_gts} entries ({h.capacity} sectors of capacity) "
                 f"does not fit in the file of {self.file_size} bytes", self.path, gd_at)
-        if h.overhead * SECTOR > self.file_size and not h.compressed:
+        if h.overhead * SECTOR > self.file_size:
             raise TruncatedDiskError(f"file ends before its metadata area "
                                      f"({h.overhead} sectors)", self.path, 64)
 

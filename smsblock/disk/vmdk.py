@@ -330,10 +330,10 @@ def _open_descriptor_file(path: str, parts: list[_Part],
         if line.type == "ZERO" or line.access == "NOACCESS":
             part: _Part = _ZeroPart(start, length)
         elif line.type in FLAT_TYPES:
-            file_path = resolve_extent_path(line.path, path, allow_outside)
+            file_path = _extent_file(line, path, allow_outside)
             part = _FlatPart(start, length, file_path, line.offset * SECTOR)
         elif line.type == "SPARSE":
-            file_path = resolve_extent_path(line.path, path, allow_outside)
+            file_path = _extent_file(line, path, allow_outside)
             if _read_head(file_path)[:4] != MAGIC:
                 raise UnsupportedFormatError("SPARSE extent is not a hosted sparse (KDMV) "
                                              "file", file_path, 0)
@@ -346,6 +346,14 @@ def _open_descriptor_file(path: str, parts: list[_Part],
                                        line.offset))
         start += length
     return desc, info
+
+
+def _extent_file(line, descriptor_path: str, allow_outside: bool) -> str:
+    file_path = resolve_extent_path(line.path, descriptor_path, allow_outside)
+    if not os.path.isfile(file_path):
+        raise DescriptorError(f"extent file {line.path!r} (line {line.line_no}) not found or "
+                              "not a regular file", descriptor_path)
+    return file_path
 
 
 def _info(path: str, desc: Descriptor | None, size: int, default_type: str | None) -> DiskInfo:
