@@ -16,8 +16,10 @@ from smsblock.service.sources import (DatastoreSource, open_source, parse_vmx,
 
 
 def make_vm(root: Path, rel_folder: str, name: str, *, disks=(("scsi0:0", 1 << 20),),
-            fmt: str = "vmdk", extra: str = "", data: bytes | None = None) -> Path:
-    """A VM folder with a .vmx and real disks made by qemu-img (``data`` written at 0)."""
+            fmt: str = "vmdk", extra: str = "", data: bytes | None = None,
+            image: Path | None = None) -> Path:
+    """A VM folder with a .vmx and real disks made by qemu-img (``data`` written at 0, or
+    the first disk converted from the raw ``image``)."""
     folder = root / rel_folder
     folder.mkdir(parents=True, exist_ok=True)
     lines = ['.encoding = "UTF-8"', f'displayName = "{name}"', 'guestOS = "ubuntu-64"',
@@ -25,7 +27,9 @@ def make_vm(root: Path, rel_folder: str, name: str, *, disks=(("scsi0:0", 1 << 2
     for i, (dev, size) in enumerate(disks):
         fname = f"{folder.name}{'' if i == 0 else f'_{i}'}.{'vmdk' if fmt == 'vmdk' else 'img'}"
         path = folder / fname
-        if data is not None and i == 0:
+        if image is not None and i == 0:
+            qemu_img("convert", "-f", "raw", "-O", fmt, image, path)
+        elif data is not None and i == 0:
             raw = folder / f".{fname}.raw"
             raw.write_bytes(data + b"\0" * (size - len(data)))
             qemu_img("convert", "-f", "raw", "-O", fmt, raw, path)
@@ -36,6 +40,22 @@ def make_vm(root: Path, rel_folder: str, name: str, *, disks=(("scsi0:0", 1 << 2
     vmx = folder / f"{folder.name}.vmx"
     vmx.write_text("\n".join(lines) + "\n" + extra)
     return vmx
+
+
+def bootable_image(base: Path) -> Path:
+    """A 12 MiB raw disk the image step accepts: MBR, GRUB boot code, ext4 with Ubuntu 14.04."""
+    from image_builders import (GRUB2_BOOT_IMG, MiB, fake_root, mkfs_ext, partition_disk,
+                                place, write_boot_code)
+    disk = base / "bootable.img"
+    if disk.exists():
+        return disk
+    base.mkdir(parents=True, exist_ok=True)
+    partition_disk(disk, 12 * MiB, "label: dos\nstart=2048, size=20480, type=83, bootable\n")
+    place(disk, 2048 * 512, mkfs_ext(base / "root.img", "ext4", 10 * MiB, label="root",
+                                     root=fake_root(base, "ubuntu-14.04")))
+    write_boot_code(disk, GRUB2_BOOT_IMG.read_bytes())
+    (base / "root.img").unlink()
+    return disk
 
 
 def make_datastore(root: Path, n: int = 2) -> Path:

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from ..errors import Cancelled, SmsBlockError
@@ -53,32 +54,32 @@ def default_replicate() -> Callable:
 
 
 def default_image_step(state_dir) -> ImageStep | None:
-    """The local image catalog of the image step, or None while it is not built in."""
+    """The image step's local catalog at ``STATE/images``, or None while it is not built in."""
     try:
-        from ..image import catalog as image_catalog  # noqa: F401
+        from ..image.catalog import Catalog
+        from ..image.register import create_image
     except ImportError:
         return None
-    return _LocalImageStep(state_dir)
+    return LocalImageStep(Catalog(Path(state_dir) / "images"), create_image)
 
 
-class _LocalImageStep:
-    """Adapter from the image step's local catalog to :class:`ImageStep`."""
+class LocalImageStep:
+    """Adapter from the image step (inspect, validate, write to the local catalog) to
+    :class:`ImageStep`.  A disk that fails validation fails the run with the findings."""
 
-    def __init__(self, state_dir):
-        from ..image import catalog as image_catalog
-        self._mod = image_catalog
-        self._catalog = image_catalog.open_catalog(state_dir / "images") \
-            if hasattr(image_catalog, "open_catalog") else None
+    def __init__(self, catalog, create_image):
+        self.catalog = catalog
+        self._create = create_image
 
     def register(self, store, server_id, run_id, *, name, description, license_type,
                  progress=None, cancel=None) -> str:
-        image = self._mod.register(store, server_id, run_id=run_id, name=name,
-                                   description=description, license_type=license_type,
-                                   catalog=self._catalog, progress=progress, cancel=cancel)
-        return image if isinstance(image, str) else image.image_id
+        record = self._create(store, server_id, run_id, target="local", catalog=self.catalog,
+                              license_type=license_type, name=name, description=description,
+                              progress=progress, cancel=cancel)
+        return record["image_id"]
 
     def deregister(self, ami_id: str) -> None:
-        self._mod.deregister(ami_id, catalog=self._catalog)
+        self.catalog.delete(ami_id)
 
 
 def disk_store_key(server_id: str, index: int) -> str:
