@@ -141,9 +141,84 @@ def test_image_create_refuses_then_force(capsys, tmp_path, store_with_runs):
     assert [p.name for p in catalog.iterdir()] == [rec["image_id"]]
 
 
-def test_image_create_ec2_is_refused_honestly(capsys, tmp_path, store_with_runs):
+@pytest.fixture(scope="module")
+def moto_endpoint(monkeypatch_module):
+    """moto's server (in this process, on a free loopback port) standing in for EC2 + EBS."""
+    import socket
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch_module.setenv(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.mark.xdist_group("moto-image")
+def test_image_create_ec2(capsys, tmp_path, linux_disk, store_with_runs, moto_endpoint,  # noqa: F811
+                          monkeypatch):
+    import boto3
+    from smsblock.image import ec2 as ec2_target
+
+    # moto keeps only Name and Description of RegisterImage: record what was sent
+    sent = {}
+    real_clients = ec2_target._clients
+
+    def recording_clients(endpoint_url, region):
+        ebs_c, ec2_c = real_clients(endpoint_url, region)
+        ec2_c.meta.events.register("provide-client-params.ec2.RegisterImage",
+                                   lambda params, **kw: sent.update(params))
+        return ebs_c, ec2_c
+    monkeypatch.setattr(ec2_target, "_clients", recording_clients)
+    store, run_ok = store_with_runs
+    status, out, err = run_cli(capsys, "image", "create", "--store", store, "--server", "srv-ok",
+                               "--target", "ec2", "--endpoint-url", moto_endpoint, "--json",
+                               "--catalog", tmp_path / "c")
+    assert status == 0, err
+    rec = json.loads(out)
+    assert not (tmp_path / "c").exists()          # nothing local for the ec2 target
+    ec2 = boto3.client("ec2", endpoint_url=moto_endpoint, region_name="us-east-1")
+    ebs = boto3.client("ebs", endpoint_url=moto_endpoint, region_name="us-east-1")
+    image = ec2.describe_images(ImageIds=[rec["image_id"]])["Images"][0]
+    assert image["Name"] == f"srv-ok-{run_ok}"
+    snap_id = rec["ec2"]["snapshot_id"]
+    assert ec2.describe_snapshots(SnapshotIds=[snap_id])["Snapshots"][0]["State"] == "completed"
+    assert (sent["RootDeviceName"], sent["Architecture"], sent["BootMode"]) == \
+        ("/dev/sda1", "x86_64", "legacy-bios")
+    assert sent["BlockDeviceMappings"] == [{"DeviceName": "/dev/sda1",
+                                            "Ebs": {"SnapshotId": snap_id, "DeleteOnTermination": True}}]
+    # the snapshot holds exactly the disk's non-zero 512 KiB blocks
+    data = linux_disk[0].read_bytes()
+    want = {i for i in range(len(data) // (512 << 10)) if any(data[i * (512 << 10):(i + 1) * (512 << 10)])}
+    listed = ebs.list_snapshot_blocks(SnapshotId=snap_id, MaxResults=10000)["Blocks"]
+    assert {b["BlockIndex"] for b in listed} == want and rec["ec2"]["blocks_sent"] == len(want)
+    b0 = next(b for b in listed if b["BlockIndex"] == 0)
+    got = ebs.get_snapshot_block(SnapshotId=snap_id, BlockIndex=0, BlockToken=b0["BlockToken"])
+    assert got["BlockData"].read() == data[:512 << 10]
+    assert rec["license_type"] == "BYOL" and rec["ok"]
+
+
+def test_image_create_ec2_unreachable_endpoint(capsys, store_with_runs, monkeypatch):
     store, _ = store_with_runs
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     status, _, err = run_cli(capsys, "image", "create", "--store", store, "--server", "srv-ok",
-                             "--target", "ec2", "--catalog", tmp_path / "c")
-    assert status == 2 and "EBS snapshot store" in err
-    assert not (tmp_path / "c").exists()
+                             "--target", "ec2", "--endpoint-url", f"http://127.0.0.1:{port}",
+                             "--region", "us-east-1")
+    assert status == 1 and "EC2 registration failed" in err

@@ -70,7 +70,8 @@ def register(sub) -> None:
                    help="Auto: BYOL for Linux, AWS for Windows (default)")
     c.add_argument("--name", help="image name (default: SERVER-RUN)")
     c.add_argument("--description", help="image description")
-    c.add_argument("--endpoint-url", help="EC2 endpoint for --target ec2")
+    c.add_argument("--endpoint-url", help="EC2/EBS endpoint for --target ec2 (default: AWS's)")
+    c.add_argument("--region", help="AWS region for --target ec2 (default: the AWS configuration's)")
     _add_rules_options(c)
     add_json_flag(c)
     c.set_defaults(func=cmd_image_create)
@@ -162,7 +163,8 @@ def cmd_image_create(args) -> int:
                                   allow_unsupported=args.allow_unsupported,
                                   license_type=args.license_type, name=args.name,
                                   description=args.description, rules=_rules(args),
-                                  endpoint_url=args.endpoint_url, progress=bar)
+                                  endpoint_url=args.endpoint_url, region=args.region,
+                                  progress=bar)
     except ImageValidationError as e:
         if args.json:
             _print_json({"ok": False, "error": str(e), "findings": [f.to_dict() for f in e.findings]})
@@ -174,6 +176,8 @@ def cmd_image_create(args) -> int:
         _print_json(record)
     else:
         o = record.get("os") or {}
+        if record.get("ec2"):
+            print(f"snapshot {record['ec2']['snapshot_id']} ({record['ec2']['blocks_sent']} blocks sent)")
         print(f"{record['image_id']}: {record['name']} ({o.get('distribution') or 'unknown OS'} "
               f"{o.get('version') or ''}, {record['architecture']}, {record['license_type']}"
               f"{', forced' if record['forced'] else ''})")

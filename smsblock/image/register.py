@@ -4,8 +4,8 @@ The run's disk is read straight from the store (:meth:`Store.run_disk`), inspect
 validated; unless ``force`` is set, a disk with error findings is refused with them
 (:class:`~smsblock.errors.ImageValidationError`).  The local target streams the run into
 a streamOptimized VMDK in the catalog while reading it (no restored copy first) and
-writes the image record.  The ec2 target needs an EBS snapshot of the run, which the
-EBS snapshot store makes; until that store exists it is refused after validation.
+writes the image record.  The ec2 target writes a full EBS snapshot of the run through
+the EBS direct APIs and calls RegisterImage (:mod:`.ec2`) at a configurable endpoint.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def create_image(store, server_id: str, run_id: str | None = None, *, target: st
                  allow_unsupported: bool = False, license_type: str = "Auto",
                  name: str | None = None, description: str | None = None,
                  rules: Rules | None = None, endpoint_url: str | None = None,
-                 progress=None, cancel=None) -> dict:
+                 region: str | None = None, progress=None, cancel=None) -> dict:
     """Inspect, validate and register the run; returns the image record (a dict)."""
     from ..store import open_store
 
@@ -73,11 +73,14 @@ def create_image(store, server_id: str, run_id: str | None = None, *, target: st
             "disk": {"virtual_size": disk.size},
         }
         if target == "ec2":
-            raise UsageError(
-                "--target ec2 needs an EBS snapshot of the run, made by the EBS snapshot store "
-                "(ebs:// stores), which is not available yet; the disk passed validation "
-                f"({'forced' if record['forced'] else 'ok'}), nothing was registered. "
-                f"Use --target local for now (endpoint asked for: {endpoint_url or 'default'}).")
+            from .ec2 import register_ec2
+            result = register_ec2(disk, name=record["name"],
+                                  description=record["description"] or f"smsblock {server_id} {run_id}",
+                                  architecture=architecture, endpoint_url=endpoint_url,
+                                  region=region, tags={"smsblock:server": server_id,
+                                                       "smsblock:run": run_id},
+                                  progress=progress, cancel=cancel)
+            return dict(record, image_id=result["ec2_image_id"], ec2=result)
         from ..disk.writer import write_stream_optimized
 
         catalog = catalog or Catalog()
