@@ -22,6 +22,7 @@ The streamOptimized layout (see docs/disk-formats.md):
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import secrets
 import stat
@@ -94,6 +95,24 @@ def _ordered_results(pool: ThreadPoolExecutor, fn: Callable, items: Iterable,
     finally:
         for f in pending:
             f.cancel()
+
+
+@contextlib.contextmanager
+def _worker_pipeline(fn: Callable, items: Iterable, threads: int, cancel: CancelToken | None,
+                     name: str) -> Iterator[Iterator]:
+    """Run ``fn`` over ``items`` on ``threads`` workers; yield the results in order.
+
+    At most ``2 * threads + 2`` items are in flight, which bounds memory.  However the
+    block is left (done, error, cancel, Ctrl-C), queued work is dropped and running work
+    finished before this returns, so no worker outlives the output file.
+    """
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+    results = _ordered_results(pool, fn, items, 2 * threads + 2, cancel)
+    try:
+        yield results
+    finally:
+        results.close()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_all(fd: int, data, offset: int, path: str) -> None:
@@ -393,16 +412,11 @@ def write_stream_optimized(disk: Disk, out_path, *, progress: ProgressCallback |
         w.pad_to(overhead)
         if progress:
             progress(0, size)
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vmdk-deflate") as pool:
-            try:
-                for first, count, records, sizes in _ordered_results(
-                        pool, compress_batch, batches(), 2 * threads + 2, cancel):
-                    w.grains(first, records, sizes)
-                    if progress:
-                        progress(min(size, (first + count) * GRAIN_SIZE), size)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+        with _worker_pipeline(compress_batch, batches(), threads, cancel, "vmdk-deflate") as results:
+            for first, count, records, sizes in results:
+                w.grains(first, records, sizes)
+                if progress:
+                    progress(min(size, (first + count) * GRAIN_SIZE), size)
         check_cancel(cancel)
         w.flush_table()
         gd_sector = w.directory()
@@ -452,18 +466,13 @@ def write_raw(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
             raise DiskIOError(f"cannot set size {size}: {e.strerror}", part.part) from None
         if progress:
             progress(0, size)
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="raw-read") as pool:
-            try:
-                for start, length, buf, runs in _ordered_results(
-                        pool, read_chunk, chunks(), 2 * threads + 2, cancel):
-                    view = memoryview(buf)
-                    for s, t in runs:
-                        _write_all(part.fd, view[s:t], start + s, part.part)
-                    if progress:
-                        progress(start + length, size)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+        with _worker_pipeline(read_chunk, chunks(), threads, cancel, "raw-read") as results:
+            for start, length, buf, runs in results:
+                view = memoryview(buf)
+                for s, t in runs:
+                    _write_all(part.fd, view[s:t], start + s, part.part)
+                if progress:
+                    progress(start + length, size)
         check_cancel(cancel)
         part.commit()
     if progress:
