@@ -777,3 +777,20 @@ def test_connector_on_vcenter_end_to_end(vcsim, source, tmp_path):
     for f in state.rglob("*"):
         if f.is_file():
             assert PASSWORD.encode() not in f.read_bytes(), f
+
+
+def test_expired_session_is_renewed(vcsim, env_password, tmp_path):
+    """A session that ends mid-run (vCenter's idle timeout) is renewed: the snapshot is
+    still removed and the catalog still lists."""
+    _put_flat_vmdk(vcsim, "DC0_H0_VM0", tmp_path)
+    with VSphereSource(VCenterSettings.from_options(vcsim.url, USER)) as src:
+        vm = _vm(src, "DC0_H0_VM0")
+        with src.open_run(vm) as run:
+            src.content.sessionManager.Logout()
+            with pytest.raises(vim.fault.NotAuthenticated):
+                src.content.sessionManager.currentSession.key
+            assert run.disks[0].disk.read(0, 10)
+        with VSphereSource(VCenterSettings.from_options(vcsim.url, USER)) as other:
+            assert _snapshots(other, vm.vmId) == []
+        src.content.sessionManager.Logout()
+        assert _vm(src, "DC0_H0_VM0").vmId == vm.vmId

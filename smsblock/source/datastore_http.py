@@ -56,7 +56,8 @@ class DatastoreFile:
     """One datastore file read by byte ranges over HTTP (``pread`` semantics)."""
 
     def __init__(self, endpoint: DatastoreEndpoint, path: str,
-                 verify_tls: Callable[[Exception], VSphereError] | None = None):
+                 verify_tls: Callable[[Exception], VSphereError] | None = None,
+                 relogin: Callable[[], str] | None = None):
         self.endpoint = endpoint
         self.path = path                                   # path inside the datastore
         self.name = f"[{endpoint.ds_name}] {path}"         # vSphere's way of naming it
@@ -65,6 +66,8 @@ class DatastoreFile:
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
         self._tls_error = verify_tls
+        self._relogin = relogin            # () -> new session cookie, after an HTTP 401
+        self._cookie = endpoint.cookie
         self.bytes_read = 0
         self.size = self._head()
 
@@ -75,13 +78,26 @@ class DatastoreFile:
             s = requests.Session()
             if self.endpoint.ssl_context is not None:
                 s.mount("https://", _ContextAdapter(self.endpoint.ssl_context))
-            s.headers["Cookie"] = self.endpoint.cookie
             self._local.session = s
             with self._lock:
+                s.headers["Cookie"] = self._cookie
                 self._sessions.append(s)
         return s
 
     def _request(self, method: str, headers: dict | None = None, stream: bool = False):
+        r = self._request_once(method, headers, stream)
+        if r.status_code == 401 and self._relogin is not None:
+            # the session ended during a long stream: log in again once and go on
+            r.close()
+            cookie = self._relogin()
+            with self._lock:
+                self._cookie = cookie
+                for s in self._sessions:
+                    s.headers["Cookie"] = cookie
+            r = self._request_once(method, headers, stream)
+        return r
+
+    def _request_once(self, method: str, headers: dict | None, stream: bool):
         last: Exception | None = None
         for attempt in range(RETRIES + 1):
             try:

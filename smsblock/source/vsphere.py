@@ -337,9 +337,29 @@ class VSphereSource:
                 raise missing.fault
         return {p.name: p.val for p in result.objects[0].propSet}
 
-    def _call(self, action: str, fn, *args, **kwargs):
+    def with_login(self, fn, *args, **kwargs):
+        """``fn(...)``, logging in again once if the session expired (vCenter ends idle
+        sessions, by default after 30 minutes; a long disk stream can outlast one)."""
+        from pyVmomi import vim
         try:
             return fn(*args, **kwargs)
+        except vim.fault.NotAuthenticated:
+            self.relogin()
+            return fn(*args, **kwargs)
+
+    def relogin(self) -> str:
+        """Log in again on the same connection, so every object keeps working; returns the
+        new session cookie (for the datastore file service)."""
+        try:
+            self.content.sessionManager.Login(self.settings.username, self.settings.password)
+        except Exception as e:
+            raise _translate(e, self.settings, "log in again after the session ended") from None
+        log.info("session to %s renewed", self.settings.display)
+        return self._cookie()
+
+    def _call(self, action: str, fn, *args, **kwargs):
+        try:
+            return self.with_login(fn, *args, **kwargs)
         except (VSphereError, Cancelled):
             raise
         except Exception as e:
@@ -472,7 +492,8 @@ class VSphereSource:
         missing = []
         for entity, privs in checks:
             try:
-                granted = auth.HasPrivilegeOnEntity(entity, session.key, list(privs))
+                granted = self.with_login(auth.HasPrivilegeOnEntity, entity, session.key,
+                                          list(privs))
             except Exception as e:
                 if _is_unsupported(e):
                     return []      # old servers: faults on the calls themselves name privileges
@@ -703,7 +724,10 @@ class VSphereRun:
         task's info is not read: see the module docstring)."""
         moid = snap._moId
         try:
-            snap.RemoveSnapshot_Task(removeChildren=False, consolidate=True)
+            self.source.with_login(snap.RemoveSnapshot_Task, removeChildren=False,
+                                   consolidate=True)
+        except (VSphereError, Cancelled):
+            raise
         except Exception as e:
             if not _is_gone(e):     # already removed (by a person, or a retried cleanup): fine
                 raise _translate(e, self.source.settings,
@@ -765,7 +789,7 @@ class VSphereRun:
         endpoint = src.datastore_endpoint(self._datacenter_path(ds), ds_name)
 
         def open_file(p: str) -> DatastoreFile:
-            return DatastoreFile(endpoint, p, verify_tls=src.tls_error)
+            return DatastoreFile(endpoint, p, verify_tls=src.tls_error, relogin=src.relogin)
         disk = open_datastore_disk(open_file, path)
         sd = SourceDisk(key=str(b.key), label=b.label, location=b.file_name, disk=disk,
                         change_id=b.change_id)
