@@ -382,9 +382,9 @@ def _replicate_locked(scan, disk, store, server_id, block_size, progress, cancel
     if (manifest.addresses[data] == 0).all(axis=1).any():
         raise StoreError("internal error: a data block has no content address")
 
-    if comparable:
+    if previous is not None and previous.block_size == block_size:
         from .manifest import diff
-        blocks_changed = len(diff(previous, manifest))
+        blocks_changed = len(diff(previous, manifest))      # also across a size change
     else:
         blocks_changed = int(np.count_nonzero(manifest.states != BlockState.UNALLOCATED))
     bytes_read = (manifest.meta.get("scan") or {}).get("bytes_read")

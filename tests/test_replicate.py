@@ -421,3 +421,22 @@ def test_a_damaged_pack_index_does_not_stop_runs_or_restores(tmp_path, caplog):
     assert (tmp_path / "o.raw").read_bytes() == content
     # the block was packed again alone, so under the same pack id: the store healed
     assert verify(fresh).ok
+
+
+def test_disk_that_grows_shrinks_or_is_empty(tmp_path):
+    store = new_store(tmp_path / "s")
+    c1 = write_disk(tmp_path / "d.raw", [1, 2, 3], 3 * BS)
+    r1 = replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
+    c2 = write_disk(tmp_path / "d.raw", [1, 2, 3, 4, None], 5 * BS - 7)     # grown
+    r2 = replicate(tmp_path / "d.raw", store, "srv")
+    assert r2.blocks_stored == 1 and r2.blocks_changed == 2 and r2.blocks_data_changed == 4
+    c3 = write_disk(tmp_path / "d.raw", [1], 1000)                           # shrunk
+    r3 = replicate(tmp_path / "d.raw", store, "srv")
+    assert r3.blocks_total == 1 and r3.blocks_stored == 1      # a short block is new content
+    c4 = write_disk(tmp_path / "d.raw", [], 0)                              # empty
+    r4 = replicate(tmp_path / "d.raw", store, "srv")
+    assert r4.blocks_total == 0 and r4.blocks_stored == 0
+    for run, content in ((r1, c1), (r2, c2), (r3, c3), (r4, c4)):
+        restore(store, "srv", tmp_path / "o.raw", run_id=run.run_id)
+        assert (tmp_path / "o.raw").read_bytes() == content
+    assert verify(store).ok
