@@ -794,3 +794,108 @@ def test_expired_session_is_renewed(vcsim, env_password, tmp_path):
             assert _snapshots(other, vm.vmId) == []
         src.content.sessionManager.Logout()
         assert _vm(src, "DC0_H0_VM0").vmId == vm.vmId
+
+
+# --- the datastore file client against a scripted HTTP server ---------------------------------
+
+class _Scripted:
+    """A local HTTP server answering /folder requests as the test says (status per call)."""
+
+    def __init__(self, data: bytes):
+        import http.server
+        import threading
+        self.data, self.script, self.seen = data, [], []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _answer(self, body: bool):
+                outer.seen.append((self.command, self.headers.get("Range"),
+                                   self.headers.get("Cookie")))
+                status = outer.script.pop(0) if outer.script else "ok"
+                if status == "ok" or status == "no-range":
+                    rng = self.headers.get("Range")
+                    if rng and status == "ok":
+                        a, b = map(int, rng.split("=")[1].split("-"))
+                        payload, code = outer.data[a:b + 1], 206
+                    else:
+                        payload, code = outer.data, 200
+                    self.send_response(code)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    if body:
+                        self.wfile.write(payload)
+                    return
+                self.send_response(int(status))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_HEAD(self):
+                self._answer(False)
+
+            def do_GET(self):
+                self._answer(True)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def scripted():
+    srv = _Scripted(bytes(range(256)) * 64)
+    yield srv
+    srv.close()
+
+
+def _file(srv, relogin=None):
+    from smsblock.source import datastore_http as dh
+    ep = dh.DatastoreEndpoint(srv.url, "DC0", "ds1", "vmware_soap_session=one", timeout=5)
+    return dh.DatastoreFile(ep, "vm/disk-flat.vmdk", relogin=relogin)
+
+
+def test_datastore_file_ranges_and_errors(scripted, monkeypatch):
+    from smsblock.source import datastore_http as dh
+    monkeypatch.setattr(dh, "RETRY_PAUSE", 0.01)
+    f = _file(scripted)
+    assert f.size == 16384 and f.pread(10, 250) == bytes([250, 251, 252, 253, 254, 255, 0, 1, 2, 3])
+    assert scripted.seen[-1] == ("GET", "bytes=250-259", "vmware_soap_session=one")
+    scripted.script = ["403"]
+    with pytest.raises(VSphereError, match="privilege Datastore.Browse on datastore ds1"):
+        f.pread(10, 0)
+    scripted.script = ["no-range"]
+    with pytest.raises(VSphereError, match="ignored the Range request"):
+        f.pread(10, 0)
+    scripted.script = ["503", "502"]          # transient: retried
+    assert f.pread(4, 0) == bytes([0, 1, 2, 3])
+    scripted.script = ["500"] * (dh.RETRIES + 1)
+    with pytest.raises(VSphereError, match="HTTP 500"):
+        f.pread(4, 0)
+    scripted.script = ["401"]                 # no way to log in again: a clear error
+    with pytest.raises(VSphereError, match="refused the session"):
+        f.pread(4, 0)
+    f.close()
+
+
+def test_datastore_file_logs_in_again_after_401(scripted):
+    calls = []
+
+    def relogin():
+        calls.append(1)
+        return "vmware_soap_session=two"
+    f = _file(scripted, relogin)
+    scripted.script = ["401"]
+    assert f.pread(3, 1) == bytes([1, 2, 3])
+    assert calls == [1]
+    assert [c for _, _, c in scripted.seen[-2:]] == ["vmware_soap_session=one",
+                                                     "vmware_soap_session=two"]
+    f.close()
