@@ -304,7 +304,8 @@ def test_stream_optimized_layout_is_vmwares(tmp_path):
     assert len(fields["CID"]) == 8 and fields["CID"] not in ("ffffffff", "fffffffe")
     assert fields["ddb.adapterType"] == "ide"
     assert fields["ddb.geometry.heads"] == "16" and fields["ddb.geometry.sectors"] == "63"
-    assert int(fields["ddb.geometry.cylinders"]) == head["capacity"] // (16 * 63)
+    assert int(fields["ddb.geometry.cylinders"]) == -(-head["capacity"] // (16 * 63))
+    assert fields["encoding"] == "UTF-8"
     assert fields["ddb.virtualHWVersion"]
     assert f'RW {head["capacity"]} SPARSE "disk.vmdk"' in desc
 

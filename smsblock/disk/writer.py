@@ -231,7 +231,7 @@ def _data_grain_runs(disk: Disk, unit: int) -> Iterator[tuple[int, int]]:
 def _geometry(capacity: int, adapter: str) -> tuple[int, int, int]:
     heads, sectors = (16, 63) if adapter == "ide" else (255, 63)
     max_cyl = 16383 if adapter == "ide" else 65535
-    return max(1, min(capacity // (heads * sectors), max_cyl)), heads, sectors
+    return max(1, min(-(-capacity // (heads * sectors)), max_cyl)), heads, sectors
 
 
 def _descriptor(capacity: int, extent_name: str, cid: int, adapter: str,
@@ -241,6 +241,7 @@ def _descriptor(capacity: int, extent_name: str, cid: int, adapter: str,
     text = (
         "# Disk DescriptorFile\n"
         "version=1\n"
+        'encoding="UTF-8"\n'
         f"CID={cid:08x}\n"
         "parentCID=ffffffff\n"
         'createType="streamOptimized"\n'
