@@ -129,7 +129,7 @@ def _verbs():
     def get_servers(p):
         _paging(p)
         p.add_argument("--vm-server-address-list", dest="vmServerAddressList",
-                       type=_shorthand_addresses)
+                       metavar="vmManagerId=ID,vmId=ID ... | JSON")
 
     def create_job(p):
         p.add_argument("--server-id", dest="serverId", required=True)
@@ -177,6 +177,8 @@ def _sms(args) -> int:
     from ..service.api import OPERATIONS
     params = {k: v for k, v in vars(args).items()
               if k in OPERATIONS[args.operation] and v is not None}
+    if "vmServerAddressList" in params:
+        params["vmServerAddressList"] = _shorthand_addresses(params["vmServerAddressList"])
     with _service(args) as svc:
         try:
             result = svc.call(args.operation, params)

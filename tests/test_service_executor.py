@@ -1,0 +1,295 @@
+"""Run execution: the engine into the connector's store, stages and progress, the image
+step and image retention, failures, deletion during a run, connector death (kill -9)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import qemu_raw_bytes
+from smsblock.errors import ConnectorError, StoreError
+from smsblock.progress import check_cancel
+from smsblock.service import FakeClock, SmsService
+from smsblock.service import executor as executor_mod
+from smsblock.service.connector import ConnectorLoop
+from smsblock.service.executor import RunExecutor
+from test_service_sources import make_vm
+
+H = 3600.0
+T0 = 1_800_000_000.0
+
+
+class FakeImageStep:
+    def __init__(self):
+        self.registered: list[tuple] = []
+        self.deregistered: list[str] = []
+        self.seen_stage = None
+        self.state = None
+
+    def register(self, store, server_id, run_id, *, name, description, license_type,
+                 progress=None, cancel=None):
+        progress(1, 2)
+        if self.state is not None:
+            self.seen_stage = tuple(self.state.query(
+                "SELECT stage, stage_progress FROM runs WHERE state = 'ACTIVE'")[0])
+        ami = f"ami-{len(self.registered):017x}"
+        self.registered.append((server_id, run_id, license_type, description, ami))
+        return ami
+
+    def deregister(self, ami_id):
+        self.deregistered.append(ami_id)
+
+
+def setup(tmp_path, *, disks=(("scsi0:0", 1 << 20),), data=None, image=None, clock=None):
+    ds = tmp_path / "ds"
+    vmx = make_vm(ds, "DC1/web", "web", disks=disks, data=data, image=image)
+    svc = SmsService(tmp_path / "state", clock=clock or FakeClock(T0))
+    svc.register_connector("datastore", {"path": str(ds)})
+    svc.import_server_catalog()
+    server = svc.get_servers()["serverList"][0]["serverId"]
+    return svc, server, vmx
+
+
+def job_for(svc, server, **kw):
+    params = dict(serverId=server, seedReplicationTime=svc.clock() + 10 * 86400, frequency=12)
+    params.update(kw)
+    return svc.create_replication_job(**params)["replicationJobId"]
+
+
+def run_now(svc, job, executor):
+    run = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
+    with ConnectorLoop(svc, executor=executor) as loop:
+        loop.run_once()
+    return next(r for r in svc.get_replication_runs(replicationJobId=job)["replicationRunList"]
+                if r["replicationRunId"] == run)
+
+
+def test_runs_replicate_every_disk_into_the_store_by_server_id(tmp_path):
+    data = os.urandom(200_000)
+    svc, server, vmx = setup(tmp_path, disks=(("scsi0:0", 1 << 20), ("scsi0:1", 2 << 20)),
+                             data=data)
+    job = job_for(svc, server)
+    ex = RunExecutor(svc.state, svc.clock, use_default_image_step=False)
+    run = run_now(svc, job, ex)
+    assert run["state"] == "COMPLETED", run
+    assert "amiId" not in run and "no image step" in run["statusMessage"]
+    assert run["completedTime"] == T0
+    from smsblock.replicate import restore
+    from smsblock.store import open_store
+    store = open_store(svc.state.dir / "store")
+    assert len(store.list_run_ids(server)) == 1
+    assert len(store.list_run_ids(f"{server}-disk1")) == 1
+    out = tmp_path / "boot.raw"
+    restore(store, server, out)
+    assert out.read_bytes() == qemu_raw_bytes(vmx.parent / "web.vmdk", tmp_path)
+    summary = json.loads(svc.state.query("SELECT summary FROM runs WHERE run_id = ?",
+                                         (run["replicationRunId"],))[0][0])
+    assert [d["storeServerId"] for d in summary["disks"]] == [server, f"{server}-disk1"]
+    assert summary["source"]["disks"][0]["changeMethod"] == "hash"
+    # a second run finds nothing changed
+    svc.clock.advance(25 * H)
+    run2 = run_now(svc, job, ex)
+    assert run2["state"] == "COMPLETED" and "0 blocks changed" in run2["statusMessage"]
+    assert len(store.list_run_ids(server)) == 2
+
+
+def test_stages_progress_and_image_retention(tmp_path, monkeypatch):
+    monkeypatch.setattr(executor_mod, "PROGRESS_INTERVAL", 0.0)
+    svc, server, _ = setup(tmp_path)
+    job = job_for(svc, server, numberOfRecentAmisToKeep=2, licenseType="BYOL")
+    seen = []
+    from smsblock.replicate import replicate as real_replicate
+
+    def replicate(disk, store, server_id, *, progress, cancel, source):
+        progress(disk.size // 2, disk.size)
+        seen.append(tuple(svc.state.query(
+            "SELECT stage, stage_progress, status_message FROM runs WHERE state = 'ACTIVE'")[0]))
+        return real_replicate(disk, store, server_id, progress=progress, cancel=cancel,
+                              source=source)
+
+    images = FakeImageStep()
+    images.state = svc.state
+    ex = RunExecutor(svc.state, svc.clock, replicate=replicate, image_step=images)
+    amis = []
+    for i in range(3):
+        run = run_now(svc, job, ex)
+        assert run["state"] == "COMPLETED", run
+        amis.append(run["amiId"])
+        svc.clock.advance(25 * H)
+    assert seen[0][:2] == ("uploading", "50%") and "1 disk" in seen[0][2]
+    assert images.seen_stage == ("converting", "50%")
+    assert [r[2] for r in images.registered] == ["BYOL"] * 3
+    # keep 2: the oldest image is deregistered, the job points at the newest
+    assert images.deregistered == [amis[0]]
+    (j,) = svc.get_replication_jobs()["replicationJobList"]
+    assert j["latestAmiId"] == amis[2] and j["state"] == "ACTIVE"
+    rows = svc.state.query("SELECT ami_id, deregistered FROM images ORDER BY created")
+    assert [(r[0], r[1] is not None) for r in rows] == [(amis[0], True), (amis[1], False),
+                                                         (amis[2], False)]
+
+
+def test_the_real_image_step_registers_a_bootable_disk_and_refuses_a_blank_one(tmp_path):
+    from test_service_sources import bootable_image
+    svc, server, _ = setup(tmp_path, image=bootable_image(tmp_path / "img"))
+    job = job_for(svc, server, licenseType="AWS", runOnce=True, frequency=None)
+    ex = RunExecutor(svc.state, svc.clock)
+    run = run_now(svc, job, ex)
+    assert run["state"] == "COMPLETED" and run["amiId"].startswith("ami-"), run
+    record = json.loads((svc.state.dir / "images" / run["amiId"] / "image.json").read_text())
+    assert record["source"]["server_id"] == server and record["license_type"] == "AWS"
+    (j,) = svc.get_replication_jobs()["replicationJobList"]
+    assert j["state"] == "COMPLETED"   # run once: done after its run
+
+    svc2, server2, _ = setup(tmp_path / "blank")
+    job2 = job_for(svc2, server2)
+    run = run_now(svc2, job2, RunExecutor(svc2.state, svc2.clock))
+    assert run["state"] == "FAILED" and "validation" in run["statusMessage"], run
+    (j,) = svc2.get_replication_jobs()["replicationJobList"]
+    assert run["replicationRunId"] in j["statusMessage"] and j["state"] == "ACTIVE"
+
+
+def test_engine_failure_fails_the_run_with_the_reason(tmp_path):
+    svc, server, _ = setup(tmp_path)
+    job = job_for(svc, server)
+
+    def replicate(*a, **kw):
+        raise StoreError("store /x: no space left on device")
+
+    run = run_now(svc, job, RunExecutor(svc.state, svc.clock, replicate=replicate,
+                                        image_step=FakeImageStep()))
+    assert run["state"] == "FAILED"
+    assert run["statusMessage"] == "FAILED: store /x: no space left on device"
+    assert run["stageDetails"]["stage"] == "uploading"
+    # the job takes further runs
+    svc.start_on_demand_replication_run(replicationJobId=job)
+
+
+def test_a_vanished_vm_fails_the_run(tmp_path):
+    svc, server, vmx = setup(tmp_path)
+    job = job_for(svc, server)
+    (vmx.parent / "web.vmdk").unlink()
+    run = run_now(svc, job, RunExecutor(svc.state, svc.clock, image_step=FakeImageStep()))
+    assert run["state"] == "FAILED" and "does not exist" in run["statusMessage"]
+
+
+def test_deleting_the_job_cancels_its_active_run_then_removes_its_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(executor_mod, "PROGRESS_INTERVAL", 0.0)
+    svc, server, _ = setup(tmp_path, data=b"x" * 100_000)
+    job = job_for(svc, server)
+    ex0 = RunExecutor(svc.state, svc.clock, use_default_image_step=False)
+    assert run_now(svc, job, ex0)["state"] == "COMPLETED"   # blocks in the store
+    svc.clock.advance(25 * H)
+
+    def replicate(disk, store, server_id, *, progress, cancel, source):
+        svc.delete_replication_job(replicationJobId=job)    # arrives mid-run
+        for _ in range(100):
+            progress(1, 2)
+            check_cancel(cancel)
+            time.sleep(0.01)
+        raise AssertionError("the run was not cancelled")
+
+    run = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
+    with ConnectorLoop(svc, executor=RunExecutor(svc.state, svc.clock, replicate=replicate,
+                                                 use_default_image_step=False)) as loop:
+        done = loop.run_once()
+    assert done["failed"] == [run] and done["deleted_jobs"] == [job]
+    row = svc.state.query("SELECT state, status_message FROM runs WHERE run_id = ?", (run,))[0]
+    assert row[0] == "FAILED" and "deleted" in row[1]
+    from smsblock.store import open_store
+    assert open_store(svc.state.dir / "store").list_run_ids(server) == []
+    assert svc.get_replication_jobs()["replicationJobList"] == []
+
+
+def test_a_run_left_active_fails_when_the_connector_comes_back(tmp_path):
+    svc, server, _ = setup(tmp_path)
+    job = job_for(svc, server)
+    run = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
+    RunExecutor(svc.state, svc.clock)._claim(run)   # ACTIVE, then the process "dies"
+    with ConnectorLoop(svc) as loop:
+        done = loop.run_once()
+    assert done["recovered"] == [run]
+    r = svc.get_replication_runs(replicationJobId=job)["replicationRunList"][0]
+    assert r["state"] == "FAILED" and "connector stopped" in r["statusMessage"]
+
+
+def test_one_process_per_connector(tmp_path):
+    svc, _, _ = setup(tmp_path)
+    with ConnectorLoop(svc):
+        with pytest.raises(ConnectorError, match="already running"):
+            with ConnectorLoop(svc):
+                pass
+    with ConnectorLoop(svc):   # released
+        pass
+
+
+def test_connector_heartbeat_keeps_it_healthy(tmp_path):
+    svc, _, _ = setup(tmp_path)
+    svc.clock.advance(3600)
+    assert svc.get_connectors()["connectorList"][0]["status"] == "UNHEALTHY"
+    with ConnectorLoop(svc) as loop:
+        loop.run_once()
+    assert svc.get_connectors()["connectorList"][0]["status"] == "HEALTHY"
+
+
+SLOW_CONNECTOR = textwrap.dedent("""
+    import sys, time
+    from smsblock.service import SmsService
+    from smsblock.service.connector import ConnectorLoop
+    from smsblock.service.executor import RunExecutor
+
+    def slow_replicate(disk, store, server_id, *, progress, cancel, source):
+        while True:           # a run that takes long: killed in here
+            progress(1, 2)
+            time.sleep(0.05)
+
+    svc = SmsService(sys.argv[1])
+    with ConnectorLoop(svc, executor=RunExecutor(svc.state, svc.clock, replicate=slow_replicate,
+                                                 use_default_image_step=False)) as loop:
+        loop.run_once()
+""")
+
+
+def test_kill9_of_the_connector_mid_run(tmp_path):
+    svc, server, _ = setup(tmp_path, clock=time.time)
+    job = job_for(svc, server)
+    run = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
+    script = tmp_path / "slow_connector.py"
+    script.write_text(SLOW_CONNECTOR)
+    proc = subprocess.Popen([sys.executable, str(script), str(svc.state.dir)],
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            state = svc.state.query("SELECT state, stage FROM runs WHERE run_id = ?", (run,))[0]
+            if state[0] == "ACTIVE" and state[1] == "uploading":
+                break
+            assert proc.poll() is None, "the connector exited early"
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the run never became ACTIVE")
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert svc.state.check() == "ok"
+    assert svc.state.query("SELECT state FROM runs WHERE run_id = ?", (run,))[0][0] == "ACTIVE"
+    # the connector comes back (the real command)
+    out = subprocess.run([sys.executable, "-m", "smsblock", "connector", "run", "--state",
+                          str(svc.state.dir), "--once"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["recovered"] == [run]
+    r = svc.get_replication_runs(replicationJobId=job)["replicationRunList"][0]
+    assert r["state"] == "FAILED" and "connector stopped" in r["statusMessage"]
+    # and the job goes on
+    svc.start_on_demand_replication_run(replicationJobId=job)
