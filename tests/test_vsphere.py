@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -97,7 +96,8 @@ def _make_certs(folder: Path) -> dict[str, Path]:
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "smsblock test CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
           .public_key(ca_key.public_key()).serial_number(1)
-          .not_valid_before(now - dt.timedelta(days=30)).not_valid_after(now + dt.timedelta(days=30))
+          .not_valid_before(now - dt.timedelta(days=30))
+          .not_valid_after(now + dt.timedelta(days=30))
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
           .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
                          critical=True)
@@ -394,8 +394,9 @@ def test_vm_moved_is_followed_by_uuid_or_fails_with_reason(source, vcsim, tmp_pa
     with source.open_run(moved) as run:
         assert run.vm._moId == vm["vmId"]
         assert any("was moved" in w and vm["vmId"] in w for w in run.warnings)
-    gone = dict(vm, vmId="vm-424242", identity={"instanceUuid": "00000000-0000-0000-0000-0000000000aa",
-                                                "biosUuid": "00000000-0000-0000-0000-0000000000bb"})
+    gone = dict(vm, vmId="vm-424242",
+                identity={"instanceUuid": "00000000-0000-0000-0000-0000000000aa",
+                          "biosUuid": "00000000-0000-0000-0000-0000000000bb"})
     with pytest.raises(VSphereError, match="no longer visible.*vMotion"):
         source.open_run(gone).__enter__()
 
@@ -662,7 +663,8 @@ def test_datastore_endpoint_repr_hides_the_session_cookie():
     from smsblock.source.datastore_http import DatastoreEndpoint
     ep = DatastoreEndpoint("https://vc:443", "DC0", "ds1", "vmware_soap_session=SECRET")
     assert "SECRET" not in repr(ep) and "SECRET" not in str(ep)
-    assert ep.url("vm 1/disk.vmdk") == "https://vc:443/folder/vm%201/disk.vmdk?dcPath=DC0&dsName=ds1"
+    assert ep.url("vm 1/disk.vmdk") == \
+        "https://vc:443/folder/vm%201/disk.vmdk?dcPath=DC0&dsName=ds1"
 
 
 def test_failed_cleanup_does_not_hide_the_run_error(source, vcsim, tmp_path, monkeypatch):
@@ -726,7 +728,8 @@ def test_faults_become_one_line():
     s = VCenterSettings("vc:443", "u", "pw")
     err = _translate(vim.fault.InvalidPowerState(requestedState="poweredOff",
                                                  existingState="poweredOn"), s, "mark as template")
-    assert str(err) == ("vCenter https://vc:443: mark as template failed: vim.fault.InvalidPowerState: "
+    assert str(err) == ("vCenter https://vc:443: mark as template failed: "
+                        "vim.fault.InvalidPowerState: "
                         "no message")
     err = _translate(ValueError("a\nb  c"), s, "x")
     assert str(err) == "vCenter https://vc:443: x failed: ValueError: a b c"

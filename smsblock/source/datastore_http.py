@@ -223,8 +223,8 @@ def _reason(e: Exception | None) -> str:
 class FlatHttpDisk(Disk):
     """A disk made of FLAT/VMFS/ZERO extents (vSphere's usual thick or thin base disk)."""
 
-    def __init__(self, descriptor: DatastoreFile, extents: list[tuple[int, str, DatastoreFile | None, int]],
-                 info: DiskInfo):
+    def __init__(self, descriptor: DatastoreFile,
+                 extents: list[tuple[int, str, DatastoreFile | None, int]], info: DiskInfo):
         # extents: (sectors, type, file or None for ZERO, start offset in the file in sectors)
         self.path = descriptor.name
         self._files = [f for _, _, f, _ in extents if f is not None]
@@ -289,7 +289,8 @@ def open_datastore_disk(open_file: Callable[[str], DatastoreFile], path: str) ->
         from ..disk.descriptor import looks_like_descriptor, parse_descriptor
     except ImportError:       # the VMDK reader is not installed in this tree
         looks_like_descriptor = parse_descriptor = None
-    if parse_descriptor is not None and looks_like_descriptor(head) and not head.startswith(b"KDMV"):
+    if parse_descriptor is not None and looks_like_descriptor(head) \
+            and not head.startswith(b"KDMV"):
         try:
             desc = parse_descriptor(head, top.name)
         except DiskFormatError as e:

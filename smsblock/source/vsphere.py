@@ -540,7 +540,8 @@ def _find_ssl_error(e: BaseException | None, depth: int = 0) -> ssl.SSLError | N
 
 def _is_gone(e: BaseException) -> bool:
     from pyVmomi import vmodl
-    return isinstance(e, vmodl.fault.ManagedObjectNotFound) or "has already been deleted" in str(e) \
+    return isinstance(e, vmodl.fault.ManagedObjectNotFound) \
+        or "has already been deleted" in str(e) \
         or "ManagedObjectNotFound" in type(e).__name__
 
 
