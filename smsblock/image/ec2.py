@@ -91,13 +91,16 @@ def register_ec2(disk, *, name: str, description: str, architecture: str,
             RootDeviceName="/dev/sda1", VirtualizationType="hvm", BootMode="legacy-bios",
             BlockDeviceMappings=[{"DeviceName": "/dev/sda1",
                                   "Ebs": {"SnapshotId": snapshot_id, "DeleteOnTermination": True}}])
-    except (ClientError, BotoCoreError) as e:
+    except BaseException as e:       # cancelled, disk error or AWS error: drop the snapshot
         if snapshot_id is not None:
             try:
                 ec2.delete_snapshot(SnapshotId=snapshot_id)
             except (ClientError, BotoCoreError):
                 pass
-        raise ImageError(f"EC2 registration failed at {endpoint_url or 'the default endpoint'}: {e}") from None
+        if isinstance(e, (ClientError, BotoCoreError)):
+            raise ImageError(f"EC2 registration failed at {endpoint_url or 'the default endpoint'}: "
+                             f"{e}") from None
+        raise
     return {"ec2_image_id": image["ImageId"], "snapshot_id": snapshot_id, "blocks_sent": sent,
             "volume_size_gib": size_gib, "endpoint_url": endpoint_url}
 
