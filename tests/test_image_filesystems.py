@@ -110,7 +110,7 @@ def test_garbage_superblock_is_a_finding(fs_images, tmp_path, name, offset, junk
         info, findings = identify(Region(d))
     assert info is None
     assert [f.code for f in findings] == ["fs-garbage-superblock"]
-    assert f"offset" in findings[0].message
+    assert "offset" in findings[0].message
 
 
 def test_reads_are_small(fs_images):

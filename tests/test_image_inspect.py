@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from image_builders import (GRUB2_BOOT_IMG, MiB, blkid, fake_root, fuse_available, mkfs_ext,
-                            mkfs_simple, mkfs_windows, partition_disk, place, sparse_file,
-                            write_boot_code)
+                            mkfs_simple, mkfs_windows, partition_disk, place, write_boot_code)
 from smsblock import open_disk
 from smsblock.disk.base import Disk
 from smsblock.image.validate import inspect_and_validate

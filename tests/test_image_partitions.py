@@ -5,7 +5,6 @@ from __future__ import annotations
 import struct
 import zlib
 
-import pytest
 from hypothesis import given, strategies as st
 
 from image_builders import MiB, partition_disk, patch, sparse_file
