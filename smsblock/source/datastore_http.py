@@ -8,6 +8,12 @@ per thread), so a disk is streamed block by block and never copied whole to the
 connector's disk.  :func:`open_datastore_disk` turns a disk's descriptor into a
 :class:`~smsblock.disk.Disk`; :class:`AreaOverlayDisk` narrows a disk to the areas
 changed block tracking reports.
+
+A :class:`DatastoreFile` is also the shape a VMDK reader needs to read sparse and delta
+disks without a local path (``open_vmdk(path, opener=...)``, not there yet): ``opener(p)``
+takes a path relative to the datastore (joined with ``/``), and the file it returns has
+``name``, ``size``, ``pread(length, offset) -> bytes``, ``readinto(offset, buf) -> int``
+(thread-safe) and ``close()``.
 """
 
 from __future__ import annotations
