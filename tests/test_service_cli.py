@@ -137,3 +137,40 @@ def test_connector_run_once_prints_what_it_did(state, capsys):
     runs = ok(capsys, "sms", "get-replication-runs", "--state", st, "--replication-job-id", job)
     (r,) = runs["replicationRunList"]
     assert r["type"] == "AUTOMATIC" and r["state"] == "FAILED" and "validation" in r["statusMessage"]
+
+
+def test_connector_run_loop_executes_due_runs_into_the_given_store(tmp_path, capsys):
+    """The long-running connector (a real process): picks the seed run, stops on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    ds = make_datastore(tmp_path / "ds", 1)
+    st, store = tmp_path / "state", tmp_path / "elsewhere"
+    ok(capsys, "connector", "register", "--state", st, "--datastore", ds, "--store", store)
+    ok(capsys, "sms", "import-server-catalog", "--state", st)
+    server = ok(capsys, "sms", "get-servers", "--state", st)["serverList"][0]["serverId"]
+    job = ok(capsys, "sms", "create-replication-job", "--state", st, "--server-id", server,
+             "--seed-replication-time", int(time.time()), "--frequency", 12)["replicationJobId"]
+    proc = subprocess.Popen([sys.executable, "-m", "smsblock", "connector", "run", "--state",
+                             str(st), "--poll-interval", "0.2"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            runs = ok(capsys, "sms", "get-replication-runs", "--state", st,
+                      "--replication-job-id", job)["replicationRunList"]
+            if runs and runs[0]["state"] in ("COMPLETED", "FAILED"):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the connector did not run the seed run")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stderr.close()
+    from smsblock.store import open_store
+    assert len(open_store(store).list_run_ids(server)) == 1   # blocks went to --store
+    assert not (st / "store").exists()
