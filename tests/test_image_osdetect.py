@@ -173,3 +173,58 @@ def test_windows_from_software_hive(tmp_path, name):
     assert (o.distribution, o.version, o.architecture, o.edition, o.service_pack) == expect
     assert (o.family, o.root_filesystem) == ("windows", "ntfs")
     assert report.partitions[0].label == "System"
+
+
+# --- random damage to real filesystems: findings, never exceptions ---------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from smsblock.disk.base import Disk  # noqa: E402
+
+
+class OverlayDisk(Disk):
+    """A disk with some bytes replaced (the damage), read through another disk."""
+
+    def __init__(self, raw, mutations: dict[int, int]):
+        self.raw, self.mutations = raw, mutations
+        self.path, self.size, self.info = raw.path, raw.size, raw.info
+
+    def readinto(self, offset, buf):
+        n = self.raw.readinto(offset, buf)
+        view = memoryview(buf).cast("B")
+        for pos, value in self.mutations.items():
+            if offset <= pos < offset + n:
+                view[pos - offset] = value
+        return n
+
+    def extents(self, start=0, end=None):
+        return self.raw.extents(start, end)
+
+
+@pytest.fixture(scope="module")
+def damage_targets(tmp_path_factory):
+    """Real ext4 and Btrfs roots, and the byte ranges holding their metadata."""
+    d = tmp_path_factory.mktemp("damage")
+    root = fake_root(d, "centos-7.2.1511", merged_usr=True)
+    ext4 = mkfs_ext(d / "e.img", "ext4", 4 * MiB, label="x", root=root)
+    btrfs = mkfs_btrfs(d / "b.img", label="x", root=root)
+    with open_disk(btrfs) as disk:
+        vol = BtrfsVolume(Region(disk))
+        nodes = [vol.physical(a) for a in (vol.root_tree, vol.chunk_root, vol.default_tree[0])]
+    return {"ext4": (ext4, [(0, 64 << 10)]),
+            "btrfs": (btrfs, [(0x10000, 0x11000)] + [(p, p + vol.nodesize) for p in nodes])}
+
+
+@settings(max_examples=40)
+@given(st.sampled_from(["ext4", "btrfs"]), st.data())
+def test_random_metadata_damage_never_raises(damage_targets, kind, data):
+    path, ranges = damage_targets[kind]
+    mutations = {}
+    for _ in range(data.draw(st.integers(1, 24))):
+        lo, hi = data.draw(st.sampled_from(ranges))
+        mutations[data.draw(st.integers(lo, hi - 1))] = data.draw(st.integers(0, 255))
+    with open_disk(path) as raw:
+        report = inspect_disk(OverlayDisk(raw, mutations))
+    if report.os is None:
+        assert report.partitions == [] or report.findings
+    report.to_dict()
