@@ -222,3 +222,14 @@ def test_image_create_ec2_unreachable_endpoint(capsys, store_with_runs, monkeypa
                              "--target", "ec2", "--endpoint-url", f"http://127.0.0.1:{port}",
                              "--region", "us-east-1")
     assert status == 1 and "EC2 registration failed" in err
+
+
+def test_inspect_vmdk_equals_raw(capsys, tmp_path, linux_disk):  # noqa: F811
+    vmdk = tmp_path / "linux.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", linux_disk[0], vmdk)
+    _, raw_out, _ = run_cli(capsys, "inspect", linux_disk[0], "--json")
+    status, vmdk_out, _ = run_cli(capsys, "inspect", vmdk, "--json")
+    a, b = json.loads(raw_out), json.loads(vmdk_out)
+    assert status == 0 and b["source"] == str(vmdk)
+    a.pop("source"), b.pop("source")
+    assert a == b
