@@ -51,12 +51,15 @@ def plan_reads(disk: Disk, block_size: int) -> Iterator[tuple[int, int]]:
     DATA extent is in a run (it is read whole; the reader fills the rest with zeros).
     Blocks touched only by ZERO extents or by nothing are in no run: never read.
     """
+    n_blocks = (disk.size + block_size - 1) // block_size
     run_first = run_end = -1
     for extent in disk.extents():
         if not extent.is_data or extent.length <= 0:
             continue
-        first = extent.offset // block_size
-        end = (extent.end - 1) // block_size + 1
+        first = max(0, extent.offset // block_size)
+        end = min(n_blocks, (extent.end - 1) // block_size + 1)    # a reader past its size
+        if first >= end:
+            continue
         if first <= run_end:
             run_end = max(run_end, end)
             continue
@@ -259,11 +262,16 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
     if threads == 1:
         worker()
     else:
-        with ThreadPoolExecutor(threads, thread_name_prefix="smsblock-scan") as pool:
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="smsblock-scan")
+        try:
             futures = [pool.submit(worker) for _ in range(threads)]
-        for f in futures:       # siblings of a failed worker stop quietly: one error
-            if f.exception() is not None:
-                raise f.exception()
+            for f in futures:   # siblings of a failed worker stop quietly: one error
+                f.result()
+        except BaseException:   # KeyboardInterrupt too: workers stop at their next batch
+            failed.set()
+            raise
+        finally:
+            pool.shutdown(wait=True)
     check_cancel(cancel)
     manifest.meta["scan"] = {
         "blocks_changed": counters["changed"],

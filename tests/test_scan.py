@@ -248,6 +248,12 @@ def test_unallocated_and_zero_extents_are_never_read():
     assert not m.hashes[[0, 2, 3, 4, 5, 6, 7, 8, 9]].any()     # zero blocks never hashed
 
 
+def test_extents_past_the_disk_size_are_clipped():
+    disk = MemoryDisk(os.urandom(2 * BS), [Extent(BS, 5 * BS)])
+    assert list(plan_reads(disk, BS)) == [(1, 2)]
+    assert scan(disk, block_size=BS).states.tolist() == [0, 2]
+
+
 def test_plan_merges_runs():
     disk = MemoryDisk(bytes(8 * BS), [Extent(0, 10), Extent(BS - 1, 2), Extent(2 * BS, BS),
                                       Extent(4 * BS, 1, ExtentKind.ZERO), Extent(6 * BS, 1)])
@@ -335,6 +341,22 @@ def test_view_is_released_after_the_callback():
     assert len(kept) == 2
     with pytest.raises(ValueError):
         bytes(kept[0])      # released: cannot show a later batch's bytes
+
+
+def test_keyboard_interrupt_stops_the_workers():
+    data = os.urandom(64 * BS)
+    calls = []
+
+    def interrupt(index, view):
+        calls.append(index)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        scan(MemoryDisk(data, [Extent(0, len(data))]), block_size=BS, batch_bytes=BS,
+             on_changed=interrupt)
+    assert len(calls) <= 3
+    assert not [t for t in threading.enumerate() if t.name.startswith("smsblock-scan")]
 
 
 # -- errors, cancellation, progress --------------------------------------------
