@@ -165,7 +165,7 @@ class SmsService:
     def get_connectors(self, nextToken: str | None = None, maxResults: int | None = None) -> dict:
         now = self.clock()
         rows = self.state.query("SELECT * FROM connectors WHERE disassociated_on IS NULL "
-                                "ORDER BY associated_on, connector_id")
+                                "ORDER BY associated_on, rowid")
         page, token = _paginate("GetConnectors", rows, nextToken, maxResults)
         out = {"connectorList": [connector_from_row(r, now, self.config.heartbeat_timeout_seconds)
                                  .to_api() for r in page]}
@@ -260,7 +260,7 @@ class SmsService:
                 rows = [jobs.get_job(db, replicationJobId)]
             else:
                 rows = db.execute("SELECT * FROM jobs WHERE state != 'DELETED' "
-                                  "ORDER BY created, job_id").fetchall()
+                                  "ORDER BY created, rowid").fetchall()
             page, token = _paginate("GetReplicationJobs", rows, nextToken, maxResults)
             out = {"replicationJobList": [self._job(db, r, JOB_RUNS_SHOWN) for r in page]}
         if token:
@@ -310,7 +310,7 @@ def _col(member: str) -> str:
 
 
 def _latest_job(db, server_id: str):
-    return db.execute("SELECT * FROM jobs WHERE server_id = ? ORDER BY created DESC LIMIT 1",
+    return db.execute("SELECT * FROM jobs WHERE server_id = ? ORDER BY created DESC, rowid DESC LIMIT 1",
                       (server_id,)).fetchone()
 
 

@@ -109,7 +109,7 @@ def get_job(db: sqlite3.Connection, job_id) -> sqlite3.Row:
 def live_job_for_server(db: sqlite3.Connection, server_id: str) -> sqlite3.Row | None:
     return db.execute(
         f"SELECT * FROM jobs WHERE server_id = ? AND state NOT IN ('DELETED') "
-        f"ORDER BY created DESC LIMIT 1", (server_id,)).fetchone()
+        f"ORDER BY created DESC, rowid DESC LIMIT 1", (server_id,)).fetchone()
 
 
 def busy_runs(db: sqlite3.Connection, job_id: str) -> list[sqlite3.Row]:
