@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import smsblock
 from smsblock import _deflate
@@ -593,6 +593,22 @@ def test_convert_qemu_made_vmdk_to_raw_and_vmdk(tmp_path, subformat):
     assert raw_out.read_bytes() == src_raw.read_bytes()
     assert "Images are identical" in qemu_img("compare", src, vmdk_out).stdout
     assert "No errors" in qemu_img("check", vmdk_out).stdout
+
+
+@settings(max_examples=10)
+@given(content=disk_contents(max_size=2 * MIB),
+       subformat=st.sampled_from(["monolithicSparse", "streamOptimized", "twoGbMaxExtentFlat"]))
+def test_vmdk_sources_convert_exactly(tmp_path_factory, content, subformat):
+    size, pieces = content
+    size = -(-size // SECTOR) * SECTOR          # qemu-img makes VMDKs of whole sectors
+    d = tmp_path_factory.mktemp("vs")
+    src_raw = make_raw(d / "content.raw", size, pieces)
+    src = d / "src.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", src_raw, src)
+    convert(src, d / "out.raw")
+    convert(src, d / "out.vmdk")
+    assert (d / "out.raw").read_bytes() == src_raw.read_bytes()
+    assert "Images are identical" in qemu_img("compare", src_raw, d / "out.vmdk").stdout
 
 
 def test_convert_vmware_samples(tmp_path, vmdk_samples):
