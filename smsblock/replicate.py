@@ -157,6 +157,7 @@ class _PackSink:
         self.bytes_uncompressed = 0
         self.packs_sealed = 0
         self.error: BaseException | None = None
+        self._closing = False
         self._writer: PackWriter | None = None
         self._queue: queue.Queue = queue.Queue(QUEUE_DEPTH)
         self._sealed: queue.Queue = queue.Queue(2)      # packs written, waiting for fsync
@@ -169,6 +170,8 @@ class _PackSink:
         while True:
             if self.error is not None:
                 raise StoreError(f"pack writer failed: {self.error}")
+            if self._closing:       # a scan thread still running after the run stopped
+                raise Cancelled("the run was stopped")
             try:
                 self._queue.put((address, frame, ulen), timeout=0.2)
                 return
@@ -232,6 +235,7 @@ class _PackSink:
     def close(self, seal: bool = True) -> None:
         """Stop the threads; seal the partial pack (``seal``) or discard it.  Every pack
         sealed before this returns is durable and visible."""
+        self._closing = True
         self._queue.put(self._STOP)
         self._thread.join()
         try:

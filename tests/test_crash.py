@@ -159,3 +159,26 @@ def test_sigkill_at_random_moments_leaves_store_valid_and_resumable(tmp_path):
     for run_id, expect in completed.items():
         restore(store_dir, "crash", tmp_path / "restored.raw", run_id=run_id)
         assert (tmp_path / "restored.raw").read_bytes() == expect
+
+
+def test_ctrl_c_stops_a_run_cleanly(tmp_path):
+    """SIGINT cancels: exit status 130, the partial pack sealed (no temp files), no run."""
+    store_dir = tmp_path / "store"
+    store = open_store(store_dir)
+    store.initialise(StoreConfig(pack_size=256 * 1024))
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(disk_content(5, None) * 2)
+    p = start_run(disk, store_dir)
+    deadline = time.monotonic() + 60
+    while p.poll() is None and not store.list_packs() and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    if p.poll() is not None:
+        pytest.skip("the run finished before it could be interrupted (machine too fast)")
+    os.kill(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    if p.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert p.returncode == 130 and b"interrupted" in err
+    assert store.runs("crash") == [] and store.list_leftovers() == []
+    report = verify(store_dir)
+    assert report.ok and report.blocks_checked > 0

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import signal
+import threading
 
 from ..errors import UsageError
-from ..progress import terminal_progress
+from ..progress import CancelToken, terminal_progress
 from . import add_json_flag
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(i?B)?\s*$", re.IGNORECASE)
@@ -32,12 +35,29 @@ def _human(n: int) -> str:
     return str(n)
 
 
+@contextlib.contextmanager
+def cancel_on_interrupt():
+    """A CancelToken that Ctrl-C (SIGINT) cancels: the run stops at its next safe point,
+    seals what it stored, and raises Cancelled (exit status 130)."""
+    token = CancelToken()
+    if threading.current_thread() is not threading.main_thread():
+        yield token
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: token.cancel("interrupted"))
+    try:
+        yield token
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def cmd_replicate(args) -> int:
     from ..disk import open_disk
     from ..replicate import replicate
     block_size = parse_size(args.block_size) if args.block_size else None
-    with open_disk(args.disk) as disk, terminal_progress(f"replicate {args.server}") as bar:
-        s = replicate(disk, args.store, args.server, block_size=block_size, progress=bar)
+    with open_disk(args.disk) as disk, terminal_progress(f"replicate {args.server}") as bar, \
+            cancel_on_interrupt() as token:
+        s = replicate(disk, args.store, args.server, block_size=block_size, progress=bar,
+                      cancel=token)
     if args.json:
         _print_json(s.to_dict())
     else:
@@ -67,9 +87,9 @@ def cmd_runs(args) -> int:
 
 def cmd_restore(args) -> int:
     from ..replicate import restore
-    with terminal_progress(f"restore {args.server}") as bar:
+    with terminal_progress(f"restore {args.server}") as bar, cancel_on_interrupt() as token:
         m = restore(args.store, args.server, args.output, run_id=args.run, format=args.output_format,
-                    progress=bar)
+                    progress=bar, cancel=token)
     print(f"restored run {m.meta.get('run_id')} of {args.server} to {args.output} "
           f"({args.output_format}, {_human(m.disk_size)})")
     return 0
@@ -77,8 +97,8 @@ def cmd_restore(args) -> int:
 
 def cmd_verify(args) -> int:
     from ..replicate import verify
-    with terminal_progress("verify") as bar:
-        report = verify(args.store, progress=bar)
+    with terminal_progress("verify") as bar, cancel_on_interrupt() as token:
+        report = verify(args.store, progress=bar, cancel=token)
     if args.json:
         _print_json(report.to_dict())
     else:
