@@ -9,10 +9,12 @@ from . import errors
 from .disk import Disk, DiskInfo, Extent, ExtentKind, open_disk
 from .disk.writer import convert, write_raw, write_stream_optimized
 from .progress import CancelToken
+from .manifest import BlockState, Manifest, diff
+from .scan import scan   # the function: import the module as ``from smsblock.scan import ...``
 from .replicate import PruneReport, RunSummary, VerifyReport, prune, replicate, restore, verify
 from .store import open_store
 
 __all__ = ["errors", "open_disk", "Disk", "DiskInfo", "Extent", "ExtentKind", "CancelToken",
            "convert", "write_raw", "write_stream_optimized",
            "open_store", "replicate", "restore", "verify", "prune", "RunSummary", "VerifyReport",
-           "PruneReport"]
+           "PruneReport", "scan", "Manifest", "BlockState", "diff"]
