@@ -149,6 +149,25 @@ cdef ssize_t pread_full(int fd, uint8_t *buf, size_t n, int64_t off, Err *err) n
     return <ssize_t>done
 
 
+cdef class _Scratch:
+    """Per-thread buffers and decoder, kept in a pool so reads do not allocate each time.
+
+    The read window stays valid between reads (the file is read-only), so a caller
+    reading a stream file in small sequential pieces reuses what the last read fetched.
+    """
+    cdef Scratch s
+
+    def __cinit__(self):
+        memset(&self.s, 0, sizeof(Scratch))
+        self.s.win_off = -1
+
+    def __dealloc__(self):
+        if self.s.dec != NULL:
+            libdeflate_free_decompressor(self.s.dec)
+        free(self.s.win)
+        free(self.s.grain)
+
+
 cdef class SparseCore:
     """The grain map and read loop of one sparse extent (see the module docstring)."""
 
@@ -161,6 +180,7 @@ cdef class SparseCore:
     cdef uint32_t *empty_gt
     cdef bint compressed, markers
     cdef size_t max_compressed
+    cdef list pool
 
     def __cinit__(self, int fd, uint64_t file_size, uint64_t capacity, uint64_t grain,
                   uint32_t gtes_per_gt, const uint32_t[::1] gd, bint compressed,
@@ -178,6 +198,7 @@ cdef class SparseCore:
             raise ValueError("grain directory too short for the capacity")
         self.compressed = compressed
         self.markers = markers
+        self.pool = []
         self.meta_end = meta_end
         self.gd_at = gd_at
         self.gd_len = gd_len
@@ -202,9 +223,6 @@ cdef class SparseCore:
             free(self.gts)
         free(self.gd)
         free(self.empty_gt)
-
-    def release(self):
-        """Nothing to do today (tables are freed with the object); kept for symmetry."""
 
     # -- grain tables ---------------------------------------------------------
     cdef uint32_t *table(self, uint32_t i, Err *err) noexcept nogil:
@@ -352,16 +370,13 @@ cdef class SparseCore:
 
     # -- the read loop --------------------------------------------------------
     cdef int read_range(self, uint64_t offset, uint8_t *out, size_t length, uint8_t *status,
-                        Err *err) noexcept nogil:
+                        Scratch *sp, Err *err) noexcept nogil:
         cdef uint64_t pos = offset, g, g0 = offset // self.grain, gg, in_off, need
         cdef size_t done = 0, n, run, more
         cdef uint32_t gte, e2
         cdef int64_t where, where2
-        cdef Scratch s
         cdef int rc = 0
-        cdef uint8_t st
-        memset(&s, 0, sizeof(Scratch))
-        s.win_off = -1
+        cdef size_t ahead
         while done < length:
             g = pos // self.grain
             in_off = pos - g * self.grain
@@ -410,31 +425,31 @@ cdef class SparseCore:
                 need = self.capacity - g * self.grain
                 if need > self.grain:
                     need = self.grain
-                if s.dec == NULL:
-                    s.dec = libdeflate_alloc_decompressor()
-                    s.win_cap = MIN_WINDOW
-                    if s.win_cap < self.max_compressed + 12:
-                        s.win_cap = self.max_compressed + 12
-                    s.win = <uint8_t *>malloc(s.win_cap)
-                    s.grain = <uint8_t *>malloc(self.grain)
-                    if s.dec == NULL or s.win == NULL or s.grain == NULL:
-                        set_err(err, E_NOMEM, D_NOMEM, 0, s.win_cap, 0)
+                if sp.dec == NULL:
+                    sp.dec = libdeflate_alloc_decompressor()
+                    sp.win_cap = MIN_WINDOW
+                    if sp.win_cap < self.max_compressed + 12:
+                        sp.win_cap = self.max_compressed + 12
+                    sp.win = <uint8_t *>malloc(sp.win_cap)
+                    sp.grain = <uint8_t *>malloc(self.grain)
+                    sp.win_off = -1
+                    if sp.dec == NULL or sp.win == NULL or sp.grain == NULL:
+                        set_err(err, E_NOMEM, D_NOMEM, 0, sp.win_cap, 0)
                         rc = -1
                         break
+                # read ahead about what the rest of the range needs (random data grows a
+                # little when deflated; markers and sector padding add a bit per grain)
+                ahead = (length - done) + (length - done) // 32 + 1024
                 if in_off == 0 and n == self.grain:
-                    rc = self.inflate(g, gte, out + done, need, &s, length - done, err)
+                    rc = self.inflate(g, gte, out + done, need, sp, ahead, err)
                 else:
-                    rc = self.inflate(g, gte, s.grain, need, &s, length - done, err)
+                    rc = self.inflate(g, gte, sp.grain, need, sp, ahead, err)
                     if rc == 0:
-                        memcpy(out + done, s.grain + in_off, n)
+                        memcpy(out + done, sp.grain + in_off, n)
                 if rc < 0:
                     break
             done += n
             pos += n
-        if s.dec != NULL:
-            libdeflate_free_decompressor(s.dec)
-        free(s.win)
-        free(s.grain)
         return rc
 
     cdef int read_plain(self, uint32_t gte, uint64_t in_off, uint8_t *dst, size_t n,
@@ -472,8 +487,12 @@ cdef class SparseCore:
             if <uint64_t>stview.shape[0] < last - first + 1:
                 raise ValueError("status array too short for the range")
             st = &stview[0]
-        with nogil:
-            self.read_range(offset, &buf[0], length, st, &err)
+        cdef _Scratch scratch = self.pool.pop() if self.pool else _Scratch()
+        try:
+            with nogil:
+                self.read_range(offset, &buf[0], length, st, &scratch.s, &err)
+        finally:
+            self.pool.append(scratch)
         return self.describe(&err)
 
     def entries(self, uint64_t first, uint32_t[::1] out):

@@ -21,7 +21,8 @@ from hypothesis import given, settings, strategies as st
 import smsblock
 from smsblock.disk import ExtentKind
 from smsblock.disk.vmdk import VmdkDisk
-from smsblock.errors import (CidMismatchError, ParentChainError, UnsafeExtentPathError)
+from smsblock.errors import (CidMismatchError, DiskIOError, ParentChainError,
+                             UnsafeExtentPathError)
 from conftest import qemu_img, qemu_raw_bytes
 from vmdk_images import (QEMU_SUBFORMATS, make_child, oracle_raw, patch_bytes, qemu_convert,
                          qemu_io, vmdkstream_convert, vmfs_descriptor, write_raw)
@@ -354,6 +355,8 @@ def test_readinto_contract(tmp_path):
         assert list(d.extents(MiB // 2, MiB // 2 + 10)) == [
             smsblock.Extent(MiB // 2, 10, ExtentKind.DATA)]
         assert re.match(r"<VmdkDisk '.*s.vmdk' size=1048576>", repr(d))
+    with pytest.raises(DiskIOError, match="after close"):
+        d.read(0, 10)
 
 
 def test_native_read_releases_the_gil(tmp_path):

@@ -215,12 +215,16 @@ class SparseExtent:
         ``status`` (uint8, one per grain touched) receives 0 unallocated, 1 zero,
         2 data; unallocated grains are zero-filled here.
         """
+        if self._fd < 0:
+            raise DiskIOError("read after close", self.path, offset)
         rc = self.core.read(offset, view, status)
         if rc is not None:
             raise self._error(rc)
 
     def grain_entries(self, first: int, count: int) -> np.ndarray:
         """The GT entries of grains ``first .. first+count-1`` (uint32)."""
+        if self._fd < 0:
+            raise DiskIOError("read after close", self.path)
         out = np.empty(count, dtype=np.uint32)
         rc = self.core.entries(first, out)
         if rc is not None:
@@ -257,9 +261,6 @@ class SparseExtent:
 
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", -1), -1
-        core = getattr(self, "core", None)
-        if core is not None:
-            core.release()
         if fd >= 0:
             os.close(fd)
 

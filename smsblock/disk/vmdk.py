@@ -189,10 +189,16 @@ class VmdkDisk(Disk):
         self.size = info.virtual_size
         self.info = info
         self.parent = parent
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DiskIOError("read after close", self.path)
 
     def readinto(self, offset: int, buf) -> int:
         view = memoryview(buf).cast("B")
         self._check_range(offset, len(view))
+        self._check_open()
         want = max(0, min(len(view), self.size - offset))
         end = offset + want
         i = max(0, bisect.bisect_right(self._starts, offset) - 1)
@@ -219,6 +225,7 @@ class VmdkDisk(Disk):
         # past the parent's end stays zero (filled by the part)
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
+        self._check_open()
         start, end = self._clip(start, end)
         return clip_extents(self._raw_extents(start, end), start, end)
 
@@ -238,6 +245,7 @@ class VmdkDisk(Disk):
                     yield from self.parent.extents(a, min(a + length, self.parent.size))
 
     def close(self) -> None:
+        self._closed = True
         for part in getattr(self, "_parts", ()):
             part.close()
         self._parts = []
