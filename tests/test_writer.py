@@ -557,6 +557,23 @@ def test_refuses_disks_larger_than_a_vmdk_holds(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_output_through_a_symlink_and_never_onto_a_device(tmp_path):
+    src = make_raw(tmp_path / "s.raw", MIB, [(5, b"abc")])
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "disk.vmdk"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.vmdk"
+    link.symlink_to(target)
+    convert(src, link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert "Images are identical" in qemu_img("compare", src, target).stdout
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["disk.vmdk"]
+    for fmt in ("raw", "vmdk"):
+        with pytest.raises(UsageError, match="not a regular file"):
+            convert(src, "/dev/null", format=fmt)
+    assert not os.path.exists("/dev/null.part")
+
+
 def test_format_from_extension():
     assert format_for_path("a/b.VMDK") == "vmdk"
     assert format_for_path("b.img") == "raw" and format_for_path("b") == "raw"

@@ -180,12 +180,24 @@ class _PartialFile:
                 self.fd = -1
 
 
-def _check_output_path(dst: str) -> None:
+def _output_path(dst) -> str:
+    """The file to (re)place: DST itself, or the file a DST symlink points to.
+
+    The output is written next to it as ``.part`` and renamed over it, so DST must be a
+    regular file or not exist (never a directory or a device node: a rename would replace
+    the node, not write the device).
+    """
+    dst = os.fspath(dst)
+    if os.path.islink(dst):
+        dst = os.path.realpath(dst)     # replace the target; the link keeps pointing at it
     if os.path.isdir(dst):
         raise UsageError(f"{dst}: is a directory (give the output file's name)")
+    if os.path.exists(dst) and not stat.S_ISREG(os.stat(dst).st_mode):
+        raise UsageError(f"{dst}: not a regular file (smsblock writes image files only)")
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
         raise DiskIOError("cannot create: folder does not exist", dst)
+    return dst
 
 
 def _source_files(disk: Disk) -> list[str]:
@@ -356,8 +368,7 @@ def write_stream_optimized(disk: Disk, out_path, *, progress: ProgressCallback |
     """
     from .._deflate import GrainCompressor
 
-    out_path = os.fspath(out_path)
-    _check_output_path(out_path)
+    out_path = _output_path(out_path)
     _check_not_source(disk, out_path)
     size = disk.size
     if size <= 0:
@@ -441,8 +452,7 @@ def write_raw(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
     """
     from .._deflate import nonzero_runs
 
-    out_path = os.fspath(out_path)
-    _check_output_path(out_path)
+    out_path = _output_path(out_path)
     _check_not_source(disk, out_path)
     if threads < 1:
         raise UsageError(f"threads must be at least 1, not {threads}")
