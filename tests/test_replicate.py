@@ -4,6 +4,7 @@ verify, prune, cancellation, progress and the CLI."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -214,8 +215,9 @@ def test_summary_fields_and_cli_json(tmp_path):
     assert p.returncode == 0 and json.loads(p.stdout)["runs_deleted"] == []
     p = cli("runs", "--store", tmp_path / "nothing", "--server", "s-1")
     assert p.returncode != 0 and "no smsblock store" in p.stderr
-    p = cli("replicate", tmp_path / "d.raw", "--store", "s3://bucket/x", "--server", "s-1")
-    assert p.returncode == 2 and "not available yet" in p.stderr
+    if importlib.util.find_spec("smsblock.store.s3") is None:     # until issue 4 lands
+        p = cli("replicate", tmp_path / "d.raw", "--store", "s3://bucket/x", "--server", "s-1")
+        assert p.returncode == 2 and "not available yet" in p.stderr
     p = cli("replicate", tmp_path / "d.raw", "--store", tmp_path / "st", "--server", "../x")
     assert p.returncode == 2 and "server id" in p.stderr
     p = cli("restore", "--store", tmp_path / "st", "--server", "s-1", "--run", "r-nope", "-o", tmp_path / "x")

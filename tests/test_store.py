@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 
 import numpy as np
@@ -143,9 +144,11 @@ def test_open_store_urls(tmp_path):
     assert isinstance(s, LocalStore) and s.root == str(tmp_path / "a")
     assert open_store(f"file://{tmp_path}/b%20c").root == str(tmp_path / "b c")
     assert open_store(s) is s
-    for url in ("s3://bucket/prefix", "ebs://us-east-1", "ebs://"):
-        with pytest.raises(UsageError, match="not available yet"):
-            open_store(url)
+    # until the cloud stores (issue 4) exist, their URLs are refused with a clear message
+    for url, module in (("s3://bucket/prefix", "s3"), ("ebs://us-east-1", "ebs"), ("ebs://", "ebs")):
+        if importlib.util.find_spec(f"smsblock.store.{module}") is None:
+            with pytest.raises(UsageError, match="not available yet"):
+                open_store(url)
     with pytest.raises(UsageError, match="scheme"):
         open_store("ftp://x/y")
     with pytest.raises(UsageError):
