@@ -1,0 +1,164 @@
+"""The HTTP server in process: SigV4 checks (hand-made requests signed by botocore),
+protocol errors, and that refused requests change nothing."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+from smsblock.errors import UsageError
+from smsblock.service import SmsService
+from smsblock.service.server import (TARGET_PREFIX, ServerCredentials, make_server,
+                                     verify_sigv4)
+from test_service_sources import make_datastore
+
+CREDS = ServerCredentials("AKIDTEST", "secret/key+1")
+
+
+@pytest.fixture
+def server(tmp_path):
+    svc = SmsService(tmp_path / "state")
+    svc.register_connector("datastore", {"path": str(make_datastore(tmp_path / "ds", 1))})
+    srv = make_server(svc, "127.0.0.1", 0, CREDS)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    svc.close()
+
+
+def signed(url, operation, body: bytes, *, creds=CREDS, when=None, region="us-west-2",
+           headers=None, drop=()):
+    headers = {"X-Amz-Target": TARGET_PREFIX + operation,
+               "Content-Type": "application/x-amz-json-1.1", **(headers or {})}
+    req = AWSRequest(method="POST", url=url + "/", data=body, headers=headers)
+    auth = SigV4Auth(Credentials(creds.access_key_id, creds.secret_access_key), "sms", region)
+    if when is None:
+        auth.add_auth(req)
+    else:   # sign as of another time
+        req.context["timestamp"] = when.strftime("%Y%m%dT%H%M%SZ")
+        req.headers["X-Amz-Date"] = req.context["timestamp"]
+        sig = auth.signature(auth.string_to_sign(req, auth.canonical_request(req)), req)
+        names = ";".join(sorted(auth.headers_to_sign(req)))
+        req.headers["Authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential={creds.access_key_id}/{auth.credential_scope(req)}, "
+            f"SignedHeaders={names}, Signature={sig}")
+    out = {k: v for k, v in req.headers.items() if k not in drop}
+    return urllib.request.Request(url + "/", data=body, method="POST", headers=out)
+
+
+def send(req):
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_a_signed_request_is_served(server):
+    status, doc = send(signed(server.url, "GetConnectors", b"{}"))
+    assert status == 200 and len(doc["connectorList"]) == 1
+    # another region in the scope is fine; the signature is what counts
+    status, _ = send(signed(server.url, "GetConnectors", b"{}", region="eu-central-1"))
+    assert status == 200
+
+
+@pytest.mark.parametrize("case,code", [
+    ("wrong secret", "InvalidSignatureException"),
+    ("unknown key", "UnrecognizedClientException"),
+    ("too old", "InvalidSignatureException"),
+    ("from the future", "InvalidSignatureException"),
+    ("unsigned", "MissingAuthenticationTokenException"),
+    ("signed header removed", "InvalidSignatureException"),
+    ("target changed", "InvalidSignatureException"),
+    ("garbage authorization", "IncompleteSignatureException"),
+])
+def test_bad_signatures(server, case, code):
+    body = b"{}"
+    kw = {}
+    if case == "wrong secret":
+        kw["creds"] = ServerCredentials(CREDS.access_key_id, "other")
+    elif case == "unknown key":
+        kw["creds"] = ServerCredentials("AKIDOTHER", CREDS.secret_access_key)
+    elif case == "too old":
+        kw["when"] = datetime.now(timezone.utc) - timedelta(minutes=16)
+    elif case == "from the future":
+        kw["when"] = datetime.now(timezone.utc) + timedelta(minutes=16)
+    elif case == "unsigned":
+        kw["drop"] = ("Authorization",)
+    elif case == "signed header removed":
+        kw["drop"] = ("X-Amz-Target",)
+    req = signed(server.url, "ImportServerCatalog", body, **kw)
+    if case == "target changed":
+        req.headers["X-amz-target"] = TARGET_PREFIX + "DeleteServerCatalog"
+    if case == "garbage authorization":
+        req.headers["Authorization"] = "Basic dXNlcjpwYXNz"
+    status, doc = send(req)
+    assert status == 400 and doc["__type"] == code, doc
+    assert doc["message"]
+    # nothing was imported
+    status, doc = send(signed(server.url, "GetServers", b"{}"))
+    assert doc["serverCatalogStatus"] == "NOT_IMPORTED"
+
+
+def test_signature_within_15_minutes_is_accepted(server):
+    when = datetime.now(timezone.utc) - timedelta(minutes=10)
+    status, _ = send(signed(server.url, "GetConnectors", b"{}", when=when))
+    assert status == 200
+
+
+@pytest.mark.parametrize("op,body,code", [
+    ("GetServers", b"{not json", "SerializationException"),
+    ("GetServers", b"[1, 2]", "SerializationException"),
+    ("GetServers", b'{"maxResults": "ten"}', "InvalidParameterException"),
+    ("GetServers", b'{"bogus": 1}', "InvalidParameterException"),
+    ("CreateReplicationJob", b'{"serverId": "s-12345678"}', "MissingRequiredParameterException"),
+    ("CreateReplicationJob", b'{"serverId": "s-12345678", "seedReplicationTime": "later"}',
+     "InvalidParameterException"),
+    ("ListApps", b"{}", "InvalidAction"),
+])
+def test_protocol_errors(server, op, body, code):
+    status, doc = send(signed(server.url, op, body))
+    assert status == 400 and doc == {"__type": code, "message": doc["message"]}, doc
+
+
+def test_target_outside_sms_and_get(server):
+    req = signed(server.url, "x", b"{}", headers={"X-Amz-Target": "DynamoDB_20120810.ListTables"})
+    status, doc = send(req)
+    assert status == 400 and doc["__type"] == "UnknownOperationException"
+    status, doc = send(urllib.request.Request(server.url + "/", method="GET"))
+    assert status == 400 and doc["__type"] == "UnknownOperationException"
+
+
+def test_verify_needs_host_signed():
+    class H(dict):
+        def get(self, k, d=None):
+            return super().get(k.lower(), d)
+    now = datetime.now(timezone.utc)
+    amz = now.strftime("%Y%m%dT%H%M%SZ")
+    headers = H({"authorization": f"AWS4-HMAC-SHA256 Credential=AKIDTEST/{amz[:8]}/us-east-1/sms/"
+                                  f"aws4_request, SignedHeaders=x-amz-date, Signature={'0' * 64}",
+                 "x-amz-date": amz})
+    from smsblock.errors import ServiceError
+    with pytest.raises(ServiceError, match="host"):
+        verify_sigv4("POST", "/", headers, b"", CREDS, now)
+
+
+def test_credentials_come_from_the_environment(monkeypatch):
+    monkeypatch.delenv("SMSBLOCK_ACCESS_KEY_ID", raising=False)
+    with pytest.raises(UsageError, match="SMSBLOCK_ACCESS_KEY_ID"):
+        ServerCredentials.from_environment()
+    monkeypatch.setenv("SMSBLOCK_ACCESS_KEY_ID", "A")
+    monkeypatch.setenv("SMSBLOCK_SECRET_ACCESS_KEY", "zz-secret-zz")
+    c = ServerCredentials.from_environment()
+    assert (c.access_key_id, c.secret_access_key) == ("A", "zz-secret-zz")
+    assert "zz-secret-zz" not in repr(c)
