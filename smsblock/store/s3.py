@@ -1,0 +1,566 @@
+"""S3Store: a store in an S3 bucket under a prefix (``s3://BUCKET/PREFIX``).
+
+Layout (the local store's, as keys)::
+
+    PREFIX/config.json                          store settings, created with If-None-Match: *
+    PREFIX/locks/exclusive.json                 prune's lock object (owner + lease)
+    PREFIX/locks/shared-<uuid>.json             one per run or reader holding the lock shared
+    PREFIX/packs/<id[:2]>/<id>.pack             sealed packs (immutable; id = SHA-256 of index)
+    PREFIX/runs/<server_id>/<run_id>.manifest   one per completed run, put last in one PUT
+
+Packs are built in a local staging folder, then uploaded: in one PUT with Content-MD5
+below ``multipart_threshold``, else as a multipart upload whose parts go up in parallel
+(``parallel`` at a time, each read from the staged file only when its turn comes, so
+memory stays at ``parallel * part_size``), each with its Content-MD5.  Keys are pure
+functions of content, so a retried or resumed upload lands on the same key and a pack
+already there (same size) is not sent again.  A run killed mid-upload leaves an
+incomplete multipart upload under the prefix and maybe a staged file: leftovers that
+:func:`smsblock.replicate.prune` aborts and deletes.
+
+The lock.  S3 has no flock; it has strongly consistent reads after writes and
+conditional writes.  A shared holder PUTs its own ``shared-<uuid>`` object, then checks
+that no live ``exclusive.json`` exists; prune creates ``exclusive.json`` with
+``If-None-Match: *`` (only one can win), then checks that no live shared object exists.
+Whichever writes second sees the first, so a run and a prune never both proceed (both
+may back off: a lock is never waited for, it fails at once with StoreLockedError).
+Every lock object is a lease: it records owner host, pid, purpose and ``ttl`` and is
+re-written every ``ttl/4`` while held.  One is dead once S3's clock (the ``Date`` of the
+response that listed it) is ``ttl`` past its ``Last-Modified``, or at once when it names
+a process on this host that no longer runs (a SIGKILLed run).  Dead lock objects are
+ignored and are leftovers for prune.  An exclusive lock is re-written and released with
+``If-Match`` on its ETag, so a holder that lost its lease never deletes a newer one.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import email.utils
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from urllib.parse import urlparse
+
+from ..errors import RunNotFoundError, StoreError, StoreLockedError, UsageError
+from ..pack import is_pack_id
+from .base import Store, check_run_id, check_server_id
+from .retry import RetryPolicy, error_code, http_status
+from .s3config import CloudSettings
+from .throttle import ThrottledBody, TokenBucket
+
+log = logging.getLogger("smsblock.store.s3")
+
+MANIFEST_SUFFIX = ".manifest"
+LOCK_EXCLUSIVE = "locks/exclusive.json"
+LOCK_SHARED = "locks/shared-"
+
+
+def parse_s3_url(url: str) -> tuple[str, str, str]:
+    """``s3://BUCKET/PREFIX?query`` -> ``(bucket, prefix without slashes, query)``."""
+    p = urlparse(url)
+    if p.scheme.lower() != "s3" or not p.netloc:
+        raise UsageError(f"{url}: not an S3 store URL (s3://BUCKET/PREFIX)")
+    prefix = p.path.strip("/")
+    if "//" in prefix or any(part in (".", "..") for part in prefix.split("/") if prefix):
+        raise UsageError(f"{url}: the prefix must not have empty, '.' or '..' parts")
+    return p.netloc, prefix, p.query
+
+
+def _md5_b64(data) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def _not_found(exc: BaseException) -> bool:
+    """A missing key (a missing bucket is another matter: a permanent error)."""
+    code = error_code(exc)
+    return code != "NoSuchBucket" and (code in ("NoSuchKey", "404", "NotFound") or http_status(exc) == 404)
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    return (error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict")
+            or http_status(exc) in (409, 412))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class S3Store(Store):
+    """A store at ``s3://BUCKET/PREFIX``; ``settings`` or keyword overrides shape the client
+    (see :class:`~smsblock.store.s3config.CloudSettings`)."""
+
+    def __init__(self, url: str, settings: CloudSettings | None = None, **overrides):
+        super().__init__()
+        import botocore.exceptions
+        self._bx = botocore.exceptions
+        self.bucket, self.prefix, query = parse_s3_url(url)
+        self.settings = settings or CloudSettings.load(url_query=query, **overrides)
+        self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self.client = self.settings.client("s3", max_pool=self.settings.parallel)
+        self.retry = RetryPolicy(self.settings.retry_attempts, self.settings.retry_seconds)
+        self._bucket_limit = TokenBucket(self.settings.bandwidth) if self.settings.bandwidth else None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self.stats = {"requests": 0, "bytes_sent": 0}
+        self._stats_lock = threading.Lock()
+        self.client.meta.events.register("before-send.s3", self._count_request)
+        staging = self.settings.staging_dir or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "smsblock", "staging")
+        self.staging_dir = os.path.join(os.path.expanduser(staging),
+                                        hashlib.sha256(self.url.encode()).hexdigest()[:16])
+
+    def __repr__(self) -> str:
+        return f"<S3Store {self.url}>"
+
+    # -- plumbing ------------------------------------------------------------------
+    def _count_request(self, request, **_):
+        n = int(request.headers.get("Content-Length") or 0)
+        with self._stats_lock:
+            self.stats["requests"] += 1
+            self.stats["bytes_sent"] += n
+
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def _rel(self, key: str) -> str:
+        return key[len(self.prefix) + 1:] if self.prefix else key
+
+    def _where(self, rel: str) -> str:
+        return f"s3://{self.bucket}/{self._key(rel)}"
+
+    def _call(self, what: str, fn):
+        return self.retry.call(what, fn)
+
+    def _body(self, data):
+        return ThrottledBody(data, self._bucket_limit) if self._bucket_limit else bytes(data)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.settings.parallel, thread_name_prefix="smsblock-s3")
+            return self._pool
+
+    def close(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _get(self, rel: str, what: str, **kw) -> bytes | None:
+        """An object's bytes, None when it does not exist."""
+        def go():
+            try:
+                r = self.client.get_object(Bucket=self.bucket, Key=self._key(rel), **kw)
+            except self._bx.ClientError as e:
+                if _not_found(e):
+                    return None
+                raise
+            return r["Body"].read()
+        return self._call(f"{what} ({self._where(rel)})", go)
+
+    def _put(self, rel: str, data: bytes, what: str, **kw) -> dict:
+        return self._call(f"{what} ({self._where(rel)})", lambda: self.client.put_object(
+            Bucket=self.bucket, Key=self._key(rel), Body=self._body(data), ContentMD5=_md5_b64(data),
+            ContentLength=len(data), **kw))
+
+    def _delete(self, rel: str, what: str, **kw) -> None:
+        self._call(f"{what} ({self._where(rel)})",
+                   lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(rel), **kw))
+
+    def _list(self, rel_prefix: str, what: str, delimiter: str | None = None):
+        """``(objects, common prefixes, server time)`` under a relative prefix."""
+        objects, prefixes, now = [], [], None
+        token = None
+        while True:
+            kw = {"Bucket": self.bucket, "Prefix": self._key(rel_prefix)}
+            if delimiter:
+                kw["Delimiter"] = delimiter
+            if token:
+                kw["ContinuationToken"] = token
+            r = self._call(f"{what} (list {self._where(rel_prefix)})",
+                           lambda kw=kw: self.client.list_objects_v2(**kw))
+            objects.extend(r.get("Contents", []))
+            prefixes.extend(p["Prefix"] for p in r.get("CommonPrefixes", []))
+            date = r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+            if date and now is None:
+                now = email.utils.parsedate_to_datetime(date)
+            if not r.get("IsTruncated"):
+                break
+            token = r.get("NextContinuationToken")
+        return objects, prefixes, now or datetime.now(timezone.utc)
+
+    # -- creation and config ---------------------------------------------------------
+    def exists(self) -> bool:
+        # a GET, not a HEAD: a HEAD's 404 cannot tell a missing bucket from a missing key
+        self._config_bytes = self._get("config.json", "read the store config")
+        return self._config_bytes is not None
+
+    def _read_config(self) -> bytes:
+        data = getattr(self, "_config_bytes", None) or self._get("config.json", "read the store config")
+        if data is None:
+            raise StoreError(f"{self.url}: no smsblock store here (a first replicate creates one)")
+        return data
+
+    def _create(self, config_bytes: bytes) -> None:
+        if self.exists():
+            return
+        objects, _, _ = self._list("", "check the prefix is free")
+        strangers = [o["Key"] for o in objects if not self._rel(o["Key"]).startswith("locks/")]
+        if strangers:
+            raise StoreError(f"{self.url}: prefix holds other objects ({strangers[0]}...) and is "
+                             "not a smsblock store")
+        try:
+            self._put("config.json", config_bytes, "create the store", IfNoneMatch="*")
+        except self._bx.ClientError as e:
+            if not _precondition_failed(e):    # a racing creator won: its config stands
+                raise StoreError(f"{self.url}: cannot create store: {e}") from None
+
+    # -- lock ----------------------------------------------------------------------------
+    def _lock_body(self, purpose: str) -> bytes:
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "purpose": purpose,
+                           "ttl": self.settings.lock_ttl,
+                           "started": datetime.now(timezone.utc).isoformat()}).encode()
+
+    def _lock_state(self, obj: dict, now: datetime) -> tuple[bool, str]:
+        """``(alive, owner text)`` of a listed lock object."""
+        rel = self._rel(obj["Key"])
+        body = self._get(rel, "read a lock object")
+        if body is None:
+            return False, "gone"
+        try:
+            info = json.loads(body)
+            host, pid, ttl = str(info["host"]), int(info["pid"]), float(info["ttl"])
+            purpose = str(info.get("purpose", "?"))
+        except (ValueError, KeyError, TypeError):
+            return False, "unreadable lock object"
+        owner = f"{purpose} by pid {pid} on {host}"
+        if (now - obj["LastModified"]).total_seconds() > ttl:
+            return False, owner
+        if host == socket.gethostname() and not _pid_alive(pid):
+            return False, owner
+        return True, owner
+
+    def _live_locks(self, rel_prefix: str, skip: str | None = None) -> list[str]:
+        objects, _, now = self._list(rel_prefix, "look for lock holders")
+        owners = []
+        for o in objects:
+            if skip is not None and self._rel(o["Key"]) == skip:
+                continue
+            alive, owner = self._lock_state(o, now)
+            if alive:
+                owners.append(owner)
+        return owners
+
+    @contextlib.contextmanager
+    def lock(self, exclusive: bool, purpose: str):
+        if exclusive:
+            with self._exclusive_lock(purpose):
+                yield
+        else:
+            with self._shared_lock(purpose):
+                yield
+
+    @contextlib.contextmanager
+    def _shared_lock(self, purpose: str):
+        rel = f"{LOCK_SHARED}{uuid.uuid4().hex}.json"
+        body = self._lock_body(purpose)
+        self._put(rel, body, "take the store lock (shared)")
+        try:
+            holders = self._live_locks(LOCK_EXCLUSIVE)
+            if holders:
+                raise StoreLockedError(f"{self.url}: store is locked, prune is running "
+                                       f"({holders[0]}); cannot {purpose} now")
+            with self._lease(lambda: self._put(rel, body, "renew the store lock (shared)")):
+                yield
+        finally:
+            try:
+                self._delete(rel, "release the store lock (shared)")
+            except StoreError as e:
+                log.warning("%s: lock object %s left behind (prune removes it once dead): %s",
+                            self.url, rel, e)
+
+    @contextlib.contextmanager
+    def _exclusive_lock(self, purpose: str):
+        body = self._lock_body(purpose)
+        etag = None
+        for _ in range(2):
+            try:
+                etag = self._put(LOCK_EXCLUSIVE, body, "take the store lock (exclusive)",
+                                 IfNoneMatch="*")["ETag"]
+                break
+            except self._bx.ClientError as e:
+                if not _precondition_failed(e):
+                    raise StoreError(f"{self.url}: cannot take the store lock: {e}") from None
+            objects, _, now = self._list(LOCK_EXCLUSIVE, "look at the exclusive lock")
+            live = [o for o in objects if self._lock_state(o, now)[0]]
+            if live:
+                raise StoreLockedError(f"{self.url}: store is locked, prune is running "
+                                       f"({self._lock_state(live[0], now)[1]}); cannot {purpose} now")
+            for o in objects:        # a dead holder's lock: remove exactly that object
+                with contextlib.suppress(self._bx.ClientError):
+                    self._delete(LOCK_EXCLUSIVE, "remove a dead exclusive lock", IfMatch=o["ETag"])
+        if etag is None:
+            raise StoreLockedError(f"{self.url}: store is locked, another prune took it; "
+                                   f"cannot {purpose} now")
+        state = {"etag": etag}
+        try:
+            holders = self._live_locks(LOCK_SHARED)
+            if holders:
+                raise StoreLockedError(f"{self.url}: store is locked, a run or reader is using it "
+                                       f"({holders[0]}); cannot {purpose} now")
+
+            def renew():
+                state["etag"] = self._put(LOCK_EXCLUSIVE, body, "renew the store lock (exclusive)",
+                                          IfMatch=state["etag"])["ETag"]
+            with self._lease(renew):
+                yield
+        finally:
+            try:
+                self._delete(LOCK_EXCLUSIVE, "release the store lock (exclusive)", IfMatch=state["etag"])
+            except (StoreError, self._bx.ClientError) as e:
+                log.warning("%s: exclusive lock not released (%s)", self.url, e)
+
+    @contextlib.contextmanager
+    def _lease(self, renew):
+        """Run ``renew`` every ttl/4 in a thread while the body runs."""
+        stop = threading.Event()
+        period = self.settings.lock_ttl / 4
+
+        def loop():
+            while not stop.wait(period):
+                try:
+                    renew()
+                except Exception as e:      # keep trying: the lease lasts ttl
+                    log.warning("%s: cannot renew the store lock: %s", self.url, e)
+        t = threading.Thread(target=loop, name="smsblock-s3-lease", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+
+    # -- packs ---------------------------------------------------------------------------
+    def _pack_rel(self, pack_id: str) -> str:
+        return f"packs/{pack_id[:2]}/{pack_id}.pack"
+
+    def pack_name(self, pack_id: str) -> str:
+        return self._where(self._pack_rel(pack_id))
+
+    def staging_path(self, suffix: str) -> str:
+        os.makedirs(self.staging_dir, exist_ok=True)
+        return os.path.join(self.staging_dir, f"{uuid.uuid4().hex}{suffix}")
+
+    def _remote_size(self, rel: str) -> int | None:
+        def go():
+            try:
+                return self.client.head_object(Bucket=self.bucket, Key=self._key(rel))["ContentLength"]
+            except self._bx.ClientError as e:
+                if _not_found(e):
+                    return None
+                raise
+        return self._call(f"look for {self._where(rel)}", go)
+
+    def put_pack(self, pack_id: str, staged_path: str) -> None:
+        rel = self._pack_rel(pack_id)
+        try:
+            size = os.path.getsize(staged_path)
+        except OSError as e:
+            raise StoreError(f"{staged_path}: staged pack unreadable: {e.strerror}") from None
+        if self._remote_size(rel) == size:
+            log.info("%s: already in the store, not sent again", self.pack_name(pack_id))
+        elif size < self.settings.multipart_threshold:
+            with open(staged_path, "rb") as f:
+                data = f.read()
+            self._put(rel, data, "upload pack")
+        else:
+            self._multipart_upload(rel, staged_path, size)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged_path)
+
+    def _multipart_upload(self, rel: str, path: str, size: int) -> None:
+        key, where = self._key(rel), self._where(rel)
+        upload_id = self._call(f"start multipart upload of {where}", lambda: self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=key)["UploadId"])
+        part_size = self.settings.part_size
+        n_parts = (size + part_size - 1) // part_size
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        failed = threading.Event()
+
+        def send(number: int) -> dict:
+            if failed.is_set():
+                raise StoreError("upload abandoned")
+            offset = (number - 1) * part_size
+            data = os.pread(fd, min(part_size, size - offset), offset)
+            md5 = _md5_b64(data)
+            r = self._call(f"upload part {number} of {n_parts} of {where}", lambda: self.client.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                Body=self._body(data), ContentMD5=md5, ContentLength=len(data)))
+            return {"PartNumber": number, "ETag": r["ETag"]}
+
+        try:
+            futures = [self._executor().submit(send, i) for i in range(1, n_parts + 1)]
+            parts = []
+            for fut in futures:
+                try:
+                    parts.append(fut.result())
+                except BaseException:
+                    failed.set()
+                    raise
+            self._complete(key, where, upload_id, parts, size)
+        except BaseException:
+            failed.set()
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except Exception as e:       # prune aborts it later
+                log.warning("%s: cannot abort the failed upload %s (prune will): %s", where, upload_id, e)
+            raise
+        finally:
+            os.close(fd)
+
+    def _complete(self, key, where, upload_id, parts, size) -> None:
+        def go():
+            try:
+                self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                      MultipartUpload={"Parts": parts})
+            except self._bx.ClientError as e:
+                # a retried complete whose first try succeeded (the answer was lost)
+                if error_code(e) == "NoSuchUpload" and self._remote_size(self._rel(key)) == size:
+                    return
+                raise
+        self._call(f"complete multipart upload of {where}", go)
+
+    def list_packs(self) -> dict[str, int]:
+        objects, _, _ = self._list("packs/", "list packs")
+        out = {}
+        for o in objects:
+            parts = self._rel(o["Key"]).split("/")
+            if len(parts) == 3 and parts[2].endswith(".pack"):
+                pid = parts[2][:-5]
+                if is_pack_id(pid) and pid.startswith(parts[1]):
+                    out[pid] = int(o["Size"])
+        return out
+
+    def read_pack(self, pack_id: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        rel = self._pack_rel(pack_id)
+
+        def go():
+            try:
+                r = self.client.get_object(Bucket=self.bucket, Key=self._key(rel),
+                                           Range=f"bytes={offset}-{offset + length - 1}")
+            except self._bx.ClientError as e:
+                if error_code(e) == "InvalidRange" or http_status(e) == 416:
+                    return b""
+                if _not_found(e):
+                    raise StoreError(f"{self.pack_name(pack_id)}: pack is missing") from None
+                raise
+            return r["Body"].read()
+        data = self._call(f"read {length} bytes at {offset} of {self.pack_name(pack_id)}", go)
+        return data[:length]
+
+    def delete_pack(self, pack_id: str) -> None:
+        self.forget_pack(pack_id)
+        self._delete(self._pack_rel(pack_id), "delete pack")
+
+    # -- manifests -------------------------------------------------------------------------
+    def _manifest_rel(self, server_id: str, run_id: str) -> str:
+        return f"runs/{check_server_id(server_id)}/{check_run_id(run_id)}{MANIFEST_SUFFIX}"
+
+    def list_servers(self) -> list[str]:
+        _, prefixes, _ = self._list("runs/", "list servers", delimiter="/")
+        names = [self._rel(p).rstrip("/").split("/")[-1] for p in prefixes]
+        return sorted(n for n in names if self.list_run_ids(n))
+
+    def list_run_ids(self, server_id: str) -> list[str]:
+        objects, _, _ = self._list(f"runs/{check_server_id(server_id)}/", "list runs")
+        out = []
+        for o in objects:
+            name = self._rel(o["Key"]).split("/")[-1]
+            if name.endswith(MANIFEST_SUFFIX) and name.startswith("r-"):
+                out.append(name[:-len(MANIFEST_SUFFIX)])
+        return sorted(out)
+
+    def get_manifest_bytes(self, server_id: str, run_id: str) -> bytes:
+        rel = self._manifest_rel(server_id, run_id)
+        data = self._get(rel, "read manifest")
+        if data is None:
+            raise RunNotFoundError(f"{self.url}: no run {run_id!r} of server {server_id!r}")
+        return data
+
+    def put_manifest_bytes(self, server_id: str, run_id: str, data: bytes) -> None:
+        self._put(self._manifest_rel(server_id, run_id), bytes(data), "publish manifest")
+
+    def delete_manifest(self, server_id: str, run_id: str) -> None:
+        self._delete(self._manifest_rel(server_id, run_id), "delete manifest")
+
+    # -- leftovers ----------------------------------------------------------------------------
+    def _multipart_uploads(self) -> list[tuple[str, str]]:
+        out, kw = [], {"Bucket": self.bucket, "Prefix": self._key("")}
+        while True:
+            r = self._call(f"list incomplete uploads under {self.url}",
+                           lambda kw=dict(kw): self.client.list_multipart_uploads(**kw))
+            out.extend((u["Key"], u["UploadId"]) for u in r.get("Uploads", []))
+            if not r.get("IsTruncated"):
+                return out
+            kw["KeyMarker"] = r.get("NextKeyMarker")
+            kw["UploadIdMarker"] = r.get("NextUploadIdMarker")
+
+    def list_leftovers(self) -> list[str]:
+        """Incomplete multipart uploads under the prefix (``multipart:KEY?uploadId=ID``),
+        staged files on this machine (``staging:NAME``) and dead lock objects (``lock:KEY``)."""
+        names = [f"multipart:{key}?uploadId={uid}" for key, uid in self._multipart_uploads()]
+        try:
+            names += [f"staging:{n}" for n in sorted(os.listdir(self.staging_dir))]
+        except FileNotFoundError:
+            pass
+        objects, _, now = self._list("locks/", "look for dead locks")
+        names += [f"lock:{o['Key']}" for o in objects if not self._lock_state(o, now)[0]]
+        return names
+
+    def remove_leftover(self, name: str) -> int:
+        kind, _, rest = name.partition(":")
+        if kind == "multipart":
+            key, _, uid = rest.partition("?uploadId=")
+            freed = 0
+            with contextlib.suppress(self._bx.ClientError):
+                r = self._call(f"list parts of upload {uid} of {key}", lambda: self.client.list_parts(
+                    Bucket=self.bucket, Key=key, UploadId=uid))
+                freed = sum(int(p.get("Size", 0)) for p in r.get("Parts", []))
+
+            def abort():
+                try:
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=uid)
+                except self._bx.ClientError as e:
+                    if error_code(e) != "NoSuchUpload":
+                        raise
+            self._call(f"abort incomplete upload {uid} of s3://{self.bucket}/{key}", abort)
+            return freed
+        if kind == "staging":
+            path = os.path.join(self.staging_dir, os.path.basename(rest))
+            try:
+                size = os.path.getsize(path)
+                os.unlink(path)
+                return size
+            except FileNotFoundError:
+                return 0
+        if kind == "lock":
+            rel = self._rel(rest)
+            if rel.startswith("locks/"):
+                self._delete(rel, "remove a dead lock object")
+            return 0
+        raise StoreError(f"{self.url}: unknown leftover {name!r}")

@@ -1,0 +1,457 @@
+"""S3Store against moto in server mode (real HTTP + SigV4 through boto3), directly and
+through a fault-injecting proxy: every store command through the API and the CLI, layout,
+multipart with bounded memory, retries, permanent errors, SIGKILL resume, prune of
+incomplete uploads, the lock, settings (env, config file, URL, proxy, CA bundle, verify)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_fixtures import *  # noqa: F401,F403  (fixtures)
+from cloud_fixtures import FAST, make_tls_cert
+from fault_proxy import FaultProxy, Rule
+from moto_server import ACCESS_KEY, SECRET_KEY
+
+from smsblock.errors import PermanentStoreError, StoreLockedError, TransientStoreError, UsageError
+from smsblock.replicate import prune, replicate, restore, verify
+from smsblock.store import StoreConfig, open_store
+from smsblock.store.s3 import S3Store
+from smsblock.store.s3config import CloudSettings
+from smsblock.store.throttle import ThrottledBody, TokenBucket
+
+ROOT = Path(__file__).resolve().parent.parent
+BS = 64 << 10
+N_BLOCKS = 32                     # a 2 MiB disk
+PACK_SIZE = 256 << 10             # ~8 compressed blocks a pack: multipart (parts of 64K)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def make_disk(path: Path, seed: int, base: bytes | None = None, change: int = 8) -> bytes:
+    """Compressible random data with two zero blocks; with ``base``, ``change`` blocks
+    rewritten and one block zeroed."""
+    rng = np.random.default_rng(seed)
+    if base is None:
+        data = rng.integers(0, 16, N_BLOCKS * BS, dtype=np.uint8)
+        data[3 * BS:5 * BS] = 0
+    else:
+        data = np.frombuffer(base, np.uint8).copy()
+        for i in rng.choice(N_BLOCKS, change, replace=False):
+            data[i * BS:(i + 1) * BS] = rng.integers(0, 16, BS, dtype=np.uint8)
+        data[10 * BS:11 * BS] = 0
+    raw = data.tobytes()
+    path.write_bytes(raw)
+    return raw
+
+
+def new_store(url: str, **kw) -> S3Store:
+    store = S3Store(url, **{**FAST, **kw})
+    return store
+
+
+def keys(moto, bucket: str, prefix: str = "") -> list[str]:
+    s3 = moto.boto3_client("s3")
+    out = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out += [o["Key"] for o in page.get("Contents", [])]
+    return out
+
+
+def cli(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    for k, v in FAST.items():
+        full_env.setdefault(f"SMSBLOCK_S3_{k.upper()}", str(v))
+    proc = subprocess.run([sys.executable, "-m", "smsblock", *map(str, args)], cwd=ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"smsblock {' '.join(map(str, args))}: {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+# --- every command, API and CLI ------------------------------------------------------
+
+def test_api_every_command_and_layout(tmp_path, moto, bucket):
+    url = f"s3://{bucket}/stores/api"
+    store = new_store(url)
+    store.initialise(StoreConfig(pack_size=PACK_SIZE))
+    disk = tmp_path / "disk.raw"
+    contents = [make_disk(disk, 1)]
+    s1 = replicate(disk, store, "web-1", block_size=BS)
+    contents.append(make_disk(disk, 2, contents[0]))
+    s2 = replicate(disk, store, "web-1")
+    assert s1.blocks_stored == N_BLOCKS - 2 and s2.blocks_stored <= 8
+    # the layout: config, packs under their content ids, one manifest per run; nothing else
+    ks = keys(moto, bucket, "stores/api/")
+    assert "stores/api/config.json" in ks
+    packs = [k for k in ks if k.startswith("stores/api/packs/")]
+    assert packs and all(k.split("/")[-1][:2] == k.split("/")[-2] and k.endswith(".pack") for k in packs)
+    assert sorted(k for k in ks if "/runs/" in k) == [
+        f"stores/api/runs/web-1/{s.run_id}.manifest" for s in (s1, s2)]
+    assert not [k for k in ks if "/locks/" in k], "lock objects are released"
+    assert set(ks) == {"stores/api/config.json", *packs, *(k for k in ks if "/runs/" in k)}
+
+    fresh = open_store(url)              # environment settings only: a second client
+    runs = fresh.runs("web-1")
+    assert [r.run_id for r in runs] == [s1.run_id, s2.run_id]
+    for r, content in zip(runs, contents):
+        out = tmp_path / f"{r.run_id}.raw"
+        restore(fresh, "web-1", out, run_id=r.run_id)
+        assert out.read_bytes() == content
+        assert fresh.run_disk("web-1", r.run_id).read(0, N_BLOCKS * BS) == content
+    report = verify(fresh)
+    assert report.ok, report.problems
+    assert report.packs_checked == len(packs) and report.leftovers == []
+    pr = prune(fresh, "web-1", 1)
+    assert pr.runs_deleted == [s1.run_id]
+    assert verify(open_store(url)).ok
+    out = tmp_path / "after-prune.raw"
+    restore(open_store(url), "web-1", out)
+    assert out.read_bytes() == contents[1]
+
+
+def test_cli_every_command(tmp_path, moto, bucket):
+    url = f"s3://{bucket}/cli"
+    disk = tmp_path / "disk.raw"
+    first = make_disk(disk, 3)
+    s1 = json.loads(cli("replicate", disk, "--store", url, "--server", "db", "--block-size", "64K",
+                        "--json").stdout)
+    second = make_disk(disk, 4, first)
+    s2 = json.loads(cli("replicate", disk, "--store", url, "--server", "db", "--json").stdout)
+    assert s1["blocks_stored"] == N_BLOCKS - 2 and 0 < s2["blocks_stored"] <= 8
+    runs = json.loads(cli("runs", "--store", url, "--server", "db", "--json").stdout)
+    assert [r["run_id"] for r in runs["runs"]] == [s1["run_id"], s2["run_id"]]
+    out = tmp_path / "out.raw"
+    cli("restore", "--store", url, "--server", "db", "--run", s1["run_id"], "-o", out)
+    assert out.read_bytes() == first
+    cli("restore", "--store", url, "--server", "db", "-o", out)
+    assert out.read_bytes() == second
+    v = json.loads(cli("verify", "--store", url, "--json").stdout)
+    assert v["ok"] and v["runs_checked"] == 2
+    p = json.loads(cli("prune", "--store", url, "--server", "db", "--keep", "1", "--json").stdout)
+    assert p["runs_deleted"] == [s1["run_id"]]
+    assert json.loads(cli("verify", "--store", url, "--json").stdout)["ok"]
+    # a store that is not there: one line, non-zero
+    r = cli("runs", "--store", f"s3://{bucket}/nothing", "--server", "db", check=False)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert "no smsblock store" in r.stderr
+
+
+# --- uploads: multipart, parallel, bounded memory, idempotent --------------------------
+
+def test_multipart_parts_carry_md5_and_memory_stays_bounded(tmp_path, bucket, fault_proxy):
+    store = new_store(f"s3://{bucket}/mp", endpoint_url=fault_proxy.url, parallel=3)
+    store.initialise()
+    pack = tmp_path / "big.pack.tmp"
+    payload = np.random.default_rng(5).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes()
+    pack.write_bytes(payload)
+    pack_id = "ab" + "0" * 62
+    fault_proxy.clear()
+    tracemalloc.start()
+    store.put_pack(pack_id, str(pack))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # 64 parts of 64 KiB, 3 at a time: the pack is never held whole
+    assert peak < 2 << 20, f"peak {peak} bytes while uploading a 4 MiB pack"
+    parts = fault_proxy.requests("PUT", r"partNumber=")
+    assert len(parts) == 64
+    assert all("content-md5" in r.headers for r in parts)
+    assert len(fault_proxy.requests("POST", r"\?uploads")) == 1
+    assert store.read_pack(pack_id, 0, len(payload)) == payload
+    assert store.read_pack(pack_id, len(payload) - 10, 100) == payload[-10:]
+    assert store.read_pack(pack_id, len(payload) + 5, 10) == b""
+    assert not pack.exists()
+    # the same id again (a retried or resumed run): a HEAD, nothing sent
+    pack.write_bytes(payload)
+    fault_proxy.clear()
+    store.put_pack(pack_id, str(pack))
+    assert [r.method for r in fault_proxy.log] == ["HEAD"]
+
+
+def test_bandwidth_cap_paces_uploads(bucket):
+    bucket_limit = TokenBucket(1 << 20, burst=64 << 10)
+    body = ThrottledBody(bytes(512 << 10), bucket_limit)
+    t0 = time.monotonic()
+    while body.read(8192):
+        pass
+    first = time.monotonic() - t0
+    body.seek(0)                 # a rewind (botocore hashing the payload) costs nothing
+    t0 = time.monotonic()
+    assert len(body.read()) == 512 << 10
+    assert time.monotonic() - t0 < 0.05
+    assert 0.35 < first < 1.5, first          # 448 KiB beyond the burst at 1 MiB/s
+    store = new_store(f"s3://{bucket}/bw", bandwidth="1M")
+    store.initialise()
+    t0 = time.monotonic()
+    store._put("blob", bytes(768 << 10), "upload a test blob")
+    assert time.monotonic() - t0 > 0.5
+
+
+# --- faults -------------------------------------------------------------------------
+
+def test_transient_faults_are_retried_and_logged(tmp_path, bucket, fault_proxy, caplog):
+    url = f"s3://{bucket}/faults"
+    store = new_store(url, endpoint_url=fault_proxy.url, read_timeout=1)
+    store.initialise(StoreConfig(pack_size=PACK_SIZE))
+    disk = tmp_path / "disk.raw"
+    content = make_disk(disk, 7)
+    fault_proxy.add(
+        Rule("status", method="PUT", path=r"partNumber=2\b", status=503, code="SlowDown"),
+        Rule("reset", method="PUT", path=r"partNumber=3\b"),
+        Rule("status", method="POST", path=r"uploadId=", status=500, code="InternalError"),
+        Rule("stall", method="PUT", path=r"/runs/", stall=3),
+        Rule("status", method="GET", path=r"/config\.json", status=503, code="ServiceUnavailable"))
+    with caplog.at_level(logging.WARNING, logger="smsblock.store.retry"):
+        replicate(disk, store, "s1", block_size=BS)
+        fault_proxy.add(Rule("cut", method="GET", path=r"/packs/", skip=3, times=2),
+                        Rule("reset", method="GET", path=r"list-type=2", times=1))
+        out = tmp_path / "out.raw"
+        restore(store, "s1", out)
+    assert out.read_bytes() == content
+    fired = [(r.fault, r.method, r.path[-60:]) for r in fault_proxy.faults()]
+    assert len(fired) == 8, "\n".join(map(str, fired))
+    text = caplog.text
+    assert "SlowDown (HTTP 503)" in text and "upload part 2 of" in text and "upload part 3 of" in text
+    assert "complete multipart upload of" in text and "InternalError" in text
+    assert "publish manifest" in text and "timeout" in text.lower()
+    assert "read the store config" in text
+    assert "read " in text and "bytes at" in text          # a cut GET of a pack range
+    assert verify(open_store(url)).ok
+
+
+def test_retry_budget_is_bounded(tmp_path, bucket, fault_proxy):
+    store = new_store(f"s3://{bucket}/budget", endpoint_url=fault_proxy.url, retry_attempts=3)
+    store.initialise()
+    fault_proxy.clear()
+    fault_proxy.add(Rule("status", method="PUT", status=503, code="SlowDown", times=-1))
+    with pytest.raises(TransientStoreError, match=r"publish manifest.*gave up after 3 attempts.*SlowDown"):
+        store.put_manifest_bytes("s", "r-20260101T000000.000000Z-00000000", b"x")
+    assert len(fault_proxy.requests("PUT")) == 3
+
+
+@pytest.mark.parametrize("code,status", [("AccessDenied", 403), ("InvalidAccessKeyId", 403),
+                                         ("SignatureDoesNotMatch", 403)])
+def test_permanent_errors_fail_fast_in_one_line(tmp_path, bucket, fault_proxy, code, status):
+    fault_proxy.add(Rule("status", status=status, code=code, times=-1))
+    disk = tmp_path / "disk.raw"
+    make_disk(disk, 8)
+    r = cli("replicate", disk, "--store", f"s3://{bucket}/perm", "--server", "x",
+            env={"AWS_ENDPOINT_URL": fault_proxy.url}, check=False)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and code in lines[0] and lines[0].startswith("smsblock: error:"), r.stderr
+    assert len(fault_proxy.log) == 1, "no retry of a permanent error"
+
+
+def test_missing_bucket_is_one_clear_line(tmp_path, moto, aws_env):
+    disk = tmp_path / "disk.raw"
+    make_disk(disk, 9)
+    r = cli("replicate", disk, "--store", "s3://no-such-bucket-here/x", "--server", "x", check=False)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "NoSuchBucket" in lines[0] and "create it first" in lines[0], r.stderr
+    with pytest.raises(PermanentStoreError, match="NoSuchBucket"):
+        open_store("s3://no-such-bucket-here/x").exists()
+
+
+def test_sigkill_resume_uploads_only_what_is_missing(tmp_path, moto, bucket):
+    url = f"s3://{bucket}/kill"
+    new_store(url).initialise(StoreConfig(pack_size=PACK_SIZE))
+    disk = tmp_path / "disk.raw"
+    content = make_disk(disk, 11)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SMSBLOCK_S3_BANDWIDTH="400K",
+               **{f"SMSBLOCK_S3_{k.upper()}": str(v) for k, v in FAST.items()})
+    proc = subprocess.Popen([sys.executable, "-m", "smsblock", "replicate", str(disk), "--store", url,
+                             "--server", "k", "--block-size", "64K", "--json"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(new_store(url).list_packs()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = new_store(url)
+    packs_before = store.list_packs()
+    assert len(packs_before) >= 2 and store.list_run_ids("k") == []
+    stored_before = {bytes(e["address"]) for p, n in packs_before.items() for e in store.pack_index(p, n)}
+    report = verify(store)
+    assert report.ok and report.unreferenced_packs == len(packs_before)
+    summary = replicate(disk, store, "k", block_size=BS)
+    data_blocks = N_BLOCKS - 2
+    assert summary.blocks_stored == data_blocks - len(stored_before)
+    after = store.list_packs()
+    assert set(packs_before) <= set(after)
+    out = tmp_path / "out.raw"
+    restore(store, "k", out)
+    assert out.read_bytes() == content
+    # what the killed run left (an incomplete upload, staged files, its lock object) goes
+    leftovers = verify(store).leftovers
+    assert any(n.startswith("lock:") for n in leftovers), leftovers
+    pr = prune(store, "k", 1)
+    assert pr.leftovers_removed == len(leftovers)
+    assert verify(new_store(url)).leftovers == []
+    assert not moto.boto3_client("s3").list_multipart_uploads(Bucket=bucket, Prefix="kill/").get("Uploads")
+
+
+def test_prune_aborts_incomplete_multipart_uploads_under_the_prefix(moto, bucket):
+    url = f"s3://{bucket}/mine"
+    store = new_store(url)
+    store.initialise()
+    s3 = moto.boto3_client("s3")
+    ours = s3.create_multipart_upload(Bucket=bucket, Key="mine/packs/ab/ab.pack")["UploadId"]
+    s3.upload_part(Bucket=bucket, Key="mine/packs/ab/ab.pack", UploadId=ours, PartNumber=1,
+                   Body=b"x" * 1000)
+    theirs = s3.create_multipart_upload(Bucket=bucket, Key="other/file")["UploadId"]
+    assert verify(store).leftovers == [f"multipart:mine/packs/ab/ab.pack?uploadId={ours}"]
+    pr = prune(store, "nobody", 0)
+    assert pr.leftovers_removed == 1 and pr.bytes_freed >= 1000
+    left = [u["UploadId"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+    assert left == [theirs]
+
+
+# --- the lock ------------------------------------------------------------------------
+
+def test_lock_shared_and_exclusive_exclude_each_other(moto, bucket):
+    url = f"s3://{bucket}/lock"
+    a, b = new_store(url), new_store(url)
+    a.initialise()
+    with a.lock(False, "replicate"), b.lock(False, "verify"):
+        with pytest.raises(StoreLockedError, match="a run or reader is using it"):
+            with b.lock(True, "prune"):
+                pass
+    assert not [k for k in keys(moto, bucket, "lock/locks/")]
+    with a.lock(True, "prune"):
+        with pytest.raises(StoreLockedError, match="prune is running"):
+            with b.lock(False, "replicate"):
+                pass
+        with pytest.raises(StoreLockedError):
+            with b.lock(True, "prune"):
+                pass
+    assert not [k for k in keys(moto, bucket, "lock/locks/")]
+
+
+def test_dead_and_expired_lock_objects_do_not_block(moto, bucket):
+    url = f"s3://{bucket}/dead"
+    store = new_store(url, lock_ttl=1)
+    store.initialise()
+    s3 = moto.boto3_client("s3")
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True)
+    dead_pid = int(done.stdout)
+    import socket
+    s3.put_object(Bucket=bucket, Key="dead/locks/shared-dead.json", Body=json.dumps(
+        {"host": socket.gethostname(), "pid": dead_pid, "purpose": "replicate", "ttl": 3600}))
+    s3.put_object(Bucket=bucket, Key="dead/locks/shared-elsewhere.json", Body=json.dumps(
+        {"host": "another-host", "pid": 1, "purpose": "replicate", "ttl": 1}))
+    with pytest.raises(StoreLockedError, match="another-host"):
+        with store.lock(True, "prune"):
+            pass
+    time.sleep(2.2)                     # the other host's lease runs out (S3's clock)
+    report = prune(store, "x", 0)
+    assert report.leftovers_removed == 2
+    assert keys(moto, bucket, "dead/locks/") == []
+
+
+# --- settings --------------------------------------------------------------------------
+
+def test_settings_precedence_and_aws_environment(tmp_path, moto, bucket, monkeypatch):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[s3]\nparallel = 2\nbandwidth = "1M"\nregion = "eu-west-1"\nread-timeout = 7\n')
+    monkeypatch.setenv("SMSBLOCK_CONFIG", str(cfg))
+    monkeypatch.setenv("SMSBLOCK_S3_PARALLEL", "5")
+    s = CloudSettings.load(url_query="bandwidth=2M")
+    assert (s.parallel, s.bandwidth, s.region, s.read_timeout) == (5, 2 << 20, "eu-west-1", 7.0)
+    assert CloudSettings.load(url_query="parallel=9", parallel=11).parallel == 11
+    with pytest.raises(UsageError, match="must not be given in a URL"):
+        open_store(f"s3://{bucket}/x?secret_access_key=abc")
+    with pytest.raises(UsageError, match="unknown cloud store settings: colour"):
+        CloudSettings.load(url_query="colour=blue")
+    monkeypatch.setenv("SMSBLOCK_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(UsageError, match="does not exist"):
+        CloudSettings.load()
+    monkeypatch.delenv("SMSBLOCK_CONFIG")
+    monkeypatch.delenv("SMSBLOCK_S3_PARALLEL")
+    monkeypatch.setenv("HOME", str(tmp_path))      # ~/.smsblock/config.toml
+    (tmp_path / ".smsblock").mkdir()
+    (tmp_path / ".smsblock" / "config.toml").write_text("[s3]\nparallel = 6\n")
+    assert CloudSettings.load().parallel == 6
+    s = CloudSettings.load(proxy="http://u:hunter2@127.0.0.1:3128", access_key_id="AK",
+                           secret_access_key="SK")
+    assert "hunter2" not in json.dumps(s.redacted()) and s.redacted()["secret_access_key"] == "***"
+    # the standard variables: AWS_ENDPOINT_URL_S3 beats AWS_ENDPOINT_URL, keys from the env
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")     # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto.url)
+    store = open_store(f"s3://{bucket}/env")
+    store.initialise()
+    assert store.exists()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-NOT-KNOWN")
+    creds = CloudSettings.load().session().get_credentials()
+    assert creds.access_key == "AKIA-NOT-KNOWN"
+
+
+def test_proxy_with_user_and_password(tmp_path, moto, bucket):
+    proxy = FaultProxy(require_auth="alice:s3cr et").start()
+    try:
+        from urllib.parse import quote
+        url = f"s3://{bucket}/via-proxy"
+        store = new_store(url, proxy=f"http://alice:{quote('s3cr et')}@127.0.0.1:{proxy.port}")
+        store.initialise()
+        disk = tmp_path / "disk.raw"
+        content = make_disk(disk, 12)
+        replicate(disk, store, "p", block_size=BS)
+        out = tmp_path / "out.raw"
+        restore(store, "p", out)
+        assert out.read_bytes() == content
+        assert proxy.log and all(r.status != 407 for r in proxy.log)
+        assert all(r.path.startswith(f"/{bucket}/") or r.path.startswith("/") for r in proxy.log)
+        # HTTP_PROXY from the environment, as boto3 users expect; a wrong password: 407
+        bad = FaultProxy(require_auth="alice:right").start()
+        r = cli("runs", "--store", url, "--server", "p", check=False,
+                env={"HTTP_PROXY": f"http://alice:wrong@127.0.0.1:{bad.port}"})
+        bad.stop()
+        assert r.returncode != 0 and [x.status for x in bad.log][:1] == [407]
+    finally:
+        proxy.stop()
+
+
+def test_ca_bundle_and_verify_reach_botocore(tmp_path, moto, bucket, monkeypatch):
+    cert, key = make_tls_cert(str(tmp_path))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    tls = FaultProxy(("127.0.0.1", moto.port), ssl_context=ctx).start()   # re-signs TLS
+    try:
+        url = f"s3://{bucket}/tls"
+        with pytest.raises(PermanentStoreError, match="set ca_bundle") as e:
+            new_store(url, endpoint_url=tls.url).exists()
+        assert "\n" not in str(e.value)
+        store = new_store(url, endpoint_url=tls.url, ca_bundle=cert)
+        store.initialise()
+        assert store.exists()
+        assert new_store(url, endpoint_url=tls.url, verify=False).exists()
+        monkeypatch.setenv("AWS_CA_BUNDLE", cert)
+        assert new_store(url, endpoint_url=tls.url).exists()
+        monkeypatch.delenv("AWS_CA_BUNDLE")
+        r = cli("runs", "--store", url, "--server", "x", check=False, env={"AWS_ENDPOINT_URL": tls.url})
+        assert r.returncode == 1 and "ca_bundle" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        r = cli("runs", "--store", url, "--server", "x", env={"AWS_ENDPOINT_URL": tls.url,
+                                                              "SMSBLOCK_S3_CA_BUNDLE": cert})
+        assert "no runs" in r.stdout
+        r = cli("runs", "--store", url + "?verify=false", "--server", "x",
+                env={"AWS_ENDPOINT_URL": tls.url})
+        assert "no runs" in r.stdout
+        assert len(tls.log) >= 3
+    finally:
+        tls.stop()
