@@ -221,14 +221,18 @@ def _check_not_source(disk: Disk, dst: str) -> None:
             continue
 
 
-def _data_grain_runs(disk: Disk, unit: int) -> Iterator[tuple[int, int]]:
-    """``(first, end)`` unit indices covering every DATA extent, merged, in order."""
+def _data_grain_runs(disk: Disk, unit: int, merge_gap: int = 0) -> Iterator[tuple[int, int]]:
+    """``(first, end)`` unit indices covering every DATA extent, merged, in order.
+
+    Runs at most ``merge_gap`` units apart are merged: reading a short gap (zeros, by the
+    disk contract) costs less than a separate worker task for each scattered grain.
+    """
     cur = None
     for e in disk.extents():
         if not e.is_data or e.length <= 0:
             continue
         first, end = e.offset // unit, -(-e.end // unit)
-        if cur is not None and first <= cur[1]:
+        if cur is not None and first <= cur[1] + merge_gap:
             cur = (cur[0], max(cur[1], end))
             continue
         if cur is not None:
@@ -409,7 +413,7 @@ def write_stream_optimized(disk: Disk, out_path, *, progress: ProgressCallback |
         return first, count, memoryview(out)[:used], sizes
 
     def batches() -> Iterator[tuple[int, int]]:
-        for first, end in _data_grain_runs(disk, GRAIN_SIZE):
+        for first, end in _data_grain_runs(disk, GRAIN_SIZE, merge_gap=BATCH_GRAINS // 4):
             g = first
             while g < end:
                 table_end = (g // GTES_PER_GT + 1) * GTES_PER_GT
