@@ -22,6 +22,7 @@ it exclusive, so prune never deletes a pack a running replicate is about to refe
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import queue
 import secrets
@@ -46,6 +47,7 @@ from .store.base import check_run_id, check_server_id
 __all__ = ["replicate", "restore", "verify", "prune", "RunSummary", "VerifyReport",
            "PruneReport", "RunDisk", "new_run_id"]
 
+log = logging.getLogger(__name__)
 QUEUE_DEPTH = 16          # compressed blocks waiting for the pack writer (bounds memory)
 
 
@@ -687,19 +689,27 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
         ids = store.list_run_ids(server_id)
         doomed = ids[:max(0, len(ids) - keep)]
         report.runs_kept = ids[len(doomed):]
+        # what the remaining runs use, read before anything is deleted: a manifest that
+        # does not load stops prune here, with nothing removed
+        live_parts = []
+        for sid, rid in store.iter_manifests():
+            if sid == server_id and rid in doomed:
+                continue
+            m = store.load_manifest(sid, rid)
+            live_parts.append(_address_view(m.addresses[m.states == BlockState.DATA]))
+        live = np.unique(np.concatenate(live_parts)) if live_parts else np.zeros(0, np.dtype((np.void, 32)))
         for run_id in doomed:        # oldest first: a crash midway still keeps the newest
             store.delete_manifest(server_id, run_id)
             report.runs_deleted.append(run_id)
 
-        live_parts = []
-        for sid, rid in store.iter_manifests():
-            m = store.load_manifest(sid, rid)
-            live_parts.append(_address_view(m.addresses[m.states == BlockState.DATA]))
-        live = np.unique(np.concatenate(live_parts)) if live_parts else np.zeros(0, np.dtype((np.void, 32)))
-
         algorithm = store.config.address
-        packs = sorted(store.list_packs().items())
-        indexes = [store.pack_index(pack_id, size) for pack_id, size in packs]
+        packs, indexes = [], []
+        for pack_id, size in sorted(store.list_packs().items()):
+            try:
+                indexes.append(store.pack_index(pack_id, size))
+                packs.append((pack_id, size))
+            except StoreCorruptError as e:      # left alone for a human: verify reports it
+                log.warning("%s (prune leaves this pack alone)", e)
         # an entry is wanted when a run uses it and it is the first copy of its address
         # (copies come from concurrent runs or an interrupted rewrite)
         all_addrs = _address_view(np.concatenate([ix["address"] for ix in indexes])

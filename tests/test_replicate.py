@@ -442,3 +442,19 @@ def test_disk_that_grows_shrinks_or_is_empty(tmp_path):
         restore(store, "srv", tmp_path / "o.raw", run_id=run.run_id)
         assert (tmp_path / "o.raw").read_bytes() == content
     assert verify(store).ok
+
+
+def test_prune_deletes_nothing_when_a_manifest_does_not_load(tmp_path):
+    from smsblock.errors import ManifestError
+    write_disk(tmp_path / "d.raw", [1], BS)
+    store = new_store(tmp_path / "s")
+    r1 = replicate(tmp_path / "d.raw", store, "a", block_size=BS)
+    write_disk(tmp_path / "d.raw", [2], BS)
+    replicate(tmp_path / "d.raw", store, "a")
+    rb = replicate(tmp_path / "d.raw", store, "b", block_size=BS)
+    path = tmp_path / "s" / "runs" / "b" / f"{rb.run_id}.manifest"
+    path.write_bytes(path.read_bytes()[:-1])
+    packs = store.list_packs()
+    with pytest.raises(ManifestError, match=rb.run_id):
+        prune(store, "a", 1)
+    assert r1.run_id in store.list_run_ids("a") and store.list_packs() == packs
