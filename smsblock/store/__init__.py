@@ -36,7 +36,10 @@ def open_store(url_or_path) -> Store:
                 raise UsageError(f"{text}: file:// URLs must name a local path (file:///path)")
             text = unquote(parsed.path)
         return LocalStore(text)
-    if scheme in ("s3", "ebs"):
-        raise UsageError(f"{text}: {scheme}:// stores are not available yet "
-                         "(cloud stores come with issue 4); use a local directory")
+    if scheme == "s3":      # cloud stores: boto3 is imported only when one is used
+        from .s3 import S3Store
+        return S3Store(text)
+    if scheme == "ebs":
+        from .ebs import EbsStore
+        return EbsStore(text)
     raise UsageError(f"{text}: unknown store URL scheme {scheme!r} (use a path, file://, s3:// or ebs://)")
