@@ -293,3 +293,25 @@ def test_kill9_of_the_connector_mid_run(tmp_path):
     assert r["state"] == "FAILED" and "connector stopped" in r["statusMessage"]
     # and the job goes on
     svc.start_on_demand_replication_run(replicationJobId=job)
+
+
+def test_a_disassociated_connector_stops(tmp_path):
+    svc, _, _ = setup(tmp_path)
+    cid = svc.get_connectors()["connectorList"][0]["connectorId"]
+    with ConnectorLoop(svc) as loop:
+        loop.run_once()
+        svc.disassociate_connector(connectorId=cid)
+        with pytest.raises(ConnectorError, match="disassociated"):
+            loop.run_forever(0.01)
+        assert loop.stop.cancelled
+
+
+def test_relative_state_dir_gives_absolute_store_paths(tmp_path, monkeypatch):
+    make_vm(tmp_path / "ds", "DC1/a", "a")
+    monkeypatch.chdir(tmp_path)
+    with SmsService("rel-state") as svc:
+        assert svc.state.dir == tmp_path / "rel-state"
+        svc.register_connector("datastore", {"path": "ds"})
+        (row,) = svc.state.query("SELECT store, source_config FROM connectors")
+        assert row[0] == str(tmp_path / "rel-state" / "store")
+        assert json.loads(row[1]) == {"path": str(tmp_path / "ds")}

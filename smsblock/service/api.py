@@ -140,6 +140,8 @@ class SmsService:
         source = open_source(kind, config)   # refuses an unreachable or malformed source
         try:
             names = (source.manager_name, source.manager_type, source.manager_id)
+            # the source's own (normalised, secret-free) config when it offers one
+            config = source.config() if callable(getattr(source, "config", None)) else config
         finally:
             source.close()
         now = self.clock()

@@ -97,6 +97,12 @@ class ConnectorLoop:
             raise ConnectorError("ConnectorLoop.run_once needs the connector lock (use `with`)")
         done: dict[str, list[str]] = {"recovered": [], "scheduled": [], "deleted_jobs": [],
                                       "completed": [], "failed": []}
+        row = self.service.state.query("SELECT disassociated_on FROM connectors WHERE "
+                                       "connector_id = ?", (self.connector_id,))
+        if not row or row[0][0] is not None:
+            self.stop.cancel("disassociated")
+            raise ConnectorError(f"connector {self.connector_id} was disassociated; "
+                                 "register a new one")
         self._beat()
         if not self._recovered:
             done["recovered"] = fail_orphaned_runs(self.service.state, self.connector_id,
@@ -123,6 +129,8 @@ class ConnectorLoop:
             try:
                 self.run_once()
             except SmsBlockError as e:   # e.g. a store briefly locked; try again next pass
+                if self.stop.cancelled:
+                    raise
                 log.warning("connector pass failed: %s", e)
             self.stop._event.wait(poll_interval)
 

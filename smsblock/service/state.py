@@ -172,7 +172,8 @@ class State:
     """The state database of one state directory; thread-safe, one writer at a time."""
 
     def __init__(self, state_dir: str | os.PathLike | None = None):
-        self.dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        # absolute: connectors store paths under it (STATE/store) that other cwds must find
+        self.dir = (Path(state_dir) if state_dir is not None else default_state_dir()).absolute()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
