@@ -458,3 +458,30 @@ def test_prune_deletes_nothing_when_a_manifest_does_not_load(tmp_path):
     with pytest.raises(ManifestError, match=rb.run_id):
         prune(store, "a", 1)
     assert r1.run_id in store.list_run_ids("a") and store.list_packs() == packs
+
+
+_RSS_WRAPPER = """
+import resource, subprocess, sys
+rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
+print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def test_peak_rss_of_a_run_on_a_big_sparse_disk_is_bounded(tmp_path):
+    """A 64 GiB sparse disk with 24 MiB of data: the run's peak RSS stays far below 256 MiB
+    (the per-block arrays are ~130 bytes a block; nothing grows with the data)."""
+    disk = tmp_path / "big.raw"
+    rng = np.random.default_rng(1)
+    with open(disk, "wb") as f:
+        f.truncate(64 << 30)
+        for k in range(12):
+            f.seek(k * (5 << 30) + 12345)
+            f.write(rng.integers(0, 16, 2 << 20, dtype=np.uint8).tobytes())
+    env = dict(os.environ, PYTHONPATH=str(os.path.dirname(os.path.dirname(smsblock.__file__))))
+    out = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, sys.executable, "-m", "smsblock",
+                          "replicate", str(disk), "--store", str(tmp_path / "s"), "--server", "big"],
+                         env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "0"
+    assert int(out[1]) * 1024 <= 256 << 20
+    m = open_store(tmp_path / "s").load_manifest("big")
+    assert m.n_blocks == 131072 and m.count(BlockState.DATA) == 12 * 5
