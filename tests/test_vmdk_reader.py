@@ -394,3 +394,18 @@ def test_native_read_releases_the_gil(tmp_path):
     # were the GIL held for the read, the counter would stand still during it
     print(f"counter speed during the read: {best:.0%}")
     assert best > 0.3, f"counter ran at {best:.0%} of its solo speed during the read"
+
+
+def test_child_larger_than_its_parent(tmp_path):
+    raw = write_raw(tmp_path / "p.raw", MiB, [(MiB - 4096, b"\x99" * 4096)])
+    parent = qemu_convert(raw, tmp_path / "p.vmdk", "monolithicSparse")
+    child = tmp_path / "c.vmdk"
+    qemu_img("create", "-f", "vmdk", "-b", "p.vmdk", "-F", "vmdk", child, str(3 * MiB))
+    qemu_io(child, "write -P 0x12 2M 64k")
+    expected = oracle_raw(child, tmp_path)
+    with smsblock.open_disk(child) as d:
+        assert d.size == 3 * MiB and d.info.parent.virtual_size == MiB
+        assert d.read(0, d.size) == expected
+        assert_extents_consistent(d, expected)
+        assert [(e.offset, e.length) for e in d.extents()] == [
+            (MiB - 64 * KiB, 64 * KiB), (2 * MiB, 64 * KiB)]
