@@ -2,9 +2,11 @@
 ticks, on-demand requests, runs starting and finishing, with an injected clock.
 
 The rules checked after every step:
-* AUTOMATIC runs sit on the grid ``seed + k * frequency``, in increasing order, never in
-  the future, and a slot gets a MISSED record exactly when another run of the job was
-  busy at tick time;
+* a due tick makes one AUTOMATIC run at the latest passed slot of the grid
+  ``next + k * frequency`` (MISSED exactly when another run of the job was busy), and the
+  next slot is one step later; runs are in increasing order and never in the future;
+* updates of frequency and next run time are accepted exactly within the rules and move
+  the grid;
 * a job never has two busy (PENDING/ACTIVE) runs;
 * no 24-hour window holds more than 2 on-demand runs, and an on-demand request is
   refused exactly when the model says so (busy run, or the quota);
@@ -54,6 +56,7 @@ class Scheduling(RuleBasedStateMachine):
         self.svc.import_server_catalog()
         self.server = self.svc.get_servers()["serverList"][0]["serverId"]
         self.on_demand_created: list[float] = []
+        self.slots: list[float] = []
 
     def teardown(self):
         self.svc.close()
@@ -89,7 +92,8 @@ class Scheduling(RuleBasedStateMachine):
     @rule()
     def tick(self):
         was_busy = bool(self.busy())
-        due = self.next_time() <= self.clock()
+        next_before = self.next_time()
+        due = next_before <= self.clock()
         before = {r["run_id"] for r in self.runs()}
         self.svc.tick()
         new = [r for r in self.runs() if r["run_id"] not in before]
@@ -99,10 +103,34 @@ class Scheduling(RuleBasedStateMachine):
             (run,) = new
             assert run["type"] == "AUTOMATIC"
             assert run["state"] == ("MISSED" if was_busy else "PENDING")
-            assert run["scheduled_start"] <= self.clock()
-            # the latest passed slot, not an old one
-            assert run["scheduled_start"] > self.clock() - self.frequency * H
+            # the latest slot of the grid next + k * frequency that has come
+            step = self.frequency * H
+            k = int((self.clock() - next_before) // step)
+            assert run["scheduled_start"] == pytest.approx(next_before + k * step)
+            assert self.next_time() == pytest.approx(run["scheduled_start"] + step)
+            self.slots.append(run["scheduled_start"])
         assert self.next_time() > self.clock()
+
+    @rule(frequency=st.none() | st.integers(6, 30), days_ahead=st.none() | st.floats(-1, 32))
+    def update_schedule(self, frequency, days_ahead):
+        now = self.clock()
+        params = {"replicationJobId": self.job}
+        if frequency is not None:
+            params["frequency"] = frequency
+        if days_ahead is not None:
+            params["nextReplicationRunStartTime"] = now + days_ahead * DAY
+        bad_freq = frequency is not None and not 12 <= frequency <= 24
+        bad_time = days_ahead is not None and not (-900 <= days_ahead * DAY <= 30 * DAY)
+        try:
+            self.svc.update_replication_job(**params)
+        except ServiceError as e:
+            assert (bad_freq or bad_time) and e.code == "InvalidParameterException", str(e)
+            return
+        assert not (bad_freq or bad_time)
+        if frequency is not None:
+            self.frequency = frequency
+        if days_ahead is not None:
+            assert self.next_time() == pytest.approx(max(now, now + days_ahead * DAY))
 
     @rule(description=st.none() | st.text(max_size=20))
     def on_demand(self, description):
@@ -143,14 +171,11 @@ class Scheduling(RuleBasedStateMachine):
         assert len(self.busy()) <= 1
 
     @invariant()
-    def automatic_runs_on_the_grid(self):
+    def automatic_runs_in_order_and_never_ahead(self):
         slots = [r["scheduled_start"] for r in self.runs() if r["type"] == "AUTOMATIC"]
-        assert slots == sorted(slots) and len(set(slots)) == len(slots)
-        step = self.frequency * H
-        for s in slots:
-            k = (s - self.seed) / step
-            assert abs(k - round(k)) < 1e-6 and k >= -1e-9
-            assert s <= self.clock()
+        assert slots == self.slots == sorted(slots)
+        assert all(s <= self.clock() for s in slots)
+        assert not slots or slots[0] >= self.seed
 
     @invariant()
     def on_demand_quota(self):
