@@ -13,7 +13,8 @@ from image_builders import (DISTROS, MiB, fake_root, fuse_available, mkfs_btrfs,
 from smsblock import open_disk
 from smsblock.image.btrfs import BtrfsVolume
 from smsblock.image.inspect import inspect_disk
-from smsblock.image.osdetect import elf_architecture, linux_release, open_linux_reader
+from smsblock.image.fsreaders import open_linux_reader
+from smsblock.image.osdetect import elf_architecture, linux_release
 from smsblock.image.region import Region
 
 EXT_KINDS = ("ext2", "ext3", "ext4")

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from . import bootcode
 from .filesystems import identify, looks_like_boot_sector
 from .findings import ERROR, INFO, WARNING, Finding, has_errors
-from .osdetect import (LINUX_READABLE, OsInfo, Unreadable, detect_linux, detect_windows,
-                       ntfs_label, open_linux_reader, open_ntfs)
+from .fsreaders import Unreadable, ntfs_label, open_linux_reader, open_ntfs
+from .osdetect import LINUX_READABLE, OsInfo, detect_linux, detect_windows
 from .partitions import Partition, read_partition_table
 from .region import Region
 
