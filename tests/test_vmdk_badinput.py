@@ -425,3 +425,28 @@ def test_fuzz_mutated_descriptor_files(tmp_path_factory, at, junk, replace):
     except DiskFormatError as e:
         assert e.path is not None and e.path in str(e)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_symlinked_extent_leading_outside_is_refused(tmp_path):
+    inner = tmp_path / "in"
+    inner.mkdir()
+    (tmp_path / "secret").write_bytes(b"s" * 4096)
+    (inner / "link-flat.vmdk").symlink_to(tmp_path / "secret")
+    p = flat_disk(inner, 'RW 8 FLAT "link-flat.vmdk" 0')
+    with pytest.raises(UnsafeExtentPathError, match="link"):
+        smsblock.open_disk(p)
+    with smsblock.open_disk(p, allow_outside_paths=True) as d:
+        assert d.read(0, 4) == b"ssss"
+
+
+def test_windows_1252_descriptor(tmp_path):
+    (tmp_path / "d\xe9-flat.vmdk").write_bytes(b"\x42" * 4096)
+    p = tmp_path / "d.vmdk"
+    p.write_bytes(b'# Disk DescriptorFile\nversion=1\nencoding="windows-1252"\nCID=1\n'
+                  b'parentCID=ffffffff\ncreateType="monolithicFlat"\n'
+                  b'RW 8 FLAT "d\xe9-flat.vmdk" 0\n')
+    with smsblock.open_disk(p) as d:
+        assert d.read(0, 4096) == b"\x42" * 4096
+    p.write_bytes(p.read_bytes().replace(b'encoding="windows-1252"\n', b""))
+    with pytest.raises(DescriptorError, match="UTF-8"):
+        smsblock.open_disk(p)

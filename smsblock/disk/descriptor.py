@@ -93,13 +93,6 @@ class Descriptor:
         return sum(e.sectors for e in self.extents)
 
 
-def looks_like_descriptor(data: bytes) -> bool:
-    """True when ``data`` (the start of a file) reads as a text descriptor."""
-    text = data.lstrip(b"\xef\xbb\xbf \t\r\n")
-    return text.startswith(b"# Disk DescriptorFile") or (
-        b"createType" in data and b"\0" not in data.rstrip(b"\0"))
-
-
 def parse_descriptor(data: bytes, where: str, base_offset: int = 0) -> Descriptor:
     """Parse descriptor text; ``where`` names the file and ``base_offset`` its place in it.
 
@@ -119,7 +112,13 @@ def parse_descriptor(data: bytes, where: str, base_offset: int = 0) -> Descripto
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DescriptorError("descriptor is not UTF-8 text", where, base_offset + e.start) from None
+        # older VMware products write encoding="windows-1252" (or another code page)
+        m = re.search(rb'^\s*encoding\s*=\s*"?(windows-125\d|iso-8859-\d+)"?', data,
+                      re.M | re.I)
+        if m is None:
+            raise DescriptorError("descriptor is not UTF-8 text (and names no other "
+                                  "encoding)", where, base_offset + e.start) from None
+        text = data.decode(m.group(1).decode("ascii").lower(), errors="replace")
 
     desc = Descriptor()
     pos = 0
@@ -193,11 +192,21 @@ def resolve_extent_path(name: str, descriptor_path: str, allow_outside: bool,
                 descriptor_path)
         return os.path.normpath(name)
     normal = os.path.normpath(name)
-    if (normal == ".." or normal.startswith("../")) and not allow_outside:
+    path = os.path.normpath(os.path.join(folder, normal))
+    if allow_outside:
+        return path
+    if normal == ".." or normal.startswith("../"):
         raise UnsafeExtentPathError(
             f"{what} file {name!r} is outside the descriptor's folder "
             f"(allow_outside_paths to accept)", descriptor_path)
-    return os.path.normpath(os.path.join(folder, normal))
+    # a symbolic link inside the folder must not lead out of it either
+    real_folder = os.path.realpath(folder)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real_folder, real]) != real_folder:
+        raise UnsafeExtentPathError(
+            f"{what} file {name!r} is a link to {real}, outside the descriptor's folder "
+            f"(allow_outside_paths to accept)", descriptor_path)
+    return path
 
 
 def _short(line: str, limit: int = 80) -> str:
