@@ -144,14 +144,13 @@ class PruneReport:
 class _PackSink:
     """Owns the pack being filled.  A writer thread appends frames from a bounded queue
     and seals the pack each time it reaches the store's pack size; a syncer thread then
-    fsyncs it, puts it under its id and adds its blocks to the dedup index, while the
-    writer already fills the next pack (disk writes overlap compression)."""
+    fsyncs it and puts it under its id, while the writer already fills the next pack
+    (disk writes overlap compression)."""
 
     _STOP = object()
 
-    def __init__(self, store: Store, index: BlockIndex):
+    def __init__(self, store: Store):
         self.store = store
-        self.index = index
         self.pack_size = store.config.pack_size
         self.algorithm = store.config.address
         self.blocks_stored = 0
@@ -227,7 +226,8 @@ class _PackSink:
                 if self.error is None:
                     writer.sync()
                     self.store.put_pack(pack_id, writer.path)
-                    self.index.add(pack_id, idx)
+                    # not added to the run's index: the run's claimed set already skips
+                    # these blocks, and a dict entry per stored block would cost memory
                     self.packs_sealed += 1
                     continue
             except BaseException as e:
@@ -347,7 +347,7 @@ def _replicate_locked(scan, disk, store, server_id, block_size, progress, cancel
     run_id = new_run_id(previous_id)
     index = store.block_index()
     n_blocks = (disk.size + block_size - 1) // block_size
-    sink = _PackSink(store, index)
+    sink = _PackSink(store)
     storer = _BlockStorer(store, index, sink, n_blocks, cancel)
     sealed = False
     try:
