@@ -210,3 +210,63 @@ def test_stored_run_inspects_like_the_file(tmp_path, linux_disk):
     with store.run_disk("srv-1") as run:
         got = inspect_and_validate(run).to_dict()
     assert got == want
+
+
+def _one_partition_disk(tmp_path, distro, kind, boot_code):
+    from image_builders import GRUB_LEGACY_STAGE1  # noqa: F401
+    disk = tmp_path / "d.img"
+    partition_disk(disk, 12 * MiB, "label: dos\nstart=2048, type=83, bootable\n")
+    place(disk, 2048 * 512, mkfs_ext(tmp_path / "r.img", kind, 8 * MiB, label="root",
+                                     root=fake_root(tmp_path, distro)))
+    write_boot_code(disk, boot_code)
+    return disk
+
+
+def test_grub_legacy_centos6_is_importable(tmp_path):
+    from image_builders import GRUB_LEGACY_STAGE1
+    disk = _one_partition_disk(tmp_path, "centos-6.5", "ext3", GRUB_LEGACY_STAGE1.read_bytes())
+    with open_disk(disk) as d:
+        r = inspect_and_validate(d)
+    assert (r.boot_code, r.os.distribution, r.os.version, r.os.root_filesystem) == \
+        ("grub-legacy", "centos", "6.5", "ext3")
+    assert r.ok and [f.code for f in r.findings] == ["mbr", "os-supported"]
+
+
+def test_unsupported_os_and_allow_unsupported(tmp_path):
+    disk = _one_partition_disk(tmp_path, "ubuntu-18.04", "ext4", GRUB2_BOOT_IMG.read_bytes())
+    with open_disk(disk) as d:
+        strict = inspect_and_validate(d)
+        relaxed = inspect_and_validate(d, allow_unsupported=True)
+    assert not strict.ok and [(f.severity, f.code) for f in strict.findings] == \
+        [("info", "mbr"), ("error", "os-unsupported")]
+    assert "Ubuntu 18.04 is not on the supported list (supported Ubuntu versions: 12.04-16.10)." \
+        == strict.findings[1].message
+    assert relaxed.ok and [(f.severity, f.code) for f in relaxed.findings] == \
+        [("info", "mbr"), ("warning", "os-unsupported")]
+
+
+def test_refused_rhel60_and_no_bootloader(tmp_path):
+    disk = _one_partition_disk(tmp_path, "rhel-6.0", "ext4", bytes(440))
+    with open_disk(disk) as d:
+        r = inspect_and_validate(d)
+    assert [(f.severity, f.code) for f in r.findings] == \
+        [("info", "mbr"), ("error", "bootloader-unsupported"), ("error", "os-refused")]
+    assert "lacks the drivers" in r.findings[2].message
+
+
+def test_bare_fat_volume_is_not_an_mbr(tmp_path):
+    """A FAT boot sector also ends in 55 AA; it must not be read as a partition table."""
+    img = mkfs_simple(tmp_path / "fat.img", "fat16", 16 * MiB, "BARE")
+    with open_disk(img) as d:
+        r = inspect_and_validate(d)
+    assert r.partition_table == "none" and r.boot_code == "none"
+    assert [(p.number, p.kind, p.filesystem, p.label, p.fs_variant) for p in r.partitions] == \
+        [(0, "whole-disk", "vfat", "BARE", "FAT16")]
+    assert [f.code for f in r.findings] == ["bare-filesystem", "no-partition-table", "os-not-found"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 4096])
+def test_tiny_disks(size):
+    from test_image_partitions import BytesDisk
+    r = inspect_and_validate(BytesDisk(b"\x55\xaa" * (size // 2)))
+    assert r.partition_table == "none" and r.os is None and not r.ok
