@@ -101,17 +101,22 @@ write_cmd = st.tuples(st.integers(0, 15), st.integers(1, 3), st.integers(1, 255)
 
 @settings(max_examples=6)
 @given(base_runs=disk_runs, child_writes=st.lists(write_cmd, max_size=5),
-       grand_writes=st.lists(write_cmd, max_size=5), seed=st.integers(0, 1000))
+       grand_writes=st.lists(write_cmd, max_size=5), seed=st.integers(0, 1000),
+       layouts=st.lists(st.sampled_from(["monolithicSparse", "twoGbMaxExtentSparse"]),
+                        min_size=2, max_size=2))
 def test_delta_chains_read_like_qemu(tmp_path_factory, base_runs, child_writes,
-                                     grand_writes, seed):
+                                     grand_writes, seed, layouts):
+    """Deltas as embedded-descriptor sparse files or as descriptor + -s001 extent files."""
     folder = tmp_path_factory.mktemp("chain")
     size = 1 << 20
     content = build(base_runs)[:size]
     raw = write_raw(folder / "base.raw", size, [(0, content)])
     base = qemu_convert(raw, folder / "base.vmdk", "monolithicSparse", "zeroed_grain=on")
     disk = base
-    for name, writes in (("child", child_writes), ("grand", grand_writes)):
-        disk = make_child(disk, folder / f"{name}.vmdk", "zeroed_grain=on")
+    for name, writes, layout in (("child", child_writes, layouts[0]),
+                                 ("grand", grand_writes, layouts[1])):
+        disk = make_child(disk, folder / f"{name}.vmdk", "zeroed_grain=on",
+                          f"subformat={layout}")
         cmds = []
         for grain, count, pattern, zero in writes:     # whole grains, some of them zeroed
             count = min(count, 16 - grain)
