@@ -1,0 +1,457 @@
+"""EbsStore: ``ebs://[REGION]``: every run also becomes an EBS snapshot (EBS direct APIs).
+
+SMS staged each replication run in S3 and turned it into an EBS snapshot; this store does
+the same.  It wraps a *staging store* that holds packs and manifests exactly like any
+store (a local directory by default, ``~/.smsblock/ebs/<region>``, or any store URL given
+as ``?store=s3://bucket/prefix`` or ``store = ...`` under ``[ebs]`` in the config file),
+so runs, dedup, verify and prune work as everywhere.  Publishing a run's manifest (the
+last step of a run) first turns the run into a snapshot:
+
+1. ``StartSnapshot`` with ``ParentSnapshotId`` = the previous run's snapshot (none for a
+   first run, or when block or disk size changed), tags ``smsblock:server``/``smsblock:run``;
+   the snapshot id goes into the staging store's journal (``ebs-pending/``) at once;
+2. ``PutSnapshotBlock`` for exactly the blocks that changed since the previous run (the
+   manifest diff), ``parallel`` at a time: 512 KiB each (the last block zero-padded),
+   base64 SHA-256 checksum, ``ChecksumAlgorithm=SHA256``.  Blocks that became zero or
+   unallocated are written as zeros, so the parent's old data does not show through;
+3. ``CompleteSnapshot`` with ``ChangedBlocksCount`` and the linear aggregate checksum:
+   SHA-256 over the concatenated per-block SHA-256 digests in block-index order, base64;
+4. the snapshot id, its parent and the chain of ancestors go into the manifest's
+   ``meta["ebs"]``, the manifest is published, and the journal entry is removed.
+
+A run killed between 1 and 4 leaves a pending snapshot in the journal: ``verify`` lists it
+among the leftovers (``ebs-pending:snap-...``), the next run warns about it, and ``prune``
+deletes it (EC2 ``DeleteSnapshot``) and its journal entry.  It is reported, never lost.
+
+Reading back: :meth:`EbsStore.snapshot_disk` is a Disk over a run's snapshot that reads
+blocks with ``GetSnapshotBlock`` (checksums checked), following the chain of parents:
+a block is read from the newest snapshot in the chain whose ``ListSnapshotBlocks``
+lists it (AWS lists a child's inherited blocks too; moto lists only blocks written to
+that snapshot, so the parents are asked as well).  :meth:`EbsStore.restore_snapshot`
+writes it to a raw file.  The engine's ``restore`` reads the staged packs.
+
+Snapshots need 512 KiB blocks (the engine's default block size).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Iterator
+from urllib.parse import parse_qsl, urlencode, urlparse
+
+import numpy as np
+
+from ..disk import Disk, DiskInfo, Extent, ExtentKind
+from ..errors import StoreCorruptError, StoreError, UsageError
+from ..manifest import BlockState, Manifest, diff
+from .base import Store
+from .retry import RetryPolicy, error_code
+from .s3config import CloudSettings, config_file_path
+from .throttle import ThrottledBody, TokenBucket
+
+log = logging.getLogger("smsblock.store.ebs")
+
+EBS_BLOCK = 512 << 10
+GIB = 1 << 30
+PENDING_DIR = "ebs-pending"
+
+
+def block_checksum(data) -> bytes:
+    """The raw SHA-256 digest EBS checks a block against (sent base64)."""
+    return hashlib.sha256(data).digest()
+
+
+def linear_checksum(digests_in_index_order) -> str:
+    """CompleteSnapshot's LINEAR aggregate: base64 SHA-256 over the per-block SHA-256
+    digests concatenated in ascending block-index order."""
+    h = hashlib.sha256()
+    for d in digests_in_index_order:
+        h.update(d)
+    return base64.b64encode(h.digest()).decode()
+
+
+def blocks_to_write(previous: Manifest | None, manifest: Manifest) -> np.ndarray:
+    """Block indices a snapshot with ``previous``'s snapshot as parent must be given:
+    every changed block (zeroed ones included); for a first snapshot, the data blocks."""
+    if previous is None:
+        return np.flatnonzero(manifest.states == BlockState.DATA).astype(np.int64)
+    return np.asarray(diff(previous, manifest), np.int64)
+
+
+def _ebs_section_store() -> str | None:
+    try:
+        import tomllib
+        with open(config_file_path(), "rb") as f:
+            value = tomllib.load(f).get("ebs", {}).get("store")
+        return str(value) if value else None
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+
+
+# --- the journal of pending snapshots (in the staging store) --------------------------
+
+class _Journal:
+    """Small JSON records next to the staging store's runs: one per pending snapshot."""
+
+    def __init__(self, staging: Store):
+        self.staging = staging
+
+    def _local(self) -> str | None:
+        root = getattr(self.staging, "root", None)
+        return os.path.join(root, PENDING_DIR) if root else None
+
+    def put(self, snapshot_id: str, record: dict) -> None:
+        data = json.dumps(record, sort_keys=True).encode()
+        folder = self._local()
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(folder, snapshot_id + ".json"))
+        else:
+            self.staging._put(f"{PENDING_DIR}/{snapshot_id}.json", data, "journal a pending snapshot")
+
+    def remove(self, snapshot_id: str) -> None:
+        folder = self._local()
+        if folder is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, snapshot_id + ".json"))
+        else:
+            self.staging._delete(f"{PENDING_DIR}/{snapshot_id}.json", "clear a journalled snapshot")
+
+    def records(self) -> dict[str, dict]:
+        out = {}
+        folder = self._local()
+        if folder is not None:
+            try:
+                names = sorted(os.listdir(folder))
+            except FileNotFoundError:
+                return out
+            for n in names:
+                if n.endswith(".json") and not n.startswith("."):
+                    with contextlib.suppress(OSError, ValueError):
+                        with open(os.path.join(folder, n), "rb") as f:
+                            out[n[:-5]] = json.loads(f.read())
+            return out
+        objects, _, _ = self.staging._list(f"{PENDING_DIR}/", "list pending snapshots")
+        for o in objects:
+            name = o["Key"].rsplit("/", 1)[-1]
+            if name.endswith(".json"):
+                data = self.staging._get(f"{PENDING_DIR}/{name}", "read a pending snapshot record")
+                with contextlib.suppress(ValueError, TypeError):
+                    out[name[:-5]] = json.loads(data)
+        return out
+
+
+# --- the store ---------------------------------------------------------------------------
+
+class EbsStore(Store):
+    """See the module docstring.  ``staging`` is a Store or store URL (default: a local
+    directory per region); ``settings``/``overrides`` shape the boto3 clients."""
+
+    def __init__(self, url: str = "ebs://", *, staging=None, settings: CloudSettings | None = None,
+                 **overrides):
+        super().__init__()
+        p = urlparse(url)
+        if p.scheme.lower() != "ebs":
+            raise UsageError(f"{url}: not an EBS store URL (ebs://[REGION])")
+        if p.path.strip("/"):
+            raise UsageError(f"{url}: an EBS store URL names only a region (ebs://REGION?store=...)")
+        query = dict(parse_qsl(p.query))
+        staging = staging or query.pop("store", None) or _ebs_section_store()
+        region = p.netloc or None
+        if region:
+            overrides.setdefault("region", region)
+        self.settings = settings or CloudSettings.load(url_query=urlencode(query), section="ebs",
+                                                       **overrides)
+        self.region = self.settings.region or self.settings.session().region_name
+        if not self.region:
+            raise UsageError(f"{url}: no region (ebs://REGION, AWS_DEFAULT_REGION or the config file)")
+        self.url = f"ebs://{self.region}"
+        if staging is None:
+            staging = os.path.join(os.path.expanduser("~/.smsblock/ebs"), self.region)
+        from . import open_store
+        self.staging = open_store(staging)
+        self.ebs = self.settings.client("ebs", max_pool=self.settings.parallel)
+        self._ec2 = None
+        self.retry = RetryPolicy(self.settings.retry_attempts, self.settings.retry_seconds)
+        self._limit = TokenBucket(self.settings.bandwidth) if self.settings.bandwidth else None
+        self.journal = _Journal(self.staging)
+
+    def __repr__(self) -> str:
+        return f"<EbsStore {self.url} staging={self.staging.url}>"
+
+    @property
+    def ec2(self):
+        if self._ec2 is None:
+            self._ec2 = self.settings.client("ec2")
+        return self._ec2
+
+    def _call(self, what: str, fn):
+        return self.retry.call(what, fn)
+
+    # -- the staging store does the storing ---------------------------------------------
+    def exists(self) -> bool:
+        return self.staging.exists()
+
+    def _read_config(self) -> bytes:
+        return self.staging._read_config()
+
+    def _create(self, config_bytes: bytes) -> None:
+        self.staging._create(config_bytes)
+
+    def lock(self, exclusive: bool, purpose: str):
+        return self.staging.lock(exclusive, purpose)
+
+    def staging_path(self, suffix: str) -> str:
+        return self.staging.staging_path(suffix)
+
+    def put_pack(self, pack_id: str, staged_path: str) -> None:
+        self.staging.put_pack(pack_id, staged_path)
+
+    def list_packs(self) -> dict[str, int]:
+        return self.staging.list_packs()
+
+    def read_pack(self, pack_id: str, offset: int, length: int) -> bytes:
+        return self.staging.read_pack(pack_id, offset, length)
+
+    def delete_pack(self, pack_id: str) -> None:
+        self.forget_pack(pack_id)
+        self.staging.delete_pack(pack_id)
+
+    def pack_name(self, pack_id: str) -> str:
+        return self.staging.pack_name(pack_id)
+
+    def list_servers(self) -> list[str]:
+        return self.staging.list_servers()
+
+    def list_run_ids(self, server_id: str) -> list[str]:
+        return self.staging.list_run_ids(server_id)
+
+    def get_manifest_bytes(self, server_id: str, run_id: str) -> bytes:
+        return self.staging.get_manifest_bytes(server_id, run_id)
+
+    def delete_manifest(self, server_id: str, run_id: str) -> None:
+        self.staging.delete_manifest(server_id, run_id)
+
+    def close(self) -> None:
+        self.staging.close()
+
+    # -- publishing a run = completing its snapshot ------------------------------------------
+    def put_manifest_bytes(self, server_id: str, run_id: str, data: bytes) -> None:
+        manifest = Manifest.from_bytes(bytearray(data), f"{self.url}: {server_id}/{run_id}")
+        manifest.meta["ebs"] = self.snapshot_run(server_id, run_id, manifest)
+        self.staging.put_manifest_bytes(server_id, run_id, manifest.to_bytes())
+        self.journal.remove(manifest.meta["ebs"]["snapshot_id"])
+
+    def _previous(self, server_id: str, run_id: str) -> Manifest | None:
+        earlier = [r for r in self.staging.list_run_ids(server_id) if r < run_id]
+        return self.staging.load_manifest(server_id, earlier[-1]) if earlier else None
+
+    def snapshot_run(self, server_id: str, run_id: str, manifest: Manifest) -> dict:
+        """Turn a run (its manifest, blocks in the staging store) into a completed EBS
+        snapshot; return what goes into ``meta["ebs"]``."""
+        if manifest.block_size != EBS_BLOCK:
+            raise StoreError(f"{self.url}: EBS snapshots need 512 KiB blocks; this run has "
+                             f"{manifest.block_size} (replicate with --block-size 512K)")
+        for snap, rec in self.pending_snapshots().items():
+            if rec.get("server_id") == server_id:
+                log.warning("%s: snapshot %s of an unfinished run %s of %s is still pending "
+                            "(prune deletes it)", self.url, snap, rec.get("run_id"), server_id)
+        previous = self._previous(server_id, run_id)
+        prev_ebs = (previous.meta.get("ebs") or {}) if previous is not None else {}
+        parent = prev_ebs.get("snapshot_id")
+        if parent and (previous.block_size != manifest.block_size
+                       or previous.disk_size > manifest.disk_size):
+            parent = None           # a volume cannot shrink: start a new lineage
+        if parent is None:
+            previous = None
+        volume_gib = max(1, -(-manifest.disk_size // GIB))
+        todo = blocks_to_write(previous, manifest)
+        start = dict(VolumeSize=volume_gib, ClientToken=f"{server_id}/{run_id}"[:64],
+                     Description=f"smsblock run {run_id} of {server_id}",
+                     Tags=[{"Key": "smsblock:server", "Value": server_id},
+                           {"Key": "smsblock:run", "Value": run_id}])
+        if parent:
+            start["ParentSnapshotId"] = parent
+        snap = self._call(f"start snapshot of {server_id}/{run_id}",
+                          lambda: self.ebs.start_snapshot(**start))["SnapshotId"]
+        self.journal.put(snap, {"server_id": server_id, "run_id": run_id, "parent": parent,
+                                "started": datetime.now(timezone.utc).isoformat()})
+        log.info("%s: snapshot %s (parent %s): %d blocks to write", self.url, snap, parent, len(todo))
+        digests = self._put_blocks(snap, manifest, todo)
+        checksum = linear_checksum(digests[i] for i in sorted(digests))
+        self._call(f"complete snapshot {snap}", lambda: self.ebs.complete_snapshot(
+            SnapshotId=snap, ChangedBlocksCount=len(todo), Checksum=checksum,
+            ChecksumAlgorithm="SHA256", ChecksumAggregationMethod="LINEAR"))
+        chain = [snap] + list(prev_ebs.get("chain", [])) if parent else [snap]
+        return {"snapshot_id": snap, "parent_snapshot_id": parent, "chain": chain,
+                "region": self.region, "volume_size_gib": volume_gib,
+                "changed_blocks": int(len(todo)), "checksum": checksum}
+
+    def _put_blocks(self, snap: str, manifest: Manifest, todo: np.ndarray) -> dict[int, bytes]:
+        from ..replicate import RunDisk
+        run = RunDisk(self.staging, manifest)
+        digests: dict[int, bytes] = {}
+        lock = threading.Lock()
+        zeros = bytes(EBS_BLOCK)
+
+        def put(i: int) -> None:
+            data = run.block(i)
+            if data is None:
+                data = zeros
+            elif len(data) < EBS_BLOCK:
+                data = data + bytes(EBS_BLOCK - len(data))
+            digest = block_checksum(data)
+            b64 = base64.b64encode(digest).decode()
+            self._call(f"put block {i} of snapshot {snap}", lambda: self.ebs.put_snapshot_block(
+                SnapshotId=snap, BlockIndex=i, BlockData=self._body(data), DataLength=EBS_BLOCK,
+                Checksum=b64, ChecksumAlgorithm="SHA256"))
+            with lock:
+                digests[i] = digest
+
+        # a window of futures at a time: at most ~2 * parallel blocks in memory
+        window = 2 * self.settings.parallel
+        with ThreadPoolExecutor(self.settings.parallel, thread_name_prefix="smsblock-ebs") as pool:
+            for s in range(0, len(todo), window):
+                for fut in [pool.submit(put, int(i)) for i in todo[s:s + window]]:
+                    fut.result()
+        return digests
+
+    def _body(self, data: bytes):
+        return ThrottledBody(data, self._limit) if self._limit else data
+
+    # -- pending snapshots: leftovers ------------------------------------------------------------
+    def pending_snapshots(self) -> dict[str, dict]:
+        """Snapshots started by runs that never published: ``{snapshot_id: record}``."""
+        return self.journal.records()
+
+    def list_leftovers(self) -> list[str]:
+        return self.staging.list_leftovers() + [f"ebs-pending:{s}" for s in self.pending_snapshots()]
+
+    def remove_leftover(self, name: str) -> int:
+        if not name.startswith("ebs-pending:"):
+            return self.staging.remove_leftover(name)
+        snap = name.split(":", 1)[1]
+
+        def delete():
+            try:
+                self.ec2.delete_snapshot(SnapshotId=snap)
+            except Exception as e:
+                if error_code(e) not in ("InvalidSnapshot.NotFound",):
+                    raise
+        self._call(f"delete pending snapshot {snap}", delete)
+        self.journal.remove(snap)
+        return 0
+
+    # -- reading snapshots back ----------------------------------------------------------------
+    def snapshot_disk(self, server_id: str, run_id: str | None = None) -> "SnapshotDisk":
+        """A Disk over a run's EBS snapshot, read with GetSnapshotBlock."""
+        m = self.load_manifest(server_id, run_id)
+        info = m.meta.get("ebs")
+        if not info:
+            raise StoreError(f"{self.url}: run {server_id}/{m.meta.get('run_id')} has no snapshot")
+        return SnapshotDisk(self, list(info["chain"]), m.disk_size,
+                            f"{self.url}/{info['snapshot_id']}")
+
+    def restore_snapshot(self, server_id: str, out_path, *, run_id: str | None = None,
+                         progress=None, cancel=None) -> str:
+        """Write a run's snapshot (read from EBS) to a sparse raw image; return its id."""
+        from ..disk.writer import write_raw
+        with self.snapshot_disk(server_id, run_id) as disk:
+            write_raw(disk, out_path, progress=progress, cancel=cancel)
+            return disk.chain[0]
+
+
+class SnapshotDisk(Disk):
+    """A read-only Disk over an EBS snapshot chain (newest first); see :mod:`.ebs`."""
+
+    def __init__(self, store: EbsStore, chain: list[str], size: int, path: str):
+        self.store = store
+        self.chain = chain
+        self.path = path
+        self.size = size
+        self.info = DiskInfo(path=path, format="ebs-snapshot", virtual_size=size)
+        self._where: dict[int, tuple[str, str]] = {}
+        for snap in reversed(chain):            # older first: newer entries override
+            for index, token in self._list_blocks(snap):
+                self._where[index] = (snap, token)
+        self._lock = threading.Lock()
+        self._cache: dict[int, bytes] = {}
+
+    def _list_blocks(self, snap: str) -> Iterator[tuple[int, str]]:
+        kw = {"SnapshotId": snap}
+        while True:
+            r = self.store._call(f"list blocks of snapshot {snap}",
+                                 lambda kw=dict(kw): self.store.ebs.list_snapshot_blocks(**kw))
+            for b in r.get("Blocks", []):
+                yield int(b["BlockIndex"]), b["BlockToken"]
+            if not r.get("NextToken"):
+                return
+            kw["NextToken"] = r["NextToken"]
+
+    def block(self, i: int) -> bytes | None:
+        where = self._where.get(i)
+        if where is None:
+            return None
+        with self._lock:
+            hit = self._cache.get(i)
+        if hit is not None:
+            return hit
+        snap, token = where
+
+        def get():
+            r = self.store.ebs.get_snapshot_block(SnapshotId=snap, BlockIndex=i, BlockToken=token)
+            data = r["BlockData"].read()
+            want = r.get("Checksum")
+            if want and base64.b64encode(block_checksum(data)).decode() != want:
+                raise StoreCorruptError(f"block {i} of snapshot {snap} fails its SHA-256 checksum",
+                                        self.path, i * EBS_BLOCK)
+            return data
+        data = self.store._call(f"get block {i} of snapshot {snap}", get)
+        with self._lock:
+            if len(self._cache) >= 4:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[i] = data
+        return data
+
+    def readinto(self, offset: int, buf) -> int:
+        view = memoryview(buf).cast("B")
+        self._check_range(offset, len(view))
+        want = max(0, min(len(view), self.size - offset))
+        done = 0
+        while done < want:
+            i, within = divmod(offset + done, EBS_BLOCK)
+            n = min(want - done, EBS_BLOCK - within)
+            data = self.block(i)
+            view[done:done + n] = bytes(n) if data is None else data[within:within + n]
+            done += n
+        return done
+
+    def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
+        start, end = self._clip(start, end)
+        run = None                                   # merged [lo, hi) of listed blocks
+        for i in sorted(self._where):
+            lo, hi = max(start, i * EBS_BLOCK), min(end, (i + 1) * EBS_BLOCK, self.size)
+            if lo >= hi:
+                continue
+            if run is not None and run[1] == lo:
+                run[1] = hi
+                continue
+            if run is not None:
+                yield Extent(run[0], run[1] - run[0], ExtentKind.DATA)
+            run = [lo, hi]
+        if run is not None:
+            yield Extent(run[0], run[1] - run[0], ExtentKind.DATA)
