@@ -45,7 +45,9 @@ def open_and_read(path, **kw) -> None:
 
 
 def assert_located(err: DiskFormatError, path) -> None:
+    """The error names a file and an offset in it, in its message too."""
     assert err.path is not None and os.path.basename(err.path) in str(err)
+    assert err.offset is not None and f"offset {err.offset}" in str(err)
     if path is not None:
         assert Path(err.path) == Path(path)
 
@@ -397,7 +399,7 @@ def test_fuzz_mutated_images_fail_cleanly(tmp_path_factory, fuzz_corpus, name, m
     try:
         open_and_read(path)
     except DiskFormatError as e:
-        assert e.path is not None and e.path in str(e)
+        assert e.path is not None and e.path in str(e) and e.offset is not None, str(e)
     assert time.monotonic() - t < 5, "a damaged image took too long"
     shutil.rmtree(path.parent, ignore_errors=True)
 
@@ -423,7 +425,7 @@ def test_fuzz_mutated_descriptor_files(tmp_path_factory, at, junk, replace):
         with open_vmdk(p) as d:
             read_all(d)
     except DiskFormatError as e:
-        assert e.path is not None and e.path in str(e)
+        assert e.path is not None and e.path in str(e) and e.offset is not None, str(e)
     shutil.rmtree(folder, ignore_errors=True)
 
 

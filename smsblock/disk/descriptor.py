@@ -48,6 +48,7 @@ class ExtentLine:
     path: str | None
     offset: int          # FLAT: start in the file, in sectors
     line_no: int
+    at: int = 0          # byte offset of the line in the descriptor's file
 
 
 @dataclass(slots=True)
@@ -56,6 +57,8 @@ class Descriptor:
 
     values: dict[str, str] = field(default_factory=dict)
     extents: list[ExtentLine] = field(default_factory=list)
+    #: byte offset (in the descriptor's file) of each key's line, for error messages
+    at: dict[str, int] = field(default_factory=dict)
 
     @property
     def create_type(self) -> str | None:
@@ -83,9 +86,10 @@ class Descriptor:
         try:
             value = int(raw, 16)
         except ValueError:
-            raise DescriptorError(f"{key}={raw!r} is not a hexadecimal number", where) from None
+            raise DescriptorError(f"{key}={raw!r} is not a hexadecimal number", where,
+                                  self.at.get(key)) from None
         if not 0 <= value <= 0xFFFFFFFF:
-            raise DescriptorError(f"{key}={raw!r} does not fit 32 bits", where)
+            raise DescriptorError(f"{key}={raw!r} does not fit 32 bits", where, self.at.get(key))
         return value
 
     @property
@@ -109,8 +113,9 @@ def parse_descriptor(data: bytes, where: str, base_offset: int = 0) -> Descripto
         data = data[:nul]
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
+    encoding = "utf-8"
     try:
-        text = data.decode("utf-8")
+        data.decode("utf-8")
     except UnicodeDecodeError as e:
         # older VMware products write encoding="windows-1252" (or another code page)
         m = re.search(rb'^\s*encoding\s*=\s*"?(windows-125\d|iso-8859-\d+)"?', data,
@@ -118,14 +123,14 @@ def parse_descriptor(data: bytes, where: str, base_offset: int = 0) -> Descripto
         if m is None:
             raise DescriptorError("descriptor is not UTF-8 text (and names no other "
                                   "encoding)", where, base_offset + e.start) from None
-        text = data.decode(m.group(1).decode("ascii").lower(), errors="replace")
+        encoding = m.group(1).decode("ascii").lower()
 
     desc = Descriptor()
     pos = 0
-    for line_no, raw_line in enumerate(text.splitlines(keepends=True), 1):
+    for line_no, raw_line in enumerate(data.splitlines(keepends=True), 1):
         line_offset = base_offset + pos
-        pos += len(raw_line.encode("utf-8"))
-        line = raw_line.strip()
+        pos += len(raw_line)
+        line = raw_line.decode(encoding, errors="replace").strip()
         if not line or line.startswith("#"):
             continue
         if line.split(None, 1)[0] in ACCESS_MODES:
@@ -142,6 +147,7 @@ def parse_descriptor(data: bytes, where: str, base_offset: int = 0) -> Descripto
         if len(value) >= 2 and value[0] == value[-1] == '"':
             value = value[1:-1]
         desc.values[m["key"]] = value
+        desc.at[m["key"]] = line_offset
     if not desc.extents:
         raise DescriptorError("descriptor lists no extents", where, base_offset)
     if desc.total_sectors * 512 > MAX_DISK_BYTES:
@@ -172,24 +178,25 @@ def _parse_extent(line: str, line_no: int, where: str, offset: int) -> ExtentLin
                               where, offset)
     if flat_offset * 512 > MAX_DISK_BYTES:
         raise DescriptorError(f"absurd flat extent offset on line {line_no}", where, offset)
-    return ExtentLine(access, sectors, etype, path, flat_offset, line_no)
+    return ExtentLine(access, sectors, etype, path, flat_offset, line_no, offset)
 
 
 def resolve_extent_path(name: str, descriptor_path: str, allow_outside: bool,
-                        what: str = "extent") -> str:
+                        what: str = "extent", at: int | None = None) -> str:
     """The path of a file a descriptor names, relative to the descriptor's folder.
 
     Absolute names and names that climb out of the folder (``../``) are refused with
     :class:`UnsafeExtentPathError` unless ``allow_outside``.
     """
     if "\0" in name:
-        raise UnsafeExtentPathError(f"{what} file name contains a NUL byte", descriptor_path)
+        raise UnsafeExtentPathError(f"{what} file name contains a NUL byte", descriptor_path,
+                                    at)
     folder = os.path.dirname(os.path.abspath(descriptor_path))
     if os.path.isabs(name):
         if not allow_outside:
             raise UnsafeExtentPathError(
                 f"{what} file {name!r} is an absolute path (allow_outside_paths to accept)",
-                descriptor_path)
+                descriptor_path, at)
         return os.path.normpath(name)
     normal = os.path.normpath(name)
     path = os.path.normpath(os.path.join(folder, normal))
@@ -198,14 +205,14 @@ def resolve_extent_path(name: str, descriptor_path: str, allow_outside: bool,
     if normal == ".." or normal.startswith("../"):
         raise UnsafeExtentPathError(
             f"{what} file {name!r} is outside the descriptor's folder "
-            f"(allow_outside_paths to accept)", descriptor_path)
+            f"(allow_outside_paths to accept)", descriptor_path, at)
     # a symbolic link inside the folder must not lead out of it either
     real_folder = os.path.realpath(folder)
     real = os.path.realpath(path)
     if os.path.commonpath([real_folder, real]) != real_folder:
         raise UnsafeExtentPathError(
             f"{what} file {name!r} is a link to {real}, outside the descriptor's folder "
-            f"(allow_outside_paths to accept)", descriptor_path)
+            f"(allow_outside_paths to accept)", descriptor_path, at)
     return path
 
 

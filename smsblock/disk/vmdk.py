@@ -269,13 +269,8 @@ def open_vmdk(path, *, ignore_cid_mismatch: bool = False,
 
 
 def _open(path: str, ignore_cid: bool, allow_outside: bool, chain: list[str]) -> VmdkDisk:
-    real = os.path.realpath(path)
-    if real in chain:
-        raise ParentChainError(f"snapshot parent chain loops back to this file "
-                               f"(chain: {' -> '.join(chain + [real])})", path)
-    if len(chain) > MAX_CHAIN_DEPTH:
-        raise ParentChainError(f"snapshot parent chain deeper than {MAX_CHAIN_DEPTH}", path)
-    chain = chain + [real]
+    """Open one disk of a chain; ``chain`` holds the real paths of the children above it."""
+    chain = chain + [os.path.realpath(path)]
 
     parts: list[_Part] = []
     try:
@@ -348,7 +343,7 @@ def _open_descriptor_file(path: str, parts: list[_Part],
             part = _SparsePart(start, length, SparseExtent(file_path))
         else:
             raise UnsupportedFormatError(f"{line.type} extents (line {line.line_no}) are not read",
-                                         path)
+                                         path, line.at)
         parts.append(part)
         info.extents.append(ExtentFile(line.access, line.sectors, line.type, file_path,
                                        line.offset))
@@ -357,10 +352,10 @@ def _open_descriptor_file(path: str, parts: list[_Part],
 
 
 def _extent_file(line, descriptor_path: str, allow_outside: bool) -> str:
-    file_path = resolve_extent_path(line.path, descriptor_path, allow_outside)
+    file_path = resolve_extent_path(line.path, descriptor_path, allow_outside, at=line.at)
     if not os.path.isfile(file_path):
         raise DescriptorError(f"extent file {line.path!r} (line {line.line_no}) not found or "
-                              "not a regular file", descriptor_path)
+                              "not a regular file", descriptor_path, line.at)
     return file_path
 
 
@@ -382,18 +377,28 @@ def _open_parent(path: str, desc: Descriptor | None, info: DiskInfo, ignore_cid:
     if hint is None:
         if info.parent_cid not in (None, NO_PARENT_CID):
             raise ParentChainError(f"parentCID={info.parent_cid:08x} but no "
-                                   "parentFileNameHint names the parent", path)
+                                   "parentFileNameHint names the parent", path,
+                                   desc.at.get("parentCID"))
         return None
-    parent_path = resolve_extent_path(hint, path, allow_outside, what="parent")
+    hint_at = desc.at.get("parentFileNameHint")
+    parent_path = resolve_extent_path(hint, path, allow_outside, what="parent", at=hint_at)
     if not os.path.exists(parent_path):
-        raise ParentChainError(f"parent disk {hint!r} not found ({parent_path})", path)
+        raise ParentChainError(f"parent disk {hint!r} not found ({parent_path})", path, hint_at)
+    real = os.path.realpath(parent_path)
+    if real in chain:
+        raise ParentChainError(f"snapshot parent chain loops: {' -> '.join(chain + [real])}",
+                               path, hint_at)
+    if len(chain) > MAX_CHAIN_DEPTH:
+        raise ParentChainError(f"snapshot parent chain deeper than {MAX_CHAIN_DEPTH}",
+                               path, hint_at)
     parent = _open(parent_path, ignore_cid, allow_outside, chain)
     try:
         if info.parent_cid != parent.info.cid and not ignore_cid:
             raise CidMismatchError(
                 f"parentCID {_hex(info.parent_cid)} does not match the CID "
                 f"{_hex(parent.info.cid)} of parent {parent_path} (the parent changed after "
-                "the snapshot was taken; ignore_cid_mismatch to read anyway)", path)
+                "the snapshot was taken; ignore_cid_mismatch to read anyway)", path,
+                desc.at.get("parentCID"))
     except BaseException:
         parent.close()
         raise
