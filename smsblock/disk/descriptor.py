@@ -97,6 +97,14 @@ class Descriptor:
         return sum(e.sectors for e in self.extents)
 
 
+def looks_like_descriptor(data: bytes) -> bool:
+    """True when ``data`` (the start of a file) reads as a text descriptor."""
+    text = data.lstrip(b"\xef\xbb\xbf \t\r\n")
+    head = data.split(b"\0", 1)[0]        # descriptor text ends at its first NUL
+    return text.startswith(b"# Disk DescriptorFile") or (
+        b"createType" in head and b"version=" in head)
+
+
 def parse_descriptor(data: bytes, where: str, base_offset: int = 0) -> Descriptor:
     """Parse descriptor text; ``where`` names the file and ``base_offset`` its place in it.
 
