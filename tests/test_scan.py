@@ -19,7 +19,7 @@ from smsblock.disk.raw import RawDisk
 from smsblock.errors import Cancelled, DiskIOError, UsageError
 from smsblock.manifest import BlockState, Manifest
 from smsblock.progress import CancelToken
-from smsblock.scan import plan_reads, scan
+from smsblock.scan import _FileMap, plan_reads, scan
 
 from conftest import qemu_img
 
@@ -258,6 +258,16 @@ def test_plan_merges_runs():
     disk = MemoryDisk(bytes(8 * BS), [Extent(0, 10), Extent(BS - 1, 2), Extent(2 * BS, BS),
                                       Extent(4 * BS, 1, ExtentKind.ZERO), Extent(6 * BS, 1)])
     assert list(plan_reads(disk, BS)) == [(0, 3), (6, 7)]
+
+
+def test_mapped_scan_with_frequent_page_table_drops(tmp_path, monkeypatch):
+    # dropping the mapping's page-table entries while the other worker hashes is harmless
+    monkeypatch.setattr(_FileMap, "ZAP_BYTES", BS)
+    path = tmp_path / "d.raw"
+    path.write_bytes(os.urandom(40 * BS + 123))
+    with open_disk(path) as disk:
+        for _ in range(3):
+            same_blocks(scan(disk, block_size=BS, batch_bytes=BS), reference_scan(disk, BS))
 
 
 def test_raw_disk_larger_than_its_file(tmp_path):
