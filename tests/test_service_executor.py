@@ -153,7 +153,7 @@ def test_the_real_image_step_registers_a_bootable_disk_and_refuses_a_blank_one(t
     run = run_now(svc2, job2, RunExecutor(svc2.state, svc2.clock))
     assert run["state"] == "FAILED" and "validation" in run["statusMessage"], run
     (j,) = svc2.get_replication_jobs()["replicationJobList"]
-    assert run["replicationRunId"] in j["statusMessage"] and j["state"] == "ACTIVE"
+    assert run["replicationRunId"] in j["statusMessage"] and j["state"] == "FAILING"
 
 
 def test_engine_failure_fails_the_run_with_the_reason(tmp_path):
@@ -170,6 +170,40 @@ def test_engine_failure_fails_the_run_with_the_reason(tmp_path):
     assert run["stageDetails"]["stage"] == "uploading"
     # the job takes further runs
     svc.start_on_demand_replication_run(replicationJobId=job)
+
+
+def test_consecutive_failures_pause_the_job_until_an_on_demand_run_completes(tmp_path):
+    svc, server, _ = setup(tmp_path)
+    job = svc.create_replication_job(serverId=server, seedReplicationTime=svc.clock(),
+                                     frequency=12)["replicationJobId"]
+    failing = {"on": True}
+    from smsblock.replicate import replicate as real_replicate
+
+    def replicate(*a, **kw):
+        if failing["on"]:
+            raise StoreError("store unreachable")
+        return real_replicate(*a, **kw)
+
+    ex = RunExecutor(svc.state, svc.clock, replicate=replicate, use_default_image_step=False)
+    states = []
+    with ConnectorLoop(svc, executor=ex) as loop:
+        for _ in range(3):                      # seed slot, then two more slots: 3 failures
+            loop.run_once()
+            states.append(svc.get_replication_jobs()["replicationJobList"][0]["state"])
+            svc.clock.advance(12 * H)
+        assert states == ["FAILING", "FAILING", "PAUSED_ON_FAILURE"]
+        j = svc.get_replication_jobs()["replicationJobList"][0]
+        assert "3 failed runs in a row" in j["statusMessage"]
+        loop.run_once()                         # paused: the slot makes no run ...
+        runs = svc.get_replication_runs(replicationJobId=job)["replicationRunList"]
+        assert len(runs) == 3
+        nxt = svc.get_replication_jobs()["replicationJobList"][0]["nextReplicationRunStartTime"]
+        assert nxt > svc.clock()                # ... but the schedule moves on
+        failing["on"] = False
+        svc.start_on_demand_replication_run(replicationJobId=job)
+        loop.run_once()
+    j = svc.get_replication_jobs()["replicationJobList"][0]
+    assert j["state"] == "ACTIVE" and "completed" in j["statusMessage"]
 
 
 def test_a_vanished_vm_fails_the_run(tmp_path):

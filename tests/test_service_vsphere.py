@@ -62,7 +62,7 @@ def test_vcenter_connector_catalog_and_run(sim, tmp_path):
     did = smsblock("connector", "run", "--state", st, "--once", env=env)
     runs = smsblock("sms", "get-replication-runs", "--state", st, "--replication-job-id", job,
                     env=env)["replicationRunList"]
-    assert did["completed"] == [run], runs
+    assert did["completed"] == [run], [r.get("statusMessage") for r in runs]
     assert runs[0]["amiId"].startswith("ami-")
     summary = json.loads(sqlite3.connect(st / "state.db").execute(
         "SELECT summary FROM runs WHERE run_id = ?", (run,)).fetchone()[0])

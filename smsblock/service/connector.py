@@ -57,7 +57,8 @@ class ConnectorLoop:
         self.service = service
         self.connector_id = pick_connector(service, connector_id)
         self.stop = CancelToken()
-        self.executor = executor or RunExecutor(service.state, service.clock, stop=self.stop)
+        self.executor = executor or RunExecutor(service.state, service.clock, stop=self.stop,
+                                                config=service.config)
         if self.executor.stop is None:
             self.executor.stop = self.stop
         self.heartbeat_interval = heartbeat_interval
@@ -106,7 +107,7 @@ class ConnectorLoop:
         self._beat()
         if not self._recovered:
             done["recovered"] = fail_orphaned_runs(self.service.state, self.connector_id,
-                                                   self.service.clock())
+                                                   self.service.clock(), self.service.config)
             self._recovered = True
         done["scheduled"] = self.service.tick()
         done["deleted_jobs"] = self.finish_deletions()

@@ -29,9 +29,10 @@ from typing import Any, Callable, Protocol
 
 from ..errors import Cancelled, SmsBlockError
 from ..progress import CancelToken
-from .models import ReplicationJobState, ReplicationRunState
+from .jobs import record_run_failure
+from .models import LIVE_JOB_STATES, ReplicationJobState, ReplicationRunState
 from .sources import open_source
-from .state import State
+from .state import ServiceConfig, State
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,14 @@ class RunContext:
     connector: Any
 
 
-def fail_orphaned_runs(state: State, connector_id: str, now: float) -> list[str]:
+def fail_orphaned_runs(state: State, connector_id: str, now: float,
+                       config: ServiceConfig | None = None) -> list[str]:
     """Mark FAILED every run left ACTIVE by a dead process of this connector.
 
     Call only while holding the connector's process lock: then no live process of this
     connector can own an ACTIVE run.
     """
+    config = config or ServiceConfig.load(state.dir)
     with state.transaction() as db:
         rows = db.execute(
             "SELECT r.run_id, r.job_id FROM runs r JOIN jobs j ON j.job_id = r.job_id "
@@ -108,14 +111,12 @@ def fail_orphaned_runs(state: State, connector_id: str, now: float) -> list[str]
             "WHERE s.connector_id = ? AND r.state = ?",
             (connector_id, ReplicationRunState.ACTIVE.value)).fetchall()
         for r in rows:
-            message = ("FAILED: the connector stopped while the run was active (killed or "
-                       "crashed); the next run resumes from the blocks already stored")
-            db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ?, "
-                       "stage = NULL, stage_progress = NULL WHERE run_id = ?",
-                       (ReplicationRunState.FAILED.value, message, now, r["run_id"]))
-            db.execute("UPDATE jobs SET status_message = ? WHERE job_id = ?",
-                       (f"run {r['run_id']} failed: the connector stopped while it was active",
-                        r["job_id"]))
+            reason = ("the connector stopped while the run was active (killed or crashed); "
+                      "the next run resumes from the blocks already stored")
+            db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ? "
+                       "WHERE run_id = ?",
+                       (ReplicationRunState.FAILED.value, f"FAILED: {reason}", now, r["run_id"]))
+            record_run_failure(db, r["job_id"], r["run_id"], reason, config)
     return [r["run_id"] for r in rows]
 
 
@@ -124,9 +125,11 @@ class RunExecutor:
 
     def __init__(self, state: State, clock: Callable[[], float], *,
                  replicate: Callable | None = None, image_step: ImageStep | None = None,
-                 use_default_image_step: bool = True, stop: CancelToken | None = None):
+                 use_default_image_step: bool = True, stop: CancelToken | None = None,
+                 config: ServiceConfig | None = None):
         self.state = state
         self.clock = clock
+        self.config = config or ServiceConfig.load(state.dir)
         self._replicate = replicate
         self.image_step = image_step
         if image_step is None and use_default_image_step:
@@ -173,9 +176,7 @@ class RunExecutor:
                        "WHERE run_id = ?",
                        (ReplicationRunState.FAILED.value, f"FAILED: {reason}", now,
                         ctx.run["run_id"]))
-            db.execute("UPDATE jobs SET status_message = ? WHERE job_id = ? AND state != ?",
-                       (f"run {ctx.run['run_id']} failed: {reason}"[:1000], ctx.job["job_id"],
-                        ReplicationJobState.DELETED.value))
+            record_run_failure(db, ctx.job["job_id"], ctx.run["run_id"], reason, self.config)
 
     def _complete(self, ctx: RunContext, ami_id: str | None, summary: dict, message: str) -> None:
         now = self.clock()
@@ -200,10 +201,13 @@ class RunExecutor:
                                       "deregistered IS NULL ORDER BY created DESC, rowid DESC",
                                       (job_id,)).fetchall()
                     doomed = [r["ami_id"] for r in live[keep:]]
-            if job["run_once"] and job["state"] in (ReplicationJobState.ACTIVE.value,
-                                                     ReplicationJobState.PENDING.value):
-                sets["state"] = ReplicationJobState.COMPLETED.value
-                sets["next_run_time"] = None
+            if ReplicationJobState(job["state"]) in LIVE_JOB_STATES:
+                # a completed run ends FAILING / PAUSED_ON_FAILURE; run-once jobs are done
+                if job["run_once"]:
+                    sets["state"] = ReplicationJobState.COMPLETED.value
+                    sets["next_run_time"] = None
+                else:
+                    sets["state"] = ReplicationJobState.ACTIVE.value
             cols = ", ".join(f"{k} = ?" for k in sets)
             db.execute(f"UPDATE jobs SET {cols} WHERE job_id = ?", (*sets.values(), job_id))
         for ami in doomed:     # outside the transaction: the image step may be slow

@@ -282,6 +282,33 @@ def start_on_demand(db: sqlite3.Connection, job_id, description, now: float,
                       now, now, description=description)
 
 
+def record_run_failure(db: sqlite3.Connection, job_id: str, run_id: str, reason: str,
+                       config: ServiceConfig) -> str:
+    """After a run of ``job_id`` failed: the job goes FAILING, or PAUSED_ON_FAILURE after
+    ``max_consecutive_failures`` failed runs in a row (the scheduler then makes no more
+    runs until an on-demand run completes).  Returns the job's new state."""
+    job = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    message = f"run {run_id} failed: {reason}"[:1000]
+    if job is None or ReplicationJobState(job["state"]) not in LIVE_JOB_STATES:
+        db.execute("UPDATE jobs SET status_message = ? WHERE job_id = ? AND state != 'DELETED'",
+                   (message, job_id))
+        return job["state"] if job is not None else ReplicationJobState.DELETED.value
+    recent = db.execute(
+        "SELECT state FROM runs WHERE job_id = ? AND state IN ('COMPLETED', 'FAILED') "
+        "ORDER BY completed DESC, rowid DESC LIMIT ?",
+        (job_id, config.max_consecutive_failures)).fetchall()
+    failures = len(recent) if all(r["state"] == "FAILED" for r in recent) else 0
+    if failures >= config.max_consecutive_failures:
+        state = ReplicationJobState.PAUSED_ON_FAILURE
+        message += (f" ({failures} failed runs in a row: automatic runs are paused until an "
+                    "on-demand run completes)")
+    else:
+        state = ReplicationJobState.FAILING
+    db.execute("UPDATE jobs SET state = ?, status_message = ? WHERE job_id = ?",
+               (state.value, message, job_id))
+    return state.value
+
+
 def insert_run(db: sqlite3.Connection, job: sqlite3.Row, run_type: ReplicationRunType,
                state: ReplicationRunState, scheduled: float, now: float, *,
                description: str | None = None, message: str | None = None) -> str:

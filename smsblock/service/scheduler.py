@@ -8,7 +8,8 @@ slot is the first ``seed + k * frequency`` after ``now`` (a run-once job has non
 Slots that passed while no connector ticked at all are not replayed one by one: one run
 is made for the latest of them, as SMS does after a connector outage.
 
-It also closes the replication window: a job whose server's first run was more than
+A job PAUSED_ON_FAILURE gets no runs; its next slot moves on so that it resumes on
+the grid once an on-demand run completes.  It also closes the replication window: a job whose server's first run was more than
 ``server_replication_days`` ago is COMPLETED with a message saying so.
 """
 
@@ -78,6 +79,12 @@ def _tick_job(db: sqlite3.Connection, job: sqlite3.Row, now: float, config: Serv
                     "replication limit was reached", job["job_id"]))
         return []
     slot = job["next_run_time"]
+    if job["state"] == ReplicationJobState.PAUSED_ON_FAILURE.value:
+        # paused: no runs, but the next slot keeps moving so a resume starts on the grid
+        if job["frequency"] is not None and not job["run_once"]:
+            db.execute("UPDATE jobs SET next_run_time = ? WHERE job_id = ?",
+                       (next_slot(slot, job["frequency"], now), job["job_id"]))
+        return []
     if job["frequency"] is not None and not job["run_once"]:
         # only the latest passed slot gets a run
         step = job["frequency"] * HOUR

@@ -131,7 +131,8 @@ class ServiceConfig:
     ``max_active_jobs`` (50) and ``server_replication_days`` (90) are SMS's service
     limits; ``on_demand_runs_per_day`` (2) SMS's on-demand quota;
     ``heartbeat_timeout_seconds`` is how long a silent connector stays HEALTHY;
-    ``seed_grace_seconds`` is how far in the past a seed time still counts as "now".
+    ``seed_grace_seconds`` is how far in the past a seed time still counts as "now";
+    ``max_consecutive_failures`` failed runs in a row pause a job (PAUSED_ON_FAILURE).
     """
 
     max_active_jobs: int = 50
@@ -139,6 +140,7 @@ class ServiceConfig:
     on_demand_runs_per_day: int = 2
     heartbeat_timeout_seconds: int = 300
     seed_grace_seconds: int = 900
+    max_consecutive_failures: int = 3
     max_seed_days_ahead: int = 30
     min_frequency_hours: int = 12
     max_frequency_hours: int = 24
