@@ -2,18 +2,21 @@
 
 :func:`scan` reads only the blocks that a DATA extent touches (unallocated ranges and
 ZERO extents are never read), in batches of consecutive blocks, from ``threads`` worker
-threads.  Each batch is read with one ``readinto`` call (the readers release the GIL)
-and handed to the native loop (``smsblock._scan``, GIL released) that marks all-zero
+threads.  Each batch is read with one ``readinto`` call (the readers release the GIL),
+or, for raw files, viewed straight in the page cache through one shared read-only
+mapping, and handed to the native loop (``smsblock._scan``, GIL released) that marks all-zero
 blocks ZERO without hashing them, hashes the others with xxh3-128 and compares them to
 the previous run's manifest.  Only then, and only for changed DATA blocks, does Python
 run again: ``on_changed(index, view)``.
 
-Memory is bounded by ``threads`` batch buffers (a few MiB each), whatever the disk size,
-plus the manifest's arrays (49 bytes per block).
+Memory is bounded by ``threads`` batch buffers (a few MiB each; for a mapped file, up to
+32 MiB of mapped pages between two drops of their page-table entries), plus the
+manifest's arrays (49 bytes per block) and 16 bytes per run of touched blocks.
 """
 
 from __future__ import annotations
 
+import array
 import datetime
 import mmap
 import os
@@ -130,6 +133,7 @@ class _FileMap:
         self._fd = disk.fileno()
         self._map = mmap.mmap(self._fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         self._view = memoryview(self._map).toreadonly()
+        self.length = length
         self._lock = threading.Lock()
         self._since_zap = 0
 
@@ -219,15 +223,19 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
 
     # The plan is small (one pair per run of touched blocks): materialise it so progress
     # knows its total before the first read.
-    runs = list(plan_reads(disk, block_size))
-    total = sum(min(end * block_size, size) - first * block_size for first, end in runs)
+    run_firsts, run_ends = array.array("q"), array.array("q")    # 16 bytes a run
+    total = 0
+    for first, end in plan_reads(disk, block_size):
+        run_firsts.append(first)
+        run_ends.append(end)
+        total += min(end * block_size, size) - first * block_size
     meter = ThreadSafeProgress(progress, total)
     file_map = _open_file_map(disk) if use_mmap else None
-    map_limit = len(file_map._view) if file_map is not None else 0
+    map_limit = file_map.length if file_map is not None else 0
     if batch_bytes is None:
         batch_bytes = MAP_BATCH_BYTES if map_limit else DEFAULT_BATCH_BYTES
     blocks_per_batch = max(1, batch_bytes // block_size)
-    batches = _batches(iter(runs), blocks_per_batch)
+    batches = _batches(zip(run_firsts, run_ends), blocks_per_batch)
     lock = threading.Lock()
     failed = threading.Event()
     counters = {"changed": 0, "bytes_read": 0}
