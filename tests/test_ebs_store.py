@@ -266,3 +266,16 @@ def test_linear_checksum_is_sha256_of_digests_in_index_order():
     digests = [hashlib.sha256(blocks[i]).digest() for i in sorted(blocks)]
     expected = base64.b64encode(hashlib.sha256(digests[0] + digests[1]).digest()).decode()
     assert linear_checksum(digests) == expected
+
+
+def test_staging_store_from_the_config_file(tmp_path, moto, aws_env, monkeypatch):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f'[s3]\nparallel = 3\n[ebs]\nstore = "{tmp_path / "from-config"}"\nparallel = 5\n')
+    monkeypatch.setenv("SMSBLOCK_CONFIG", str(cfg))
+    store = open_store("ebs://eu-west-1")
+    assert store.staging.url == str(tmp_path / "from-config")
+    assert store.settings.parallel == 5 and store.region == "eu-west-1"
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    from smsblock.errors import UsageError
+    with pytest.raises(UsageError, match="no region"):
+        open_store("ebs://")

@@ -224,6 +224,7 @@ def _from_file(section: str) -> dict:
         if not isinstance(table, dict):
             raise UsageError(f"{path}: [{name}] must be a table")
         out.update({k.replace("-", "_"): v for k, v in table.items() if not isinstance(v, dict)})
+    out.pop("store", None)        # [ebs] store = the EBS store's staging store, not a client setting
     return out
 
 
