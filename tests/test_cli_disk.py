@@ -163,8 +163,8 @@ def test_convert_a_qemu_made_vmdk(tmp_path, raw_disk):
 
 
 def test_progress_bar_only_on_a_terminal(tmp_path):
-    src = make_raw(tmp_path / "big.raw", 48 * MIB,
-                   [(i * MIB, random.Random(i).randbytes(MIB)) for i in range(0, 48, 2)])
+    src = make_raw(tmp_path / "big.raw", 32 * MIB,
+                   [(i * MIB, random.Random(i).randbytes(MIB)) for i in range(0, 32, 2)])
     # not a terminal: stderr stays empty
     proc = run_cli("convert", src, tmp_path / "a.vmdk")
     assert proc.returncode == 0 and proc.stderr == ""
@@ -246,7 +246,7 @@ def test_bad_input_in_process(tmp_path, raw_disk, capsys):
 
 def test_ctrl_c_removes_the_partial_output(tmp_path):
     block = random.Random(1).randbytes(MIB)        # incompressible: slow enough to interrupt
-    src = make_raw(tmp_path / "big.raw", 96 * MIB, [(i * MIB, block) for i in range(96)])
+    src = make_raw(tmp_path / "big.raw", 64 * MIB, [(i * MIB, block) for i in range(64)])
     out = tmp_path / "out.vmdk"
     part = tmp_path / "out.vmdk.part"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
