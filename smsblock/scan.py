@@ -221,8 +221,8 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
         prev_states, prev_hashes = previous.states, previous.hashes
     changed = np.zeros(n, np.uint8)
 
-    # The plan is small (one pair per run of touched blocks): materialise it so progress
-    # knows its total before the first read.
+    # Materialise the plan (one pair per run of touched blocks) so that progress knows
+    # its total before the first read.
     run_firsts, run_ends = array.array("q"), array.array("q")    # 16 bytes a run
     total = 0
     for first, end in plan_reads(disk, block_size):
