@@ -444,3 +444,12 @@ def test_pagination_with_max_results_and_next_token(env):
     assert len(r1["replicationRunList"]) == 2 and len(r2["replicationRunList"]) == 1
     assert "nextToken" not in r2
     assert "replicationRunList" not in r1["replicationJob"]
+
+
+def test_import_from_an_unreadable_source_fails_and_keeps_the_catalog(env):
+    svc, _, servers, _, ds = env
+    (ds / "DC1/prod/vm0/vm0.vmx").write_text("this is not a vmx\n")
+    e = refused(svc, "NoConnectorsAvailableException", svc.import_server_catalog)
+    assert "vm0.vmx" in str(e) and "line 1" in str(e)
+    assert svc.get_servers()["serverCatalogStatus"] == "AVAILABLE"
+    assert sorted(s["serverId"] for s in svc.get_servers()["serverList"]) == sorted(servers)

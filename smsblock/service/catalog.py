@@ -6,7 +6,7 @@ written and the catalog goes AVAILABLE in one step.  A VM already known (same
 vmManagerId and vmId) keeps its serverId; a new one gets a new id; one that is gone
 from its source leaves the catalog (its row, and so its id and replication window, is
 kept in case it comes back).  If listing fails, the catalog returns to its previous
-status with the reason in the log, and the error goes to the caller.
+status and the caller gets NoConnectorsAvailableException with the source's reason.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def import_catalog(state: State, now: float) -> int:
         if not connectors:
             raise ServiceError("no connector is associated; register one with "
                                "`smsblock connector register`", "NoConnectorsAvailableException")
-        previous = db.execute("SELECT status FROM catalog WHERE id = 1").fetchone()["status"]
+        previous = db.execute("SELECT status, last_modified_on FROM catalog WHERE id = 1").fetchone()
         db.execute("UPDATE catalog SET status = ?, last_modified_on = ? WHERE id = 1",
                    (ServerCatalogStatus.IMPORTING.value, now))
     listed: list[tuple[sqlite3.Row, list[VmRecord]]] = []
@@ -49,12 +49,18 @@ def import_catalog(state: State, now: float) -> int:
             finally:
                 source.close()
     except (SmsBlockError, OSError) as e:
+        status = previous["status"]
         with state.transaction() as db:
-            db.execute("UPDATE catalog SET status = ?, status_message = ? WHERE id = 1",
-                       (previous if previous != ServerCatalogStatus.IMPORTING.value
-                        else ServerCatalogStatus.NOT_IMPORTED.value, f"import failed: {e}"))
+            if status == ServerCatalogStatus.IMPORTING.value:   # an import killed before this one
+                known = db.execute("SELECT 1 FROM servers WHERE in_catalog = 1 LIMIT 1").fetchone()
+                status = (ServerCatalogStatus.AVAILABLE if known
+                          else ServerCatalogStatus.NOT_IMPORTED).value
+            db.execute("UPDATE catalog SET status = ?, last_modified_on = ? WHERE id = 1",
+                       (status, previous["last_modified_on"]))
+        log.warning("importing the server catalog failed: %s", e)
+        # SMS's name for "the connector cannot serve this": its source is unreachable
         raise ServiceError(f"importing the server catalog failed: {e}",
-                           "InvalidParameterException") from None
+                           "NoConnectorsAvailableException") from None
     count = 0
     with state.transaction() as db:
         seen: set[str] = set()
