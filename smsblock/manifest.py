@@ -201,37 +201,8 @@ class Manifest:
         def fail(message: str, offset: int):
             raise ManifestError(message, where, offset)
 
-        if size < HEADER_SIZE:
-            fail(f"truncated: {size} bytes, a header needs {HEADER_SIZE}", size)
-        (magic, version, header_size, disk_size, block_size, n_blocks, algo, meta_len,
-         flags, digest, _reserved) = _HEADER.unpack_from(view, 0)
-        if magic != MAGIC:
-            fail(f"bad magic {magic!r}, expected {MAGIC!r}: not a smsblock manifest", 0)
-        if version != VERSION:
-            fail(f"unsupported manifest version {version} (this reader knows {VERSION})", 8)
-        if header_size != HEADER_SIZE:
-            fail(f"header size {header_size}, expected {HEADER_SIZE}", 12)
-        if (block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE
-                or block_size & (block_size - 1)):
-            fail(f"block size {block_size} is not a power of two from 64 KiB to 4 MiB", 24)
-        if n_blocks != blocks_for(disk_size, block_size):
-            fail(f"block count {n_blocks} does not cover disk size {disk_size} "
-                 f"in blocks of {block_size}", 28)
-        if flags != 0:
-            fail(f"unknown flags {flags:#x}", 60)
-        try:
-            algo_name = algo.rstrip(b"\0").decode("ascii")
-        except UnicodeDecodeError:
-            algo_name = ""
-        if not algo_name or "\0" in algo_name or not algo_name.isprintable():
-            fail(f"bad address algorithm name {algo!r}", 36)
-        if meta_len > MAX_META_SIZE:
-            fail(f"meta length {meta_len} exceeds {MAX_META_SIZE}", 52)
-        expected = HEADER_SIZE + n_blocks * (1 + HASH_SIZE + ADDRESS_SIZE) + meta_len + TRAILER_SIZE
-        if size < expected:
-            fail(f"truncated: {size} bytes, header says {expected}", size)
-        if size > expected:
-            fail(f"{size - expected} unexpected bytes after the trailer", expected)
+        disk_size, block_size, n_blocks, algo_name, meta_len, digest, expected = \
+            _check_header(view, size, where)
         end = expected - TRAILER_SIZE
         tmagic, checksum = _TRAILER.unpack_from(view, end)
         if tmagic != TRAILER_MAGIC:
@@ -295,6 +266,9 @@ class Manifest:
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
+                # the header says how big the file must be: never read a wrong file whole
+                _check_header(f.read(HEADER_SIZE), size, path)
+                f.seek(0)
                 buf = bytearray(size)
                 got = f.readinto(buf)
         except OSError as e:
@@ -302,6 +276,48 @@ class Manifest:
         if got != size:
             raise ManifestError(f"file shrank while reading ({got} of {size} bytes)", path, got)
         return cls.from_bytes(buf, path)
+
+
+def _check_header(head, size: int, where) -> tuple:
+    """Check the header in ``head`` (at least its first bytes) against a file of ``size``
+    bytes; return ``(disk_size, block_size, n_blocks, algorithm, meta_length, digest,
+    expected_size)`` or raise ManifestError naming ``where`` and the field's offset."""
+
+    def fail(message: str, offset: int):
+        raise ManifestError(message, where, offset)
+
+    if size < HEADER_SIZE or len(head) < HEADER_SIZE:
+        fail(f"truncated: {size} bytes, a header needs {HEADER_SIZE}", min(size, len(head)))
+    (magic, version, header_size, disk_size, block_size, n_blocks, algo, meta_len,
+     flags, digest, _reserved) = _HEADER.unpack_from(head, 0)
+    if magic != MAGIC:
+        fail(f"bad magic {magic!r}, expected {MAGIC!r}: not a smsblock manifest", 0)
+    if version != VERSION:
+        fail(f"unsupported manifest version {version} (this reader knows {VERSION})", 8)
+    if header_size != HEADER_SIZE:
+        fail(f"header size {header_size}, expected {HEADER_SIZE}", 12)
+    if (block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE
+            or block_size & (block_size - 1)):
+        fail(f"block size {block_size} is not a power of two from 64 KiB to 4 MiB", 24)
+    if n_blocks != blocks_for(disk_size, block_size):
+        fail(f"block count {n_blocks} does not cover disk size {disk_size} "
+             f"in blocks of {block_size}", 28)
+    if flags != 0:
+        fail(f"unknown flags {flags:#x}", 60)
+    try:
+        algo_name = algo.rstrip(b"\0").decode("ascii")
+    except UnicodeDecodeError:
+        algo_name = ""
+    if not algo_name or "\0" in algo_name or not algo_name.isprintable():
+        fail(f"bad address algorithm name {algo!r}", 36)
+    if meta_len > MAX_META_SIZE:
+        fail(f"meta length {meta_len} exceeds {MAX_META_SIZE}", 52)
+    expected = HEADER_SIZE + n_blocks * (1 + HASH_SIZE + ADDRESS_SIZE) + meta_len + TRAILER_SIZE
+    if size < expected:
+        fail(f"truncated: {size} bytes, header says {expected}", size)
+    if size > expected:
+        fail(f"{size - expected} unexpected bytes after the trailer", expected)
+    return disk_size, block_size, n_blocks, algo_name, meta_len, digest, expected
 
 
 def _array(value, shape: tuple, name: str) -> np.ndarray:

@@ -153,6 +153,25 @@ def test_bad_meta_json(tmp_path):
     assert e.value.offset == pos
 
 
+def test_load_refuses_a_wrong_file_before_reading_it_whole(tmp_path, monkeypatch):
+    big = tmp_path / "disk.raw"
+    with open(big, "wb") as f:
+        f.truncate(1 << 40)                 # 1 TiB sparse: reading it whole would not end
+    with pytest.raises(ManifestError, match="bad magic") as e:
+        Manifest.load(big)
+    assert e.value.offset == 0
+    m = Manifest(64 * KIB, 64 * KIB)
+    (tmp_path / "long").write_bytes(m.to_bytes())
+    with open(tmp_path / "long", "r+b") as f:
+        f.truncate(1 << 40)
+    with pytest.raises(ManifestError, match="unexpected bytes after the trailer"):
+        Manifest.load(tmp_path / "long")
+    (tmp_path / "short").write_bytes(m.to_bytes()[:100])
+    with pytest.raises(ManifestError, match="truncated") as e:
+        Manifest.load(tmp_path / "short")
+    assert e.value.offset == 100
+
+
 def test_unreadable_file(tmp_path):
     with pytest.raises(ManifestError, match="cannot read"):
         Manifest.load(tmp_path / "missing")
