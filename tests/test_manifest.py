@@ -293,3 +293,11 @@ def test_cli_diff_refuses_corrupt_manifest(tmp_path, capsys):
     assert main(["diff", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err
     assert "error:" in err and str(tmp_path / "b") in err and "truncated" in err
+
+
+def test_cli_diff_refuses_different_block_sizes(tmp_path, capsys):
+    Manifest(4 * 64 * KIB, 64 * KIB).save(tmp_path / "a")
+    Manifest(4 * 64 * KIB, 128 * KIB).save(tmp_path / "b")
+    assert main(["diff", str(tmp_path / "a"), str(tmp_path / "b"), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "block sizes 65536 and 131072" in captured.err
