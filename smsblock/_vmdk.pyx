@@ -75,6 +75,7 @@ cdef enum:
     E_GT = 3
     E_GRAIN = 4
     E_NOMEM = 5
+    E_SOURCE = 6
 
 cdef enum:
     D_NONE = 0
@@ -91,6 +92,7 @@ cdef enum:
     D_SHORT_READ = 11
     D_READ_FAILED = 12
     D_NOMEM = 13
+    D_SOURCE = 14
 
 cdef struct Err:
     int kind
@@ -181,12 +183,20 @@ cdef class SparseCore:
     cdef bint compressed, markers
     cdef size_t max_compressed
     cdef list pool
+    cdef object source          # a file object read with the GIL when fd < 0
+    cdef object failures        # per-thread exception raised by source.readinto
 
     def __cinit__(self, int fd, uint64_t file_size, uint64_t capacity, uint64_t grain,
                   uint32_t gtes_per_gt, const uint32_t[::1] gd, bint compressed,
-                  bint markers, uint64_t meta_end, uint64_t gd_at, uint64_t gd_len):
+                  bint markers, uint64_t meta_end, uint64_t gd_at, uint64_t gd_len,
+                  source=None):
         cdef size_t i
+        import threading
         self.fd = fd
+        self.source = source
+        self.failures = threading.local()
+        if fd < 0 and source is None:
+            raise ValueError("a file descriptor or a source file is needed")
         self.file_size = file_size
         self.capacity = capacity
         self.grain = grain
@@ -224,6 +234,34 @@ cdef class SparseCore:
         free(self.gd)
         free(self.empty_gt)
 
+    # -- file access ----------------------------------------------------------
+    cdef ssize_t fill(self, uint8_t *buf, size_t n, int64_t off, Err *err) noexcept nogil:
+        """Read up to n bytes at off: pread on a descriptor, else the source (with the GIL)."""
+        if self.fd >= 0:
+            return pread_full(self.fd, buf, n, off, err)
+        with gil:
+            return self.fill_from_source(buf, n, off, err)
+
+    cdef ssize_t fill_from_source(self, uint8_t *buf, size_t n, int64_t off,
+                                  Err *err) noexcept:
+        cdef unsigned char[::1] view
+        cdef size_t done = 0
+        if n == 0:
+            return 0
+        try:
+            view = <unsigned char[:n]> buf
+            mv = memoryview(view)
+            while done < n:
+                got = self.source.readinto(off + done, mv[done:])
+                if not got:
+                    break
+                done += got
+            return <ssize_t>done
+        except BaseException as e:
+            self.failures.exc = e
+            set_err(err, E_SOURCE, D_SOURCE, off + <int64_t>done, 0, 0)
+            return -1
+
     # -- grain tables ---------------------------------------------------------
     cdef uint32_t *table(self, uint32_t i, Err *err) noexcept nogil:
         """Grain table i, loaded and checked on first use; NULL with err set on failure."""
@@ -248,7 +286,7 @@ cdef class SparseCore:
         if t == NULL:
             set_err(err, E_NOMEM, D_NOMEM, <int64_t>at, nbytes, 0)
             return NULL
-        r = pread_full(self.fd, <uint8_t *>t, nbytes, <int64_t>at, err)
+        r = self.fill(<uint8_t *>t, nbytes, <int64_t>at, err)
         if r < 0 or <uint64_t>r != nbytes:
             free(t)
             if r >= 0:
@@ -304,7 +342,7 @@ cdef class SparseCore:
         span = want if want > n else n
         if span > s.win_cap:
             span = s.win_cap
-        r = pread_full(self.fd, s.win, span, lo, err)
+        r = self.fill(s.win, span, lo, err)
         if r < 0:
             s.win_off = -1
             return NULL
@@ -455,7 +493,7 @@ cdef class SparseCore:
     cdef int read_plain(self, uint32_t gte, uint64_t in_off, uint8_t *dst, size_t n,
                         Err *err) noexcept nogil:
         cdef int64_t at = <int64_t>(<uint64_t>gte * SECTOR + in_off)
-        cdef ssize_t r = pread_full(self.fd, dst, n, at, err)
+        cdef ssize_t r = self.fill(dst, n, at, err)
         if r < 0:
             return -1
         if <size_t>r < n:
@@ -514,8 +552,13 @@ cdef class SparseCore:
     cdef object describe(self, Err *err):
         if err.kind == E_OK:
             return None
+        if err.kind == E_SOURCE:
+            exc = getattr(self.failures, "exc", None)
+            self.failures.exc = None
+            if exc is not None:
+                raise exc
         kind = {E_IO: "io", E_TRUNCATED: "truncated", E_GT: "gt", E_GRAIN: "grain",
-                E_NOMEM: "nomem"}[err.kind]
+                E_NOMEM: "nomem", E_SOURCE: "io"}[err.kind]
         a, b = err.a, err.b
         d = err.detail
         if d == D_GT_PAST_EOF:
@@ -540,6 +583,8 @@ cdef class SparseCore:
             msg = f"compressed grain inflates to {a} bytes, fewer than the {b} it must hold"
         elif d == D_SHORT_READ:
             msg = f"file ends before the {a} bytes it should hold here"
+        elif d == D_SOURCE:
+            msg = "read failed"
         elif d == D_READ_FAILED:
             msg = f"read failed: {strerror(err.errnum).decode(errors='replace')}"
         else:

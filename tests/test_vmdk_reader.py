@@ -410,3 +410,109 @@ def test_child_larger_than_its_parent(tmp_path):
         assert_extents_consistent(d, expected)
         assert [(e.offset, e.length) for e in d.extents()] == [
             (MiB - 64 * KiB, 64 * KiB), (2 * MiB, 64 * KiB)]
+
+
+# --- files from an opener (the datastore HTTP shape) -------------------------------------
+
+class FakeRemoteFile:
+    """A file with DatastoreFile's shape, served from a local folder (no descriptor)."""
+
+    def __init__(self, root: Path, path: str, log: list, fail_after: int | None = None):
+        self.name = f"[ds1] {path}"
+        self._data = (root / path).read_bytes()
+        self.size = len(self._data)
+        self._log, self._fail_after = log, fail_after
+
+    def readinto(self, offset, buf):
+        view = memoryview(buf).cast("B")
+        self._log.append((self.name, offset, len(view)))
+        if self._fail_after is not None and len(self._log) > self._fail_after:
+            raise smsblock.errors.VSphereError(f"{self.name}: connection lost")
+        n = max(0, min(len(view), self.size - offset))
+        view[:n] = self._data[offset:offset + n]
+        return n
+
+    def pread(self, length, offset):
+        buf = bytearray(max(0, min(length, self.size - offset)))
+        return bytes(buf[:self.readinto(offset, buf)])
+
+    def close(self):
+        pass
+
+
+def make_opener(root: Path, log: list, fail_after: int | None = None):
+    def opener(path):
+        if not (root / path).is_file():
+            raise smsblock.errors.VSphereError(f"[ds1] {path}: file not found (HTTP 404)")
+        return FakeRemoteFile(root, path, log, fail_after)
+    return opener
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_samples_read_through_an_opener(vmdk_samples, name):
+    from smsblock.disk.vmdk import open_vmdk
+    log = []
+    with open_vmdk(name, opener=make_opener(vmdk_samples, log)) as d:
+        assert d.path == f"[ds1] {name}"
+        content = d.read(0, d.size)
+        assert hashlib.sha256(content).hexdigest() == SAMPLES[name][2]
+        assert_extents_consistent(d, content)
+    assert log and all(n > 0 for _, _, n in log)
+
+
+def test_chain_read_through_an_opener(tmp_path):
+    from smsblock.disk.vmdk import open_vmdk
+    base, child, grand = make_chain(tmp_path)
+    expected = oracle_raw(grand, tmp_path)
+    log = []
+    with open_vmdk("grand.vmdk", opener=make_opener(tmp_path, log)) as d:
+        assert d.info.parent_chain == ["[ds1] child.vmdk", "[ds1] base.vmdk"]
+        assert d.read(0, d.size) == expected
+    with pytest.raises(UnsafeExtentPathError):
+        sub = tmp_path / "sub"
+        sub.mkdir()
+        qemu_img("create", "-f", "vmdk", "-b", "../base.vmdk", "-F", "vmdk", sub / "c.vmdk")
+        open_vmdk("sub/c.vmdk", opener=make_opener(tmp_path, log))
+
+
+def test_opener_failures_surface_unchanged(tmp_path):
+    from smsblock.disk.vmdk import open_vmdk
+    raw = write_raw(tmp_path / "src.raw", 2 * MiB, sample_content(2 * MiB, seed=5))
+    qemu_convert(raw, tmp_path / "s.vmdk", "streamOptimized")
+    log = []
+    with open_vmdk("s.vmdk", opener=make_opener(tmp_path, log, fail_after=6)) as d:
+        with pytest.raises(smsblock.errors.VSphereError, match="connection lost"):
+            d.read(0, d.size)
+    with pytest.raises(smsblock.errors.VSphereError, match="404"):
+        open_vmdk("nope.vmdk", opener=make_opener(tmp_path, []))
+
+
+def test_two_threads_through_an_opener(tmp_path):
+    from smsblock.disk.vmdk import open_vmdk
+    size = 4 * MiB
+    raw = write_raw(tmp_path / "src.raw", size, sample_content(size, seed=8))
+    qemu_convert(raw, tmp_path / "s.vmdk", "streamOptimized")
+    expected = raw.read_bytes()
+    got, errors = bytearray(size), []
+    with open_vmdk("s.vmdk", opener=make_opener(tmp_path, [])) as d:
+        def reader(lo, hi):
+            try:
+                for off in range(lo, hi, 300 * KiB):
+                    n = min(300 * KiB, hi - off)
+                    d.readinto(off, memoryview(got)[off:off + n])
+            except Exception as e:
+                errors.append(e)
+        ts = [threading.Thread(target=reader, args=(0, size // 2)),
+              threading.Thread(target=reader, args=(size // 2, size))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    assert not errors and got == expected
+
+
+def test_looks_like_descriptor(vmdk_samples):
+    from smsblock.disk.descriptor import looks_like_descriptor
+    assert looks_like_descriptor((vmdk_samples / "vmfs_thick.vmdk").read_bytes())
+    assert not looks_like_descriptor((vmdk_samples / "monolithicSparse.vmdk").read_bytes()[:4096])
+    assert not looks_like_descriptor(bytes(1024))

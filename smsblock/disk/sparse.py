@@ -14,7 +14,6 @@ file can hold, and the native core (``smsblock._vmdk``) checks every GT entry it
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 
@@ -111,14 +110,15 @@ def parse_header(raw: bytes, path: str, offset: int = 0) -> SparseHeader:
 
 
 class SparseExtent:
-    """One ``KDMV`` sparse extent file, read through the native core."""
+    """One ``KDMV`` sparse extent file, read through the native core.
 
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as e:
-            raise DiskIOError(f"cannot open sparse extent: {e.strerror}", path) from None
+    ``file`` is a :class:`~smsblock.disk.files.LocalFile` (read with ``pread`` with the
+    GIL released) or an opener's file (read through its ``readinto``); the extent owns it.
+    """
+
+    def __init__(self, file):
+        self.file = file
+        self.path = file.name
         try:
             self._open()
         except BaseException:
@@ -130,16 +130,13 @@ class SparseExtent:
         if offset < 0 or offset + length > self.file_size:
             raise TruncatedDiskError(f"{what} ({length} bytes) lies past the end of the "
                                      f"file ({self.file_size} bytes)", self.path, offset)
-        try:
-            data = os.pread(self._fd, length, offset)
-        except OSError as e:
-            raise DiskIOError(f"read failed: {e.strerror}", self.path, offset) from None
+        data = self.file.pread(length, offset)
         if len(data) != length:
             raise TruncatedDiskError(f"{what} is cut short", self.path, offset + len(data))
         return data
 
     def _open(self) -> None:
-        self.file_size = os.fstat(self._fd).st_size
+        self.file_size = self.file.size
         if self.file_size < SECTOR:
             raise TruncatedDiskError(f"file of {self.file_size} bytes is too short for a "
                                      "sparse header", self.path, 0)
@@ -152,10 +149,11 @@ class SparseExtent:
         self.size = h.capacity * SECTOR
         self._check_layout(h)
         gd = self._read_gd(h)
+        fd = self.file.fileno()
         self.core = _vmdk.SparseCore(
-            self._fd, self.file_size, self.size, h.grain_bytes, h.gtes_per_gt, gd,
+            fd, self.file_size, self.size, h.grain_bytes, h.gtes_per_gt, gd,
             h.compressed, h.has_markers, h.overhead * SECTOR,
-            h.gd_offset * SECTOR, h.n_gts * 4)
+            h.gd_offset * SECTOR, h.n_gts * 4, None if fd >= 0 else self.file)
 
     def _read_footer(self, first: SparseHeader) -> SparseHeader:
         """gdOffset == GD_AT_END: the footer (3 sectors before the end) has the real header."""
@@ -215,7 +213,7 @@ class SparseExtent:
         ``status`` (uint8, one per grain touched) receives 0 unallocated, 1 zero,
         2 data; unallocated grains are zero-filled here.
         """
-        if self._fd < 0:
+        if self.file.closed:
             raise DiskIOError("read after close", self.path, offset)
         rc = self.core.read(offset, view, status)
         if rc is not None:
@@ -223,7 +221,7 @@ class SparseExtent:
 
     def grain_entries(self, first: int, count: int) -> np.ndarray:
         """The GT entries of grains ``first .. first+count-1`` (uint32)."""
-        if self._fd < 0:
+        if self.file.closed:
             raise DiskIOError("read after close", self.path)
         out = np.empty(count, dtype=np.uint32)
         rc = self.core.entries(first, out)
@@ -260,9 +258,4 @@ class SparseExtent:
         return cls(detail, self.path, offset)
 
     def close(self) -> None:
-        fd, self._fd = getattr(self, "_fd", -1), -1
-        if fd >= 0:
-            os.close(fd)
-
-    def __del__(self):
-        self.close()
+        self.file.close()

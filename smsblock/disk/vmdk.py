@@ -13,17 +13,17 @@ read through to the parent, and the parent's CID must equal the child's ``parent
 from __future__ import annotations
 
 import bisect
-import errno
 import os
 from typing import Iterator
 
 import numpy as np
 
-from ..errors import (DescriptorError, DiskIOError, DiskFormatError, CidMismatchError,
+from ..errors import (DescriptorError, DiskIOError, CidMismatchError,
                       ParentChainError, TruncatedDiskError, UnsupportedFormatError)
 from .base import Disk, DiskInfo, Extent, ExtentFile, ExtentKind, clip_extents
 from .descriptor import (FLAT_TYPES, MAX_DESCRIPTOR_BYTES, NO_PARENT_CID, Descriptor,
-                         parse_descriptor, resolve_extent_path)
+                         parse_descriptor)
+from .files import LocalFiles, OpenerFiles
 from .sparse import MAGIC, SECTOR, SparseExtent
 
 COWD_MAGIC = b"COWD"
@@ -73,61 +73,30 @@ class _ZeroPart(_Part):
 class _FlatPart(_Part):
     """A flat extent: the bytes at ``file_offset`` in one file (FLAT, VMFS, ...)."""
 
-    def __init__(self, start: int, length: int, path: str, file_offset: int):
-        self.start, self.length, self.path, self.file_offset = start, length, path, file_offset
-        try:
-            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as e:
-            raise DiskIOError(f"cannot open flat extent: {e.strerror}", path) from None
-        size = os.fstat(self._fd).st_size
-        if size < file_offset + length:
-            os.close(self._fd)
-            self._fd = -1
-            raise TruncatedDiskError(f"flat extent file of {size} bytes is shorter than the "
-                                     f"{file_offset + length} bytes its descriptor line needs",
-                                     path, size)
-        self._seek_data = hasattr(os, "SEEK_DATA")
+    def __init__(self, start: int, length: int, file, file_offset: int):
+        self.start, self.length, self.file, self.file_offset = start, length, file, file_offset
+        self.path = file.name
+        if file.size < file_offset + length:
+            file.close()
+            raise TruncatedDiskError(f"flat extent file of {file.size} bytes is shorter than "
+                                     f"the {file_offset + length} bytes its descriptor line "
+                                     "needs", self.path, file.size)
 
     def readinto(self, offset, view, holes):
-        done, want = 0, len(view)
-        while done < want:
-            at = self.file_offset + offset + done
-            try:
-                n = os.preadv(self._fd, [view[done:]], at)
-            except OSError as e:
-                raise DiskIOError(f"read failed: {e.strerror}", self.path, at) from None
-            if n == 0:
-                raise TruncatedDiskError("flat extent file shrank while open", self.path, at)
-            done += n
+        at = self.file_offset + offset
+        if self.file.closed:
+            raise DiskIOError("read after close", self.path, at)
+        if self.file.readinto(at, view) != len(view):
+            raise TruncatedDiskError("flat extent file shrank while open", self.path, at)
 
     def extents(self, lo, hi):
-        """DATA where the file holds data (SEEK_DATA/SEEK_HOLE); holes read as zeros."""
+        """DATA where the file may hold data (SEEK_DATA/SEEK_HOLE); holes read as zeros."""
         base = self.file_offset
-        pos = lo
-        while pos < hi:
-            if not self._seek_data:
-                yield pos, hi - pos, ExtentKind.DATA
-                return
-            try:
-                data = os.lseek(self._fd, base + pos, os.SEEK_DATA) - base
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    return
-                if e.errno == errno.EINVAL:
-                    self._seek_data = False
-                    continue
-                raise DiskIOError(f"SEEK_DATA failed: {e.strerror}", self.path, base + pos) from None
-            if data >= hi:
-                return
-            data = max(data, pos)
-            hole = min(os.lseek(self._fd, base + data, os.SEEK_HOLE) - base, hi)
-            yield data, hole - data, ExtentKind.DATA
-            pos = hole
+        for a, b in self.file.data_ranges(base + lo, base + hi):
+            yield a - base, b - a, ExtentKind.DATA
 
     def close(self):
-        fd, self._fd = getattr(self, "_fd", -1), -1
-        if fd >= 0:
-            os.close(fd)
+        self.file.close()
 
 
 class _SparsePart(_Part):
@@ -255,9 +224,15 @@ class VmdkDisk(Disk):
 
 # --- opening -------------------------------------------------------------------------
 
-def open_vmdk(path, *, ignore_cid_mismatch: bool = False,
-              allow_outside_paths: bool = False) -> VmdkDisk:
+def open_vmdk(path, *, ignore_cid_mismatch: bool = False, allow_outside_paths: bool = False,
+              opener=None) -> VmdkDisk:
     """Open a VMDK (descriptor file or sparse file with embedded descriptor), with parents.
+
+    ``opener`` reads the disk's files from somewhere else than the local filesystem:
+    ``opener(path)`` returns a file with ``name``, ``size``, ``pread(length, offset)``,
+    ``readinto(offset, buf)`` (thread-safe) and ``close()`` (as
+    ``smsblock.source.datastore_http.DatastoreFile``); ``path`` and the paths the
+    descriptors name are then ``/``-separated paths of that file space.
 
     Raises a :class:`DiskFormatError` subclass naming the file and offset on malformed or
     hostile input, :class:`UnsafeExtentPathError` for extents or parents outside the
@@ -265,98 +240,108 @@ def open_vmdk(path, *, ignore_cid_mismatch: bool = False,
     missing or looping parent chain and :class:`CidMismatchError` when a child's
     parentCID is not its parent's CID (unless ``ignore_cid_mismatch``).
     """
-    return _open(os.fspath(path), ignore_cid_mismatch, allow_outside_paths, [])
+    fs = LocalFiles() if opener is None else OpenerFiles(opener)
+    path = os.fspath(path)
+    return _open(fs, path, ignore_cid_mismatch, allow_outside_paths, [])
 
 
-def _open(path: str, ignore_cid: bool, allow_outside: bool, chain: list[str]) -> VmdkDisk:
-    """Open one disk of a chain; ``chain`` holds the real paths of the children above it."""
-    chain = chain + [os.path.realpath(path)]
-
+def _open(fs, path: str, ignore_cid: bool, allow_outside: bool, chain: list[str]) -> VmdkDisk:
+    """Open one disk of a chain; ``chain`` holds the identities of the children above it."""
+    chain = chain + [fs.identity(path)]
     parts: list[_Part] = []
     try:
-        head = _read_head(path)
-        if head[:4] == COWD_MAGIC:
-            raise UnsupportedFormatError("ESX vmfsSparse (COWD) extents are not read", path, 0)
+        top = fs.open(path)
+        try:
+            head = top.pread(SECTOR, 0)
+        except BaseException:
+            top.close()
+            raise
         if head[:4] == MAGIC:
-            desc, info = _open_monolithic(path, parts)
+            desc, info = _open_monolithic(top, parts)
         else:
-            desc, info = _open_descriptor_file(path, parts, allow_outside)
+            try:
+                if head[:4] == COWD_MAGIC:
+                    raise UnsupportedFormatError("ESX vmfsSparse (COWD) extents are not read",
+                                                 top.name, 0)
+                text = _read_descriptor_file(top)
+            finally:
+                top.close()
+            desc, info = _open_descriptor_file(fs, path, top.name, text, parts, allow_outside)
         info.compressed = any(p.compressed for p in parts)
-        parent = _open_parent(path, desc, info, ignore_cid, allow_outside, chain)
+        parent = _open_parent(fs, path, desc, info, ignore_cid, allow_outside, chain)
     except BaseException:
         for p in parts:
             p.close()
         raise
-    return VmdkDisk(path, parts, info, parent)
+    return VmdkDisk(info.path, parts, info, parent)
 
 
-def _read_head(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(SECTOR)
-    except OSError as e:
-        raise DiskIOError(f"cannot open: {e.strerror}", path) from None
-
-
-def _open_monolithic(path: str, parts: list[_Part]) -> tuple[Descriptor | None, DiskInfo]:
+def _open_monolithic(top, parts: list[_Part]) -> tuple[Descriptor | None, DiskInfo]:
     """A sparse file carrying its own descriptor (monolithicSparse, streamOptimized, deltas)."""
-    extent = SparseExtent(path)
+    extent = SparseExtent(top)
     parts.append(_SparsePart(0, extent.size, extent))
+    name = top.name
     desc = None
     if extent.descriptor_bytes is not None:
         desc_at = extent.first_header.descriptor_offset * SECTOR
-        desc = parse_descriptor(extent.descriptor_bytes, path, desc_at)
+        desc = parse_descriptor(extent.descriptor_bytes, name, desc_at)
     default_type = "streamOptimized" if extent.header.compressed else "monolithicSparse"
     access = desc.extents[0].access if desc is not None and len(desc.extents) == 1 else "RW"
-    info = _info(path, desc, extent.size, default_type)
-    info.extents = [ExtentFile(access, extent.header.capacity, "SPARSE", path)]
+    info = _info(name, desc, extent.size, default_type)
+    info.extents = [ExtentFile(access, extent.header.capacity, "SPARSE", name)]
     return desc, info
 
 
-def _open_descriptor_file(path: str, parts: list[_Part],
+def _read_descriptor_file(top) -> bytes:
+    if top.size > MAX_DESCRIPTOR_BYTES:
+        raise DescriptorError(f"not a VMDK descriptor: a {top.size}-byte file without a sparse "
+                              "header", top.name, 0)
+    return top.pread(top.size, 0)
+
+
+def _open_descriptor_file(fs, path: str, name: str, text: bytes, parts: list[_Part],
                           allow_outside: bool) -> tuple[Descriptor, DiskInfo]:
-    try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        raise DiskIOError(f"cannot stat: {e.strerror}", path) from None
-    if size > MAX_DESCRIPTOR_BYTES:
-        raise DescriptorError(f"not a VMDK descriptor: a {size}-byte file without a sparse "
-                              "header", path, 0)
-    with open(path, "rb") as f:
-        text = f.read(MAX_DESCRIPTOR_BYTES)
-    desc = parse_descriptor(text, path, 0)
-    info = _info(path, desc, desc.total_sectors * SECTOR, None)
+    desc = parse_descriptor(text, name, 0)
+    info = _info(name, desc, desc.total_sectors * SECTOR, None)
     start = 0
     for line in desc.extents:
         length = line.sectors * SECTOR
-        file_path = None
+        file_name = None
         if line.type == "ZERO" or line.access == "NOACCESS":
             part: _Part = _ZeroPart(start, length)
         elif line.type in FLAT_TYPES:
-            file_path = _extent_file(line, path, allow_outside)
-            part = _FlatPart(start, length, file_path, line.offset * SECTOR)
+            f = _open_extent(fs, line, path, name, allow_outside)
+            file_name = f.name
+            part = _FlatPart(start, length, f, line.offset * SECTOR)
         elif line.type == "SPARSE":
-            file_path = _extent_file(line, path, allow_outside)
-            if _read_head(file_path)[:4] != MAGIC:
+            f = _open_extent(fs, line, path, name, allow_outside)
+            file_name = f.name
+            try:
+                head = f.pread(4, 0)
+            except BaseException:
+                f.close()
+                raise
+            if head != MAGIC:
+                f.close()
                 raise UnsupportedFormatError("SPARSE extent is not a hosted sparse (KDMV) "
-                                             "file", file_path, 0)
-            part = _SparsePart(start, length, SparseExtent(file_path))
+                                             "file", file_name, 0)
+            part = _SparsePart(start, length, SparseExtent(f))
         else:
             raise UnsupportedFormatError(f"{line.type} extents (line {line.line_no}) are not read",
-                                         path, line.at)
+                                         name, line.at)
         parts.append(part)
-        info.extents.append(ExtentFile(line.access, line.sectors, line.type, file_path,
+        info.extents.append(ExtentFile(line.access, line.sectors, line.type, file_name,
                                        line.offset))
         start += length
     return desc, info
 
 
-def _extent_file(line, descriptor_path: str, allow_outside: bool) -> str:
-    file_path = resolve_extent_path(line.path, descriptor_path, allow_outside, at=line.at)
-    if not os.path.isfile(file_path):
+def _open_extent(fs, line, path: str, name: str, allow_outside: bool):
+    file_path = fs.resolve(line.path, path, allow_outside, at=line.at)
+    if not fs.is_file(file_path):
         raise DescriptorError(f"extent file {line.path!r} (line {line.line_no}) not found or "
-                              "not a regular file", descriptor_path, line.at)
-    return file_path
+                              "not a regular file", name, line.at)
+    return fs.open(file_path)
 
 
 def _info(path: str, desc: Descriptor | None, size: int, default_type: str | None) -> DiskInfo:
@@ -369,7 +354,7 @@ def _info(path: str, desc: Descriptor | None, size: int, default_type: str | Non
     return info
 
 
-def _open_parent(path: str, desc: Descriptor | None, info: DiskInfo, ignore_cid: bool,
+def _open_parent(fs, path: str, desc: Descriptor | None, info: DiskInfo, ignore_cid: bool,
                  allow_outside: bool, chain: list[str]) -> VmdkDisk | None:
     if desc is None:
         return None
@@ -377,27 +362,28 @@ def _open_parent(path: str, desc: Descriptor | None, info: DiskInfo, ignore_cid:
     if hint is None:
         if info.parent_cid not in (None, NO_PARENT_CID):
             raise ParentChainError(f"parentCID={info.parent_cid:08x} but no "
-                                   "parentFileNameHint names the parent", path,
+                                   "parentFileNameHint names the parent", info.path,
                                    desc.at.get("parentCID"))
         return None
     hint_at = desc.at.get("parentFileNameHint")
-    parent_path = resolve_extent_path(hint, path, allow_outside, what="parent", at=hint_at)
-    if not os.path.exists(parent_path):
-        raise ParentChainError(f"parent disk {hint!r} not found ({parent_path})", path, hint_at)
-    real = os.path.realpath(parent_path)
+    parent_path = fs.resolve(hint, path, allow_outside, what="parent", at=hint_at)
+    if not fs.is_file(parent_path):
+        raise ParentChainError(f"parent disk {hint!r} not found ({parent_path})", info.path,
+                               hint_at)
+    real = fs.identity(parent_path)
     if real in chain:
         raise ParentChainError(f"snapshot parent chain loops: {' -> '.join(chain + [real])}",
-                               path, hint_at)
+                               info.path, hint_at)
     if len(chain) > MAX_CHAIN_DEPTH:
         raise ParentChainError(f"snapshot parent chain deeper than {MAX_CHAIN_DEPTH}",
-                               path, hint_at)
-    parent = _open(parent_path, ignore_cid, allow_outside, chain)
+                               info.path, hint_at)
+    parent = _open(fs, parent_path, ignore_cid, allow_outside, chain)
     try:
         if info.parent_cid != parent.info.cid and not ignore_cid:
             raise CidMismatchError(
                 f"parentCID {_hex(info.parent_cid)} does not match the CID "
                 f"{_hex(parent.info.cid)} of parent {parent_path} (the parent changed after "
-                "the snapshot was taken; ignore_cid_mismatch to read anyway)", path,
+                "the snapshot was taken; ignore_cid_mismatch to read anyway)", info.path,
                 desc.at.get("parentCID"))
     except BaseException:
         parent.close()
