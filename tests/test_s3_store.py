@@ -455,3 +455,28 @@ def test_ca_bundle_and_verify_reach_botocore(tmp_path, moto, bucket, monkeypatch
         assert len(tls.log) >= 3
     finally:
         tls.stop()
+
+
+def test_pack_indexes_are_cached_locally_and_verified_by_their_id(tmp_path, bucket, fault_proxy):
+    url = f"s3://{bucket}/cache"
+    store = new_store(url, endpoint_url=fault_proxy.url)
+    store.initialise(StoreConfig(pack_size=PACK_SIZE))
+    disk = tmp_path / "disk.raw"
+    make_disk(disk, 13)
+    replicate(disk, store, "c", block_size=BS)
+    packs = store.list_packs()
+    fault_proxy.clear()
+    second = new_store(url, endpoint_url=fault_proxy.url)     # a new process, same machine
+    index = second.block_index()
+    assert len(index) == N_BLOCKS - 2
+    assert not fault_proxy.requests("GET", r"/packs/"), "indexes came from the local cache"
+    # a damaged cache entry is not trusted: it is read again from S3
+    victim = sorted(packs)[0]
+    cached = Path(second.index_cache_dir) / victim[:2] / f"{victim}.idx"
+    raw = bytearray(cached.read_bytes())
+    raw[0] ^= 1
+    cached.write_bytes(bytes(raw))
+    third = new_store(url, endpoint_url=fault_proxy.url)
+    assert (third.pack_index(victim, packs[victim]) == store.pack_index(victim, packs[victim])).all()
+    assert len(fault_proxy.requests("GET", victim)) == 2        # footer + index
+    assert cached.read_bytes() != bytes(raw)                     # and the cache is mended

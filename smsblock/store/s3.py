@@ -48,8 +48,10 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from urllib.parse import urlparse
 
+import numpy as np
+
 from ..errors import RunNotFoundError, StoreError, StoreLockedError, UsageError
-from ..pack import is_pack_id
+from ..pack import INDEX_DTYPE, is_pack_id, pack_id_of, read_index
 from .base import Store, check_run_id, check_server_id
 from .retry import RetryPolicy, error_code, http_status
 from .s3config import CloudSettings
@@ -119,8 +121,11 @@ class S3Store(Store):
         self.client.meta.events.register("before-send.s3", self._count_request)
         staging = self.settings.staging_dir or os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "smsblock", "staging")
-        self.staging_dir = os.path.join(os.path.expanduser(staging),
-                                        hashlib.sha256(self.url.encode()).hexdigest()[:16])
+        url_hash = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        self.staging_dir = os.path.join(os.path.expanduser(staging), url_hash)
+        # pack indexes are immutable and named by their own SHA-256: safe to keep locally
+        self.index_cache_dir = os.path.join(os.path.dirname(os.path.expanduser(staging).rstrip("/")),
+                                            "index-cache", url_hash)
 
     def __repr__(self) -> str:
         return f"<S3Store {self.url}>"
@@ -364,6 +369,40 @@ class S3Store(Store):
         os.makedirs(self.staging_dir, exist_ok=True)
         return os.path.join(self.staging_dir, f"{uuid.uuid4().hex}{suffix}")
 
+    def pack_index(self, pack_id: str, size: int) -> np.ndarray:
+        """A pack's index: from the local index cache when it holds bytes whose SHA-256 is
+        the pack id (the id *is* the index's hash, so a cached copy verifies itself),
+        else read from S3 (footer + index: two ranged GETs) and cached."""
+        with self._cache_lock:
+            hit = self._index_cache.get(pack_id)
+        if hit is not None:
+            return hit
+        path = os.path.join(self.index_cache_dir, pack_id[:2], pack_id + ".idx")
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+            if pack_id_of(raw) == pack_id and len(raw) % INDEX_DTYPE.itemsize == 0:
+                index = np.frombuffer(raw, INDEX_DTYPE).copy()
+                with self._cache_lock:
+                    self._index_cache[pack_id] = index
+                return index
+        except OSError:
+            pass
+        index = super().pack_index(pack_id, size)
+        self._cache_index(pack_id, index)
+        return index
+
+    def _cache_index(self, pack_id: str, index: np.ndarray) -> None:
+        path = os.path.join(self.index_cache_dir, pack_id[:2], pack_id + ".idx")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(index.tobytes())
+            os.replace(tmp, path)
+        except OSError as e:        # a cache: failing to fill it costs only time
+            log.debug("%s: cannot cache the index of pack %s: %s", self.url, pack_id, e)
+
     def _remote_size(self, rel: str) -> int | None:
         def go():
             try:
@@ -388,6 +427,13 @@ class S3Store(Store):
             self._put(rel, data, "upload pack")
         else:
             self._multipart_upload(rel, staged_path, size)
+        try:        # the index, read from the local copy, goes to the index cache
+            with open(staged_path, "rb") as f:
+                _, index = read_index(lambda o, n: os.pread(f.fileno(), n, o), size,
+                                      self.pack_name(pack_id))
+            self._cache_index(pack_id, index)
+        except (OSError, StoreError) as e:
+            log.debug("%s: index not cached: %s", self.pack_name(pack_id), e)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(staged_path)
 
@@ -476,6 +522,8 @@ class S3Store(Store):
     def delete_pack(self, pack_id: str) -> None:
         self.forget_pack(pack_id)
         self._delete(self._pack_rel(pack_id), "delete pack")
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.index_cache_dir, pack_id[:2], pack_id + ".idx"))
 
     # -- manifests -------------------------------------------------------------------------
     def _manifest_rel(self, server_id: str, run_id: str) -> str:
