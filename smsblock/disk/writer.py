@@ -452,7 +452,8 @@ def write_raw(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
 
     The output is truncated to the disk's size and only DATA extents are read; inside
     them, 4 KiB blocks that are all zeros are not written either, so unallocated and
-    zero ranges stay holes.  Reads run ahead in ``threads`` worker threads.
+    zero ranges stay holes.  ``threads`` worker threads read and write chunks in
+    parallel, a bounded number ahead of the progress report.
     """
     from .._deflate import nonzero_runs
 
@@ -468,11 +469,16 @@ def write_raw(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
                 start = c * RAW_CHUNK
                 yield start, min(RAW_CHUNK, size - start)
 
-    def read_chunk(chunk: tuple[int, int]):
+    def copy_chunk(chunk: tuple[int, int]) -> tuple[int, int]:
+        # Workers write too: raw output has no order, and page-cache copies then run on
+        # both cores.  Zero blocks are skipped so they stay holes.
         start, length = chunk
         buf = bytearray(length)
         _read_exact(disk, start, memoryview(buf))
-        return start, length, buf, nonzero_runs(buf, RAW_HOLE_BLOCK)
+        view = memoryview(buf)
+        for s, t in nonzero_runs(buf, RAW_HOLE_BLOCK):
+            _write_all(part.fd, view[s:t], start + s, part.part)
+        return start, length
 
     with _PartialFile(out_path) as part:
         try:
@@ -481,11 +487,8 @@ def write_raw(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
             raise DiskIOError(f"cannot set size {size}: {e.strerror}", part.part) from None
         if progress:
             progress(0, size)
-        with _worker_pipeline(read_chunk, chunks(), threads, cancel, "raw-read") as results:
-            for start, length, buf, runs in results:
-                view = memoryview(buf)
-                for s, t in runs:
-                    _write_all(part.fd, view[s:t], start + s, part.part)
+        with _worker_pipeline(copy_chunk, chunks(), threads, cancel, "raw-copy") as results:
+            for start, length in results:
                 if progress:
                     progress(start + length, size)
         check_cancel(cancel)
