@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 
 import numpy as np
@@ -461,6 +462,31 @@ def test_vmdk_scans_like_raw(tmp_path, subformat):
     np.testing.assert_array_equal(mr.hashes, mv.hashes)
     assert mv.states[[0, 3, 4, 9, 39, 40]].tolist() == [2] * 6
     assert (mv.states == BlockState.UNALLOCATED).sum() >= 30       # grains never written
+
+
+def test_vmdk_zero_grains_are_not_read(tmp_path):
+    # qemu-io writes a zeroed grain (GTE 1) with "write -z" on a zeroed_grain image
+    vmdk = tmp_path / "zg.vmdk"
+    qemu_img("create", "-f", "vmdk", "-o", "zeroed_grain=on", vmdk, "4M")
+    subprocess.run(["qemu-io", "-c", "write -P 0x11 0 128k", "-c", "write -z 1M 512k",
+                    "-c", "write -P 0 2M 64k", str(vmdk)], check=True, capture_output=True)
+    with open_disk(vmdk) as disk:
+        kinds = [(e.offset, e.length, e.kind) for e in disk.extents()]
+        assert (1 << 20, 512 * KIB, ExtentKind.ZERO) in kinds
+        reads = []
+        inner = disk.readinto
+
+        def counting_readinto(offset, buf):
+            reads.append((offset, len(memoryview(buf))))
+            return inner(offset, buf)
+
+        disk.readinto = counting_readinto
+        m = scan(disk, block_size=BS)
+    assert all(off + n <= (1 << 20) or off >= (1 << 20) + 512 * KIB for off, n in reads)
+    expected = [0] * 64
+    expected[0:2] = [2, 2]          # data
+    expected[32] = 1                # written zeros inside an allocated grain
+    assert m.states.tolist() == expected            # the zero grains stay unallocated
 
 
 # -- CLI -----------------------------------------------------------------------
