@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import struct
 import subprocess
 import threading
@@ -25,7 +24,7 @@ from smsblock import _deflate
 from smsblock.disk import Disk, DiskInfo, Extent, ExtentKind, RawDisk
 from smsblock.disk.writer import (GD_AT_END, GRAIN_SIZE, convert, format_for_path,
                                   write_raw, write_stream_optimized)
-from smsblock.errors import Cancelled, DiskIOError, SmsBlockError, UsageError
+from smsblock.errors import Cancelled, DiskIOError, UsageError
 from smsblock.progress import CancelToken
 
 from conftest import qemu_img
