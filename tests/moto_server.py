@@ -80,7 +80,10 @@ class MotoServer:
             "AWS_DEFAULT_REGION": REGION, "AWS_ENDPOINT_URL": endpoint or self.url,
         }
 
-    def boto3_client(self, service: str, endpoint: str | None = None):
+    def boto3_client(self, service: str, endpoint: str | None = None, *, retries: bool = True):
         import boto3
+        from botocore.config import Config
+        config = None if retries else Config(retries={"total_max_attempts": 1})
         return boto3.client(service, endpoint_url=endpoint or self.url, region_name=REGION,
-                            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+                            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                            config=config)

@@ -142,7 +142,7 @@ def test_runs_become_snapshot_chain_with_only_changed_blocks(tmp_path, moto, cap
 
 def test_moto_gaps_are_what_we_say(moto, aws_env):
     """Pin the moto behaviour the tests above work around, so a change in moto shows."""
-    ebs = moto.boto3_client("ebs")
+    ebs = moto.boto3_client("ebs", retries=False)
     parent = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
     block = b"\x01" * EBS_BLOCK
     # a wrong checksum is accepted (AWS refuses it)
