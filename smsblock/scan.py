@@ -10,7 +10,7 @@ the previous run's manifest.  Only then, and only for changed DATA blocks, does 
 run again: ``on_changed(index, view)``.
 
 Memory is bounded by ``threads`` batch buffers (a few MiB each; for a mapped file, up to
-32 MiB of mapped pages between two drops of their page-table entries), plus the
+32 MiB of finished batches' pages stay mapped until their page-table entries are dropped), plus the
 manifest's arrays (49 bytes per block) and 16 bytes per run of touched blocks.
 """
 
@@ -21,6 +21,7 @@ import datetime
 import mmap
 import os
 import stat
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -111,7 +112,7 @@ class _CopyLoader:
             raise DiskIOError(f"short read: {got} of {nbytes} bytes", self._disk.path, offset + got)
         return self._ro[:nbytes]
 
-    def done(self, data: memoryview) -> None:
+    def done(self, data: memoryview, offset: int) -> None:
         _release(data)
 
 
@@ -120,10 +121,13 @@ class _FileMap:
 
     Hashing straight from the page cache saves the copy a read makes (half the CPU), and
     one mapping for the whole scan avoids an mmap/munmap pair per batch (both take the
-    address-space lock for writing, which serialises the workers).  Touched pages count
-    as resident memory, so every ``ZAP_BYTES`` of batches the page-table entries are
-    dropped (MADV_DONTNEED: the page cache keeps the data; a worker still hashing simply
-    faults its pages back in).
+    address-space lock for writing, which serialises the workers).
+
+    Each batch is populated first with MADV_POPULATE_READ, which reports a failed read
+    or a shrunken file as an error (DiskIOError here) where touching the pages would
+    raise SIGBUS.  Touched pages count as resident memory, so every ``ZAP_BYTES`` the
+    page-table entries of finished batches are dropped (MADV_DONTNEED: the page cache
+    keeps the data).
     """
 
     ZAP_BYTES = 32 * 1024 * 1024
@@ -135,24 +139,30 @@ class _FileMap:
         self._view = memoryview(self._map).toreadonly()
         self.length = length
         self._lock = threading.Lock()
-        self._since_zap = 0
+        self._finished: list[tuple[int, int]] = []
+        self._finished_bytes = 0
 
     def load(self, offset: int, nbytes: int) -> memoryview:
-        # A page past the file's end would fault on access: check the size first.
-        if os.fstat(self._fd).st_size < offset + nbytes:
-            raise DiskIOError("the file shrank during the scan", self._disk.path, offset)
+        try:
+            self._map.madvise(_MADV_POPULATE_READ, offset, nbytes)
+        except OSError as e:
+            if os.fstat(self._fd).st_size < offset + nbytes:
+                raise DiskIOError("the file shrank during the scan", self._disk.path,
+                                  offset) from None
+            raise DiskIOError(f"read failed: {e.strerror}", self._disk.path, offset) from None
         return self._view[offset:offset + nbytes]
 
-    def done(self, data: memoryview) -> None:
+    def done(self, data: memoryview, offset: int) -> None:
         nbytes = len(data)
         _release(data)
         with self._lock:
-            self._since_zap += nbytes
-            zap = self._since_zap >= self.ZAP_BYTES
-            if zap:
-                self._since_zap = 0
-        if zap:
-            self._map.madvise(mmap.MADV_DONTNEED)
+            self._finished.append((offset, nbytes))
+            self._finished_bytes += nbytes
+            if self._finished_bytes < self.ZAP_BYTES:
+                return
+            finished, self._finished, self._finished_bytes = self._finished, [], 0
+        for off, n in finished:     # only finished batches: others may be mid-hash
+            self._map.madvise(mmap.MADV_DONTNEED, off, n)
 
     def close(self) -> None:
         _release(self._view)
@@ -162,19 +172,30 @@ class _FileMap:
             pass
 
 
+# Linux 5.14+; where it is missing, scans read instead of mapping.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else -1)
+
+
 def _open_file_map(disk: Disk) -> _FileMap | None:
     """A mapping of the part of a raw regular file the disk covers (batches past the
-    file's end go through readinto, which fills zeros), or None."""
-    if not isinstance(disk, RawDisk):
+    file's end go through readinto, which fills zeros), or None where mapping is not
+    possible or not safe (no MADV_POPULATE_READ to turn read errors into errors)."""
+    if not isinstance(disk, RawDisk) or _MADV_POPULATE_READ < 0:
         return None
     try:
         st = os.fstat(disk.fileno())
         length = min(st.st_size, disk.size)
         if not stat.S_ISREG(st.st_mode) or length <= 0:
             return None
-        return _FileMap(disk, length)
+        file_map = _FileMap(disk, length)
     except (OSError, ValueError, OverflowError):   # cannot map here: read instead
         return None
+    try:
+        file_map._map.madvise(_MADV_POPULATE_READ, 0, min(length, mmap.PAGESIZE))
+    except OSError:             # kernel without it (EINVAL), or the first page fails
+        file_map.close()
+        return None
+    return file_map
 
 
 def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest | None = None,
@@ -198,10 +219,10 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
     ``threads`` worker threads read and hash batches of ``batch_bytes`` (rounded to whole
     blocks; default 1 MiB, 8 MiB when mapped); memory use is about ``threads *
     batch_bytes``.  Raw regular files are mapped (``use_mmap``) rather than copied: the
-    hash reads the page cache directly, half the CPU time of a copy.  A raw file must not
-    shrink while it is scanned (each batch checks its size first and raises DiskIOError;
-    a shrink between that check and the hash would fault, as for any program that maps a
-    file).
+    hash reads the page cache directly, half the CPU time of a copy.  Each batch is
+    faulted in first, so a failed read or a file that shrank raises DiskIOError; a raw
+    file must still not shrink while it is scanned (a shrink in the instant between
+    that and the hash would fault, as for any program that maps a file).
     """
     block_size = check_block_size(block_size)
     if not isinstance(threads, int) or threads < 1:
@@ -272,7 +293,7 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
                             finally:
                                 _release(view)      # a kept view must not see later batches
                 finally:
-                    loader.done(data)
+                    loader.done(data, offset)
                 meter.add(nbytes)
         except BaseException:
             failed.set()
