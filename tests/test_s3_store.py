@@ -480,3 +480,28 @@ def test_pack_indexes_are_cached_locally_and_verified_by_their_id(tmp_path, buck
     assert (third.pack_index(victim, packs[victim]) == store.pack_index(victim, packs[victim])).all()
     assert len(fault_proxy.requests("GET", victim)) == 2        # footer + index
     assert cached.read_bytes() != bytes(raw)                     # and the cache is mended
+
+
+def test_run_cut_off_by_the_network_resumes_with_only_what_is_missing(tmp_path, bucket, fault_proxy):
+    url = f"s3://{bucket}/cut"
+    store = new_store(url, endpoint_url=fault_proxy.url, retry_attempts=2, parallel=1)
+    store.initialise(StoreConfig(pack_size=PACK_SIZE))
+    disk = tmp_path / "disk.raw"
+    content = make_disk(disk, 14)
+    # the link dies for good after a few pack uploads: every later upload is reset
+    fault_proxy.add(Rule("reset", method="PUT", path=r"/packs/", skip=12, times=-1))
+    with pytest.raises(TransientStoreError, match="gave up after 2 attempts"):
+        replicate(disk, store, "n", block_size=BS)
+    fault_proxy.clear()
+    store = new_store(url, endpoint_url=fault_proxy.url)
+    have = {bytes(e["address"]) for p, n in store.list_packs().items() for e in store.pack_index(p, n)}
+    assert 0 < len(have) < N_BLOCKS - 2
+    summary = replicate(disk, store, "n", block_size=BS)
+    assert summary.blocks_stored == N_BLOCKS - 2 - len(have)
+    out = tmp_path / "out.raw"
+    restore(store, "n", out)
+    assert out.read_bytes() == content
+    report = verify(store)
+    assert report.ok
+    prune(store, "n", 1)
+    assert verify(new_store(url)).leftovers == []
