@@ -56,6 +56,8 @@ class Record:
     fault: str | None = None
     body: bytes | None = None
     response_bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -111,6 +113,17 @@ class FaultProxy:
     def faults(self) -> list[Record]:
         with self._lock:
             return [r for r in self.log if r.fault]
+
+    def max_concurrency(self, method: str | None = None, path: str | None = None) -> int:
+        """The most matching requests that were in flight at once."""
+        events = []
+        for r in self.requests(method, path):
+            events += [(r.started, 1), (r.finished if r.finished is not None else r.started, -1)]
+        most = now = 0
+        for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+            now += step
+            most = max(most, now)
+        return most
 
     def requests(self, method: str | None = None, path: str | None = None) -> list[Record]:
         with self._lock:
@@ -198,6 +211,7 @@ class FaultProxy:
         record.status = _status_of(response)
         record.response_bytes = len(response)
         sock.sendall(response)
+        record.finished = time.monotonic()
         return False                                  # one request per connection
 
     def _record(self, r: Record) -> None:

@@ -167,6 +167,7 @@ def test_multipart_parts_carry_md5_and_memory_stays_bounded(tmp_path, bucket, fa
     assert peak < 2 << 20, f"peak {peak} bytes while uploading a 4 MiB pack"
     parts = fault_proxy.requests("PUT", r"partNumber=")
     assert len(parts) == 64
+    assert fault_proxy.max_concurrency("PUT", r"partNumber=") in (2, 3)     # parallel, bounded
     assert all("content-md5" in r.headers for r in parts)
     assert len(fault_proxy.requests("POST", r"\?uploads")) == 1
     assert store.read_pack(pack_id, 0, len(payload)) == payload
@@ -453,6 +454,16 @@ def test_ca_bundle_and_verify_reach_botocore(tmp_path, moto, bucket, monkeypatch
                 env={"AWS_ENDPOINT_URL": tls.url})
         assert "no runs" in r.stdout
         assert len(tls.log) >= 3
+        # the corporate set-up: HTTPS_PROXY (CONNECT, with a password) + the re-signing CA
+        corp = FaultProxy(require_auth="me:pw").start()
+        try:
+            r = cli("runs", "--store", url, "--server", "x",
+                    env={"AWS_ENDPOINT_URL": tls.url.replace("127.0.0.1", "localhost"),
+                         "HTTPS_PROXY": f"http://me:pw@127.0.0.1:{corp.port}", "AWS_CA_BUNDLE": cert})
+            assert "no runs" in r.stdout, r.stderr
+            assert [x.method for x in corp.log][:1] == ["CONNECT"]
+        finally:
+            corp.stop()
     finally:
         tls.stop()
 
