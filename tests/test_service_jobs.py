@@ -453,3 +453,29 @@ def test_import_from_an_unreadable_source_fails_and_keeps_the_catalog(env):
     assert "vm0.vmx" in str(e) and "line 1" in str(e)
     assert svc.get_servers()["serverCatalogStatus"] == "AVAILABLE"
     assert sorted(s["serverId"] for s in svc.get_servers()["serverList"]) == sorted(servers)
+
+
+def test_migrations_upgrade_an_existing_database_in_order(tmp_path, monkeypatch):
+    from smsblock.service import state as state_mod
+    with State(tmp_path) as st:
+        with st.transaction() as db:
+            db.execute("UPDATE catalog SET status = 'AVAILABLE'")
+    # a later smsblock adds a migration: the old file upgrades and keeps its rows
+    monkeypatch.setattr(state_mod, "MIGRATIONS", state_mod.MIGRATIONS + [
+        ["ALTER TABLE servers ADD COLUMN notes TEXT",
+         "CREATE TABLE audit (at REAL NOT NULL, what TEXT NOT NULL)"]])
+    monkeypatch.setattr(state_mod, "SCHEMA_VERSION", len(state_mod.MIGRATIONS))
+    with State(tmp_path) as st:
+        assert st.version == SCHEMA_VERSION + 1
+        assert st.query("SELECT status FROM catalog")[0][0] == "AVAILABLE"
+        assert "notes" in [r[1] for r in st.query("PRAGMA table_info(servers)")]
+    # a failing migration leaves the database at the old version, unchanged
+    monkeypatch.setattr(state_mod, "MIGRATIONS", state_mod.MIGRATIONS + [
+        ["CREATE TABLE half (x)", "THIS IS NOT SQL"]])
+    monkeypatch.setattr(state_mod, "SCHEMA_VERSION", len(state_mod.MIGRATIONS))
+    with pytest.raises(ServiceError):
+        State(tmp_path)
+    db = sqlite3.connect(tmp_path / "state.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+    assert db.execute("SELECT name FROM sqlite_master WHERE name = 'half'").fetchone() is None
+    db.close()

@@ -162,3 +162,11 @@ def test_credentials_come_from_the_environment(monkeypatch):
     c = ServerCredentials.from_environment()
     assert (c.access_key_id, c.secret_access_key) == ("A", "zz-secret-zz")
     assert "zz-secret-zz" not in repr(c)
+
+
+def test_a_bug_is_an_internal_error_not_a_dropped_connection(server, monkeypatch):
+    def boom(operation, params):
+        raise RuntimeError("bug")
+    monkeypatch.setattr(server.service, "call", boom)
+    status, doc = send(signed(server.url, "GetConnectors", b"{}"))
+    assert status == 500 and doc["__type"] == "InternalError" and "bug" not in doc["message"]
