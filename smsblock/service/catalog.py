@@ -91,8 +91,8 @@ def import_catalog(state: State, now: float) -> int:
             if row["server_id"] not in seen:
                 db.execute("UPDATE servers SET in_catalog = 0 WHERE server_id = ?", (row["server_id"],))
         count = len(seen)
-        db.execute("UPDATE catalog SET status = ?, last_modified_on = ?, status_message = NULL "
-                   "WHERE id = 1", (ServerCatalogStatus.AVAILABLE.value, now))
+        db.execute("UPDATE catalog SET status = ?, last_modified_on = ? WHERE id = 1",
+                   (ServerCatalogStatus.AVAILABLE.value, now))
     return count
 
 

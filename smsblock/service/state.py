@@ -53,8 +53,7 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE catalog (
             id INTEGER PRIMARY KEY CHECK (id = 1),
             status TEXT NOT NULL,
-            last_modified_on REAL,
-            status_message TEXT
+            last_modified_on REAL
         )""",
         "INSERT INTO catalog (id, status) VALUES (1, 'NOT_IMPORTED')",
         """CREATE TABLE servers (
