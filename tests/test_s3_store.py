@@ -516,3 +516,88 @@ def test_run_cut_off_by_the_network_resumes_with_only_what_is_missing(tmp_path, 
     assert report.ok
     prune(store, "n", 1)
     assert verify(new_store(url)).leftovers == []
+
+
+# --- the retry policy's classification, and S3 against the local store ---------------------
+
+def _client_error(code: str, status: int):
+    import botocore.exceptions
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
+
+
+def test_retry_classification_and_one_line_messages():
+    import botocore.exceptions as bx
+    import urllib3.exceptions as ux
+    from smsblock.store.retry import RetryPolicy, classify
+    for code, status in [("SlowDown", 503), ("InternalError", 500), ("ServiceUnavailable", 503),
+                         ("ThrottlingException", 400), ("Whatever", 502), ("Weird", 429)]:
+        assert classify(_client_error(code, status)) == "transient", code
+    for code, status in [("AccessDenied", 403), ("NoSuchBucket", 404), ("InvalidAccessKeyId", 403),
+                         ("SignatureDoesNotMatch", 403), ("ExpiredToken", 400), ("Anything", 401)]:
+        assert classify(_client_error(code, status)) == "permanent", code
+    for code, status in [("NoSuchKey", 404), ("PreconditionFailed", 412), ("InvalidRange", 416)]:
+        assert classify(_client_error(code, status)) == "other", code
+    assert classify(bx.ReadTimeoutError(endpoint_url="http://x")) == "transient"
+    assert classify(bx.ConnectionClosedError(endpoint_url="http://x")) == "transient"
+    assert classify(bx.EndpointConnectionError(endpoint_url="http://x")) == "transient"
+    assert classify(ux.ProtocolError("reset")) == "transient"
+    assert classify(bx.SSLError(endpoint_url="https://x", error="bad cert")) == "permanent"
+    assert classify(bx.NoCredentialsError()) == "permanent"
+    assert classify(ValueError("x")) == "other"
+    # the policy: transient retried within budget, permanent at once, other passed through
+    calls = []
+    policy = RetryPolicy(attempts=4, seconds=10, base_delay=0.001)
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise _client_error("SlowDown", 503)
+        return "ok"
+    assert policy.call("flaky thing", flaky) == "ok" and len(calls) == 3 and policy.retries == 2
+    with pytest.raises(PermanentStoreError) as e:
+        policy.call("denied thing", lambda: (_ for _ in ()).throw(_client_error("AccessDenied", 403)))
+    assert str(e.value).startswith("denied thing: AccessDenied (HTTP 403): m") and "\n" not in str(e.value)
+    with pytest.raises(bx.ClientError):
+        policy.call("missing thing", lambda: (_ for _ in ()).throw(_client_error("NoSuchKey", 404)))
+    slow = RetryPolicy(attempts=100, seconds=0.05, base_delay=0.02)
+    with pytest.raises(TransientStoreError, match="gave up after"):
+        slow.call("slow thing", lambda: (_ for _ in ()).throw(_client_error("SlowDown", 503)))
+
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+
+@hsettings(max_examples=4)
+@given(st.data())
+def test_s3_store_keeps_the_local_store_s_guarantees(moto, aws_env, tmp_path_factory, data):
+    """Random disks and change sets, replicated into S3 and into a local store side by
+    side: the same blocks stored, the same manifests (states, addresses), every run
+    restoring byte-exact from both."""
+    from smsblock.store import LocalStore
+    tmp = tmp_path_factory.mktemp("equiv")
+    bucket = f"eq-{os.urandom(6).hex()}"
+    moto.boto3_client("s3").create_bucket(Bucket=bucket)
+    s3 = new_store(f"s3://{bucket}/e")
+    local = LocalStore(tmp / "local")
+    for st_ in (s3, local):
+        st_.initialise(StoreConfig(pack_size=PACK_SIZE))
+    disk = tmp / "disk.raw"
+    content = make_disk(disk, data.draw(st.integers(0, 1000)))
+    contents = [content]
+    for run in range(data.draw(st.integers(1, 3))):
+        if run:
+            content = make_disk(disk, data.draw(st.integers(0, 1000)), content,
+                                change=data.draw(st.integers(0, 6)))
+            contents.append(content)
+        a = replicate(disk, s3, "h", block_size=BS)
+        b = replicate(disk, local, "h", block_size=BS)
+        assert (a.blocks_stored, a.blocks_changed, a.bytes_stored_uncompressed) == \
+            (b.blocks_stored, b.blocks_changed, b.bytes_stored_uncompressed)
+        ma, mb = s3.load_manifest("h"), local.load_manifest("h")
+        assert (ma.states == mb.states).all() and (ma.addresses == mb.addresses).all()
+    for run_id, want in zip(s3.list_run_ids("h"), contents):
+        out = tmp / "out.raw"
+        restore(s3, "h", out, run_id=run_id)
+        assert out.read_bytes() == want
+    assert verify(s3).ok

@@ -75,8 +75,10 @@ def _is_transport_error(exc: BaseException) -> bool:
     import urllib3.exceptions as ux
     if isinstance(exc, bx.SSLError):
         return False
-    return isinstance(exc, (bx.HTTPClientError, bx.ResponseStreamingError, bx.IncompleteReadError,
-                            ux.HTTPError, ConnectionError, TimeoutError))
+    # botocore's ConnectionError covers refused connections, connect timeouts and proxy
+    # failures; HTTPClientError covers resets, closed connections and read timeouts
+    return isinstance(exc, (bx.HTTPClientError, bx.ConnectionError, bx.ResponseStreamingError,
+                            bx.IncompleteReadError, ux.HTTPError, ConnectionError, TimeoutError))
 
 
 def classify(exc: BaseException) -> str:
