@@ -146,8 +146,10 @@ def test_scan_matches_reference_on_drawn_disks(disk, block_size, threads, batch)
 def test_scan_matches_reference_on_sparse_raw_files(tmp_path_factory, layout, block_size):
     path = tmp_path_factory.mktemp("raw") / "disk.raw"
     content = make_raw(path, layout)
+    got = {}
     with open_disk(path) as disk:
-        m = scan(disk, block_size=block_size)                   # mapped from the page cache
+        m = scan(disk, block_size=block_size,                   # mapped from the page cache
+                 on_changed=lambda i, v: got.__setitem__(i, bytes(v)))
         same_blocks(m, reference_scan(disk, block_size))
         same_blocks(scan(disk, block_size=block_size, use_mmap=False, batch_bytes=block_size), m)
     # and against the file's bytes: DATA blocks hash the content, others are zero content
@@ -157,6 +159,8 @@ def test_scan_matches_reference_on_sparse_raw_files(tmp_path_factory, layout, bl
             assert bytes(m.hashes[i]) == xxhash.xxh3_128_digest(block)
         else:
             assert block.count(0) == len(block)
+    assert sorted(got) == [i for i in range(m.n_blocks) if m.states[i] == BlockState.DATA]
+    assert all(got[i] == content[i * block_size:(i + 1) * block_size] for i in got)
     path.unlink()
 
 
