@@ -117,6 +117,9 @@ def verify_sigv4(method: str, path: str, headers, body: bytes, creds: ServerCred
 class SmsRequestHandler(BaseHTTPRequestHandler):
     server_version = "smsblock-sms"
     protocol_version = "HTTP/1.1"
+    # headers and body go out in two writes; with Nagle on, keep-alive clients wait for
+    # a delayed ACK (~40 ms) on every request
+    disable_nagle_algorithm = True
 
     def log_message(self, fmt, *args):   # through logging, not stderr
         log.info("%s %s", self.address_string(), fmt % args)
