@@ -175,6 +175,8 @@ def test_aws_cli_walkthrough(tmp_path, aws_env):
         assert aws(aws_env, server, "disassociate-connector", "--connector-id",
                    conn["connectorId"]) == {}
         assert aws(aws_env, server, "get-connectors")["connectorList"] == []
+        server.proc.terminate()
+        assert server.proc.wait(30) == 0     # SIGTERM: a clean stop
     finally:
         server.stop()
 

@@ -192,12 +192,16 @@ def _sms(args) -> int:
 
 # --- smsblock serve -----------------------------------------------------------------------
 
+def _interrupt(*_):
+    raise KeyboardInterrupt   # SIGTERM stops serve_forever like Ctrl-C
+
+
 def _serve(args) -> int:
     from ..service.server import make_server
     with _service(args) as svc:
         server = make_server(svc, args.host, args.port)
         print(f"smsblock serve: listening on {server.url} (state {svc.state.dir})", flush=True)
-        previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             server.serve_forever(poll_interval=0.2)
         except KeyboardInterrupt:
