@@ -191,8 +191,8 @@ def test_bandwidth_cap_paces_uploads(bucket):
     body.seek(0)                 # a rewind (botocore hashing the payload) costs nothing
     t0 = time.monotonic()
     assert len(body.read()) == 512 << 10
-    assert time.monotonic() - t0 < 0.05
-    assert 0.35 < first < 1.5, first          # 448 KiB beyond the burst at 1 MiB/s
+    assert time.monotonic() - t0 < 0.3
+    assert 0.35 < first < 5, first          # 448 KiB beyond the burst at 1 MiB/s
     store = new_store(f"s3://{bucket}/bw", bandwidth="1M")
     store.initialise()
     t0 = time.monotonic()
@@ -356,11 +356,11 @@ def test_dead_and_expired_lock_objects_do_not_block(moto, bucket):
     s3.put_object(Bucket=bucket, Key="dead/locks/shared-dead.json", Body=json.dumps(
         {"host": socket.gethostname(), "pid": dead_pid, "purpose": "replicate", "ttl": 3600}))
     s3.put_object(Bucket=bucket, Key="dead/locks/shared-elsewhere.json", Body=json.dumps(
-        {"host": "another-host", "pid": 1, "purpose": "replicate", "ttl": 1}))
+        {"host": "another-host", "pid": 1, "purpose": "replicate", "ttl": 2}))
     with pytest.raises(StoreLockedError, match="another-host"):
         with store.lock(True, "prune"):
             pass
-    time.sleep(2.2)                     # the other host's lease runs out (S3's clock)
+    time.sleep(3.2)                     # the other host's lease runs out (S3's clock)
     report = prune(store, "x", 0)
     assert report.leftovers_removed == 2
     assert keys(moto, bucket, "dead/locks/") == []
