@@ -175,6 +175,7 @@ def test_cli_every_command_with_ebs_store(tmp_path, moto, aws_env):
     s2 = json.loads(cli("replicate", disk, "--store", url, "--server", "app", "--json"))
     runs = json.loads(cli("runs", "--store", url, "--server", "app", "--json"))["runs"]
     assert [r["run_id"] for r in runs] == [s1["run_id"], s2["run_id"]]
+    assert all(r["summary"]["snapshot_id"].startswith("snap-") for r in runs)
     out = tmp_path / "out.raw"
     cli("restore", "--store", url, "--server", "app", "--run", s1["run_id"], "-o", out)
     assert out.read_bytes() == first
@@ -279,3 +280,30 @@ def test_staging_store_from_the_config_file(tmp_path, moto, aws_env, monkeypatch
     from smsblock.errors import UsageError
     with pytest.raises(UsageError, match="no region"):
         open_store("ebs://")
+
+
+def test_s3_staging_store_and_a_snapshot_that_never_completes(tmp_path, moto, bucket, capture):
+    """Staging in S3 (packs, manifests and the pending-snapshot journal under its prefix);
+    a CompleteSnapshot refused for good leaves the snapshot pending: journalled in S3,
+    reported by verify, removed by prune."""
+    from smsblock.errors import PermanentStoreError
+    from smsblock.store.s3 import S3Store
+    staging = S3Store(f"s3://{bucket}/staging", endpoint_url=moto.url, part_size=64 << 10,
+                      multipart_threshold=256 << 10)
+    store = EbsStore("ebs://us-east-1", staging=staging, endpoint_url=capture.url)
+    store.initialise(StoreConfig(pack_size=1 << 20))
+    disk = tmp_path / "disk.raw"
+    first = make_disk(disk, 6)
+    capture.add(Rule("status", method="POST", path=r"/completion/", status=403, code="AccessDeniedException"))
+    with pytest.raises(PermanentStoreError, match="AccessDeniedException"):
+        replicate(disk, store, "s3s")
+    [snap] = store.pending_snapshots()
+    assert moto.boto3_client("s3").get_object(Bucket=bucket, Key=f"staging/ebs-pending/{snap}.json")
+    assert f"ebs-pending:{snap}" in verify(store).leftovers and store.list_run_ids("s3s") == []
+    second = replicate(disk, store, "s3s")
+    assert second.blocks_stored == 0, "the failed run's blocks were staged already"
+    out = tmp_path / "out.raw"
+    store.restore_snapshot("s3s", out)
+    assert out.read_bytes() == first
+    prune(store, "s3s", 1)
+    assert store.pending_snapshots() == {} and verify(store).leftovers == []

@@ -253,6 +253,9 @@ class EbsStore(Store):
     def put_manifest_bytes(self, server_id: str, run_id: str, data: bytes) -> None:
         manifest = Manifest.from_bytes(bytearray(data), f"{self.url}: {server_id}/{run_id}")
         manifest.meta["ebs"] = self.snapshot_run(server_id, run_id, manifest)
+        summary = manifest.meta.get("summary")
+        if isinstance(summary, dict):        # so `smsblock runs` shows it too
+            summary["snapshot_id"] = manifest.meta["ebs"]["snapshot_id"]
         self.staging.put_manifest_bytes(server_id, run_id, manifest.to_bytes())
         self.journal.remove(manifest.meta["ebs"]["snapshot_id"])
 
