@@ -22,7 +22,7 @@ from smsblock.disk.vmdk import open_vmdk
 from smsblock.errors import (CorruptGrainError, CorruptGrainTableError, CorruptHeaderError,
                              DescriptorError, DiskFormatError, TruncatedDiskError,
                              UnsafeExtentPathError, UnsupportedFormatError)
-from vmdk_images import qemu_convert, vmdkstream_convert, write_raw
+from vmdk_images import build_cowd, qemu_convert, vmdkstream_convert, write_raw
 
 KiB, MiB = 1 << 10, 1 << 20
 HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")
@@ -279,7 +279,8 @@ def test_outside_paths_allowed_explicitly(tmp_path):
     ('RW 8 FLAT "missing.vmdk" 0', DescriptorError, "not found"),
     ('RW 99999999999999999999 FLAT "d-flat.vmdk" 0', DescriptorError, "sectors"),
     ('RW 8 BOGUS "d-flat.vmdk"', DescriptorError, "unknown extent type"),
-    ('RW 8 VMFSSPARSE "d-flat.vmdk"', UnsupportedFormatError, "not read"),
+    ('RW 8 VMFSSPARSE "d-flat.vmdk"', UnsupportedFormatError, "COWD"),
+    ('RW 8 SESPARSE "d-flat.vmdk"', UnsupportedFormatError, "not read"),
     ('RW 8 SPARSE "d-flat.vmdk"', UnsupportedFormatError, "KDMV"),
     ('RW eight FLAT "d-flat.vmdk" 0', DescriptorError, None),
     ('CID=zz\nRW 8 FLAT "d-flat.vmdk" 0', DescriptorError, "hexadecimal"),
@@ -330,6 +331,7 @@ def fuzz_corpus(tmp_path_factory, vmdk_samples) -> dict[str, bytes]:
         "stream": qemu_convert(raw, folder / "b.vmdk", "streamOptimized").read_bytes(),
         "footer": vmdkstream_convert(raw, folder / "c.vmdk").read_bytes(),
         "vmware-stream": (vmdk_samples / "streamOptimized.vmdk").read_bytes(),
+        "cowd": build_cowd(raw.read_bytes()[:size - size % 512], 8, 1),
     }
     return corpus
 
@@ -337,6 +339,11 @@ def fuzz_corpus(tmp_path_factory, vmdk_samples) -> dict[str, bytes]:
 def metadata_offsets(data: bytes) -> list[int]:
     """Offsets worth damaging: header fields, GD/GT entries, descriptor, grain markers."""
     spots = list(range(0, 80)) + list(range(512, 1024, 7))
+    if data[:4] == b"COWD":
+        gd_at = struct.unpack_from("<I", data, 20)[0] * 512
+        gt_at = struct.unpack_from("<I", data, gd_at)[0] * 512
+        return spots + [s for s in range(gd_at, gd_at + 64)] + \
+            [s for s in range(gt_at, min(gt_at + 512, len(data)))]
     try:
         h = HEADER.unpack_from(data)
         gd = h[9]
@@ -371,7 +378,7 @@ _fuzz_clock: dict[str, float] = {}
 @pytest.mark.timeout(120)
 @settings(max_examples=400, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
-@given(name=st.sampled_from(["sparse", "stream", "footer", "vmware-stream"]),
+@given(name=st.sampled_from(["sparse", "stream", "footer", "vmware-stream", "cowd"]),
        mutations=st.lists(mutation, min_size=1, max_size=4))
 def test_fuzz_mutated_images_fail_cleanly(tmp_path_factory, fuzz_corpus, name, mutations):
     start = _fuzz_clock.setdefault("start", time.monotonic())
@@ -452,3 +459,25 @@ def test_windows_1252_descriptor(tmp_path):
     p.write_bytes(p.read_bytes().replace(b'encoding="windows-1252"\n', b""))
     with pytest.raises(DescriptorError, match="UTF-8"):
         smsblock.open_disk(p)
+
+
+def test_cowd_header_damage(tmp_path):
+    data = bytearray(build_cowd(os.urandom(64 * KiB) + bytes(3 * MiB), 8))
+    p = tmp_path / "d-delta.vmdk"
+    bad = bytearray(data)
+    bad[24:28] = struct.pack("<I", 0)                  # no grain directory entries
+    p.write_bytes(bytes(bad))
+    with pytest.raises(CorruptGrainTableError, match="needs") as err:
+        open_vmdk(p)
+    assert_located(err.value, p)
+    bad = bytearray(data)
+    bad[16:20] = struct.pack("<I", 3)                  # grain of 3 sectors
+    p.write_bytes(bytes(bad))
+    with pytest.raises(CorruptHeaderError, match="grain size"):
+        open_vmdk(p)
+    gt_at = struct.unpack_from("<I", data, struct.unpack_from("<I", data, 20)[0] * 512)[0] * 512
+    bad = bytearray(data)
+    bad[gt_at:gt_at + 4] = struct.pack("<I", 2)        # grain 0 inside the header
+    p.write_bytes(bytes(bad))
+    with open_vmdk(p) as d, pytest.raises(CorruptGrainTableError, match="metadata"):
+        d.read(0, 10)

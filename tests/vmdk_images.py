@@ -111,3 +111,51 @@ def oracle_raw(path: Path, tmp: Path) -> bytes:
     data = out.read_bytes()
     out.unlink()
     return data
+
+
+def build_cowd(content: bytes, grain_sectors: int, seed: int = 0) -> bytes:
+    """An ESX vmfsSparse (COWD) redo log holding ``content`` (a whole number of sectors).
+
+    No tool here writes COWD (only ESX does), so tests build it from the layout qemu's
+    reader and libyal's notes describe: a 2048-byte header (magic, version, flags,
+    capacity, grain size, GD sector, GD entries, next free sector), the grain directory
+    at sector 4, grain tables of 4096 entries, then the grains, stored in a shuffled
+    order so that some are back to back in the file and some are not.
+    """
+    import random
+    import struct
+    assert len(content) % 512 == 0
+    capacity = len(content) // 512
+    gbytes = grain_sectors * 512
+    n_grains = -(-capacity // grain_sectors)
+    n_gts = -(-n_grains // 4096)
+    gd_sectors = -(-n_gts * 4 // 512)
+    gt_at = 4 + gd_sectors
+    data_at = gt_at + n_gts * 32
+    gd = [gt_at + 32 * i for i in range(n_gts)]
+    gt = [0] * (n_gts * 4096)
+    order = [g for g in range(n_grains) if content[g * gbytes:(g + 1) * gbytes].strip(b"\0")]
+    rnd = random.Random(seed)
+    order = sorted(order, key=lambda g: (g // 3, rnd.random()))   # runs of 3 reshuffled
+    body = bytearray()
+    for g in order:
+        gt[g] = data_at + len(body) // 512
+        body += content[g * gbytes:(g + 1) * gbytes].ljust(gbytes, b"\0")
+    header = struct.pack("<4sIIIIIII", b"COWD", 1, 3, capacity, grain_sectors, 4, n_gts,
+                         data_at + len(body) // 512).ljust(2048, b"\0")
+    meta = header + struct.pack(f"<{n_gts}I", *gd).ljust(gd_sectors * 512, b"\0")
+    meta += struct.pack(f"<{len(gt)}I", *gt)
+    return meta + bytes(body)
+
+
+def vmfs_sparse_descriptor(folder: Path, name: str, delta: Path, capacity: int,
+                           parent: str | None = None, parent_cid: int = 0xFFFFFFFF) -> Path:
+    """An ESXi vmfsSparse descriptor around a COWD delta (a snapshot's -000001.vmdk)."""
+    desc = folder / f"{name}.vmdk"
+    hint = f'parentFileNameHint="{parent}"\n' if parent else ""
+    desc.write_text(
+        "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID=1234abcd\n"
+        f"parentCID={parent_cid:08x}\ncreateType=\"vmfsSparse\"\n{hint}\n"
+        f"# Extent description\nRW {capacity} VMFSSPARSE \"{delta.name}\"\n\n"
+        "# The Disk Data Base\n#DDB\n\nddb.adapterType = \"lsilogic\"\n")
+    return desc

@@ -1,4 +1,4 @@
-"""Hosted sparse VMDK extents (``KDMV``): header, footer, grain directory, native reads.
+"""Sparse VMDK extents (hosted ``KDMV``, ESX ``COWD``): header, footer, GD, native reads.
 
 Layout (all little-endian, offsets in 512-byte sectors): a 512-byte header, an optional
 embedded descriptor, a grain directory (GD) of uint32 entries each pointing at a grain
@@ -7,6 +7,9 @@ sectors.  A GT entry 0 is an unallocated grain (read through to the parent, or z
 1 is a zero grain.  streamOptimized extents (compressAlgorithm 1) store each grain as
 a marker (lba u64, size u32) followed by a zlib stream; when ``gdOffset`` is
 ``GD_AT_END`` the real header is the footer at the end of the file.
+
+ESX vmfsSparse redo logs (``COWD``) have the same two-level map with 32-bit header fields,
+4096 entries per grain table, no compression and no embedded descriptor.
 
 Everything read from the file is checked before it is used: sizes are capped by what the
 file can hold, and the native core (``smsblock._vmdk``) checks every GT entry it follows.
@@ -42,6 +45,11 @@ MAX_GTES_PER_GT = 512 * 8
 MAX_CAPACITY_SECTORS = (1 << 62) // SECTOR
 
 _HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")   # 79 bytes, then padding to 512
+
+#: ESX vmfsSparse (redo log) extents: a 32-bit header, fixed 4096-entry grain tables
+COWD_MAGIC = b"COWD"
+COWD_GTES_PER_GT = 4096
+_COWD_HEADER = struct.Struct("<4sIIIIIII")   # magic version flags capacity grain gd gd_entries ...
 
 
 @dataclass(slots=True)
@@ -109,6 +117,26 @@ def parse_header(raw: bytes, path: str, offset: int = 0) -> SparseHeader:
     return h
 
 
+def parse_cowd_header(raw: bytes, path: str) -> SparseHeader:
+    """Decode an ESX vmfsSparse (``COWD``) header into the fields a sparse extent uses."""
+    if len(raw) < _COWD_HEADER.size:
+        raise TruncatedDiskError("COWD header is cut short", path, 0)
+    magic, version, flags, capacity, grain, gd, gd_entries, _ = _COWD_HEADER.unpack_from(raw)
+    if magic != COWD_MAGIC:
+        raise CorruptHeaderError(f"bad COWD header magic {magic!r}", path, 0)
+    if grain == 0 or grain & (grain - 1) or grain > MAX_GRAIN_SECTORS:
+        raise CorruptHeaderError(f"grain size of {grain} sectors (a power of two up to "
+                                 f"{MAX_GRAIN_SECTORS} expected)", path, 16)
+    h = SparseHeader(version=version, flags=flags, capacity=capacity, grain_sectors=grain,
+                     descriptor_offset=0, descriptor_size=0, gtes_per_gt=COWD_GTES_PER_GT,
+                     rgd_offset=0, gd_offset=gd, overhead=min(gd, 4), unclean_shutdown=0,
+                     check_bytes=b"", compress_algorithm=COMPRESS_NONE)
+    if gd_entries < h.n_gts:
+        raise CorruptGrainTableError(f"COWD grain directory has {gd_entries} entries, the "
+                                     f"capacity of {capacity} sectors needs {h.n_gts}", path, 24)
+    return h
+
+
 class SparseExtent:
     """One ``KDMV`` sparse extent file, read through the native core.
 
@@ -140,9 +168,11 @@ class SparseExtent:
         if self.file_size < SECTOR:
             raise TruncatedDiskError(f"file of {self.file_size} bytes is too short for a "
                                      "sparse header", self.path, 0)
-        h = parse_header(self._pread(SECTOR, 0, "sparse header"), self.path, 0)
+        raw = self._pread(SECTOR, 0, "sparse header")
+        self.cowd = raw[:4] == COWD_MAGIC
+        h = parse_cowd_header(raw, self.path) if self.cowd else parse_header(raw, self.path, 0)
         self.first_header = h
-        if h.gd_offset == GD_AT_END:
+        if h.gd_offset == GD_AT_END and not self.cowd:
             h = self._read_footer(h)
         self.header = h
         self.descriptor_bytes = self._read_embedded_descriptor(self.first_header)
