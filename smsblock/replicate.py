@@ -22,6 +22,7 @@ it exclusive, so prune never deletes a pack a running replicate is about to refe
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import queue
@@ -537,7 +538,11 @@ def _restore_raw(run: RunDisk, out_path: str, progress, cancel) -> None:
             done += len(data)
             if progress is not None:
                 progress(done, total)
-        os.fsync(fd)
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            if is_regular or e.errno != errno.EINVAL:   # character devices cannot fsync
+                raise
         ok = True
     except OSError as e:
         raise StoreError(f"{out_path}: write failed: {e.strerror}") from None

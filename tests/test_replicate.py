@@ -485,3 +485,12 @@ def test_peak_rss_of_a_run_on_a_big_sparse_disk_is_bounded(tmp_path):
     assert int(out[1]) * 1024 <= 256 << 20
     m = open_store(tmp_path / "s").load_manifest("big")
     assert m.n_blocks == 131072 and m.count(BlockState.DATA) == 12 * 5
+
+
+def test_restore_to_a_device_writes_through(tmp_path):
+    """A non-regular output (a device) is written in place, zeros included, not renamed."""
+    write_disk(tmp_path / "d.raw", [1, 0, None], 3 * BS)
+    store = new_store(tmp_path / "s")
+    replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
+    restore(store, "srv", "/dev/null")
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
