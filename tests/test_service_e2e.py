@@ -118,8 +118,13 @@ def test_aws_cli_walkthrough(tmp_path, aws_env):
         aws(aws_env, server, "create-replication-job", "--server-id", server_id,
             "--seed-replication-time", now, "--frequency", 12,
             expect_error="ReplicationJobAlreadyExistsException")
-        (job,) = aws(aws_env, server, "get-replication-jobs")["replicationJobList"]
+        via_aws = aws(aws_env, server, "get-replication-jobs")
+        (job,) = via_aws["replicationJobList"]
         assert job["replicationJobId"] == job_id and job["state"] == "PENDING"
+        # `smsblock sms` prints what `aws sms` prints for the same state
+        assert json.loads(smsblock("sms", "get-replication-jobs", "--state", state).stdout) == via_aws
+        assert json.loads(smsblock("sms", "get-servers", "--state", state).stdout) == \
+            aws(aws_env, server, "get-servers", "--no-paginate")
         assert job["licenseType"] == "BYOL" and job["frequency"] == 12
 
         # 4. an on-demand run, executed by the connector
