@@ -399,7 +399,7 @@ def test_native_read_releases_the_gil(tmp_path):
 
 def test_child_larger_than_its_parent(tmp_path):
     raw = write_raw(tmp_path / "p.raw", MiB, [(MiB - 4096, b"\x99" * 4096)])
-    parent = qemu_convert(raw, tmp_path / "p.vmdk", "monolithicSparse")
+    qemu_convert(raw, tmp_path / "p.vmdk", "monolithicSparse")
     child = tmp_path / "c.vmdk"
     qemu_img("create", "-f", "vmdk", "-b", "p.vmdk", "-F", "vmdk", child, str(3 * MiB))
     qemu_io(child, "write -P 0x12 2M 64k")

@@ -26,6 +26,7 @@ from .. import _vmdk
 from ..errors import (CorruptGrainError, CorruptGrainTableError, CorruptHeaderError,
                       DiskIOError, DiskFormatError, TruncatedDiskError, UnsupportedFormatError)
 from .base import ExtentKind
+from .descriptor import MAX_DESCRIPTOR_BYTES
 
 SECTOR = 512
 MAGIC = b"KDMV"
@@ -208,7 +209,6 @@ class SparseExtent:
     def _read_embedded_descriptor(self, h: SparseHeader) -> bytes | None:
         if h.descriptor_offset == 0 or h.descriptor_size == 0:
             return None
-        from .descriptor import MAX_DESCRIPTOR_BYTES
         size = h.descriptor_size * SECTOR
         if size > MAX_DESCRIPTOR_BYTES:
             raise CorruptHeaderError(f"embedded descriptor of {h.descriptor_size} sectors is "
