@@ -33,6 +33,7 @@ class FakeImageStep:
         self.deregistered: list[str] = []
         self.seen_stage = None
         self.state = None
+        self.gone: set[str] = set()
 
     def register(self, store, server_id, run_id, *, name, description, license_type,
                  progress=None, cancel=None):
@@ -46,6 +47,9 @@ class FakeImageStep:
 
     def deregister(self, ami_id):
         self.deregistered.append(ami_id)
+        if ami_id in self.gone:
+            from smsblock.errors import ImageNotFoundError
+            raise ImageNotFoundError(f"no image {ami_id}")
 
 
 def setup(tmp_path, *, disks=(("scsi0:0", 1 << 20),), data=None, image=None, clock=None):
@@ -119,21 +123,24 @@ def test_stages_progress_and_image_retention(tmp_path, monkeypatch):
     images.state = svc.state
     ex = RunExecutor(svc.state, svc.clock, replicate=replicate, image_step=images)
     amis = []
-    for i in range(3):
+    for i in range(4):
+        if i == 3:   # the oldest kept image was deleted by hand meanwhile
+            images.gone.add(amis[1])
         run = run_now(svc, job, ex)
         assert run["state"] == "COMPLETED", run
         amis.append(run["amiId"])
         svc.clock.advance(25 * H)
     assert seen[0][:2] == ("uploading", "50%") and "1 disk" in seen[0][2]
     assert images.seen_stage == ("converting", "50%")
-    assert [r[2] for r in images.registered] == ["BYOL"] * 3
-    # keep 2: the oldest image is deregistered, the job points at the newest
-    assert images.deregistered == [amis[0]]
+    assert [r[2] for r in images.registered] == ["BYOL"] * 4
+    # keep 2: older images are deregistered (one already gone counts), the job points at
+    # the newest
+    assert images.deregistered == [amis[0], amis[1]]
     (j,) = svc.get_replication_jobs()["replicationJobList"]
-    assert j["latestAmiId"] == amis[2] and j["state"] == "ACTIVE"
+    assert j["latestAmiId"] == amis[3] and j["state"] == "ACTIVE"
     rows = svc.state.query("SELECT ami_id, deregistered FROM images ORDER BY created")
-    assert [(r[0], r[1] is not None) for r in rows] == [(amis[0], True), (amis[1], False),
-                                                         (amis[2], False)]
+    assert [(r[0], r[1] is not None) for r in rows] == [(amis[0], True), (amis[1], True),
+                                                         (amis[2], False), (amis[3], False)]
 
 
 def test_the_real_image_step_registers_a_bootable_disk_and_refuses_a_blank_one(tmp_path):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from ..errors import Cancelled, SmsBlockError
+from ..errors import Cancelled, ImageNotFoundError, SmsBlockError
 from ..progress import CancelToken
 from .jobs import record_run_failure
 from .models import LIVE_JOB_STATES, ReplicationJobState, ReplicationRunState
@@ -213,7 +213,9 @@ class RunExecutor:
         for ami in doomed:     # outside the transaction: the image step may be slow
             try:
                 self.image_step.deregister(ami)
-            except SmsBlockError as e:
+            except ImageNotFoundError:
+                pass   # already gone (deleted by hand): record it as deregistered
+            except SmsBlockError as e:   # tried again when the next image is registered
                 log.warning("could not deregister old image %s of job %s: %s", ami, job_id, e)
                 continue
             with self.state.transaction() as db:
