@@ -21,6 +21,7 @@ it exclusive, so prune never deletes a pack a running replicate is about to refe
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import logging
@@ -29,6 +30,7 @@ import queue
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Iterator
@@ -585,8 +587,23 @@ def restore(store, server_id: str, out_path, *, run_id: str | None = None, forma
 
 # --- verify ----------------------------------------------------------------------------
 
+def _bounded_map(pool: ThreadPoolExecutor, fn, items, window: int):
+    """``pool.map`` in order with at most ``window`` items in flight (bounded memory)."""
+    pending: collections.deque = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+
+
 def verify(store, *, progress: ProgressCallback | None = None,
-           cancel: CancelToken | None = None) -> VerifyReport:
+           cancel: CancelToken | None = None, threads: int = 2) -> VerifyReport:
     """Read every pack and check every block against its content address; load every
     manifest (its own checksums) and check every block it references is in the store.
 
@@ -602,20 +619,26 @@ def verify(store, *, progress: ProgressCallback | None = None,
         total = sum(packs.values())
         done = 0
         good_packs: dict[str, np.ndarray] = {}
-        for pack_id, size in sorted(packs.items()):
+
+        def check(item):
+            pack_id, size = item
             check_cancel(cancel)
-            index, good, problems = verify_pack(
-                lambda o, n, p=pack_id: store.read_pack(p, o, n), size,
-                store.pack_name(pack_id), algorithm)
-            report.packs_checked += 1
-            report.problems.extend(problems)
-            if index is not None:
-                report.blocks_checked += len(index)
-                good_packs[pack_id] = index[good]
-            report.bytes_checked += size
-            done += size
-            if progress is not None:
-                progress(done, total)
+            return pack_id, size, verify_pack(lambda o, n: store.read_pack(pack_id, o, n), size,
+                                              store.pack_name(pack_id), algorithm)
+
+        # two packs at a time: inflating and hashing release the GIL
+        with ThreadPoolExecutor(threads, thread_name_prefix="smsblock-verify") as pool:
+            results = _bounded_map(pool, check, sorted(packs.items()), threads * 2)
+            for pack_id, size, (index, good, problems) in results:
+                report.packs_checked += 1
+                report.problems.extend(problems)
+                if index is not None:
+                    report.blocks_checked += len(index)
+                    good_packs[pack_id] = index[good]
+                report.bytes_checked += size
+                done += size
+                if progress is not None:
+                    progress(done, total)
         good_index = BlockIndex(good_packs)
         referenced: set[str] = set()
         for server_id, run_id in store.iter_manifests():

@@ -494,3 +494,16 @@ def test_restore_to_a_device_writes_through(tmp_path):
     replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
     restore(store, "srv", "/dev/null")
     assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+
+
+def test_verify_and_restore_can_be_cancelled(tmp_path):
+    write_disk(tmp_path / "d.raw", [1, 2, 3, 4], 4 * BS)
+    store = new_store(tmp_path / "s", pack_size=4096)
+    replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        verify(store, cancel=token)
+    with pytest.raises(Cancelled):
+        restore(store, "srv", tmp_path / "o.raw", cancel=token)
+    assert not (tmp_path / "o.raw").exists() and not (tmp_path / "o.raw.part").exists()
