@@ -53,6 +53,18 @@ cdef extern from *:
         return __atomic_compare_exchange_n(slot, &expected, table, 0,
                                            __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
     }
+    /* Reserve n bytes of the grain-table cache budget; 0 when it is spent. */
+    static inline int smsb_reserve(uint64_t *used, uint64_t n, uint64_t budget) {
+        uint64_t cur = __atomic_load_n(used, __ATOMIC_RELAXED);
+        do {
+            if (cur + n > budget) return 0;
+        } while (!__atomic_compare_exchange_n(used, &cur, cur + n, 1,
+                                              __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+        return 1;
+    }
+    static inline void smsb_unreserve(uint64_t *used, uint64_t n) {
+        __atomic_fetch_sub(used, n, __ATOMIC_RELAXED);
+    }
     static inline uint32_t smsb_le32(const uint8_t *p) {
         uint32_t v; memcpy(&v, p, 4); return le32toh(v);
     }
@@ -62,6 +74,8 @@ cdef extern from *:
     """
     uint32_t *smsb_gt_get(uint32_t **slot) nogil
     bint smsb_gt_publish(uint32_t **slot, uint32_t *table) nogil
+    bint smsb_reserve(uint64_t *used, uint64_t n, uint64_t budget) nogil
+    void smsb_unreserve(uint64_t *used, uint64_t n) nogil
     uint32_t smsb_le32(const uint8_t *p) nogil
     uint64_t smsb_le64(const uint8_t *p) nogil
     uint32_t le32toh(uint32_t v) nogil
@@ -109,6 +123,8 @@ cdef struct Scratch:
     size_t win_len
     uint8_t *grain         # one inflated grain, when the caller's buffer cannot take it whole
     libdeflate_decompressor *dec
+    uint32_t *gt_tmp       # a grain table read for this thread once the cache budget is spent
+    int64_t gt_tmp_index
 
 cdef enum:
     SECTOR = 512
@@ -162,12 +178,14 @@ cdef class _Scratch:
     def __cinit__(self):
         memset(&self.s, 0, sizeof(Scratch))
         self.s.win_off = -1
+        self.s.gt_tmp_index = -1
 
     def __dealloc__(self):
         if self.s.dec != NULL:
             libdeflate_free_decompressor(self.s.dec)
         free(self.s.win)
         free(self.s.grain)
+        free(self.s.gt_tmp)
 
 
 cdef class SparseCore:
@@ -183,13 +201,14 @@ cdef class SparseCore:
     cdef bint compressed, markers
     cdef size_t max_compressed
     cdef list pool
+    cdef uint64_t cache_budget, cached
     cdef object source          # a file object read with the GIL when fd < 0
     cdef object failures        # per-thread exception raised by source.readinto
 
     def __cinit__(self, int fd, uint64_t file_size, uint64_t capacity, uint64_t grain,
                   uint32_t gtes_per_gt, const uint32_t[::1] gd, bint compressed,
                   bint markers, uint64_t meta_end, uint64_t gd_at, uint64_t gd_len,
-                  source=None):
+                  source=None, uint64_t gt_cache_bytes=128 << 20):
         cdef size_t i
         import threading
         self.fd = fd
@@ -209,6 +228,8 @@ cdef class SparseCore:
         self.compressed = compressed
         self.markers = markers
         self.pool = []
+        self.cache_budget = gt_cache_bytes
+        self.cached = 0
         self.meta_end = meta_end
         self.gd_at = gd_at
         self.gd_len = gd_len
@@ -263,12 +284,18 @@ cdef class SparseCore:
             return -1
 
     # -- grain tables ---------------------------------------------------------
-    cdef uint32_t *table(self, uint32_t i, Err *err) noexcept nogil:
-        """Grain table i, loaded and checked on first use; NULL with err set on failure."""
+    cdef uint32_t *table(self, uint32_t i, Scratch *sp, Err *err) noexcept nogil:
+        """Grain table i, loaded and checked on first use; NULL with err set on failure.
+
+        Tables are cached (published lock-free) until they fill the cache budget; after
+        that a table is read into the calling thread's scratch, so memory stays bounded
+        even when a hostile directory points thousands of entries at one table.
+        """
         cdef uint32_t *t = smsb_gt_get(&self.gts[i])
         cdef uint64_t at, nbytes
         cdef ssize_t r
         cdef uint32_t k
+        cdef bint cached
         if t != NULL:
             return t
         if self.gd[i] == 0:
@@ -282,28 +309,45 @@ cdef class SparseCore:
         if at + nbytes > self.file_size:
             set_err(err, E_GT, D_GT_PAST_EOF, self.gd_at + 4 * i, self.gd[i], 0)
             return NULL
-        t = <uint32_t *>malloc(nbytes)
+        if sp.gt_tmp_index == <int64_t>i:
+            return sp.gt_tmp
+        cached = smsb_reserve(&self.cached, nbytes, self.cache_budget)
+        if cached:
+            t = <uint32_t *>malloc(nbytes)
+        else:
+            if sp.gt_tmp == NULL:
+                sp.gt_tmp = <uint32_t *>malloc(nbytes)
+            sp.gt_tmp_index = -1
+            t = sp.gt_tmp
         if t == NULL:
+            if cached:
+                smsb_unreserve(&self.cached, nbytes)
             set_err(err, E_NOMEM, D_NOMEM, <int64_t>at, nbytes, 0)
             return NULL
         r = self.fill(<uint8_t *>t, nbytes, <int64_t>at, err)
         if r < 0 or <uint64_t>r != nbytes:
-            free(t)
+            if cached:
+                free(t)
+                smsb_unreserve(&self.cached, nbytes)
             if r >= 0:
                 set_err(err, E_TRUNCATED, D_SHORT_READ, <int64_t>(at + <uint64_t>r), nbytes, 0)
             return NULL
         for k in range(self.gtes_per_gt):
             t[k] = le32toh(t[k])
-        if not smsb_gt_publish(&self.gts[i], t):
+        if not cached:
+            sp.gt_tmp_index = i
+        elif not smsb_gt_publish(&self.gts[i], t):
             free(t)
+            smsb_unreserve(&self.cached, nbytes)
             t = smsb_gt_get(&self.gts[i])
         return t
 
-    cdef int entry(self, uint64_t g, uint32_t *out, int64_t *where, Err *err) noexcept nogil:
+    cdef int entry(self, uint64_t g, uint32_t *out, int64_t *where, Scratch *sp,
+                   Err *err) noexcept nogil:
         """GT entry of grain g into *out (and its file offset into *where); -1 on error."""
         cdef uint32_t i = <uint32_t>(g // self.gtes_per_gt)
         cdef uint32_t k = <uint32_t>(g % self.gtes_per_gt)
-        cdef uint32_t *t = self.table(i, err)
+        cdef uint32_t *t = self.table(i, sp, err)
         if t == NULL:
             return -1
         out[0] = t[k]
@@ -421,7 +465,7 @@ cdef class SparseCore:
             n = <size_t>(self.grain - in_off)
             if n > length - done:
                 n = length - done
-            if self.entry(g, &gte, &where, err) < 0:
+            if self.entry(g, &gte, &where, sp, err) < 0:
                 rc = -1
                 break
             if gte == GTE_UNALLOCATED or gte == GTE_ZERO:
@@ -438,7 +482,7 @@ cdef class SparseCore:
                 run = n
                 gg = g + 1
                 while done + run < length:
-                    if self.entry(gg, &e2, &where2, err) < 0:
+                    if self.entry(gg, &e2, &where2, sp, err) < 0:
                         rc = -1
                         break
                     if <uint64_t>e2 != <uint64_t>gte + (gg - g) * self.grain_sectors:
@@ -502,6 +546,11 @@ cdef class SparseCore:
         return 0
 
     # -- Python entry points ----------------------------------------------------
+    @property
+    def cached_table_bytes(self):
+        """Bytes of grain tables held in the cache (at most the budget)."""
+        return self.cached
+
     def read(self, uint64_t offset, unsigned char[::1] buf, status=None):
         """Fill buf with the extent's bytes at offset; None or (kind, offset, message).
 
@@ -542,11 +591,15 @@ cdef class SparseCore:
         memset(&err, 0, sizeof(Err))
         if first + n > self.n_grains:
             raise ValueError("grain range outside the extent")
-        with nogil:
-            for i in range(n):
-                if self.entry(first + i, &gte, &where, &err) < 0:
-                    break
-                out[i] = gte
+        cdef _Scratch scratch = self.pool.pop() if self.pool else _Scratch()
+        try:
+            with nogil:
+                for i in range(n):
+                    if self.entry(first + i, &gte, &where, &scratch.s, &err) < 0:
+                        break
+                    out[i] = gte
+        finally:
+            self.pool.append(scratch)
         return self.describe(&err)
 
     cdef object describe(self, Err *err):

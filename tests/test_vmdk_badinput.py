@@ -481,3 +481,27 @@ def test_cowd_header_damage(tmp_path):
     p.write_bytes(bytes(bad))
     with open_vmdk(p) as d, pytest.raises(CorruptGrainTableError, match="metadata"):
         d.read(0, 10)
+
+
+def test_directory_pointing_everywhere_at_one_table_stays_bounded(tmp_path, monkeypatch):
+    """Thousands of GD entries naming one grain table cannot make the cache grow past budget."""
+    from smsblock.disk import sparse as sparse_mod
+    monkeypatch.setattr(sparse_mod, "GT_CACHE_BYTES", 256 * KiB)
+    raw = tmp_path / "big.raw"
+    write_raw(raw, 64 * 1024 * MiB, [(0, b"\x01" * 65536)])     # sparse 64 GiB source
+    img = qemu_convert(raw, tmp_path / "s.vmdk", "monolithicSparse")
+    raw.unlink()
+    data = bytearray(img.read_bytes())
+    h = HEADER.unpack_from(data)
+    gd_at, n_gts = h[9] * 512, -(-h[3] // h[4] // h[7])
+    first = data[gd_at:gd_at + 4]
+    data[gd_at:gd_at + 4 * n_gts] = first * n_gts
+    img.write_bytes(bytes(data))
+    t = time.monotonic()
+    with smsblock.open_disk(img) as d:
+        exts = list(d.extents())
+        core = d._parts[0].extent.core
+        assert core.cached_table_bytes <= 256 * KiB
+        # every table is the first one: its one data grain shows up once per table
+        assert len(exts) == n_gts and all(e.length == 65536 for e in exts)
+    assert time.monotonic() - t < 10

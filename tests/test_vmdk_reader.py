@@ -516,3 +516,42 @@ def test_looks_like_descriptor(vmdk_samples):
     assert looks_like_descriptor((vmdk_samples / "vmfs_thick.vmdk").read_bytes())
     assert not looks_like_descriptor((vmdk_samples / "monolithicSparse.vmdk").read_bytes()[:4096])
     assert not looks_like_descriptor(bytes(1024))
+
+
+@pytest.mark.parametrize("budget", [0, 16 * KiB, 1 << 30])
+def test_grain_table_cache_budget(tmp_path, monkeypatch, budget):
+    """Past the cache budget tables are re-read per thread: same bytes, bounded memory."""
+    from smsblock.disk import sparse
+    from vmdk_images import build_cowd
+    monkeypatch.setattr(sparse, "GT_CACHE_BYTES", budget)
+    size = 40 * MiB                                    # 2 grain tables of 64 KiB grains
+    pieces = [(i * 7 * MiB + 12345, os.urandom(70000)) for i in range(6)]
+    raw = write_raw(tmp_path / "src.raw", size, pieces)
+    content = raw.read_bytes()
+    images = [qemu_convert(raw, tmp_path / "s.vmdk", "monolithicSparse"),
+              qemu_convert(raw, tmp_path / "o.vmdk", "streamOptimized")]
+    cowd = tmp_path / "d-delta.vmdk"                  # 1-sector grains: 8 tables of 16 KiB
+    cowd.write_bytes(build_cowd(content[:8 * MiB] + bytes(8 * MiB), 1, 4))
+    for img in images + [cowd]:
+        expected = content if img != cowd else content[:8 * MiB] + bytes(8 * MiB)
+        with smsblock.open_disk(img) as d:
+            errors = []
+
+            def reader(lo, hi):
+                try:
+                    assert d.read(lo, hi - lo) == expected[lo:hi]
+                except Exception as e:         # surfaced below
+                    errors.append(e)
+            half = d.size // 2 + 4096
+            ts = [threading.Thread(target=reader, args=(0, half)),
+                  threading.Thread(target=reader, args=(half, d.size))]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            assert not errors
+            assert_extents_consistent(d, expected)
+            core = d._parts[0].extent.core
+            assert core.cached_table_bytes <= budget
+            if budget >= 1 << 20:
+                assert core.cached_table_bytes > 0

@@ -44,6 +44,9 @@ MARKER_EOS, MARKER_GT, MARKER_GD, MARKER_FOOTER = 0, 1, 2, 3
 MAX_GRAIN_SECTORS = 2048
 MAX_GTES_PER_GT = 512 * 8
 MAX_CAPACITY_SECTORS = (1 << 62) // SECTOR
+#: grain tables kept in memory per extent (4 bytes per grain: 128 MiB covers 2 TiB of 64 KiB
+#: grains); past it, tables are re-read per thread as they are needed
+GT_CACHE_BYTES = 128 << 20
 
 _HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")   # 79 bytes, then padding to 512
 
@@ -184,7 +187,8 @@ class SparseExtent:
         self.core = _vmdk.SparseCore(
             fd, self.file_size, self.size, h.grain_bytes, h.gtes_per_gt, gd,
             h.compressed, h.has_markers, h.overhead * SECTOR,
-            h.gd_offset * SECTOR, h.n_gts * 4, None if fd >= 0 else self.file)
+            h.gd_offset * SECTOR, h.n_gts * 4, None if fd >= 0 else self.file,
+            GT_CACHE_BYTES)
 
     def _read_footer(self, first: SparseHeader) -> SparseHeader:
         """gdOffset == GD_AT_END: the footer (3 sectors before the end) has the real header."""
