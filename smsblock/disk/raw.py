@@ -31,7 +31,7 @@ class RawDisk(Disk):
             file_size = st.st_size
             self._sparse_aware = hasattr(os, "SEEK_DATA")
         else:
-            os.close(self._fd)
+            self.close()
             raise DiskError("not a regular file or block device", self.path)
         self.size = file_size if size is None else size
         self._file_size = file_size
