@@ -90,6 +90,19 @@ def _precondition_failed(exc: BaseException) -> bool:
             or http_status(exc) in (409, 412))
 
 
+def _parts_fit(parts: dict, size: int, part_size: int) -> bool:
+    """Whether uploaded ``parts`` ({number: (size, ...)}) are the parts of a ``size``-byte
+    file cut in ``part_size`` pieces (so they can be kept when resuming)."""
+    if part_size <= 0:
+        return False
+    n = (size + part_size - 1) // part_size
+    for number, (psize, *_rest) in parts.items():
+        want = part_size if number < n else size - (n - 1) * part_size if number == n else -1
+        if psize != want:
+            return False
+    return True
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -366,8 +379,70 @@ class S3Store(Store):
         return self._where(self._pack_rel(pack_id))
 
     def staging_path(self, suffix: str) -> str:
+        # the pid in the name tells a later run whether the file's writer is gone
         os.makedirs(self.staging_dir, exist_ok=True)
-        return os.path.join(self.staging_dir, f"{uuid.uuid4().hex}{suffix}")
+        return os.path.join(self.staging_dir, f"{os.getpid()}-{uuid.uuid4().hex}{suffix}")
+
+    def initialise(self, config=None):
+        """Create the store if needed; then finish the uploads of sealed packs that dead
+        runs on this machine left staged (see :meth:`resume_staged_packs`)."""
+        cfg = super().initialise(config)
+        self.resume_staged_packs()
+        return cfg
+
+    def resume_staged_packs(self) -> list[str]:
+        """Upload sealed packs left in the staging folder by runs that no longer run (a
+        SIGKILL or a lost network during an upload), sending only the parts their
+        incomplete multipart upload lacks.  Unsealed or damaged files are left for prune.
+        Returns the pack ids made visible."""
+        done = []
+        try:
+            names = sorted(os.listdir(self.staging_dir))
+        except FileNotFoundError:
+            return done
+        uploads: dict[str, list[str]] | None = None
+        for name in names:
+            pid, _, rest = name.partition("-")
+            if not name.endswith(".pack.tmp") or not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            path = os.path.join(self.staging_dir, name)
+            pack_id = self._sealed_pack_id(path)
+            if pack_id is None:
+                continue
+            if uploads is None:
+                uploads = {}
+                for key, uid in self._multipart_uploads():
+                    uploads.setdefault(key, []).append(uid)
+            rel = self._pack_rel(pack_id)
+            pending = uploads.get(self._key(rel), [])
+            log.info("%s: finishing the upload a dead run left (%s)", self.pack_name(pack_id),
+                     f"{len(pending)} incomplete upload(s)" if pending else "not started")
+            try:
+                self._put_pack_resuming(pack_id, path, pending)
+            except (StoreError, self._bx.ClientError) as e:
+                # not fatal: the run stores these blocks again, prune clears what is left
+                log.warning("%s: cannot finish the upload a dead run left: %s",
+                            self.pack_name(pack_id), e)
+                continue
+            done.append(pack_id)
+        return done
+
+    def _sealed_pack_id(self, path: str) -> str | None:
+        """The id of a complete, intact pack file, else None."""
+        from ..pack import verify_pack
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                def read(o, n):
+                    return os.pread(f.fileno(), n, o)
+                _, index = read_index(read, size, path, check_id=False)
+                pack_id = pack_id_of(index.tobytes())
+                _, good, problems = verify_pack(read, size, f"{pack_id}.pack", self.config.address)
+        except (OSError, StoreError):
+            return None
+        if problems or good is None or not good.all():
+            return None
+        return pack_id
 
     def pack_index(self, pack_id: str, size: int) -> np.ndarray:
         """A pack's index: from the local index cache when it holds bytes whose SHA-256 is
@@ -414,6 +489,10 @@ class S3Store(Store):
         return self._call(f"look for {self._where(rel)}", go)
 
     def put_pack(self, pack_id: str, staged_path: str) -> None:
+        self._put_pack_resuming(pack_id, staged_path, [])
+
+    def _put_pack_resuming(self, pack_id: str, staged_path: str, upload_ids: list[str]) -> None:
+        """put_pack, continuing one of ``upload_ids`` (incomplete uploads of this key)."""
         rel = self._pack_rel(pack_id)
         try:
             size = os.path.getsize(staged_path)
@@ -421,6 +500,8 @@ class S3Store(Store):
             raise StoreError(f"{staged_path}: staged pack unreadable: {e.strerror}") from None
         if self._remote_size(rel) == size:
             log.info("%s: already in the store, not sent again", self.pack_name(pack_id))
+        elif upload_ids:
+            self._multipart_upload(rel, staged_path, size, resume=upload_ids)
         elif size < self.settings.multipart_threshold:
             with open(staged_path, "rb") as f:
                 data = f.read()
@@ -437,12 +518,40 @@ class S3Store(Store):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(staged_path)
 
-    def _multipart_upload(self, rel: str, path: str, size: int) -> None:
+    def _uploaded_parts(self, key: str, upload_id: str) -> dict[int, tuple[int, str, str]]:
+        """``{part number: (size, ETag, hex MD5 or "")}`` of an incomplete upload."""
+        out, marker = {}, 0
+        while True:
+            r = self._call(f"list parts of upload {upload_id} of s3://{self.bucket}/{key}",
+                           lambda m=marker: self.client.list_parts(Bucket=self.bucket, Key=key,
+                                                                   UploadId=upload_id, PartNumberMarker=m))
+            for p in r.get("Parts", []):
+                etag = p["ETag"]
+                out[int(p["PartNumber"])] = (int(p["Size"]), etag, etag.strip('"').lower())
+            if not r.get("IsTruncated"):
+                return out
+            marker = int(r["NextPartNumberMarker"])
+
+    def _multipart_upload(self, rel: str, path: str, size: int, resume: list[str] = ()) -> None:
         key, where = self._key(rel), self._where(rel)
-        upload_id = self._call(f"start multipart upload of {where}", lambda: self.client.create_multipart_upload(
-            Bucket=self.bucket, Key=key)["UploadId"])
         part_size = self.settings.part_size
         n_parts = (size + part_size - 1) // part_size
+        have: dict[int, tuple[int, str, str]] = {}
+        upload_id = None
+        for uid in resume:           # continue an upload a dead run began, with its part size
+            try:
+                parts = self._uploaded_parts(key, uid)
+            except self._bx.ClientError:
+                continue
+            upload_id = uid
+            guess = max((p[0] for p in parts.values()), default=part_size)
+            if _parts_fit(parts, size, guess):
+                part_size, have = guess, parts
+                n_parts = (size + part_size - 1) // part_size
+            break
+        if upload_id is None:
+            upload_id = self._call(f"start multipart upload of {where}", lambda: self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=key)["UploadId"])
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         failed = threading.Event()
 
@@ -452,6 +561,10 @@ class S3Store(Store):
             offset = (number - 1) * part_size
             data = os.pread(fd, min(part_size, size - offset), offset)
             md5 = _md5_b64(data)
+            known = have.get(number)
+            if known is not None and known[0] == len(data) and \
+                    known[2] == hashlib.md5(data).hexdigest():
+                return {"PartNumber": number, "ETag": known[1]}      # already there: not resent
             r = self._call(f"upload part {number} of {n_parts} of {where}", lambda: self.client.upload_part(
                 Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
                 Body=self._body(data), ContentMD5=md5, ContentLength=len(data)))
