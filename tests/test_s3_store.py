@@ -659,3 +659,57 @@ def test_killed_mid_multipart_the_next_run_sends_only_the_missing_parts(tmp_path
     assert verify(store).ok
     prune(store, "m", 1)
     assert verify(new_store(url)).leftovers == []
+
+
+class _CountingBucket:
+    def __init__(self):
+        self.paid = 0
+
+    def consume(self, n):
+        assert n > 0
+        self.paid += n
+
+
+@hsettings(max_examples=60)
+@given(st.binary(max_size=300_000), st.lists(st.tuples(st.sampled_from(["read", "seek"]),
+                                                       st.integers(-1, 200_000)), max_size=12))
+def test_throttled_body_reads_like_bytesio_and_pays_each_byte_once(data, ops):
+    import io
+    counter = _CountingBucket()
+    body, ref = ThrottledBody(data, counter), io.BytesIO(data)
+    reached = 0
+    for op, n in ops:
+        if op == "read":
+            start = ref.tell()
+            got = body.read(n)
+            want = ref.read(n) if n < 0 else ref.read(min(n, 64 << 10))
+            assert got == want
+            if got:
+                reached = max(reached, start + len(got))
+        else:
+            pos = max(0, n)
+            assert body.seek(pos) == ref.seek(pos)
+        assert body.tell() == ref.tell()
+    assert counter.paid == reached
+
+
+def test_store_at_the_bucket_root(tmp_path, moto, bucket):
+    store = new_store(f"s3://{bucket}")
+    assert store.url == f"s3://{bucket}"
+    store.initialise()
+    disk = tmp_path / "disk.raw"
+    content = make_disk(disk, 16)
+    replicate(disk, store, "root", block_size=BS)
+    assert "config.json" in keys(moto, bucket)
+    out = tmp_path / "out.raw"
+    restore(open_store(f"s3://{bucket}/"), "root", out)
+    assert out.read_bytes() == content
+    moto.boto3_client("s3").put_object(Bucket=bucket, Key="x/other", Body=b"1")
+    other = f"s3://{bucket}-2"
+    moto.boto3_client("s3").create_bucket(Bucket=other[5:])
+    moto.boto3_client("s3").put_object(Bucket=other[5:], Key="someone-else.txt", Body=b"1")
+    from smsblock.errors import StoreError
+    with pytest.raises(StoreError, match="not a smsblock store"):
+        new_store(other).initialise()
+    with pytest.raises(UsageError):
+        open_store(f"s3://{bucket}/a/../b")
