@@ -79,6 +79,7 @@ cdef extern from *:
     uint32_t smsb_le32(const uint8_t *p) nogil
     uint64_t smsb_le64(const uint8_t *p) nogil
     uint32_t le32toh(uint32_t v) nogil
+    uint64_t le64toh(uint64_t v) nogil
 
 
 # error kinds (what the Python layer raises) and details (what the message says)
@@ -107,6 +108,7 @@ cdef enum:
     D_READ_FAILED = 12
     D_NOMEM = 13
     D_SOURCE = 14
+    D_SE_ENTRY = 15
 
 cdef struct Err:
     int kind
@@ -199,6 +201,8 @@ cdef class SparseCore:
     cdef uint32_t **gts
     cdef uint32_t *empty_gt
     cdef bint compressed, markers
+    cdef bint se                # seSparse: 64-bit GT entries, translated when loaded
+    cdef uint64_t se_grains     # seSparse: first sector of the grain area
     cdef size_t max_compressed
     cdef list pool
     cdef uint64_t cache_budget, cached
@@ -208,7 +212,8 @@ cdef class SparseCore:
     def __cinit__(self, int fd, uint64_t file_size, uint64_t capacity, uint64_t grain,
                   uint32_t gtes_per_gt, const uint32_t[::1] gd, bint compressed,
                   bint markers, uint64_t meta_end, uint64_t gd_at, uint64_t gd_len,
-                  source=None, uint64_t gt_cache_bytes=128 << 20):
+                  source=None, uint64_t gt_cache_bytes=128 << 20,
+                  bint sesparse=False, uint64_t sesparse_grains=0):
         cdef size_t i
         import threading
         self.fd = fd
@@ -227,6 +232,8 @@ cdef class SparseCore:
             raise ValueError("grain directory too short for the capacity")
         self.compressed = compressed
         self.markers = markers
+        self.se = sesparse
+        self.se_grains = sesparse_grains
         self.pool = []
         self.cache_budget = gt_cache_bytes
         self.cached = 0
@@ -293,9 +300,10 @@ cdef class SparseCore:
         """
         cdef uint32_t *t = smsb_gt_get(&self.gts[i])
         cdef uint64_t at, nbytes
+        cdef uint64_t file_bytes
         cdef ssize_t r
         cdef uint32_t k
-        cdef bint cached
+        cdef bint cached, ok
         if t != NULL:
             return t
         if self.gd[i] == 0:
@@ -303,10 +311,11 @@ cdef class SparseCore:
             return self.empty_gt
         at = <uint64_t>self.gd[i] * SECTOR
         nbytes = <uint64_t>self.gtes_per_gt * 4
+        file_bytes = nbytes * 2 if self.se else nbytes
         if at < SECTOR:
             set_err(err, E_GT, D_GT_IN_HEADER, self.gd_at + 4 * i, self.gd[i], 0)
             return NULL
-        if at + nbytes > self.file_size:
+        if at + file_bytes > self.file_size:
             set_err(err, E_GT, D_GT_PAST_EOF, self.gd_at + 4 * i, self.gd[i], 0)
             return NULL
         if sp.gt_tmp_index == <int64_t>i:
@@ -324,16 +333,21 @@ cdef class SparseCore:
                 smsb_unreserve(&self.cached, nbytes)
             set_err(err, E_NOMEM, D_NOMEM, <int64_t>at, nbytes, 0)
             return NULL
-        r = self.fill(<uint8_t *>t, nbytes, <int64_t>at, err)
-        if r < 0 or <uint64_t>r != nbytes:
+        if self.se:
+            ok = self.load_se_table(t, at, err) == 0
+        else:
+            r = self.fill(<uint8_t *>t, nbytes, <int64_t>at, err)
+            ok = r == <ssize_t>nbytes
+            if r >= 0 and not ok:
+                set_err(err, E_TRUNCATED, D_SHORT_READ, <int64_t>(at + <uint64_t>r), nbytes, 0)
+            if ok:
+                for k in range(self.gtes_per_gt):
+                    t[k] = le32toh(t[k])
+        if not ok:
             if cached:
                 free(t)
                 smsb_unreserve(&self.cached, nbytes)
-            if r >= 0:
-                set_err(err, E_TRUNCATED, D_SHORT_READ, <int64_t>(at + <uint64_t>r), nbytes, 0)
             return NULL
-        for k in range(self.gtes_per_gt):
-            t[k] = le32toh(t[k])
         if not cached:
             sp.gt_tmp_index = i
         elif not smsb_gt_publish(&self.gts[i], t):
@@ -341,6 +355,49 @@ cdef class SparseCore:
             smsb_unreserve(&self.cached, nbytes)
             t = smsb_gt_get(&self.gts[i])
         return t
+
+    cdef int load_se_table(self, uint32_t *t, uint64_t at, Err *err) noexcept nogil:
+        """Read a seSparse grain table (64-bit entries) at ``at`` into 32-bit GT entries.
+
+        Entry types (top nibble): 0 unallocated (the rest must be 0), 1 unmapped and
+        2 zero (both read as zeros), 3 allocated: a grain number split over bits 0-47
+        (high part) and 48-59 (low 12 bits), counted in grains from the grain area.
+        """
+        cdef uint64_t nbytes = <uint64_t>self.gtes_per_gt * 8
+        cdef uint64_t *raw = <uint64_t *>malloc(nbytes)
+        cdef uint64_t e, grain_no, sector, kind
+        cdef ssize_t r
+        cdef uint32_t k
+        if raw == NULL:
+            set_err(err, E_NOMEM, D_NOMEM, <int64_t>at, nbytes, 0)
+            return -1
+        r = self.fill(<uint8_t *>raw, nbytes, <int64_t>at, err)
+        if r < 0 or <uint64_t>r != nbytes:
+            if r >= 0:
+                set_err(err, E_TRUNCATED, D_SHORT_READ, <int64_t>(at + <uint64_t>r), nbytes, 0)
+            free(raw)
+            return -1
+        for k in range(self.gtes_per_gt):
+            e = le64toh(raw[k])
+            kind = e >> 60
+            if kind == 0 and e == 0:
+                t[k] = GTE_UNALLOCATED
+            elif kind == 1 or kind == 2:
+                t[k] = GTE_ZERO
+            elif kind == 3:
+                grain_no = ((e & 0x0FFF000000000000ULL) >> 48) | ((e & 0x0000FFFFFFFFFFFFULL) << 12)
+                sector = self.se_grains + grain_no * self.grain_sectors
+                if grain_no > 0xFFFFFFFFULL or sector > 0xFFFFFFFFULL:
+                    set_err(err, E_GT, D_SE_ENTRY, <int64_t>(at + 8 * k), e, 0)
+                    free(raw)
+                    return -1
+                t[k] = <uint32_t>sector
+            else:
+                set_err(err, E_GT, D_SE_ENTRY, <int64_t>(at + 8 * k), e, 0)
+                free(raw)
+                return -1
+        free(raw)
+        return 0
 
     cdef int entry(self, uint64_t g, uint32_t *out, int64_t *where, Scratch *sp,
                    Err *err) noexcept nogil:
@@ -351,7 +408,7 @@ cdef class SparseCore:
         if t == NULL:
             return -1
         out[0] = t[k]
-        where[0] = <int64_t>(<uint64_t>self.gd[i] * SECTOR + 4 * k)
+        where[0] = <int64_t>(<uint64_t>self.gd[i] * SECTOR + (8 if self.se else 4) * k)
         return 0
 
     cdef int check_grain(self, uint64_t g, uint32_t gte, int64_t where,
@@ -636,6 +693,8 @@ cdef class SparseCore:
             msg = f"compressed grain inflates to {a} bytes, fewer than the {b} it must hold"
         elif d == D_SHORT_READ:
             msg = f"file ends before the {a} bytes it should hold here"
+        elif d == D_SE_ENTRY:
+            msg = f"seSparse grain table entry {a:#018x} is of no known type (or too large)"
         elif d == D_SOURCE:
             msg = "read failed"
         elif d == D_READ_FAILED:

@@ -22,7 +22,8 @@ from smsblock.disk.vmdk import open_vmdk
 from smsblock.errors import (CorruptGrainError, CorruptGrainTableError, CorruptHeaderError,
                              DescriptorError, DiskFormatError, TruncatedDiskError,
                              UnsafeExtentPathError, UnsupportedFormatError)
-from vmdk_images import build_cowd, qemu_convert, vmdkstream_convert, write_raw
+from vmdk_images import (build_cowd, build_sesparse, qemu_convert, vmdkstream_convert,
+                         write_raw)
 
 KiB, MiB = 1 << 10, 1 << 20
 HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")
@@ -280,7 +281,7 @@ def test_outside_paths_allowed_explicitly(tmp_path):
     ('RW 99999999999999999999 FLAT "d-flat.vmdk" 0', DescriptorError, "sectors"),
     ('RW 8 BOGUS "d-flat.vmdk"', DescriptorError, "unknown extent type"),
     ('RW 8 VMFSSPARSE "d-flat.vmdk"', UnsupportedFormatError, "COWD"),
-    ('RW 8 SESPARSE "d-flat.vmdk"', UnsupportedFormatError, "not read"),
+    ('RW 8 SESPARSE "d-flat.vmdk"', UnsupportedFormatError, "seSparse"),
     ('RW 8 SPARSE "d-flat.vmdk"', UnsupportedFormatError, "KDMV"),
     ('RW eight FLAT "d-flat.vmdk" 0', DescriptorError, None),
     ('CID=zz\nRW 8 FLAT "d-flat.vmdk" 0', DescriptorError, "hexadecimal"),
@@ -332,6 +333,7 @@ def fuzz_corpus(tmp_path_factory, vmdk_samples) -> dict[str, bytes]:
         "footer": vmdkstream_convert(raw, folder / "c.vmdk").read_bytes(),
         "vmware-stream": (vmdk_samples / "streamOptimized.vmdk").read_bytes(),
         "cowd": build_cowd(raw.read_bytes()[:size - size % 512], 8, 1),
+        "sesparse": build_sesparse(raw.read_bytes()[:size - size % 512], 2, 3),
     }
     return corpus
 
@@ -339,6 +341,11 @@ def fuzz_corpus(tmp_path_factory, vmdk_samples) -> dict[str, bytes]:
 def metadata_offsets(data: bytes) -> list[int]:
     """Offsets worth damaging: header fields, GD/GT entries, descriptor, grain markers."""
     spots = list(range(0, 80)) + list(range(512, 1024, 7))
+    if data[:8] == struct.pack("<Q", 0xCAFEBABE):
+        gd_at = struct.unpack_from("<Q", data, 128)[0] * 512
+        gts_at = struct.unpack_from("<Q", data, 144)[0] * 512
+        return spots + list(range(512, 560)) + [s for s in range(gd_at, gd_at + 64)] + \
+            [s for s in range(gts_at, min(gts_at + 1024, len(data)))]
     if data[:4] == b"COWD":
         gd_at = struct.unpack_from("<I", data, 20)[0] * 512
         gt_at = struct.unpack_from("<I", data, gd_at)[0] * 512
@@ -378,7 +385,8 @@ _fuzz_clock: dict[str, float] = {}
 @pytest.mark.timeout(120)
 @settings(max_examples=400, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
-@given(name=st.sampled_from(["sparse", "stream", "footer", "vmware-stream", "cowd"]),
+@given(name=st.sampled_from(["sparse", "stream", "footer", "vmware-stream", "cowd",
+                             "sesparse"]),
        mutations=st.lists(mutation, min_size=1, max_size=4))
 def test_fuzz_mutated_images_fail_cleanly(tmp_path_factory, fuzz_corpus, name, mutations):
     start = _fuzz_clock.setdefault("start", time.monotonic())
@@ -505,3 +513,41 @@ def test_directory_pointing_everywhere_at_one_table_stays_bounded(tmp_path, monk
         # every table is the first one: its one data grain shows up once per table
         assert len(exts) == n_gts and all(e.length == 65536 for e in exts)
     assert time.monotonic() - t < 10
+
+
+@pytest.mark.parametrize("offset,value,cls,match", [
+    (8, struct.pack("<Q", 0x0000000300000001), UnsupportedFormatError, "version"),
+    (24, struct.pack("<Q", 16), UnsupportedFormatError, "grain"),
+    (40, struct.pack("<Q", 1), UnsupportedFormatError, "flags"),
+    (16, struct.pack("<Q", 1 << 61), CorruptHeaderError, "absurd"),
+    (512, struct.pack("<Q", 0xBAD), CorruptHeaderError, "volatile"),
+    (512 + 24, struct.pack("<Q", 1), UnsupportedFormatError, "journal"),
+    (8 * 512, struct.pack("<Q", 0x2000000000000000), CorruptGrainTableError, "directory"),
+])
+def test_sesparse_header_damage(tmp_path, offset, value, cls, match):
+    data = bytearray(build_sesparse(os.urandom(64 * KiB) + bytes(MiB), 1))
+    data[offset:offset + len(value)] = value
+    p = tmp_path / "d-sesparse.vmdk"
+    p.write_bytes(bytes(data))
+    with pytest.raises(cls, match=match) as err:
+        open_and_read(p.parent / _sesparse_descriptor(p))
+    assert_located(err.value, p)
+
+
+def _sesparse_descriptor(extent: Path) -> str:
+    from vmdk_images import sesparse_descriptor
+    size = struct.unpack_from("<Q", extent.read_bytes(), 16)[0]
+    return sesparse_descriptor(extent.parent, "d", extent, min(size, 1 << 40)).name
+
+
+def test_sesparse_table_entry_of_unknown_type(tmp_path):
+    data = bytearray(build_sesparse(os.urandom(64 * KiB) + bytes(MiB), 1))
+    gts_at = struct.unpack_from("<Q", data, 144)[0] * 512
+    first = next(i for i in range(0, 32768, 8) if struct.unpack_from("<Q", data, gts_at + i)[0])
+    data[gts_at + first:gts_at + first + 8] = struct.pack("<Q", 0x5000000000000001)
+    p = tmp_path / "d-sesparse.vmdk"
+    p.write_bytes(bytes(data))
+    with smsblock.open_disk(tmp_path / _sesparse_descriptor(p)) as d:
+        with pytest.raises(CorruptGrainTableError, match="no known type") as err:
+            d.read(0, d.size)
+    assert err.value.offset == gts_at + first

@@ -17,7 +17,7 @@ import smsblock
 from smsblock.disk import ExtentKind
 from conftest import qemu_raw_bytes
 from vmdk_images import (QEMU_SUBFORMATS, build_cowd, make_child, oracle_raw, qemu_convert,
-                         qemu_io, vmfs_sparse_descriptor,
+                         qemu_io, vmfs_sparse_descriptor, build_sesparse, sesparse_descriptor,
                          vmdkstream_convert, vmfs_descriptor, write_raw)
 
 KiB = 1 << 10
@@ -152,4 +152,32 @@ def test_vmfs_sparse_redo_logs_read_like_qemu(tmp_path_factory, runs, grain, see
     check_disk(img, expected, random.Random(seed))
     with smsblock.open_disk(img) as d:
         assert d.info.create_type == "vmfsSparse" and d.info.extents[0].type == "VMFSSPARSE"
+        assert (d.info.parent is not None) == as_delta
+
+
+@settings(max_examples=8)
+@given(runs=disk_runs, seed=st.integers(0, 1000), zero_grains=st.integers(0, 20),
+       as_delta=st.booleans())
+def test_sesparse_snapshot_deltas_read_like_qemu(tmp_path_factory, runs, seed, zero_grains,
+                                                 as_delta):
+    """ESXi seSparse extents (VMFS6 snapshots), alone or as the delta of a vmfs base disk."""
+    folder = tmp_path_factory.mktemp("sesparse")
+    content = build(runs)
+    content += bytes(-len(content) % 512)
+    delta = folder / "d-sesparse.vmdk"
+    delta.write_bytes(build_sesparse(content, seed, zero_grains))
+    sectors = len(content) // 512
+    if as_delta:
+        base_raw = folder / "base.raw"
+        base_raw.write_bytes(bytes([0x6D]) * len(content))
+        vmfs_descriptor(folder, "base", base_raw, thin=False)
+        img = sesparse_descriptor(folder, "d", delta, sectors, "base.vmdk", 0x0A0B0C0D)
+    else:
+        img = sesparse_descriptor(folder, "d", delta, sectors)
+    expected = oracle_raw(img, folder)
+    if not as_delta:
+        assert expected == content                    # qemu reads the extent we built
+    check_disk(img, expected, random.Random(seed))
+    with smsblock.open_disk(img) as d:
+        assert d.info.create_type == "seSparse" and d.info.extents[0].type == "SESPARSE"
         assert (d.info.parent is not None) == as_delta

@@ -159,3 +159,63 @@ def vmfs_sparse_descriptor(folder: Path, name: str, delta: Path, capacity: int,
         f"# Extent description\nRW {capacity} VMFSSPARSE \"{delta.name}\"\n\n"
         "# The Disk Data Base\n#DDB\n\nddb.adapterType = \"lsilogic\"\n")
     return desc
+
+
+def build_sesparse(content: bytes, seed: int = 0, zero_grains: int = 0) -> bytes:
+    """An ESXi seSparse extent (VMFS6 snapshot delta) holding ``content``.
+
+    Only ESXi writes seSparse, so the tests build it from the layout qemu's reader checks:
+    a const header (magic 0xcafebabe, version 2.1, 4 KiB grains, 32 KiB grain tables of
+    4096 64-bit entries), a volatile header (0xcafecafe, no journal to replay), a grain
+    directory of entries 0x10000000_<table number>, the tables, then the grains in a
+    shuffled order.  Table entries: 0 unallocated, 0x2... zero, 0x3... allocated with the
+    grain number's low 12 bits in bits 48-59 and the rest in bits 0-47.  The first
+    ``zero_grains`` all-zero grains are stored as zero entries instead of unallocated.
+    """
+    import random
+    import struct
+    assert len(content) % 512 == 0
+    capacity = len(content) // 512
+    n_grains = -(-capacity // 8)
+    n_gts = max(1, -(-n_grains // 4096))
+    gd_sectors = -(-n_gts * 8 // 512)
+    gd_at, gts_at = 8, 8 + gd_sectors
+    grains_at = gts_at + n_gts * 64
+    rnd = random.Random(seed)
+    used = [g for g in range(n_grains) if content[g * 4096:(g + 1) * 4096].strip(b"\0")]
+    zeros = [g for g in range(n_grains) if g not in set(used)][:zero_grains]
+    order = sorted(used, key=lambda g: (g // 3, rnd.random()))
+    tables = [0] * (n_gts * 4096)
+    body = bytearray()
+    for number, g in enumerate(order):
+        tables[g] = (0x3 << 60) | ((number & 0xFFF) << 48) | (number >> 12)
+        body += content[g * 4096:(g + 1) * 4096].ljust(4096, b"\0")
+    for g in zeros:
+        tables[g] = 0x2 << 60
+    # tables are numbered in reverse, to check the directory is followed, not assumed
+    gd = [0x1000000000000000 | (n_gts - 1 - i) for i in range(n_gts)]
+    table_bytes = bytearray(n_gts * 32768)
+    for i in range(n_gts):
+        slot = n_gts - 1 - i
+        table_bytes[slot * 32768:(slot + 1) * 32768] = struct.pack(
+            "<4096Q", *tables[i * 4096:(i + 1) * 4096])
+    const = struct.pack("<26Q", 0xCAFEBABE, 0x0000000200000001, capacity, 8, 64, 0, 0, 0, 0, 0,
+                        1, 1, 2, 1, 3, 5, gd_at, gd_sectors, gts_at, n_gts * 64, 0, 0, 0, 0,
+                        grains_at, len(body) // 512).ljust(512, b"\0")
+    volatile = struct.pack("<4Q", 0xCAFECAFE, 0, 1, 0).ljust(512, b"\0")
+    meta = const + volatile + bytes(6 * 512)
+    meta += struct.pack(f"<{n_gts}Q", *gd).ljust(gd_sectors * 512, b"\0") + bytes(table_bytes)
+    return meta + bytes(body)
+
+
+def sesparse_descriptor(folder: Path, name: str, delta: Path, capacity: int,
+                        parent: str | None = None, parent_cid: int = 0xFFFFFFFF) -> Path:
+    """An ESXi seSparse descriptor (a VMFS6 snapshot's -000001.vmdk)."""
+    desc = folder / f"{name}.vmdk"
+    hint = f'parentFileNameHint="{parent}"\n' if parent else ""
+    desc.write_text(
+        "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID=5678abcd\n"
+        f"parentCID={parent_cid:08x}\ncreateType=\"seSparse\"\n{hint}\n"
+        f"# Extent description\nRW {capacity} SESPARSE \"{delta.name}\"\n\n"
+        "# The Disk Data Base\n#DDB\n\nddb.adapterType = \"lsilogic\"\n")
+    return desc

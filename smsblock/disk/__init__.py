@@ -12,7 +12,8 @@ __all__ = ["open_disk", "detect_format", "Disk", "DiskInfo", "Extent", "ExtentFi
            "ExtentKind", "RawDisk"]
 
 SPARSE_MAGIC = b"KDMV"      # VMDK hosted sparse extent header
-COWD_MAGIC = b"COWD"        # ESX vmfsSparse (not read)
+COWD_MAGIC = b"COWD"        # ESX vmfsSparse redo log
+SESPARSE_MAGIC = b"\xbe\xba\xfe\xca\0\0\0\0"   # ESXi seSparse (VMFS6 snapshots)
 DESCRIPTOR_SIGNATURE = b"# Disk DescriptorFile"
 
 
@@ -23,7 +24,7 @@ def detect_format(path) -> str:
             head = f.read(1024)
     except OSError as e:
         raise DiskIOError(f"cannot open: {e.strerror}", os.fspath(path)) from None
-    if head[:4] in (SPARSE_MAGIC, COWD_MAGIC):
+    if head[:4] in (SPARSE_MAGIC, COWD_MAGIC) or head[:8] == SESPARSE_MAGIC:
         return "vmdk"
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if text.startswith(DESCRIPTOR_SIGNATURE) or (

@@ -27,7 +27,7 @@ MAX_DISK_BYTES = 1 << 62
 
 NO_PARENT_CID = 0xFFFFFFFF
 ACCESS_MODES = ("RW", "RDONLY", "NOACCESS")
-#: extent types we know; SESPARSE (ESXi 6.5+ snapshots) is recognised but refused
+#: extent types we know (VMFSSPARSE: ESX redo logs, COWD; SESPARSE: VMFS6 snapshots)
 EXTENT_TYPES = ("SPARSE", "FLAT", "VMFS", "VMFSRDM", "VMFSRAW", "ZERO",
                 "VMFSSPARSE", "SESPARSE")
 FLAT_TYPES = ("FLAT", "VMFS", "VMFSRDM", "VMFSRAW")

@@ -141,6 +141,56 @@ def parse_cowd_header(raw: bytes, path: str) -> SparseHeader:
     return h
 
 
+#: ESXi seSparse extents (snapshots on VMFS6): 64-bit headers and grain table entries
+SESPARSE_MAGIC = struct.pack("<Q", 0xCAFEBABE)
+SESPARSE_VOLATILE_MAGIC = 0xCAFECAFE
+SESPARSE_VERSION = 0x0000000200000001
+_SE_HEADER = struct.Struct("<26Q")            # const header fields, then 304 bytes of zeros
+
+
+@dataclass(slots=True)
+class SeSparseLayout:
+    grain_dir_offset: int       # sectors
+    grain_dir_entries: int
+    grain_tables_offset: int    # sectors
+    grains_offset: int          # sectors
+
+
+def parse_sesparse_header(raw: bytes, path: str) -> tuple[SparseHeader, SeSparseLayout, int]:
+    """Decode a seSparse const header: (header, layout, volatile header sector).
+
+    The format is not published; like qemu, only the one variant ESXi writes is accepted
+    (version 2.1, 4 KiB grains, 4096-entry grain tables, no flags, zero reserved fields).
+    """
+    if len(raw) < 512:
+        raise TruncatedDiskError("seSparse header is cut short", path, 0)
+    (magic, version, capacity, grain, gt_size, flags, r1, r2, r3, r4, vol_off, _vol_size,
+     _jh_off, _jh_size, _j_off, _j_size, gd_off, gd_size, gts_off, _gts_size, _fb_off,
+     _fb_size, _bm_off, _bm_size, grains_off, _grains_size) = _SE_HEADER.unpack_from(raw)
+    if magic != 0xCAFEBABE:
+        raise CorruptHeaderError(f"bad seSparse magic {magic:#x}", path, 0)
+    if version != SESPARSE_VERSION:
+        raise UnsupportedFormatError(f"seSparse version {version:#018x}", path, 8)
+    if grain != 8:
+        raise UnsupportedFormatError(f"seSparse grain of {grain} sectors (8 are read)", path, 24)
+    if gt_size != 64:
+        raise UnsupportedFormatError(f"seSparse grain table of {gt_size} sectors (64 are read)",
+                                     path, 32)
+    if flags or r1 or r2 or r3 or r4 or raw[208:512].strip(b"\0"):
+        raise UnsupportedFormatError("seSparse flags or reserved fields set", path, 40)
+    if capacity > MAX_CAPACITY_SECTORS:
+        raise CorruptHeaderError(f"capacity of {capacity} sectors is absurd", path, 16)
+    h = SparseHeader(version=2, flags=0, capacity=capacity, grain_sectors=8,
+                     descriptor_offset=0, descriptor_size=0, gtes_per_gt=gt_size * 512 // 8,
+                     rgd_offset=0, gd_offset=gd_off, overhead=min(grains_off, MAX_CAPACITY_SECTORS),
+                     unclean_shutdown=0, check_bytes=b"", compress_algorithm=COMPRESS_NONE)
+    layout = SeSparseLayout(gd_off, gd_size * 512 // 8, gts_off, grains_off)
+    if layout.grain_dir_entries < h.n_gts:
+        raise CorruptGrainTableError(f"seSparse grain directory has {layout.grain_dir_entries} "
+                                     f"entries, the capacity needs {h.n_gts}", path, 136)
+    return h, layout, vol_off
+
+
 class SparseExtent:
     """One ``KDMV`` sparse extent file, read through the native core.
 
@@ -174,21 +224,62 @@ class SparseExtent:
                                      "sparse header", self.path, 0)
         raw = self._pread(SECTOR, 0, "sparse header")
         self.cowd = raw[:4] == COWD_MAGIC
-        h = parse_cowd_header(raw, self.path) if self.cowd else parse_header(raw, self.path, 0)
+        self.sesparse = raw[:8] == SESPARSE_MAGIC
+        se = None
+        if self.sesparse:
+            h, se, volatile_at = parse_sesparse_header(raw, self.path)
+            self._check_volatile_header(volatile_at)
+            # the grain area may start at the end of a delta nothing was written to yet
+            h.overhead = min(h.overhead, self.file_size // SECTOR)
+        elif self.cowd:
+            h = parse_cowd_header(raw, self.path)
+        else:
+            h = parse_header(raw, self.path, 0)
         self.first_header = h
-        if h.gd_offset == GD_AT_END and not self.cowd:
+        if h.gd_offset == GD_AT_END and not (self.cowd or self.sesparse):
             h = self._read_footer(h)
         self.header = h
         self.descriptor_bytes = self._read_embedded_descriptor(self.first_header)
         self.size = h.capacity * SECTOR
-        self._check_layout(h)
-        gd = self._read_gd(h)
+        entry_bytes = 8 if se else 4
+        self._check_layout(h, entry_bytes)
+        gd = self._read_se_gd(h, se) if se else self._read_gd(h)
         fd = self.file.fileno()
         self.core = _vmdk.SparseCore(
             fd, self.file_size, self.size, h.grain_bytes, h.gtes_per_gt, gd,
             h.compressed, h.has_markers, h.overhead * SECTOR,
-            h.gd_offset * SECTOR, h.n_gts * 4, None if fd >= 0 else self.file,
-            GT_CACHE_BYTES)
+            h.gd_offset * SECTOR, h.n_gts * entry_bytes, None if fd >= 0 else self.file,
+            GT_CACHE_BYTES, se is not None, se.grains_offset if se else 0)
+
+    def _check_volatile_header(self, at: int) -> None:
+        if at * SECTOR + SECTOR > self.file_size:
+            raise TruncatedDiskError("seSparse volatile header lies past the end of the file",
+                                     self.path, 80)
+        raw = self._pread(SECTOR, at * SECTOR, "seSparse volatile header")
+        magic, _free_gt, _txn, replay = struct.unpack_from("<4Q", raw)
+        if magic != SESPARSE_VOLATILE_MAGIC:
+            raise CorruptHeaderError(f"bad seSparse volatile header magic {magic:#x}",
+                                     self.path, at * SECTOR)
+        if replay:
+            raise UnsupportedFormatError("seSparse journal needs replaying (the disk was not "
+                                         "closed cleanly)", self.path, at * SECTOR + 24)
+
+    def _read_se_gd(self, h: SparseHeader, se: SeSparseLayout) -> np.ndarray:
+        """seSparse directory entries (0, or 0x10000000_xxxxxxxx: a table number) as sectors."""
+        if h.n_gts == 0:
+            return np.zeros(0, dtype=np.uint32)
+        at = h.gd_offset * SECTOR
+        raw = np.frombuffer(self._pread(h.n_gts * 8, at, "grain directory"), dtype="<u8")
+        used = raw != 0
+        bad = used & ((raw & np.uint64(0xFFFFFFFF00000000)) != np.uint64(0x1000000000000000))
+        sectors = np.uint64(se.grain_tables_offset) + (raw & np.uint64(0xFFFFFFFF)) * np.uint64(
+            h.gtes_per_gt * 8 // SECTOR)
+        bad |= used & (sectors > np.uint64(0xFFFFFFFF))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise CorruptGrainTableError(f"seSparse grain directory entry {int(raw[i]):#018x} "
+                                         "is not a grain table number", self.path, at + 8 * i)
+        return np.where(used, sectors, 0).astype(np.uint32)
 
     def _read_footer(self, first: SparseHeader) -> SparseHeader:
         """gdOffset == GD_AT_END: the footer (3 sectors before the end) has the real header."""
@@ -219,8 +310,8 @@ class SparseExtent:
                                      "absurdly large", self.path, 36)
         return self._pread(size, h.descriptor_offset * SECTOR, "embedded descriptor")
 
-    def _check_layout(self, h: SparseHeader) -> None:
-        gd_bytes = h.n_gts * 4
+    def _check_layout(self, h: SparseHeader, entry_bytes: int = 4) -> None:
+        gd_bytes = h.n_gts * entry_bytes
         gd_at = h.gd_offset * SECTOR
         if h.capacity and h.gd_offset == 0:
             raise CorruptHeaderError("no grain directory offset", self.path, 56)

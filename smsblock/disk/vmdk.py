@@ -24,7 +24,7 @@ from .base import Disk, DiskInfo, Extent, ExtentFile, ExtentKind, clip_extents
 from .descriptor import (FLAT_TYPES, MAX_DESCRIPTOR_BYTES, NO_PARENT_CID, Descriptor,
                          parse_descriptor)
 from .files import LocalFiles, OpenerFiles
-from .sparse import COWD_MAGIC, MAGIC, SECTOR, SparseExtent
+from .sparse import COWD_MAGIC, MAGIC, SECTOR, SESPARSE_MAGIC, SparseExtent
 #: a snapshot chain deeper than this is a loop we failed to see, or hostile
 MAX_CHAIN_DEPTH = 255
 
@@ -254,7 +254,7 @@ def _open(fs, path: str, ignore_cid: bool, allow_outside: bool, chain: list[str]
         except BaseException:
             top.close()
             raise
-        if head[:4] in (MAGIC, COWD_MAGIC):
+        if head[:4] in (MAGIC, COWD_MAGIC) or head[:8] == SESPARSE_MAGIC:
             desc, info = _open_monolithic(top, parts)
         else:
             try:
@@ -280,12 +280,13 @@ def _open_monolithic(top, parts: list[_Part]) -> tuple[Descriptor | None, DiskIn
     if extent.descriptor_bytes is not None:
         desc_at = extent.first_header.descriptor_offset * SECTOR
         desc = parse_descriptor(extent.descriptor_bytes, name, desc_at)
-    default_type = ("vmfsSparse" if extent.cowd else
+    default_type = ("vmfsSparse" if extent.cowd else "seSparse" if extent.sesparse else
                     "streamOptimized" if extent.header.compressed else "monolithicSparse")
     access = desc.extents[0].access if desc is not None and len(desc.extents) == 1 else "RW"
     info = _info(name, desc, extent.size, default_type)
     info.extents = [ExtentFile(access, extent.header.capacity,
-                               "VMFSSPARSE" if extent.cowd else "SPARSE", name)]
+                               "VMFSSPARSE" if extent.cowd else
+                               "SESPARSE" if extent.sesparse else "SPARSE", name)]
     return desc, info
 
 
@@ -310,19 +311,20 @@ def _open_descriptor_file(fs, path: str, name: str, text: bytes, parts: list[_Pa
             f = _open_extent(fs, line, path, name, allow_outside)
             file_name = f.name
             part = _FlatPart(start, length, f, line.offset * SECTOR)
-        elif line.type in ("SPARSE", "VMFSSPARSE"):
-            # like qemu, either header goes with either type: the magic decides
+        elif line.type in ("SPARSE", "VMFSSPARSE", "SESPARSE"):
+            # like qemu, the header's magic decides how a sparse extent is read
             f = _open_extent(fs, line, path, name, allow_outside)
             file_name = f.name
             try:
-                head = f.pread(4, 0)
+                head = f.pread(8, 0)
             except BaseException:
                 f.close()
                 raise
-            if head not in (MAGIC, COWD_MAGIC):
+            if head[:4] not in (MAGIC, COWD_MAGIC) and head != SESPARSE_MAGIC:
                 f.close()
-                raise UnsupportedFormatError(f"{line.type} extent is neither a hosted sparse "
-                                             "(KDMV) nor a vmfsSparse (COWD) file", file_name, 0)
+                raise UnsupportedFormatError(f"{line.type} extent is not a hosted sparse "
+                                             "(KDMV), vmfsSparse (COWD) or seSparse file",
+                                             file_name, 0)
             part = _SparsePart(start, length, SparseExtent(f))
         else:
             raise UnsupportedFormatError(f"{line.type} extents (line {line.line_no}) are not read",
