@@ -713,3 +713,38 @@ def test_store_at_the_bucket_root(tmp_path, moto, bucket):
         new_store(other).initialise()
     with pytest.raises(UsageError):
         open_store(f"s3://{bucket}/a/../b")
+
+
+def test_sequential_pack_reads_are_fetched_ahead_random_ones_exactly(tmp_path, bucket, fault_proxy):
+    url = f"s3://{bucket}/ra"
+    store = new_store(url, endpoint_url=fault_proxy.url, readahead="1M")
+    store.initialise(StoreConfig(pack_size=4 << 20))            # one pack holds the disk
+    disk = tmp_path / "disk.raw"
+    content = make_disk(disk, 17)
+    replicate(disk, store, "ra", block_size=BS)
+    packs = store.list_packs()
+    pack_id, size = max(packs.items(), key=lambda kv: kv[1])
+    fault_proxy.clear()
+    reader = new_store(url, endpoint_url=fault_proxy.url, readahead="1M")
+    out = tmp_path / "out.raw"
+    restore(reader, "ra", out)
+    assert out.read_bytes() == content
+    gets = fault_proxy.requests("GET", "/packs/")
+    # 30 blocks of ~32 KiB compressed: per pack its footer, index and a 1 MiB window or
+    # two, not one GET per block
+    assert len(gets) <= 5 * len(packs) and len(gets) < 15, [r.headers.get("range") for r in gets]
+    # a lone read is not amplified
+    expect = new_store(url, readahead=0).read_pack(pack_id, 1000, 100)
+    fault_proxy.clear()
+    lone = new_store(url, endpoint_url=fault_proxy.url, readahead="1M")
+    assert lone.read_pack(pack_id, 1000, 100) == expect
+    [r] = fault_proxy.requests("GET", pack_id)
+    assert r.headers["range"] == "bytes=1000-1099"
+    # reads from windows are the same bytes as exact reads, to the pack's end
+    whole = new_store(url, readahead=0).read_pack(pack_id, 0, size)
+    ra = new_store(url, readahead="256K")
+    pos, step = 16, 40_000
+    while pos < size:
+        assert ra.read_pack(pack_id, pos, step) == whole[pos:pos + step]
+        pos += step
+    assert ra.read_pack(pack_id, size - 10, 100) == whole[-10:]

@@ -44,6 +44,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from urllib.parse import urlparse
@@ -128,6 +129,9 @@ class S3Store(Store):
         self.retry = RetryPolicy(self.settings.retry_attempts, self.settings.retry_seconds)
         self._bucket_limit = TokenBucket(self.settings.bandwidth) if self.settings.bandwidth else None
         self._pool: ThreadPoolExecutor | None = None
+        self._ra_lock = threading.Lock()
+        self._ra_windows: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._ra_last: dict[str, int] = {}
         self._pool_lock = threading.Lock()
         self.stats = {"requests": 0, "bytes_sent": 0}
         self._stats_lock = threading.Lock()
@@ -614,8 +618,37 @@ class S3Store(Store):
         return out
 
     def read_pack(self, pack_id: str, offset: int, length: int) -> bytes:
+        """Bytes of a pack by ranged GET.  Reads that continue where the previous read of
+        the same pack ended (a restore walking a pack) fetch ``readahead`` bytes at once
+        and serve the following reads from them; other reads fetch exactly what they ask."""
         if length <= 0:
             return b""
+        ahead = self.settings.readahead
+        if not ahead or length >= ahead:
+            return self._read_range(pack_id, offset, length)
+        with self._ra_lock:
+            for (pid, start), window in self._ra_windows.items():
+                if pid == pack_id and start <= offset and offset + length <= start + len(window):
+                    self._ra_windows.move_to_end((pid, start))
+                    self._ra_last[pack_id] = offset + length
+                    return window[offset - start:offset - start + length]
+                if pid == pack_id and start <= offset < start + len(window) and len(window) < ahead:
+                    # the window reached the pack's end: this read is short there
+                    self._ra_last[pack_id] = start + len(window)
+                    return window[offset - start:]
+            last = self._ra_last.get(pack_id)
+            sequential = last is not None and last <= offset <= last + ahead // 4
+            self._ra_last[pack_id] = offset + length
+        if not sequential:
+            return self._read_range(pack_id, offset, length)
+        window = self._read_range(pack_id, offset, ahead)
+        with self._ra_lock:
+            self._ra_windows[(pack_id, offset)] = window
+            while len(self._ra_windows) > 4:          # memory: at most 4 windows
+                self._ra_windows.popitem(last=False)
+        return window[:length]
+
+    def _read_range(self, pack_id: str, offset: int, length: int) -> bytes:
         rel = self._pack_rel(pack_id)
 
         def go():
@@ -634,6 +667,10 @@ class S3Store(Store):
 
     def delete_pack(self, pack_id: str) -> None:
         self.forget_pack(pack_id)
+        with self._ra_lock:
+            for k in [k for k in self._ra_windows if k[0] == pack_id]:
+                del self._ra_windows[k]
+            self._ra_last.pop(pack_id, None)
         self._delete(self._pack_rel(pack_id), "delete pack")
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.index_cache_dir, pack_id[:2], pack_id + ".idx"))

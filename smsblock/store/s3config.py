@@ -81,6 +81,7 @@ class CloudSettings:
     retry_seconds: float = 300.0         # give up on a request after this long, whatever the count
     lock_ttl: float = 300.0              # lease of a lock object; renewed every ttl/4
     staging_dir: str | None = None       # where packs are built before upload
+    readahead: int = 4 << 20             # sequential pack reads fetch this much at once; 0 = off
     addressing_style: str = "auto"       # auto, path or virtual
 
     def __post_init__(self):
@@ -92,7 +93,7 @@ class CloudSettings:
                 value = int(value)
                 if value < 1:
                     raise UsageError(f"setting {f.name} must be at least 1, not {value}")
-            elif f.name in ("bandwidth", "part_size", "multipart_threshold"):
+            elif f.name in ("bandwidth", "part_size", "multipart_threshold", "readahead"):
                 value = parse_bytes(value, f.name)
                 if value < 0:
                     raise UsageError(f"setting {f.name} must not be negative")
