@@ -141,8 +141,7 @@ class S3Store(Store):
         url_hash = hashlib.sha256(self.url.encode()).hexdigest()[:16]
         self.staging_dir = os.path.join(os.path.expanduser(staging), url_hash)
         # pack indexes are immutable and named by their own SHA-256: safe to keep locally
-        self.index_cache_dir = os.path.join(os.path.dirname(os.path.expanduser(staging).rstrip("/")),
-                                            "index-cache", url_hash)
+        self.index_cache_dir = os.path.join(os.path.expanduser(staging), "index-cache", url_hash)
 
     def __repr__(self) -> str:
         return f"<S3Store {self.url}>"
