@@ -362,12 +362,18 @@ class EbsStore(Store):
     # -- reading snapshots back ----------------------------------------------------------------
     def snapshot_disk(self, server_id: str, run_id: str | None = None) -> "SnapshotDisk":
         """A Disk over a run's EBS snapshot, read with GetSnapshotBlock."""
-        m = self.load_manifest(server_id, run_id)
-        info = m.meta.get("ebs")
+        return self.restore_disk(self.load_manifest(server_id, run_id))
+
+    def restore_disk(self, manifest: Manifest) -> "SnapshotDisk":
+        """The disk a restore of this run reads: its snapshot, not the staged packs.  It
+        has RunDisk's ``manifest`` and ``block(i)`` too, so the engine's restore can use
+        it in place of a RunDisk."""
+        info = manifest.meta.get("ebs")
         if not info:
-            raise StoreError(f"{self.url}: run {server_id}/{m.meta.get('run_id')} has no snapshot")
-        return SnapshotDisk(self, list(info["chain"]), m.disk_size,
-                            f"{self.url}/{info['snapshot_id']}")
+            raise StoreError(f"{self.url}: run {manifest.meta.get('server_id')}/"
+                             f"{manifest.meta.get('run_id')} has no snapshot")
+        return SnapshotDisk(self, list(info["chain"]), manifest.disk_size,
+                            f"{self.url}/{info['snapshot_id']}", manifest)
 
     def restore_snapshot(self, server_id: str, out_path, *, run_id: str | None = None,
                          progress=None, cancel=None) -> str:
@@ -381,8 +387,10 @@ class EbsStore(Store):
 class SnapshotDisk(Disk):
     """A read-only Disk over an EBS snapshot chain (newest first); see :mod:`.ebs`."""
 
-    def __init__(self, store: EbsStore, chain: list[str], size: int, path: str):
+    def __init__(self, store: EbsStore, chain: list[str], size: int, path: str,
+                 manifest: Manifest | None = None):
         self.store = store
+        self.manifest = manifest
         self.chain = chain
         self.path = path
         self.size = size
@@ -406,8 +414,13 @@ class SnapshotDisk(Disk):
             kw["NextToken"] = r["NextToken"]
 
     def block(self, i: int) -> bytes | None:
+        """Block ``i``'s bytes (the last one cut to the disk's end), None when the
+        snapshot chain never had it (reads as zeros)."""
         where = self._where.get(i)
         if where is None:
+            if self.manifest is not None and self.manifest.states[i] == BlockState.DATA:
+                raise StoreCorruptError(f"block {i} is data in the run but in no snapshot of "
+                                        f"{self.chain}", self.path, i * EBS_BLOCK)
             return None
         with self._lock:
             hit = self._cache.get(i)
@@ -424,6 +437,7 @@ class SnapshotDisk(Disk):
                                         self.path, i * EBS_BLOCK)
             return data
         data = self.store._call(f"get block {i} of snapshot {snap}", get)
+        data = data[:max(0, min(EBS_BLOCK, self.size - i * EBS_BLOCK))]
         with self._lock:
             if len(self._cache) >= 4:
                 self._cache.pop(next(iter(self._cache)))
