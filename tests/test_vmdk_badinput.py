@@ -383,7 +383,7 @@ _fuzz_clock: dict[str, float] = {}
 
 
 @pytest.mark.timeout(120)
-@settings(max_examples=400, deadline=None, database=None,
+@settings(max_examples=1200, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
 @given(name=st.sampled_from(["sparse", "stream", "footer", "vmware-stream", "cowd",
                              "sesparse"]),
