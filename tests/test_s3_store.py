@@ -263,7 +263,7 @@ def test_missing_bucket_is_one_clear_line(tmp_path, moto, aws_env):
     r = cli("replicate", disk, "--store", "s3://no-such-bucket-here/x", "--server", "x", check=False)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "NoSuchBucket" in lines[0] and "create it first" in lines[0], r.stderr
+    assert len(lines) == 1 and "NoSuchBucket" in lines[0] and "create the bucket first" in lines[0], r.stderr
     with pytest.raises(PermanentStoreError, match="NoSuchBucket"):
         open_store("s3://no-such-bucket-here/x").exists()
 

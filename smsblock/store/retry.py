@@ -28,22 +28,22 @@ T = TypeVar("T")
 
 #: error codes that retrying cannot fix, with a hint of what to do
 PERMANENT_CODES = {
-    "AccessDenied": "the credentials lack permission",
-    "AccessDeniedException": "the credentials lack permission",
+    "AccessDenied": "the credentials lack permission for this",
+    "AccessDeniedException": "the credentials lack permission for this",
     "AllAccessDisabled": "access to the bucket is disabled",
     "AccountProblem": "the AWS account has a problem",
-    "NoSuchBucket": "the bucket does not exist (create it first)",
-    "InvalidBucketName": "the bucket name is invalid",
-    "InvalidAccessKeyId": "the access key id is not known (check AWS_ACCESS_KEY_ID or the profile)",
-    "SignatureDoesNotMatch": "the secret key is wrong (check AWS_SECRET_ACCESS_KEY or the profile)",
-    "UnrecognizedClientException": "the access key id is not known",
-    "InvalidClientTokenId": "the access key id is not known",
+    "NoSuchBucket": "create the bucket first, or fix the store URL",
+    "InvalidBucketName": "fix the bucket name in the store URL",
+    "InvalidAccessKeyId": "check AWS_ACCESS_KEY_ID, the profile or the config file",
+    "SignatureDoesNotMatch": "check AWS_SECRET_ACCESS_KEY, the profile or the config file",
+    "UnrecognizedClientException": "check the access key id",
+    "InvalidClientTokenId": "check the access key id",
     "ExpiredToken": "the session token has expired",
     "ExpiredTokenException": "the session token has expired",
     "InvalidToken": "the session token is invalid",
-    "AuthorizationHeaderMalformed": "the region or credentials are wrong",
-    "PermanentRedirect": "the bucket is in another region (set region)",
-    "IllegalLocationConstraintException": "the bucket is in another region (set region)",
+    "AuthorizationHeaderMalformed": "check the region and the credentials",
+    "PermanentRedirect": "the bucket is in another region: set region",
+    "IllegalLocationConstraintException": "the bucket is in another region: set region",
 }
 
 TRANSIENT_CODES = {
@@ -119,13 +119,13 @@ def permanent_message(what: str, exc: BaseException) -> str:
     code = error_code(exc)
     hint = PERMANENT_CODES.get(code or "", "")
     if isinstance(exc, bx.SSLError):
-        hint = ("TLS verification failed: if a proxy re-signs TLS, set ca_bundle (or AWS_CA_BUNDLE) "
+        hint = ("TLS verification failed: if a proxy re-signs TLS, set ca_bundle or AWS_CA_BUNDLE "
                 "to its CA certificate")
     elif isinstance(exc, bx.NoCredentialsError):
         hint = "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or keys in the config file"
     elif isinstance(exc, bx.NoRegionError):
-        hint = "set region (AWS_DEFAULT_REGION or the config file)"
-    return f"{what}: {describe(exc)}{f' ({hint})' if hint else ''}"
+        hint = "set region: AWS_DEFAULT_REGION or the config file"
+    return f"{what}: {describe(exc)}{f'; {hint}' if hint else ''}"
 
 
 @dataclass
