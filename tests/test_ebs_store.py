@@ -276,6 +276,8 @@ def test_staging_store_from_the_config_file(tmp_path, moto, aws_env, monkeypatch
     store = open_store("ebs://eu-west-1")
     assert store.staging.url == str(tmp_path / "from-config")
     assert store.settings.parallel == 5 and store.region == "eu-west-1"
+    monkeypatch.setenv("SMSBLOCK_EBS_STORE", str(tmp_path / "from-env"))
+    assert open_store("ebs://eu-west-1").staging.url == str(tmp_path / "from-env")
     monkeypatch.delenv("AWS_DEFAULT_REGION")
     from smsblock.errors import UsageError
     with pytest.raises(UsageError, match="no region"):

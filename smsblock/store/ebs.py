@@ -3,7 +3,8 @@
 SMS staged each replication run in S3 and turned it into an EBS snapshot; this store does
 the same.  It wraps a *staging store* that holds packs and manifests exactly like any
 store (a local directory by default, ``~/.smsblock/ebs/<region>``, or any store URL given
-as ``?store=s3://bucket/prefix`` or ``store = ...`` under ``[ebs]`` in the config file),
+as ``?store=s3://bucket/prefix``, ``$SMSBLOCK_EBS_STORE`` or ``store = ...`` under ``[ebs]``
+in the config file),
 so runs, dedup, verify and prune work as everywhere.  Publishing a run's manifest (the
 last step of a run) first turns the run into a snapshot:
 
@@ -170,7 +171,8 @@ class EbsStore(Store):
         if p.path.strip("/"):
             raise UsageError(f"{url}: an EBS store URL names only a region (ebs://REGION?store=...)")
         query = dict(parse_qsl(p.query))
-        staging = staging or query.pop("store", None) or _ebs_section_store()
+        staging = (staging or query.pop("store", None) or os.environ.get("SMSBLOCK_EBS_STORE")
+                   or _ebs_section_store())
         region = p.netloc or None
         if region:
             overrides.setdefault("region", region)
