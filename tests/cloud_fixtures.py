@@ -32,7 +32,7 @@ def aws_env(moto, monkeypatch, tmp_path):
     """Standard AWS variables naming moto, plus an empty smsblock config and staging area
     private to the test."""
     for k in list(os.environ):
-        if k.startswith(("AWS_", "SMSBLOCK_S3_")) or k.lower() in ("https_proxy", "http_proxy"):
+        if k.startswith(("AWS_", "SMSBLOCK_S3_", "SMSBLOCK_EBS_")) or k.lower() in ("https_proxy", "http_proxy"):
             monkeypatch.delenv(k)
     cfg = tmp_path / "smsblock-config.toml"
     cfg.write_text("")
