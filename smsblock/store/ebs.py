@@ -217,6 +217,13 @@ class EbsStore(Store):
     def lock(self, exclusive: bool, purpose: str):
         return self.staging.lock(exclusive, purpose)
 
+    def initialise(self, config=None):
+        cfg = super().initialise(config)
+        resume = getattr(self.staging, "resume_staged_packs", None)
+        if resume is not None:          # an S3 staging store finishes dead runs' uploads
+            resume()
+        return cfg
+
     def staging_path(self, suffix: str) -> str:
         return self.staging.staging_path(suffix)
 
