@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from fault_proxy import FaultProxy
-from moto_server import ACCESS_KEY, REGION, SECRET_KEY, MotoServer
+from moto_server import MotoServer
 
 __all__ = ["moto", "aws_env", "bucket", "fault_proxy", "s3_url", "fast_settings", "FAST", "make_tls_cert"]
 

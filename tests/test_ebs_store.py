@@ -32,7 +32,7 @@ from cloud_fixtures import *  # noqa: F401,F403  (fixtures)
 from fault_proxy import FaultProxy, Rule
 
 from smsblock.manifest import BlockState
-from smsblock.replicate import prune, replicate, restore, verify
+from smsblock.replicate import prune, replicate, verify
 from smsblock.store import StoreConfig, open_store
 from smsblock.store.ebs import EBS_BLOCK, EbsStore, linear_checksum
 

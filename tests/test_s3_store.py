@@ -13,7 +13,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -24,7 +23,6 @@ import pytest
 from cloud_fixtures import *  # noqa: F401,F403  (fixtures)
 from cloud_fixtures import FAST, make_tls_cert
 from fault_proxy import FaultProxy, Rule
-from moto_server import ACCESS_KEY, SECRET_KEY
 
 from smsblock.errors import PermanentStoreError, StoreLockedError, TransientStoreError, UsageError
 from smsblock.replicate import prune, replicate, restore, verify

@@ -42,7 +42,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
