@@ -330,3 +330,30 @@ def test_restore_disk_stands_in_for_a_run_disk(tmp_path, moto, capture):
         assert out.read_bytes() == want
     assert capture.requests("GET", r"/snapshots/snap-[^/]+/blocks/\d+")
     assert not [r for r in capture.log if "/snapshots" not in r.path]
+
+
+def test_blocks_to_write_against_a_reference():
+    """blocks_to_write vs a plain loop over the two manifests' blocks."""
+    from smsblock.manifest import Manifest
+    from smsblock.store.ebs import blocks_to_write
+    rng = np.random.default_rng(3)
+
+    def manifest(n):
+        return Manifest(n * EBS_BLOCK, EBS_BLOCK)
+    for _ in range(50):
+        n_old, n_new = int(rng.integers(1, 12)), int(rng.integers(1, 12))
+        old, new = manifest(n_old), manifest(n_new)
+        for m in (old, new):
+            m.states[:] = rng.integers(0, 3, m.n_blocks)
+            data = m.states == BlockState.DATA
+            m.hashes[data] = rng.integers(0, 2, (int(data.sum()), 16))
+        want = []
+        for i in range(n_new):
+            if i >= n_old:
+                if new.states[i] == BlockState.DATA:
+                    want.append(i)
+            elif old.states[i] != new.states[i] or (
+                    new.states[i] == BlockState.DATA and (old.hashes[i] != new.hashes[i]).any()):
+                want.append(i)
+        assert blocks_to_write(old, new).tolist() == want
+        assert blocks_to_write(None, new).tolist() == np.flatnonzero(new.states == BlockState.DATA).tolist()

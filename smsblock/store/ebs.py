@@ -85,7 +85,13 @@ def blocks_to_write(previous: Manifest | None, manifest: Manifest) -> np.ndarray
     every changed block (zeroed ones included); for a first snapshot, the data blocks."""
     if previous is None:
         return np.flatnonzero(manifest.states == BlockState.DATA).astype(np.int64)
-    return np.asarray(diff(previous, manifest), np.int64)
+    changed = np.asarray(diff(previous, manifest), np.int64)
+    # diff counts every block past the shorter disk as changed: past the new disk's end
+    # there is nothing to write, and past the parent's end (a grown disk) the volume
+    # reads zeros already, so only data blocks need writing there
+    changed = changed[changed < manifest.n_blocks]
+    tail = changed >= previous.n_blocks
+    return changed[~tail | (manifest.states[changed] == BlockState.DATA)]
 
 
 def _ebs_section_store() -> str | None:
