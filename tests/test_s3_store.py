@@ -370,6 +370,15 @@ def test_dead_and_expired_lock_objects_do_not_block(moto, bucket):
     report = prune(store, "x", 0)
     assert report.leftovers_removed == 2
     assert keys(moto, bucket, "dead/locks/") == []
+    # a prune killed on this host: its exclusive lock blocks nobody, the next prune replaces it
+    s3.put_object(Bucket=bucket, Key="dead/locks/exclusive.json", Body=json.dumps(
+        {"host": socket.gethostname(), "pid": dead_pid, "purpose": "prune", "ttl": 3600}))
+    with store.lock(False, "replicate"):
+        pass
+    with store.lock(True, "prune"):
+        body = json.loads(s3.get_object(Bucket=bucket, Key="dead/locks/exclusive.json")["Body"].read())
+        assert body["pid"] == os.getpid()
+    assert keys(moto, bucket, "dead/locks/") == []
 
 
 # --- settings --------------------------------------------------------------------------
