@@ -356,3 +356,164 @@ def test_relative_state_dir_gives_absolute_store_paths(tmp_path, monkeypatch):
         (row,) = svc.state.query("SELECT store, source_config FROM connectors")
         assert row[0] == str(tmp_path / "rel-state" / "store")
         assert json.loads(row[1]) == {"path": str(tmp_path / "ds")}
+
+
+class _CbtSource:
+    """A datastore folder with changed block tracking played by the test: each run reports
+    ``changed`` as the areas changed since the last change id.  Records what the executor
+    handed it."""
+
+    changed: list = []
+    calls: list = []
+    moved_to: dict | None = None
+
+    def __init__(self, config):
+        from smsblock.service.sources import DatastoreSource
+        self.inner = DatastoreSource.from_config(config)
+        self.manager_type, self.manager_name = self.inner.manager_type, self.inner.manager_name
+        self.manager_id = self.inner.manager_id
+
+    def list_vms(self):
+        return self.inner.list_vms()
+
+    def close(self):
+        pass
+
+    def open_run(self, vm, *, previous=None, previous_disks=None, cancel=None):
+        from smsblock.source.datastore_http import AreaOverlayDisk
+        calls, changed, moved_to = self.calls, self.changed, self.moved_to
+        run = self.inner.open_run(vm, cancel=cancel)
+        calls.append((previous, dict(previous_disks or {})))
+
+        class Run:
+            warnings, disks = [], []
+            def __enter__(s):
+                run.__enter__()
+                s.disks, s.moved_to = run.disks, moved_to
+                for d in s.disks:
+                    base = (previous_disks or {}).get(d.key)
+                    d.disk = AreaOverlayDisk(d.disk, changed if base else [(0, d.disk.size)], base)
+                    d.change_method, d.change_id = "cbt", f"52 cc/{len(calls)}"
+                return s
+
+            def __exit__(s, *exc):
+                run.__exit__(*exc)
+
+            def record(s):
+                return dict(run.record(), changeTracking="cbt")
+        return Run()
+
+
+def test_cbt_runs_read_changed_areas_and_take_the_rest_from_the_previous_run(tmp_path):
+    """The executor hands the source the previous run's record and its disks from the
+    store; a CBT source then reads only the changed areas.  The proof: a change outside
+    the reported areas does not reach the store, one inside does."""
+    from smsblock.replicate import restore
+    from smsblock.service.sources import register_source_kind
+    from smsblock.store import open_store
+    register_source_kind("test-cbt", _CbtSource)
+    _CbtSource.calls, _CbtSource.changed, _CbtSource.moved_to = [], [(65536, 4096)], None
+    data = os.urandom(300_000)
+    ds = tmp_path / "ds"
+    vmx = make_vm(ds, "DC1/web", "web", fmt="raw", data=data)
+    svc = SmsService(tmp_path / "state", clock=FakeClock(T0))
+    svc.register_connector("test-cbt", {"path": str(ds)})
+    svc.import_server_catalog()
+    server = svc.get_servers()["serverList"][0]["serverId"]
+    job = job_for(svc, server)
+    ex = RunExecutor(svc.state, svc.clock, use_default_image_step=False)
+    first = run_now(svc, job, ex)
+    assert first["state"] == "COMPLETED", first
+    assert "changed block tracking" in first["statusMessage"]
+    assert _CbtSource.calls[0] == (None, {})
+    # change the disk inside and outside the area CBT will report
+    img = vmx.parent / "web.img"
+    with open(img, "r+b") as f:
+        f.seek(65536)
+        f.write(b"\xaa" * 4096)
+        f.seek(200_000)
+        f.write(b"\xbb" * 4096)
+    svc.clock.advance(25 * H)
+    second = run_now(svc, job, ex)
+    assert second["state"] == "COMPLETED", second
+    previous, previous_disks = _CbtSource.calls[1]
+    assert previous["disks"][0]["changeId"] == "52 cc/1"
+    assert list(previous_disks) == ["scsi0:0"]
+    expected = bytearray(data + bytes((1 << 20) - len(data)))
+    expected[65536:69632] = b"\xaa" * 4096
+    out = tmp_path / "boot.raw"
+    restore(open_store(svc.state.dir / "store"), server, out)
+    assert out.read_bytes() == bytes(expected)
+    summary = json.loads(svc.state.query("SELECT summary FROM runs WHERE run_id = ?",
+                                         (second["replicationRunId"],))[0][0])
+    assert summary["changeMethod"] == "cbt" and summary["disks"][0]["changeMethod"] == "cbt"
+
+
+def test_a_moved_vm_is_followed_in_the_catalog(tmp_path):
+    from smsblock.service.sources import register_source_kind
+    register_source_kind("test-cbt", _CbtSource)
+    ds = tmp_path / "ds"
+    make_vm(ds, "DC1/web", "web", fmt="raw", data=b"x" * 1000)
+    svc = SmsService(tmp_path / "state", clock=FakeClock(T0))
+    svc.register_connector("test-cbt", {"path": str(ds)})
+    svc.import_server_catalog()
+    server = svc.get_servers()["serverList"][0]
+    old = server["vmServer"]
+    new_place = dict(vmId="DC1/web/web.vmx", vmName="web", vmPath="/Datacenters/DC2/vm/web",
+                     vmManagerName=old["vmManagerName"],
+                     vmManagerId=old["vmServerAddress"]["vmManagerId"],
+                     vmManagerType="VSPHERE", identity={}, warnings=[])
+    _CbtSource.calls, _CbtSource.changed, _CbtSource.moved_to = [], [], new_place
+    job = job_for(svc, server["serverId"])
+    try:
+        run = run_now(svc, job, RunExecutor(svc.state, svc.clock, use_default_image_step=False))
+    finally:
+        _CbtSource.moved_to = None
+    assert run["state"] == "COMPLETED", run
+    [now] = svc.get_servers()["serverList"]
+    assert now["serverId"] == server["serverId"]
+    assert now["vmServer"]["vmPath"] == "/Datacenters/DC2/vm/web"
+    assert json.loads(svc.state.query("SELECT vm_record FROM servers")[0][0]) == new_place
+
+
+def test_a_kill_between_registering_the_image_and_recording_the_run_is_recovered(
+        tmp_path, monkeypatch):
+    class FindingImageStep(FakeImageStep):
+        def find(self, server_id, run_id):
+            return [ami for s, r, *_, ami in self.registered
+                    if (s, r) == (server_id, run_id) and ami not in self.deregistered]
+
+    svc, server, _ = setup(tmp_path)
+    job = job_for(svc, server)
+    images = FindingImageStep()
+    run = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
+
+    def killed(*a, **k):     # the process dies right after the image step returned
+        raise SystemExit("kill -9")
+    monkeypatch.setattr(RunExecutor, "_complete", killed)
+    with pytest.raises(SystemExit):
+        with ConnectorLoop(svc, executor=RunExecutor(svc.state, svc.clock,
+                                                     image_step=images)) as loop:
+            loop.run_once()
+    [(_, store_run, *_, ami)] = images.registered
+    assert svc.state.query("SELECT state, store_run_id FROM runs")[0][:] == ("ACTIVE", store_run)
+    monkeypatch.undo()
+    with ConnectorLoop(svc, executor=RunExecutor(svc.state, svc.clock,
+                                                 image_step=images)) as loop:
+        assert loop.run_once()["recovered"] == [run]
+    r = svc.get_replication_runs(replicationJobId=job)["replicationRunList"][0]
+    assert (r["state"], r["amiId"]) == ("COMPLETED", ami), r
+    assert svc.get_replication_jobs(replicationJobId=job)["replicationJobList"][0][
+        "latestAmiId"] == ami
+    assert images.deregistered == []
+
+
+def test_the_local_image_step_finds_images_by_stored_run(tmp_path):
+    from smsblock.image.catalog import Catalog
+    step = executor_mod.LocalImageStep(Catalog(tmp_path / "images"), None)
+    made = step.catalog.add(lambda p: p.write_bytes(b"vmdk"),
+                            {"source": {"store": "x", "server_id": "s-1", "run_id": "r1"}})
+    step.catalog.add(lambda p: p.write_bytes(b"vmdk"),
+                     {"source": {"store": "x", "server_id": "s-1", "run_id": "r2"}})
+    assert step.find("s-1", "r1") == [made["image_id"]]
+    assert step.find("s-2", "r1") == []

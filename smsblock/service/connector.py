@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import ConnectorError, SmsBlockError, StoreError
 from ..progress import CancelToken
 from .api import SmsService
-from .executor import RunExecutor, fail_orphaned_runs
+from .executor import RunExecutor
 from .models import ReplicationJobState, ReplicationRunState
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,7 @@ class ConnectorLoop:
                                  "register a new one")
         self._beat()
         if not self._recovered:
-            done["recovered"] = fail_orphaned_runs(self.service.state, self.connector_id,
-                                                   self.service.clock(), self.service.config)
+            done["recovered"] = self.executor.recover_orphaned_runs(self.connector_id)
             self._recovered = True
         done["scheduled"] = self.service.tick()
         done["deleted_jobs"] = self.finish_deletions()

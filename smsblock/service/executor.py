@@ -13,12 +13,21 @@ connector's store: the boot disk under the serverId itself (so
 further disks under ``<serverId>-disk<N>``.
 
 Every state change is one transaction.  A process killed while a run is ACTIVE leaves
-it ACTIVE; :func:`fail_orphaned_runs` (called when the connector comes back) marks it
-FAILED with the reason, and the next run resumes from the blocks already stored.
+it ACTIVE; :meth:`RunExecutor.recover_orphaned_runs` (called when the connector comes
+back) marks it FAILED with the reason, and the next run resumes from the blocks already
+stored.  Before the image step starts, the run records the stored run the image is made
+from, so a process killed between registering the image and recording the run leaves a
+run that the restart completes with that image instead of an image nothing points to.
+
+With changed block tracking (vSphere), the source gets the previous run's record (its
+change ids) and the previous run's disks from the store: it reads only the changed areas
+over the network and the rest from the store.  The run's record (``summary``) and its
+``statusMessage`` say which method found the changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -47,6 +56,11 @@ class ImageStep(Protocol):
                  description: str, license_type: str, progress=None, cancel=None) -> str: ...
 
     def deregister(self, ami_id: str) -> None: ...
+
+    # optional: ``find(server_id, run_id) -> [ami_id]``, the images already made from a
+    # stored run, lets a run killed during registration be completed on restart
+
+
 
 
 def default_replicate() -> Callable:
@@ -81,6 +95,12 @@ class LocalImageStep:
 
     def deregister(self, ami_id: str) -> None:
         self.catalog.delete(ami_id)
+
+    def find(self, server_id: str, run_id: str) -> list[str]:
+        """The images of the catalog made from stored run ``run_id`` of ``server_id``."""
+        return [r["image_id"] for r in self.catalog.list()
+                if (r.get("source") or {}).get("server_id") == server_id
+                and (r.get("source") or {}).get("run_id") == run_id]
 
 
 def disk_store_key(server_id: str, index: int) -> str:
@@ -153,8 +173,6 @@ class RunExecutor:
             job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (run["job_id"],)).fetchone()
             server = db.execute("SELECT * FROM servers WHERE server_id = ?",
                                 (job["server_id"],)).fetchone()
-            connector = db.execute("SELECT * FROM connectors WHERE connector_id = ?",
-                                   (server["connector_id"],)).fetchone()
             db.execute("UPDATE runs SET state = ?, started = ?, stage = ?, stage_progress = ?, "
                        "status_message = ? WHERE run_id = ?",
                        (ReplicationRunState.ACTIVE.value, now, "preparing", "0%",
@@ -165,9 +183,7 @@ class RunExecutor:
             if server["first_run_time"] is None:   # the replication window starts now
                 db.execute("UPDATE servers SET first_run_time = ? WHERE server_id = ?",
                            (now, server["server_id"]))
-            job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (run["job_id"],)).fetchone()
-            run = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return RunContext(run, job, server, connector)
+        return self._context(run_id)
 
     def _fail(self, ctx: RunContext, reason: str) -> None:
         now = self.clock()
@@ -222,6 +238,45 @@ class RunExecutor:
                 db.execute("UPDATE images SET deregistered = ? WHERE ami_id = ?",
                            (self.clock(), ami))
 
+    # --- restart --------------------------------------------------------------------
+
+    def recover_orphaned_runs(self, connector_id: str) -> list[str]:
+        """Settle the runs a dead process of this connector left ACTIVE (call only while
+        holding the connector's lock).  A run killed after its image was registered but
+        before it was recorded is COMPLETED with that image, so no image is left that
+        nothing points to; every other one is FAILED with the reason."""
+        find = getattr(self.image_step, "find", None)
+        rows = self.state.query(
+            "SELECT r.run_id FROM runs r JOIN jobs j ON j.job_id = r.job_id "
+            "JOIN servers s ON s.server_id = j.server_id WHERE s.connector_id = ? "
+            "AND r.state = ? AND r.store_run_id IS NOT NULL",
+            (connector_id, ReplicationRunState.ACTIVE.value)) if find else []
+        recovered = []
+        for row in rows:
+            ctx = self._context(row["run_id"])
+            amis = find(ctx.server["server_id"], ctx.run["store_run_id"])
+            if not amis:
+                continue
+            summary = json.loads(ctx.run["summary"] or "{}")
+            for extra in amis[1:]:    # cannot happen unless registration ran twice
+                self.image_step.deregister(extra)
+            self._complete(ctx, amis[0], summary,
+                           f"completed: image {amis[0]} (registered before the connector "
+                           "stopped; recorded when it came back)")
+            recovered.append(row["run_id"])
+        failed = fail_orphaned_runs(self.state, connector_id, self.clock(), self.config)
+        return recovered + failed
+
+    def _context(self, run_id: str) -> RunContext:
+        with self.state.transaction() as db:
+            run = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (run["job_id"],)).fetchone()
+            server = db.execute("SELECT * FROM servers WHERE server_id = ?",
+                                (job["server_id"],)).fetchone()
+            connector = db.execute("SELECT * FROM connectors WHERE connector_id = ?",
+                                   (server["connector_id"],)).fetchone()
+        return RunContext(run, job, server, connector)
+
     # --- one run --------------------------------------------------------------------
 
     def execute(self, run_id: str) -> str | None:
@@ -252,40 +307,47 @@ class RunExecutor:
         server, connector = ctx.server, ctx.connector
         server_id = server["server_id"]
         vm = json.loads(server["vm_record"])
-        previous = self._previous_record(ctx.job["job_id"])
-        source = open_source(connector["source_kind"], json.loads(connector["source_config"]))
+        previous = self._previous_summary(ctx.job["job_id"])
         summary: dict[str, Any] = {"disks": []}
-        try:
-            with source.open_run(vm, previous=previous, cancel=cancel) as snap:
-                for w in snap.warnings:
-                    log.warning("%s: %s", server_id, w)
-                total = sum(d.disk.size for d in snap.disks) or 1
-                done_before = 0
-                self._update_run(ctx.run["run_id"], stage="uploading", stage_progress="0%",
-                                 status_message=f"replicating {len(snap.disks)} disk(s), "
-                                                f"{total} bytes")
-                for i, sdisk in enumerate(snap.disks):
-                    watcher.check()
+        with contextlib.ExitStack() as stack:
+            previous_disks = _previous_disks(stack, connector["store"], previous)
+            source = open_source(connector["source_kind"], json.loads(connector["source_config"]))
+            stack.callback(source.close)
+            snap = stack.enter_context(source.open_run(
+                vm, previous=(previous or {}).get("source"), previous_disks=previous_disks,
+                cancel=cancel))
+            for w in snap.warnings:
+                log.warning("%s: %s", server_id, w)
+            self._adopt_move(ctx, getattr(snap, "moved_to", None))
+            total = sum(d.disk.size for d in snap.disks) or 1
+            done_before = 0
+            self._update_run(ctx.run["run_id"], stage="uploading", stage_progress="0%",
+                             status_message=f"replicating {len(snap.disks)} disk(s), "
+                                            f"{total} bytes")
+            for i, sdisk in enumerate(snap.disks):
+                watcher.check()
 
-                    def progress(done, _total, base=done_before):
-                        watcher.progress("uploading", (base + done) / total)
+                def progress(done, _total, base=done_before):
+                    watcher.progress("uploading", (base + done) / total)
 
-                    result = replicate(sdisk.disk, connector["store"], disk_store_key(server_id, i),
-                                       progress=progress, cancel=cancel,
-                                       source=json.dumps({"vmId": vm.get("vmId"), "disk": sdisk.key}))
-                    done_before += sdisk.disk.size
-                    entry = result.to_dict()
-                    entry.update(key=sdisk.key, storeServerId=disk_store_key(server_id, i),
-                                 changeMethod=sdisk.change_method)
-                    summary["disks"].append(entry)
-                summary["source"] = snap.record()
-        finally:
-            source.close()
+                result = replicate(sdisk.disk, connector["store"], disk_store_key(server_id, i),
+                                   progress=progress, cancel=cancel,
+                                   source=json.dumps({"vmId": vm.get("vmId"), "disk": sdisk.key}))
+                done_before += sdisk.disk.size
+                entry = result.to_dict()
+                entry.update(key=sdisk.key, storeServerId=disk_store_key(server_id, i),
+                             changeMethod=sdisk.change_method)
+                summary["disks"].append(entry)
+            summary["source"] = snap.record()
+        summary["changeMethod"] = _change_method(summary["disks"])
         watcher.check()
         boot = summary["disks"][0]
         ami_id = None
         if self.image_step is not None:
-            self._update_run(ctx.run["run_id"], stage="converting", stage_progress="0%",
+            # what the image will be made from, before it exists: a connector killed
+            # during registration finds the image again by it (recover_orphaned_runs)
+            self._update_run(ctx.run["run_id"], store_run_id=boot["run_id"],
+                             summary=json.dumps(summary), stage="converting", stage_progress="0%",
                              status_message="building and registering the image of the boot disk")
             ami_id = self.image_step.register(
                 connector["store"], server_id, boot["run_id"],
@@ -297,17 +359,40 @@ class RunExecutor:
                 cancel=cancel)
         changed = sum(d.get("blocks_changed", 0) for d in summary["disks"])
         stored = sum(d.get("bytes_stored", 0) for d in summary["disks"])
-        message = (f"completed: {changed} blocks changed, {stored} bytes stored"
+        message = (f"completed: {changed} blocks changed, {stored} bytes stored, "
+                   f"{_METHOD_WORDS[summary['changeMethod']]}"
                    + (f", image {ami_id}" if ami_id else ", no image step available: blocks only"))
         return ami_id, summary, message
 
-    def _previous_record(self, job_id: str) -> dict | None:
+    def _previous_summary(self, job_id: str) -> dict | None:
+        """The record of the job's last completed run (its source's change ids, its disks)."""
         rows = self.state.query("SELECT summary FROM runs WHERE job_id = ? AND state = ? "
                                 "ORDER BY completed DESC LIMIT 1",
                                 (job_id, ReplicationRunState.COMPLETED.value))
         if not rows or rows[0]["summary"] is None:
             return None
-        return json.loads(rows[0]["summary"]).get("source")
+        return json.loads(rows[0]["summary"])
+
+    def _adopt_move(self, ctx: RunContext, moved_to: dict | None) -> None:
+        """The source found the VM at a new place (vMotion, re-registration): the catalog
+        follows it, so the next import and run look for it there."""
+        if not moved_to:
+            return
+        server_id = ctx.server["server_id"]
+        with self.state.transaction() as db:
+            taken = db.execute("SELECT server_id FROM servers WHERE vm_manager_id = ? AND "
+                               "vm_id = ? AND server_id != ?",
+                               (moved_to["vmManagerId"], moved_to["vmId"], server_id)).fetchone()
+            if taken is not None:    # a re-import already catalogued it under another id
+                log.warning("%s: VM moved to %s, which the catalog knows as %s; not adopted",
+                            server_id, moved_to["vmId"], taken["server_id"])
+                return
+            db.execute("UPDATE servers SET vm_id = ?, vm_manager_id = ?, vm_name = ?, "
+                       "vm_path = ?, vm_record = ? WHERE server_id = ?",
+                       (moved_to["vmId"], moved_to["vmManagerId"], moved_to["vmName"],
+                        moved_to["vmPath"], json.dumps(moved_to), server_id))
+        log.info("%s: the catalog follows the VM to %s (%s)", server_id, moved_to["vmId"],
+                 moved_to["vmPath"])
 
 
 class _Watcher:
@@ -348,6 +433,44 @@ class _Watcher:
             pass   # the engine sees the token at its next check
         finally:
             self._lock.release()
+
+
+_METHOD_WORDS = {"cbt": "changes found by changed block tracking",
+                 "hash": "changes found by the hashing diff",
+                 "mixed": "changes found by changed block tracking and the hashing diff"}
+
+
+def _change_method(disks: list[dict]) -> str:
+    """"cbt", "hash" or "mixed": how the run's disks found what changed."""
+    methods = {d.get("changeMethod") or "hash" for d in disks}
+    return methods.pop() if len(methods) == 1 else "mixed"
+
+
+def _previous_disks(stack: contextlib.ExitStack, store_url: str,
+                    previous: dict | None) -> dict[str, Any]:
+    """{disk key: the previous run's copy of it in the store}, for a source that reads only
+    the areas changed block tracking reports and takes the rest from there.  Empty when
+    the previous run had no change ids (nothing to ask CBT about); a disk whose blocks are
+    gone (pruned) is left out, and the source reads it whole."""
+    prev_source = {d.get("key"): d for d in ((previous or {}).get("source") or {}).get("disks", [])}
+    disks = [d for d in (previous or {}).get("disks", [])
+             if (prev_source.get(d.get("key")) or {}).get("changeId")]
+    if not disks:
+        return {}
+    from ..store import open_store
+    store = open_store(store_url)
+    stack.callback(store.close)
+    out = {}
+    for d in disks:
+        try:
+            disk = store.run_disk(d["storeServerId"], d["run_id"])
+        except (SmsBlockError, OSError) as e:
+            log.warning("previous run of %s unreadable (%s): reading the disk whole",
+                        d.get("storeServerId"), e)
+            continue
+        stack.callback(disk.close)
+        out[d["key"]] = disk
+    return out
 
 
 def _one_line(e: BaseException) -> str:
