@@ -2,15 +2,14 @@
 
 :func:`scan` reads only the blocks that a DATA extent touches (unallocated ranges and
 ZERO extents are never read), in batches of consecutive blocks, from ``threads`` worker
-threads.  Each batch is read with one ``readinto`` call (the readers release the GIL),
-or, for raw files, viewed straight in the page cache through one shared read-only
-mapping, and handed to the native loop (``smsblock._scan``, GIL released) that marks all-zero
+threads.  Each batch is copied into the worker's reused buffer with one read (``preadv``
+for raw files, ``readinto`` for other disks; both release the GIL) and handed to the
+native loop (``smsblock._scan``, GIL released) that marks all-zero
 blocks ZERO without hashing them, hashes the others with xxh3-128 and compares them to
 the previous run's manifest.  Only then, and only for changed DATA blocks, does Python
 run again: ``on_changed(index, view)``.
 
-Memory is bounded by ``threads`` batch buffers (a few MiB each; for a mapped file, up to
-32 MiB of finished batches' pages stay mapped until their page-table entries are dropped), plus the
+Memory is bounded by ``threads`` batch buffers (1 MiB each by default), plus the
 manifest's arrays (49 bytes per block) and 16 bytes per run of touched blocks.
 """
 
@@ -18,10 +17,8 @@ from __future__ import annotations
 
 import array
 import datetime
-import mmap
 import os
 import stat
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,17 +30,14 @@ from ._scan import scan_batch
 from .disk.base import Disk
 from .disk.raw import RawDisk
 from .errors import DiskIOError, UsageError
-from .manifest import DEFAULT_BLOCK_SIZE, Manifest, blocks_for, check_block_size
+from .manifest import DEFAULT_BLOCK_SIZE, Manifest, check_block_size
 from .progress import CancelToken, ProgressCallback, ThreadSafeProgress, check_cancel
 
-__all__ = ["scan", "plan_reads", "DEFAULT_BATCH_BYTES", "MAP_BATCH_BYTES"]
+__all__ = ["scan", "plan_reads", "DEFAULT_BATCH_BYTES"]
 
 #: bytes per read+hash batch: big enough that syscalls and Python cost little, small
 #: enough that the batch is still in the CPU cache when the hash loop runs over it
 DEFAULT_BATCH_BYTES = 1024 * 1024
-#: bytes per batch when the file is mapped: no copy to keep in cache, so bigger batches
-#: only save Python work
-MAP_BATCH_BYTES = 8 * 1024 * 1024
 
 OnChanged = Callable[[int, memoryview], None]
 
@@ -95,113 +89,70 @@ def _release(view: memoryview) -> None:
         pass
 
 
-class _CopyLoader:
-    """Reads a batch through ``disk.readinto`` into a reused, page-aligned buffer."""
+class _BatchReader:
+    """One worker's reader: each batch is read into a reused, page-aligned buffer.
 
-    def __init__(self, disk: Disk, capacity: int):
-        self._disk = disk
-        self._capacity = capacity
-        self._buf = None
-
-    def load(self, offset: int, nbytes: int) -> memoryview:
-        if self._buf is None:   # allocated on first use: mapped scans rarely need it
-            self._buf = memoryview(_aligned_buffer(self._capacity))
-            self._ro = self._buf.toreadonly()
-        got = self._disk.readinto(offset, self._buf[:nbytes])
-        if got != nbytes:
-            raise DiskIOError(f"short read: {got} of {nbytes} bytes", self._disk.path, offset + got)
-        return self._ro[:nbytes]
-
-    def done(self, data: memoryview, offset: int) -> None:
-        _release(data)
-
-
-class _FileMap:
-    """One read-only mapping of a raw file for the whole scan, shared by the workers.
-
-    Hashing straight from the page cache saves the copy a read makes (half the CPU), and
-    one mapping for the whole scan avoids an mmap/munmap pair per batch (both take the
-    address-space lock for writing, which serialises the workers).
-
-    Each batch is populated first with MADV_POPULATE_READ, which reports a failed read
-    or a shrunken file as an error (DiskIOError here) where touching the pages would
-    raise SIGBUS.  Touched pages count as resident memory, so every ``ZAP_BYTES`` the
-    page-table entries of finished batches are dropped (MADV_DONTNEED: the page cache
-    keeps the data).
+    Raw regular files are read with ``preadv`` on the file's descriptor (the GIL is
+    released during the copy, so two workers use both cores).  A read that ends before
+    the length the file had when the scan started means the file shrank under the
+    scan: DiskIOError naming the offset.  Bytes past that length but inside the disk's
+    declared size read as zeros, as :meth:`RawDisk.readinto` does.  Other disks are read
+    through ``disk.readinto``.  (Hashing from a shared mapping of the page cache instead
+    used less CPU, but a file shrinking under the mapping kills the process with
+    SIGBUS; this copy measured below ``xxhsum -H2``'s time all the same.)
     """
 
-    ZAP_BYTES = 32 * 1024 * 1024
-
-    def __init__(self, disk: Disk, length: int):
+    def __init__(self, disk: Disk, capacity: int, file_length: int | None):
         self._disk = disk
-        self._fd = disk.fileno()
-        self._map = mmap.mmap(self._fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        self._view = memoryview(self._map).toreadonly()
-        self.length = length
-        self._lock = threading.Lock()
-        self._finished: list[tuple[int, int]] = []
-        self._finished_bytes = 0
+        self._capacity = capacity
+        self._file_length = file_length
+        self._arr = None
 
     def load(self, offset: int, nbytes: int) -> memoryview:
-        try:
-            self._map.madvise(_MADV_POPULATE_READ, offset, nbytes)
-        except OSError as e:
-            if os.fstat(self._fd).st_size < offset + nbytes:
-                raise DiskIOError("the file shrank during the scan", self._disk.path,
-                                  offset) from None
-            raise DiskIOError(f"read failed: {e.strerror}", self._disk.path, offset) from None
-        return self._view[offset:offset + nbytes]
+        if self._arr is None:   # allocated on first use: a worker may get no batch
+            self._arr = _aligned_buffer(self._capacity)
+            self._buf = memoryview(self._arr)
+            self._ro = self._buf.toreadonly()
+        if self._file_length is None:
+            got = self._disk.readinto(offset, self._buf[:nbytes])
+            if got != nbytes:
+                raise DiskIOError(f"short read: {got} of {nbytes} bytes", self._disk.path, offset + got)
+        else:
+            self._read_file(offset, nbytes)
+        return self._ro[:nbytes]
 
-    def done(self, data: memoryview, offset: int) -> None:
-        nbytes = len(data)
-        _release(data)
-        with self._lock:
-            self._finished.append((offset, nbytes))
-            self._finished_bytes += nbytes
-            if self._finished_bytes < self.ZAP_BYTES:
-                return
-            finished, self._finished, self._finished_bytes = self._finished, [], 0
-        for off, n in finished:     # only finished batches: others may be mid-hash
-            self._map.madvise(mmap.MADV_DONTNEED, off, n)
-
-    def close(self) -> None:
-        _release(self._view)
-        try:
-            self._map.close()
-        except BufferError:     # a callee kept a buffer: the mapping ends when it does
-            pass
-
-
-# Linux 5.14+; where it is missing, scans read instead of mapping.
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else -1)
+    def _read_file(self, offset: int, nbytes: int) -> None:
+        fd = self._disk.fileno()
+        done = 0
+        while done < nbytes:
+            try:
+                n = os.preadv(fd, [self._buf[done:nbytes]], offset + done)
+            except OSError as e:
+                raise DiskIOError(f"read failed: {e.strerror}", self._disk.path, offset + done) from None
+            if n == 0:
+                if offset + done < self._file_length:
+                    raise DiskIOError("the file shrank during the scan", self._disk.path, offset + done)
+                self._arr[done:nbytes] = 0      # past the file's end, inside the declared size
+                break
+            done += n
 
 
-def _open_file_map(disk: Disk) -> _FileMap | None:
-    """A mapping of the part of a raw regular file the disk covers (batches past the
-    file's end go through readinto, which fills zeros), or None where mapping is not
-    possible or not safe (no MADV_POPULATE_READ to turn read errors into errors)."""
-    if not isinstance(disk, RawDisk) or _MADV_POPULATE_READ < 0:
+def _file_length(disk: Disk) -> int | None:
+    """The bytes of a raw regular file the disk covers when the scan starts (a read ending
+    before them means the file shrank), or None to read through ``readinto``."""
+    if not isinstance(disk, RawDisk):
         return None
     try:
         st = os.fstat(disk.fileno())
-        length = min(st.st_size, disk.size)
-        if not stat.S_ISREG(st.st_mode) or length <= 0:
-            return None
-        file_map = _FileMap(disk, length)
-    except (OSError, ValueError, OverflowError):   # cannot map here: read instead
+    except (OSError, ValueError):
         return None
-    try:
-        file_map._map.madvise(_MADV_POPULATE_READ, 0, min(length, mmap.PAGESIZE))
-    except OSError:             # kernel without it (EINVAL), or the first page fails
-        file_map.close()
-        return None
-    return file_map
+    return min(st.st_size, disk.size) if stat.S_ISREG(st.st_mode) else None
 
 
 def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest | None = None,
          on_changed: OnChanged | None = None, threads: int = 2,
          progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-         batch_bytes: int | None = None, use_mmap: bool = True) -> Manifest:
+         batch_bytes: int | None = None) -> Manifest:
     """Scan ``disk`` into a :class:`~smsblock.manifest.Manifest` (content addresses left zero).
 
     Every block becomes UNALLOCATED (no DATA extent touches it: not read), ZERO (read,
@@ -217,17 +168,15 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
     ``progress(done, total)`` counts the bytes of the blocks that are read;
     ``cancel`` stops the scan at the next batch with :class:`~smsblock.errors.Cancelled`.
     ``threads`` worker threads read and hash batches of ``batch_bytes`` (rounded to whole
-    blocks; default 1 MiB, 8 MiB when mapped); memory use is about ``threads *
-    batch_bytes``.  Raw regular files are mapped (``use_mmap``) rather than copied: the
-    hash reads the page cache directly, half the CPU time of a copy.  Each batch is
-    faulted in first, so a failed read or a file that shrank raises DiskIOError; a raw
-    file must still not shrink while it is scanned (a shrink in the instant between
-    that and the hash would fault, as for any program that maps a file).
+    blocks; default 1 MiB); memory use is about ``threads * batch_bytes``.  A failed
+    read, or a raw file that shrinks while it is scanned, raises DiskIOError.
     """
     block_size = check_block_size(block_size)
     if not isinstance(threads, int) or threads < 1:
         raise UsageError(f"threads must be a positive integer, not {threads!r}")
-    if batch_bytes is not None and batch_bytes < 1:
+    if batch_bytes is None:
+        batch_bytes = DEFAULT_BATCH_BYTES
+    if not isinstance(batch_bytes, int) or batch_bytes < 1:
         raise UsageError(f"batch_bytes must be positive, not {batch_bytes!r}")
     started = time.monotonic()
     size = disk.size
@@ -251,10 +200,7 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
         run_ends.append(end)
         total += min(end * block_size, size) - first * block_size
     meter = ThreadSafeProgress(progress, total)
-    file_map = _open_file_map(disk) if use_mmap else None
-    map_limit = file_map.length if file_map is not None else 0
-    if batch_bytes is None:
-        batch_bytes = MAP_BATCH_BYTES if map_limit else DEFAULT_BATCH_BYTES
+    file_length = _file_length(disk)
     blocks_per_batch = max(1, batch_bytes // block_size)
     batches = _batches(zip(run_firsts, run_ends), blocks_per_batch)
     lock = threading.Lock()
@@ -266,7 +212,7 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
             return next(batches, None)
 
     def worker() -> None:
-        copier = _CopyLoader(disk, blocks_per_batch * block_size)
+        reader = _BatchReader(disk, blocks_per_batch * block_size, file_length)
         n_changed = bytes_read = 0
         try:
             while not failed.is_set():
@@ -277,8 +223,7 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
                 first, count = batch
                 offset = first * block_size
                 nbytes = min(count * block_size, size - offset)
-                loader = file_map if offset + nbytes <= map_limit else copier
-                data = loader.load(offset, nbytes)
+                data = reader.load(offset, nbytes)
                 try:
                     bytes_read += nbytes
                     found = scan_batch(data, nbytes, block_size, first, manifest.states,
@@ -293,7 +238,7 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
                             finally:
                                 _release(view)      # a kept view must not see later batches
                 finally:
-                    loader.done(data, offset)
+                    _release(data)
                 meter.add(nbytes)
         except BaseException:
             failed.set()
@@ -303,23 +248,19 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
                 counters["changed"] += n_changed
                 counters["bytes_read"] += bytes_read
 
-    try:
-        if threads == 1:
-            worker()
-        else:
-            pool = ThreadPoolExecutor(threads, thread_name_prefix="smsblock-scan")
-            try:
-                futures = [pool.submit(worker) for _ in range(threads)]
-                for f in futures:   # siblings of a failed worker stop quietly: one error
-                    f.result()
-            except BaseException:   # KeyboardInterrupt too: workers stop at their next batch
-                failed.set()
-                raise
-            finally:
-                pool.shutdown(wait=True)
-    finally:
-        if file_map is not None:
-            file_map.close()
+    if threads == 1:
+        worker()
+    else:
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="smsblock-scan")
+        try:
+            futures = [pool.submit(worker) for _ in range(threads)]
+            for f in futures:   # siblings of a failed worker stop quietly: one error
+                f.result()
+        except BaseException:   # KeyboardInterrupt too: workers stop at their next batch
+            failed.set()
+            raise
+        finally:
+            pool.shutdown(wait=True)
     check_cancel(cancel)
     manifest.meta["scan"] = {
         "blocks_changed": counters["changed"],

@@ -20,7 +20,7 @@ from smsblock.disk.raw import RawDisk
 from smsblock.errors import Cancelled, DiskIOError, UsageError
 from smsblock.manifest import BlockState, Manifest
 from smsblock.progress import CancelToken
-from smsblock.scan import _FileMap, plan_reads, scan
+from smsblock.scan import plan_reads, scan
 
 from conftest import qemu_img
 
@@ -148,10 +148,10 @@ def test_scan_matches_reference_on_sparse_raw_files(tmp_path_factory, layout, bl
     content = make_raw(path, layout)
     got = {}
     with open_disk(path) as disk:
-        m = scan(disk, block_size=block_size,                   # mapped from the page cache
+        m = scan(disk, block_size=block_size,
                  on_changed=lambda i, v: got.__setitem__(i, bytes(v)))
         same_blocks(m, reference_scan(disk, block_size))
-        same_blocks(scan(disk, block_size=block_size, use_mmap=False, batch_bytes=block_size), m)
+        same_blocks(scan(disk, block_size=block_size, batch_bytes=block_size), m)
     # and against the file's bytes: DATA blocks hash the content, others are zero content
     for i in range(m.n_blocks):
         block = content[i * block_size:(i + 1) * block_size]
@@ -265,9 +265,8 @@ def test_plan_merges_runs():
     assert list(plan_reads(disk, BS)) == [(0, 3), (6, 7)]
 
 
-def test_mapped_scan_with_frequent_page_table_drops(tmp_path, monkeypatch):
-    # dropping the mapping's page-table entries while the other worker hashes is harmless
-    monkeypatch.setattr(_FileMap, "ZAP_BYTES", BS)
+def test_raw_file_in_one_block_batches_on_two_workers(tmp_path):
+    # each worker's reused buffer: a batch never sees another batch's bytes
     path = tmp_path / "d.raw"
     path.write_bytes(os.urandom(40 * BS + 123))
     with open_disk(path) as disk:
@@ -276,7 +275,7 @@ def test_mapped_scan_with_frequent_page_table_drops(tmp_path, monkeypatch):
 
 
 def test_raw_disk_larger_than_its_file(tmp_path):
-    # a declared size past the file's end: mapped batches inside the file, copied ones after
+    # a declared size past the file's end: read inside the file, zeros after
     path = tmp_path / "short.raw"
     path.write_bytes(os.urandom(3 * BS + 10))
     disk = RawDisk(path, size=6 * BS + 5)
@@ -296,6 +295,23 @@ def test_raw_file_shrinking_during_the_scan_is_an_error(tmp_path):
     with open_disk(path) as disk, pytest.raises(DiskIOError, match="shrank") as e:
         scan(disk, block_size=BS, threads=1, batch_bytes=BS, on_changed=truncate)
     assert e.value.offset == BS
+
+
+def test_raw_file_shrinking_under_two_workers_is_an_error_not_a_crash(tmp_path):
+    # batches are copied, not mapped: a shrink can never fault (SIGBUS) a worker
+    path = tmp_path / "shrinks.raw"
+    content = os.urandom(64 * BS)
+    path.write_bytes(content)
+    seen = []
+
+    def truncate(index, view):
+        if index == 0:
+            os.truncate(path, 3 * BS + 100)
+            seen.append(bytes(view))        # the copied block stays readable
+
+    with open_disk(path) as disk, pytest.raises(DiskIOError, match="shrank") as e:
+        scan(disk, block_size=BS, threads=2, batch_bytes=2 * BS, on_changed=truncate)
+    assert seen == [content[:BS]] and e.value.offset >= 3 * BS + 100
 
 
 # -- change detection --------------------------------------------------------
