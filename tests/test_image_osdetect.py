@@ -149,6 +149,83 @@ def test_damaged_btrfs_tree_is_a_finding(roots, tmp_path):
     assert "names another address" in report.findings[1].message
 
 
+def _fan_out_chunk_tree(img, levels):
+    """Rewrite a real Btrfs's chunk tree as ``levels`` internal levels whose every key
+    pointer names the same child: a tree of a few nodes that fans out exponentially."""
+    with open_disk(img) as d:
+        vol = BtrfsVolume(Region(d))
+        ns, root = vol.nodesize, vol.chunk_root
+        leaf = bytearray(d.read(vol.physical(root), ns))
+        chunk = vol._chunk(root)
+        free = (a for a in range(chunk.logical, chunk.logical + chunk.length, ns)
+                if not any(d.read(vol.physical(a), ns)))          # unused system chunk space
+        spots = [next(free) for _ in range(levels)]
+        phys = {a: vol.physical(a) for a in [root] + spots}
+    struct.pack_into("<Q", leaf, 0x30, spots[0])                 # the old leaf, moved
+    patch(img, phys[spots[0]], bytes(leaf))
+    n = (ns - 101) // 33
+    for level in range(1, levels + 1):
+        at = root if level == levels else spots[level]
+        node = bytearray(ns)
+        node[:101] = leaf[:101]
+        struct.pack_into("<QI", node, 0x30, at, 0)
+        struct.pack_into("<I", node, 0x60, n)
+        node[0x64] = level
+        for i in range(n):
+            struct.pack_into("<QBQQQ", node, 101 + 33 * i, i, 0, 0, spots[level - 1], 1)
+        patch(img, phys[at], bytes(node))
+    patch(img, 0x10000 + 0xC7, bytes([levels]))                  # the superblock's chunk level
+
+
+def test_btrfs_fan_out_tree_is_bounded(tmp_path):
+    """493^4 paths through five nodes: the reader gives up after its budget, quickly."""
+    import time
+    root = tmp_path / "tree"
+    (root / "etc").mkdir(parents=True)
+    img = mkfs_btrfs(tmp_path / "b.img", label="fan", root=root)
+    _fan_out_chunk_tree(img, 4)
+    t0 = time.monotonic()
+    report = _os(img)
+    assert time.monotonic() - t0 < 10
+    assert report.os is None
+    assert [f.code for f in report.findings] == ["bare-filesystem", "fs-unreadable"]
+    assert "repeat their children" in report.findings[1].message
+
+
+def test_btrfs_fan_out_of_two_levels_still_reads(tmp_path):
+    """The same trick one level deep is a real (if odd) tree: it still reads."""
+    root = fake_root(tmp_path, "debian-7.8")
+    img = mkfs_btrfs(tmp_path / "b.img", label="fan", root=root)
+    _fan_out_chunk_tree(img, 1)
+    assert _os(img).os.version == "7.8"
+
+
+def test_btrfs_compressed_extents_are_bounded():
+    """A few KiB that decompress to 256 MiB yield at most MAX_FILE bytes and no more
+    memory; damaged compressed data is a BtrfsError."""
+    import tracemalloc
+    import zlib
+
+    import zstandard
+    from smsblock.image.btrfs import MAX_FILE, BtrfsError, _decompress
+    bombs = {1: zlib.compress(bytes(64 * MiB), 9),
+             3: zstandard.ZstdCompressor(level=3).compress(bytes(256 * MiB))}
+    for kind, bomb in bombs.items():
+        assert len(bomb) < 128 << 10
+        tracemalloc.start()
+        try:
+            out = _decompress(bomb, kind, 1 << 40, 257)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert out == bytes(MAX_FILE) and peak < 4 * MiB, (kind, peak)
+        assert _decompress(bomb, kind, 100, 257) == bytes(100)
+        with pytest.raises(BtrfsError, match="inode 257"):
+            _decompress(b"\x00garbage" * 20, kind, 4096, 257)
+    with pytest.raises(BtrfsError, match="LZO"):
+        _decompress(b"x", 2, 10, 257)
+
+
 WINDOWS = {
     "2012r2": ({"ProductName": "Windows Server 2012 R2 Standard", "CurrentVersion": "6.3",
                 "CurrentBuildNumber": "9600", "EditionID": "ServerStandard"}, True,

@@ -15,6 +15,8 @@ must name itself (bytenr) and carry the filesystem's fsid; tree depth is bounded
 
 from __future__ import annotations
 
+import bisect
+import io
 import struct
 import zlib
 from dataclasses import dataclass
@@ -43,6 +45,11 @@ FT_SYMLINK = 7
 _RAID0, _RAID10, _RAID5, _RAID6 = 1 << 3, 1 << 6, 1 << 7, 1 << 8
 MAX_LEVEL = 8
 MAX_FILE = 1 << 20
+MAX_CHUNKS = 1 << 17        # ~128 TiB of 1 GiB chunks
+# work budget per volume: a real lookup visits a few nodes per path component, but a
+# hostile tree whose internal nodes repeat one child pointer fans out exponentially
+MAX_NODE_VISITS = 1 << 15
+MAX_ITEMS = 1 << 19
 HEADER_SIZE = 101
 KEY = struct.Struct("<QBQ")
 
@@ -85,8 +92,11 @@ class BtrfsVolume:
             raise BtrfsError(f"node size {self.nodesize} is impossible")
         if incompat & (1 << 10):         # METADATA_UUID: nodes carry another fsid
             self.fsid = sb[0x23B:0x24B]
-        self._chunks: list[_Chunk] = []
+        self._chunks: list[_Chunk] = []        # sorted by logical address
+        self._chunk_starts: list[int] = []
         self._nodes: dict[int, bytes] = {}
+        self._node_visits = 0
+        self._items_seen = 0
         self._levels: dict[int, int] = {}       # subvolume tree root -> its level
         self._load_sys_chunks(sb)
         self._load_chunk_tree()
@@ -104,7 +114,13 @@ class BtrfsVolume:
             raise BtrfsError(f"chunk at logical {logical} is striped (profile 0x{ctype:x}); "
                              "only SINGLE, DUP and RAID1 are read")
         _devid, physical = struct.unpack_from("<QQ", item, 48)
-        self._chunks.append(_Chunk(logical, length, physical))
+        i = bisect.bisect_left(self._chunk_starts, logical)
+        if i < len(self._chunks) and self._chunks[i].logical == logical:
+            return                          # the chunk tree repeats a bootstrap chunk
+        if len(self._chunks) >= MAX_CHUNKS:
+            raise BtrfsError(f"more than {MAX_CHUNKS} chunks")
+        self._chunks.insert(i, _Chunk(logical, length, physical))
+        self._chunk_starts.insert(i, logical)
 
     def _load_sys_chunks(self, sb: bytes) -> None:
         size = struct.unpack_from("<I", sb, 0xA0)[0]
@@ -124,20 +140,24 @@ class BtrfsVolume:
 
     def _load_chunk_tree(self) -> None:
         for key, data in self._items(self.chunk_root, self.chunk_level, (0, 0, 0)):
-            if key[1] == CHUNK_ITEM and not any(c.logical == key[2] for c in self._chunks):
+            if key[1] == CHUNK_ITEM:
                 self._add_chunk(key[2], data)
 
-    def physical(self, logical: int) -> int:
-        for c in self._chunks:
-            if c.logical <= logical < c.logical + c.length:
-                return c.physical + (logical - c.logical)
+    def _chunk(self, logical: int) -> _Chunk:
+        i = bisect.bisect_right(self._chunk_starts, logical) - 1
+        if i >= 0 and logical < self._chunks[i].logical + self._chunks[i].length:
+            return self._chunks[i]
         raise BtrfsError(f"logical address {logical} is in no chunk")
+
+    def physical(self, logical: int) -> int:
+        c = self._chunk(logical)
+        return c.physical + (logical - c.logical)
 
     def read_logical(self, logical: int, length: int) -> bytes:
         out = bytearray()
         while length > 0:
-            phys = self.physical(logical)
-            chunk = next(c for c in self._chunks if c.logical <= logical < c.logical + c.length)
+            chunk = self._chunk(logical)
+            phys = chunk.physical + (logical - chunk.logical)
             n = min(length, chunk.logical + chunk.length - logical)
             data = self.region.pread(phys, n)
             if len(data) != n:
@@ -149,6 +169,10 @@ class BtrfsVolume:
 
     # --- B-trees ---------------------------------------------------------------
     def _node(self, logical: int, level: int) -> bytes:
+        self._node_visits += 1
+        if self._node_visits > MAX_NODE_VISITS:
+            raise BtrfsError(f"more than {MAX_NODE_VISITS} tree nodes visited (a tree whose "
+                             "nodes repeat their children?)")
         node = self._nodes.get(logical)
         if node is None:
             node = self.read_logical(logical, self.nodesize)
@@ -163,6 +187,12 @@ class BtrfsVolume:
             raise BtrfsError(f"tree node at logical {logical} has level {node[0x64]}, expected {level}")
         return node
 
+    def _count_items(self, n: int) -> None:
+        self._items_seen += n
+        if self._items_seen > MAX_ITEMS:
+            raise BtrfsError(f"more than {MAX_ITEMS} tree items read (a tree whose nodes "
+                             "repeat their children?)")
+
     def _items(self, root: int, level: int, start: tuple[int, int, int]):
         """Yield (key, data) of every leaf item with key >= ``start``, in key order."""
         if level > MAX_LEVEL:
@@ -172,6 +202,7 @@ class BtrfsVolume:
         if level == 0:
             if HEADER_SIZE + nritems * 25 > len(node):
                 raise BtrfsError(f"leaf at logical {root} claims {nritems} items")
+            self._count_items(nritems)
             for i in range(nritems):
                 base = HEADER_SIZE + i * 25
                 key = KEY.unpack_from(node, base)
@@ -183,6 +214,7 @@ class BtrfsVolume:
             return
         if HEADER_SIZE + nritems * 33 > len(node):
             raise BtrfsError(f"node at logical {root} claims {nritems} children")
+        self._count_items(nritems)
         ptrs = []
         for i in range(nritems):
             base = HEADER_SIZE + i * 33
@@ -298,12 +330,21 @@ def _dir_entries(data: bytes):
 
 
 def _decompress(raw: bytes, compression: int, ram_bytes: int, inode: int) -> bytes:
+    """At most ``min(ram_bytes, MAX_FILE)`` bytes of plain text, however well ``raw``
+    compresses (a hostile extent must not expand without bound)."""
+    limit = min(ram_bytes, MAX_FILE)
     if compression == 0:
         return raw
     if compression == 1:
-        d = zlib.decompressobj()
-        return d.decompress(raw, min(ram_bytes, MAX_FILE))
+        try:
+            return zlib.decompressobj().decompress(raw, limit)
+        except zlib.error as e:
+            raise BtrfsError(f"inode {inode}: damaged zlib extent ({e})") from None
     if compression == 3:
         import zstandard
-        return zstandard.ZstdDecompressor().decompressobj().decompress(raw)[:MAX_FILE]
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as reader:
+                return reader.read(limit) if limit else b""
+        except zstandard.ZstdError as e:
+            raise BtrfsError(f"inode {inode}: damaged zstd extent ({e})") from None
     raise BtrfsError(f"inode {inode} uses compression type {compression} (LZO), not read here")
