@@ -296,7 +296,7 @@ def test_snapshot_read_equals_qemu_and_snapshot_removed(source, vcsim, tmp_path)
 
 
 def test_run_feeds_the_scan(source, vcsim, tmp_path):
-    scan_mod = pytest.importorskip("smsblock.scan")
+    scan_mod = pytest.importorskip("smsblock.scanner")
     desc = _put_flat_vmdk(vcsim, "DC0_H0_VM0", tmp_path, seed=5)
     with source.open_run(_vm(source, "DC0_H0_VM0")) as run:
         manifest = scan_mod.scan(run.disks[0].disk, block_size=65536)
@@ -362,28 +362,45 @@ def test_cbt_unavailable_falls_back_to_hashing(source, vcsim, tmp_path):
     assert "does not offer QueryChangedDiskAreas" in record["disks"][0]["changeReason"]
 
 
-def test_sparse_disk_is_read_or_refused_clearly(source, vcsim, tmp_path):
+def _replace_disk(vcsim, vm_name) -> Path:
+    folder = vcsim.datastore / vm_name
+    for f in folder.glob("*.vmdk"):
+        f.unlink()
+    return folder
+
+
+def test_sparse_disk_is_read_through_http(source, vcsim, tmp_path):
     raw = tmp_path / "s.raw"
-    raw.write_bytes(os.urandom(70000) + bytes(1 << 20))
-    folder = vcsim.datastore / "DC0_H0_VM0"
-    for name in ("disk1.vmdk", "disk1-flat.vmdk"):
-        (folder / name).unlink(missing_ok=True)
-    qemu_img("convert", "-f", "raw", "-O", "vmdk", raw, folder / "disk1.vmdk")
+    raw.write_bytes(os.urandom(70000) + bytes(1 << 20) + os.urandom(3000))
+    folder = _replace_disk(vcsim, "DC0_H0_VM0")
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", raw, folder / "disk1.vmdk")   # monolithicSparse
     vm = _vm(source, "DC0_H0_VM0")
-    import inspect
-    try:
-        from smsblock.disk.vmdk import open_vmdk
-        streams = "opener" in inspect.signature(open_vmdk).parameters
-    except ImportError:
-        streams = False
-    if streams:
-        with source.open_run(vm) as run:
-            assert run.disks[0].disk.read(0, 1 << 20) == qemu_raw_bytes(folder / "disk1.vmdk",
-                                                                         tmp_path)[:1 << 20]
-    else:
-        with pytest.raises(VSphereError, match="cannot be streamed over HTTP yet"):
-            with source.open_run(vm):
-                pass
+    with source.open_run(vm) as run:
+        d = run.disks[0].disk
+        assert d.info.create_type == "monolithicSparse"
+        assert d.read(0, d.size) == qemu_raw_bytes(folder / "disk1.vmdk", tmp_path)
+    assert _snapshots(source, vm.vmId) == []
+
+
+def test_delta_chain_is_read_through_http(source, vcsim, tmp_path):
+    """A snapshot child (delta) over a sparse base, as the VM's disk: every file of the
+    chain comes through the datastore file service, byte-exact against qemu-img."""
+    folder = _replace_disk(vcsim, "DC0_H0_VM0")
+    base_raw = tmp_path / "base.raw"
+    base_raw.write_bytes(os.urandom(200_000) + bytes(900_000))
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", base_raw, folder / "disk1-base.vmdk")
+    qemu_img("create", "-q", "-f", "vmdk", "-b", "disk1-base.vmdk", "-F", "vmdk",
+             folder / "disk1.vmdk")
+    subprocess.run(["qemu-io", "-f", "vmdk", "-c", "write -P 0x5a 131072 65536",
+                    str(folder / "disk1.vmdk")], check=True, capture_output=True)
+    vm = _vm(source, "DC0_H0_VM0")
+    with source.open_run(vm) as run:
+        d = run.disks[0].disk
+        got = d.read(0, d.size)
+    expected = qemu_raw_bytes(folder / "disk1.vmdk", tmp_path)
+    assert got == expected
+    assert expected[131072:196608] == b"\x5a" * 65536          # the child's write
+    assert expected[:131072] == base_raw.read_bytes()[:131072]   # the base below it
     assert _snapshots(source, vm.vmId) == []
 
 
@@ -394,6 +411,11 @@ def test_vm_moved_is_followed_by_uuid_or_fails_with_reason(source, vcsim, tmp_pa
     with source.open_run(moved) as run:
         assert run.vm._moId == vm["vmId"]
         assert any("was moved" in w and vm["vmId"] in w for w in run.warnings)
+        # where it is now, for the catalog to follow
+        assert run.moved_to == _vm(source, "DC0_H0_VM0").to_dict()
+        assert run.record()["movedTo"]["vmId"] == vm["vmId"]
+    with source.open_run(vm) as run:
+        assert run.moved_to is None
     gone = dict(vm, vmId="vm-424242",
                 identity={"instanceUuid": "00000000-0000-0000-0000-0000000000aa",
                           "biosUuid": "00000000-0000-0000-0000-0000000000bb"})

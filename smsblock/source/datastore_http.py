@@ -286,17 +286,12 @@ def open_datastore_disk(open_file: Callable[[str], DatastoreFile], path: str) ->
 
     ``open_file(path)`` returns a :class:`DatastoreFile` for a path in the same datastore.
     Flat disks (descriptor + ``-flat.vmdk``, the layout ESXi writes) are read here; sparse
-    and delta (snapshot child) disks need the VMDK reader to accept a file opener, which it
-    does when ``smsblock.disk.vmdk.open_vmdk`` takes an ``opener`` argument.
+    and delta (snapshot child) disks by the VMDK reader through ``open_file``.
     """
+    from ..disk.descriptor import looks_like_descriptor, parse_descriptor
     top = open_file(path)
     head = top.pread(min(top.size, DESCRIPTOR_PROBE), 0)
-    try:
-        from ..disk.descriptor import looks_like_descriptor, parse_descriptor
-    except ImportError:       # the VMDK reader is not installed in this tree
-        looks_like_descriptor = parse_descriptor = None
-    if parse_descriptor is not None and looks_like_descriptor(head) \
-            and not head.startswith(b"KDMV"):
+    if looks_like_descriptor(head) and not head.startswith(b"KDMV"):
         try:
             desc = parse_descriptor(head, top.name)
         except DiskFormatError as e:
@@ -339,18 +334,11 @@ def _open_flat(open_file, top: DatastoreFile, desc) -> Disk:
 
 
 def _open_with_vmdk_reader(open_file, top: DatastoreFile, path: str) -> Disk:
-    import inspect
-    try:
-        from ..disk.vmdk import open_vmdk
-    except ImportError:
-        open_vmdk = None
-    if open_vmdk is not None and "opener" in inspect.signature(open_vmdk).parameters:
-        top.close()
-        return open_vmdk(path, opener=open_file)
+    """Sparse, stream-optimised, seSparse and delta (snapshot child) disks: the VMDK
+    reader, reading every file of the chain through the datastore file service."""
+    from ..disk.vmdk import open_vmdk
     top.close()
-    raise VSphereError(f"{top.name}: sparse and snapshot-delta VMDKs cannot be streamed over "
-                       "HTTP yet (the VMDK reader takes local paths only); consolidate the "
-                       "VM's snapshots or use flat disks")
+    return open_vmdk(path, opener=open_file)
 
 
 class AreaOverlayDisk(Disk):

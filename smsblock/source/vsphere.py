@@ -417,31 +417,38 @@ class VSphereSource:
             parts.append(pname)
         return "/" + "/".join(reversed(parts))
 
+    _VM_PROPS = ("name", "parent", "parentVApp", "config.template", "config.instanceUuid",
+                 "config.uuid", "config.hardware.device")
+
+    def _vm_record(self, moid: str, p: dict, tree) -> VmRecord:
+        parent = p.get("parent") or p.get("parentVApp")
+        name = p.get("name", moid)
+        return VmRecord(
+            vmId=moid, vmName=name,
+            vmPath=self._path_of(name, parent._moId if parent else None, tree),
+            vmManagerName=self.manager_name, vmManagerId=self.manager_id,
+            vmManagerType=self.manager_type,
+            identity={k: v for k, v in (("instanceUuid", p.get("config.instanceUuid")),
+                                        ("biosUuid", p.get("config.uuid"))) if v},
+            warnings=_device_warnings(p.get("config.hardware.device") or []))
+
     def list_vms(self) -> list[VmRecord]:
         """Every VM (templates skipped), sorted by path, with catalog fields and warnings."""
         from pyVmomi import vim
-        props = ["name", "parent", "parentVApp", "config.template", "config.instanceUuid",
-                 "config.uuid", "config.hardware.device"]
 
         def fetch():
-            return self._paths(), self._retrieve([vim.VirtualMachine], {vim.VirtualMachine: props})
+            return self._paths(), self._retrieve([vim.VirtualMachine],
+                                                 {vim.VirtualMachine: list(self._VM_PROPS)})
         tree, vms = self._call("list virtual machines", fetch)
-        records = []
-        for moid, (_, p) in vms.items():
-            if p.get("config.template"):
-                continue
-            parent = p.get("parent") or p.get("parentVApp")
-            name = p.get("name", moid)
-            records.append(VmRecord(
-                vmId=moid, vmName=name,
-                vmPath=self._path_of(name, parent._moId if parent else None, tree),
-                vmManagerName=self.manager_name, vmManagerId=self.manager_id,
-                vmManagerType=self.manager_type,
-                identity={k: v for k, v in (("instanceUuid", p.get("config.instanceUuid")),
-                                            ("biosUuid", p.get("config.uuid"))) if v},
-                warnings=_device_warnings(p.get("config.hardware.device") or [])))
+        records = [self._vm_record(moid, p, tree) for moid, (_, p) in vms.items()
+                   if not p.get("config.template")]
         records.sort(key=lambda r: (r.vmPath, r.vmId))
         return records
+
+    def describe_vm(self, obj) -> VmRecord:
+        """The catalog record of one VM object (where a moved VM is now)."""
+        return self._call("read VM", lambda: self._vm_record(
+            obj._moId, self.get(obj, *self._VM_PROPS), self._paths()))
 
     # -- finding a VM again -----------------------------------------------------------
     def find_vm(self, vm: VmRecord | dict) -> tuple[Any, list[str]]:
@@ -624,6 +631,8 @@ class VSphereRun:
         self.disks: list[SourceDisk] = []
         self.warnings: list[str] = []
         self.removed = False
+        #: the VM's catalog record (a dict) when it was found at a new place, else None
+        self.moved_to: dict | None = None
 
     # -- context ------------------------------------------------------------------------
     def __enter__(self) -> "VSphereRun":
@@ -661,6 +670,8 @@ class VSphereRun:
         src = self.source
         self.vm, notes = src.find_vm(self.vm_record)
         self.warnings += notes
+        if self.vm._moId != self.vm_record.get("vmId"):
+            self.moved_to = src.describe_vm(self.vm).to_dict()
         check_cancel(self.cancel)
         self._remove_leftover_snapshots()
         datastores = src._call("read VM datastores", lambda: list(self.vm.datastore))
@@ -744,7 +755,6 @@ class VSphereRun:
         log.info("snapshot %s of %s removed", moid, self.vm._moId)
 
     def _snapshot_disks(self) -> list[_DiskBacking]:
-        from pyVmomi import vim
         config = self.source._call("read snapshot disks", lambda: self.snapshot.config)
         devices = list(config.hardware.device)
         out = []
@@ -846,6 +856,7 @@ class VSphereRun:
                 "snapshotName": f"{SNAPSHOT_PREFIX}{self.run_id}",
                 "changeTracking": "cbt" if methods == {"cbt"} else
                                   ("hash" if methods <= {"hash"} else "mixed"),
+                "movedTo": self.moved_to,
                 "disks": [d.record() for d in self.disks], "warnings": list(self.warnings)}
 
 
