@@ -258,6 +258,18 @@ def fuse_available() -> bool:
     return os.path.exists("/dev/fuse") and shutil.which("ntfs-3g") is not None
 
 
+def need_fuse() -> None:
+    """Skip a test that needs an ntfs-3g FUSE mount where there is none, except in CI
+    (``CI=true``), where a missing /dev/fuse or ntfs-3g is a failure, never a silent skip."""
+    if fuse_available():
+        return
+    import pytest
+    why = "ntfs-3g and /dev/fuse are needed to make folders in an NTFS image"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{why}; CI must provide them (scripts/setup.sh, --device /dev/fuse)")
+    pytest.skip(why)
+
+
 def mkfs_windows(path: Path, *, label: str, values: dict, size: int = 16 * MiB,
                  wow64: bool = True) -> Path:
     """An NTFS volume (mkntfs) holding Windows\\System32\\config\\SOFTWARE.

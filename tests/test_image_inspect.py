@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from image_builders import (GRUB2_BOOT_IMG, MiB, blkid, fake_root, fuse_available, mkfs_ext,
-                            mkfs_simple, mkfs_windows, partition_disk, place, write_boot_code)
+from image_builders import (GRUB2_BOOT_IMG, MiB, blkid, fake_root, mkfs_ext, mkfs_simple,
+                            mkfs_windows, need_fuse, partition_disk, place, write_boot_code)
 from smsblock import open_disk
 from smsblock.disk.base import Disk
 from smsblock.image.validate import inspect_and_validate
@@ -123,8 +123,8 @@ def test_gpt_disk_whole_report(tmp_path):
     assert parts[1]["name"] == "root"
 
 
-@pytest.mark.skipif(not fuse_available(), reason="ntfs-3g FUSE mount (/dev/fuse) needed to make folders")
 def test_windows_disk_whole_report(tmp_path):
+    need_fuse()
     disk = tmp_path / "win.img"
     partition_disk(disk, 24 * MiB, "label: dos\nlabel-id: 0x5eed5eed\nstart=2048, size=40960, type=7, bootable\n")
     vol = mkfs_windows(tmp_path / "c.img", label="System",
@@ -270,3 +270,15 @@ def test_tiny_disks(size):
     from test_image_partitions import BytesDisk
     r = inspect_and_validate(BytesDisk(b"\x55\xaa" * (size // 2)))
     assert r.partition_table == "none" and r.os is None and not r.ok
+
+
+def test_missing_fuse_fails_in_ci_and_skips_elsewhere(monkeypatch):
+    """The NTFS tests need a FUSE mount; in CI its absence must fail, not skip silently."""
+    import image_builders
+    monkeypatch.setattr(image_builders, "fuse_available", lambda: False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must provide"):
+        image_builders.need_fuse()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        image_builders.need_fuse()

@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from image_builders import (DISTROS, MiB, fake_root, fuse_available, mkfs_btrfs, mkfs_ext,
-                            mkfs_windows, mkfs_xfs, patch)
+from image_builders import (DISTROS, MiB, fake_root, mkfs_btrfs, mkfs_ext, mkfs_windows,
+                            mkfs_xfs, need_fuse, patch)
 from smsblock import open_disk
 from smsblock.image.btrfs import BtrfsVolume
 from smsblock.image.inspect import inspect_disk
@@ -241,9 +241,9 @@ WINDOWS = {
 }
 
 
-@pytest.mark.skipif(not fuse_available(), reason="ntfs-3g FUSE mount (/dev/fuse) needed to make folders")
 @pytest.mark.parametrize("name", sorted(WINDOWS))
 def test_windows_from_software_hive(tmp_path, name):
+    need_fuse()
     values, wow64, expect = WINDOWS[name]
     img = mkfs_windows(tmp_path / "w.img", label="System", values=values, wow64=wow64)
     report = _os(img)
