@@ -26,7 +26,7 @@ import pytest
 
 from smsblock.disk import open_disk
 from smsblock.replicate import replicate
-from smsblock.scan import scan
+from smsblock.scanner import scan
 from smsblock.store import StoreConfig, open_store
 
 MIB = 1 << 20

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from smsblock.disk import open_disk
-from smsblock.scan import scan
+from smsblock.scanner import scan
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -190,7 +190,7 @@ def test_sparse_16g_vs_dense(benchmark, dense, sparse):
 _RSS_CHILD = """
 import sys
 from smsblock.disk import open_disk
-from smsblock.scan import scan
+from smsblock.scanner import scan
 with open_disk(sys.argv[1]) as disk:
     m = scan(disk, on_changed=lambda i, v: None)
     m2 = scan(disk, previous=m)

@@ -22,7 +22,7 @@ from conftest import qemu_img  # noqa: E402
 from test_vsphere import PASSWORD, USER, Vcsim  # noqa: E402
 
 from smsblock.disk.raw import RawDisk
-from smsblock.scan import scan
+from smsblock.scanner import scan
 from smsblock.source.vsphere import PASSWORD_ENV, VCenterSettings, VSphereSource
 
 MIB = 1 << 20

@@ -10,7 +10,7 @@ from .disk import Disk, DiskInfo, Extent, ExtentKind, open_disk
 from .disk.writer import convert, write_raw, write_stream_optimized
 from .progress import CancelToken
 from .manifest import BlockState, Manifest, diff
-from .scan import scan   # the function: import the module as ``from smsblock.scan import ...``
+from .scanner import scan
 from .replicate import PruneReport, RunSummary, VerifyReport, prune, replicate, restore, verify
 from .store import open_store
 

@@ -1,7 +1,7 @@
 # cython: language_level=3
 """Native core of the block scan: zero test, xxh3-128 and change test for a batch of blocks.
 
-The Python side (smsblock/scan.py) reads a run of consecutive blocks into one buffer
+The Python side (smsblock/scanner.py) reads a run of consecutive blocks into one buffer
 (the read releases the GIL); :func:`scan_batch` then classifies and hashes every block
 of the buffer with the GIL released, so two worker threads keep both cores busy.
 """

@@ -319,7 +319,7 @@ def replicate(disk, store, server_id: str, *, block_size: int | None = None,
     raising :class:`~smsblock.errors.Cancelled`.  Returns a :class:`RunSummary`; the
     run's manifest, written last, makes the run visible.
     """
-    from .scan import scan
+    from .scanner import scan
 
     check_server_id(server_id)
     store = open_store(store)

@@ -20,7 +20,7 @@ from smsblock.disk.raw import RawDisk
 from smsblock.errors import Cancelled, DiskIOError, UsageError
 from smsblock.manifest import BlockState, Manifest
 from smsblock.progress import CancelToken
-from smsblock.scan import plan_reads, scan
+from smsblock.scanner import plan_reads, scan
 
 from conftest import qemu_img
 

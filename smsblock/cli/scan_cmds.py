@@ -62,7 +62,7 @@ def _counts(m: Manifest) -> dict:
 def cmd_scan(args) -> int:
     from ..disk import open_disk
     from ..progress import terminal_progress
-    from ..scan import scan
+    from ..scanner import scan
 
     block_size = parse_block_size(args.block_size)
     if args.threads < 1:
