@@ -49,6 +49,40 @@ def test_linux_list_edges(dist, version, status):
     assert RULES.check_linux(dist, version, "x86_64").status == status
 
 
+# every range of the guide's list, from its text in issue 5: each bound, and the nearest
+# version outside it on either side
+GUIDE_BOUNDARIES = [
+    ("ubuntu", "11.10", UNSUPPORTED), ("ubuntu", "12.04", SUPPORTED), ("ubuntu", "12.04.5", SUPPORTED),
+    ("ubuntu", "16.10", SUPPORTED), ("ubuntu", "17.04", UNSUPPORTED),
+    *[(d, v, s) for d in ("rhel", "centos") for v, s in (
+        ("5.0", UNSUPPORTED), ("5.1", SUPPORTED), ("5.11", SUPPORTED), ("5.12", UNSUPPORTED),
+        ("6.0", REFUSED), ("6.1", SUPPORTED), ("6.6", SUPPORTED), ("6.7", UNSUPPORTED),
+        ("7.0", SUPPORTED), ("7.1", SUPPORTED), ("4.9", UNSUPPORTED), ("8.0", UNSUPPORTED))],
+    ("rhel", "7.2", UNSUPPORTED), ("centos", "7.2", SUPPORTED), ("centos", "7.2.1511", SUPPORTED),
+    ("centos", "7.3.1611", UNSUPPORTED),
+    ("suse", "10.4", UNSUPPORTED), ("suse", "11", UNSUPPORTED), ("suse", "11.1", SUPPORTED),
+    ("suse", "11.4", SUPPORTED), ("suse", "11.5", UNSUPPORTED), ("suse", "12", UNSUPPORTED),
+    ("suse", "12.1", SUPPORTED), ("suse", "12.2", UNSUPPORTED),
+    ("debian", "5.0.10", UNSUPPORTED), ("debian", "6.0.0", SUPPORTED), ("debian", "6.0", SUPPORTED),
+    ("debian", "6.0.8", SUPPORTED), ("debian", "6.0.9", UNSUPPORTED), ("debian", "6.0.10", UNSUPPORTED),
+    ("debian", "7.0.0", SUPPORTED), ("debian", "7.0", SUPPORTED), ("debian", "7.8.0", SUPPORTED),
+    ("debian", "7.8", SUPPORTED), ("debian", "7.9", UNSUPPORTED), ("debian", "7.11", UNSUPPORTED),
+    ("debian", "8.0.0", SUPPORTED), ("debian", "8.0", SUPPORTED), ("debian", "8.1", UNSUPPORTED),
+    ("oracle", "6.0", UNSUPPORTED), ("oracle", "6.1", SUPPORTED), ("oracle", "6.6", SUPPORTED),
+    ("oracle", "6.7", UNSUPPORTED), ("oracle", "7.0", SUPPORTED), ("oracle", "7.1", SUPPORTED),
+    ("oracle", "7.2", UNSUPPORTED),
+    ("fedora", "18", UNSUPPORTED), ("fedora", "19", SUPPORTED), ("fedora", "21", SUPPORTED),
+    ("fedora", "22", UNSUPPORTED),
+]
+
+
+@pytest.mark.parametrize("dist,version,status", GUIDE_BOUNDARIES)
+def test_guide_list_boundaries(dist, version, status):
+    verdict = RULES.check_linux(dist, version, "x86_64")
+    assert verdict.status == status, verdict.reason
+    assert RULES.check_linux(dist, version, "i386").status == status
+
+
 def test_refusal_says_why():
     assert "lacks the drivers" in RULES.check_linux("rhel", "6.0", "x86_64").reason
     assert "5.1-5.11, 6.1-6.6, 7.0-7.1" in RULES.check_linux("rhel", "7.3", "x86_64").reason
@@ -77,6 +111,42 @@ def test_refusal_says_why():
 ])
 def test_windows_list(product, edition, sp, arch, status):
     assert RULES.check_windows(product, edition, sp, arch).status == status
+
+
+# the Windows products of the guide, each with a supported edition and bitness, and its
+# neighbours: the product before and after, an edition or bitness off the list
+WINDOWS_BOUNDARIES = [
+    ("Microsoft Windows 2000", "", "Service Pack 4", "i386", UNSUPPORTED),
+    ("Microsoft Windows Server 2003", "ServerEnterprise", None, "x86_64", UNSUPPORTED),
+    ("Microsoft Windows Server 2003", "ServerEnterprise", "Service Pack 1", "x86_64", SUPPORTED),
+    ("Microsoft Windows Server 2003", "ServerDatacenter", "Service Pack 2", "i386", SUPPORTED),
+    ("Microsoft Windows Server 2003", "ServerWeb", "Service Pack 2", "i386", UNSUPPORTED),
+    ("Windows Server 2008 Enterprise", "ServerEnterprise", "Service Pack 2", "x86_64", SUPPORTED),
+    ("Windows Server 2008 Datacenter", "ServerDatacenter", None, "i386", SUPPORTED),
+    ("Windows Server 2008 R2 Enterprise", "ServerEnterprise", None, "x86_64", SUPPORTED),
+    ("Windows Server 2012 Standard", "ServerStandard", None, "x86_64", SUPPORTED),
+    ("Windows Server 2012 Foundation", "ServerFoundation", None, "x86_64", UNSUPPORTED),
+    ("Windows Server 2012 R2 Datacenter", "ServerDatacenter", None, "x86_64", SUPPORTED),
+    ("Windows Server 2016 Datacenter", "ServerDatacenter", None, "x86_64", SUPPORTED),
+    ("Windows Server 2016 Essentials", "ServerSolution", None, "x86_64", UNSUPPORTED),
+    ("Windows Vista Ultimate", "Ultimate", "Service Pack 2", "x86_64", UNSUPPORTED),
+    ("Windows 7 Enterprise", "Enterprise", None, "x86_64", SUPPORTED),
+    ("Windows 7 Home Premium", "HomePremium", "Service Pack 1", "x86_64", SUPPORTED),
+    ("Windows 8 Enterprise", "Enterprise", None, "x86_64", SUPPORTED),
+    ("Windows 8 Pro", "Professional", None, "i386", SUPPORTED),
+    ("Windows 8.1 Enterprise", "Enterprise", None, "x86_64", SUPPORTED),
+    ("Windows 8.1", "Core", None, "x86_64", UNSUPPORTED),
+    ("Windows 10 Enterprise", "Enterprise", None, "x86_64", SUPPORTED),
+    ("Windows 10 Home", "Core", None, "x86_64", SUPPORTED),
+    ("Windows 10 Pro", "Professional", None, "i386", UNSUPPORTED),
+    ("Windows 11 Pro", "Professional", None, "x86_64", UNSUPPORTED),
+]
+
+
+@pytest.mark.parametrize("product,edition,sp,arch,status", WINDOWS_BOUNDARIES)
+def test_windows_guide_boundaries(product, edition, sp, arch, status):
+    verdict = RULES.check_windows(product, edition, sp, arch)
+    assert verdict.status == status, verdict.reason
 
 
 def test_license_auto():
