@@ -189,3 +189,42 @@ def test_other_source_kinds_plug_in(tmp_path):
     register_source_kind("test-kind", factory)
     src = open_source("test-kind", {"root": str(tmp_path)})
     assert calls == [{"root": str(tmp_path)}] and src.list_vms() == []
+
+
+def test_reimport_follows_a_vm_moved_to_a_new_id_by_its_instance_uuid(tmp_path):
+    """After a vMotion the manager lists the VM under a new id: it keeps its serverId (and
+    so its job and replication window); a clone with a UUID of its own is a new server."""
+    from smsblock.service import FakeClock, SmsService
+    from smsblock.source import VmRecord
+
+    listing: list[VmRecord] = []
+
+    class Listed:
+        manager_type, manager_name, manager_id = "VSPHERE", "vc", "vc-uuid"
+
+        def __init__(self, config):
+            pass
+
+        def list_vms(self):
+            return list(listing)
+
+        def close(self):
+            pass
+
+    def vm(vm_id, path, uuid):
+        return VmRecord(vmId=vm_id, vmName="web", vmPath=path, vmManagerName="vc",
+                        vmManagerId="vc-uuid", vmManagerType="VSPHERE",
+                        identity={"instanceUuid": uuid})
+    register_source_kind("test-listed", Listed)
+    svc = SmsService(tmp_path / "state", clock=FakeClock(1_800_000_000.0))
+    svc.register_connector("test-listed", {})
+    listing[:] = [vm("vm-10", "/Datacenters/DC/vm/web", "u-1")]
+    svc.import_server_catalog()
+    [before] = svc.get_servers()["serverList"]
+    listing[:] = [vm("vm-77", "/Datacenters/DC2/vm/web", "u-1"),
+                  vm("vm-78", "/Datacenters/DC2/vm/web", "u-2")]
+    svc.import_server_catalog()
+    after = {s["vmServer"]["vmServerAddress"]["vmId"]: s for s in svc.get_servers()["serverList"]}
+    assert after["vm-77"]["serverId"] == before["serverId"]
+    assert after["vm-77"]["vmServer"]["vmPath"] == "/Datacenters/DC2/vm/web"
+    assert after["vm-78"]["serverId"] != before["serverId"]

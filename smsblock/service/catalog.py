@@ -3,8 +3,9 @@
 Import runs in two transactions around the (possibly slow) listing of the sources:
 first the catalog goes IMPORTING, then - with every source listed - the servers are
 written and the catalog goes AVAILABLE in one step.  A VM already known (same
-vmManagerId and vmId) keeps its serverId; a new one gets a new id; one that is gone
-from its source leaves the catalog (its row, and so its id and replication window, is
+vmManagerId and vmId, or a new vmId with the instance UUID of a known VM that is not
+listed any more: a VM moved by vMotion) keeps its serverId; a new one gets a new id; one
+that is gone from its source leaves the catalog (its row, and so its id and replication window, is
 kept in case it comes back).  If listing fails, the catalog returns to its previous
 status and the caller gets NoConnectorsAvailableException with the source's reason.
 """
@@ -64,6 +65,7 @@ def import_catalog(state: State, now: float) -> int:
     count = 0
     with state.transaction() as db:
         seen: set[str] = set()
+        moved = _moved_servers(db, [vm for _, vms in listed for vm in vms])
         for connector, vms in listed:
             for vm in vms:
                 for w in vm.warnings:
@@ -72,6 +74,12 @@ def import_catalog(state: State, now: float) -> int:
                                  (vm.vmManagerId, vm.vmId)).fetchone()
                 values = (connector["connector_id"], vm.vmName, vm.vmManagerName,
                           vm.vmManagerType, vm.vmPath, json.dumps(vm.to_dict()), now)
+                if row is None and (vm.vmManagerId, vm.vmId) in moved:
+                    row = {"server_id": moved[vm.vmManagerId, vm.vmId]}
+                    log.info("%s: VM %s moved from its known place to %s (%s)",
+                             row["server_id"], vm.vmName, vm.vmId, vm.vmPath)
+                    db.execute("UPDATE servers SET vm_id = ? WHERE server_id = ?",
+                               (vm.vmId, row["server_id"]))
                 if row is None:
                     server_id = new_server_id()
                     db.execute(
@@ -94,6 +102,24 @@ def import_catalog(state: State, now: float) -> int:
         db.execute("UPDATE catalog SET status = ?, last_modified_on = ? WHERE id = 1",
                    (ServerCatalogStatus.AVAILABLE.value, now))
     return count
+
+
+def _moved_servers(db: sqlite3.Connection, vms: list[VmRecord]) -> dict[tuple[str, str], str]:
+    """{(vmManagerId, new vmId): serverId} for known servers whose VM is listed under a
+    new id (vMotion, re-registration), recognised by its instance UUID.  Only servers
+    whose old id is not listed any more move, so a clone keeps its own server."""
+    listed_ids = {(vm.vmManagerId, vm.vmId) for vm in vms}
+    by_uuid = {}
+    for row in db.execute("SELECT server_id, vm_manager_id, vm_id, vm_record FROM servers"):
+        uuid = (json.loads(row["vm_record"] or "{}").get("identity") or {}).get("instanceUuid")
+        if uuid and (row["vm_manager_id"], row["vm_id"]) not in listed_ids:
+            by_uuid[row["vm_manager_id"], uuid] = row["server_id"]
+    out = {}
+    for vm in vms:
+        server_id = by_uuid.pop((vm.vmManagerId, vm.identity.get("instanceUuid")), None)
+        if server_id is not None:      # popped: one listed VM per known server
+            out[vm.vmManagerId, vm.vmId] = server_id
+    return out
 
 
 def delete_catalog(state: State, now: float) -> None:
