@@ -3,7 +3,7 @@
 * first full run into a local store vs ``zstd -1 -T2`` of the same raw file (target <= 1.2x);
 * an incremental run with 2 % of the blocks changed vs a scan of the same image (<= 1.5x);
 * SHA-256 vs BLAKE3 content addresses, end to end (the store's ``address`` setting);
-* peak RSS of a run, in a subprocess (``os.wait4`` rusage), on a dense image and on a
+* peak RSS of a run, in a subprocess (its own VmHWM), on a dense image and on a
   16 GiB sparse one (<= 256 MiB whatever the disk size), and the sparse run's time.
 
 The image is ``SMSBLOCK_BENCH_MIB`` MiB (default 1024) of disk-like 512 KiB blocks: a
@@ -177,12 +177,15 @@ def test_address_algorithm_end_to_end(benchmark, image, tmp_path):
             sha256_vs_blake3=round(sha / b3, 2))
 
 
-# A small parent runs the replicate and reports RUSAGE_CHILDREN: a child forked straight
-# from pytest would inherit pytest's own RSS high-water mark through fork + exec.
-_RSS_WRAPPER = """
-import resource, subprocess, sys
-rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
-print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+# The child runs the CLI in-process and reports its own VmHWM: the peak of this address
+# space only (rusage maxrss would carry the forking parent's high-water mark over exec).
+_RSS_CHILD = """
+import contextlib, io, sys
+from smsblock.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    rc = main(sys.argv[1:])
+hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(rc, hwm)
 """
 
 
@@ -190,7 +193,7 @@ def _run_rss(disk: Path, store: Path) -> tuple[float, int]:
     """Seconds and peak RSS (bytes) of a CLI replicate in its own process."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, sys.executable, "-m", "smsblock",
+    out = subprocess.run([sys.executable, "-c", _RSS_CHILD,
                           "replicate", str(disk), "--store", str(store), "--server", "rss"],
                          env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "0", out
