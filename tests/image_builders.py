@@ -46,23 +46,28 @@ DISTROS: dict[str, dict] = {
         "etc/lsb-release": "DISTRIB_ID=Ubuntu\nDISTRIB_RELEASE=14.04\nDISTRIB_CODENAME=trusty\n"
                            'DISTRIB_DESCRIPTION="Ubuntu 14.04.5 LTS"\n',
         "etc/debian_version": "jessie/sid\n"},
+        "sources": ["etc/os-release", "etc/lsb-release"],
         "expect": ("ubuntu", "14.04", "Ubuntu 14.04.5 LTS"), "supported": True},
     "ubuntu-16.10": {"files": {
         "usr/lib/os-release": 'NAME="Ubuntu"\nVERSION="16.10 (Yakkety Yak)"\nID=ubuntu\n'
                               'PRETTY_NAME="Ubuntu 16.10"\nVERSION_ID="16.10"\n',
         "etc/debian_version": "stretch/sid\n"},
         "links": {"etc/os-release": "../usr/lib/os-release"},
+        "sources": ["etc/os-release"],
         "expect": ("ubuntu", "16.10", "Ubuntu 16.10"), "supported": True},
     "ubuntu-18.04": {"files": {
         "etc/os-release": 'NAME="Ubuntu"\nID=ubuntu\nPRETTY_NAME="Ubuntu 18.04.6 LTS"\nVERSION_ID="18.04"\n'},
+        "sources": ["etc/os-release"],
         "expect": ("ubuntu", "18.04", "Ubuntu 18.04.6 LTS"), "supported": False},
     "rhel-7.1": {"files": {
         "etc/redhat-release": "Red Hat Enterprise Linux Server release 7.1 (Maipo)\n",
         "etc/os-release": 'NAME="Red Hat Enterprise Linux Server"\nVERSION="7.1 (Maipo)"\nID="rhel"\n'
                           'VERSION_ID="7.1"\nPRETTY_NAME="Red Hat Enterprise Linux Server 7.1 (Maipo)"\n'},
+        "sources": ["etc/redhat-release", "etc/os-release"],
         "expect": ("rhel", "7.1", "Red Hat Enterprise Linux Server 7.1 (Maipo)"), "supported": True},
     "rhel-6.0": {"files": {
         "etc/redhat-release": "Red Hat Enterprise Linux Server release 6.0 (Santiago)\n"},
+        "sources": ["etc/redhat-release"],
         "expect": ("rhel", "6.0", "Red Hat Enterprise Linux Server release 6.0 (Santiago)"),
         "supported": False, "refused": True},
     "centos-7.2.1511": {"files": {
@@ -70,40 +75,49 @@ DISTROS: dict[str, dict] = {
         "etc/centos-release": "CentOS Linux release 7.2.1511 (Core)\n",
         "etc/os-release": 'NAME="CentOS Linux"\nVERSION="7 (Core)"\nID="centos"\nID_LIKE="rhel fedora"\n'
                           'VERSION_ID="7"\nPRETTY_NAME="CentOS Linux 7 (Core)"\n'},
+        "sources": ["etc/centos-release", "etc/redhat-release", "etc/os-release"],
         "expect": ("centos", "7.2.1511", "CentOS Linux 7 (Core)"), "supported": True},
     "centos-6.5": {"files": {"etc/redhat-release": "CentOS release 6.5 (Final)\n",
                              "etc/centos-release": "CentOS release 6.5 (Final)\n"},
-                   "expect": ("centos", "6.5", "CentOS release 6.5 (Final)"), "supported": True},
+                   "sources": ["etc/centos-release", "etc/redhat-release"],
+        "expect": ("centos", "6.5", "CentOS release 6.5 (Final)"), "supported": True},
     "sles-11sp4": {"files": {
         "etc/SuSE-release": "SUSE Linux Enterprise Server 11 (x86_64)\nVERSION = 11\nPATCHLEVEL = 4\n"},
+        "sources": ["etc/SuSE-release"],
         "expect": ("suse", "11.4", "SUSE Linux Enterprise Server 11 (x86_64)"), "supported": True},
     "sles-12sp1": {"files": {
         "etc/os-release": 'NAME="SLES"\nVERSION="12-SP1"\nVERSION_ID="12.1"\n'
                           'PRETTY_NAME="SUSE Linux Enterprise Server 12 SP1"\nID="sles"\n',
         "etc/SuSE-release": "SUSE Linux Enterprise Server 12 (x86_64)\nVERSION = 12\nPATCHLEVEL = 1\n"},
+        "sources": ["etc/os-release", "etc/SuSE-release"],
         "expect": ("suse", "12.1", "SUSE Linux Enterprise Server 12 SP1"), "supported": True},
     "debian-7.8": {"files": {
         "etc/os-release": 'PRETTY_NAME="Debian GNU/Linux 7 (wheezy)"\nNAME="Debian GNU/Linux"\n'
                           'VERSION_ID="7"\nVERSION="7 (wheezy)"\nID=debian\n',
         "etc/debian_version": "7.8\n"},
+        "sources": ["etc/os-release", "etc/debian_version"],
         "expect": ("debian", "7.8", "Debian GNU/Linux 7 (wheezy)"), "supported": True},
     "debian-6.0.8": {"files": {"etc/debian_version": "6.0.8\n"},
-                     "expect": ("debian", "6.0.8", None), "supported": True},
+                     "sources": ["etc/debian_version"],
+        "expect": ("debian", "6.0.8", None), "supported": True},
     "debian-8.0": {"files": {
         "etc/os-release": 'PRETTY_NAME="Debian GNU/Linux 8 (jessie)"\nVERSION_ID="8"\nID=debian\n',
         "etc/debian_version": "8.0\n"},
+        "sources": ["etc/os-release", "etc/debian_version"],
         "expect": ("debian", "8.0", "Debian GNU/Linux 8 (jessie)"), "supported": True},
     "oracle-6.6": {"files": {
         "etc/oracle-release": "Oracle Linux Server release 6.6\n",
         "etc/redhat-release": "Red Hat Enterprise Linux Server release 6.6 (Santiago)\n",
         "etc/os-release": 'NAME="Oracle Linux Server"\nVERSION="6.6"\nID="ol"\nVERSION_ID="6.6"\n'
                           'PRETTY_NAME="Oracle Linux Server 6.6"\n'},
+        "sources": ["etc/oracle-release", "etc/os-release"],
         "expect": ("oracle", "6.6", "Oracle Linux Server 6.6"), "supported": True},
     "fedora-21": {"files": {
         "etc/fedora-release": "Fedora release 21 (Twenty One)\n",
         "etc/redhat-release": "Fedora release 21 (Twenty One)\n",
         "etc/os-release": 'NAME=Fedora\nVERSION="21 (Server Edition)"\nID=fedora\nVERSION_ID=21\n'
                           'PRETTY_NAME="Fedora 21 (Server Edition)"\nVARIANT_ID=server\n'},
+        "sources": ["etc/fedora-release", "etc/redhat-release", "etc/os-release"],
         "expect": ("fedora", "21", "Fedora 21 (Server Edition)"), "supported": True},
 }
 

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from image_builders import (DISTROS, MiB, fake_root, mkfs_btrfs, mkfs_ext, mkfs_windows,
+from image_builders import (DISTROS, MiB, blkid, fake_root, mkfs_btrfs, mkfs_ext, mkfs_windows,
                             mkfs_xfs, need_fuse, patch)
 from smsblock import open_disk
 from smsblock.image.btrfs import BtrfsVolume
@@ -31,19 +31,45 @@ def _os(path):
         return inspect_disk(d)
 
 
+def bare_report(img, fs, label, distro, *, fs_variant=None) -> dict:
+    """The whole report of a bare filesystem holding ``distro``'s fake root; labels and
+    UUIDs as blkid sees them."""
+    dist, version, pretty = DISTROS[distro]["expect"]
+    oracle = blkid(img)
+    assert (oracle["TYPE"], oracle["LABEL"]) == (fs, label)
+    size = img.stat().st_size
+    return {
+        "source": None, "disk_size": size, "partition_table": "none", "disk_id": None,
+        "partitions": [{"number": 0, "start": 0, "size": size, "type": None, "bootable": False,
+                        "filesystem": fs, "label": label, "uuid": oracle["UUID"],
+                        "kind": "whole-disk", "type_name": None, "fs_variant": fs_variant,
+                        "name": None}],
+        "boot_code": "none", "boot_code_detail": None,
+        "os": {"family": "linux", "distribution": dist, "version": version,
+               "architecture": "x86_64", "name": pretty, "edition": None, "service_pack": None,
+               "root_partition": 0, "root_filesystem": fs, "sources": DISTROS[distro]["sources"]},
+        "findings": [{"severity": "info", "code": "bare-filesystem",
+                      "message": f"The disk holds a bare {fs} filesystem without a partition table."}],
+        "ok": True,
+    }
+
+
 @pytest.mark.parametrize("i,distro", list(enumerate(sorted(DISTROS))))
 def test_each_distribution_on_ext(roots, tmp_path, i, distro):
     kind = EXT_KINDS[i % 3]
     root = fake_root(roots, distro, merged_usr=bool(i % 2))
     img = mkfs_ext(tmp_path / "fs.img", kind, 4 * MiB, label=f"r{i}", root=root)
-    report = _os(img)
-    dist, version, pretty = DISTROS[distro]["expect"]
-    o = report.os
-    assert (o.family, o.distribution, o.version, o.architecture, o.name) == \
-        ("linux", dist, version, "x86_64", pretty)
-    assert (o.root_partition, o.root_filesystem) == (0, kind)
-    assert report.partitions[0].filesystem == kind
-    assert [f.code for f in report.findings] == ["bare-filesystem"]
+    assert _os(img).to_dict() == bare_report(img, kind, f"r{i}", distro)
+
+
+@pytest.mark.parametrize("fs,distro", [("xfs", "centos-7.2.1511"), ("xfs", "sles-12sp1"),
+                                       ("btrfs", "ubuntu-16.10"), ("btrfs", "debian-7.8")])
+def test_root_on_xfs_and_btrfs(roots, tmp_path, fs, distro):
+    root = fake_root(roots, distro, merged_usr=True)
+    make = mkfs_xfs if fs == "xfs" else mkfs_btrfs
+    img = make(tmp_path / f"{fs}.img", label=f"{fs}root", root=root)
+    assert _os(img).to_dict() == bare_report(img, fs, f"{fs}root", distro,
+                                             fs_variant="V5" if fs == "xfs" else None)
 
 
 def test_most_precise_version_wins():
@@ -71,26 +97,6 @@ def test_elf_architecture_from_a_real_binary():
     head[4] = 2
     assert elf_architecture(bytes(head)) == "aarch64"
     assert elf_architecture(b"#!/bin/sh\n") is None
-
-
-def test_xfs_root_from_protofile(roots, tmp_path):
-    root = fake_root(roots, "centos-7.2.1511", merged_usr=True)
-    img = mkfs_xfs(tmp_path / "xfs.img", label="xroot", root=root)
-    report = _os(img)
-    o = report.os
-    assert (o.distribution, o.version, o.architecture, o.root_filesystem) == \
-        ("centos", "7.2.1511", "x86_64", "xfs")
-    assert report.partitions[0].label == "xroot"
-
-
-def test_btrfs_root_from_rootdir(roots, tmp_path):
-    root = fake_root(roots, "ubuntu-16.10", merged_usr=True)
-    img = mkfs_btrfs(tmp_path / "b.img", label="broot", root=root)
-    report = _os(img)
-    o = report.os
-    assert (o.distribution, o.version, o.architecture, o.root_filesystem) == \
-        ("ubuntu", "16.10", "x86_64", "btrfs")
-    assert o.sources == ["usr/lib/os-release"] or "etc/os-release" in o.sources
 
 
 def test_btrfs_reader_reads_inline_and_regular_extents(tmp_path):
@@ -246,11 +252,22 @@ def test_windows_from_software_hive(tmp_path, name):
     need_fuse()
     values, wow64, expect = WINDOWS[name]
     img = mkfs_windows(tmp_path / "w.img", label="System", values=values, wow64=wow64)
-    report = _os(img)
-    o = report.os
-    assert (o.distribution, o.version, o.architecture, o.edition, o.service_pack) == expect
-    assert (o.family, o.root_filesystem) == ("windows", "ntfs")
-    assert report.partitions[0].label == "System"
+    product, version, arch, edition, sp = expect
+    size, serial = img.stat().st_size, blkid(img)["UUID"]
+    assert _os(img).to_dict() == {
+        "source": None, "disk_size": size, "partition_table": "none", "disk_id": None,
+        "partitions": [{"number": 0, "start": 0, "size": size, "type": None, "bootable": False,
+                        "filesystem": "ntfs", "label": "System", "uuid": serial,
+                        "kind": "whole-disk", "type_name": None, "fs_variant": None, "name": None}],
+        "boot_code": "none", "boot_code_detail": None,
+        "os": {"family": "windows", "distribution": product, "version": version,
+               "architecture": arch, "name": product, "edition": edition, "service_pack": sp,
+               "root_partition": 0, "root_filesystem": "ntfs",
+               "sources": ["Windows/System32/config/SOFTWARE"]},
+        "findings": [{"severity": "info", "code": "bare-filesystem",
+                      "message": "The disk holds a bare ntfs filesystem without a partition table."}],
+        "ok": True,
+    }
 
 
 # --- random damage to real filesystems: findings, never exceptions ---------------------
