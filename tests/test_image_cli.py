@@ -210,6 +210,35 @@ def test_image_create_ec2(capsys, tmp_path, linux_disk, store_with_runs, moto_en
     assert rec["license_type"] == "BYOL" and rec["ok"]
 
 
+@pytest.mark.xdist_group("moto-image")
+def test_image_create_ec2_cancelled_midway_deletes_its_snapshot(store_with_runs, moto_endpoint):
+    """Cancelled after the first block: Cancelled is raised, the snapshot is gone, no image."""
+    import boto3
+    from smsblock.errors import Cancelled
+    from smsblock.image import create_image
+    from smsblock.progress import CancelToken
+
+    store, _ = store_with_runs
+    ec2 = boto3.client("ec2", endpoint_url=moto_endpoint, region_name="us-east-1")
+
+    def snapshots():
+        return {s["SnapshotId"] for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]}
+
+    def images():
+        return {i["ImageId"] for i in ec2.describe_images(Owners=["self"])["Images"]}
+    before_snaps, before_images = snapshots(), images()
+    token, calls = CancelToken(), []
+
+    def progress(done, total):
+        calls.append((done, total))
+        token.cancel()
+    with pytest.raises(Cancelled):
+        create_image(str(store), "srv-ok", target="ec2", endpoint_url=moto_endpoint,
+                     progress=progress, cancel=token)
+    assert len(calls) == 1 and calls[0][0] <= calls[0][1]
+    assert snapshots() == before_snaps and images() == before_images
+
+
 def test_image_create_ec2_unreachable_endpoint(capsys, store_with_runs, monkeypatch):
     store, _ = store_with_runs
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")

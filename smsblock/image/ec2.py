@@ -17,6 +17,7 @@ import base64
 import hashlib
 import time
 
+from .._deflate import is_zero
 from ..errors import ImageError
 from ..progress import check_cancel
 
@@ -67,15 +68,14 @@ def register_ec2(disk, *, name: str, description: str, architecture: str,
         snap = ebs.start_snapshot(VolumeSize=size_gib, Description=description[:255],
                                   Tags=[{"Key": k, "Value": str(v)} for k, v in (tags or {}).items()])
         snapshot_id = snap["SnapshotId"]
-        blocks = list(_data_blocks(disk))
         buf = bytearray(EBS_BLOCK)
         sent = 0
-        for done, index in enumerate(blocks):
+        for index in _data_blocks(disk):       # a generator: memory stays flat on huge disks
             check_cancel(cancel)
             n = disk.readinto(index * EBS_BLOCK, buf)
             if n < EBS_BLOCK:
                 buf[n:] = bytes(EBS_BLOCK - n)
-            if any(buf):           # an all-zero block reads as zeros without being sent
+            if not is_zero(buf):   # an all-zero block reads as zeros without being sent
                 data = bytes(buf)
                 checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
                 ebs.put_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index, BlockData=data,
@@ -83,7 +83,9 @@ def register_ec2(disk, *, name: str, description: str, architecture: str,
                                        ChecksumAlgorithm="SHA256")
                 sent += 1
             if progress is not None:
-                progress(min((done + 1) * EBS_BLOCK, disk.size), disk.size)
+                progress(min((index + 1) * EBS_BLOCK, disk.size), disk.size)
+        if progress is not None:
+            progress(disk.size, disk.size)
         ebs.complete_snapshot(SnapshotId=snapshot_id, ChangedBlocksCount=sent)
         _wait_completed(ec2, snapshot_id, cancel)
         image = ec2.register_image(
