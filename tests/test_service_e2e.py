@@ -166,9 +166,10 @@ def test_aws_cli_walkthrough(tmp_path, aws_env):
         assert job["frequency"] == 24 and job["description"] == "updated"
         assert abs(job["nextReplicationRunStartTime"] - (time.time() + 2 * 86400)) < 60
 
-        # 6. delete, the connector removes the blocks, then the connector can go
+        # 6. delete, the connector removes the blocks, then the catalog and the connector go
         aws(aws_env, server, "disassociate-connector", "--connector-id", conn["connectorId"],
             expect_error="OperationNotPermittedException")
+        aws(aws_env, server, "delete-server-catalog", expect_error="OperationNotPermittedException")
         assert aws(aws_env, server, "delete-replication-job", "--replication-job-id", job_id) == {}
         did = json.loads(smsblock("connector", "run", "--state", state, "--once").stdout)
         assert did["deleted_jobs"] == [job_id]
@@ -177,6 +178,9 @@ def test_aws_cli_walkthrough(tmp_path, aws_env):
         store = open_store(state / "store")
         assert store.list_run_ids(server_id) == [] and store.list_packs() == {}
         assert (state / "images" / ami / "image.json").is_file()   # images are kept
+        assert aws(aws_env, server, "delete-server-catalog") == {}
+        out = aws(aws_env, server, "get-servers", "--no-paginate")
+        assert out["serverCatalogStatus"] == "DELETED" and out["serverList"] == []
         assert aws(aws_env, server, "disassociate-connector", "--connector-id",
                    conn["connectorId"]) == {}
         assert aws(aws_env, server, "get-connectors")["connectorList"] == []

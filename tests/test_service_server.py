@@ -170,3 +170,73 @@ def test_a_bug_is_an_internal_error_not_a_dropped_connection(server, monkeypatch
     monkeypatch.setattr(server.service, "call", boom)
     status, doc = send(signed(server.url, "GetConnectors", b"{}"))
     assert status == 500 and doc["__type"] == "InternalError" and "bug" not in doc["message"]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """A server whose state has a catalog, a job with a pending on-demand run (shared by
+    the refusal tests: each one checks it changed nothing)."""
+    tmp_path = tmp_path_factory.mktemp("live")
+    svc = SmsService(tmp_path / "state")
+    conn = svc.register_connector("datastore", {"path": str(make_datastore(tmp_path / "ds", 2))})
+    svc.import_server_catalog()
+    servers = [s["serverId"] for s in svc.get_servers()["serverList"]]
+    job = svc.create_replication_job(serverId=servers[0], seedReplicationTime=svc.clock(),
+                                     frequency=12)["replicationJobId"]
+    svc.start_on_demand_replication_run(replicationJobId=job)
+    srv = make_server(svc, "127.0.0.1", 0, CREDS)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    yield srv, svc, {"job": job, "server": servers[0], "free": servers[1],
+                     "connector": conn["connectorId"]}
+    srv.shutdown()
+    srv.server_close()
+    svc.close()
+
+
+@pytest.mark.parametrize("op,params,code", [
+    # unknown ids
+    ("DeleteReplicationJob", {"replicationJobId": "sms-job-00000000"},
+     "ReplicationJobNotFoundException"),
+    ("UpdateReplicationJob", {"replicationJobId": "sms-job-00000000", "frequency": 24},
+     "ReplicationJobNotFoundException"),
+    ("StartOnDemandReplicationRun", {"replicationJobId": "sms-job-00000000"},
+     "ReplicationJobNotFoundException"),
+    ("GetReplicationRuns", {"replicationJobId": "sms-job-00000000"},
+     "ReplicationJobNotFoundException"),
+    ("DisassociateConnector", {"connectorId": "c-00000000000000000"},
+     "InvalidParameterException"),
+    ("CreateReplicationJob", {"serverId": "s-00000000", "seedReplicationTime": "NOW",
+                              "frequency": 12}, "InvalidParameterException"),
+    # missing and malformed parameters
+    ("DeleteReplicationJob", {}, "MissingRequiredParameterException"),
+    ("DisassociateConnector", {}, "MissingRequiredParameterException"),
+    ("UpdateReplicationJob", {"replicationJobId": "JOB", "frequency": "24"},
+     "InvalidParameterException"),
+    ("UpdateReplicationJob", {"replicationJobId": "JOB", "frequency": 6},
+     "InvalidParameterException"),
+    ("CreateReplicationJob", {"serverId": "FREE", "seedReplicationTime": "NOW"},
+     "MissingRequiredParameterException"),
+    ("CreateReplicationJob", {"serverId": "FREE", "seedReplicationTime": "NOW", "frequency": 12,
+                              "licenseType": "GPL"}, "InvalidParameterException"),
+    ("GetReplicationJobs", {"nextToken": "not-a-token"}, "InvalidParameterException"),
+    # wrong states
+    ("CreateReplicationJob", {"serverId": "SERVER", "seedReplicationTime": "NOW",
+                              "frequency": 12}, "ReplicationJobAlreadyExistsException"),
+    ("StartOnDemandReplicationRun", {"replicationJobId": "JOB"},
+     "OperationNotPermittedException"),
+    ("DeleteServerCatalog", {}, "OperationNotPermittedException"),
+    ("DisassociateConnector", {"connectorId": "CONNECTOR"}, "OperationNotPermittedException"),
+])
+def test_refused_requests_get_the_sms_error_and_change_nothing(live, op, params, code):
+    from test_service_jobs import dump
+    srv, svc, ids = live
+    names = {"JOB": ids["job"], "SERVER": ids["server"], "FREE": ids["free"],
+             "CONNECTOR": ids["connector"], "NOW": svc.clock()}
+    body = json.dumps({k: names.get(v, v) if isinstance(v, str) else v
+                       for k, v in params.items()}).encode()
+    before = dump(svc)
+    status, doc = send(signed(srv.url, op, body))
+    assert status == 400 and doc["__type"] == code, doc
+    assert doc["message"] and "\n" not in doc["message"]
+    assert dump(svc) == before, "a refused request changed the state"
