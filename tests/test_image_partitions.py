@@ -222,3 +222,36 @@ def test_random_damage_never_crashes(mutations, kind):
     for p in report.partitions:
         assert p.size >= 0
     report.to_dict()
+
+
+def test_hostile_gpt_with_32768_identical_partitions_is_bounded():
+    """4 MiB of entries naming one range: n^2/2 overlapping pairs and 32768 filesystems to
+    look into. The findings list a bounded number of overlaps and say what was skipped."""
+    from smsblock.image.inspect import MAX_INSPECTED_PARTITIONS
+    from smsblock.image.partitions import MAX_OVERLAP_FINDINGS
+    n, first = 32768, 8200
+    size = (first + 64) * 512
+    data = bytearray(size)
+    data[446 + 4] = 0xEE
+    struct.pack_into("<II", data, 446 + 8, 1, size // 512 - 1)
+    data[510:512] = b"\x55\xaa"
+    entry = bytearray(128)
+    entry[0:16] = bytes.fromhex("af3dc60f838472478e793d69d8477de4")      # Linux filesystem
+    struct.pack_into("<QQ", entry, 32, first, first + 15)
+    entries = bytes(entry) * n
+    hdr = bytearray(92)
+    hdr[0:8] = b"EFI PART"
+    struct.pack_into("<IIII", hdr, 8, 0x10000, 92, 0, 0)
+    struct.pack_into("<QQQQ", hdr, 24, 1, size // 512 - 1, 2 + n * 128 // 512, size // 512 - 34)
+    struct.pack_into("<QIII", hdr, 72, 2, n, 128, zlib.crc32(entries))
+    struct.pack_into("<I", hdr, 16, zlib.crc32(hdr))
+    data[512:512 + 92] = hdr
+    data[1024:1024 + len(entries)] = entries
+    report = inspect_disk(BytesDisk(data))
+    assert report.partition_table == "gpt" and len(report.partitions) == n
+    assert {p.type_name for p in report.partitions} == {"Linux filesystem"}
+    found = [f.code for f in report.findings]
+    assert found.count("partition-overlap") == MAX_OVERLAP_FINDINGS + 1
+    assert found.count("partitions-not-inspected") == 1 and len(found) < 40
+    assert f"{n - MAX_INSPECTED_PARTITIONS} after the first" in \
+        next(f.message for f in report.findings if f.code == "partitions-not-inspected")

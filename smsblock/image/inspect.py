@@ -18,6 +18,10 @@ from .osdetect import LINUX_READABLE, OsInfo, detect_linux, detect_windows
 from .partitions import Partition, read_partition_table
 from .region import Region
 
+# far above any real disk (GPT's usual table holds 128); a hostile table can list 32768
+MAX_INSPECTED_PARTITIONS = 256
+MAX_OTHER_OS_NAMED = 8
+
 
 @dataclass(slots=True)
 class PartitionReport:
@@ -98,6 +102,7 @@ def inspect_disk(disk, *, source: str | None = None) -> InspectionReport:
         report.boot_code, report.boot_code_detail = code.kind, code.detail
 
     entries: list[tuple[PartitionReport, Region]] = []
+    skipped = 0
     if table.kind == "none":
         info, found = identify(whole)
         report.findings.extend(found)
@@ -116,12 +121,20 @@ def inspect_disk(disk, *, source: str | None = None) -> InspectionReport:
         report.partitions.append(rep)
         if part.is_container or part.start >= disk.size:
             continue
+        if len(entries) >= MAX_INSPECTED_PARTITIONS:
+            skipped += 1
+            continue
         region = Region(disk, part.start, min(part.size, disk.size - part.start))
         info, found = identify(region)
         report.findings.extend(_with_partition(found, part.number))
         if info is not None:
             rep.filesystem, rep.label, rep.uuid, rep.fs_variant = info.type, info.label, info.uuid, info.variant
         entries.append((rep, region))
+    if skipped:
+        report.findings.append(Finding(WARNING, "partitions-not-inspected",
+                                       f"The table lists {len(entries) + skipped} partitions; the "
+                                       f"filesystems of the {skipped} after the first "
+                                       f"{MAX_INSPECTED_PARTITIONS} are not looked at."))
     report.partitions.extend(rep for rep, _ in entries if rep.kind == "whole-disk")
     report.os = _detect_os(entries, report.findings)
     return report
@@ -170,7 +183,9 @@ def _detect_os(entries, findings: list[Finding]) -> OsInfo | None:
             found.append(info)
     if len(found) > 1:
         rest = ", ".join(f"{o.distribution} {o.version or ''} on partition {o.root_partition}".strip()
-                         for o in found[1:])
+                         for o in found[1:1 + MAX_OTHER_OS_NAMED])
+        if len(found) > 1 + MAX_OTHER_OS_NAMED:
+            rest += f" and {len(found) - 1 - MAX_OTHER_OS_NAMED} more"
         findings.append(Finding(INFO, "os-multiple",
                                 f"More than one operating system was found; the one on partition "
                                 f"{found[0].root_partition} was taken (also: {rest})."))

@@ -24,6 +24,7 @@ PROTECTIVE_TYPE = 0xEE
 MAX_LOGICAL = 128                  # Linux reads at most this many; more means a broken chain
 GPT_SIGNATURE = b"EFI PART"
 GPT_MAX_ENTRIES_BYTES = 4 << 20    # far above any real table (128 x 128 B = 16 KiB)
+MAX_OVERLAP_FINDINGS = 32
 
 MBR_TYPE_NAMES = {
     0x01: "FAT12", 0x04: "FAT16 <32M", 0x05: "Extended", 0x06: "FAT16", 0x07: "NTFS/exFAT",
@@ -323,12 +324,23 @@ def _check_bounds(table: PartitionTable, disk_size: int) -> None:
     # overlaps: containers hold logicals by design, so compare within each level
     levels = [[p for p in table.partitions if p.kind != "logical"],
               [p for p in table.partitions if p.kind == "logical"]]
-    for group in levels:
-        ordered = sorted(group, key=lambda p: (p.start, p.number))
-        for a_i, a in enumerate(ordered):
-            for b in ordered[a_i + 1:]:
-                if b.start >= a.end:
-                    break
-                findings.append(Finding(ERROR, "partition-overlap",
-                                        f"Partitions {a.number} and {b.number} overlap (bytes "
-                                        f"{b.start}-{min(a.end, b.end) - 1} belong to both)."))
+    overlaps = (pair for group in levels for pair in _overlapping_pairs(group))
+    for count, (a, b) in enumerate(overlaps):
+        if count == MAX_OVERLAP_FINDINGS:   # a hostile GPT can hold n^2/2 overlapping pairs
+            findings.append(Finding(ERROR, "partition-overlap",
+                                    f"More partitions overlap; only the first "
+                                    f"{MAX_OVERLAP_FINDINGS} overlapping pairs are listed."))
+            break
+        findings.append(Finding(ERROR, "partition-overlap",
+                                f"Partitions {a.number} and {b.number} overlap (bytes "
+                                f"{b.start}-{min(a.end, b.end) - 1} belong to both)."))
+
+
+def _overlapping_pairs(group: list[Partition]):
+    """(a, b) for each pair of partitions in ``group`` sharing bytes, by start, lazily."""
+    ordered = sorted(group, key=lambda p: (p.start, p.number))
+    for a_i, a in enumerate(ordered):
+        for b in ordered[a_i + 1:]:
+            if b.start >= a.end:
+                break
+            yield a, b
