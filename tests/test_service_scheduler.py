@@ -190,12 +190,17 @@ def test_scheduling_rules(datastore):
     run.runTest()
 
 
-def test_missed_run_when_on_demand_is_active_then_next_slot(datastore, tmp_path):
+def _service(datastore, tmp_path):
+    """A service with the datastore's catalog imported: (service, clock, first serverId)."""
     clock = FakeClock(1_800_000_000.0)
     svc = SmsService(tmp_path / "s", clock=clock)
     svc.register_connector("datastore", {"path": str(datastore)})
     svc.import_server_catalog()
-    server = svc.get_servers()["serverList"][0]["serverId"]
+    return svc, clock, svc.get_servers()["serverList"][0]["serverId"]
+
+
+def test_missed_run_when_on_demand_is_active_then_next_slot(datastore, tmp_path):
+    svc, clock, server = _service(datastore, tmp_path)
     job = svc.create_replication_job(serverId=server, seedReplicationTime=clock() + H,
                                      frequency=12)["replicationJobId"]
     od = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
@@ -216,11 +221,7 @@ def test_missed_run_when_on_demand_is_active_then_next_slot(datastore, tmp_path)
 
 
 def test_run_once_job_gets_one_automatic_run(datastore, tmp_path):
-    clock = FakeClock(1_800_000_000.0)
-    svc = SmsService(tmp_path / "s", clock=clock)
-    svc.register_connector("datastore", {"path": str(datastore)})
-    svc.import_server_catalog()
-    server = svc.get_servers()["serverList"][0]["serverId"]
+    svc, clock, server = _service(datastore, tmp_path)
     job = svc.create_replication_job(serverId=server, seedReplicationTime=clock(),
                                      runOnce=True)["replicationJobId"]
     svc.tick()

@@ -832,52 +832,7 @@ def test_faults_become_one_line():
     assert str(err) == "vCenter https://vc:443: x failed: ValueError: a b c"
 
 
-# --- end to end through the control plane ---------------------------------------------------
-
-def _cli(*args, env):
-    import sys
-    proc = subprocess.run([sys.executable, "-m", "smsblock", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, f"smsblock {args} failed: {proc.stderr}"
-    assert PASSWORD not in proc.stdout + proc.stderr
-    return json.loads(proc.stdout) if proc.stdout.strip() else {}
-
-
-def test_connector_on_vcenter_end_to_end(vcsim, source, tmp_path):
-    """`connector register --vcenter`, catalog import, a job's run through the connector
-    (snapshot, HTTP stream, engine), restore equal to qemu-img, snapshot gone, no secret
-    stored."""
-    from test_service_sources import bootable_image
-    desc = _put_flat_vmdk(vcsim, "DC0_H0_VM0", tmp_path, image=bootable_image(tmp_path))
-    state = tmp_path / "state"
-    env = dict(os.environ, **{PASSWORD_ENV: PASSWORD})
-    conn = _cli("connector", "register", "--state", state, "--vcenter", vcsim.url,
-                "--username", USER, env=env)
-    assert conn["vmManagerType"] == "VSPHERE"
-    assert conn["vmManagerId"] == source.content.about.instanceUuid
-    assert conn["vmManagerName"] == "127.0.0.1"
-    _cli("sms", "import-server-catalog", "--state", state, env=env)
-    servers = _cli("sms", "get-servers", "--state", state, env=env)["serverList"]
-    by_name = {s["vmServer"]["vmName"]: s for s in servers}
-    web = by_name["DC0_H0_VM0"]
-    assert web["vmServer"]["vmPath"] == "/Datacenters/DC0/vm/DC0_H0_VM0"
-    assert web["vmServer"]["vmServerAddress"]["vmId"] == _vm(source, "DC0_H0_VM0").vmId
-    job = _cli("sms", "create-replication-job", "--state", state, "--server-id", web["serverId"],
-               "--seed-replication-time", int(time.time()), "--frequency", 12, env=env)
-    _cli("connector", "run", "--state", state, "--once", env=env)
-    runs = _cli("sms", "get-replication-runs", "--state", state, "--replication-job-id",
-                job["replicationJobId"], env=env)["replicationRunList"]
-    assert [r["state"] for r in runs] == ["COMPLETED"], [r.get("statusMessage") for r in runs]
-    assert _snapshots(source, web["vmServer"]["vmServerAddress"]["vmId"]) == []
-    restored = tmp_path / "restored.raw"
-    subprocess.run([os.sys.executable, "-m", "smsblock", "restore", "--store", state / "store",
-                    "--server", web["serverId"], "-o", restored], check=True, timeout=120,
-                   capture_output=True)
-    assert restored.read_bytes() == qemu_raw_bytes(desc, tmp_path)
-    for f in state.rglob("*"):
-        if f.is_file():
-            assert PASSWORD.encode() not in f.read_bytes(), f
-
+# --- end to end through the control plane: tests/test_service_vsphere.py -------------------
 
 def test_expired_session_is_renewed(vcsim, env_password, tmp_path):
     """A session that ends mid-run (vCenter's idle timeout) is renewed: the snapshot is
