@@ -96,6 +96,9 @@ def _redhat_distribution(line: str) -> str | None:
     return None
 
 
+Claim = tuple[str, "str | None", str]      # (distribution, version or None, file)
+
+
 def linux_release(files: dict[str, str]) -> tuple[str | None, str | None, str | None, list[str], list[Finding]]:
     """(distribution, version, pretty name, files used, findings) from release file texts.
 
@@ -103,76 +106,109 @@ def linux_release(files: dict[str, str]) -> tuple[str | None, str | None, str | 
     from the most specific file; the version is the most precise one among the files
     that agree on the distribution (more numeric components, same leading ones).
     """
-    findings: list[Finding] = []
-    claims: list[tuple[str, str | None, str]] = []   # (distribution, version, file)
-    pretty = None
-
-    osr_text = files.get("etc/os-release") or files.get("usr/lib/os-release")
-    osr_file = "etc/os-release" if "etc/os-release" in files else "usr/lib/os-release"
-    osr = _kv(osr_text) if osr_text else {}
-    if osr:
-        pretty = osr.get("PRETTY_NAME") or osr.get("NAME")
-    for path in ("etc/oracle-release", "etc/centos-release", "etc/fedora-release",
-                 "etc/redhat-release", "etc/system-release"):
-        text = files.get(path)
-        if text and text.strip():
-            line = text.strip().splitlines()[0]
-            dist = _redhat_distribution(line)
-            if dist:
-                m = re.search(r"release\s+(\d+(?:\.\d+)*)", line)
-                claims.append((dist, m.group(1) if m else None, path))
-                pretty = pretty or line
-    if osr.get("ID"):
-        osr_id = osr["ID"].lower()
-        claims.append((_OS_RELEASE_IDS.get(osr_id, osr_id), _version(osr.get("VERSION_ID")), osr_file))
-    suse = files.get("etc/SuSE-release")
-    if suse and suse.strip():
-        first = suse.strip().splitlines()[0]
-        kv = {k.strip().upper(): v.strip() for k, v in
-              (ln.split("=", 1) for ln in suse.splitlines() if "=" in ln)}
-        dist = "suse" if "enterprise" in first.lower() else "opensuse" if "opensuse" in first.lower() else "suse"
-        ver = _version(kv.get("VERSION")) or _version(first)
-        if ver and kv.get("PATCHLEVEL", "").isdigit() and "." not in ver:
-            ver = f"{ver}.{kv['PATCHLEVEL']}"
-        claims.append((dist, ver, "etc/SuSE-release"))
-        pretty = pretty or first
-    lsb = _kv(files.get("etc/lsb-release") or "")
-    if lsb.get("DISTRIB_ID"):
-        lsb_id = lsb["DISTRIB_ID"].lower()
-        claims.append((_OS_RELEASE_IDS.get(lsb_id, lsb_id), _version(lsb.get("DISTRIB_RELEASE")),
-                       "etc/lsb-release"))
-        pretty = pretty or lsb.get("DISTRIB_DESCRIPTION")
-    deb = (files.get("etc/debian_version") or "").strip()
-    if deb and re.fullmatch(r"\d+(\.\d+)*", deb):
-        claims.append(("debian", deb, "etc/debian_version"))
-    elif deb and not claims:
-        claims.append(("debian", None, "etc/debian_version"))
+    claims: list[Claim] = []
+    prettys: list[str | None] = []
+    for read in (_redhat_claims, _os_release_claims, _suse_claims, _lsb_claims):
+        more, pretty = read(files)
+        claims += more
+        prettys.append(pretty)
+    claims += _debian_claims(files, have_others=bool(claims))
     if not claims:
-        return None, None, None, [], findings
+        return None, None, None, [], []
+    # prettiest name: os-release's, else the first release file that gave one
+    pretty = next((p for p in [prettys[1], prettys[0], *prettys[2:]] if p), None)
 
     # the distribution: oracle-release beats the RHEL-compatible redhat-release it ships,
     # otherwise the first claim in the order above (specific files, then os-release)
     distribution = claims[0][0]
-    agreeing = [c for c in claims if c[0] == distribution]
+    findings: list[Finding] = []
     others = {c[0] for c in claims} - {distribution}
     if others - {"debian"} and not (distribution == "oracle" and others <= {"rhel"}):
         findings.append(Finding(INFO, "os-release-disagree",
                                 f"Release files name different distributions ({distribution}, "
                                 f"{', '.join(sorted(others))}); {claims[0][2]} was believed."))
-    versions = [(v, f) for _d, v, f in agreeing if v]
-    version, used = None, [f for _d, _v, f in agreeing]
-    if versions:
-        best_v, best_f = versions[0]
-        for v, f in versions[1:]:
-            a, b = best_v.split("."), v.split(".")
-            if b[:len(a)] == a and len(b) > len(a):
-                best_v, best_f = v, f
-            elif a[:len(b)] != b:
-                findings.append(Finding(INFO, "os-version-disagree",
-                                        f"{best_f} says version {best_v} but {f} says {v}; "
-                                        f"{best_v} was believed."))
-        version = best_v
-    return distribution, version, pretty, used, findings
+    agreeing = [c for c in claims if c[0] == distribution]
+    version = _most_precise([(v, f) for _d, v, f in agreeing if v], findings)
+    return distribution, version, pretty, [f for _d, _v, f in agreeing], findings
+
+
+def _most_precise(versions: list[tuple[str, str]], findings: list[Finding]) -> str | None:
+    """The version that extends all the others ("7.2.1511" over "7"); on a conflict the
+    first is kept and the disagreement is a finding."""
+    if not versions:
+        return None
+    best_v, best_f = versions[0]
+    for v, f in versions[1:]:
+        a, b = best_v.split("."), v.split(".")
+        if b[:len(a)] == a and len(b) > len(a):
+            best_v, best_f = v, f
+        elif a[:len(b)] != b:
+            findings.append(Finding(INFO, "os-version-disagree",
+                                    f"{best_f} says version {best_v} but {f} says {v}; "
+                                    f"{best_v} was believed."))
+    return best_v
+
+
+def _redhat_claims(files) -> tuple[list[Claim], str | None]:
+    """etc/redhat-release and its siblings: "CentOS Linux release 7.2.1511 (Core)"."""
+    claims, pretty = [], None
+    for path in ("etc/oracle-release", "etc/centos-release", "etc/fedora-release",
+                 "etc/redhat-release", "etc/system-release"):
+        text = files.get(path)
+        if not (text and text.strip()):
+            continue
+        line = text.strip().splitlines()[0]
+        dist = _redhat_distribution(line)
+        if dist:
+            m = re.search(r"release\s+(\d+(?:\.\d+)*)", line)
+            claims.append((dist, m.group(1) if m else None, path))
+            pretty = pretty or line
+    return claims, pretty
+
+
+def _os_release_claims(files) -> tuple[list[Claim], str | None]:
+    text = files.get("etc/os-release") or files.get("usr/lib/os-release")
+    path = "etc/os-release" if "etc/os-release" in files else "usr/lib/os-release"
+    osr = _kv(text) if text else {}
+    pretty = (osr.get("PRETTY_NAME") or osr.get("NAME")) if osr else None
+    if not osr.get("ID"):
+        return [], pretty
+    osr_id = osr["ID"].lower()
+    return [(_OS_RELEASE_IDS.get(osr_id, osr_id), _version(osr.get("VERSION_ID")), path)], pretty
+
+
+def _suse_claims(files) -> tuple[list[Claim], str | None]:
+    """etc/SuSE-release: the version is VERSION.PATCHLEVEL (11.4 is 11 SP4)."""
+    suse = files.get("etc/SuSE-release")
+    if not (suse and suse.strip()):
+        return [], None
+    first = suse.strip().splitlines()[0]
+    kv = {k.strip().upper(): v.strip() for k, v in
+          (ln.split("=", 1) for ln in suse.splitlines() if "=" in ln)}
+    dist = "opensuse" if "opensuse" in first.lower() and "enterprise" not in first.lower() else "suse"
+    ver = _version(kv.get("VERSION")) or _version(first)
+    if ver and kv.get("PATCHLEVEL", "").isdigit() and "." not in ver:
+        ver = f"{ver}.{kv['PATCHLEVEL']}"
+    return [(dist, ver, "etc/SuSE-release")], first
+
+
+def _lsb_claims(files) -> tuple[list[Claim], str | None]:
+    lsb = _kv(files.get("etc/lsb-release") or "")
+    if not lsb.get("DISTRIB_ID"):
+        return [], None
+    lsb_id = lsb["DISTRIB_ID"].lower()
+    return ([(_OS_RELEASE_IDS.get(lsb_id, lsb_id), _version(lsb.get("DISTRIB_RELEASE")),
+              "etc/lsb-release")], lsb.get("DISTRIB_DESCRIPTION"))
+
+
+def _debian_claims(files, have_others: bool) -> list[Claim]:
+    """etc/debian_version: "7.8" is a version; "stretch/sid" (Ubuntu's) only counts alone."""
+    deb = (files.get("etc/debian_version") or "").strip()
+    if deb and re.fullmatch(r"\d+(\.\d+)*", deb):
+        return [("debian", deb, "etc/debian_version")]
+    if deb and not have_others:
+        return [("debian", None, "etc/debian_version")]
+    return []
 
 
 def elf_architecture(header: bytes) -> str | None:
