@@ -213,7 +213,6 @@ def test_stored_run_inspects_like_the_file(tmp_path, linux_disk):
 
 
 def _one_partition_disk(tmp_path, distro, kind, boot_code):
-    from image_builders import GRUB_LEGACY_STAGE1  # noqa: F401
     disk = tmp_path / "d.img"
     partition_disk(disk, 12 * MiB, "label: dos\nstart=2048, type=83, bootable\n")
     place(disk, 2048 * 512, mkfs_ext(tmp_path / "r.img", kind, 8 * MiB, label="root",

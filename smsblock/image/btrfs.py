@@ -26,9 +26,7 @@ MAGIC = b"_BHRfS_M"
 
 # item types (linux/include/uapi/linux/btrfs_tree.h)
 INODE_ITEM = 1
-INODE_REF = 12
 DIR_ITEM = 84
-DIR_INDEX = 96
 EXTENT_DATA = 108
 ROOT_ITEM = 132
 CHUNK_ITEM = 228

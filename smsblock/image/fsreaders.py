@@ -64,9 +64,6 @@ class PathReader:
         node = self.lookup(path)
         return None if node is None else self.read(node, limit)
 
-    def exists(self, path: str) -> bool:
-        return self.lookup(path) is not None
-
 
 class _LibyalReader(PathReader):
     """libfsext / libfsxfs volumes (file entries with POSIX modes).

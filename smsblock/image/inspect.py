@@ -69,9 +69,6 @@ class InspectionReport:
     def ok(self) -> bool:
         return not has_errors(self.findings)
 
-    def partition(self, number: int | None) -> PartitionReport | None:
-        return next((p for p in self.partitions if p.number == number), None)
-
     def to_dict(self) -> dict:
         return {"source": self.source, "disk_size": self.disk_size,
                 "partition_table": self.partition_table, "disk_id": self.disk_id,

@@ -36,9 +36,6 @@ class Region(io.RawIOBase):
         data = self.pread(offset, length)
         return data if len(data) == length else data + bytes(length - len(data))
 
-    def sub(self, offset: int, size: int) -> "Region":
-        return Region(self.disk, self.start + offset, max(0, min(size, self.size - offset)))
-
     # -- file object ----------------------------------------------------------
     def readable(self) -> bool:
         return True

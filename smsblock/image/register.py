@@ -19,7 +19,6 @@ from .rules import Rules, load_rules
 from .validate import inspect_and_validate
 
 TARGETS = ("local", "ec2")
-LICENSE_TYPES = ("Auto", "AWS", "BYOL")
 ROOT_DEVICE = "/dev/sda1"
 BOOT_MODE = "legacy-bios"
 
