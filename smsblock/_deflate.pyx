@@ -11,6 +11,7 @@ sector) in one native call and leaves out all-zero grains; ``is_zero`` and
 """
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
 cdef extern from "libdeflate.h" nogil:
@@ -171,31 +172,36 @@ def is_zero(const uint8_t[::1] buf not None):
 def nonzero_runs(const uint8_t[::1] buf not None, Py_ssize_t block_size):
     """``[(start, end), ...]``: maximal runs of ``block_size`` blocks that are not all zero.
 
-    The last block may be short.  Used by the raw writer to leave zero blocks as holes.
+    The last block may be short.  Used by the raw writer to leave zero blocks as holes;
+    the scan runs with the GIL released and a block of data costs one word read (the
+    zero test stops at the first non-zero byte).
     """
     if block_size <= 0:
         raise ValueError(f"block size must be positive, not {block_size}")
     cdef Py_ssize_t n = buf.shape[0]
-    cdef Py_ssize_t nblocks = (n + block_size - 1) // block_size
-    flags = bytearray(nblocks)
-    cdef uint8_t[::1] f = flags
-    cdef Py_ssize_t i, pos, length
-    if nblocks:
+    cdef Py_ssize_t pos = 0, start = -1, length, k = 0
+    cdef Py_ssize_t max_runs = (n + block_size - 1) // block_size // 2 + 1
+    cdef Py_ssize_t *edges = <Py_ssize_t *>malloc(2 * max_runs * sizeof(Py_ssize_t))
+    cdef bint zero
+    if edges == NULL:
+        raise MemoryError()
+    try:
         with nogil:
-            for i in range(nblocks):
-                pos = i * block_size
-                length = n - pos
-                if length > block_size:
-                    length = block_size
-                f[i] = 0 if smsblock_is_zero(&buf[pos], length) else 1
-    runs = []
-    start = -1
-    for i in range(nblocks):
-        if f[i] and start < 0:
-            start = i
-        elif not f[i] and start >= 0:
-            runs.append((start * block_size, i * block_size))
-            start = -1
-    if start >= 0:
-        runs.append((start * block_size, n))
-    return runs
+            while pos < n:
+                length = min(block_size, n - pos)
+                zero = smsblock_is_zero(&buf[pos], length)
+                if not zero and start < 0:
+                    start = pos
+                elif zero and start >= 0:
+                    edges[k] = start
+                    edges[k + 1] = pos
+                    k += 2
+                    start = -1
+                pos += length
+            if start >= 0:
+                edges[k] = start
+                edges[k + 1] = n
+                k += 2
+        return [(edges[i], edges[i + 1]) for i in range(0, k, 2)]
+    finally:
+        free(edges)

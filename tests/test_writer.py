@@ -436,6 +436,29 @@ def test_raw_leaves_holes_for_unallocated_and_zero_ranges(tmp_path):
     assert out.read_bytes() == src.read_bytes()
 
 
+@pytest.mark.parametrize("fmt", ["vmdk", "raw"])
+def test_output_is_fsynced_unless_asked_not_to(tmp_path, monkeypatch, fmt):
+    """The file (and the folder holding its new name) reach the disk by default; with
+    fsync=False nothing is synced and the bytes are the same."""
+    src = make_raw(tmp_path / "src.raw", 3 * MIB, [(MIB, os.urandom(70000))])
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    convert(src, tmp_path / f"durable.{fmt}", format=fmt)
+    assert synced == [str(tmp_path / f"durable.{fmt}.part"), str(tmp_path)]
+    synced.clear()
+    convert(src, tmp_path / f"fast.{fmt}", format=fmt, fsync=False)
+    assert synced == []
+    if fmt == "raw":
+        assert (tmp_path / "fast.raw").read_bytes() == (tmp_path / "durable.raw").read_bytes()
+    assert "Images are identical" in qemu_img(
+        "compare", "-f", "raw", src, tmp_path / f"fast.{fmt}").stdout
+
+
 # --- progress, cancel, failure, memory --------------------------------------------------------
 
 class SyntheticDisk(Disk):
