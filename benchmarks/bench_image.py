@@ -18,25 +18,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from image_builders import (GRUB2_BOOT_IMG, MiB, fake_root, mkfs_ext, mkfs_simple,  # noqa: E402
+from image_builders import (GRUB2_BOOT_IMG, CountingDisk, MiB, fake_root, mkfs_ext, mkfs_simple,  # noqa: E402
                             mkfs_xfs, partition_disk, place, write_boot_code)
 from smsblock import open_disk  # noqa: E402
-from smsblock.disk.base import Disk  # noqa: E402
 from smsblock.image.validate import inspect_and_validate  # noqa: E402
-
-
-class Counting(Disk):
-    def __init__(self, disk):
-        self.inner, self.path, self.size, self.info = disk, disk.path, disk.size, disk.info
-        self.bytes_read = 0
-
-    def readinto(self, offset, buf):
-        n = self.inner.readinto(offset, buf)
-        self.bytes_read += n
-        return n
-
-    def extents(self, start=0, end=None):
-        return self.inner.extents(start, end)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +42,7 @@ def big_disk(tmp_path_factory):
 def test_bench_inspect_raw(benchmark, big_disk):
     disk, _ = big_disk
     with open_disk(disk) as raw:
-        counting = Counting(raw)
+        counting = CountingDisk(raw)
         inspect_and_validate(counting)
         report = benchmark(inspect_and_validate, raw)
     assert report.ok

@@ -10,6 +10,8 @@ import struct
 import subprocess
 from pathlib import Path
 
+from smsblock.disk.base import Disk
+
 MiB = 1 << 20
 GRUB2_BOOT_IMG = Path("/usr/lib/grub/i386-pc/boot.img")
 GRUB_LEGACY_STAGE1 = Path("/usr/lib/grub/x86_64-pc/stage1")
@@ -336,6 +338,25 @@ def place(disk: Path, offset: int, image: Path) -> None:
                 dst.write(chunk)
                 left -= len(chunk)
             pos = hole
+
+
+class CountingDisk(Disk):
+    """Wraps a disk and counts the bytes and calls read through ``readinto``."""
+
+    def __init__(self, disk):
+        self.inner = disk
+        self.path, self.size, self.info = disk.path, disk.size, disk.info
+        self.bytes_read = 0
+        self.reads = 0
+
+    def readinto(self, offset, buf):
+        n = self.inner.readinto(offset, buf)
+        self.bytes_read += n
+        self.reads += 1
+        return n
+
+    def extents(self, start=0, end=None):
+        return self.inner.extents(start, end)
 
 
 def write_boot_code(disk: Path, code: bytes) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from image_builders import (GRUB2_BOOT_IMG, MiB, blkid, fake_root, mkfs_ext, mkfs_simple,
-                            mkfs_windows, need_fuse, partition_disk, place, write_boot_code)
+from image_builders import (GRUB2_BOOT_IMG, CountingDisk, MiB, blkid, fake_root, mkfs_ext,
+                            mkfs_simple, mkfs_windows, need_fuse, partition_disk, place,
+                            write_boot_code)
 from smsblock import open_disk
-from smsblock.disk.base import Disk
 from smsblock.image.validate import inspect_and_validate
 
 LINUX_LAYOUT = """label: dos
@@ -151,25 +151,6 @@ def test_windows_disk_whole_report(tmp_path):
          "message": "Windows Server 2008 R2 Enterprise is on the supported list."},
     ]
     assert report["ok"] is True
-
-
-class CountingDisk(Disk):
-    """Wraps a disk and counts the bytes read through readinto."""
-
-    def __init__(self, disk):
-        self.inner = disk
-        self.path, self.size, self.info = disk.path, disk.size, disk.info
-        self.bytes_read = 0
-        self.reads = 0
-
-    def readinto(self, offset, buf):
-        n = self.inner.readinto(offset, buf)
-        self.bytes_read += n
-        self.reads += 1
-        return n
-
-    def extents(self, start=0, end=None):
-        return self.inner.extents(start, end)
 
 
 def test_large_sparse_disk_reads_only_what_it_needs(tmp_path, linux_disk):
