@@ -8,19 +8,12 @@ import sys
 from ..errors import ImageValidationError, UsageError
 from ..progress import terminal_progress
 from . import add_json_flag
+from .disk_cmds import human_size
 
 
 def _print_json(doc) -> None:
     json.dump(doc, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _add_rules_options(p) -> None:
@@ -123,7 +116,7 @@ def cmd_inspect(args) -> int:
 
 
 def _print_report(report) -> None:
-    print(f"disk: {report.source} ({_size(report.disk_size)})")
+    print(f"disk: {report.source} ({human_size(report.disk_size)})")
     print(f"partition table: {report.partition_table}"
           + (f" (id {report.disk_id})" if report.disk_id else ""))
     code = report.boot_code + (f" ({report.boot_code_detail})" if report.boot_code_detail else "")
@@ -134,7 +127,7 @@ def _print_report(report) -> None:
             ptype = p.type or "-"
             if p.type_name:
                 ptype = f"{ptype} {p.type_name}"
-            print(f"  {p.number:>2} {p.start:>12} {_size(p.size):>10}  {ptype[:38]:<38} "
+            print(f"  {p.number:>2} {p.start:>12} {human_size(p.size):>10}  {ptype[:38]:<38} "
                   f"{'*' if p.bootable else '':<4} {p.filesystem or '-':<6} "
                   f"{p.label or '-'} / {p.uuid or '-'}")
     o = report.os
