@@ -140,6 +140,11 @@ WINDOWS_BOUNDARIES = [
     ("Windows 10 Home", "Core", None, "x86_64", SUPPORTED),
     ("Windows 10 Pro", "Professional", None, "i386", UNSUPPORTED),
     ("Windows 11 Pro", "Professional", None, "x86_64", UNSUPPORTED),
+    # Windows Server 2003's hive has no EditionID and its ProductName names no edition
+    ("Microsoft Windows Server 2003", None, "Service Pack 2", "i386", SUPPORTED),
+    ("Microsoft Windows Server 2003 R2", None, "Service Pack 2", "x86_64", SUPPORTED),
+    ("Microsoft Windows Server 2003", None, None, "i386", UNSUPPORTED),
+    ("Windows 7 Starter", None, "Service Pack 1", "i386", UNSUPPORTED),
 ]
 
 
@@ -203,6 +208,17 @@ def test_windows_rules():
     assert _codes(validate(_report(win, boot="windows", fs="ntfs", bootable=False))) == [
         ("info", "mbr"), ("error", "no-active-partition"), ("info", "os-supported")]
     assert ("error", "windows-not-ntfs") in _codes(validate(_report(None, boot="windows", fs="vfat")))
+
+
+def test_windows_edition_not_recorded_is_a_warning():
+    w2003 = OsInfo("windows", "Microsoft Windows Server 2003", "5.2.3790", "i386",
+                   service_pack="Service Pack 2", root_partition=1, root_filesystem="ntfs")
+    found = validate(_report(w2003, boot="windows", fs="ntfs"))
+    assert _codes(found) == [("info", "mbr"), ("info", "os-supported"), ("warning", "os-edition-unknown")]
+    assert "Standard, Enterprise, Datacenter" in found[2].message
+    win = OsInfo("windows", "Windows 7 Ultimate", "6.1.7601", "x86_64", edition="Ultimate",
+                 root_partition=1, root_filesystem="ntfs")
+    assert "os-edition-unknown" not in [f.code for f in validate(_report(win, boot="windows", fs="ntfs"))]
 
 
 def test_rules_are_replaceable(tmp_path, monkeypatch):

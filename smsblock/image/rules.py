@@ -56,6 +56,7 @@ class Verdict:
     status: str
     reason: str
     name: str | None = None      # the list's name for the product, when matched
+    unchecked: str | None = None  # a rule that could not be checked (why), for a warning
 
 
 class Rules:
@@ -111,29 +112,22 @@ class Rules:
                       architecture: str | None) -> Verdict:
         if not product:
             return Verdict(UNSUPPORTED, "The Windows product name could not be read.")
-        entry = next((p for p in self.windows_products if re.search(p["match"], product)), None)
+        entry, match = next(((p, m) for p in self.windows_products
+                             if (m := re.search(p["match"], product))), (None, None))
         if entry is None:
             return Verdict(UNSUPPORTED, f"{product} is not on the supported list of Windows versions.")
-        editions = entry.get("editions") or []
-        words = f"{product} {edition or ''}".lower()
-        if edition and edition.lower().startswith("core"):
-            words += " home"         # EditionID "Core" is the Home edition of Windows 8/10
-        if editions and not any(e.lower() in words for e in editions):
-            return Verdict(UNSUPPORTED, f"{product} ({edition or 'unknown edition'}) is not a supported "
-                                        f"edition of {entry['name']} ({', '.join(editions)}).", entry["name"])
-        need_sp = entry.get("min_service_pack")
-        if need_sp:
-            m = re.search(r"(\d+)", service_pack or "")
-            have = int(m.group(1)) if m else 0
-            if have < need_sp:
-                return Verdict(UNSUPPORTED, f"{entry['name']} needs Service Pack {need_sp} or later; "
-                                            f"this one has {service_pack or 'none'}.", entry["name"])
-        archs = entry.get("architectures") or []
-        if architecture and archs and architecture not in archs:
-            bits = {"i386": "32-bit", "x86_64": "64-bit"}
-            return Verdict(UNSUPPORTED, f"{entry['name']} is supported only as "
-                                        f"{' or '.join(bits.get(a, a) for a in archs)}; this one is "
-                                        f"{bits.get(architecture, architecture)}.", entry["name"])
+        # Windows Server 2003 records no EditionID and names no edition in ProductName
+        edition_known = bool(edition or product[match.end():].strip())
+        why_not = ((edition_known and _edition_problem(entry, product, edition))
+                   or _service_pack_problem(entry, service_pack)
+                   or _bitness_problem(entry, architecture))
+        if why_not:
+            return Verdict(UNSUPPORTED, why_not, entry["name"])
+        if entry.get("editions") and not edition_known:
+            return Verdict(SUPPORTED, f"{product} is on the supported list.", entry["name"],
+                           unchecked=f"The edition of {product} is not recorded in its SOFTWARE "
+                                     f"hive, so it could not be checked (supported editions: "
+                                     f"{', '.join(entry['editions'])}).")
         return Verdict(SUPPORTED, f"{product} is on the supported list.", entry["name"])
 
     # --- licences --------------------------------------------------------------
@@ -160,3 +154,37 @@ def load_rules(path: str | os.PathLike | None = None) -> Rules:
     if not isinstance(data, dict):
         raise UsageError(f"{path}: the supported-OS list must be a JSON object")
     return Rules(data, str(path))
+
+
+# --- the Windows product rules, each a reason why not (or None) ----------------------
+
+def _edition_problem(entry: dict, product: str, edition: str | None) -> str | None:
+    editions = entry.get("editions") or []
+    words = f"{product} {edition or ''}".lower()
+    if edition and edition.lower().startswith("core"):
+        words += " home"         # EditionID "Core" is the Home edition of Windows 8/10
+    if editions and not any(e.lower() in words for e in editions):
+        return (f"{product} ({edition or 'unknown edition'}) is not a supported edition of "
+                f"{entry['name']} ({', '.join(editions)}).")
+    return None
+
+
+def _service_pack_problem(entry: dict, service_pack: str | None) -> str | None:
+    need_sp = entry.get("min_service_pack")
+    if not need_sp:
+        return None
+    m = re.search(r"(\d+)", service_pack or "")
+    if (int(m.group(1)) if m else 0) < need_sp:
+        return (f"{entry['name']} needs Service Pack {need_sp} or later; this one has "
+                f"{service_pack or 'none'}.")
+    return None
+
+
+def _bitness_problem(entry: dict, architecture: str | None) -> str | None:
+    archs = entry.get("architectures") or []
+    if architecture and archs and architecture not in archs:
+        bits = {"i386": "32-bit", "x86_64": "64-bit"}
+        return (f"{entry['name']} is supported only as "
+                f"{' or '.join(bits.get(a, a) for a in archs)}; this one is "
+                f"{bits.get(architecture, architecture)}.")
+    return None

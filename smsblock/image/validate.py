@@ -63,6 +63,8 @@ def validate(report: InspectionReport, *, rules: Rules | None = None,
 def _os_list(verdict, add) -> None:
     if verdict.status == SUPPORTED:
         add(Finding(INFO, "os-supported", verdict.reason))
+        if verdict.unchecked:
+            add(Finding(WARNING, "os-edition-unknown", verdict.unchecked))
     elif verdict.status == REFUSED:
         add(Finding(ERROR, "os-refused", verdict.reason))
     else:
