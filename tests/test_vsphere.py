@@ -296,7 +296,7 @@ def test_snapshot_read_equals_qemu_and_snapshot_removed(source, vcsim, tmp_path)
 
 
 def test_run_feeds_the_scan(source, vcsim, tmp_path):
-    scan_mod = pytest.importorskip("smsblock.scanner")
+    from smsblock import scanner as scan_mod
     desc = _put_flat_vmdk(vcsim, "DC0_H0_VM0", tmp_path, seed=5)
     with source.open_run(_vm(source, "DC0_H0_VM0")) as run:
         manifest = scan_mod.scan(run.disks[0].disk, block_size=65536)
@@ -695,13 +695,13 @@ def test_cbt_incremental_run_through_the_connector(vcsim, env_password, tmp_path
     size = 1 << 20
     raw = tmp_path / "disk.raw"
     raw.write_bytes(os.urandom(size))
-    _put_flat_vmdk(vcsim, "DC0_C0_RP0_VM1", tmp_path, image=raw)
-    flat = vcsim.datastore / "DC0_C0_RP0_VM1" / "disk1-flat.vmdk"
+    _put_flat_vmdk(vcsim, "DC0_H0_VM0", tmp_path, image=raw)
+    flat = vcsim.datastore / "DC0_H0_VM0" / "disk1-flat.vmdk"
     svc = SmsService(tmp_path / "state", clock=FakeClock(time.time()))
     svc.register_connector("vsphere", VCenterSettings.from_options(vcsim.url, USER).to_config())
     svc.import_server_catalog()
     server = next(s for s in svc.get_servers()["serverList"]
-                  if s["vmServer"]["vmName"] == "DC0_C0_RP0_VM1")
+                  if s["vmServer"]["vmName"] == "DC0_H0_VM0")
     vm_id = server["vmServer"]["vmServerAddress"]["vmId"]
     with VSphereSource(VCenterSettings.from_options(vcsim.url, USER)) as admin:
         obj = vim.VirtualMachine(vm_id, admin._si._stub)

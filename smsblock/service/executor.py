@@ -68,13 +68,10 @@ def default_replicate() -> Callable:
     return replicate
 
 
-def default_image_step(state_dir) -> ImageStep | None:
-    """The image step's local catalog at ``STATE/images``, or None while it is not built in."""
-    try:
-        from ..image.catalog import Catalog
-        from ..image.register import create_image
-    except ImportError:
-        return None
+def default_image_step(state_dir) -> ImageStep:
+    """The image step's local catalog at ``STATE/images``."""
+    from ..image.catalog import Catalog       # imported when a run needs it: it is large
+    from ..image.register import create_image
     return LocalImageStep(Catalog(Path(state_dir) / "images"), create_image)
 
 
