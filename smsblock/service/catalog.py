@@ -62,46 +62,45 @@ def import_catalog(state: State, now: float) -> int:
         # SMS's name for "the connector cannot serve this": its source is unreachable
         raise ServiceError(f"importing the server catalog failed: {e}",
                            "NoConnectorsAvailableException") from None
-    count = 0
     with state.transaction() as db:
-        seen: set[str] = set()
         moved = _moved_servers(db, [vm for _, vms in listed for vm in vms])
-        for connector, vms in listed:
-            for vm in vms:
-                for w in vm.warnings:
-                    log.warning("%s (%s): %s", vm.vmName, vm.vmPath, w)
-                row = db.execute("SELECT server_id FROM servers WHERE vm_manager_id = ? AND vm_id = ?",
-                                 (vm.vmManagerId, vm.vmId)).fetchone()
-                values = (connector["connector_id"], vm.vmName, vm.vmManagerName,
-                          vm.vmManagerType, vm.vmPath, json.dumps(vm.to_dict()), now)
-                if row is None and (vm.vmManagerId, vm.vmId) in moved:
-                    row = {"server_id": moved[vm.vmManagerId, vm.vmId]}
-                    log.info("%s: VM %s moved from its known place to %s (%s)",
-                             row["server_id"], vm.vmName, vm.vmId, vm.vmPath)
-                    db.execute("UPDATE servers SET vm_id = ? WHERE server_id = ?",
-                               (vm.vmId, row["server_id"]))
-                if row is None:
-                    server_id = new_server_id()
-                    db.execute(
-                        "INSERT INTO servers (server_id, vm_manager_id, vm_id, connector_id, "
-                        "vm_name, vm_manager_name, vm_manager_type, vm_path, vm_record, "
-                        "imported_on, in_catalog) VALUES (?,?,?,?,?,?,?,?,?,?,1)",
-                        (server_id, vm.vmManagerId, vm.vmId, *values))
-                else:
-                    server_id = row["server_id"]
-                    db.execute(
-                        "UPDATE servers SET connector_id = ?, vm_name = ?, vm_manager_name = ?, "
-                        "vm_manager_type = ?, vm_path = ?, vm_record = ?, imported_on = ?, "
-                        "in_catalog = 1 WHERE server_id = ?",
-                        (*values, server_id))
-                seen.add(server_id)
+        seen = {_upsert_server(db, connector, vm, moved, now)
+                for connector, vms in listed for vm in vms}
         for row in db.execute("SELECT server_id FROM servers WHERE in_catalog = 1").fetchall():
             if row["server_id"] not in seen:
                 db.execute("UPDATE servers SET in_catalog = 0 WHERE server_id = ?", (row["server_id"],))
-        count = len(seen)
         db.execute("UPDATE catalog SET status = ?, last_modified_on = ? WHERE id = 1",
                    (ServerCatalogStatus.AVAILABLE.value, now))
-    return count
+    return len(seen)
+
+
+def _upsert_server(db: sqlite3.Connection, connector, vm: VmRecord,
+                   moved: dict[tuple[str, str], str], now: float) -> str:
+    """Write one listed VM into the catalog; returns its serverId (kept when known)."""
+    for w in vm.warnings:
+        log.warning("%s (%s): %s", vm.vmName, vm.vmPath, w)
+    row = db.execute("SELECT server_id FROM servers WHERE vm_manager_id = ? AND vm_id = ?",
+                     (vm.vmManagerId, vm.vmId)).fetchone()
+    server_id = row["server_id"] if row is not None else moved.get((vm.vmManagerId, vm.vmId))
+    values = (connector["connector_id"], vm.vmName, vm.vmManagerName,
+              vm.vmManagerType, vm.vmPath, json.dumps(vm.to_dict()), now)
+    if server_id is None:
+        server_id = new_server_id()
+        db.execute(
+            "INSERT INTO servers (server_id, vm_manager_id, vm_id, connector_id, "
+            "vm_name, vm_manager_name, vm_manager_type, vm_path, vm_record, "
+            "imported_on, in_catalog) VALUES (?,?,?,?,?,?,?,?,?,?,1)",
+            (server_id, vm.vmManagerId, vm.vmId, *values))
+        return server_id
+    if row is None:
+        log.info("%s: VM %s moved from its known place to %s (%s)",
+                 server_id, vm.vmName, vm.vmId, vm.vmPath)
+    db.execute(
+        "UPDATE servers SET vm_id = ?, connector_id = ?, vm_name = ?, vm_manager_name = ?, "
+        "vm_manager_type = ?, vm_path = ?, vm_record = ?, imported_on = ?, "
+        "in_catalog = 1 WHERE server_id = ?",
+        (vm.vmId, *values, server_id))
+    return server_id
 
 
 def _moved_servers(db: sqlite3.Connection, vms: list[VmRecord]) -> dict[tuple[str, str], str]:
