@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from image_builders import (DISTROS, MiB, blkid, fake_root, mkfs_btrfs, mkfs_ext, mkfs_windows,
-                            mkfs_xfs, need_fuse, patch)
+from image_builders import (DISTROS, MiB, blkid, fake_root, mkfs_btrfs, mkfs_ext, mkfs_simple,
+                            mkfs_windows, mkfs_xfs, need_fuse, patch)
 from smsblock import open_disk
 from smsblock.image.btrfs import BtrfsVolume
 from smsblock.image.inspect import inspect_disk
@@ -301,20 +301,28 @@ class OverlayDisk(Disk):
 
 @pytest.fixture(scope="module")
 def damage_targets(tmp_path_factory):
-    """Real ext4 and Btrfs roots, and the byte ranges holding their metadata."""
+    """Real ext4, XFS, Btrfs and NTFS volumes, and the byte ranges holding their metadata
+    (NTFS: boot sector and the first MFT records; XFS: superblock, AG headers, root inodes)."""
     d = tmp_path_factory.mktemp("damage")
     root = fake_root(d, "centos-7.2.1511", merged_usr=True)
     ext4 = mkfs_ext(d / "e.img", "ext4", 4 * MiB, label="x", root=root)
+    xfs = mkfs_xfs(d / "x.img", label="x", root=root)
     btrfs = mkfs_btrfs(d / "b.img", label="x", root=root)
+    ntfs = mkfs_simple(d / "n.img", "ntfs", 4 * MiB, "x")
     with open_disk(btrfs) as disk:
         vol = BtrfsVolume(Region(disk))
         nodes = [vol.physical(a) for a in (vol.root_tree, vol.chunk_root, vol.default_tree[0])]
+    boot = ntfs.read_bytes()[:512]
+    cluster = struct.unpack_from("<H", boot, 11)[0] * boot[13]
+    mft = struct.unpack_from("<Q", boot, 0x30)[0] * cluster
     return {"ext4": (ext4, [(0, 64 << 10)]),
-            "btrfs": (btrfs, [(0x10000, 0x11000)] + [(p, p + vol.nodesize) for p in nodes])}
+            "xfs": (xfs, [(0, 96 << 10)]),
+            "btrfs": (btrfs, [(0x10000, 0x11000)] + [(p, p + vol.nodesize) for p in nodes]),
+            "ntfs": (ntfs, [(0, 512), (mft, mft + 16 * 1024)])}
 
 
-@settings(max_examples=40)
-@given(st.sampled_from(["ext4", "btrfs"]), st.data())
+@settings(max_examples=60)
+@given(st.sampled_from(["ext4", "xfs", "btrfs", "ntfs"]), st.data())
 def test_random_metadata_damage_never_raises(damage_targets, kind, data):
     path, ranges = damage_targets[kind]
     mutations = {}
