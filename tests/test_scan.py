@@ -302,16 +302,21 @@ def test_raw_file_shrinking_under_two_workers_is_an_error_not_a_crash(tmp_path):
     path = tmp_path / "shrinks.raw"
     content = os.urandom(64 * BS)
     path.write_bytes(content)
-    seen = []
+    both = threading.Barrier(2, timeout=30)    # both workers inside their first batch
+    first_call, intact = set(), []
 
     def truncate(index, view):
-        if index == 0:
-            os.truncate(path, 3 * BS + 100)
-            seen.append(bytes(view))        # the copied block stays readable
+        if threading.get_ident() in first_call:
+            return
+        first_call.add(threading.get_ident())
+        if both.wait() == 0:
+            os.truncate(path, 3 * BS + 100)     # 30 of 32 batches still to read
+        both.wait()
+        intact.append(bytes(view) == content[index * BS:(index + 1) * BS])
 
     with open_disk(path) as disk, pytest.raises(DiskIOError, match="shrank") as e:
         scan(disk, block_size=BS, threads=2, batch_bytes=2 * BS, on_changed=truncate)
-    assert seen == [content[:BS]] and e.value.offset >= 3 * BS + 100
+    assert intact == [True, True] and e.value.offset >= 3 * BS + 100
 
 
 # -- change detection --------------------------------------------------------
