@@ -22,6 +22,7 @@ it exclusive, so prune never deletes a pack a running replicate is about to refe
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -360,7 +361,7 @@ def _replicate_locked(scan, disk, store, server_id, block_size, progress, cancel
         carried = data & ~storer.changed
         if carried.any():
             if not comparable:
-                raise StoreError(f"scan reported unchanged blocks without a comparable previous run")
+                raise StoreError("scan reported unchanged blocks without a comparable previous run")
             carried_addr = previous.addresses[carried]
             missing = ~index.contains_all(carried_addr)
             if missing.any():
@@ -426,12 +427,15 @@ class RunDisk(Disk):
     """A read-only :class:`~smsblock.disk.Disk` over one run, reading blocks from the packs.
 
     DATA blocks are extents of kind DATA, ZERO blocks extents of kind ZERO, unallocated
-    blocks are gaps.  Thread-safe; keeps a few inflated blocks cached.
+    blocks are gaps.  Thread-safe; keeps a few inflated blocks cached.  ``hold`` (what
+    :meth:`Store.run_disk` passes: the store lock it took) is closed by :meth:`close`.
     """
 
     CACHE_BLOCKS = 4
 
-    def __init__(self, store: Store, manifest: Manifest, index: BlockIndex | None = None):
+    def __init__(self, store: Store, manifest: Manifest, index: BlockIndex | None = None,
+                 hold: contextlib.ExitStack | None = None):
+        self._hold = hold
         self.store = store
         self.manifest = manifest
         meta = manifest.meta
@@ -502,6 +506,12 @@ class RunDisk(Disk):
             lo = max(start, (first + int(a)) * bs)
             hi = min(end, (first + int(b)) * bs)
             yield Extent(lo, hi - lo, ExtentKind.DATA if state == BlockState.DATA else ExtentKind.ZERO)
+
+    def close(self) -> None:
+        """Release what the disk holds (the store lock of :meth:`Store.run_disk`); idempotent."""
+        hold, self._hold = self._hold, None
+        if hold is not None:
+            hold.close()
 
 
 # --- restore ----------------------------------------------------------------------
@@ -747,10 +757,14 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
         wanted_all[first] = True
         wanted_all &= np.isin(all_addrs, live)
         done, total, start = 0, sum(size for _, size in packs), 0
+        written = set()
         for (pack_id, size), index in zip(packs, indexes):
             want = wanted_all[start:start + len(index)]
             start += len(index)
-            if want.all():
+            if want.all() or pack_id in written:
+                # a pack a rewrite earlier in this loop wrote may have been there already (a
+                # killed prune's rewrite, its old pack not yet deleted): it now holds the
+                # only copies of its blocks, though they counted as the second ones
                 pass
             elif not want.any():
                 store.delete_pack(pack_id)
@@ -768,6 +782,7 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
                     writer.discard()
                     raise
                 store.put_pack(new_id, writer.path)     # the new pack first, then the old goes
+                written.add(new_id)
                 if new_id != pack_id:
                     store.delete_pack(pack_id)
                 report.packs_rewritten += 1

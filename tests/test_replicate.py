@@ -16,9 +16,9 @@ from hypothesis import given, settings, strategies as st
 
 import smsblock
 from smsblock.errors import Cancelled, RunNotFoundError, StoreLockedError, UsageError
-from smsblock.manifest import BlockState, Manifest, diff
+from smsblock.manifest import BlockState, diff
 from smsblock.progress import CancelToken
-from smsblock.replicate import RunDisk, new_run_id, prune, replicate, restore, verify
+from smsblock.replicate import new_run_id, prune, replicate, restore, verify
 from smsblock.store import StoreConfig, open_store
 
 from conftest import qemu_img
@@ -349,6 +349,64 @@ def test_prune_is_refused_while_a_run_holds_the_lock(tmp_path):
         with pytest.raises(StoreLockedError):
             replicate(tmp_path / "d.raw", store, "srv")
     assert prune(store, "srv", 0).runs_deleted
+
+
+def test_an_open_run_disk_holds_prune_off(tmp_path):
+    # prune deletes and rewrites packs, even ones a kept run reads: a reader holds the
+    # store lock shared from run_disk() to close(), re-entrantly with other shared holders
+    disk, store_dir = tmp_path / "d.raw", tmp_path / "s"
+    store = new_store(store_dir, pack_size=4096)        # one block per pack
+    first = write_disk(disk, [1, 2, 3], 3 * BS)
+    old_id = replicate(disk, store, "srv", block_size=BS).run_id
+    second = write_disk(disk, [1, 4, None], 3 * BS)
+    replicate(disk, store, "srv")
+    with store.run_disk("srv") as reader:               # the latest: kept by --keep 1
+        with pytest.raises(StoreLockedError, match="cannot prune"):
+            prune(store, "srv", 1)
+        cli = subprocess.run([sys.executable, "-m", "smsblock", "prune", "--store", str(store_dir),
+                              "--server", "srv", "--keep", "1"], capture_output=True, text=True)
+        assert cli.returncode != 0 and "locked" in cli.stderr      # another process too
+        with store.run_disk("srv", old_id) as old:      # more shared holders: fine
+            assert old.read(0, 3 * BS) == first
+        restore(store, "srv", tmp_path / "out.raw")
+        assert reader.read(0, 3 * BS) == second == (tmp_path / "out.raw").read_bytes()
+    with pytest.raises(RunNotFoundError):               # a failed open releases the lock too
+        store.run_disk("srv", "r-20000101T000000.000000Z-00000000")
+    assert prune(store, "srv", 1).runs_deleted == [old_id]
+    assert verify(store).ok
+    with store.run_disk("srv") as reader:
+        assert reader.read(0, 3 * BS) == second
+
+
+def test_prune_after_a_prune_killed_between_a_rewrite_and_the_delete(tmp_path):
+    # a killed prune can leave a rewritten pack next to the pack it replaces (same live
+    # blocks twice); the next prune rewrites the old one into that very pack again and
+    # must then keep it, also when its id sorts after the old pack's
+    later = 0
+    for seed in range(1, 7):
+        disk, store_dir = tmp_path / f"d{seed}.raw", tmp_path / f"s{seed}"
+        store = new_store(store_dir, pack_size=100 * 1024)     # about 3 blocks a pack
+        write_disk(disk, [seed, seed + 10, seed + 20], 3 * BS)
+        replicate(disk, store, "srv", block_size=BS)
+        (old_pack,) = store.list_packs()
+        content = write_disk(disk, [seed, seed + 30, seed + 40], 3 * BS)
+        replicate(disk, store, "srv")
+
+        def killed(pack_id):
+            raise KeyboardInterrupt("killed after the rewrite was stored")
+        store.delete_pack = killed
+        with pytest.raises(KeyboardInterrupt):
+            prune(store, "srv", 1)
+        del store.delete_pack
+        rewrite = set(store.list_packs()) - {old_pack}
+        later += any(p > old_pack for p in rewrite)
+        assert verify(store).ok
+        prune(store, "srv", 1)
+        report = verify(store)
+        assert report.ok and report.unreferenced_packs == 0
+        restore(store, "srv", tmp_path / "out.raw")
+        assert (tmp_path / "out.raw").read_bytes() == content
+    assert later, "no rewrite sorted after its old pack: the case is not exercised"
 
 
 def test_prune_removes_leftovers_and_unreferenced_packs(tmp_path):

@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import RunNotFoundError, StoreCorruptError, StoreError, UsageError
-from ..manifest import DEFAULT_BLOCK_SIZE, Manifest
+from ..manifest import Manifest
 from ..pack import ALGORITHMS, BlockIndex, BlockLocation, decompress_block, read_index
 
 STORE_FORMAT = "smsblock-store"
@@ -256,7 +256,7 @@ class Store(abc.ABC):
         """A stored block's uncompressed bytes."""
         frame = self.read_pack(location.pack_id, location.offset, location.clen)
         if len(frame) != location.clen:
-            raise StoreCorruptError(f"pack ends inside a block frame", self.pack_name(location.pack_id),
+            raise StoreCorruptError("pack ends inside a block frame", self.pack_name(location.pack_id),
                                     location.offset)
         return decompress_block(frame, location.ulen, self.pack_name(location.pack_id), location.offset)
 
@@ -287,9 +287,20 @@ class Store(abc.ABC):
         return out
 
     def run_disk(self, server_id: str, run_id: str | None = None):
-        """A :class:`~smsblock.disk.Disk` reading the run's blocks straight from the packs."""
+        """A :class:`~smsblock.disk.Disk` reading the run's blocks straight from the packs.
+
+        It holds the store lock shared until it is closed (use it in a ``with``), so
+        prune cannot delete or rewrite the packs it reads: prune fails with
+        StoreLockedError meanwhile, as while a run goes on.
+        """
         from ..replicate import RunDisk
-        return RunDisk(self, self.load_manifest(server_id, run_id))
+        held = contextlib.ExitStack()
+        held.enter_context(self.lock(exclusive=False, purpose="read a run"))
+        try:    # the manifest and the pack indexes are read under the lock
+            return RunDisk(self, self.load_manifest(server_id, run_id), hold=held)
+        except BaseException:
+            held.close()
+            raise
 
     def iter_manifests(self) -> Iterator[tuple[str, str]]:
         """Every ``(server_id, run_id)`` in the store."""
