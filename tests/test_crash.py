@@ -1,4 +1,4 @@
-"""Crash safety: `smsblock replicate` killed with SIGKILL at random moments.
+"""Crash safety: `smsblock replicate` and `smsblock prune` killed with SIGKILL at random moments.
 
 After every kill the store must verify, every completed run must restore byte-exact, and
 the next complete run must not store again the blocks the killed runs sealed.  Half the
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from smsblock.disk import open_disk
 from smsblock.manifest import BlockState
 from smsblock.pack import address_function
-from smsblock.replicate import prune, restore, verify
+from smsblock.replicate import prune, replicate, restore, verify
 from smsblock.store import StoreConfig, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,3 +184,95 @@ def test_ctrl_c_stops_a_run_cleanly(tmp_path):
     assert store.runs("crash") == [] and store.list_leftovers() == []
     report = verify(store_dir)
     assert report.ok and report.blocks_checked > 0
+
+
+def start_prune(store: Path, keep: int) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(
+        [sys.executable, "-m", "smsblock", "prune", "--store", str(store), "--server", "crash",
+         "--keep", str(keep)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def prune_started(store: Path, n_runs: int, packs: set[str]) -> bool:
+    """Whether prune has removed a run, staged a rewritten pack or changed the packs."""
+    try:
+        if any(n.endswith(".pack.tmp") for n in os.listdir(store / "tmp")):
+            return True
+    except FileNotFoundError:
+        pass
+    s = open_store(store)
+    return len(s.list_run_ids("crash")) < n_runs or set(s.list_packs()) != packs
+
+
+@pytest.mark.slow
+def test_sigkill_during_prune_leaves_store_valid(tmp_path):
+    """prune killed at random moments (start-up, deleting runs, rewriting or deleting packs):
+    the store verifies, every run still there restores byte-exact, and a later prune
+    finishes the job (no unreferenced packs, no leftovers, only live blocks stored)."""
+    rnd = random.Random(int.from_bytes(os.urandom(4), "little"))
+    seed = rnd.randrange(1 << 30)
+    print(f"prune crash test seed {seed}")
+    rnd.seed(seed)
+    master = tmp_path / "master"
+    store = open_store(master)
+    store.initialise(StoreConfig(pack_size=256 * 1024))     # ~8 blocks a pack: many rewrites
+    disk = tmp_path / "disk.raw"
+    contents = {}
+    content = None
+    for k in range(5):
+        content = disk_content(seed + k, content)
+        disk.write_bytes(content)
+        with open_disk(disk) as d:
+            contents[replicate(d, store, "crash", block_size=BS).run_id] = content
+    packs = set(store.list_packs())
+    keep = 2
+
+    # a complete prune on a copy, timed: the window the uniform kills are spread over
+    shutil.copytree(master, tmp_path / "timed")
+    t0 = time.monotonic()
+    p = start_prune(tmp_path / "timed", keep)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    full_time = time.monotonic() - t0
+
+    killed_mid_prune = 0
+    for it in range(8):
+        work = tmp_path / f"kill{it}"
+        shutil.copytree(master, work)
+        p = start_prune(work, keep)
+        if it % 2 == 0:         # anywhere, start-up included
+            time.sleep(rnd.uniform(0, full_time))
+        else:                   # once prune has begun to change the store
+            deadline = time.monotonic() + 60
+            while p.poll() is None and time.monotonic() < deadline \
+                    and not prune_started(work, len(contents), packs):
+                time.sleep(0.0002)
+            time.sleep(rnd.uniform(0, 0.01))
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            killed_mid_prune += prune_started(work, len(contents), packs)
+        p.communicate(timeout=60)
+
+        report = verify(work)
+        assert report.ok, (it, report.problems)
+        left = open_store(work).list_run_ids("crash")
+        assert left[-keep:] == list(contents)[-keep:]        # kept runs are never touched
+        for run_id in left:
+            restore(work, "crash", tmp_path / "restored.raw", run_id=run_id)
+            assert (tmp_path / "restored.raw").read_bytes() == contents[run_id], (it, run_id)
+
+        prune(work, "crash", keep)                            # a later prune completes it
+        after = verify(work)
+        assert after.ok and after.unreferenced_packs == 0 and not after.leftovers
+        w = open_store(work)
+        live = set()
+        for run_id in w.list_run_ids("crash"):
+            m = w.load_manifest("crash", run_id)
+            live |= {a.tobytes() for a in m.addresses[m.states == BlockState.DATA]}
+        assert stored_addresses(w) == live
+        for run_id in list(contents)[-keep:]:
+            restore(work, "crash", tmp_path / "restored.raw", run_id=run_id)
+            assert (tmp_path / "restored.raw").read_bytes() == contents[run_id]
+        shutil.rmtree(work)
+    print(f"kills after prune had changed the store: {killed_mid_prune}")
+    assert killed_mid_prune > 0, "no kill landed while prune was changing the store"
