@@ -315,7 +315,7 @@ class RunExecutor:
                 cancel=cancel))
             for w in snap.warnings:
                 log.warning("%s: %s", server_id, w)
-            self._adopt_move(ctx, getattr(snap, "moved_to", None))
+            self._adopt_move(ctx, snap.moved_to)
             total = sum(d.disk.size for d in snap.disks) or 1
             done_before = 0
             self._update_run(ctx.run["run_id"], stage="uploading", stage_progress="0%",

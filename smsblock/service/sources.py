@@ -216,6 +216,7 @@ class DatastoreRun:
         self._paths = disks
         self.warnings = list(warnings)
         self.disks: list[SourceDisk] = []
+        self.moved_to = None     # vmId is the .vmx path: a moved folder is another VM
 
     def __enter__(self) -> "DatastoreRun":
         try:

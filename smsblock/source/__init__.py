@@ -65,6 +65,9 @@ class SourceRun(Protocol):
 
     disks: list[SourceDisk]
     warnings: list[str]
+    #: optional: the VM's catalog record (``VmRecord.to_dict()``) when the source found it
+    #: at a new place (vMotion); the control plane then updates the server's vmId/vmPath
+    moved_to: dict | None
 
     def __enter__(self) -> "SourceRun": ...
     def __exit__(self, *exc) -> None: ...
