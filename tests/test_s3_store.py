@@ -677,7 +677,7 @@ class _CountingBucket:
         self.paid += n
 
 
-@hsettings(max_examples=60)
+@hsettings(max_examples=200)
 @given(st.binary(max_size=300_000), st.lists(st.tuples(st.sampled_from(["read", "seek"]),
                                                        st.integers(-1, 200_000)), max_size=12))
 def test_throttled_body_reads_like_bytesio_and_pays_each_byte_once(data, ops):

@@ -44,7 +44,8 @@ class TokenBucket:
 class ThrottledBody(io.RawIOBase):
     """A seekable, read-only request body over ``data`` that pays ``bucket`` per byte.
 
-    Bytes are paid for the first time they are read; a rewind (botocore hashing the
+    The body pays for every byte up to the furthest one read, once (bodies are read
+    front to back; a skipped range counts as sent); a rewind (botocore hashing the
     payload before sending it, say) reads them again for free, so each byte of one
     attempt costs once.  Each retry gets a new body and pays again: it is sent again.
     """
@@ -80,8 +81,8 @@ class ThrottledBody(io.RawIOBase):
         if n <= 0:
             return b""
         end = self._pos + n
-        if end > self._paid:
-            self._bucket.consume(end - max(self._pos, self._paid))
+        if end > self._paid:        # everything up to the furthest byte read is paid once
+            self._bucket.consume(end - self._paid)
             self._paid = end
         out = self._data[self._pos:end].tobytes()
         self._pos = end
