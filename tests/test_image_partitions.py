@@ -255,3 +255,46 @@ def test_hostile_gpt_with_32768_identical_partitions_is_bounded():
     assert found.count("partitions-not-inspected") == 1 and len(found) < 40
     assert f"{n - MAX_INSPECTED_PARTITIONS} after the first" in \
         next(f.message for f in report.findings if f.code == "partitions-not-inspected")
+
+
+def _gpt_4kn(n_sectors: int = 64) -> bytearray:
+    """A 4Kn disk (4096-byte sectors) with a protective MBR, one partition (LBA 8-39) and
+    both GPT headers, built from the UEFI layout: no tool here writes 4Kn tables to a file."""
+    ss = 4096
+    data = bytearray(n_sectors * ss)
+    data[446 + 4] = 0xEE
+    struct.pack_into("<II", data, 446 + 8, 1, n_sectors - 1)
+    data[510:512] = b"\x55\xaa"
+    entries = bytearray(32 * 128)                      # one sector of entries
+    entries[0:16] = bytes.fromhex("af3dc60f838472478e793d69d8477de4")     # Linux filesystem
+    entries[16:32] = bytes(range(16))
+    struct.pack_into("<QQ", entries, 32, 8, 39)
+    for lba, alt, entries_lba in ((1, n_sectors - 1, 2), (n_sectors - 1, 1, n_sectors - 2)):
+        hdr = bytearray(92)
+        hdr[0:8] = b"EFI PART"
+        struct.pack_into("<IIII", hdr, 8, 0x10000, 92, 0, 0)
+        struct.pack_into("<QQQQ", hdr, 24, lba, alt, 3, n_sectors - 3)
+        hdr[56:72] = b"\x42" * 16
+        struct.pack_into("<QIII", hdr, 72, entries_lba, 32, 128, zlib.crc32(entries))
+        struct.pack_into("<I", hdr, 16, zlib.crc32(hdr))
+        data[lba * ss:lba * ss + 92] = hdr
+        data[entries_lba * ss:entries_lba * ss + len(entries)] = entries
+    return data
+
+
+def test_gpt_4kn_sectors_and_its_backup_header():
+    data = _gpt_4kn()
+    t = read_partition_table(BytesDisk(data))
+    assert (t.kind, t.sector_size, t.findings) == ("gpt", 4096, [])
+    assert [(p.start, p.size) for p in t.partitions] == [(8 * 4096, 32 * 4096)]
+    data[4096 + 40] ^= 0xFF                            # the primary header's CRC fails
+    t = read_partition_table(BytesDisk(data))
+    assert (t.kind, t.sector_size, codes(t.findings)) == ("gpt", 4096, ["gpt-primary-damaged"])
+    assert "backup header at LBA 63" in t.findings[0].message
+    assert [(p.start, p.size) for p in t.partitions] == [(8 * 4096, 32 * 4096)]
+    data[4096:4096 + 8] = bytes(8)                     # no signature at 4096 either
+    t = read_partition_table(BytesDisk(data))
+    assert (t.sector_size, codes(t.findings)) == (4096, ["gpt-primary-damaged"])
+    data[63 * 4096 + 40] ^= 0xFF                       # and the backup fails too
+    t = read_partition_table(BytesDisk(data))
+    assert (t.partitions, codes(t.findings)) == ([], ["gpt-unreadable"])

@@ -223,32 +223,19 @@ class _GptHeader:
 
 
 def _read_gpt(region: Region, mbr_entries) -> PartitionTable:
-    findings: list[Finding] = []
-    sector_size = SECTOR
+    # 512-byte sectors unless the primary header sits at 4096 (a 4Kn disk); when no header
+    # is valid with the first guess, the other size is tried (a 4Kn disk whose primary
+    # header is damaged has its backup in the last 4 KiB)
+    sizes = (SECTOR, 4096)
     if region.pread_exact(SECTOR, 8) != GPT_SIGNATURE and region.pread_exact(4096, 8) == GPT_SIGNATURE:
-        sector_size = 4096
-    n_sectors = region.size // sector_size
-    primary, why_primary = _gpt_header(region, 1, sector_size, n_sectors)
-    backup_lba = primary.alternate_lba if primary is not None else n_sectors - 1
-    backup, why_backup = _gpt_header(region, backup_lba, sector_size, n_sectors)
-    if backup is None and backup_lba != n_sectors - 1:
-        backup, why_backup = _gpt_header(region, n_sectors - 1, sector_size, n_sectors)
-    if primary is not None:
-        header = primary
-        if backup is None:
-            findings.append(Finding(WARNING, "gpt-backup-damaged",
-                                    f"The backup GPT header is damaged or missing ({why_backup}); "
-                                    "the primary header was used."))
-    elif backup is not None:
-        header = backup
-        findings.append(Finding(WARNING, "gpt-primary-damaged",
-                                f"The primary GPT header at LBA 1 is damaged ({why_primary}); the "
-                                f"backup header at LBA {backup.lba} was used."))
-    else:
-        findings.append(Finding(ERROR, "gpt-unreadable",
-                                f"The disk has a protective MBR but neither GPT header is valid "
-                                f"(primary: {why_primary}; backup: {why_backup})."))
-        return PartitionTable("gpt", findings=findings, sector_size=sector_size)
+        sizes = (4096, SECTOR)
+    sector_size = sizes[0]
+    header, findings = _gpt_pick_header(region, sector_size)
+    if header is None:
+        header, other_findings = _gpt_pick_header(region, sizes[1])
+        if header is None:
+            return PartitionTable("gpt", findings=findings, sector_size=sector_size)
+        sector_size, findings = sizes[1], other_findings
     if len([t for _, t, _s, _n in mbr_entries if t != 0]) > 1:
         findings.append(Finding(INFO, "gpt-hybrid-mbr",
                                 "The protective MBR also lists other partitions (a hybrid MBR)."))
@@ -276,6 +263,29 @@ def _read_gpt(region: Region, mbr_entries) -> PartitionTable:
         table.partitions.append(part)
     _check_bounds(table, region.size)
     return table
+
+
+def _gpt_pick_header(region: Region, sector_size: int):
+    """(header, findings): the primary GPT header, else the backup; (None, [error])."""
+    n_sectors = region.size // sector_size
+    primary, why_primary = _gpt_header(region, 1, sector_size, n_sectors)
+    backup_lba = primary.alternate_lba if primary is not None else n_sectors - 1
+    backup, why_backup = _gpt_header(region, backup_lba, sector_size, n_sectors)
+    if backup is None and backup_lba != n_sectors - 1:
+        backup, why_backup = _gpt_header(region, n_sectors - 1, sector_size, n_sectors)
+    if primary is not None:
+        if backup is None:
+            return primary, [Finding(WARNING, "gpt-backup-damaged",
+                                     f"The backup GPT header is damaged or missing ({why_backup}); "
+                                     "the primary header was used.")]
+        return primary, []
+    if backup is not None:
+        return backup, [Finding(WARNING, "gpt-primary-damaged",
+                                f"The primary GPT header at LBA 1 is damaged ({why_primary}); the "
+                                f"backup header at LBA {backup.lba} was used.")]
+    return None, [Finding(ERROR, "gpt-unreadable",
+                          f"The disk has a protective MBR but neither GPT header is valid "
+                          f"(primary: {why_primary}; backup: {why_backup}).")]
 
 
 def _gpt_header(region: Region, lba: int, ss: int, n_sectors: int):
