@@ -423,6 +423,49 @@ def test_vm_moved_is_followed_by_uuid_or_fails_with_reason(source, vcsim, tmp_pa
         source.open_run(gone).__enter__()
 
 
+def test_connector_follows_a_moved_vm_or_fails_the_run(vcsim, env_password, tmp_path):
+    """Through the connector: a server whose VM is now under another id (a vMotion between
+    runs) is found by its UUID, the run completes and the catalog adopts the new id; with
+    no VM of that UUID visible the run fails with the reason."""
+    from smsblock.service import FakeClock, SmsService
+    from smsblock.service.connector import ConnectorLoop
+    from smsblock.service.executor import RunExecutor
+    _put_flat_vmdk(vcsim, "DC0_H0_VM0", tmp_path, size=1 << 20)
+    svc = SmsService(tmp_path / "state", clock=FakeClock(time.time()))
+    svc.register_connector("vsphere", VCenterSettings.from_options(vcsim.url, USER).to_config())
+    svc.import_server_catalog()
+    server = next(s for s in svc.get_servers()["serverList"]
+                  if s["vmServer"]["vmName"] == "DC0_H0_VM0")
+    real_id = server["vmServer"]["vmServerAddress"]["vmId"]
+    job = svc.create_replication_job(serverId=server["serverId"],
+                                     seedReplicationTime=svc.clock() + 86400,
+                                     frequency=12)["replicationJobId"]
+    ex = RunExecutor(svc.state, svc.clock, use_default_image_step=False)
+
+    def run_with_record(**changes):
+        with svc.state.transaction() as db:     # the catalog as it was before the move
+            record = json.loads(db.execute("SELECT vm_record FROM servers WHERE server_id = ?",
+                                           (server["serverId"],)).fetchone()[0])
+            db.execute("UPDATE servers SET vm_id = ?, vm_record = ? WHERE server_id = ?",
+                       ("vm-424242", json.dumps(dict(record, vmId="vm-424242", **changes)),
+                        server["serverId"]))
+        run = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
+        with ConnectorLoop(svc, executor=ex) as loop:
+            loop.run_once()
+        svc.clock.advance(86400)
+        return next(r for r in svc.get_replication_runs(replicationJobId=job)[
+            "replicationRunList"] if r["replicationRunId"] == run)
+
+    done = run_with_record()
+    assert done["state"] == "COMPLETED", done
+    [now] = [s for s in svc.get_servers()["serverList"] if s["serverId"] == server["serverId"]]
+    assert now["vmServer"]["vmServerAddress"]["vmId"] == real_id
+    assert now["vmServer"]["vmPath"] == "/Datacenters/DC0/vm/DC0_H0_VM0"
+    failed = run_with_record(identity={"instanceUuid": "00000000-0000-0000-0000-0000000000aa"})
+    assert failed["state"] == "FAILED"
+    assert "no longer visible" in failed["statusMessage"] and "vMotion" in failed["statusMessage"]
+
+
 def test_missing_privilege_is_named_before_snapshotting(source, vcsim, tmp_path, monkeypatch):
     """vcsim grants every privilege; a stand-in AuthorizationManager denies one."""
     _put_flat_vmdk(vcsim, "DC0_H0_VM0", tmp_path)
