@@ -298,7 +298,7 @@ class EbsStore(Store):
             previous = None
         volume_gib = max(1, -(-manifest.disk_size // GIB))
         todo = blocks_to_write(previous, manifest)
-        start = dict(VolumeSize=volume_gib, ClientToken=f"{server_id}/{run_id}"[:64],
+        start = dict(VolumeSize=volume_gib, ClientToken=hashlib.sha256(f"{server_id}/{run_id}".encode()).hexdigest(),
                      Description=f"smsblock run {run_id} of {server_id}",
                      Tags=[{"Key": "smsblock:server", "Value": server_id},
                            {"Key": "smsblock:run", "Value": run_id}])
