@@ -192,6 +192,9 @@ class EbsStore(Store):
             staging = os.path.join(os.path.expanduser("~/.smsblock/ebs"), self.region)
         from . import open_store
         self.staging = open_store(staging)
+        if not (hasattr(self.staging, "root") or hasattr(self.staging, "_put")):
+            raise UsageError(f"{url}: the staging store must be a local directory or s3:// "
+                             f"(not {self.staging.url})")
         self.ebs = self.settings.client("ebs", max_pool=self.settings.parallel)
         self._ec2 = None
         self.retry = RetryPolicy(self.settings.retry_attempts, self.settings.retry_seconds)
