@@ -70,15 +70,24 @@ def writing_started(store: Path, packs_before: int) -> bool:
     return len(open_store(store).list_packs()) > packs_before
 
 
+def seeded_random(what: str) -> tuple[random.Random, int]:
+    """A random source with a fresh seed, printed so that a failure can be replayed."""
+    seed = random.SystemRandom().randrange(1 << 30)
+    print(f"{what} seed {seed}")
+    return random.Random(seed), seed
+
+
+def new_store(path: Path):
+    store = open_store(path)
+    store.initialise(StoreConfig(pack_size=256 * 1024))     # ~8 blocks a pack: many packs
+    return store
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_leaves_store_valid_and_resumable(tmp_path):
-    rnd = random.Random(int.from_bytes(os.urandom(4), "little"))
-    seed = rnd.randrange(1 << 30)
-    print(f"crash test seed {seed}")
-    rnd.seed(seed)
+    rnd, seed = seeded_random("crash test")
     store_dir = tmp_path / "store"
-    store = open_store(store_dir)
-    store.initialise(StoreConfig(pack_size=256 * 1024))     # ~8 blocks a pack: many seals
+    store = new_store(store_dir)
     disk = tmp_path / "disk.raw"
 
     # a first complete run, timed: the window the kills are spread over
@@ -166,8 +175,7 @@ def test_sigkill_at_random_moments_leaves_store_valid_and_resumable(tmp_path):
 def test_ctrl_c_stops_a_run_cleanly(tmp_path):
     """SIGINT cancels: exit status 130, the partial pack sealed (no temp files), no run."""
     store_dir = tmp_path / "store"
-    store = open_store(store_dir)
-    store.initialise(StoreConfig(pack_size=256 * 1024))
+    store = new_store(store_dir)
     disk = tmp_path / "disk.raw"
     disk.write_bytes(disk_content(5, None) * 2)
     p = start_run(disk, store_dir)
@@ -209,13 +217,9 @@ def test_sigkill_during_prune_leaves_store_valid(tmp_path):
     """prune killed at random moments (start-up, deleting runs, rewriting or deleting packs):
     the store verifies, every run still there restores byte-exact, and a later prune
     finishes the job (no unreferenced packs, no leftovers, only live blocks stored)."""
-    rnd = random.Random(int.from_bytes(os.urandom(4), "little"))
-    seed = rnd.randrange(1 << 30)
-    print(f"prune crash test seed {seed}")
-    rnd.seed(seed)
+    rnd, seed = seeded_random("prune crash test")
     master = tmp_path / "master"
-    store = open_store(master)
-    store.initialise(StoreConfig(pack_size=256 * 1024))     # ~8 blocks a pack: many rewrites
+    store = new_store(master)                               # many packs: many rewrites
     disk = tmp_path / "disk.raw"
     contents = {}
     content = None
