@@ -50,6 +50,10 @@ def test_register_needs_exactly_one_source(tmp_path, capsys):
     status, _, err = cli(capsys, "connector", "register", "--state", tmp_path,
                          "--vcenter", "vc.example:8443")
     assert status == 2 and "--username" in err
+    status, _, err = cli(capsys, "connector", "register", "--state", tmp_path,
+                         "--datastore", tmp_path, "--username", "svc")
+    assert status == 2 and "--username is only valid with --vcenter" in err
+    assert ok(capsys, "sms", "get-connectors", "--state", tmp_path)["connectorList"] == []
 
 
 def test_state_from_smsblock_home(tmp_path, capsys, monkeypatch):

@@ -846,20 +846,21 @@ def test_vm_path_follows_folders(source):
 
 
 def test_cli_options(tmp_path):
-    import argparse
-    from smsblock.source.vsphere import add_vcenter_options, settings_from_args
-    p = argparse.ArgumentParser()
-    add_vcenter_options(p)
+    from smsblock.cli import build_parser
+    from smsblock.source.vsphere import settings_from_args
+
+    def parse(*args):
+        return build_parser().parse_args(["connector", "register", *args])
     pw = tmp_path / "pw"
     pw.write_text("pw-from-file\n")
-    s = settings_from_args(p.parse_args(["--vcenter", "vc:8443", "--username", "svc",
-                                         "--password-file", str(pw), "--insecure"]), environ={})
+    s = settings_from_args(parse("--vcenter", "vc:8443", "--username", "svc",
+                                 "--password-file", str(pw), "--insecure"), environ={})
     assert (s.endpoint, s.username, s.password, s.insecure) == (
         ("https", "vc", 8443, "/sdk"), "svc", "pw-from-file", True)
-    assert settings_from_args(p.parse_args([]), environ={}) is None
+    assert settings_from_args(parse(), environ={}) is None
     with pytest.raises(UsageError, match="--username is only valid with --vcenter"):
-        settings_from_args(p.parse_args(["--username", "svc"]), environ={})
-    s = settings_from_args(p.parse_args(["--vcenter", "vc", "--username", "svc"]),
+        settings_from_args(parse("--username", "svc"), environ={})
+    s = settings_from_args(parse("--vcenter", "vc", "--username", "svc"),
                            environ={PASSWORD_ENV: "pw-from-env"})
     assert s.password == "pw-from-env"
 

@@ -43,13 +43,12 @@ def _connector_register(args) -> int:
         raise UsageError("connector register: give exactly one of --datastore PATH or --vcenter HOST")
     if args.datastore:
         from ..service.sources import DatastoreSource
+        from ..source.vsphere import settings_from_args
+        settings_from_args(args)    # refuses vCenter options without --vcenter
         kind, config = "datastore", DatastoreSource(args.datastore).config()  # absolute, checked
     else:
-        from ..source.vsphere import VCenterSettings
-        settings = VCenterSettings.from_options(
-            args.vcenter, args.username, password_file=args.password_file,
-            ca_bundle=args.ca_bundle, insecure=args.insecure)
-        kind, config = "vsphere", settings.to_config()
+        from ..source.vsphere import settings_from_args
+        kind, config = "vsphere", settings_from_args(args).to_config()
     with _service(args) as svc:
         connector = svc.register_connector(kind, config, store=args.store)
     _print_json(connector)
@@ -219,15 +218,18 @@ def register(subparsers) -> None:
     reg = conn_sub.add_parser("register", help="associate a new connector; prints it as JSON")
     _add_state(reg)
     reg.add_argument("--datastore", metavar="PATH", help="datastore folder of VM folders (.vmx + VMDKs)")
-    reg.add_argument("--vcenter", metavar="HOST[:PORT]", help="vCenter address (or https:// / http:// URL)")
-    reg.add_argument("--username", help="vCenter user")
+    # the vCenter options (read by smsblock.source.vsphere.settings_from_args)
+    reg.add_argument("--vcenter", metavar="HOST[:PORT]|URL",
+                     help="vCenter to register with (https:// by default; http:// for simulators)")
+    reg.add_argument("--username", help="vCenter service account")
     reg.add_argument("--password-file", metavar="FILE",
                      help="file whose first line is the vCenter password "
                           "(default: $SMSBLOCK_VCENTER_PASSWORD)")
-    reg.add_argument("--ca-bundle", metavar="FILE", help="CA certificates to verify vCenter with")
+    reg.add_argument("--ca-bundle", metavar="FILE",
+                     help="PEM CA certificate(s) that signed vCenter's certificate")
     reg.add_argument("--insecure", action="store_true",
                      help="ignore hostname mismatch and expiration errors for vCenter and "
-                          "ESXi certificates")
+                          "ESXi certificates (the chain is still verified)")
     reg.add_argument("--store", metavar="PATH_OR_URL",
                      help="block store for this connector's runs (default: STATE/store)")
     reg.set_defaults(func=_connector_register)

@@ -153,23 +153,9 @@ class VCenterSettings:
         return ctx
 
 
-def add_vcenter_options(parser) -> None:
-    """The connector's vCenter options, for ``smsblock connector register``."""
-    g = parser.add_argument_group("vCenter source")
-    g.add_argument("--vcenter", metavar="HOST[:PORT]|URL",
-                   help="vCenter to register with (https:// by default; http:// for simulators)")
-    g.add_argument("--username", help="vCenter service account")
-    g.add_argument("--password-file", metavar="FILE",
-                   help=f"file whose first line is the password (default: ${PASSWORD_ENV})")
-    g.add_argument("--ca-bundle", metavar="FILE",
-                   help="PEM CA certificate(s) that signed vCenter's certificate")
-    g.add_argument("--insecure", action="store_true",
-                   help="ignore hostname mismatch and expiration errors for vCenter and ESXi "
-                        "certificates (the chain is still verified)")
-
-
 def settings_from_args(args, environ=None) -> "VCenterSettings | None":
-    """Settings from the options of :func:`add_vcenter_options` (None without --vcenter)."""
+    """Settings from ``smsblock connector register``'s vCenter options (``vcenter``,
+    ``username``, ``password_file``, ``ca_bundle``, ``insecure``); None without --vcenter."""
     if not getattr(args, "vcenter", None):
         for opt in ("username", "password_file", "ca_bundle"):
             if getattr(args, opt, None):
@@ -866,4 +852,4 @@ def _is_unsupported_text(text: str) -> bool:
 
 
 __all__ = ["VCenterSettings", "VSphereSource", "VSphereRun", "parse_address", "PASSWORD_ENV",
-           "add_vcenter_options", "settings_from_args"]
+           "settings_from_args"]
