@@ -14,7 +14,7 @@ from smsblock import open_disk
 from smsblock.image.btrfs import BtrfsVolume
 from smsblock.image.inspect import inspect_disk
 from smsblock.image.fsreaders import open_linux_reader
-from smsblock.image.osdetect import elf_architecture, linux_release
+from smsblock.image.osdetect import detect_linux, elf_architecture, linux_release
 from smsblock.image.region import Region
 
 EXT_KINDS = ("ext2", "ext3", "ext4")
@@ -117,6 +117,22 @@ def test_btrfs_reader_reads_inline_and_regular_extents(tmp_path):
         assert reader.read_file("etc/deep/../small") == small
         vol = BtrfsVolume(Region(d))
         assert vol.child(vol.root(), "etc") is not None
+
+
+def test_btrfs_large_directory_is_read_once(roots, tmp_path):
+    """/etc with 3000 more entries: the dozen release-file lookups there read its
+    directory items once, not once per lookup (which would near the work budget)."""
+    import shutil
+    root = tmp_path / "root"
+    shutil.copytree(fake_root(roots, "debian-7.8"), root, symlinks=True)
+    for i in range(3000):
+        (root / "etc" / f"file{i:04d}").touch()
+    img = mkfs_btrfs(tmp_path / "b.img", label="big", root=root)
+    with open_disk(img) as d:
+        reader = open_linux_reader("btrfs", Region(d))
+        info, _ = detect_linux(reader)
+        assert (info.distribution, info.version) == ("debian", "7.8")
+        assert reader.volume._items_seen < 2 * 3000, reader.volume._items_seen
 
 
 def test_symlink_loop_is_a_finding(tmp_path):

@@ -96,6 +96,7 @@ class BtrfsVolume:
         self._node_visits = 0
         self._items_seen = 0
         self._levels: dict[int, int] = {}       # subvolume tree root -> its level
+        self._dirs: dict[tuple[int, int], dict] = {}   # directories read so far
         self._load_sys_chunks(sb)
         self._load_chunk_tree()
         self.default_tree = self._default_subvolume_tree()
@@ -259,17 +260,28 @@ class BtrfsVolume:
 
     def child(self, parent: Entry, name: str) -> Entry | None:
         """The entry called ``name`` in directory ``parent`` (None when absent)."""
-        want = name.encode("utf-8", "surrogateescape")
-        for _key, data in self._range(self._tree(parent), parent.inode, DIR_ITEM):
-            for ename, loc, ftype in _dir_entries(data):
-                if ename != want:
-                    continue
-                if loc[1] == ROOT_ITEM:          # a subvolume: continue in its own tree
-                    bytenr, level = self._root_item(loc[0])
-                    self._levels[bytenr] = level
-                    return Entry(bytenr, FIRST_FREE_OBJECTID, FT_DIR)
-                return Entry(parent.tree, loc[0], ftype)
-        return None
+        hit = self._directory(parent).get(name.encode("utf-8", "surrogateescape"))
+        if hit is None:
+            return None
+        loc, ftype = hit
+        if loc[1] == ROOT_ITEM:          # a subvolume: continue in its own tree
+            bytenr, level = self._root_item(loc[0])
+            self._levels[bytenr] = level
+            return Entry(bytenr, FIRST_FREE_OBJECTID, FT_DIR)
+        return Entry(parent.tree, loc[0], ftype)
+
+    def _directory(self, parent: Entry) -> dict[bytes, tuple]:
+        """name -> (location key, file type) of a directory, read once: the items are keyed
+        by a crc32c name hash, so one name cannot be found without scanning or hashing,
+        and a dozen lookups in a large /etc must not scan it a dozen times."""
+        names = self._dirs.get((parent.tree, parent.inode))
+        if names is None:
+            names = {}
+            for _key, data in self._range(self._tree(parent), parent.inode, DIR_ITEM):
+                for ename, loc, ftype in _dir_entries(data):
+                    names.setdefault(ename, (loc, ftype))
+            self._dirs[(parent.tree, parent.inode)] = names
+        return names
 
     def _tree(self, entry: Entry) -> tuple[int, int]:
         if entry.tree == self.default_tree[0]:
