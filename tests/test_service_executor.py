@@ -336,6 +336,48 @@ def test_kill9_of_the_connector_mid_run(tmp_path):
     svc.start_on_demand_replication_run(replicationJobId=job)
 
 
+KILLED_AFTER_REGISTERING = textwrap.dedent("""
+    import os, signal, sys
+    from smsblock.service import SmsService, executor
+    from smsblock.service.connector import ConnectorLoop
+
+    real = executor.LocalImageStep.register
+
+    def register_then_die(self, *args, **kwargs):
+        real(self, *args, **kwargs)       # the image is in the catalog now ...
+        os.kill(os.getpid(), signal.SIGKILL)   # ... and the run never hears of it
+    executor.LocalImageStep.register = register_then_die
+    svc = SmsService(sys.argv[1])
+    with ConnectorLoop(svc) as loop:
+        loop.run_once()
+""")
+
+
+def test_kill9_after_the_image_is_registered_completes_the_run_on_restart(tmp_path):
+    """A real kill -9 of the connector between the image step's registration and the
+    run's record: the restarted connector finds the image and completes the run with
+    it, so no image is left that nothing points to."""
+    from test_service_sources import bootable_image
+    svc, server, _ = setup(tmp_path, image=bootable_image(tmp_path / "img"), clock=time.time)
+    job = job_for(svc, server)
+    run = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
+    script = tmp_path / "killed_connector.py"
+    script.write_text(KILLED_AFTER_REGISTERING)
+    proc = subprocess.run([sys.executable, str(script), str(svc.state.dir)], timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+    assert proc.returncode == -signal.SIGKILL
+    [image] = [d.name for d in (svc.state.dir / "images").iterdir() if d.name.startswith("ami-")]
+    assert svc.state.query("SELECT state FROM runs WHERE run_id = ?", (run,))[0][0] == "ACTIVE"
+    out = subprocess.run([sys.executable, "-m", "smsblock", "connector", "run", "--state",
+                          str(svc.state.dir), "--once"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["recovered"] == [run]
+    r = svc.get_replication_runs(replicationJobId=job)["replicationRunList"][0]
+    assert (r["state"], r.get("amiId")) == ("COMPLETED", image), r
+    (j,) = svc.get_replication_jobs()["replicationJobList"]
+    assert j["latestAmiId"] == image and j["state"] == "ACTIVE"
+
+
 def test_a_disassociated_connector_stops(tmp_path):
     svc, _, _ = setup(tmp_path)
     cid = svc.get_connectors()["connectorList"][0]["connectorId"]
