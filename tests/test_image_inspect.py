@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from image_builders import (GRUB2_BOOT_IMG, CountingDisk, MiB, blkid, fake_root, mkfs_ext,
-                            mkfs_simple, mkfs_windows, need_fuse, partition_disk, place,
-                            write_boot_code)
+from image_builders import (DISTROS, GRUB2_BOOT_IMG, CountingDisk, MiB, blkid, fake_root,
+                            mkfs_ext, mkfs_simple, mkfs_windows, need_fuse, partition_disk,
+                            place, write_boot_code)
 from smsblock import open_disk
 from smsblock.image.validate import inspect_and_validate
 
@@ -202,14 +202,31 @@ def _one_partition_disk(tmp_path, distro, kind, boot_code):
     return disk
 
 
+def _one_partition_report(disk, distro, kind, boot_code, findings) -> dict:
+    """The whole report of a disk from :func:`_one_partition_disk` (blkid as oracle)."""
+    dist, version, pretty = DISTROS[distro]["expect"]
+    return {
+        "source": None, "disk_size": 12 * MiB, "partition_table": "mbr",
+        "disk_id": blkid(disk)["PTUUID"],
+        "partitions": [_part(1, 2048 * 512, (12 * MiB) - 2048 * 512, "0x83", kind, "root",
+                             blkid(disk, 2048 * 512)["UUID"], bootable=True, type_name="Linux")],
+        "boot_code": boot_code, "boot_code_detail": None,
+        "os": {"family": "linux", "distribution": dist, "version": version, "architecture": "x86_64",
+               "name": pretty, "edition": None, "service_pack": None, "root_partition": 1,
+               "root_filesystem": kind, "sources": DISTROS[distro]["sources"]},
+        "findings": [{"severity": "info", "code": "mbr", "message": "The disk uses MBR partitioning."}]
+                    + [{"severity": sev, "code": code, "message": msg} for sev, code, msg in findings],
+        "ok": all(sev != "error" for sev, _, _ in findings),
+    }
+
+
 def test_grub_legacy_centos6_is_importable(tmp_path):
     from image_builders import GRUB_LEGACY_STAGE1
     disk = _one_partition_disk(tmp_path, "centos-6.5", "ext3", GRUB_LEGACY_STAGE1.read_bytes())
     with open_disk(disk) as d:
         r = inspect_and_validate(d)
-    assert (r.boot_code, r.os.distribution, r.os.version, r.os.root_filesystem) == \
-        ("grub-legacy", "centos", "6.5", "ext3")
-    assert r.ok and [f.code for f in r.findings] == ["mbr", "os-supported"]
+    assert r.to_dict() == _one_partition_report(disk, "centos-6.5", "ext3", "grub-legacy", [
+        ("info", "os-supported", "CentOS 6.5 is on the supported list.")])
 
 
 def test_unsupported_os_and_allow_unsupported(tmp_path):
@@ -217,21 +234,22 @@ def test_unsupported_os_and_allow_unsupported(tmp_path):
     with open_disk(disk) as d:
         strict = inspect_and_validate(d)
         relaxed = inspect_and_validate(d, allow_unsupported=True)
-    assert not strict.ok and [(f.severity, f.code) for f in strict.findings] == \
-        [("info", "mbr"), ("error", "os-unsupported")]
-    assert "Ubuntu 18.04 is not on the supported list (supported Ubuntu versions: 12.04-16.10)." \
-        == strict.findings[1].message
-    assert relaxed.ok and [(f.severity, f.code) for f in relaxed.findings] == \
-        [("info", "mbr"), ("warning", "os-unsupported")]
+    why = "Ubuntu 18.04 is not on the supported list (supported Ubuntu versions: 12.04-16.10)."
+    assert strict.to_dict() == _one_partition_report(disk, "ubuntu-18.04", "ext4", "grub2", [
+        ("error", "os-unsupported", why)])
+    assert relaxed.to_dict() == _one_partition_report(disk, "ubuntu-18.04", "ext4", "grub2", [
+        ("warning", "os-unsupported", f"{why} (accepted: --allow-unsupported)")])
 
 
 def test_refused_rhel60_and_no_bootloader(tmp_path):
     disk = _one_partition_disk(tmp_path, "rhel-6.0", "ext4", bytes(440))
     with open_disk(disk) as d:
         r = inspect_and_validate(d)
-    assert [(f.severity, f.code) for f in r.findings] == \
-        [("info", "mbr"), ("error", "bootloader-unsupported"), ("error", "os-refused")]
-    assert "lacks the drivers" in r.findings[2].message
+    assert r.to_dict() == _one_partition_report(disk, "rhel-6.0", "ext4", "none", [
+        ("error", "bootloader-unsupported", "The MBR boot code is none, not GRUB; Linux disks must "
+                                            "boot with GRUB legacy or GRUB 2 installed in the MBR."),
+        ("error", "os-refused", "Red Hat Enterprise Linux 6.0 is refused: RHEL 6.0 lacks the "
+                                "drivers needed to boot in the cloud.")])
 
 
 def test_bare_fat_volume_is_not_an_mbr(tmp_path):
