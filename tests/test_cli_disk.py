@@ -89,6 +89,7 @@ def test_info_on_our_stream_optimized_output_matches_qemu(tmp_path, raw_disk):
     assert text.returncode == 0 and text.stderr == ""
     assert "create type:  streamOptimized" in text.stdout
     assert f"virtual size: 5.0 MiB ({5 * MIB + 512} bytes)" in text.stdout
+    assert f"allocated:    192 KiB ({3 * 65536} bytes)" in text.stdout
     assert f"CID:          {doc['cid']}" in text.stdout
     assert "parent chain: none" in text.stdout
 

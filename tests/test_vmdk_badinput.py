@@ -157,6 +157,7 @@ def poke(path: Path, offset: int, data: bytes) -> None:
     (20, struct.pack("<Q", 1 << 40), CorruptHeaderError, "grain size"),
     (44, struct.pack("<I", 0), CorruptHeaderError, "entries per grain table"),
     (12, struct.pack("<Q", 1 << 63), CorruptHeaderError, "absurd"),
+    (12, struct.pack("<Q", (1 << 63) // 512), CorruptHeaderError, "absurd"),   # 2^63 bytes
     (12, struct.pack("<Q", 1 << 50), CorruptGrainTableError, "does not fit"),
     (73, b"\r\n\n\n", CorruptHeaderError, "newline"),
     (77, struct.pack("<H", 7), UnsupportedFormatError, "compression"),
@@ -279,6 +280,8 @@ def test_outside_paths_allowed_explicitly(tmp_path):
     ('RW 100 FLAT "d-flat.vmdk" 0', TruncatedDiskError, "shorter"),
     ('RW 8 FLAT "missing.vmdk" 0', DescriptorError, "not found"),
     ('RW 99999999999999999999 FLAT "d-flat.vmdk" 0', DescriptorError, "sectors"),
+    ('RW 18014398509481984 FLAT "d-flat.vmdk" 0', DescriptorError, "sectors"),  # 2^63 bytes
+    ('RW 9007199254740992 ZERO\nRW 9007199254740992 ZERO', DescriptorError, "absurd"),  # sum
     ('RW 8 BOGUS "d-flat.vmdk"', DescriptorError, "unknown extent type"),
     ('RW 8 VMFSSPARSE "d-flat.vmdk"', UnsupportedFormatError, "COWD"),
     ('RW 8 SESPARSE "d-flat.vmdk"', UnsupportedFormatError, "seSparse"),
