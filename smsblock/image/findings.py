@@ -26,10 +26,6 @@ class Finding:
     def to_dict(self) -> dict:
         return {"severity": self.severity, "code": self.code, "message": self.message}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Finding":
-        return cls(d["severity"], d["code"], d["message"])
-
 
 def has_errors(findings) -> bool:
     return any(f.severity == ERROR for f in findings)

@@ -46,10 +46,6 @@ class PartitionReport:
                 "uuid": self.uuid, "kind": self.kind, "type_name": self.type_name,
                 "fs_variant": self.fs_variant, "name": self.name}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "PartitionReport":
-        return cls(**{k: d.get(k) for k in cls.__slots__})
-
 
 @dataclass(slots=True)
 class InspectionReport:
@@ -76,15 +72,6 @@ class InspectionReport:
                 "boot_code": self.boot_code, "boot_code_detail": self.boot_code_detail,
                 "os": self.os.to_dict() if self.os else None,
                 "findings": [f.to_dict() for f in self.findings], "ok": self.ok}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "InspectionReport":
-        return cls(d["disk_size"], d["partition_table"],
-                   [PartitionReport.from_dict(p) for p in d.get("partitions", [])],
-                   d.get("boot_code", bootcode.NONE), d.get("boot_code_detail"),
-                   OsInfo.from_dict(d.get("os")),
-                   [Finding.from_dict(f) for f in d.get("findings", [])],
-                   d.get("source"), d.get("disk_id"))
 
 
 def inspect_disk(disk, *, source: str | None = None) -> InspectionReport:

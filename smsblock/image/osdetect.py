@@ -45,13 +45,6 @@ class OsInfo:
                 "root_partition": self.root_partition, "root_filesystem": self.root_filesystem,
                 "sources": list(self.sources)}
 
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "OsInfo | None":
-        if d is None:
-            return None
-        return cls(**{k: d.get(k) for k in cls.__slots__ if k != "sources"},
-                   sources=list(d.get("sources") or []))
-
 
 # --- Linux ------------------------------------------------------------------------
 
