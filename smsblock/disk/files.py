@@ -77,7 +77,10 @@ class LocalFile:
             if data >= hi:
                 return
             data = max(data, pos)
-            hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), hi)
+            try:
+                hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), hi)
+            except OSError as e:
+                raise DiskIOError(f"SEEK_HOLE failed: {e.strerror}", self.path, data) from None
             yield data, hole
             pos = hole
 
