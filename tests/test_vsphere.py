@@ -719,6 +719,16 @@ def test_cbt_areas_read_over_network_rest_from_previous_run(source, vcsim, tmp_p
         assert asked == ["*", "52 aa/7"]
         assert second["disks"][0]["changeReason"] == "changed areas since changeId 52 aa/7"
         assert second["disks"][0]["changeId"] == "52 aa/8"
+        # a disk grown since the previous run: its allocated areas, not a failed run
+        base_file.write_bytes(base_bytes[:len(current) // 2])
+        with RawDisk(base_file) as base:
+            with source.open_run(vm, previous=second,
+                                 previous_disks={first["disks"][0]["key"]: base}) as run:
+                d = run.disks[0].disk
+                assert d.read(0, 65536) == current[:65536]
+                third = run.record()
+        assert asked[-1] == "*" and third["changeTracking"] == "cbt"
+        assert "size changed" in third["disks"][0]["changeReason"]
     finally:
         monkeypatch.undo()
         _wait_task(obj.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=False)))

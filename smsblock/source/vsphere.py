@@ -804,8 +804,11 @@ class VSphereRun:
         prev = {d.get("key"): d for d in (self.previous.get("disks") or [])}.get(sd.key) or {}
         prev_id = prev.get("changeId")
         base = self.previous_disks.get(sd.key)
-        # without the previous changeId and disk, ask for the allocated areas ("*")
-        since = prev_id if (prev_id and base is not None and b.change_id) else "*"
+        resized = base is not None and base.size != sd.disk.size
+        # without the previous changeId and disk (or with a disk grown since), ask for the
+        # allocated areas ("*")
+        since = prev_id if (prev_id and base is not None and b.change_id and not resized) \
+            else "*"
         try:
             areas = self._changed_areas(b.key, since, sd.disk.size)
         except VSphereError as e:
@@ -818,7 +821,9 @@ class VSphereRun:
         sd.disk = AreaOverlayDisk(sd.disk, areas, base if since != "*" else None)
         sd.change_method = "cbt"
         sd.change_reason = (f"changed areas since changeId {since}" if since != "*" else
-                            "allocated areas (changeId *)")
+                            "allocated areas (changeId *)" +
+                            (f"; the disk's size changed from {base.size} to {sd.disk.size} "
+                             "bytes since the previous run" if resized else ""))
 
     def _changed_areas(self, device_key: int, since: str, size: int) -> list[tuple[int, int]]:
         areas, offset = [], 0
