@@ -669,39 +669,32 @@ cdef class SparseCore:
                 raise exc
         kind = {E_IO: "io", E_TRUNCATED: "truncated", E_GT: "gt", E_GRAIN: "grain",
                 E_NOMEM: "nomem", E_SOURCE: "io"}[err.kind]
-        a, b = err.a, err.b
-        d = err.detail
-        if d == D_GT_PAST_EOF:
-            msg = f"grain directory entry points at sector {a}, past the end of the file"
-        elif d == D_GT_IN_HEADER:
-            msg = f"grain directory entry points at sector {a}, inside the header"
-        elif d == D_GTE_PAST_EOF:
-            msg = f"grain table entry points at sector {a}, past the end of the file ({b} bytes)"
-        elif d == D_GTE_IN_META:
-            msg = f"grain table entry points at sector {a}, inside the metadata (first {b} sectors)"
-        elif d == D_GTE_IN_GD:
-            msg = f"grain table entry points at sector {a}, over the grain directory at sector {b}"
-        elif d == D_MARKER_LBA:
-            msg = f"grain marker says sector {a}, the grain table says sector {b}"
-        elif d == D_MARKER_SIZE:
-            msg = f"grain marker gives a compressed size of {a} bytes (1..{b} possible)"
-        elif d == D_INFLATE_BAD:
-            msg = "compressed grain is not a valid zlib/deflate stream"
-        elif d == D_INFLATE_BIG:
-            msg = f"compressed grain inflates to more than a grain ({a} bytes)"
-        elif d == D_INFLATE_SHORT:
-            msg = f"compressed grain inflates to {a} bytes, fewer than the {b} it must hold"
-        elif d == D_SHORT_READ:
-            msg = f"file ends before the {a} bytes it should hold here"
-        elif d == D_SE_ENTRY:
-            msg = f"seSparse grain table entry {a:#018x} is of no known type (or too large)"
-        elif d == D_SOURCE:
-            msg = "read failed"
-        elif d == D_READ_FAILED:
+        if err.detail == D_READ_FAILED:
             msg = f"read failed: {strerror(err.errnum).decode(errors='replace')}"
         else:
-            msg = f"out of memory ({a} bytes)"
+            msg = _MESSAGES.get(err.detail, "out of memory ({a} bytes)").format(a=err.a, b=err.b)
         return kind, err.offset, msg
+
+
+# what each error detail says; {a} and {b} are Err.a and Err.b
+_MESSAGES = {
+    D_GT_PAST_EOF: "grain directory entry points at sector {a}, past the end of the file",
+    D_GT_IN_HEADER: "grain directory entry points at sector {a}, inside the header",
+    D_GTE_PAST_EOF: "grain table entry points at sector {a}, past the end of the file "
+                    "({b} bytes)",
+    D_GTE_IN_META: "grain table entry points at sector {a}, inside the metadata "
+                   "(first {b} sectors)",
+    D_GTE_IN_GD: "grain table entry points at sector {a}, over the grain directory at "
+                 "sector {b}",
+    D_MARKER_LBA: "grain marker says sector {a}, the grain table says sector {b}",
+    D_MARKER_SIZE: "grain marker gives a compressed size of {a} bytes (1..{b} possible)",
+    D_INFLATE_BAD: "compressed grain is not a valid zlib/deflate stream",
+    D_INFLATE_BIG: "compressed grain inflates to more than a grain ({a} bytes)",
+    D_INFLATE_SHORT: "compressed grain inflates to {a} bytes, fewer than the {b} it must hold",
+    D_SHORT_READ: "file ends before the {a} bytes it should hold here",
+    D_SE_ENTRY: "seSparse grain table entry {a:#018x} is of no known type (or too large)",
+    D_SOURCE: "read failed",
+}
 
 
 def grain_status_meaning():
