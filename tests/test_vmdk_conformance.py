@@ -128,31 +128,44 @@ def test_delta_chains_read_like_qemu(tmp_path_factory, base_runs, child_writes,
     check_disk(disk, oracle_raw(disk, folder), random.Random(seed))
 
 
+def check_esx_extent(folder, content: bytes, extent: Path, descriptor, fill: int, seed: int,
+                     as_delta: bool, create_type: str) -> None:
+    """An ESX snapshot extent file, alone or as the delta of a vmfs base disk filled with
+    ``fill`` bytes, reads like qemu; ``descriptor`` writes the descriptor that names it."""
+    sectors = len(content) // 512
+    if as_delta:
+        base_raw = folder / "base.raw"
+        base_raw.write_bytes(bytes([fill]) * len(content))
+        vmfs_descriptor(folder, "base", base_raw, thin=False)
+        img = descriptor(folder, "d", extent, sectors, "base.vmdk", 0x0A0B0C0D)
+    else:
+        img = descriptor(folder, "d", extent, sectors)
+    expected = oracle_raw(img, folder)
+    if not as_delta:
+        assert expected == content                    # qemu reads the extent we built
+    check_disk(img, expected, random.Random(seed))
+    with smsblock.open_disk(img) as d:
+        assert d.info.create_type == create_type
+        assert d.info.extents[0].type == create_type.upper()
+        assert (d.info.parent is not None) == as_delta
+
+
+def sector_content(runs) -> bytes:
+    content = build(runs)
+    return content + bytes(-len(content) % 512)
+
+
 @settings(max_examples=8)
 @given(runs=disk_runs, grain=st.sampled_from([1, 8, 128]), seed=st.integers(0, 1000),
        as_delta=st.booleans())
 def test_vmfs_sparse_redo_logs_read_like_qemu(tmp_path_factory, runs, grain, seed, as_delta):
     """ESX vmfsSparse (COWD) extents, alone or as the snapshot delta of a vmfs base disk."""
     folder = tmp_path_factory.mktemp("cowd")
-    content = build(runs)
-    content += bytes(-len(content) % 512)
+    content = sector_content(runs)
     delta = folder / "d-delta.vmdk"
     delta.write_bytes(build_cowd(content, grain, seed))
-    sectors = len(content) // 512
-    if as_delta:
-        base_raw = folder / "base.raw"
-        base_raw.write_bytes(bytes([0x5C]) * len(content))
-        vmfs_descriptor(folder, "base", base_raw, thin=False)
-        img = vmfs_sparse_descriptor(folder, "d", delta, sectors, "base.vmdk", 0x0A0B0C0D)
-    else:
-        img = vmfs_sparse_descriptor(folder, "d", delta, sectors)
-    expected = oracle_raw(img, folder)
-    if not as_delta:
-        assert expected == content                    # qemu reads the redo log we built
-    check_disk(img, expected, random.Random(seed))
-    with smsblock.open_disk(img) as d:
-        assert d.info.create_type == "vmfsSparse" and d.info.extents[0].type == "VMFSSPARSE"
-        assert (d.info.parent is not None) == as_delta
+    check_esx_extent(folder, content, delta, vmfs_sparse_descriptor, 0x5C, seed, as_delta,
+                     "vmfsSparse")
 
 
 @settings(max_examples=8)
@@ -162,22 +175,8 @@ def test_sesparse_snapshot_deltas_read_like_qemu(tmp_path_factory, runs, seed, z
                                                  as_delta):
     """ESXi seSparse extents (VMFS6 snapshots), alone or as the delta of a vmfs base disk."""
     folder = tmp_path_factory.mktemp("sesparse")
-    content = build(runs)
-    content += bytes(-len(content) % 512)
+    content = sector_content(runs)
     delta = folder / "d-sesparse.vmdk"
     delta.write_bytes(build_sesparse(content, seed, zero_grains))
-    sectors = len(content) // 512
-    if as_delta:
-        base_raw = folder / "base.raw"
-        base_raw.write_bytes(bytes([0x6D]) * len(content))
-        vmfs_descriptor(folder, "base", base_raw, thin=False)
-        img = sesparse_descriptor(folder, "d", delta, sectors, "base.vmdk", 0x0A0B0C0D)
-    else:
-        img = sesparse_descriptor(folder, "d", delta, sectors)
-    expected = oracle_raw(img, folder)
-    if not as_delta:
-        assert expected == content                    # qemu reads the extent we built
-    check_disk(img, expected, random.Random(seed))
-    with smsblock.open_disk(img) as d:
-        assert d.info.create_type == "seSparse" and d.info.extents[0].type == "SESPARSE"
-        assert (d.info.parent is not None) == as_delta
+    check_esx_extent(folder, content, delta, sesparse_descriptor, 0x6D, seed, as_delta,
+                     "seSparse")

@@ -318,30 +318,40 @@ def test_parent_outside_the_folder_needs_permission(tmp_path):
 
 # --- threads -----------------------------------------------------------------------------
 
+def run_in_threads(target, *arg_tuples) -> None:
+    """``target(*args)`` for each ``args``, each on its own thread, all at once; the first
+    failure is raised here once all have finished."""
+    errors = []
+
+    def guarded(*args):
+        try:
+            target(*args)
+        except BaseException as e:      # surfaced after join
+            errors.append(e)
+    threads = [threading.Thread(target=guarded, args=args) for args in arg_tuples]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 def test_two_threads_reading_halves_of_a_compressed_disk(tmp_path):
     size = 4 * MiB
     raw = write_raw(tmp_path / "src.raw", size, sample_content(size, seed=3))
     img = qemu_convert(raw, tmp_path / "s.vmdk", "streamOptimized")
     expected = raw.read_bytes()
-    results, errors = {}, []
+    results = {}
     with smsblock.open_disk(img) as d:
         def reader(lo, hi):
-            try:
-                got = bytearray(hi - lo)
-                for _ in range(3):
-                    for off in range(lo, hi, 192 * KiB + 512):    # ranges split grains
-                        n = min(192 * KiB + 512, hi - off)
-                        d.readinto(off, memoryview(got)[off - lo:off - lo + n])
-                    results[lo] = bytes(got)
-            except Exception as e:      # surfaced below
-                errors.append(e)
-        threads = [threading.Thread(target=reader, args=(0, size // 2)),
-                   threading.Thread(target=reader, args=(size // 2, size))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors
+            got = bytearray(hi - lo)
+            for _ in range(3):
+                for off in range(lo, hi, 192 * KiB + 512):    # ranges split grains
+                    n = min(192 * KiB + 512, hi - off)
+                    d.readinto(off, memoryview(got)[off - lo:off - lo + n])
+                results[lo] = bytes(got)
+        run_in_threads(reader, (0, size // 2), (size // 2, size))
     assert results[0] + results[size // 2] == expected
 
 
@@ -493,22 +503,14 @@ def test_two_threads_through_an_opener(tmp_path):
     raw = write_raw(tmp_path / "src.raw", size, sample_content(size, seed=8))
     qemu_convert(raw, tmp_path / "s.vmdk", "streamOptimized")
     expected = raw.read_bytes()
-    got, errors = bytearray(size), []
+    got = bytearray(size)
     with open_vmdk("s.vmdk", opener=make_opener(tmp_path, [])) as d:
         def reader(lo, hi):
-            try:
-                for off in range(lo, hi, 300 * KiB):
-                    n = min(300 * KiB, hi - off)
-                    d.readinto(off, memoryview(got)[off:off + n])
-            except Exception as e:
-                errors.append(e)
-        ts = [threading.Thread(target=reader, args=(0, size // 2)),
-              threading.Thread(target=reader, args=(size // 2, size))]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-    assert not errors and got == expected
+            for off in range(lo, hi, 300 * KiB):
+                n = min(300 * KiB, hi - off)
+                d.readinto(off, memoryview(got)[off:off + n])
+        run_in_threads(reader, (0, size // 2), (size // 2, size))
+    assert got == expected
 
 
 def test_looks_like_descriptor(vmdk_samples):
@@ -535,21 +537,10 @@ def test_grain_table_cache_budget(tmp_path, monkeypatch, budget):
     for img in images + [cowd]:
         expected = content if img != cowd else content[:8 * MiB] + bytes(8 * MiB)
         with smsblock.open_disk(img) as d:
-            errors = []
-
             def reader(lo, hi):
-                try:
-                    assert d.read(lo, hi - lo) == expected[lo:hi]
-                except Exception as e:         # surfaced below
-                    errors.append(e)
+                assert d.read(lo, hi - lo) == expected[lo:hi]
             half = d.size // 2 + 4096
-            ts = [threading.Thread(target=reader, args=(0, half)),
-                  threading.Thread(target=reader, args=(half, d.size))]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
-            assert not errors
+            run_in_threads(reader, (0, half), (half, d.size))
             assert_extents_consistent(d, expected)
             core = d._parts[0].extent.core
             assert core.cached_table_bytes <= budget
