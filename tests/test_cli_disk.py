@@ -22,6 +22,7 @@ import pytest
 from smsblock.cli import main
 
 from conftest import ROOT, qemu_img
+from vmdk_images import write_raw
 
 MIB = 1 << 20
 
@@ -32,19 +33,10 @@ def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 
 
-def make_raw(path: Path, size: int, pieces) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off, data in pieces:
-            f.seek(off)
-            f.write(data)
-    return path
-
-
 @pytest.fixture
 def raw_disk(tmp_path) -> Path:
     rnd = random.Random(42)
-    return make_raw(tmp_path / "disk.raw", 5 * MIB + 512,
+    return write_raw(tmp_path / "disk.raw", 5 * MIB + 512,
                     [(0, rnd.randbytes(70_000)), (3 * MIB, b"smsblock" * 1000)])
 
 
@@ -164,7 +156,7 @@ def test_convert_a_qemu_made_vmdk(tmp_path, raw_disk):
 
 
 def test_progress_bar_only_on_a_terminal(tmp_path):
-    src = make_raw(tmp_path / "big.raw", 32 * MIB,
+    src = write_raw(tmp_path / "big.raw", 32 * MIB,
                    [(i * MIB, random.Random(i).randbytes(MIB)) for i in range(0, 32, 2)])
     # not a terminal: stderr stays empty
     proc = run_cli("convert", src, tmp_path / "a.vmdk")
@@ -247,7 +239,7 @@ def test_bad_input_in_process(tmp_path, raw_disk, capsys):
 
 def test_ctrl_c_removes_the_partial_output(tmp_path):
     block = random.Random(1).randbytes(MIB)        # incompressible: slow enough to interrupt
-    src = make_raw(tmp_path / "big.raw", 64 * MIB, [(i * MIB, block) for i in range(64)])
+    src = write_raw(tmp_path / "big.raw", 64 * MIB, [(i * MIB, block) for i in range(64)])
     out = tmp_path / "out.vmdk"
     part = tmp_path / "out.vmdk.part"
     env = dict(os.environ, PYTHONPATH=str(ROOT))

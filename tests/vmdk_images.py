@@ -148,17 +148,23 @@ def build_cowd(content: bytes, grain_sectors: int, seed: int = 0) -> bytes:
     return meta + bytes(body)
 
 
-def vmfs_sparse_descriptor(folder: Path, name: str, delta: Path, capacity: int,
-                           parent: str | None = None, parent_cid: int = 0xFFFFFFFF) -> Path:
-    """An ESXi vmfsSparse descriptor around a COWD delta (a snapshot's -000001.vmdk)."""
+def _delta_descriptor(folder: Path, name: str, delta: Path, capacity: int, create_type: str,
+                      extent_type: str, cid: int, parent: str | None, parent_cid: int) -> Path:
     desc = folder / f"{name}.vmdk"
     hint = f'parentFileNameHint="{parent}"\n' if parent else ""
     desc.write_text(
-        "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID=1234abcd\n"
-        f"parentCID={parent_cid:08x}\ncreateType=\"vmfsSparse\"\n{hint}\n"
-        f"# Extent description\nRW {capacity} VMFSSPARSE \"{delta.name}\"\n\n"
+        f"# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID={cid:08x}\n"
+        f"parentCID={parent_cid:08x}\ncreateType=\"{create_type}\"\n{hint}\n"
+        f"# Extent description\nRW {capacity} {extent_type} \"{delta.name}\"\n\n"
         "# The Disk Data Base\n#DDB\n\nddb.adapterType = \"lsilogic\"\n")
     return desc
+
+
+def vmfs_sparse_descriptor(folder: Path, name: str, delta: Path, capacity: int,
+                           parent: str | None = None, parent_cid: int = 0xFFFFFFFF) -> Path:
+    """An ESXi vmfsSparse descriptor around a COWD delta (a snapshot's -000001.vmdk)."""
+    return _delta_descriptor(folder, name, delta, capacity, "vmfsSparse", "VMFSSPARSE",
+                             0x1234ABCD, parent, parent_cid)
 
 
 def build_sesparse(content: bytes, seed: int = 0, zero_grains: int = 0) -> bytes:
@@ -211,11 +217,5 @@ def build_sesparse(content: bytes, seed: int = 0, zero_grains: int = 0) -> bytes
 def sesparse_descriptor(folder: Path, name: str, delta: Path, capacity: int,
                         parent: str | None = None, parent_cid: int = 0xFFFFFFFF) -> Path:
     """An ESXi seSparse descriptor (a VMFS6 snapshot's -000001.vmdk)."""
-    desc = folder / f"{name}.vmdk"
-    hint = f'parentFileNameHint="{parent}"\n' if parent else ""
-    desc.write_text(
-        "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID=5678abcd\n"
-        f"parentCID={parent_cid:08x}\ncreateType=\"seSparse\"\n{hint}\n"
-        f"# Extent description\nRW {capacity} SESPARSE \"{delta.name}\"\n\n"
-        "# The Disk Data Base\n#DDB\n\nddb.adapterType = \"lsilogic\"\n")
-    return desc
+    return _delta_descriptor(folder, name, delta, capacity, "seSparse", "SESPARSE",
+                             0x5678ABCD, parent, parent_cid)
