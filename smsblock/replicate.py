@@ -42,9 +42,10 @@ import zstandard
 from .disk import Disk, DiskInfo, Extent, ExtentKind, open_disk
 from .errors import (Cancelled, ManifestError, RunNotFoundError, SmsBlockError, StoreCorruptError,
                      StoreError, UsageError)
-from .manifest import DEFAULT_BLOCK_SIZE, BlockState, Manifest, check_block_size
+from .manifest import DEFAULT_BLOCK_SIZE, BlockState, Manifest, check_block_size, diff
 from .pack import BlockIndex, PackWriter, address_function, verify_pack
 from .progress import CancelToken, ProgressCallback, check_cancel
+from .scanner import scan
 from .store import Store, open_store
 from .store.base import check_run_id, check_server_id
 
@@ -302,10 +303,6 @@ class _BlockStorer:
 
 # --- replicate ---------------------------------------------------------------------
 
-def _bytes_read(disk: Disk) -> int:
-    return sum(e.length for e in disk.extents() if e.kind is ExtentKind.DATA)
-
-
 def replicate(disk, store, server_id: str, *, block_size: int | None = None,
               progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
               threads: int = 2, source: str | None = None) -> RunSummary:
@@ -320,8 +317,6 @@ def replicate(disk, store, server_id: str, *, block_size: int | None = None,
     raising :class:`~smsblock.errors.Cancelled`.  Returns a :class:`RunSummary`; the
     run's manifest, written last, makes the run visible.
     """
-    from .scanner import scan
-
     check_server_id(server_id)
     store = open_store(store)
     own_disk = not isinstance(disk, Disk)
@@ -330,14 +325,14 @@ def replicate(disk, store, server_id: str, *, block_size: int | None = None,
     try:
         with store.lock(exclusive=False, purpose="replicate"):
             store.initialise()
-            return _replicate_locked(scan, disk, store, server_id, block_size, progress,
-                                     cancel, threads, source)
+            return _replicate_locked(disk, store, server_id, block_size, progress, cancel,
+                                     threads, source)
     finally:
         if own_disk:
             disk.close()
 
 
-def _replicate_locked(scan, disk, store, server_id, block_size, progress, cancel, threads,
+def _replicate_locked(disk, store, server_id, block_size, progress, cancel, threads,
                       source) -> RunSummary:
     t0 = time.monotonic()
     cfg = store.config
@@ -393,13 +388,10 @@ def _replicate_locked(scan, disk, store, server_id, block_size, progress, cancel
         raise StoreError("internal error: a data block has no content address")
 
     if previous is not None and previous.block_size == block_size:
-        from .manifest import diff
         blocks_changed = len(diff(previous, manifest))      # also across a size change
     else:
         blocks_changed = int(np.count_nonzero(manifest.states != BlockState.UNALLOCATED))
-    bytes_read = (manifest.meta.get("scan") or {}).get("bytes_read")
-    if not isinstance(bytes_read, int):
-        bytes_read = _bytes_read(disk)
+    bytes_read = manifest.meta["scan"]["bytes_read"]
     created = run_id[2:25]
     summary = RunSummary(
         run_id=run_id, server_id=server_id, disk_size=disk.size, block_size=block_size,
