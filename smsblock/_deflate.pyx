@@ -69,10 +69,6 @@ cdef class GrainCompressor:
             raise RuntimeError("GrainCompressor used from two threads at once")
         self._busy = True
 
-    def compress_bound(self, Py_ssize_t n):
-        """Worst-case zlib output size for ``n`` input bytes."""
-        return libdeflate_zlib_compress_bound(self._c, n)
-
     def record_bound(self, Py_ssize_t grain_size, Py_ssize_t n_grains):
         """Bytes ``pack_grains`` may need in ``out`` for ``n_grains`` grains."""
         cdef size_t one = GRAIN_MARKER_HEADER + libdeflate_zlib_compress_bound(self._c, grain_size)

@@ -695,8 +695,3 @@ _MESSAGES = {
     D_SE_ENTRY: "seSparse grain table entry {a:#018x} is of no known type (or too large)",
     D_SOURCE: "read failed",
 }
-
-
-def grain_status_meaning():
-    """The per-grain status codes ``SparseCore.read`` reports (for tests and callers)."""
-    return {"unallocated": STATUS_UNALLOCATED, "zero": STATUS_ZERO, "data": STATUS_DATA}

@@ -6,6 +6,7 @@ import os
 
 from ..errors import DiskIOError, UsageError
 from .base import Disk, DiskInfo, Extent, ExtentFile, ExtentKind
+from .descriptor import looks_like_descriptor
 from .raw import RawDisk
 
 __all__ = ["open_disk", "detect_format", "Disk", "DiskInfo", "Extent", "ExtentFile",
@@ -14,7 +15,6 @@ __all__ = ["open_disk", "detect_format", "Disk", "DiskInfo", "Extent", "ExtentFi
 SPARSE_MAGIC = b"KDMV"      # VMDK hosted sparse extent header
 COWD_MAGIC = b"COWD"        # ESX vmfsSparse redo log
 SESPARSE_MAGIC = b"\xbe\xba\xfe\xca\0\0\0\0"   # ESXi seSparse (VMFS6 snapshots)
-DESCRIPTOR_SIGNATURE = b"# Disk DescriptorFile"
 
 
 def detect_format(path) -> str:
@@ -26,11 +26,7 @@ def detect_format(path) -> str:
         raise DiskIOError(f"cannot open: {e.strerror}", os.fspath(path)) from None
     if head[:4] in (SPARSE_MAGIC, COWD_MAGIC) or head[:8] == SESPARSE_MAGIC:
         return "vmdk"
-    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-    if text.startswith(DESCRIPTOR_SIGNATURE) or (
-            b"createType" in head and b"version=" in head and b"\0" not in head):
-        return "vmdk"
-    return "raw"
+    return "vmdk" if looks_like_descriptor(head) else "raw"
 
 
 def open_disk(path, *, format: str | None = None, ignore_cid_mismatch: bool = False,

@@ -18,7 +18,6 @@ bytes.  Its contract, relied on by the scan, the image step and the writers:
 from __future__ import annotations
 
 import enum
-import os
 from dataclasses import dataclass, field, asdict
 from typing import Iterator
 
@@ -160,6 +159,3 @@ def clip_extents(extents, start: int, end: int) -> Iterator[Extent]:
     if pending is not None:
         yield pending
 
-
-def fspath(path) -> str:
-    return os.fspath(path)
