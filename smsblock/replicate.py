@@ -700,15 +700,68 @@ def _address_view(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).view(np.dtype((np.void, 32))).reshape(-1)
 
 
+def _live_addresses(store: Store, server_id: str, doomed: list[str]) -> np.ndarray:
+    """The content addresses (unique, as ``_address_view`` items) every run but the doomed
+    ones references.  Read before prune deletes anything: a manifest that does not load
+    stops prune with nothing removed."""
+    parts = []
+    for sid, rid in store.iter_manifests():
+        if sid == server_id and rid in doomed:
+            continue
+        m = store.load_manifest(sid, rid)
+        parts.append(_address_view(m.addresses[m.states == BlockState.DATA]))
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.dtype((np.void, 32)))
+
+
+def _readable_packs(store: Store) -> tuple[list[tuple[str, int]], list[np.ndarray]]:
+    """``([(pack_id, size)], [index])`` of the packs whose index reads; a damaged one is
+    left alone for a human (verify reports it)."""
+    packs, indexes = [], []
+    for pack_id, size in sorted(store.list_packs().items()):
+        try:
+            indexes.append(store.pack_index(pack_id, size))
+            packs.append((pack_id, size))
+        except StoreCorruptError as e:
+            log.warning("%s (prune leaves this pack alone)", e)
+    return packs, indexes
+
+
+def _wanted_entries(indexes: list[np.ndarray], live: np.ndarray) -> np.ndarray:
+    """One flag per index entry, in pack order: a run uses the entry's block and it is the
+    first copy of its address (copies come from concurrent runs or an interrupted prune)."""
+    addrs = _address_view(np.concatenate([ix["address"] for ix in indexes])
+                          if indexes else np.zeros((0, 32), np.uint8))
+    _, first = np.unique(addrs, return_index=True)
+    wanted = np.zeros(len(addrs), bool)
+    wanted[first] = True
+    return wanted & np.isin(addrs, live)
+
+
+def _rewrite_pack(store: Store, pack_id: str, entries: np.ndarray) -> tuple[str, int]:
+    """Put a new pack of ``entries`` of ``pack_id`` (frames copied as they are); return
+    its id and size."""
+    writer = PackWriter(store.staging_path(".pack.tmp"), store.config.address)
+    try:
+        for e in entries:
+            frame = store.read_pack(pack_id, int(e["offset"]), int(e["clen"]))
+            writer.add(e["address"].tobytes(), frame, int(e["ulen"]))
+        new_id, _ = writer.seal()
+    except BaseException:
+        writer.discard()
+        raise
+    store.put_pack(new_id, writer.path)
+    return new_id, writer.sealed_size
+
+
 def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None = None) -> PruneReport:
     """Keep the newest ``keep`` runs of ``server_id`` and delete the older ones, then delete
     every stored block no remaining run (of any server) references: packs with no live
     block are deleted, packs with some are rewritten with only the live ones (frames copied
     as they are).  Also removes what killed runs left (temp files, unreferenced packs).
 
-    Takes the store lock exclusively: fails with StoreLockedError while a run is going.
+    Takes the store lock exclusively: fails with StoreLockedError while a run or a
+    :meth:`Store.run_disk` reader uses the store.
     """
-    from .pack import PackWriter
     store = open_store(store)
     store.require()
     check_server_id(server_id)
@@ -719,35 +772,13 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
         ids = store.list_run_ids(server_id)
         doomed = ids[:max(0, len(ids) - keep)]
         report.runs_kept = ids[len(doomed):]
-        # what the remaining runs use, read before anything is deleted: a manifest that
-        # does not load stops prune here, with nothing removed
-        live_parts = []
-        for sid, rid in store.iter_manifests():
-            if sid == server_id and rid in doomed:
-                continue
-            m = store.load_manifest(sid, rid)
-            live_parts.append(_address_view(m.addresses[m.states == BlockState.DATA]))
-        live = np.unique(np.concatenate(live_parts)) if live_parts else np.zeros(0, np.dtype((np.void, 32)))
+        live = _live_addresses(store, server_id, doomed)
         for run_id in doomed:        # oldest first: a crash midway still keeps the newest
             store.delete_manifest(server_id, run_id)
             report.runs_deleted.append(run_id)
 
-        algorithm = store.config.address
-        packs, indexes = [], []
-        for pack_id, size in sorted(store.list_packs().items()):
-            try:
-                indexes.append(store.pack_index(pack_id, size))
-                packs.append((pack_id, size))
-            except StoreCorruptError as e:      # left alone for a human: verify reports it
-                log.warning("%s (prune leaves this pack alone)", e)
-        # an entry is wanted when a run uses it and it is the first copy of its address
-        # (copies come from concurrent runs or an interrupted rewrite)
-        all_addrs = _address_view(np.concatenate([ix["address"] for ix in indexes])
-                                  if indexes else np.zeros((0, 32), np.uint8))
-        _, first = np.unique(all_addrs, return_index=True)
-        wanted_all = np.zeros(len(all_addrs), bool)
-        wanted_all[first] = True
-        wanted_all &= np.isin(all_addrs, live)
+        packs, indexes = _readable_packs(store)
+        wanted_all = _wanted_entries(indexes, live)
         done, total, start = 0, sum(size for _, size in packs), 0
         written = set()
         for (pack_id, size), index in zip(packs, indexes):
@@ -764,22 +795,13 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
                 report.blocks_deleted += len(index)
                 report.bytes_freed += size
             else:
-                writer = PackWriter(store.staging_path(".pack.tmp"), algorithm)
-                try:
-                    for e in index[want]:
-                        frame = store.read_pack(pack_id, int(e["offset"]), int(e["clen"]))
-                        writer.add(e["address"].tobytes(), frame, int(e["ulen"]))
-                    new_id, _ = writer.seal()
-                except BaseException:
-                    writer.discard()
-                    raise
-                store.put_pack(new_id, writer.path)     # the new pack first, then the old goes
+                new_id, new_size = _rewrite_pack(store, pack_id, index[want])
                 written.add(new_id)
-                if new_id != pack_id:
+                if new_id != pack_id:   # the new pack is in place: the old one can go
                     store.delete_pack(pack_id)
                 report.packs_rewritten += 1
                 report.blocks_deleted += int((~want).sum())
-                report.bytes_freed += max(0, size - writer.sealed_size)
+                report.bytes_freed += max(0, size - new_size)
             done += size
             if progress is not None:
                 progress(done, total)
