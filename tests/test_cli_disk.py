@@ -189,6 +189,25 @@ def test_progress_bar_only_on_a_terminal(tmp_path):
     assert b"Traceback" not in drawn
 
 
+@pytest.mark.parametrize("fmt", ["vmdk", "raw"])
+def test_convert_feeds_the_progress_bar_to_the_end(tmp_path, raw_disk, monkeypatch, capsys, fmt):
+    """The bar the terminal shows is driven by the copy: monotonic, up to the disk's size."""
+    import contextlib
+    from smsblock.cli import disk_cmds
+    calls, descriptions = [], []
+
+    @contextlib.contextmanager
+    def recording_bar(description, enabled=None):
+        descriptions.append(description)
+        yield lambda done, total: calls.append((done, total))
+    monkeypatch.setattr(disk_cmds, "terminal_progress", recording_bar)
+    assert main(["convert", "-O", fmt, str(raw_disk), str(tmp_path / "o.img")]) == 0
+    size = raw_disk.stat().st_size
+    assert descriptions == ["convert disk.raw"]
+    assert calls[-1] == (size, size) and len(calls) > 1
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
 # --- bad input: one line, non-zero, no traceback --------------------------------------------------
 
 def bad_inputs(tmp_path: Path, raw_disk: Path) -> list[list[str]]:
