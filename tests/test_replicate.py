@@ -518,10 +518,14 @@ def test_prune_deletes_nothing_when_a_manifest_does_not_load(tmp_path):
     assert r1.run_id in store.list_run_ids("a") and store.list_packs() == packs
 
 
-_RSS_WRAPPER = """
-import resource, subprocess, sys
-rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
-print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+# the CLI in-process, then this address space's own peak (VmHWM): rusage maxrss would
+# carry the forking parent's high-water mark over exec
+_RSS_CHILD = """
+import contextlib, io, sys
+from smsblock.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    rc = main(sys.argv[1:])
+print(rc, next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
 """
 
 
@@ -536,8 +540,8 @@ def test_peak_rss_of_a_run_on_a_big_sparse_disk_is_bounded(tmp_path):
             f.seek(k * (5 << 30) + 12345)
             f.write(rng.integers(0, 16, 2 << 20, dtype=np.uint8).tobytes())
     env = dict(os.environ, PYTHONPATH=str(os.path.dirname(os.path.dirname(smsblock.__file__))))
-    out = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, sys.executable, "-m", "smsblock",
-                          "replicate", str(disk), "--store", str(tmp_path / "s"), "--server", "big"],
+    out = subprocess.run([sys.executable, "-c", _RSS_CHILD, "replicate", str(disk),
+                          "--store", str(tmp_path / "s"), "--server", "big"],
                          env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "0"
     assert int(out[1]) * 1024 <= 256 << 20
