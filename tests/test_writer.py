@@ -459,6 +459,25 @@ def test_output_is_fsynced_unless_asked_not_to(tmp_path, monkeypatch, fmt):
         "compare", "-f", "raw", src, tmp_path / f"fast.{fmt}").stdout
 
 
+@pytest.mark.parametrize("fmt", ["vmdk", "raw"])
+def test_durable_writes_start_writeback_behind_the_writer(tmp_path, monkeypatch, fmt):
+    """Writeback of what is written starts every WRITEBACK_WINDOW bytes, in order, from 0
+    (so the final fsync has little left); never without fsync."""
+    from smsblock.disk import writer
+    src = make_raw(tmp_path / "src.raw", 40 * MIB, [(0, os.urandom(30 * MIB))])
+    calls = []
+    monkeypatch.setattr(_deflate, "start_writeback", lambda fd, off, n: calls.append((off, n)))
+    out = tmp_path / f"o.{fmt}"
+    convert(src, out, format=fmt)
+    assert len(calls) >= 2
+    assert [off for off, _ in calls] == [sum(n for _, n in calls[:i]) for i in range(len(calls))]
+    assert all(n >= writer.WRITEBACK_WINDOW for _, n in calls)
+    assert sum(n for _, n in calls) <= out.stat().st_size
+    calls.clear()
+    convert(src, tmp_path / f"fast.{fmt}", format=fmt, fsync=False)
+    assert calls == []
+
+
 # --- progress, cancel, failure, memory --------------------------------------------------------
 
 class SyntheticDisk(Disk):
