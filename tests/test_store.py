@@ -224,3 +224,18 @@ def test_manifest_and_pack_primitives(tmp_path):
     assert s.list_packs() == {}
     with pytest.raises(StoreError, match="missing"):
         s.read_pack(pid, 0, 10)
+
+
+def test_stray_names_under_runs_are_not_servers_or_runs(tmp_path):
+    # a file manager's or fsck's droppings must not stop verify and prune
+    s = open_store(tmp_path / "st")
+    s.initialise()
+    rid = "r-20260101T000000.000000Z-0123abcd"
+    s.put_manifest_bytes("srv", rid, b"bytes")
+    runs = tmp_path / "st" / "runs"
+    (runs / ".DS_Store").write_bytes(b"")
+    (runs / "lost+found").mkdir()
+    (runs / "srv" / "r-junk.manifest").write_bytes(b"")
+    (runs / "srv" / "notes.txt").write_bytes(b"")
+    assert s.list_servers() == ["srv"] and s.list_run_ids("srv") == [rid]
+    assert list(s.iter_manifests()) == [("srv", rid)]

@@ -23,7 +23,7 @@ import uuid
 
 from ..errors import RunNotFoundError, StoreError, StoreLockedError
 from ..pack import is_pack_id
-from .base import Store, check_run_id, check_server_id
+from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id
 
 MANIFEST_SUFFIX = ".manifest"
 
@@ -186,15 +186,16 @@ class LocalStore(Store):
             names = os.listdir(self._p("runs"))
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if self.list_run_ids(n))
+        # other names (.DS_Store, lost+found...) are not servers: skipped, not an error
+        return sorted(n for n in names if SERVER_ID_RE.match(n) and self.list_run_ids(n))
 
     def list_run_ids(self, server_id: str) -> list[str]:
         try:
             names = os.listdir(self._p("runs", check_server_id(server_id)))
         except FileNotFoundError:
             return []
-        return sorted(n[:-len(MANIFEST_SUFFIX)] for n in names
-                      if n.endswith(MANIFEST_SUFFIX) and n.startswith("r-"))
+        ids = (n[:-len(MANIFEST_SUFFIX)] for n in names if n.endswith(MANIFEST_SUFFIX))
+        return sorted(i for i in ids if RUN_ID_RE.match(i))
 
     def get_manifest_bytes(self, server_id: str, run_id: str) -> bytes:
         path = self._manifest_path(server_id, run_id)
