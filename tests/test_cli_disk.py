@@ -217,6 +217,13 @@ def bad_inputs(tmp_path: Path, raw_disk: Path) -> list[list[str]]:
     qemu_img("convert", "-O", "vmdk", raw_disk, truncated)
     with open(truncated, "r+b") as f:
         f.truncate(700)
+    # a damaged grain in the middle of the copy: the error comes from a worker thread
+    bad_grain = tmp_path / "bad-grain.vmdk"
+    qemu_img("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", raw_disk, bad_grain)
+    data = bytearray(bad_grain.read_bytes())
+    first_grain = struct.unpack_from("<Q", data, 64)[0] * 512       # the header's overhead
+    data[first_grain + 100:first_grain + 300] = bytes(200)
+    bad_grain.write_bytes(bytes(data))
     return [
         ["info", str(tmp_path / "missing.vmdk")],
         ["info", str(tmp_path)],
@@ -230,6 +237,8 @@ def bad_inputs(tmp_path: Path, raw_disk: Path) -> list[list[str]]:
         ["convert", str(raw_disk), str(tmp_path / "nofolder" / "o.raw")],
         ["convert", str(corrupt), str(tmp_path / "o.raw")],
         ["convert", str(truncated), str(tmp_path / "o.vmdk")],
+        ["convert", str(bad_grain), str(tmp_path / "o.raw")],
+        ["convert", str(bad_grain), str(tmp_path / "o.vmdk")],
         ["convert", "--adapter-type", "nvme", str(raw_disk), str(tmp_path / "o.vmdk")],
     ]
 
@@ -241,7 +250,7 @@ def test_bad_input_in_a_subprocess(tmp_path, raw_disk):
         assert_one_line_error(proc.stderr)
         assert proc.stdout == ""
     leftovers = {p.name for p in tmp_path.iterdir()}
-    assert leftovers == {"disk.raw", "corrupt.vmdk", "truncated.vmdk"}
+    assert leftovers == {"disk.raw", "corrupt.vmdk", "truncated.vmdk", "bad-grain.vmdk"}
 
 
 def test_bad_input_in_process(tmp_path, raw_disk, capsys):
