@@ -78,3 +78,17 @@ def test_errors_are_smsblock_errors(tmp_path):
         d.read(-1, 2)
     with pytest.raises(SmsBlockError, match="not a regular file"):
         RawDisk(tmp_path)
+
+
+def test_declared_size_past_the_file_reads_zeros(tmp_path):
+    """A size larger than the file (a disk whose tail was never written): zeros, no extent."""
+    p = tmp_path / "d.raw"
+    p.write_bytes(b"abc" * 1000)
+    with RawDisk(p, size=10000) as d:
+        assert d.size == 10000 and d.info.virtual_size == 10000
+        assert d.read(2990, 100) == b"abc"[2990 % 3:] + b"abc" * 3 + bytes(90)
+        buf = bytearray(b"\xff" * 8000)
+        assert d.readinto(2000, buf) == 8000
+        assert bytes(buf) == (b"abc" * 1000)[2000:] + bytes(7000)
+        assert all(e.end <= 3000 for e in d.extents())
+        assert d.fileno() >= 0
