@@ -90,56 +90,46 @@ def _release(view: memoryview) -> None:
 
 
 class _BatchReader:
-    """One worker's reader: each batch is read into a reused, page-aligned buffer.
+    """One worker's reader: each batch is read with ``disk.readinto`` (``preadv`` for raw
+    files; the GIL is released during the copy, so two workers use both cores) into a
+    reused, page-aligned buffer.
 
-    Raw regular files are read with ``preadv`` on the file's descriptor (the GIL is
-    released during the copy, so two workers use both cores).  A read that ends before
-    the length the file had when the scan started means the file shrank under the
-    scan: DiskIOError naming the offset.  Bytes past that length but inside the disk's
-    declared size read as zeros, as :meth:`RawDisk.readinto` does.  Other disks are read
-    through ``disk.readinto``.  (Hashing from a shared mapping of the page cache instead
-    used less CPU, but a file shrinking under the mapping kills the process with
-    SIGBUS; this copy measured below ``xxhsum -H2``'s time all the same.)
+    A raw file reads as zeros past its end, so after each batch that reaches past where
+    the file now ends, a file that is now shorter than when the scan started has shrunk
+    under the scan: DiskIOError naming where it ends now.  (Hashing from a shared mapping
+    of the page cache instead used less CPU, but a file shrinking under the mapping kills
+    the process with SIGBUS; the copy still measured below ``xxhsum -H2``'s time.)
     """
 
     def __init__(self, disk: Disk, capacity: int, file_length: int | None):
         self._disk = disk
         self._capacity = capacity
-        self._file_length = file_length
-        self._arr = None
+        self._file_length = file_length     # None: not a raw regular file
+        self._buf = None
 
     def load(self, offset: int, nbytes: int) -> memoryview:
-        if self._arr is None:   # allocated on first use: a worker may get no batch
-            self._arr = _aligned_buffer(self._capacity)
-            self._buf = memoryview(self._arr)
+        if self._buf is None:   # allocated on first use: a worker may get no batch
+            self._buf = memoryview(_aligned_buffer(self._capacity))
             self._ro = self._buf.toreadonly()
-        if self._file_length is None:
-            got = self._disk.readinto(offset, self._buf[:nbytes])
-            if got != nbytes:
-                raise DiskIOError(f"short read: {got} of {nbytes} bytes", self._disk.path, offset + got)
-        else:
-            self._read_file(offset, nbytes)
+        got = self._disk.readinto(offset, self._buf[:nbytes])
+        if got != nbytes:
+            raise DiskIOError(f"short read: {got} of {nbytes} bytes", self._disk.path, offset + got)
+        if self._file_length is not None:
+            self._check_not_shrunk(min(offset + nbytes, self._file_length))
         return self._ro[:nbytes]
 
-    def _read_file(self, offset: int, nbytes: int) -> None:
-        fd = self._disk.fileno()
-        done = 0
-        while done < nbytes:
-            try:
-                n = os.preadv(fd, [self._buf[done:nbytes]], offset + done)
-            except OSError as e:
-                raise DiskIOError(f"read failed: {e.strerror}", self._disk.path, offset + done) from None
-            if n == 0:
-                if offset + done < self._file_length:
-                    raise DiskIOError("the file shrank during the scan", self._disk.path, offset + done)
-                self._arr[done:nbytes] = 0      # past the file's end, inside the declared size
-                break
-            done += n
+    def _check_not_shrunk(self, end: int) -> None:
+        try:
+            now = os.fstat(self._disk.fileno()).st_size
+        except OSError as e:
+            raise DiskIOError(f"cannot stat the file: {e.strerror}", self._disk.path, end) from None
+        if now < end:
+            raise DiskIOError("the file shrank during the scan", self._disk.path, now)
 
 
 def _file_length(disk: Disk) -> int | None:
-    """The bytes of a raw regular file the disk covers when the scan starts (a read ending
-    before them means the file shrank), or None to read through ``readinto``."""
+    """The bytes of a raw regular file the disk covers when the scan starts (a file
+    ending before them has shrunk), or None where that does not apply."""
     if not isinstance(disk, RawDisk):
         return None
     try:
