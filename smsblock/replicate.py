@@ -578,7 +578,7 @@ def restore(store, server_id: str, out_path, *, run_id: str | None = None, forma
         raise UsageError(f"unknown output format {format!r} (raw or vmdk)")
     with store.lock(exclusive=False, purpose="restore"):
         manifest = store.load_manifest(check_server_id(server_id), run_id)
-        run = RunDisk(store, manifest)
+        run = store.restore_source(manifest)
         if format == "raw":
             _restore_raw(run, out_path, progress, cancel)
         else:

@@ -311,22 +311,22 @@ def test_s3_staging_store_and_a_snapshot_that_never_completes(tmp_path, moto, bu
     assert store.pending_snapshots() == {} and verify(store).leftovers == []
 
 
-def test_restore_disk_stands_in_for_a_run_disk(tmp_path, moto, capture):
-    """restore_disk(manifest) has RunDisk's manifest/block(i): the engine's raw restore
-    writes the same image from it, reading EBS only."""
-    from smsblock.replicate import _restore_raw
+def test_restore_reads_the_snapshot_not_the_staged_packs(tmp_path, moto, capture):
+    """The engine's restore (API and CLI) of an ebs:// run reads its EBS snapshot with
+    GetSnapshotBlock: after the staged packs are deleted, every run still restores exactly."""
+    from smsblock.replicate import restore
     store = ebs_store(tmp_path, capture.url)
     disk = tmp_path / "disk.raw"
     first = make_disk(disk, 7)
     replicate(disk, store, "rd")
     second = make_disk(disk, 7, first)
     replicate(disk, store, "rd")
+    for pack_id in list(store.staging.list_packs()):     # EBS is now the only copy
+        store.staging.delete_pack(pack_id)
     capture.clear()
     for run_id, want in zip(store.list_run_ids("rd"), (first, second)):
-        m = store.load_manifest("rd", run_id)
         out = tmp_path / f"{run_id}.raw"
-        with store.restore_disk(m) as run:
-            _restore_raw(run, str(out), None, None)
+        restore(store, "rd", out, run_id=run_id)
         assert out.read_bytes() == want
     assert capture.requests("GET", r"/snapshots/snap-[^/]+/blocks/\d+")
     assert not [r for r in capture.log if "/snapshots" not in r.path]

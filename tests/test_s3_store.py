@@ -755,3 +755,18 @@ def test_sequential_pack_reads_are_fetched_ahead_random_ones_exactly(tmp_path, b
         assert ra.read_pack(pack_id, pos, step) == whole[pos:pos + step]
         pos += step
     assert ra.read_pack(pack_id, size - 10, 100) == whole[-10:]
+
+
+def test_stray_keys_under_runs_are_not_servers_or_runs(moto, bucket):
+    """Keys left under runs/ by hand or other tools must not stop verify and prune."""
+    url = f"s3://{bucket}/stores/stray"
+    store = new_store(url)
+    store.initialise(StoreConfig(pack_size=PACK_SIZE))
+    rid = "r-20260101T000000.000000Z-0123abcd"
+    store.put_manifest_bytes("srv", rid, b"bytes")
+    s3 = moto.boto3_client("s3")
+    for key in ("runs/.DS_Store", "runs/bad server/r-x.manifest", "runs/srv/r-junk.manifest",
+                "runs/srv/notes.txt"):
+        s3.put_object(Bucket=bucket, Key=f"stores/stray/{key}", Body=b"")
+    assert store.list_servers() == ["srv"] and store.list_run_ids("srv") == [rid]
+    assert list(store.iter_manifests()) == [("srv", rid)]

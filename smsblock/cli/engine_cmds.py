@@ -15,6 +15,8 @@ from . import add_json_flag
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(i?B)?\s*$", re.IGNORECASE)
 
 
+STORE_HELP = "store: a directory (created on first use), s3://BUCKET/PREFIX or ebs://[REGION]"
+
 def parse_size(text: str) -> int:
     """``524288``, ``512K``, ``512KiB``, ``1M`` -> bytes (binary units)."""
     m = _SIZE_RE.match(text)
@@ -130,7 +132,7 @@ def cmd_prune(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("replicate", help="replicate a disk into a store (one incremental run)")
     p.add_argument("disk", help="disk image (raw or VMDK)")
-    p.add_argument("--store", required=True, help="store directory (created on first use)")
+    p.add_argument("--store", required=True, help=STORE_HELP)
     p.add_argument("--server", required=True, help="server id the run belongs to")
     p.add_argument("--block-size", help="block size, a power of two from 64K to 4M "
                    "(default: the previous run's, else 512K)")
@@ -138,13 +140,13 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_replicate)
 
     p = sub.add_parser("runs", help="list a server's completed runs, oldest first")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help=STORE_HELP)
     p.add_argument("--server", required=True)
     add_json_flag(p)
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("restore", help="write a disk as it was at a run")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help=STORE_HELP)
     p.add_argument("--server", required=True)
     p.add_argument("--run", help="run id (default: the latest)")
     p.add_argument("-o", "--output", required=True, help="output image path")
@@ -153,12 +155,12 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("verify", help="check every pack, block and run of a store")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help=STORE_HELP)
     add_json_flag(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("prune", help="keep a server's newest N runs and delete unreferenced blocks")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help=STORE_HELP)
     p.add_argument("--server", required=True)
     p.add_argument("--keep", required=True, type=int, help="how many of the newest runs to keep")
     add_json_flag(p)

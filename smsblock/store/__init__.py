@@ -1,7 +1,8 @@
 """Block stores behind one protocol: :func:`open_store` picks the backend from a URL.
 
 * a local path or ``file:///path``: :class:`LocalStore` (the embedded default);
-* ``s3://BUCKET/PREFIX`` and ``ebs://[REGION]``: cloud stores (not available yet).
+* ``s3://BUCKET/PREFIX``: :class:`~smsblock.store.s3.S3Store` (settings: docs/cloud.md);
+* ``ebs://[REGION]``: :class:`~smsblock.store.ebs.EbsStore`, one EBS snapshot per run.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ __all__ = ["open_store", "Store", "StoreConfig", "RunInfo", "LocalStore",
 
 
 def open_store(url_or_path) -> Store:
-    """Open the store at a local path, ``file://`` URL (or, later, ``s3://``/``ebs://``).
+    """Open the store at a local path, ``file://``, ``s3://`` or ``ebs://`` URL.
 
     Opening does not create anything: a first :func:`smsblock.replicate.replicate`
     creates the store; readers of a store that does not exist get a StoreError.

@@ -302,6 +302,13 @@ class Store(abc.ABC):
             held.close()
             raise
 
+    def restore_source(self, manifest: Manifest):
+        """The Disk a restore of this run reads (the caller holds the lock): the run's
+        blocks in the packs here; a store that keeps runs elsewhere (EBS snapshots)
+        reads them from there.  It has ``manifest`` and ``block(i)`` like RunDisk."""
+        from ..replicate import RunDisk
+        return RunDisk(self, manifest)
+
     def iter_manifests(self) -> Iterator[tuple[str, str]]:
         """Every ``(server_id, run_id)`` in the store."""
         for server_id in self.list_servers():

@@ -380,12 +380,11 @@ class EbsStore(Store):
     # -- reading snapshots back ----------------------------------------------------------------
     def snapshot_disk(self, server_id: str, run_id: str | None = None) -> "SnapshotDisk":
         """A Disk over a run's EBS snapshot, read with GetSnapshotBlock."""
-        return self.restore_disk(self.load_manifest(server_id, run_id))
+        return self.restore_source(self.load_manifest(server_id, run_id))
 
-    def restore_disk(self, manifest: Manifest) -> "SnapshotDisk":
-        """The disk a restore of this run reads: its snapshot, not the staged packs.  It
-        has RunDisk's ``manifest`` and ``block(i)`` too, so the engine's restore can use
-        it in place of a RunDisk."""
+    def restore_source(self, manifest: Manifest) -> "SnapshotDisk":
+        """The disk a restore of this run reads: its snapshot (GetSnapshotBlock), not the
+        staged packs.  It has RunDisk's ``manifest`` and ``block(i)`` too."""
         info = manifest.meta.get("ebs")
         if not info:
             raise StoreError(f"{self.url}: run {manifest.meta.get('server_id')}/"

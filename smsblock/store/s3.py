@@ -52,7 +52,7 @@ import numpy as np
 
 from ..errors import RunNotFoundError, StoreError, StoreLockedError, UsageError
 from ..pack import INDEX_DTYPE, is_pack_id, pack_id_of, read_index
-from .base import Store, check_run_id, check_server_id
+from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id
 from .retry import RetryPolicy, error_code, http_status
 from .s3config import CloudSettings
 from .throttle import ThrottledBody, TokenBucket
@@ -680,14 +680,15 @@ class S3Store(Store):
     def list_servers(self) -> list[str]:
         _, prefixes, _ = self._list("runs/", "list servers", delimiter="/")
         names = [self._rel(p).rstrip("/").split("/")[-1] for p in prefixes]
-        return sorted(n for n in names if self.list_run_ids(n))
+        # keys that are not servers (written by hand or other tools) are skipped, as locally
+        return sorted(n for n in names if SERVER_ID_RE.match(n) and self.list_run_ids(n))
 
     def list_run_ids(self, server_id: str) -> list[str]:
         objects, _, _ = self._list(f"runs/{check_server_id(server_id)}/", "list runs")
         out = []
         for o in objects:
             name = self._rel(o["Key"]).split("/")[-1]
-            if name.endswith(MANIFEST_SUFFIX) and name.startswith("r-"):
+            if name.endswith(MANIFEST_SUFFIX) and RUN_ID_RE.match(name[:-len(MANIFEST_SUFFIX)]):
                 out.append(name[:-len(MANIFEST_SUFFIX)])
         return sorted(out)
 
