@@ -11,11 +11,11 @@ import threading
 from ..errors import UsageError
 from ..progress import CancelToken, terminal_progress
 from . import add_json_flag
+from .disk_cmds import human_size
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(i?B)?\s*$", re.IGNORECASE)
-
-
 STORE_HELP = "store: a directory (created on first use), s3://BUCKET/PREFIX or ebs://[REGION]"
+
 
 def parse_size(text: str) -> int:
     """``524288``, ``512K``, ``512KiB``, ``1M`` -> bytes (binary units)."""
@@ -27,14 +27,6 @@ def parse_size(text: str) -> int:
 
 def _print_json(doc) -> None:
     print(json.dumps(doc, indent=2, sort_keys=True))
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 @contextlib.contextmanager
@@ -65,8 +57,8 @@ def cmd_replicate(args) -> int:
     else:
         print(f"run {s.run_id}: {s.blocks_total} blocks ({s.blocks_data} data, {s.blocks_zero} zero, "
               f"{s.blocks_unallocated} unallocated), {s.blocks_changed} changed, "
-              f"{s.blocks_stored} stored ({_human(s.bytes_stored)} compressed of "
-              f"{_human(s.bytes_stored_uncompressed)}), read {_human(s.bytes_read)} in {s.seconds:.2f} s")
+              f"{s.blocks_stored} stored ({human_size(s.bytes_stored)} compressed of "
+              f"{human_size(s.bytes_stored_uncompressed)}), read {human_size(s.bytes_read)} in {s.seconds:.2f} s")
     return 0
 
 
@@ -93,7 +85,7 @@ def cmd_restore(args) -> int:
         m = restore(args.store, args.server, args.output, run_id=args.run, format=args.output_format,
                     progress=bar, cancel=token)
     print(f"restored run {m.meta.get('run_id')} of {args.server} to {args.output} "
-          f"({args.output_format}, {_human(m.disk_size)})")
+          f"({args.output_format}, {human_size(m.disk_size)})")
     return 0
 
 
@@ -125,7 +117,7 @@ def cmd_prune(args) -> int:
         print(f"deleted {len(r.runs_deleted)} runs, kept {len(r.runs_kept)}; "
               f"{r.packs_deleted} packs deleted, {r.packs_rewritten} rewritten, "
               f"{r.blocks_deleted} blocks and {r.leftovers_removed} leftovers removed, "
-              f"{_human(r.bytes_freed)} freed")
+              f"{human_size(r.bytes_freed)} freed")
     return 0
 
 
