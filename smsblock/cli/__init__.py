@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except SmsBlockError as e:
         print(f"smsblock: error: {e}", file=sys.stderr)
         return e.exit_status
+    except ModuleNotFoundError as e:     # an optional extra that is not installed
+        extra = {"boto3": "cloud", "botocore": "cloud", "pyVmomi": "vsphere", "requests": "vsphere",
+                 "pyfsext": "image", "pyfsxfs": "image", "pyfsntfs": "image", "pyregf": "image"}
+        hint = f" (pip install 'smsblock[{extra[e.name]}]')" if e.name in extra else ""
+        print(f"smsblock: error: this command needs the Python package {e.name!r}{hint}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("smsblock: interrupted", file=sys.stderr)
         return 130
