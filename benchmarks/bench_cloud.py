@@ -27,7 +27,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from moto_server import MotoServer  # noqa: E402
 
-from smsblock.replicate import replicate  # noqa: E402
+from smsblock.engine import replicate  # noqa: E402
 from smsblock.store import StoreConfig, open_store  # noqa: E402
 from smsblock.store.s3 import S3Store  # noqa: E402
 

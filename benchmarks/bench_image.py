@@ -52,7 +52,7 @@ def test_bench_inspect_raw(benchmark, big_disk):
 
 
 def test_bench_inspect_stored_run(benchmark, big_disk, tmp_path):
-    from smsblock.replicate import replicate
+    from smsblock.engine import replicate
     from smsblock.store import open_store
     disk, _ = big_disk
     with open_disk(disk) as raw:

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from smsblock.disk import open_disk
-from smsblock.replicate import replicate
+from smsblock.engine import replicate
 from smsblock.scanner import scan
 from smsblock.store import StoreConfig, open_store
 

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from smsblock.disk import open_disk
-from smsblock.replicate import replicate
+from smsblock.engine import replicate
 from smsblock.scanner import scan
 
 GIB = 1 << 30

@@ -11,7 +11,7 @@ from .disk.writer import convert, write_raw, write_stream_optimized
 from .progress import CancelToken
 from .manifest import BlockState, Manifest, diff
 from .scanner import scan
-from .replicate import PruneReport, RunSummary, VerifyReport, prune, replicate, restore, verify
+from .engine import PruneReport, RunSummary, VerifyReport, prune, replicate, restore, verify
 from .store import open_store
 
 __all__ = ["errors", "open_disk", "Disk", "DiskInfo", "Extent", "ExtentKind", "CancelToken",

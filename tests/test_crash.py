@@ -23,7 +23,7 @@ import pytest
 from smsblock.disk import open_disk
 from smsblock.manifest import BlockState
 from smsblock.pack import address_function
-from smsblock.replicate import prune, replicate, restore, verify
+from smsblock.engine import prune, replicate, restore, verify
 from smsblock.store import StoreConfig, open_store
 
 ROOT = Path(__file__).resolve().parent.parent

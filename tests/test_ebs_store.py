@@ -32,7 +32,7 @@ from cloud_fixtures import *  # noqa: F401,F403  (fixtures)
 from fault_proxy import FaultProxy, Rule
 
 from smsblock.manifest import BlockState
-from smsblock.replicate import prune, replicate, verify
+from smsblock.engine import prune, replicate, verify
 from smsblock.store import StoreConfig, open_store
 from smsblock.store.ebs import EBS_BLOCK, EbsStore, linear_checksum
 
@@ -314,7 +314,7 @@ def test_s3_staging_store_and_a_snapshot_that_never_completes(tmp_path, moto, bu
 def test_restore_reads_the_snapshot_not_the_staged_packs(tmp_path, moto, capture):
     """The engine's restore (API and CLI) of an ebs:// run reads its EBS snapshot with
     GetSnapshotBlock: after the staged packs are deleted, every run still restores exactly."""
-    from smsblock.replicate import restore
+    from smsblock.engine import restore
     store = ebs_store(tmp_path, capture.url)
     disk = tmp_path / "disk.raw"
     first = make_disk(disk, 7)

@@ -28,7 +28,7 @@ def run_cli(capsys, *args):
 @pytest.fixture(scope="module")
 def store_with_runs(tmp_path_factory, linux_disk):  # noqa: F811
     """A store with the Linux disk (srv-ok) and a GPT disk (srv-gpt) replicated."""
-    from smsblock.replicate import replicate
+    from smsblock.engine import replicate
     d = tmp_path_factory.mktemp("store")
     gpt = d / "gpt.img"
     partition_disk(gpt, 16 * MiB, "label: gpt\nstart=2048, size=16384, type=L\n")

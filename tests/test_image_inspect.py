@@ -179,7 +179,7 @@ def test_large_sparse_disk_reads_only_what_it_needs(tmp_path, linux_disk):
 
 
 def test_stored_run_inspects_like_the_file(tmp_path, linux_disk):
-    from smsblock.replicate import replicate
+    from smsblock.engine import replicate
     from smsblock.store import open_store
 
     disk, _ = linux_disk

@@ -18,7 +18,7 @@ import smsblock
 from smsblock.errors import Cancelled, RunNotFoundError, StoreLockedError, UsageError
 from smsblock.manifest import BlockState, diff
 from smsblock.progress import CancelToken
-from smsblock.replicate import new_run_id, prune, replicate, restore, verify
+from smsblock.engine import new_run_id, prune, replicate, restore, verify
 from smsblock.store import StoreConfig, open_store
 
 from conftest import qemu_img

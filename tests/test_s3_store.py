@@ -25,7 +25,7 @@ from cloud_fixtures import FAST, make_tls_cert
 from fault_proxy import FaultProxy, Rule
 
 from smsblock.errors import PermanentStoreError, StoreLockedError, TransientStoreError, UsageError
-from smsblock.replicate import prune, replicate, restore, verify
+from smsblock.engine import prune, replicate, restore, verify
 from smsblock.store import StoreConfig, open_store
 from smsblock.store.s3 import S3Store
 from smsblock.store.s3config import CloudSettings

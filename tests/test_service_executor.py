@@ -86,7 +86,7 @@ def test_runs_replicate_every_disk_into_the_store_by_server_id(tmp_path):
     assert run["state"] == "COMPLETED", run
     assert "amiId" not in run and "no image step" in run["statusMessage"]
     assert run["completedTime"] == T0
-    from smsblock.replicate import restore
+    from smsblock.engine import restore
     from smsblock.store import open_store
     store = open_store(svc.state.dir / "store")
     assert len(store.list_run_ids(server)) == 1
@@ -110,7 +110,7 @@ def test_stages_progress_and_image_retention(tmp_path, monkeypatch):
     svc, server, _ = setup(tmp_path)
     job = job_for(svc, server, numberOfRecentAmisToKeep=2, licenseType="BYOL")
     seen = []
-    from smsblock.replicate import replicate as real_replicate
+    from smsblock.engine import replicate as real_replicate
 
     def replicate(disk, store, server_id, *, progress, cancel, source):
         progress(disk.size // 2, disk.size)
@@ -184,7 +184,7 @@ def test_consecutive_failures_pause_the_job_until_an_on_demand_run_completes(tmp
     job = svc.create_replication_job(serverId=server, seedReplicationTime=svc.clock(),
                                      frequency=12)["replicationJobId"]
     failing = {"on": True}
-    from smsblock.replicate import replicate as real_replicate
+    from smsblock.engine import replicate as real_replicate
 
     def replicate(*a, **kw):
         if failing["on"]:
@@ -450,7 +450,7 @@ def test_cbt_runs_read_changed_areas_and_take_the_rest_from_the_previous_run(tmp
     """The executor hands the source the previous run's record and its disks from the
     store; a CBT source then reads only the changed areas.  The proof: a change outside
     the reported areas does not reach the store, one inside does."""
-    from smsblock.replicate import restore
+    from smsblock.engine import restore
     from smsblock.service.sources import register_source_kind
     from smsblock.store import open_store
     register_source_kind("test-cbt", _CbtSource)

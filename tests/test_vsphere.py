@@ -739,7 +739,7 @@ def test_cbt_incremental_run_through_the_connector(vcsim, env_password, tmp_path
     first run's change id and its disk from the store, reads only the changed area over
     HTTP (a change outside it stays unseen: proof the rest came from the store), and the
     run's record says CBT.  QueryChangedDiskAreas is a stand-in (vcsim lacks it)."""
-    from smsblock.replicate import restore
+    from smsblock.engine import restore
     from smsblock.service import FakeClock, SmsService
     from smsblock.service.connector import ConnectorLoop
     from smsblock.service.executor import RunExecutor

@@ -132,7 +132,7 @@ def _change_guest(work: Path, disk: Path, fs_image: Path) -> None:
 def run_demo(args) -> int:
     from ..disk.writer import convert
     from ..image.validate import inspect_and_validate
-    from ..replicate import replicate, restore, verify
+    from ..engine import replicate, restore, verify
     from ..store import open_store
 
     work = Path(args.dir).resolve()

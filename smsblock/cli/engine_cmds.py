@@ -46,7 +46,7 @@ def cancel_on_interrupt():
 
 def cmd_replicate(args) -> int:
     from ..disk import open_disk
-    from ..replicate import replicate
+    from ..engine import replicate
     block_size = parse_size(args.block_size) if args.block_size else None
     with open_disk(args.disk) as disk, terminal_progress(f"replicate {args.server}") as bar, \
             cancel_on_interrupt() as token:
@@ -80,7 +80,7 @@ def cmd_runs(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    from ..replicate import restore
+    from ..engine import restore
     with terminal_progress(f"restore {args.server}") as bar, cancel_on_interrupt() as token:
         m = restore(args.store, args.server, args.output, run_id=args.run, format=args.output_format,
                     progress=bar, cancel=token)
@@ -90,7 +90,7 @@ def cmd_restore(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from ..replicate import verify
+    from ..engine import verify
     with terminal_progress("verify") as bar, cancel_on_interrupt() as token:
         report = verify(args.store, progress=bar, cancel=token)
     if args.json:
@@ -106,7 +106,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from ..replicate import prune
+    from ..engine import prune
     if args.keep < 0:
         raise UsageError(f"--keep must be 0 or more, not {args.keep}")
     with terminal_progress("prune") as bar:

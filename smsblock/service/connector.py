@@ -148,7 +148,7 @@ class ConnectorLoop:
 
     def finish_deletions(self) -> list[str]:
         """DELETING jobs of this connector without an active run: remove blocks, DELETED."""
-        from ..replicate import prune
+        from ..engine import prune
         from ..store import open_store
 
         rows = self.service.state.query(

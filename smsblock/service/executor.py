@@ -1,7 +1,7 @@
 """Executing one replication run: source snapshot → engine → image step → run record.
 
 This is the only module of the control plane that touches the engine
-(:func:`smsblock.replicate.replicate`) and the image step, so everything else is
+(:func:`smsblock.engine.replicate`) and the image step, so everything else is
 testable on its own and the engine can be swapped for a fake in tests.
 
 A run goes PENDING → ACTIVE (``stageDetails``: ``preparing``, ``uploading`` with a
@@ -64,7 +64,7 @@ class ImageStep(Protocol):
 
 
 def default_replicate() -> Callable:
-    from ..replicate import replicate
+    from ..engine import replicate
     return replicate
 
 

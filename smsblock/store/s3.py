@@ -15,7 +15,7 @@ memory stays at ``parallel * part_size``), each with its Content-MD5.  Keys are 
 functions of content, so a retried or resumed upload lands on the same key and a pack
 already there (same size) is not sent again.  A run killed mid-upload leaves an
 incomplete multipart upload under the prefix and maybe a staged file: leftovers that
-:func:`smsblock.replicate.prune` aborts and deletes.
+:func:`smsblock.engine.prune` aborts and deletes.
 
 The lock.  S3 has no flock; it has strongly consistent reads after writes and
 conditional writes.  A shared holder PUTs its own ``shared-<uuid>`` object, then checks
