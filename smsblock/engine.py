@@ -40,6 +40,7 @@ import numpy as np
 import zstandard
 
 from .disk import Disk, DiskInfo, Extent, ExtentKind, open_disk
+from .disk.blocks import BlockDisk
 from .errors import (Cancelled, ManifestError, RunNotFoundError, SmsBlockError, StoreCorruptError,
                      StoreError, UsageError)
 from .manifest import DEFAULT_BLOCK_SIZE, BlockState, Manifest, check_block_size, diff
@@ -415,7 +416,7 @@ def _replicate_locked(disk, store, server_id, block_size, progress, cancel, thre
 
 # --- reading a run back ---------------------------------------------------------------
 
-class RunDisk(Disk):
+class RunDisk(BlockDisk):
     """A read-only :class:`~smsblock.disk.Disk` over one run, reading blocks from the packs.
 
     DATA blocks are extents of kind DATA, ZERO blocks extents of kind ZERO, unallocated
@@ -423,10 +424,9 @@ class RunDisk(Disk):
     :meth:`Store.run_disk` passes: the store lock it took) is closed by :meth:`close`.
     """
 
-    CACHE_BLOCKS = 4
-
     def __init__(self, store: Store, manifest: Manifest, index: BlockIndex | None = None,
                  hold: contextlib.ExitStack | None = None):
+        super().__init__()
         self._hold = hold
         self.store = store
         self.manifest = manifest
@@ -434,51 +434,23 @@ class RunDisk(Disk):
         self.path = f"{store.url}#{meta.get('server_id', '?')}/{meta.get('run_id', '?')}"
         self.size = manifest.disk_size
         self.info = DiskInfo(path=self.path, format="run", virtual_size=self.size)
+        self.block_size = manifest.block_size
         self._index = index if index is not None else store.block_index()
-        self._cache: dict[int, bytes] = {}
-        self._lock = threading.Lock()
 
-    def block(self, i: int) -> bytes | None:
-        """Block ``i``'s bytes, or None when it reads as zeros."""
+    def fetch_block(self, i: int) -> bytes | None:
         if self.manifest.states[i] != BlockState.DATA:
             return None
-        with self._lock:
-            hit = self._cache.get(i)
-        if hit is not None:
-            return hit
         address = self.manifest.addresses[i].tobytes()
         loc = self._index.get(address)
         if loc is None:
             raise StoreCorruptError(f"block {i} ({address.hex()[:16]}...) is not in the store",
-                                    self.path, i * self.manifest.block_size)
+                                    self.path, i * self.block_size)
         data = self.store.read_block(loc)
         expected = self.manifest.block_range(i)[1]
         if len(data) != expected:
             raise StoreCorruptError(f"stored block {i} has {len(data)} bytes, expected {expected}",
-                                    self.path, i * self.manifest.block_size)
-        with self._lock:
-            if len(self._cache) >= self.CACHE_BLOCKS:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[i] = data
+                                    self.path, i * self.block_size)
         return data
-
-    def readinto(self, offset: int, buf) -> int:
-        view = memoryview(buf).cast("B")
-        self._check_range(offset, len(view))
-        want = max(0, min(len(view), self.size - offset))
-        bs = self.manifest.block_size
-        done = 0
-        while done < want:
-            pos = offset + done
-            i, within = divmod(pos, bs)
-            n = min(want - done, self.manifest.block_range(i)[1] - within)
-            data = self.block(i)
-            if data is None:
-                view[done:done + n] = bytes(n)
-            else:
-                view[done:done + n] = data[within:within + n]
-            done += n
-        return done
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
         start, end = self._clip(start, end)

@@ -569,3 +569,31 @@ def test_verify_and_restore_can_be_cancelled(tmp_path):
     with pytest.raises(Cancelled):
         restore(store, "srv", tmp_path / "o.raw", cancel=token)
     assert not (tmp_path / "o.raw").exists() and not (tmp_path / "o.raw.part").exists()
+
+
+def test_block_disk_reads_match_its_blocks_across_boundaries():
+    """BlockDisk.readinto (shared by RunDisk and the EBS SnapshotDisk) vs the plain meaning:
+    the concatenation of the blocks, zeros where a block is None, cut at the disk's size."""
+    import random
+    from smsblock.disk.blocks import BlockDisk
+
+    class Blocks(BlockDisk):
+        def __init__(self, blocks, size, bs):
+            super().__init__()
+            self.blocks, self.size, self.block_size, self.path = blocks, size, bs, "mem"
+            self.fetched = 0
+
+        def fetch_block(self, i):
+            self.fetched += 1
+            b = self.blocks[i]
+            return None if b is None else b[:max(0, min(self.block_size, self.size - i * self.block_size))]
+
+    rnd = random.Random(7)
+    bs, size = 64, 64 * 5 + 17
+    blocks = [None if rnd.random() < 0.3 else rnd.randbytes(bs) for _ in range(6)]
+    whole = b"".join(bytes(bs) if b is None else b for b in blocks)[:size]
+    disk = Blocks(blocks, size, bs)
+    for _ in range(300):
+        off, n = rnd.randrange(0, size + 20), rnd.randrange(0, 200)
+        assert disk.read(off, n) == whole[off:off + n]
+    assert disk.fetched < 300 * 2, "the cache spares re-fetching the blocks just read"

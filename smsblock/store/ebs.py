@@ -51,7 +51,8 @@ from urllib.parse import parse_qsl, urlencode, urlparse
 
 import numpy as np
 
-from ..disk import Disk, DiskInfo, Extent, ExtentKind
+from ..disk import DiskInfo, Extent, ExtentKind
+from ..disk.blocks import BlockDisk
 from ..errors import StoreCorruptError, StoreError, UsageError
 from ..manifest import BlockState, Manifest, diff
 from .base import Store
@@ -401,11 +402,13 @@ class EbsStore(Store):
             return disk.chain[0]
 
 
-class SnapshotDisk(Disk):
+class SnapshotDisk(BlockDisk):
     """A read-only Disk over an EBS snapshot chain (newest first); see :mod:`.ebs`."""
 
     def __init__(self, store: EbsStore, chain: list[str], size: int, path: str,
                  manifest: Manifest | None = None):
+        super().__init__()
+        self.block_size = EBS_BLOCK
         self.store = store
         self.manifest = manifest
         self.chain = chain
@@ -416,8 +419,6 @@ class SnapshotDisk(Disk):
         for snap in reversed(chain):            # older first: newer entries override
             for index, token in self._list_blocks(snap):
                 self._where[index] = (snap, token)
-        self._lock = threading.Lock()
-        self._cache: dict[int, bytes] = {}
 
     def _list_blocks(self, snap: str) -> Iterator[tuple[int, str]]:
         kw = {"SnapshotId": snap}
@@ -430,19 +431,15 @@ class SnapshotDisk(Disk):
                 return
             kw["NextToken"] = r["NextToken"]
 
-    def block(self, i: int) -> bytes | None:
-        """Block ``i``'s bytes (the last one cut to the disk's end), None when the
-        snapshot chain never had it (reads as zeros)."""
+    def fetch_block(self, i: int) -> bytes | None:
+        """Block ``i`` from the newest snapshot that has it; None when the snapshot
+        chain never had it (reads as zeros)."""
         where = self._where.get(i)
         if where is None:
             if self.manifest is not None and self.manifest.states[i] == BlockState.DATA:
                 raise StoreCorruptError(f"block {i} is data in the run but in no snapshot of "
                                         f"{self.chain}", self.path, i * EBS_BLOCK)
             return None
-        with self._lock:
-            hit = self._cache.get(i)
-        if hit is not None:
-            return hit
         snap, token = where
 
         def get():
@@ -454,25 +451,7 @@ class SnapshotDisk(Disk):
                                         self.path, i * EBS_BLOCK)
             return data
         data = self.store._call(f"get block {i} of snapshot {snap}", get)
-        data = data[:max(0, min(EBS_BLOCK, self.size - i * EBS_BLOCK))]
-        with self._lock:
-            if len(self._cache) >= 4:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[i] = data
-        return data
-
-    def readinto(self, offset: int, buf) -> int:
-        view = memoryview(buf).cast("B")
-        self._check_range(offset, len(view))
-        want = max(0, min(len(view), self.size - offset))
-        done = 0
-        while done < want:
-            i, within = divmod(offset + done, EBS_BLOCK)
-            n = min(want - done, EBS_BLOCK - within)
-            data = self.block(i)
-            view[done:done + n] = bytes(n) if data is None else data[within:within + n]
-            done += n
-        return done
+        return data[:max(0, min(EBS_BLOCK, self.size - i * EBS_BLOCK))]
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
         start, end = self._clip(start, end)
