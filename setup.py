@@ -20,6 +20,8 @@ directives = {
     "initializedcheck": DEBUG,
     "cdivision": not DEBUG,
     "embedsignature": True,
+    # the debug build turns bounds checks on on purpose: its "use boundscheck(False)" hints are noise
+    "show_performance_hints": not DEBUG,
 }
 
 extensions = [
