@@ -27,6 +27,7 @@ import tempfile
 import numpy as np
 
 from .errors import ManifestError, UsageError
+from .fsutil import fsync_dir
 
 __all__ = ["BlockState", "Manifest", "diff", "check_block_size",
            "DEFAULT_BLOCK_SIZE", "MIN_BLOCK_SIZE", "MAX_BLOCK_SIZE"]
@@ -253,11 +254,7 @@ class Manifest:
             except OSError:
                 pass
             raise
-        dir_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(folder)
 
     @classmethod
     def load(cls, path) -> "Manifest":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import os
 import secrets
 import stat
@@ -37,6 +36,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import DiskError, DiskIOError, UsageError
+from ..fsutil import fsync_dir
 from ..progress import CancelToken, ProgressCallback, check_cancel
 from .base import Disk
 
@@ -137,18 +137,6 @@ def _read_exact(disk: Disk, offset: int, view: memoryview) -> None:
                           disk.path, offset + n)
 
 
-def _fsync_folder(folder: str) -> None:
-    """Make a rename in ``folder`` durable (filesystems that cannot are left as they are)."""
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno != errno.EINVAL:
-            raise
-    finally:
-        os.close(fd)
-
-
 class _PartialFile:
     """``DST.part`` while writing; renamed to ``DST`` on success, removed on any failure."""
 
@@ -184,7 +172,7 @@ class _PartialFile:
             self.fd = -1
             os.replace(self.part, self.dst)
             if fsync:
-                _fsync_folder(os.path.dirname(os.path.abspath(self.dst)))
+                fsync_dir(os.path.dirname(os.path.abspath(self.dst)))
         except OSError as e:
             raise DiskIOError(f"cannot finish: {e.strerror}", self.dst) from None
 

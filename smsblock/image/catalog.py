@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import ImageError, ImageNotFoundError, UsageError
+from ..fsutil import fsync_dir
 
 IMAGE_ID = re.compile(r"^ami-[0-9a-f]{17}$")
 RECORD_FILE = "image.json"
@@ -75,7 +76,7 @@ class Catalog:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return record
 
     def list(self) -> list[dict]:
@@ -112,14 +113,3 @@ class Catalog:
         trash = self.root / f".tmp-del-{image_id}"
         os.rename(d, trash)
         shutil.rmtree(trash)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -22,18 +22,11 @@ import os
 import uuid
 
 from ..errors import RunNotFoundError, StoreError, StoreLockedError
+from ..fsutil import fsync_dir
 from ..pack import is_pack_id
 from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id
 
 MANIFEST_SUFFIX = ".manifest"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalStore(Store):
@@ -83,7 +76,7 @@ class LocalStore(Store):
             except FileExistsError:
                 pass
             os.unlink(tmp)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as e:
             raise StoreError(f"{self.root}: cannot create store: {e.strerror}") from None
 
@@ -124,7 +117,7 @@ class LocalStore(Store):
         try:
             os.makedirs(folder, exist_ok=True)
             os.replace(staged_path, dest)
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except OSError as e:
             raise StoreError(f"{dest}: cannot store pack: {e.strerror}") from None
 
@@ -218,7 +211,7 @@ class LocalStore(Store):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except OSError as e:
             raise StoreError(f"{path}: cannot write manifest: {e.strerror}") from None
 
