@@ -37,6 +37,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
 import numpy as np
+import xxhash
 import zstandard
 
 from .disk import Disk, DiskInfo, Extent, ExtentKind, open_disk
@@ -450,6 +451,12 @@ class RunDisk(BlockDisk):
         if len(data) != expected:
             raise StoreCorruptError(f"stored block {i} has {len(data)} bytes, expected {expected}",
                                     self.path, i * self.block_size)
+        # the run's own change hash (xxh3-128, ~10 GB/s) catches a block damaged in the
+        # store, so a restore never writes wrong bytes silently
+        if xxhash.xxh3_128_digest(data) != self.manifest.hashes[i].tobytes():
+            raise StoreCorruptError(f"stored block {i} ({address.hex()[:16]}...) does not match "
+                                    "the run's hash: the store is damaged (run verify)",
+                                    self.path, i * self.block_size)
         return data
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
@@ -548,6 +555,12 @@ def restore(store, server_id: str, out_path, *, run_id: str | None = None, forma
     out_path = os.fspath(out_path)
     if format not in ("raw", "vmdk"):
         raise UsageError(f"unknown output format {format!r} (raw or vmdk)")
+    root = getattr(store, "root", None)         # a local store: never write into it
+    if root is not None:
+        real_root, real_out = os.path.realpath(root), os.path.realpath(out_path)
+        if os.path.commonpath([real_root, real_out]) == real_root:
+            raise UsageError(f"{out_path}: the restore's output must not be inside the store "
+                             f"({root})")
     with store.lock(exclusive=False, purpose="restore"):
         manifest = store.load_manifest(check_server_id(server_id), run_id)
         run = store.restore_source(manifest)

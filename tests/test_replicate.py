@@ -597,3 +597,27 @@ def test_block_disk_reads_match_its_blocks_across_boundaries():
         off, n = rnd.randrange(0, size + 20), rnd.randrange(0, 200)
         assert disk.read(off, n) == whole[off:off + n]
     assert disk.fetched < 300 * 2, "the cache spares re-fetching the blocks just read"
+
+
+def test_restore_refuses_damaged_blocks_and_output_inside_the_store(tmp_path):
+    """A block damaged in a pack is an error naming the block, never wrong bytes written;
+    an output path inside a local store is refused before anything is written."""
+    import glob
+    from smsblock.errors import StoreCorruptError, UsageError
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(os.urandom(3 * 512 * 1024))
+    store = tmp_path / "st"
+    replicate(disk, store, "s1")
+    config = (store / "config.json").read_bytes()
+    with pytest.raises(UsageError, match="inside the store"):
+        restore(store, "s1", store / "config.json")
+    assert (store / "config.json").read_bytes() == config
+    [pack] = glob.glob(str(store / "packs" / "**" / "*.pack"), recursive=True)
+    with open(pack, "r+b") as f:        # zstd frames of random data hold it raw: flip a byte
+        f.seek(1000)
+        b = f.read(1)
+        f.seek(1000)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(StoreCorruptError, match="does not match the run's hash"):
+        restore(store, "s1", tmp_path / "out.raw")
+    assert not (tmp_path / "out.raw").exists() and not (tmp_path / "out.raw.part").exists()

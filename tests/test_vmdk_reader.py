@@ -373,10 +373,12 @@ def test_readinto_contract(tmp_path):
 def test_native_read_releases_the_gil(tmp_path):
     """Another Python thread keeps counting while one readinto inflates many grains."""
     words = b"the quick brown fox jumps over the lazy dog %d\n"
-    text = b"".join(words % i for i in range(400000))[:16 * MiB]
-    raw = write_raw(tmp_path / "t.raw", 16 * MiB, [(0, text)])
+    # one read of 64 MiB inflates for ~50 ms: long enough for the scheduler to give the
+    # counter a share even when the other core is busy; a GIL-holding read leaves it 0
+    text = b"".join(words % i for i in range(1600000))[:64 * MiB]
+    raw = write_raw(tmp_path / "t.raw", 64 * MiB, [(0, text)])
     img = qemu_convert(raw, tmp_path / "t.vmdk", "streamOptimized")
-    buf = bytearray(16 * MiB)
+    buf = bytearray(64 * MiB)
     box, stop = [0], threading.Event()
 
     def count():
@@ -389,13 +391,13 @@ def test_native_read_releases_the_gil(tmp_path):
         t.start()
         try:
             best = 0.0
-            for _ in range(3):
+            for _ in range(5):
                 time.sleep(0.01)                             # counter alone: its speed
                 a0, t0 = box[0], time.perf_counter()
                 time.sleep(0.05)
                 solo_rate = (box[0] - a0) / (time.perf_counter() - t0)
                 b0, t1 = box[0], time.perf_counter()
-                d.readinto(0, buf)                           # counter during one read
+                d.readinto(0, buf)                           # counter during one long read
                 during = (box[0] - b0) / (time.perf_counter() - t1)
                 best = max(best, during / max(solo_rate, 1))
         finally:
