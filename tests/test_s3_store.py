@@ -770,3 +770,19 @@ def test_stray_keys_under_runs_are_not_servers_or_runs(moto, bucket):
         s3.put_object(Bucket=bucket, Key=f"stores/stray/{key}", Body=b"")
     assert store.list_servers() == ["srv"] and store.list_run_ids("srv") == [rid]
     assert list(store.iter_manifests()) == [("srv", rid)]
+
+
+@pytest.mark.parametrize("env", [
+    {"SMSBLOCK_S3_PARALLEL": "x"}, {"SMSBLOCK_S3_CONNECT_TIMEOUT": "abc"},
+    {"AWS_ENDPOINT_URL": "ftp://x"}, {"AWS_ENDPOINT_URL_S3": "http://[::1"},
+    {"AWS_DEFAULT_REGION": "bad region!"}])
+def test_bad_settings_are_one_line(tmp_path, env):
+    """Nonsense in settings is a one-line error naming the setting, never a traceback."""
+    import subprocess
+    import sys
+    full = {**os.environ, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", **env}
+    p = subprocess.run([sys.executable, "-m", "smsblock", "runs", "--store", "s3://b/p", "--server", "x"],
+                       capture_output=True, text=True, env=full, timeout=60)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

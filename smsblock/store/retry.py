@@ -85,7 +85,8 @@ def classify(exc: BaseException) -> str:
     """``"transient"``, ``"permanent"`` or ``"other"`` (the caller's to interpret)."""
     import botocore.exceptions as bx
     if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError, bx.SSLError,
-                        bx.NoRegionError, bx.ProfileNotFound, bx.ParamValidationError)):
+                        bx.NoRegionError, bx.ProfileNotFound, bx.ParamValidationError,
+                        bx.EndpointResolutionError, bx.InvalidRegionError)):
         return "permanent"
     if isinstance(exc, bx.ClientError):
         code = error_code(exc)

@@ -86,32 +86,39 @@ class CloudSettings:
 
     def __post_init__(self):
         for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            if f.name in ("parallel", "retry_attempts"):
-                value = int(value)
-                if value < 1:
-                    raise UsageError(f"setting {f.name} must be at least 1, not {value}")
-            elif f.name in ("bandwidth", "part_size", "multipart_threshold", "readahead"):
-                value = parse_bytes(value, f.name)
-                if value < 0:
-                    raise UsageError(f"setting {f.name} must not be negative")
-            elif f.name in ("connect_timeout", "read_timeout", "retry_seconds", "lock_ttl"):
-                value = float(value)
-                if value <= 0:
-                    raise UsageError(f"setting {f.name} must be positive, not {value}")
-            elif f.name == "verify":
-                value = _parse_bool(value, f.name)
-            elif f.name == "addressing_style" and value not in ("auto", "path", "virtual"):
-                raise UsageError(f"setting addressing_style must be auto, path or virtual, not {value!r}")
-            setattr(self, f.name, value)
+            try:
+                self._check(f)
+            except (ValueError, TypeError) as e:
+                raise UsageError(f"setting {f.name}: bad value {getattr(self, f.name)!r} ({e})") from None
         # S3 itself wants parts of at least 5 MiB (but the last); S3-compatible servers and
         # moto (S3_UPLOAD_PART_MIN_SIZE) may take less, so only nonsense is refused here
         if self.part_size < 64 << 10:
             raise UsageError(f"setting part_size {self.part_size} is too small (at least 64K; S3 wants 5M)")
         if bool(self.access_key_id) != bool(self.secret_access_key):
             raise UsageError("settings access_key_id and secret_access_key go together")
+
+    def _check(self, f) -> None:
+        """Convert and check one setting in place (ValueError/TypeError on nonsense)."""
+        value = getattr(self, f.name)
+        if value is None:
+            return
+        if f.name in ("parallel", "retry_attempts"):
+            value = int(value)
+            if value < 1:
+                raise UsageError(f"setting {f.name} must be at least 1, not {value}")
+        elif f.name in ("bandwidth", "part_size", "multipart_threshold", "readahead"):
+            value = parse_bytes(value, f.name)
+            if value < 0:
+                raise UsageError(f"setting {f.name} must not be negative")
+        elif f.name in ("connect_timeout", "read_timeout", "retry_seconds", "lock_ttl"):
+            value = float(value)
+            if value <= 0:
+                raise UsageError(f"setting {f.name} must be positive, not {value}")
+        elif f.name == "verify":
+            value = _parse_bool(value, f.name)
+        elif f.name == "addressing_style" and value not in ("auto", "path", "virtual"):
+            raise UsageError(f"setting addressing_style must be auto, path or virtual, not {value!r}")
+        setattr(self, f.name, value)
 
     # -- where settings come from -------------------------------------------------
     @classmethod
@@ -189,9 +196,14 @@ class CloudSettings:
         if not self.verify:
             import urllib3
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        return self.session().client(
-            service, endpoint_url=self.endpoint_url or None, verify=self.verify_arg(),
-            config=self.botocore_config(max_pool=max_pool, addressing=(service == "s3")))
+        from botocore.exceptions import BotoCoreError
+        try:
+            return self.session().client(
+                service, endpoint_url=self.endpoint_url or None, verify=self.verify_arg(),
+                config=self.botocore_config(max_pool=max_pool, addressing=(service == "s3")))
+        except (ValueError, BotoCoreError) as e:   # bad endpoint URL, region name, ...
+            raise UsageError(f"cannot set up the {service} client: {e} "
+                             f"(endpoint {self.endpoint_url or 'default'}, region {self.region or 'default'})") from None
 
 
 def _mask_url_password(url: str) -> str:
