@@ -164,7 +164,7 @@ def cmd_image_create(args) -> int:
         else:
             for f in e.findings:
                 print(f"{f.severity}: {f.code}: {f.message}", file=sys.stderr)
-        raise
+        raise ImageValidationError(f"{e} (use --force to register it anyway)", e.findings) from None
     if args.json:
         _print_json(record)
     else:

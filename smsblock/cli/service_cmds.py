@@ -211,6 +211,17 @@ def _serve(args) -> int:
     return 0
 
 
+
+def _port(text: str) -> int:
+    """A TCP port number, 0 to 65535 (argparse type)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range 0-65535")
+    return port
+
 def register(subparsers) -> None:
     conn = subparsers.add_parser("connector", help="register and run a connector")
     conn_sub = conn.add_subparsers(dest="connector_command", metavar="ACTION", required=True)
@@ -253,5 +264,5 @@ def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="serve the SMS JSON API over HTTP (SigV4-checked)")
     _add_state(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    serve.add_argument("--port", type=_port, default=8080, help="0 picks a free port")
     serve.set_defaults(func=_serve)

@@ -26,8 +26,7 @@ BOOT_MODE = "legacy-bios"
 def _refusal(report) -> str:
     errors = [f for f in report.findings if f.severity == ERROR]
     lines = "; ".join(f"[{f.code}] {f.message}" for f in errors)
-    return f"the disk does not pass validation ({len(errors)} error(s)): {lines} " \
-           "(use --force to register it anyway)"
+    return f"the disk does not pass validation ({len(errors)} error(s)): {lines}"
 
 
 def create_image(store, server_id: str, run_id: str | None = None, *, target: str = "local",

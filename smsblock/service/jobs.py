@@ -81,8 +81,9 @@ def check_description(value) -> str:
 
 
 def check_amis_to_keep(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise invalid(f"numberOfRecentAmisToKeep must be a whole number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**31 - 1:
+        raise invalid(f"numberOfRecentAmisToKeep must be a whole number from 0 to {2**31 - 1}, "
+                      f"got {value!r}")
     return value
 
 
@@ -108,8 +109,8 @@ def get_job(db: sqlite3.Connection, job_id) -> sqlite3.Row:
 
 def live_job_for_server(db: sqlite3.Connection, server_id: str) -> sqlite3.Row | None:
     return db.execute(
-        f"SELECT * FROM jobs WHERE server_id = ? AND state NOT IN ('DELETED') "
-        f"ORDER BY created DESC, rowid DESC LIMIT 1", (server_id,)).fetchone()
+        "SELECT * FROM jobs WHERE server_id = ? AND state NOT IN ('DELETED') "
+        "ORDER BY created DESC, rowid DESC LIMIT 1", (server_id,)).fetchone()
 
 
 def busy_runs(db: sqlite3.Connection, job_id: str) -> list[sqlite3.Row]:

@@ -159,8 +159,9 @@ class SmsRequestHandler(BaseHTTPRequestHandler):
             operation = target[len(TARGET_PREFIX):]
             try:
                 params = json.loads(body) if body.strip() else {}
-            except (ValueError, UnicodeDecodeError):
-                raise ServiceError("the request body is not JSON", "SerializationException") from None
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise ServiceError("the request body is not JSON (or nests too deeply)",
+                                   "SerializationException") from None
             with srv.call_lock:
                 result = srv.service.call(operation, params)
             self._send(200, result)

@@ -184,6 +184,7 @@ class DatastoreSource:
         if not disks:
             warnings.append("the .vmx names no disks")
         identity = {k: v for k, v in (("biosUuid", vmx.get("uuid.bios")),
+                                      ("instanceUuid", vmx.get("vc.uuid")),
                                       ("guestOS", vmx.get("guestos"))) if v}
         record = VmRecord(vmId=rel.as_posix(), vmName=name, vmPath=vm_path,
                           vmManagerName=self.manager_name, vmManagerId=self.manager_id,

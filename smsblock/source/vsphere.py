@@ -59,7 +59,10 @@ def parse_address(address: str) -> tuple[str, str, int, str]:
         raise UsageError("--vcenter: empty address")
     if "://" not in text:
         text = "https://" + text
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as e:
+        raise UsageError(f"--vcenter {address!r}: {e}") from None
     if parts.scheme not in ("https", "http"):
         raise UsageError(f"--vcenter {address!r}: scheme must be https or http")
     if parts.username or parts.password:
@@ -102,9 +105,15 @@ class VCenterSettings:
         if password_file:
             try:
                 with open(password_file, encoding="utf-8") as f:
-                    password = f.readline().rstrip("\r\n")
+                    line = f.readline(4096)                    # bounded: /dev/zero is no file
+                password = line.rstrip("\r\n")
+                if "\0" in password or (len(line) == 4096 and not line.endswith("\n")):
+                    raise UsageError(f"--password-file {password_file}: the first line is not a "
+                                     "password (NUL bytes, or longer than 4096 characters)")
             except OSError as e:
                 raise UsageError(f"--password-file {password_file}: {e.strerror}") from None
+            except UnicodeDecodeError:
+                raise UsageError(f"--password-file {password_file}: not UTF-8 text") from None
             if not password:
                 raise UsageError(f"--password-file {password_file}: the first line is empty")
         else:
@@ -146,7 +155,11 @@ class VCenterSettings:
     def ssl_context(self) -> ssl.SSLContext:
         """Verification against the CA bundle (or the system's CAs); ``insecure`` turns
         off only the hostname and validity-period checks, as the guide's switch does."""
-        ctx = ssl.create_default_context(cafile=self.ca_bundle)
+        try:
+            ctx = ssl.create_default_context(cafile=self.ca_bundle)
+        except (ssl.SSLError, OSError) as e:
+            raise UsageError(f"--ca-bundle {self.ca_bundle}: not a readable PEM certificate file "
+                             f"({getattr(e, 'reason', None) or e})") from None
         if self.insecure:
             ctx.check_hostname = False
             ctx.verify_flags |= _NO_CHECK_TIME
