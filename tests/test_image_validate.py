@@ -243,3 +243,19 @@ def test_rules_are_replaceable(tmp_path, monkeypatch):
 def test_finding_severity_is_checked():
     with pytest.raises(ValueError):
         Finding("fatal", "x", "y")
+
+
+@pytest.mark.parametrize("boot_code, want_error", [("grub2", False), ("syslinux", True)])
+def test_unreadable_jfs_root_is_a_warning_not_a_refusal(boot_code, want_error):
+    """The guide allows a Linux root on JFS, which OS detection cannot read: no OS found is
+    then a warning (OS list not checked), and the GRUB rule still applies."""
+    part = PartitionReport(1, 1 << 20, 64 << 20, "0x83", True, "jfs", None, None, "primary")
+    report = InspectionReport(65 << 20, "mbr", [part], boot_code=boot_code)
+    findings = validate(report)
+    codes = {f.code: f.severity for f in findings}
+    assert codes.get("os-not-read") == "warning" and "os-not-found" not in codes
+    assert ("bootloader-unsupported" in codes) is want_error
+    # a disk with nothing an OS could live on is still refused
+    bare = InspectionReport(65 << 20, "mbr", [PartitionReport(1, 1 << 20, 64 << 20, "0x82", False, "swap",
+                                                              None, None, "primary")], boot_code="grub2")
+    assert {f.code: f.severity for f in validate(bare)}.get("os-not-found") == "error"

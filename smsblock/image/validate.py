@@ -15,6 +15,8 @@ from .rules import REFUSED, SUPPORTED, Rules, load_rules
 
 #: codes of the findings ``allow_unsupported`` relaxes from error to warning
 OS_LIST_CODES = ("os-unsupported", "os-refused", "os-not-found")
+# Linux root filesystems whose files OS detection reads (osdetect.py); others are only identified
+READABLE_LINUX_ROOTS = ("ext2", "ext3", "ext4", "xfs", "btrfs")
 
 
 def validate(report: InspectionReport, *, rules: Rules | None = None,
@@ -37,10 +39,25 @@ def validate(report: InspectionReport, *, rules: Rules | None = None,
     os_info = report.os
     if os_info is None:
         fs_seen = sorted({p.filesystem for p in report.partitions if p.filesystem})
-        add(Finding(ERROR, "os-not-found",
-                    "No operating system was found on the disk "
-                    f"(filesystems seen: {', '.join(fs_seen) or 'none'}); only Windows on NTFS "
-                    "and Linux with a root filesystem on ext2/3/4, XFS or Btrfs can be recognised."))
+        # allowed Linux roots whose files smsblock cannot read (JFS): the OS may be there
+        unread = [fs for fs in fs_seen if fs in rules.linux_root_filesystems
+                  and fs not in READABLE_LINUX_ROOTS]
+        if unread:
+            add(Finding(WARNING, "os-not-read",
+                        f"No operating system was recognised, but the disk has a {unread[0]} "
+                        "filesystem, which may hold a Linux root that smsblock cannot read; the "
+                        "operating system and version were not checked against the supported list."))
+            if report.boot_code not in rules.linux_bootloaders:
+                found = report.boot_code_detail or report.boot_code
+                add(Finding(ERROR, "bootloader-unsupported",
+                            f"The MBR boot code is {found}, not GRUB; Linux disks must boot with "
+                            "GRUB legacy or GRUB 2 installed in the MBR."))
+        else:
+            readable = ", ".join(fs for fs in rules.linux_root_filesystems if fs in READABLE_LINUX_ROOTS)
+            add(Finding(ERROR, "os-not-found",
+                        "No operating system was found on the disk "
+                        f"(filesystems seen: {', '.join(fs_seen) or 'none'}); only Windows on NTFS "
+                        f"and Linux with a root filesystem on {readable} can be recognised."))
         if report.boot_code == bootcode.WINDOWS and "ntfs" not in fs_seen:
             add(Finding(ERROR, "windows-not-ntfs",
                         "The disk has Windows boot code but no NTFS partition; Windows must be "
