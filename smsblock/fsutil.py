@@ -19,3 +19,13 @@ def fsync_dir(path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def remove_file(path) -> int:
+    """Delete a file; return the bytes freed (0 when it was already gone)."""
+    try:
+        size = os.path.getsize(path)
+        os.unlink(path)
+        return size
+    except FileNotFoundError:
+        return 0

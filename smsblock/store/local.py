@@ -22,7 +22,7 @@ import os
 import uuid
 
 from ..errors import RunNotFoundError, StoreError, StoreLockedError
-from ..fsutil import fsync_dir
+from ..fsutil import fsync_dir, remove_file
 from ..pack import is_pack_id
 from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id
 
@@ -229,10 +229,4 @@ class LocalStore(Store):
             return []
 
     def remove_leftover(self, name: str) -> int:
-        path = self._p("tmp", os.path.basename(name))
-        try:
-            size = os.path.getsize(path)
-            os.unlink(path)
-            return size
-        except FileNotFoundError:
-            return 0
+        return remove_file(self._p("tmp", os.path.basename(name)))

@@ -51,6 +51,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ..errors import RunNotFoundError, StoreError, StoreLockedError, UsageError
+from ..fsutil import remove_file
 from ..pack import INDEX_DTYPE, is_pack_id, pack_id_of, read_index
 from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id
 from .retry import RetryPolicy, error_code, http_status
@@ -748,13 +749,7 @@ class S3Store(Store):
             self._call(f"abort incomplete upload {uid} of s3://{self.bucket}/{key}", abort)
             return freed
         if kind == "staging":
-            path = os.path.join(self.staging_dir, os.path.basename(rest))
-            try:
-                size = os.path.getsize(path)
-                os.unlink(path)
-                return size
-            except FileNotFoundError:
-                return 0
+            return remove_file(os.path.join(self.staging_dir, os.path.basename(rest)))
         if kind == "lock":
             rel = self._rel(rest)
             if rel.startswith("locks/"):
