@@ -555,12 +555,9 @@ def restore(store, server_id: str, out_path, *, run_id: str | None = None, forma
     out_path = os.fspath(out_path)
     if format not in ("raw", "vmdk"):
         raise UsageError(f"unknown output format {format!r} (raw or vmdk)")
-    root = getattr(store, "root", None)         # a local store: never write into it
-    if root is not None:
-        real_root, real_out = os.path.realpath(root), os.path.realpath(out_path)
-        if os.path.commonpath([real_root, real_out]) == real_root:
-            raise UsageError(f"{out_path}: the restore's output must not be inside the store "
-                             f"({root})")
+    if store.holds_path(out_path):
+        raise UsageError(f"{out_path}: the restore's output must not be inside the store "
+                         f"({store.url})")
     with store.lock(exclusive=False, purpose="restore"):
         manifest = store.load_manifest(check_server_id(server_id), run_id)
         run = store.restore_source(manifest)

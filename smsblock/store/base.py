@@ -189,6 +189,10 @@ class Store(abc.ABC):
     def remove_leftover(self, name: str) -> int:
         """Remove one leftover; return the bytes freed."""
 
+    def holds_path(self, path) -> bool:
+        """Whether a local file path lies inside the store (writing there would damage it)."""
+        return False
+
     def pack_name(self, pack_id: str) -> str:
         """How a pack is named in messages (a path or a URL)."""
         return pack_id

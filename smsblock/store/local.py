@@ -222,6 +222,10 @@ class LocalStore(Store):
             pass
 
     # -- leftovers --------------------------------------------------------------------
+    def holds_path(self, path) -> bool:
+        root, target = os.path.realpath(self.root), os.path.realpath(path)
+        return os.path.commonpath([root, target]) == root
+
     def list_leftovers(self) -> list[str]:
         try:
             return sorted(os.listdir(self._p("tmp")))
