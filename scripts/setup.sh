@@ -1,29 +1,45 @@
 #!/usr/bin/env bash
-# Set up everything smsblock and its tests need on a fresh Debian 12 machine (as root):
-# Debian packages (disk, filesystem and build tools), Python packages, the native build.
-# Idempotent: a second run installs nothing and only rebuilds what changed.
+# Set up what smsblock needs on a fresh Debian 12 machine (as root), in two weights:
 #
-#   scripts/setup.sh            release build (demo, benchmarks)
-#   scripts/setup.sh --debug    Cython bounds/wraparound checks on (the test build)
+#   scripts/setup.sh            the demo's weight: the native build's packages, the tools the
+#                               demo runs (sfdisk, mkfs.ext4, debugfs, GRUB's boot.img), the
+#                               core Python packages and the image extra; release build
+#   scripts/setup.sh --debug    the tests' weight: all of the above plus the oracles, peers and
+#                               simulators the tests use (qemu-img, mkfs tools, moto, the AWS
+#                               CLI, vcsim, ...); Cython bounds/wraparound checks on
+#   scripts/setup.sh --full     the tests' weight with the release build (benchmarks)
+#
+# Idempotent: a second run installs nothing and only rebuilds what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-DEBUG=0
-[ "${1:-}" = "--debug" ] && DEBUG=1
+DEBUG=0    # Cython checks on (the test build)
+FULL=0     # everything the tests and benchmarks use
+case "${1:-}" in
+  --debug) DEBUG=1; FULL=1 ;;
+  --full) FULL=1 ;;
+  "") ;;
+  *) echo "usage: scripts/setup.sh [--debug|--full]" >&2; exit 2 ;;
+esac
 
 DEB_PACKAGES=(
   # native build: deflate (VMDK grains), xxh3 (change hash), zstd
   build-essential libdeflate-dev libxxhash-dev libzstd-dev
+  # the demo's sample disk: partition table, ext4 root, a file changed in it, MBR boot code
+  fdisk e2fsprogs grub-pc-bin
+)
+TEST_DEB_PACKAGES=(
   # disk-format oracle and peers measured by the benchmarks
   qemu-utils xxhash zstd
   # a second, independent streamOptimized VMDK writer the writer tests compare layouts with
   python3-vmdkstream
   # real tools that make test disks and filesystems (image step)
-  fdisk e2fsprogs xfsprogs btrfs-progs jfsutils ntfs-3g dosfstools grub-pc-bin
+  xfsprogs btrfs-progs jfsutils ntfs-3g dosfstools
   # image step tests: registry hive writer, GRUB legacy stage1, other MBR boot codes
   libwin-hivex-perl grub-legacy syslinux-common mbr
 )
+[ $FULL = 1 ] && DEB_PACKAGES+=("${TEST_DEB_PACKAGES[@]}")
 
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
@@ -32,11 +48,11 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# Python packages: the project itself (editable) with its test and optional extras.
+# Python packages: the project itself (editable) with the extras of this weight.
 # Build isolation is off so the build uses the Cython installed here.
 pip_install() {
   local log
@@ -48,10 +64,16 @@ pip_install() {
   rm -f "$log"
 }
 pip_install "cython>=3.0" "setuptools>=64" wheel
-pip_install --no-build-isolation -e ".[test,cloud,vsphere,image]"
+if [ $FULL = 1 ]; then
+  pip_install --no-build-isolation -e ".[test,cloud,vsphere,image]"
+else
+  pip_install --no-build-isolation -e ".[image]"
+fi
 
 # The native modules, in place, in the requested mode.
 SMSBLOCK_DEBUG=$DEBUG $PYTHON setup.py -q build_ext --inplace -j 2
 $PYTHON -c "import smsblock" || { echo "setup: smsblock does not import" >&2; exit 1; }
-scripts/build-vcsim.sh   # vCenter simulator for the vSphere source's tests (Go, GOPATH mode)
+if [ $FULL = 1 ]; then
+  scripts/build-vcsim.sh   # vCenter simulator for the vSphere source's tests (Go, GOPATH mode)
+fi
 echo "setup: ready ($([ $DEBUG = 1 ] && echo debug || echo release) build)"
