@@ -80,10 +80,11 @@ def test_sms_verbs_walkthrough(state, capsys):
               json.dumps([addr]))
     assert [s["serverId"] for s in filt["serverList"]] == [server["serverId"]]
 
-    seed = datetime.now(timezone.utc).isoformat()
+    # the seed slot an hour ahead: an on-demand run now does not wait for it
+    seed = datetime.fromtimestamp(time.time() + 3600, tz=timezone.utc).isoformat()
     job = ok(capsys, "sms", "create-replication-job", "--state", st, "--server-id",
              server["serverId"], "--seed-replication-time", seed, "--frequency", 12,
-             "--no-run-once", "--license-type", "AWS", "--role-name", "sms",
+             "--no-run-once", "--license-type", "BYOL", "--role-name", "sms",
              "--number-of-recent-amis-to-keep", 1)["replicationJobId"]
     # epoch seconds work too
     other = rest["serverList"][0]["serverId"]
