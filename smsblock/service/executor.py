@@ -231,6 +231,9 @@ class RunExecutor:
         now = self.clock()
         run_id, job_id = ctx.run["run_id"], ctx.job["job_id"]
         doomed: list[str] = []
+        orphan = None
+        # the job's state is read in the transaction that records the image: a deletion
+        # committed before it means no image, one after it finds the image recorded
         with self.state.transaction() as db:
             if job_deleted(db, job_id):
                 if ami_id is None:
@@ -241,48 +244,9 @@ class RunExecutor:
                 # image and comes back here
                 orphan = ami_id
             else:
-                orphan = None
+                doomed = self._record_completed(db, ctx, ami_id, summary, message, now)
         if orphan is not None:
-            detail = f"; its image {orphan} was deregistered"
-            try:
-                self.image_step.deregister(orphan)
-            except ImageNotFoundError:
-                pass
-            except SmsBlockError as e:
-                log.warning("run %s: could not deregister image %s of deleted job %s: %s",
-                            run_id, orphan, job_id, e)
-                detail = f"; its image {orphan} could not be deregistered: {_one_line(e)}"
-            with self.state.transaction() as db:
-                _end_deleted(db, run_id, self.clock(), detail)
-            return ReplicationRunState.DELETED.value
-        with self.state.transaction() as db:
-            db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ?, ami_id = ?, "
-                       "stage = NULL, stage_progress = NULL, store_run_id = ?, summary = ? "
-                       "WHERE run_id = ?",
-                       (ReplicationRunState.COMPLETED.value, message, now, ami_id,
-                        summary.get("disks", [{}])[0].get("run_id"), json.dumps(summary), run_id))
-            job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            sets = {"status_message": f"run {run_id} completed"
-                    + (f": image {ami_id}" if ami_id else "")}
-            if ami_id:
-                sets["latest_ami_id"] = ami_id
-                db.execute("INSERT INTO images (ami_id, job_id, run_id, created) VALUES (?,?,?,?)",
-                           (ami_id, job_id, run_id, now))
-                keep = job["amis_to_keep"]
-                if keep > 0:
-                    live = db.execute("SELECT ami_id FROM images WHERE job_id = ? AND "
-                                      "deregistered IS NULL ORDER BY created DESC, rowid DESC",
-                                      (job_id,)).fetchall()
-                    doomed = [r["ami_id"] for r in live[keep:]]
-            if ReplicationJobState(job["state"]) in LIVE_JOB_STATES:
-                # a completed run ends FAILING / PAUSED_ON_FAILURE; run-once jobs are done
-                if job["run_once"]:
-                    sets["state"] = ReplicationJobState.COMPLETED.value
-                    sets["next_run_time"] = None
-                else:
-                    sets["state"] = ReplicationJobState.ACTIVE.value
-            cols = ", ".join(f"{k} = ?" for k in sets)
-            db.execute(f"UPDATE jobs SET {cols} WHERE job_id = ?", (*sets.values(), job_id))
+            return self._drop_image_of_deleted_job(ctx, orphan)
         for ami in doomed:     # outside the transaction: the image step may be slow
             try:
                 self.image_step.deregister(ami)
@@ -295,6 +259,56 @@ class RunExecutor:
                 db.execute("UPDATE images SET deregistered = ? WHERE ami_id = ?",
                            (self.clock(), ami))
         return ReplicationRunState.COMPLETED.value
+
+    def _drop_image_of_deleted_job(self, ctx: RunContext, ami_id: str) -> str:
+        run_id = ctx.run["run_id"]
+        detail = f"; its image {ami_id} was deregistered"
+        try:
+            self.image_step.deregister(ami_id)
+        except ImageNotFoundError:
+            pass
+        except SmsBlockError as e:
+            log.warning("run %s: could not deregister image %s of deleted job %s: %s",
+                        run_id, ami_id, ctx.job["job_id"], e)
+            detail = f"; its image {ami_id} could not be deregistered: {_one_line(e)}"
+        with self.state.transaction() as db:
+            _end_deleted(db, run_id, self.clock(), detail)
+        return ReplicationRunState.DELETED.value
+
+    def _record_completed(self, db, ctx: RunContext, ami_id: str | None, summary: dict,
+                          message: str, now: float) -> list[str]:
+        """Inside the caller's transaction: the run COMPLETED, its image recorded, the job
+        moved on; returns the job's images to deregister (numberOfRecentAmisToKeep)."""
+        run_id, job_id = ctx.run["run_id"], ctx.job["job_id"]
+        doomed: list[str] = []
+        db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ?, ami_id = ?, "
+                   "stage = NULL, stage_progress = NULL, store_run_id = ?, summary = ? "
+                   "WHERE run_id = ?",
+                   (ReplicationRunState.COMPLETED.value, message, now, ami_id,
+                    summary.get("disks", [{}])[0].get("run_id"), json.dumps(summary), run_id))
+        job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        sets = {"status_message": f"run {run_id} completed"
+                + (f": image {ami_id}" if ami_id else "")}
+        if ami_id:
+            sets["latest_ami_id"] = ami_id
+            db.execute("INSERT INTO images (ami_id, job_id, run_id, created) VALUES (?,?,?,?)",
+                       (ami_id, job_id, run_id, now))
+            keep = job["amis_to_keep"]
+            if keep > 0:
+                live = db.execute("SELECT ami_id FROM images WHERE job_id = ? AND "
+                                  "deregistered IS NULL ORDER BY created DESC, rowid DESC",
+                                  (job_id,)).fetchall()
+                doomed = [r["ami_id"] for r in live[keep:]]
+        if ReplicationJobState(job["state"]) in LIVE_JOB_STATES:
+            # a completed run ends FAILING / PAUSED_ON_FAILURE; run-once jobs are done
+            if job["run_once"]:
+                sets["state"] = ReplicationJobState.COMPLETED.value
+                sets["next_run_time"] = None
+            else:
+                sets["state"] = ReplicationJobState.ACTIVE.value
+        cols = ", ".join(f"{k} = ?" for k in sets)
+        db.execute(f"UPDATE jobs SET {cols} WHERE job_id = ?", (*sets.values(), job_id))
+        return doomed
 
     # --- restart --------------------------------------------------------------------
 
