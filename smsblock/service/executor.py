@@ -21,8 +21,8 @@ or after it (the image belongs to the job, and images are kept).
 
 Every state change is one transaction.  A process killed while a run is ACTIVE leaves
 it ACTIVE; :meth:`RunExecutor.recover_orphaned_runs` (called when the connector comes
-back) marks it FAILED with the reason, and the next run resumes from the blocks already
-stored.  Before the image step starts, the run records the stored run the image is made
+back) marks it FAILED with the reason (DELETED if its job was deleted), and the next
+run resumes from the blocks already stored.  Before the image step starts, the run records the stored run the image is made
 from, so a process killed between registering the image and recording the run leaves a
 run that the restart completes with that image instead of an image nothing points to.
 
@@ -316,7 +316,9 @@ class RunExecutor:
         """Settle the runs a dead process of this connector left ACTIVE (call only while
         holding the connector's lock).  A run killed after its image was registered but
         before it was recorded is COMPLETED with that image, so no image is left that
-        nothing points to; every other one is FAILED with the reason."""
+        nothing points to (when its job was deleted meanwhile, the image is deregistered
+        and the run ends DELETED); every other one is FAILED with the reason (DELETED for
+        a deleted job)."""
         find = getattr(self.image_step, "find", None)
         rows = self.state.query(
             "SELECT r.run_id FROM runs r JOIN jobs j ON j.job_id = r.job_id "
