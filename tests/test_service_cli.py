@@ -80,10 +80,11 @@ def test_sms_verbs_walkthrough(state, capsys):
               json.dumps([addr]))
     assert [s["serverId"] for s in filt["serverList"]] == [server["serverId"]]
 
-    seed = datetime.now(timezone.utc).isoformat()
+    # the seed slot an hour ahead: an on-demand run now does not wait for it
+    seed = datetime.fromtimestamp(time.time() + 3600, tz=timezone.utc).isoformat()
     job = ok(capsys, "sms", "create-replication-job", "--state", st, "--server-id",
              server["serverId"], "--seed-replication-time", seed, "--frequency", 12,
-             "--no-run-once", "--license-type", "AWS", "--role-name", "sms",
+             "--no-run-once", "--license-type", "BYOL", "--role-name", "sms",
              "--number-of-recent-amis-to-keep", 1)["replicationJobId"]
     # epoch seconds work too
     other = rest["serverList"][0]["serverId"]
@@ -178,3 +179,32 @@ def test_connector_run_loop_executes_due_runs_into_the_given_store(tmp_path, cap
     from smsblock.store import open_store
     assert len(open_store(store).list_run_ids(server)) == 1   # blocks went to --store
     assert not (st / "store").exists()
+
+
+def test_license_role_and_deleted_jobs_through_the_cli(state, capsys):
+    """The SMS rules as `smsblock sms` shows them: a Linux server (the test VMs' .vmx say
+    ubuntu-64) defaults to BYOL and refuses AWS, role names are ASCII IAM names, and a
+    deleted job stays listed as DELETED."""
+    st, _ = state
+    ok(capsys, "sms", "import-server-catalog", "--state", st)
+    server = ok(capsys, "sms", "get-servers", "--state", st)["serverList"][0]["serverId"]
+    seed = int(time.time()) + 3600
+    base = ("sms", "create-replication-job", "--state", st, "--server-id", server,
+            "--seed-replication-time", seed, "--frequency", 12)
+    status, out, err = cli(capsys, *base, "--license-type", "AWS")
+    assert status == 255 and out == "" and len(err.strip().splitlines()) == 1
+    assert "(InvalidParameterException)" in err and "Linux" in err and "BYOL" in err
+    status, _, err = cli(capsys, *base, "--role-name", "sms-rôle")
+    assert status == 255 and "roleName" in err and "ASCII" in err
+    job = ok(capsys, *base, "--role-name", "sms-role")["replicationJobId"]
+    (j,) = ok(capsys, "sms", "get-replication-jobs", "--state", st)["replicationJobList"]
+    assert (j["licenseType"], j["roleName"]) == ("BYOL", "sms-role")
+    ok(capsys, "sms", "delete-replication-job", "--state", st, "--replication-job-id", job)
+    (j,) = ok(capsys, "sms", "get-replication-jobs", "--state", st)["replicationJobList"]
+    assert (j["replicationJobId"], j["state"]) == (job, "DELETED")
+    [s] = [s for s in ok(capsys, "sms", "get-servers", "--state", st)["serverList"]
+           if s["serverId"] == server]
+    assert s["replicationJobTerminated"] is True
+    status, _, err = cli(capsys, "sms", "start-on-demand-replication-run", "--state", st,
+                         "--replication-job-id", job)
+    assert status == 255 and "(ReplicationJobNotFoundException)" in err and "deleted" in err

@@ -146,12 +146,12 @@ def test_stages_progress_and_image_retention(tmp_path, monkeypatch):
 def test_the_real_image_step_registers_a_bootable_disk_and_refuses_a_blank_one(tmp_path):
     from test_service_sources import bootable_image
     svc, server, _ = setup(tmp_path, image=bootable_image(tmp_path / "img"))
-    job = job_for(svc, server, licenseType="AWS", runOnce=True, frequency=None)
+    job = job_for(svc, server, runOnce=True, frequency=None)   # Linux: BYOL by default
     ex = RunExecutor(svc.state, svc.clock)
     run = run_now(svc, job, ex)
     assert run["state"] == "COMPLETED" and run["amiId"].startswith("ami-"), run
     record = json.loads((svc.state.dir / "images" / run["amiId"] / "image.json").read_text())
-    assert record["source"]["server_id"] == server and record["license_type"] == "AWS"
+    assert record["source"]["server_id"] == server and record["license_type"] == "BYOL"
     (j,) = svc.get_replication_jobs()["replicationJobList"]
     assert j["state"] == "COMPLETED"   # run once: done after its run
 
@@ -241,12 +241,77 @@ def test_deleting_the_job_cancels_its_active_run_then_removes_its_blocks(tmp_pat
     with ConnectorLoop(svc, executor=RunExecutor(svc.state, svc.clock, replicate=replicate,
                                                  use_default_image_step=False)) as loop:
         done = loop.run_once()
-    assert done["failed"] == [run] and done["deleted_jobs"] == [job]
+    assert done["deleted_runs"] == [run] and done["failed"] == []
+    assert done["deleted_jobs"] == [job]
     row = svc.state.query("SELECT state, status_message FROM runs WHERE run_id = ?", (run,))[0]
-    assert row[0] == "FAILED" and "deleted" in row[1]
+    assert row[0] == "DELETED" and "deleted" in row[1]    # DELETED, not FAILED
     from smsblock.store import open_store
     assert open_store(svc.state.dir / "store").list_run_ids(server) == []
-    assert svc.get_replication_jobs()["replicationJobList"] == []
+    (j,) = svc.get_replication_jobs()["replicationJobList"]
+    assert j["state"] == "DELETED"
+    assert [r["state"] for r in j["replicationRunList"]] == ["DELETED", "COMPLETED"]
+
+
+class _DeletingImageStep:
+    """The real local image step; the job's deletion arrives right after the image is
+    registered, before the run is recorded (the last moment of the race)."""
+
+    def __init__(self, inner, delete):
+        self.inner, self.delete = inner, delete
+        self.made: list[str] = []
+
+    def register(self, *args, **kwargs):
+        ami = self.inner.register(*args, **kwargs)
+        self.made.append(ami)
+        assert (self.inner.catalog.root / ami).is_dir()    # registered for real
+        self.delete()
+        return ami
+
+    def deregister(self, ami_id):
+        self.inner.deregister(ami_id)
+
+    def find(self, server_id, run_id):
+        return self.inner.find(server_id, run_id)
+
+
+def test_a_job_deleted_while_its_run_converts_gets_no_image(tmp_path):
+    """The race for real: the image step (the real one) has written and registered the
+    image when the deletion arrives.  The run ends DELETED, the image is deregistered,
+    and nothing records it: no amiId, no latestAmiId, no images row, no catalog entry."""
+    from test_service_sources import bootable_image
+    svc, server, _ = setup(tmp_path, image=bootable_image(tmp_path / "img"))
+    job = job_for(svc, server)
+    step = _DeletingImageStep(executor_mod.default_image_step(svc.state.dir),
+                              lambda: svc.delete_replication_job(replicationJobId=job))
+    run = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
+    with ConnectorLoop(svc, executor=RunExecutor(svc.state, svc.clock, image_step=step)) as loop:
+        done = loop.run_once()
+    assert len(step.made) == 1                       # the image was made ...
+    assert done["deleted_runs"] == [run] and done["completed"] == []
+    assert done["deleted_jobs"] == [job]
+    r = svc.get_replication_runs(replicationJobId=job)["replicationRunList"][0]
+    assert r["state"] == "DELETED" and "amiId" not in r, r
+    assert step.made[0] in r["statusMessage"] and "deregistered" in r["statusMessage"]
+    (j,) = svc.get_replication_jobs()["replicationJobList"]
+    assert j["state"] == "DELETED" and "latestAmiId" not in j
+    assert svc.state.query("SELECT * FROM images") == []
+    assert step.inner.catalog.list() == []           # ... and is gone again
+    assert not any(p.name.startswith("ami-") for p in (svc.state.dir / "images").iterdir())
+
+
+def test_a_run_left_active_of_a_deleted_job_ends_deleted(tmp_path):
+    svc, server, _ = setup(tmp_path)
+    job = job_for(svc, server)
+    run = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
+    RunExecutor(svc.state, svc.clock)._claim(run)   # ACTIVE, then the process "dies"
+    svc.delete_replication_job(replicationJobId=job)
+    with ConnectorLoop(svc) as loop:
+        done = loop.run_once()
+    assert done["recovered"] == [run] and done["deleted_jobs"] == [job]
+    r = svc.get_replication_runs(replicationJobId=job)["replicationRunList"][0]
+    assert r["state"] == "DELETED" and "connector had stopped" in r["statusMessage"]
+    (j,) = svc.get_replication_jobs()["replicationJobList"]
+    assert j["state"] == "DELETED"
 
 
 def test_a_run_left_active_fails_when_the_connector_comes_back(tmp_path):
@@ -376,6 +441,34 @@ def test_kill9_after_the_image_is_registered_completes_the_run_on_restart(tmp_pa
     assert (r["state"], r.get("amiId")) == ("COMPLETED", image), r
     (j,) = svc.get_replication_jobs()["replicationJobList"]
     assert j["latestAmiId"] == image and j["state"] == "ACTIVE"
+
+
+def test_kill9_after_the_image_is_registered_of_a_deleted_job_leaves_no_image(tmp_path):
+    """kill -9 between registering the image and recording the run, then the job is
+    deleted before the connector comes back: the restarted connector finds the image,
+    deregisters it and ends the run DELETED."""
+    from test_service_sources import bootable_image
+    svc, server, _ = setup(tmp_path, image=bootable_image(tmp_path / "img"), clock=time.time)
+    job = job_for(svc, server)
+    run = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
+    script = tmp_path / "killed_connector.py"
+    script.write_text(KILLED_AFTER_REGISTERING)
+    proc = subprocess.run([sys.executable, str(script), str(svc.state.dir)], timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+    assert proc.returncode == -signal.SIGKILL
+    [image] = [d.name for d in (svc.state.dir / "images").iterdir() if d.name.startswith("ami-")]
+    svc.delete_replication_job(replicationJobId=job)
+    out = subprocess.run([sys.executable, "-m", "smsblock", "connector", "run", "--state",
+                          str(svc.state.dir), "--once"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    did = json.loads(out.stdout)
+    assert did["recovered"] == [run] and did["deleted_jobs"] == [job]
+    r = svc.get_replication_runs(replicationJobId=job)["replicationRunList"][0]
+    assert r["state"] == "DELETED" and "amiId" not in r and image in r["statusMessage"], r
+    assert not any(p.name.startswith("ami-") for p in (svc.state.dir / "images").iterdir())
+    assert svc.state.query("SELECT * FROM images") == []
+    (j,) = svc.get_replication_jobs()["replicationJobList"]
+    assert j["state"] == "DELETED" and "latestAmiId" not in j
 
 
 def test_a_disassociated_connector_stops(tmp_path):

@@ -222,6 +222,11 @@ def test_seed_time_window(env):
 
 
 @pytest.mark.parametrize("params,code", [
+    ({"roleName": "rôle"}, "InvalidParameterException"),            # IAM names are ASCII
+    ({"roleName": "sms\n"}, "InvalidParameterException"),
+    ({"roleName": "r" * 65}, "InvalidParameterException"),
+    ({"roleName": ""}, "InvalidParameterException"),
+    ({"roleName": "роль"}, "InvalidParameterException"),
     ({"frequency": 11}, "InvalidParameterException"),
     ({"frequency": 25}, "InvalidParameterException"),
     ({"frequency": None}, "MissingRequiredParameterException"),
@@ -239,6 +244,80 @@ def test_seed_time_window(env):
 def test_create_job_refusals(env, params, code):
     svc, _, servers, _, _ = env
     refused(svc, code, new_job, svc, servers[0], **params)
+
+
+def test_role_names_are_iam_role_names(env):
+    svc, _, servers, _, _ = env
+    ok = "A-z_0.9+=,@" + "r" * 53     # every allowed character class, 64 in all
+    job = new_job(svc, servers[0], roleName=ok)
+    assert svc.get_replication_jobs()["replicationJobList"][0]["roleName"] == ok
+    svc.update_replication_job(replicationJobId=job, roleName="x")
+    assert svc.get_replication_jobs()["replicationJobList"][0]["roleName"] == "x"
+
+
+def test_identifiers_must_match_whole(env):
+    """Every id check matches the whole string: a trailing newline (which ``$`` lets
+    through) is not an id."""
+    svc, _, servers, conn, _ = env
+    job = new_job(svc, servers[0])
+    for fn, kw in ((svc.get_replication_jobs, {"replicationJobId": job + "\n"}),
+                   (svc.get_replication_runs, {"replicationJobId": job + "\n"}),
+                   (svc.update_replication_job, {"replicationJobId": job + "\n", "frequency": 24}),
+                   (svc.delete_replication_job, {"replicationJobId": job + "\n"}),
+                   (svc.start_on_demand_replication_run, {"replicationJobId": job + "\n"})):
+        e = refused(svc, "InvalidParameterException", fn, **kw)
+        assert "is not a replication job id" in str(e)
+    svc.delete_replication_job(replicationJobId=job)
+    e = refused(svc, "InvalidParameterException", new_job, svc, servers[0] + "\n")
+    assert "is not a server id" in str(e)
+    e = refused(svc, "InvalidParameterException", svc.disassociate_connector,
+                connectorId=conn["connectorId"] + "\n")
+    assert "is not a connector id" in str(e)
+    for pattern, value in ((CONNECTOR_ID, new_connector_id()), (SERVER_ID, new_server_id()),
+                           (JOB_ID, new_job_id()), (RUN_ID, new_run_id())):
+        assert pattern.fullmatch(value) and not pattern.match(value + "\n")
+
+
+def _set_guest(ds, folder, guest):
+    vmx = next((ds / folder).glob("*.vmx"))
+    text = vmx.read_text().replace('guestOS = "ubuntu-64"\n', "")
+    vmx.write_text(text + (f'guestOS = "{guest}"\n' if guest else ""))
+
+
+@pytest.mark.parametrize("guest,default,aws_ok", [
+    ("ubuntu-64", "BYOL", False),                 # .vmx guestOS ids
+    ("rhel8-64", "BYOL", False),
+    ("other4xlinux-64", "BYOL", False),
+    ("ubuntu64Guest", "BYOL", False),             # vCenter guestId
+    ("centos7_64Guest", "BYOL", False),
+    ("windows9srv-64", "AWS", True),
+    ("windows2019srv_64Guest", "AWS", True),
+    ("winNetStandardGuest", "AWS", True),
+    ("otherGuest", "BYOL", True),                 # not known to be Linux: both allowed
+    ("freebsd-64", "BYOL", True),
+    (None, "BYOL", True),
+])
+def test_license_type_follows_the_guest_os(env, guest, default, aws_ok):
+    """SMS's "Auto" license: AWS for Windows, BYOL otherwise; a Linux server is BYOL
+    only, on create and on update."""
+    svc, _, servers, _, ds = env
+    _set_guest(ds, "DC1/prod/vm0", guest)
+    svc.import_server_catalog()
+    server = [s["serverId"] for s in svc.get_servers()["serverList"]
+              if s["vmServer"]["vmName"] == "vm 0"][0]
+    if not aws_ok:
+        e = refused(svc, "InvalidParameterException", new_job, svc, server, licenseType="AWS")
+        assert "Linux" in str(e) and "BYOL" in str(e) and guest in str(e)
+    job = new_job(svc, server)
+    assert svc.get_replication_jobs()["replicationJobList"][0]["licenseType"] == default
+    if aws_ok:
+        svc.update_replication_job(replicationJobId=job, licenseType="AWS")
+        assert svc.get_replication_jobs()["replicationJobList"][0]["licenseType"] == "AWS"
+    else:
+        refused(svc, "InvalidParameterException", svc.update_replication_job,
+                replicationJobId=job, licenseType="AWS")
+    svc.update_replication_job(replicationJobId=job, licenseType="BYOL")
+    assert svc.get_replication_jobs()["replicationJobList"][0]["licenseType"] == "BYOL"
 
 
 def test_frequency_bounds_and_run_once(env):
@@ -294,6 +373,8 @@ def test_update_job_changes_the_allowed_fields(env):
 @pytest.mark.parametrize("params,code", [
     ({"replicationJobId": "sms-job-00000000"}, "ReplicationJobNotFoundException"),
     ({"replicationJobId": "job-1"}, "InvalidParameterException"),
+    ({"roleName": "rôle"}, "InvalidParameterException"),
+    ({"roleName": "sms\n"}, "InvalidParameterException"),
     ({"frequency": 30}, "InvalidParameterException"),
     ({"nextReplicationRunStartTime": T0 - DAY}, "InvalidParameterException"),
     ({"nextReplicationRunStartTime": T0 + 31 * DAY}, "InvalidParameterException"),
@@ -311,14 +392,57 @@ def test_delete_of_a_job_that_never_ran_is_immediate(env):
     job = new_job(svc, servers[0])
     svc.tick()   # makes the first (PENDING) run
     svc.delete_replication_job(replicationJobId=job)
-    assert svc.get_replication_jobs()["replicationJobList"] == []
-    refused(svc, "ReplicationJobNotFoundException", svc.get_replication_runs, replicationJobId=job)
-    refused(svc, "ReplicationJobNotFoundException", svc.delete_replication_job,
-            replicationJobId=job)
-    runs = svc.state.query("SELECT state FROM runs")
-    assert [r["state"] for r in runs] == ["DELETED"]
-    # the server can have a new job
-    new_job(svc, servers[0])
+    # a deleted job stays listed, in state DELETED, with its runs (as SMS lists it)
+    (j,) = svc.get_replication_jobs()["replicationJobList"]
+    assert (j["replicationJobId"], j["state"]) == (job, "DELETED")
+    assert [r["state"] for r in j["replicationRunList"]] == ["DELETED"]
+    assert "nextReplicationRunStartTime" not in j
+    assert svc.get_replication_jobs(replicationJobId=job)["replicationJobList"] == [j]
+    out = svc.get_replication_runs(replicationJobId=job)
+    assert out["replicationJob"]["state"] == "DELETED"
+    assert [r["state"] for r in out["replicationRunList"]] == ["DELETED"]
+    # ... but nothing acts on it any more
+    for fn in (svc.delete_replication_job, svc.start_on_demand_replication_run):
+        e = refused(svc, "ReplicationJobNotFoundException", fn, replicationJobId=job)
+        assert "deleted" in str(e)
+    refused(svc, "ReplicationJobNotFoundException", svc.update_replication_job,
+            replicationJobId=job, frequency=24)
+    clock.advance(5 * DAY)
+    assert svc.tick() == []
+    # the server can have a new job; both are listed, the old one DELETED
+    job2 = new_job(svc, servers[0])
+    assert [(x["replicationJobId"], x["state"]) for x in
+            svc.get_replication_jobs()["replicationJobList"]] == [(job, "DELETED"),
+                                                                   (job2, "PENDING")]
+    s = [s for s in svc.get_servers()["serverList"] if s["serverId"] == servers[0]][0]
+    assert s["replicationJobId"] == job2 and s["replicationJobTerminated"] is False
+
+
+def test_replication_job_terminated_only_for_deleted_or_failed_jobs(env):
+    svc, clock, servers, _, _ = env
+
+    def terminated(server):
+        s = [s for s in svc.get_servers()["serverList"] if s["serverId"] == server][0]
+        return s.get("replicationJobTerminated")
+
+    assert terminated(servers[0]) is None                 # no job
+    job = new_job(svc, servers[0], frequency=None, runOnce=True)
+    assert terminated(servers[0]) is False
+    svc.tick()
+    finish_runs(svc)
+    with svc.state.transaction() as db:   # what the executor does after a run-once run
+        db.execute("UPDATE jobs SET state = 'COMPLETED', next_run_time = NULL")
+    assert svc.get_replication_jobs()["replicationJobList"][0]["state"] == "COMPLETED"
+    assert terminated(servers[0]) is False                # done as planned, not terminated
+    for state, expected in (("PAUSED_ON_FAILURE", False), ("FAILING", False),
+                            ("DELETING", False), ("FAILED", True)):
+        with svc.state.transaction() as db:
+            db.execute("UPDATE jobs SET state = ?", (state,))
+        assert terminated(servers[0]) is expected, state
+    with svc.state.transaction() as db:
+        db.execute("UPDATE jobs SET state = 'ACTIVE'")
+    svc.delete_replication_job(replicationJobId=job)      # never started a run: DELETED
+    assert terminated(servers[0]) is True
 
 
 def test_delete_of_a_job_that_ran_waits_for_the_connector(env):

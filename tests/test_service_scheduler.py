@@ -3,18 +3,23 @@ ticks, on-demand requests, runs starting and finishing, with an injected clock.
 
 The rules checked after every step:
 * a due tick makes one AUTOMATIC run at the latest passed slot of the grid
-  ``next + k * frequency`` (MISSED exactly when another run of the job was busy), and the
-  next slot is one step later; runs are in increasing order and never in the future;
+  ``next + k * frequency`` (MISSED exactly when another run of the job was in progress
+  at the slot's time - made at or before it, not ended then - whatever happened between
+  the slot and the tick), and the next slot is one step later; runs are in increasing
+  order and never in the future;
 * updates of frequency and next run time are accepted exactly within the rules and move
   the grid;
 * a job never has two busy (PENDING/ACTIVE) runs;
 * no 24-hour window holds more than 2 on-demand runs, and an on-demand request is
-  refused exactly when the model says so (busy run, or the quota);
+  refused exactly when the model says so (busy run, or the quota); a slot that came
+  before the request is settled first, as a tick would (so the request is refused when
+  the slot's run is PENDING), and a refused request changes nothing;
 * after a tick, the next run time is in the future.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -57,6 +62,8 @@ class Scheduling(RuleBasedStateMachine):
         self.server = self.svc.get_servers()["serverList"][0]["serverId"]
         self.on_demand_created: list[float] = []
         self.slots: list[float] = []
+        # the model's runs that occupy the job: [made at, ended at (None: still busy)]
+        self.occupancy: list[list] = []
 
     def teardown(self):
         self.svc.close()
@@ -83,6 +90,33 @@ class Scheduling(RuleBasedStateMachine):
         return self.svc.state.query("SELECT next_run_time FROM jobs WHERE job_id = ?",
                                     (self.job,))[0][0]
 
+    def expected_slot(self):
+        """What settling the schedule now must make: None (no slot has come), or the
+        latest slot of the grid next + k * frequency that has come and its run's state."""
+        nxt, now = self.next_time(), self.clock()
+        if nxt > now:
+            return None
+        step = self.frequency * H
+        slot = nxt + math.floor((now - nxt) / step) * step
+        occupied = any(made <= slot and (ended is None or ended > slot)
+                       for made, ended in self.occupancy)
+        return slot, "MISSED" if occupied else "PENDING"
+
+    def check_settled(self, expect, before: set[str]):
+        new = [r for r in self.runs() if r["run_id"] not in before and r["type"] == "AUTOMATIC"]
+        if expect is None:
+            assert new == []
+        else:
+            slot, state = expect
+            (run,) = new
+            assert run["state"] == state, (dict(run), self.occupancy)
+            assert run["scheduled_start"] == pytest.approx(slot)
+            assert self.next_time() == pytest.approx(slot + self.frequency * H)
+            self.slots.append(run["scheduled_start"])
+            if state == "PENDING":
+                self.occupancy.append([self.clock(), None])
+        assert self.next_time() > self.clock()
+
     # --- rules -----------------------------------------------------------------------
 
     @rule(hours=st.floats(0, 40))
@@ -91,25 +125,10 @@ class Scheduling(RuleBasedStateMachine):
 
     @rule()
     def tick(self):
-        was_busy = bool(self.busy())
-        next_before = self.next_time()
-        due = next_before <= self.clock()
+        expect = self.expected_slot()
         before = {r["run_id"] for r in self.runs()}
         self.svc.tick()
-        new = [r for r in self.runs() if r["run_id"] not in before]
-        if not due:
-            assert new == []
-        else:
-            (run,) = new
-            assert run["type"] == "AUTOMATIC"
-            assert run["state"] == ("MISSED" if was_busy else "PENDING")
-            # the latest slot of the grid next + k * frequency that has come
-            step = self.frequency * H
-            k = int((self.clock() - next_before) // step)
-            assert run["scheduled_start"] == pytest.approx(next_before + k * step)
-            assert self.next_time() == pytest.approx(run["scheduled_start"] + step)
-            self.slots.append(run["scheduled_start"])
-        assert self.next_time() > self.clock()
+        self.check_settled(expect, before)
 
     @rule(frequency=st.none() | st.integers(6, 30), days_ahead=st.none() | st.floats(-1, 32))
     def update_schedule(self, frequency, days_ahead):
@@ -136,7 +155,10 @@ class Scheduling(RuleBasedStateMachine):
     def on_demand(self, description):
         now = self.clock()
         recent = [t for t in self.on_demand_created if t > now - DAY]
-        if self.busy():
+        slot = self.expected_slot()        # a slot that came first is settled first
+        before = {r["run_id"]: tuple(r) for r in self.runs()}
+        next_before = self.next_time()
+        if self.busy() or (slot is not None and slot[1] == "PENDING"):
             expect = "OperationNotPermittedException"
         elif len(recent) >= 2:
             expect = "ReplicationRunLimitExceededException"
@@ -147,9 +169,14 @@ class Scheduling(RuleBasedStateMachine):
                                                      description=description)
         except ServiceError as e:
             assert e.code == expect, str(e)
+            # refused: nothing changed, not even the settled slot
+            assert {r["run_id"]: tuple(r) for r in self.runs()} == before
+            assert self.next_time() == next_before
             return
         assert expect is None
+        self.check_settled(slot, set(before))
         self.on_demand_created.append(now)
+        self.occupancy.append([now, None])
 
     @rule()
     def a_run_starts(self):
@@ -159,6 +186,9 @@ class Scheduling(RuleBasedStateMachine):
 
     @rule(ok=st.booleans())
     def runs_finish(self, ok):
+        for entry in self.occupancy:
+            if entry[1] is None:
+                entry[1] = self.clock()
         with self.svc.state.transaction() as db:
             db.execute("UPDATE runs SET state = ?, completed = ? WHERE job_id = ? AND "
                        "state IN ('PENDING', 'ACTIVE')",
@@ -231,4 +261,64 @@ def test_run_once_job_gets_one_automatic_run(datastore, tmp_path):
     assert len(runs) == 1 and runs[0]["type"] == "AUTOMATIC"
     assert "nextReplicationRunStartTime" not in svc.get_replication_jobs(
         replicationJobId=job)["replicationJobList"][0]
+    svc.close()
+
+
+def _runs(svc, job):
+    return [(r["type"], r["state"]) for r in
+            svc.get_replication_runs(replicationJobId=job)["replicationRunList"]]
+
+
+def test_a_request_after_the_slot_does_not_make_it_missed(datastore, tmp_path):
+    """The slot came (no tick yet), then an on-demand request: the slot was free at its
+    time, so it gets its PENDING run and the request is refused as busy - in one
+    transaction, so a refused request leaves the slot for the next tick."""
+    svc, clock, server = _service(datastore, tmp_path)
+    job = svc.create_replication_job(serverId=server, seedReplicationTime=clock() + H,
+                                     frequency=12)["replicationJobId"]
+    clock.advance(2 * H)                       # the seed slot passed; no connector ticked
+    with pytest.raises(ServiceError) as e:
+        svc.start_on_demand_replication_run(replicationJobId=job)
+    assert e.value.code == "OperationNotPermittedException" and "PENDING" in str(e.value)
+    assert _runs(svc, job) == []               # refused: nothing changed
+    svc.tick()                                 # the late tick makes the same run
+    runs = svc.get_replication_runs(replicationJobId=job)["replicationRunList"]
+    assert _runs(svc, job) == [("AUTOMATIC", "PENDING")]
+    assert runs[0]["scheduledStartTime"] == 1_800_000_000.0 + H
+    svc.close()
+
+
+def test_a_run_that_ended_before_the_slot_leaves_it_free(datastore, tmp_path):
+    svc, clock, server = _service(datastore, tmp_path)
+    job = svc.create_replication_job(serverId=server, seedReplicationTime=clock() + 2 * H,
+                                     frequency=12)["replicationJobId"]
+    od = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
+    clock.advance(H)
+    with svc.state.transaction() as db:        # done an hour before the slot
+        db.execute("UPDATE runs SET state = 'COMPLETED', completed = ? WHERE run_id = ?",
+                   (clock(), od))
+    clock.advance(5 * H)                       # the tick comes late
+    svc.tick()
+    assert _runs(svc, job) == [("AUTOMATIC", "PENDING"), ("ON_DEMAND", "COMPLETED")]
+    svc.close()
+
+
+def test_a_run_in_progress_at_the_slot_makes_it_missed_even_if_done_by_the_tick(
+        datastore, tmp_path):
+    svc, clock, server = _service(datastore, tmp_path)
+    job = svc.create_replication_job(serverId=server, seedReplicationTime=clock() + H,
+                                     frequency=12)["replicationJobId"]
+    od = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
+    clock.advance(2 * H)                       # the slot passed while the run went on
+    with svc.state.transaction() as db:
+        db.execute("UPDATE runs SET state = 'COMPLETED', completed = ? WHERE run_id = ?",
+                   (clock(), od))
+    clock.advance(H)
+    svc.tick()
+    runs = svc.get_replication_runs(replicationJobId=job)["replicationRunList"]
+    assert _runs(svc, job) == [("AUTOMATIC", "MISSED"), ("ON_DEMAND", "COMPLETED")]
+    assert od in runs[0]["statusMessage"] and "in progress at the scheduled time" in \
+        runs[0]["statusMessage"]
+    # nothing busy now: an on-demand request is taken
+    svc.start_on_demand_replication_run(replicationJobId=job)
     svc.close()

@@ -181,7 +181,7 @@ def live(tmp_path_factory):
     conn = svc.register_connector("datastore", {"path": str(make_datastore(tmp_path / "ds", 2))})
     svc.import_server_catalog()
     servers = [s["serverId"] for s in svc.get_servers()["serverList"]]
-    job = svc.create_replication_job(serverId=servers[0], seedReplicationTime=svc.clock(),
+    job = svc.create_replication_job(serverId=servers[0], seedReplicationTime=svc.clock() + 3600,
                                      frequency=12)["replicationJobId"]
     svc.start_on_demand_replication_run(replicationJobId=job)
     srv = make_server(svc, "127.0.0.1", 0, CREDS)

@@ -63,6 +63,14 @@ def test_vcenter_connector_catalog_and_run(sim, tmp_path):
     desc = vsphere_tests._put_flat_vmdk(sim, "DC0_H0_VM0", tmp_path,
                                         image=bootable_image(tmp_path / "img"))
     server_id = by_name["DC0_H0_VM0"]["serverId"]
+    # the guest OS comes from vCenter's guestId (the license rule of create-replication-job)
+    from pyVmomi import vim
+    with vsphere_tests.VSphereSource(settings) as src:
+        guest_id = src.get(vim.VirtualMachine(vm_id, src._si._stub),
+                           "config.guestId")["config.guestId"]
+    record = json.loads(sqlite3.connect(st / "state.db").execute(
+        "SELECT vm_record FROM servers WHERE server_id = ?", (server_id,)).fetchone()[0])
+    assert guest_id and record["identity"]["guestOS"] == guest_id
     job = smsblock("sms", "create-replication-job", "--state", st, "--server-id", server_id,
                    "--seed-replication-time", int(time.time()) + 86400,
                    "--frequency", 24, env=env)["replicationJobId"]

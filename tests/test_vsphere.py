@@ -438,7 +438,7 @@ def test_connector_follows_a_moved_vm_or_fails_the_run(vcsim, env_password, tmp_
                   if s["vmServer"]["vmName"] == "DC0_H0_VM0")
     real_id = server["vmServer"]["vmServerAddress"]["vmId"]
     job = svc.create_replication_job(serverId=server["serverId"],
-                                     seedReplicationTime=svc.clock() + 86400,
+                                     seedReplicationTime=svc.clock() + 10 * 86400,
                                      frequency=12)["replicationJobId"]
     ex = RunExecutor(svc.state, svc.clock, use_default_image_step=False)
 
@@ -772,7 +772,7 @@ def test_cbt_incremental_run_through_the_connector(vcsim, env_password, tmp_path
             b.change_id = f"52 bb/{len(asked)}"
         return out
     job = svc.create_replication_job(serverId=server["serverId"],
-                                     seedReplicationTime=svc.clock() + 86400,
+                                     seedReplicationTime=svc.clock() + 10 * 86400,
                                      frequency=12)["replicationJobId"]
     ex = RunExecutor(svc.state, svc.clock, use_default_image_step=False)
     patch = pytest.MonkeyPatch()

@@ -178,7 +178,7 @@ class SmsService:
     def disassociate_connector(self, connectorId: str | None = None) -> dict:
         if connectorId is None:
             raise ServiceError("connectorId is required", "MissingRequiredParameterException")
-        if not CONNECTOR_ID.match(connectorId):
+        if not CONNECTOR_ID.fullmatch(connectorId):
             raise jobs.invalid(f"connectorId {connectorId!r} is not a connector id (c- and 17 hex digits)")
         with self.state.transaction() as db:
             row = db.execute("SELECT * FROM connectors WHERE connector_id = ? AND "
@@ -250,19 +250,23 @@ class SmsService:
 
     def start_on_demand_replication_run(self, replicationJobId: str | None = None,
                                         description: str | None = None) -> dict:
+        now = self.clock()
         with self.state.transaction() as db:
-            run_id = jobs.start_on_demand(db, replicationJobId, description, self.clock(),
-                                          self.config)
+            if isinstance(replicationJobId, str):
+                # a slot that came before this request gets its run first (and so refuses
+                # the request as busy); rolled back with the rest if the request is refused
+                scheduler.settle_due_slot(db, replicationJobId, now, self.config)
+            run_id = jobs.start_on_demand(db, replicationJobId, description, now, self.config)
         return {"replicationRunId": run_id}
 
     def get_replication_jobs(self, replicationJobId: str | None = None,
                              nextToken: str | None = None, maxResults: int | None = None) -> dict:
         with self.state.transaction() as db:
+            # deleted jobs stay listed, in state DELETED (as SMS lists them)
             if replicationJobId is not None:
-                rows = [jobs.get_job(db, replicationJobId)]
+                rows = [jobs.get_job(db, replicationJobId, deleted=True)]
             else:
-                rows = db.execute("SELECT * FROM jobs WHERE state != 'DELETED' "
-                                  "ORDER BY created, rowid").fetchall()
+                rows = db.execute("SELECT * FROM jobs ORDER BY created, rowid").fetchall()
             page, token = _paginate("GetReplicationJobs", rows, nextToken, maxResults)
             out = {"replicationJobList": [self._job(db, r, JOB_RUNS_SHOWN) for r in page]}
         if token:
@@ -274,7 +278,7 @@ class SmsService:
         if replicationJobId is None:
             raise ServiceError("replicationJobId is required", "MissingRequiredParameterException")
         with self.state.transaction() as db:
-            job = jobs.get_job(db, replicationJobId)
+            job = jobs.get_job(db, replicationJobId, deleted=True)
             runs = db.execute("SELECT * FROM runs WHERE job_id = ? ORDER BY created DESC, rowid DESC",
                               (replicationJobId,)).fetchall()
             page, token = _paginate("GetReplicationRuns", runs, nextToken, maxResults)

@@ -8,7 +8,8 @@
 2. on the first pass only, fail the runs a dead process of this connector left ACTIVE;
 3. let the scheduler create the AUTOMATIC runs that are due (and MISSED ones);
 4. finish DELETING jobs of its servers: remove their blocks from the store, then DELETED;
-5. execute the due PENDING runs of its servers, oldest first, one at a time.
+5. execute the due PENDING runs of its servers, oldest first, one at a time (a run whose
+   job is deleted meanwhile ends DELETED: ``deleted_runs``).
 
 A file lock (``STATE/connector-<id>.lock``) keeps a second process of the same
 connector out, which is what makes step 2 safe.
@@ -97,7 +98,7 @@ class ConnectorLoop:
         if self._lock_file is None:
             raise ConnectorError("ConnectorLoop.run_once needs the connector lock (use `with`)")
         done: dict[str, list[str]] = {"recovered": [], "scheduled": [], "deleted_jobs": [],
-                                      "completed": [], "failed": []}
+                                      "completed": [], "failed": [], "deleted_runs": []}
         row = self.service.state.query("SELECT disassociated_on FROM connectors WHERE "
                                        "connector_id = ?", (self.connector_id,))
         if not row or row[0][0] is not None:
@@ -117,6 +118,8 @@ class ConnectorLoop:
                 outcome = self.executor.execute(run_id)
             if outcome == ReplicationRunState.COMPLETED.value:
                 done["completed"].append(run_id)
+            elif outcome == ReplicationRunState.DELETED.value:
+                done["deleted_runs"].append(run_id)
             elif outcome is not None:
                 done["failed"].append(run_id)
         # a deletion that arrived during a run can finish now

@@ -12,10 +12,17 @@ connector's store: the boot disk under the serverId itself (so
 ``smsblock restore --store STATE/store --server s-...`` gives the boot disk) and
 further disks under ``<serverId>-disk<N>``.
 
+A run whose job is deleted while it runs ends DELETED, never FAILED or COMPLETED: the
+watcher cancels it at its next check, and a run that gets past the last check (its image
+registered while the deletion arrived) has its image deregistered before the run is
+recorded, so a deleted job never gets a new image.  The job's state is read in the
+same transaction that would record the image: a deletion is either before it (no image)
+or after it (the image belongs to the job, and images are kept).
+
 Every state change is one transaction.  A process killed while a run is ACTIVE leaves
 it ACTIVE; :meth:`RunExecutor.recover_orphaned_runs` (called when the connector comes
-back) marks it FAILED with the reason, and the next run resumes from the blocks already
-stored.  Before the image step starts, the run records the stored run the image is made
+back) marks it FAILED with the reason (DELETED if its job was deleted), and the next
+run resumes from the blocks already stored.  Before the image step starts, the run records the stored run the image is made
 from, so a process killed between registering the image and recording the run leaves a
 run that the restart completes with that image instead of an image nothing points to.
 
@@ -113,9 +120,26 @@ class RunContext:
     connector: Any
 
 
+_GONE = (ReplicationJobState.DELETING.value, ReplicationJobState.DELETED.value)
+DELETED_MESSAGE = "replication job deleted"
+
+
+def job_deleted(db, job_id: str) -> bool:
+    """Whether the job is being deleted or is deleted (its runs end DELETED)."""
+    row = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    return row is None or row["state"] in _GONE
+
+
+def _end_deleted(db, run_id: str, now: float, detail: str = "") -> None:
+    db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ? WHERE run_id = ?",
+               (ReplicationRunState.DELETED.value,
+                f"{DELETED_MESSAGE} during the run{detail}"[:1000], now, run_id))
+
+
 def fail_orphaned_runs(state: State, connector_id: str, now: float,
                        config: ServiceConfig | None = None) -> list[str]:
-    """Mark FAILED every run left ACTIVE by a dead process of this connector.
+    """Mark FAILED every run left ACTIVE by a dead process of this connector (DELETED
+    when its job was deleted meanwhile).
 
     Call only while holding the connector's process lock: then no live process of this
     connector can own an ACTIVE run.
@@ -128,6 +152,9 @@ def fail_orphaned_runs(state: State, connector_id: str, now: float,
             "WHERE s.connector_id = ? AND r.state = ?",
             (connector_id, ReplicationRunState.ACTIVE.value)).fetchall()
         for r in rows:
+            if job_deleted(db, r["job_id"]):
+                _end_deleted(db, r["run_id"], now, " (the connector had stopped)")
+                continue
             reason = ("the connector stopped while the run was active (killed or crashed); "
                       "the next run resumes from the blocks already stored")
             db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ? "
@@ -182,47 +209,44 @@ class RunExecutor:
                            (now, server["server_id"]))
         return self._context(run_id)
 
-    def _fail(self, ctx: RunContext, reason: str) -> None:
+    def _fail(self, ctx: RunContext, reason: str) -> str:
+        """The run ends FAILED, or DELETED when its job was deleted; returns the state."""
         now = self.clock()
         with self.state.transaction() as db:
+            if job_deleted(db, ctx.job["job_id"]):
+                cancelled = _DELETED_CANCEL in reason
+                _end_deleted(db, ctx.run["run_id"], now,
+                             "" if cancelled else f" (the run had stopped: {reason})")
+                return ReplicationRunState.DELETED.value
             db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ? "
                        "WHERE run_id = ?",
                        (ReplicationRunState.FAILED.value, f"FAILED: {reason}", now,
                         ctx.run["run_id"]))
             record_run_failure(db, ctx.job["job_id"], ctx.run["run_id"], reason, self.config)
+        return ReplicationRunState.FAILED.value
 
-    def _complete(self, ctx: RunContext, ami_id: str | None, summary: dict, message: str) -> None:
+    def _complete(self, ctx: RunContext, ami_id: str | None, summary: dict, message: str) -> str:
+        """Record the run COMPLETED with its image, or - when the job was deleted - end it
+        DELETED and deregister the image it made; returns the run's state."""
         now = self.clock()
         run_id, job_id = ctx.run["run_id"], ctx.job["job_id"]
         doomed: list[str] = []
+        orphan = None
+        # the job's state is read in the transaction that records the image: a deletion
+        # committed before it means no image, one after it finds the image recorded
         with self.state.transaction() as db:
-            db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ?, ami_id = ?, "
-                       "stage = NULL, stage_progress = NULL, store_run_id = ?, summary = ? "
-                       "WHERE run_id = ?",
-                       (ReplicationRunState.COMPLETED.value, message, now, ami_id,
-                        summary.get("disks", [{}])[0].get("run_id"), json.dumps(summary), run_id))
-            job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            sets = {"status_message": f"run {run_id} completed"
-                    + (f": image {ami_id}" if ami_id else "")}
-            if ami_id:
-                sets["latest_ami_id"] = ami_id
-                db.execute("INSERT INTO images (ami_id, job_id, run_id, created) VALUES (?,?,?,?)",
-                           (ami_id, job_id, run_id, now))
-                keep = job["amis_to_keep"]
-                if keep > 0:
-                    live = db.execute("SELECT ami_id FROM images WHERE job_id = ? AND "
-                                      "deregistered IS NULL ORDER BY created DESC, rowid DESC",
-                                      (job_id,)).fetchall()
-                    doomed = [r["ami_id"] for r in live[keep:]]
-            if ReplicationJobState(job["state"]) in LIVE_JOB_STATES:
-                # a completed run ends FAILING / PAUSED_ON_FAILURE; run-once jobs are done
-                if job["run_once"]:
-                    sets["state"] = ReplicationJobState.COMPLETED.value
-                    sets["next_run_time"] = None
-                else:
-                    sets["state"] = ReplicationJobState.ACTIVE.value
-            cols = ", ".join(f"{k} = ?" for k in sets)
-            db.execute(f"UPDATE jobs SET {cols} WHERE job_id = ?", (*sets.values(), job_id))
+            if job_deleted(db, job_id):
+                if ami_id is None:
+                    _end_deleted(db, run_id, now)
+                    return ReplicationRunState.DELETED.value
+                # the run stays ACTIVE (with its store_run_id) until the image is gone:
+                # a crash in between is settled by recover_orphaned_runs, which finds the
+                # image and comes back here
+                orphan = ami_id
+            else:
+                doomed = self._record_completed(db, ctx, ami_id, summary, message, now)
+        if orphan is not None:
+            return self._drop_image_of_deleted_job(ctx, orphan)
         for ami in doomed:     # outside the transaction: the image step may be slow
             try:
                 self.image_step.deregister(ami)
@@ -234,6 +258,57 @@ class RunExecutor:
             with self.state.transaction() as db:
                 db.execute("UPDATE images SET deregistered = ? WHERE ami_id = ?",
                            (self.clock(), ami))
+        return ReplicationRunState.COMPLETED.value
+
+    def _drop_image_of_deleted_job(self, ctx: RunContext, ami_id: str) -> str:
+        run_id = ctx.run["run_id"]
+        detail = f"; its image {ami_id} was deregistered"
+        try:
+            self.image_step.deregister(ami_id)
+        except ImageNotFoundError:
+            pass
+        except SmsBlockError as e:
+            log.warning("run %s: could not deregister image %s of deleted job %s: %s",
+                        run_id, ami_id, ctx.job["job_id"], e)
+            detail = f"; its image {ami_id} could not be deregistered: {_one_line(e)}"
+        with self.state.transaction() as db:
+            _end_deleted(db, run_id, self.clock(), detail)
+        return ReplicationRunState.DELETED.value
+
+    def _record_completed(self, db, ctx: RunContext, ami_id: str | None, summary: dict,
+                          message: str, now: float) -> list[str]:
+        """Inside the caller's transaction: the run COMPLETED, its image recorded, the job
+        moved on; returns the job's images to deregister (numberOfRecentAmisToKeep)."""
+        run_id, job_id = ctx.run["run_id"], ctx.job["job_id"]
+        doomed: list[str] = []
+        db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ?, ami_id = ?, "
+                   "stage = NULL, stage_progress = NULL, store_run_id = ?, summary = ? "
+                   "WHERE run_id = ?",
+                   (ReplicationRunState.COMPLETED.value, message, now, ami_id,
+                    summary.get("disks", [{}])[0].get("run_id"), json.dumps(summary), run_id))
+        job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        sets = {"status_message": f"run {run_id} completed"
+                + (f": image {ami_id}" if ami_id else "")}
+        if ami_id:
+            sets["latest_ami_id"] = ami_id
+            db.execute("INSERT INTO images (ami_id, job_id, run_id, created) VALUES (?,?,?,?)",
+                       (ami_id, job_id, run_id, now))
+            keep = job["amis_to_keep"]
+            if keep > 0:
+                live = db.execute("SELECT ami_id FROM images WHERE job_id = ? AND "
+                                  "deregistered IS NULL ORDER BY created DESC, rowid DESC",
+                                  (job_id,)).fetchall()
+                doomed = [r["ami_id"] for r in live[keep:]]
+        if ReplicationJobState(job["state"]) in LIVE_JOB_STATES:
+            # a completed run ends FAILING / PAUSED_ON_FAILURE; run-once jobs are done
+            if job["run_once"]:
+                sets["state"] = ReplicationJobState.COMPLETED.value
+                sets["next_run_time"] = None
+            else:
+                sets["state"] = ReplicationJobState.ACTIVE.value
+        cols = ", ".join(f"{k} = ?" for k in sets)
+        db.execute(f"UPDATE jobs SET {cols} WHERE job_id = ?", (*sets.values(), job_id))
+        return doomed
 
     # --- restart --------------------------------------------------------------------
 
@@ -241,7 +316,9 @@ class RunExecutor:
         """Settle the runs a dead process of this connector left ACTIVE (call only while
         holding the connector's lock).  A run killed after its image was registered but
         before it was recorded is COMPLETED with that image, so no image is left that
-        nothing points to; every other one is FAILED with the reason."""
+        nothing points to (when its job was deleted meanwhile, the image is deregistered
+        and the run ends DELETED); every other one is FAILED with the reason (DELETED for
+        a deleted job)."""
         find = getattr(self.image_step, "find", None)
         rows = self.state.query(
             "SELECT r.run_id FROM runs r JOIN jobs j ON j.job_id = r.job_id "
@@ -257,6 +334,7 @@ class RunExecutor:
             summary = json.loads(ctx.run["summary"] or "{}")
             for extra in amis[1:]:    # cannot happen unless registration ran twice
                 self.image_step.deregister(extra)
+            # (a job deleted meanwhile: the run ends DELETED and the image is deregistered)
             self._complete(ctx, amis[0], summary,
                            f"completed: image {amis[0]} (registered before the connector "
                            "stopped; recorded when it came back)")
@@ -286,18 +364,14 @@ class RunExecutor:
         try:
             ami_id, summary, message = self._work(ctx, cancel, watcher)
         except Cancelled as e:
-            self._fail(ctx, f"cancelled: {e}")
-            return ReplicationRunState.FAILED.value
+            return self._fail(ctx, f"cancelled: {e}")
         except (SmsBlockError, OSError) as e:
             log.warning("run %s failed: %s", run_id, e)
-            self._fail(ctx, _one_line(e))
-            return ReplicationRunState.FAILED.value
+            return self._fail(ctx, _one_line(e))
         except Exception as e:   # a bug must not leave the run ACTIVE forever
             log.exception("run %s failed unexpectedly", run_id)
-            self._fail(ctx, f"internal error: {type(e).__name__}: {_one_line(e)}")
-            return ReplicationRunState.FAILED.value
-        self._complete(ctx, ami_id, summary, message)
-        return ReplicationRunState.COMPLETED.value
+            return self._fail(ctx, f"internal error: {type(e).__name__}: {_one_line(e)}")
+        return self._complete(ctx, ami_id, summary, message)
 
     def _work(self, ctx: RunContext, cancel: CancelToken, watcher: "_Watcher"):
         replicate = self._replicate or default_replicate()
@@ -412,7 +486,7 @@ class _Watcher:
                                              (self.ctx.job["job_id"],))
             if rows and rows[0]["state"] in (ReplicationJobState.DELETING.value,
                                              ReplicationJobState.DELETED.value):
-                self.cancel.cancel("the replication job was deleted")
+                self.cancel.cancel(_DELETED_CANCEL)
         self.cancel.check()
 
     def progress(self, stage: str, fraction: float) -> None:
@@ -431,6 +505,8 @@ class _Watcher:
         finally:
             self._lock.release()
 
+
+_DELETED_CANCEL = "the replication job was deleted"
 
 _METHOD_WORDS = {"cbt": "changes found by changed block tracking",
                  "hash": "changes found by the hashing diff",

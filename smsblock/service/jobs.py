@@ -8,19 +8,18 @@ and changes nothing (the caller's transaction rolls back).
 
 from __future__ import annotations
 
-import re
+import json
 import sqlite3
 
 from ..errors import ServiceError
-from .models import (BUSY_RUN_STATES, LIVE_JOB_STATES, JOB_ID, SERVER_ID, LicenseType,
-                     ReplicationJobState, ReplicationRunState, ReplicationRunType,
-                     new_job_id, new_run_id)
+from .models import (BUSY_RUN_STATES, LIVE_JOB_STATES, JOB_ID, ROLE_NAME, SERVER_ID,
+                     LicenseType, ReplicationJobState, ReplicationRunState, ReplicationRunType,
+                     guest_os_family, new_job_id, new_run_id)
 from .state import ServiceConfig
 
 HOUR = 3600.0
 DAY = 86400.0
 
-_ROLE_NAME = re.compile(r"^[\w+=,.@-]{1,64}$")
 MAX_DESCRIPTION = 255
 
 _LIVE = tuple(s.value for s in LIVE_JOB_STATES)
@@ -60,17 +59,40 @@ def check_frequency(frequency, config: ServiceConfig) -> int:
     return frequency
 
 
-def check_license(value) -> str:
+def server_guest_os(server: sqlite3.Row) -> str | None:
+    """The guest OS id the source reported for a catalogued server (.vmx ``guestOS``,
+    vCenter's ``guestId``), or None."""
     try:
-        return LicenseType(value).value
+        record = json.loads(server["vm_record"] or "{}")
     except ValueError:
-        raise invalid(f"licenseType must be AWS or BYOL, got {value!r}") from None
+        return None
+    guest = ((record.get("identity") or {}) if isinstance(record, dict) else {}).get("guestOS")
+    return guest if isinstance(guest, str) else None
+
+
+def check_license(value, server: sqlite3.Row | None = None) -> str:
+    """AWS or BYOL; with no value, the license SMS's "Auto" picks: AWS for a Windows
+    guest, BYOL for any other.  A Linux guest can only be BYOL (the SMS guide: Linux
+    images bring their own license)."""
+    guest = server_guest_os(server) if server is not None else None
+    family = guest_os_family(guest)
+    if value is None:
+        return (LicenseType.AWS if family == "windows" else LicenseType.BYOL).value
+    try:
+        value = LicenseType(value).value
+    except ValueError:
+        raise invalid(f"licenseType must be AWS or BYOL, got {value!r}"[:300]) from None
+    if value == LicenseType.AWS.value and family == "linux":
+        raise invalid(f"licenseType AWS is not available for server {server['server_id']}: its "
+                      f"guest OS ({guest}) is Linux, which is BYOL only; use BYOL")
+    return value
 
 
 def check_role(value) -> str:
-    if not isinstance(value, str) or not _ROLE_NAME.match(value):
+    # fullmatch over ASCII: "\w" would take any Unicode letter and "$" a trailing newline
+    if not isinstance(value, str) or not ROLE_NAME.fullmatch(value):
         raise invalid(f"roleName {value!r} is not a valid IAM role name "
-                      "(1-64 letters, digits and +=,.@_-)")
+                      "(1-64 ASCII letters, digits and +=,.@_-)"[:300])
     return value
 
 
@@ -97,12 +119,18 @@ def check_encryption(encrypted, kms_key_id) -> None:
 
 # --- lookups -------------------------------------------------------------------------
 
-def get_job(db: sqlite3.Connection, job_id) -> sqlite3.Row:
-    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
-        raise invalid(f"replicationJobId {job_id!r} is not a replication job id (sms-job-xxxxxxxx)")
+def get_job(db: sqlite3.Connection, job_id, *, deleted: bool = False) -> sqlite3.Row:
+    """The job ``job_id``; a DELETED one only for ``deleted=True`` (the Get* operations
+    still show deleted jobs, nothing else acts on them)."""
+    if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+        raise invalid(f"replicationJobId {job_id!r} is not a replication job id "
+                      "(sms-job-xxxxxxxx)"[:300])
     row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-    if row is None or row["state"] == ReplicationJobState.DELETED.value:
+    if row is None:
         raise ServiceError(f"replication job {job_id} does not exist",
+                           "ReplicationJobNotFoundException")
+    if row["state"] == ReplicationJobState.DELETED.value and not deleted:
+        raise ServiceError(f"replication job {job_id} was deleted",
                            "ReplicationJobNotFoundException")
     return row
 
@@ -138,8 +166,8 @@ def create_job(db: sqlite3.Connection, params: dict, now: float, config: Service
         raise ServiceError("serverId is required", "MissingRequiredParameterException")
     if "seedReplicationTime" not in params or params["seedReplicationTime"] is None:
         raise ServiceError("seedReplicationTime is required", "MissingRequiredParameterException")
-    if not isinstance(server_id, str) or not SERVER_ID.match(server_id):
-        raise invalid(f"serverId {server_id!r} is not a server id (s-xxxxxxxx)")
+    if not isinstance(server_id, str) or not SERVER_ID.fullmatch(server_id):
+        raise invalid(f"serverId {server_id!r} is not a server id (s-xxxxxxxx)"[:300])
     server = db.execute("SELECT * FROM servers WHERE server_id = ?", (server_id,)).fetchone()
     if server is None or not server["in_catalog"]:
         raise invalid(f"server {server_id} is not in the server catalog")
@@ -155,7 +183,7 @@ def create_job(db: sqlite3.Connection, params: dict, now: float, config: Service
                                "MissingRequiredParameterException")
     else:
         frequency = check_frequency(frequency, config)
-    license_type = check_license(params.get("licenseType", "AWS"))
+    license_type = check_license(params.get("licenseType"), server)
     role = check_role(params["roleName"]) if params.get("roleName") is not None else None
     description = (check_description(params["description"])
                    if params.get("description") is not None else None)
@@ -214,7 +242,9 @@ def update_job(db: sqlite3.Connection, params: dict, now: float, config: Service
         changes["next_run_time"] = check_start_time(
             params["nextReplicationRunStartTime"], now, config, "nextReplicationRunStartTime")
     if params.get("licenseType") is not None:
-        changes["license_type"] = check_license(params["licenseType"])
+        server = db.execute("SELECT * FROM servers WHERE server_id = ?",
+                            (job["server_id"],)).fetchone()
+        changes["license_type"] = check_license(params["licenseType"], server)
     if params.get("roleName") is not None:
         changes["role_name"] = check_role(params["roleName"])
     if params.get("description") is not None:
@@ -261,6 +291,12 @@ def start_on_demand(db: sqlite3.Connection, job_id, description, now: float,
     job = get_job(db, job_id)
     if description is not None:
         check_description(description)
+    server = db.execute("SELECT * FROM servers WHERE server_id = ?", (job["server_id"],)).fetchone()
+    # (before the state: a job the closed window COMPLETED says why it takes no runs)
+    if job["state"] != ReplicationJobState.DELETING.value and window_closed(server, now, config):
+        raise ServiceError(f"server {job['server_id']} reached its "
+                           f"{config.server_replication_days}-day replication limit",
+                           "ServerCannotBeReplicatedException")
     if ReplicationJobState(job["state"]) not in LIVE_JOB_STATES:
         raise not_permitted(f"replication job {job_id} is {job['state']}; it takes no more runs")
     busy = busy_runs(db, job_id)
@@ -274,11 +310,6 @@ def start_on_demand(db: sqlite3.Connection, job_id, description, now: float,
         raise ServiceError(
             f"replication job {job_id} already had {recent} on-demand runs in the last 24 hours "
             f"(limit {config.on_demand_runs_per_day})", "ReplicationRunLimitExceededException")
-    server = db.execute("SELECT * FROM servers WHERE server_id = ?", (job["server_id"],)).fetchone()
-    if window_closed(server, now, config):
-        raise ServiceError(f"server {job['server_id']} reached its "
-                           f"{config.server_replication_days}-day replication limit",
-                           "ServerCannotBeReplicatedException")
     return insert_run(db, job, ReplicationRunType.ON_DEMAND, ReplicationRunState.PENDING,
                       now, now, description=description)
 

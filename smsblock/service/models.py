@@ -90,14 +90,21 @@ LIVE_JOB_STATES = frozenset({ReplicationJobState.PENDING, ReplicationJobState.AC
                              ReplicationJobState.PAUSED_ON_FAILURE})
 #: run states in which a run still occupies its job
 BUSY_RUN_STATES = frozenset({ReplicationRunState.PENDING, ReplicationRunState.ACTIVE})
+#: job states GetServers reports as ``replicationJobTerminated``: the job is gone or gave
+#: up.  A COMPLETED job (run-once done, replication window closed) ended as planned.
+TERMINATED_JOB_STATES = frozenset({ReplicationJobState.DELETED, ReplicationJobState.FAILED})
 
 
 # --- ids -----------------------------------------------------------------------
 
-CONNECTOR_ID = re.compile(r"^c-[0-9a-f]{17}$")
-SERVER_ID = re.compile(r"^s-[0-9a-f]{8}$")
-JOB_ID = re.compile(r"^sms-job-[0-9a-f]{8}$")
-RUN_ID = re.compile(r"^sms-run-[0-9a-f]{8}$")
+# Check with ``fullmatch``; the \A...\Z anchors keep even a ``match`` from letting a
+# trailing newline through (``$`` would).
+CONNECTOR_ID = re.compile(r"\Ac-[0-9a-f]{17}\Z")
+SERVER_ID = re.compile(r"\As-[0-9a-f]{8}\Z")
+JOB_ID = re.compile(r"\Asms-job-[0-9a-f]{8}\Z")
+RUN_ID = re.compile(r"\Asms-run-[0-9a-f]{8}\Z")
+#: an IAM role name (IAM's ``[\w+=,.@-]+``, 1-64 characters, where ``\w`` is ASCII)
+ROLE_NAME = re.compile(r"[A-Za-z0-9_+=,.@-]{1,64}", re.ASCII)
 
 
 def _hex(n: int) -> str:
@@ -118,6 +125,30 @@ def new_job_id() -> str:
 
 def new_run_id() -> str:
     return "sms-run-" + _hex(8)
+
+
+# --- guest operating system ------------------------------------------------------
+
+# VMware's guest OS ids: the .vmx ``guestOS`` ("ubuntu-64", "rhel8-64", "windows9srv-64")
+# and vCenter's ``config.guestId`` ("ubuntu64Guest", "rhel8_64Guest", "windows9Server64Guest")
+# name the same families with the same stems.
+_LINUX_GUEST = re.compile(
+    r"(ubuntu|rhel|redhat|centos|debian|sles|suse|opensuse|fedora|mandrake|mandriva|asianux|"
+    r"coreos|photon|vmwarephoton|vmware-photon|nld|sjds|rocky|alma|miracle|pardus|fusionos|"
+    r"kylin|prolinux|turbolinux|oracle|amazon|amazonlinux|otherlinux|other\d*xlinux|"
+    r"genericlinux)", re.IGNORECASE)
+_WINDOWS_GUEST = re.compile(r"(win|windows|longhorn)", re.IGNORECASE)
+
+
+def guest_os_family(guest_os) -> str | None:
+    """"linux", "windows" or None (another OS, or not known) for a VMware guest OS id."""
+    if not isinstance(guest_os, str) or not guest_os:
+        return None
+    if _WINDOWS_GUEST.match(guest_os):
+        return "windows"
+    if _LINUX_GUEST.match(guest_os) or "linux" in guest_os.lower():
+        return "linux"
+    return None
 
 
 # --- timestamps ----------------------------------------------------------------

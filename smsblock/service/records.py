@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from .models import (Connector, ConnectorCapability, ConnectorStatus, LicenseType,
                      ReplicationJob, ReplicationJobState, ReplicationRun,
                      ReplicationRunStageDetails, ReplicationRunState, ReplicationRunType,
-                     Server, ServerType, VmManagerType, VmServer, VmServerAddress, LIVE_JOB_STATES)
+                     Server, ServerType, VmManagerType, VmServer, VmServerAddress, TERMINATED_JOB_STATES)
 
 
 def ts(value: float | None) -> datetime | None:
@@ -39,7 +39,7 @@ def server_from_row(row: sqlite3.Row, job: sqlite3.Row | None) -> Server:
         serverId=row["server_id"], serverType=ServerType.VIRTUAL_MACHINE,
         vmServer=vm_server_from_row(row),
         replicationJobId=job["job_id"] if job is not None else None,
-        replicationJobTerminated=(ReplicationJobState(job["state"]) not in LIVE_JOB_STATES)
+        replicationJobTerminated=(ReplicationJobState(job["state"]) in TERMINATED_JOB_STATES)
         if job is not None else None)
 
 

@@ -3,7 +3,11 @@
 :func:`tick` is called by the connector loop (and by tests with an injected clock).  For
 each live job whose ``nextReplicationRunStartTime`` has come it either creates a PENDING
 AUTOMATIC run for that slot, or - when another run of the job (an on-demand one, or a
-previous run still going) occupies it - records the slot as a MISSED run.  Then the next
+previous run still going) was in progress at the slot's time - records the slot as a
+MISSED run.  What counts is the slot's time, not the tick's: a run requested after the
+slot came did not occupy it.  So that such a request cannot overtake the slot,
+StartOnDemandReplicationRun first settles a due slot (:func:`settle_due_slot`), in
+the same transaction.  Then the next
 slot is the first ``seed + k * frequency`` after ``now`` (a run-once job has none).
 Slots that passed while no connector ticked at all are not replayed one by one: one run
 is made for the latest of them, as SMS does after a connector outage.
@@ -21,7 +25,7 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from .jobs import HOUR, _LIVE, _in, busy_runs, insert_run, window_closed
+from .jobs import HOUR, _BUSY, _LIVE, _in, insert_run, window_closed
 from .models import ReplicationJobState, ReplicationRunState, ReplicationRunType
 from .state import ServiceConfig, State
 
@@ -69,6 +73,25 @@ def tick(state: State, now: float, config: ServiceConfig) -> list[str]:
     return made
 
 
+def settle_due_slot(db: sqlite3.Connection, job_id: str, now: float,
+                    config: ServiceConfig) -> list[str]:
+    """Make the run of ``job_id``'s slot if it has come and no tick made it yet (inside the
+    caller's transaction); the runs made, as :func:`tick` would make them."""
+    job = db.execute(f"SELECT * FROM jobs WHERE job_id = ? AND state IN {_in(_LIVE)} AND "
+                     "next_run_time IS NOT NULL AND next_run_time <= ?",
+                     (job_id, *_LIVE, now)).fetchone()
+    return [] if job is None else _tick_job(db, job, now, config)
+
+
+def occupant_at(db: sqlite3.Connection, job_id: str, when: float) -> sqlite3.Row | None:
+    """The run of the job that was in progress (PENDING or ACTIVE) at time ``when``: made
+    at or before it, and not yet ended then.  MISSED runs never occupy a job."""
+    return db.execute(
+        f"SELECT * FROM runs WHERE job_id = ? AND state != ? AND created <= ? "
+        f"AND (state IN {_in(_BUSY)} OR completed > ?) ORDER BY created, rowid LIMIT 1",
+        (job_id, ReplicationRunState.MISSED.value, when, *_BUSY, when)).fetchone()
+
+
 def _tick_job(db: sqlite3.Connection, job: sqlite3.Row, now: float, config: ServiceConfig) -> list[str]:
     server = db.execute("SELECT * FROM servers WHERE server_id = ?", (job["server_id"],)).fetchone()
     if window_closed(server, now, config):
@@ -89,13 +112,12 @@ def _tick_job(db: sqlite3.Connection, job: sqlite3.Row, now: float, config: Serv
         # only the latest passed slot gets a run
         step = job["frequency"] * HOUR
         slot += math.floor((now - slot) / step) * step
-    busy = busy_runs(db, job["job_id"])
-    if busy:
-        occupant = busy[0]
+    occupant = occupant_at(db, job["job_id"], slot)
+    if occupant is not None:
         kind = "on-demand " if occupant["type"] == ReplicationRunType.ON_DEMAND.value else ""
         run_id = insert_run(db, job, ReplicationRunType.AUTOMATIC, ReplicationRunState.MISSED,
                             slot, now, message=f"skipped: {kind}run {occupant['run_id']} was "
-                            f"{occupant['state']} at the scheduled time")
+                            "in progress at the scheduled time")
     else:
         run_id = insert_run(db, job, ReplicationRunType.AUTOMATIC, ReplicationRunState.PENDING,
                             slot, now)

@@ -417,7 +417,7 @@ class VSphereSource:
         return "/" + "/".join(reversed(parts))
 
     _VM_PROPS = ("name", "parent", "parentVApp", "config.template", "config.instanceUuid",
-                 "config.uuid", "config.hardware.device")
+                 "config.uuid", "config.guestId", "config.hardware.device")
 
     def _vm_record(self, moid: str, p: dict, tree) -> VmRecord:
         parent = p.get("parent") or p.get("parentVApp")
@@ -427,8 +427,10 @@ class VSphereSource:
             vmPath=self._path_of(name, parent._moId if parent else None, tree),
             vmManagerName=self.manager_name, vmManagerId=self.manager_id,
             vmManagerType=self.manager_type,
+            # guestOS as the datastore source names it: the service's license rule reads it
             identity={k: v for k, v in (("instanceUuid", p.get("config.instanceUuid")),
-                                        ("biosUuid", p.get("config.uuid"))) if v},
+                                        ("biosUuid", p.get("config.uuid")),
+                                        ("guestOS", p.get("config.guestId"))) if v},
             warnings=_device_warnings(p.get("config.hardware.device") or []))
 
     def list_vms(self) -> list[VmRecord]:
