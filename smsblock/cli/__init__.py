@@ -16,7 +16,7 @@ from .. import __version__
 from ..errors import SmsBlockError
 
 # Areas of the CLI, in help order.  A module that is not there yet is skipped.
-COMMAND_MODULES = ["disk_cmds", "scan_cmds", "engine_cmds", "image_cmds", "service_cmds", "demo"]
+COMMAND_MODULES = ["disk_cmds", "scan_cmds", "engine_cmds", "image_cmds", "service_cmds", "aws_cmds", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
