@@ -53,16 +53,19 @@ def test_undeclared_errors_map_to_declared_ones():
     assert declared_error("GetConnectors", "InternalError") == "InternalFailure"
     assert declared_error("GetServers", "InternalError") == "InternalError"
     assert declared_error("GetServers", "SerializationException") == "SerializationException"
-    # every code the service raises ends declared or common (OperationNotPermitted has
-    # no equivalent, and the read operations, which do not declare it, never raise it;
-    # the fuzz in test_service_badinput checks what is actually raised)
+    # every code the service raises ends declared or common (the state refusals have no
+    # equivalent on the read operations, which never raise them; the fuzz in
+    # test_service_badinput checks what is actually raised)
     raised = {"InvalidParameterException", "MissingRequiredParameterException",
               "OperationNotPermittedException", "ReplicationJobNotFoundException",
               "ReplicationJobAlreadyExistsException", "NoConnectorsAvailableException",
               "ServerCannotBeReplicatedException", "ReplicationRunLimitExceededException",
               "InternalError", "SerializationException", "UnknownOperationException"}
     for op in OPERATIONS:
-        for code in raised - ({"OperationNotPermittedException"} if op.startswith("Get") else set()):
+        state = {"OperationNotPermittedException", "NoConnectorsAvailableException",
+                 "ServerCannotBeReplicatedException", "ReplicationRunLimitExceededException",
+                 "ReplicationJobAlreadyExistsException"}
+        for code in raised - (state if op.startswith("Get") else set()):
             assert declared_error(op, code) in DECLARED_ERRORS[op] | COMMON_ERRORS, (op, code)
 
 
