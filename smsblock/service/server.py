@@ -377,7 +377,7 @@ class SmsRequestHandler(socketserver.BaseRequestHandler):
                     self._send(e.status, {"__type": e.code, "message": e.message}, close=True)
                 except OSError:
                     return
-                self._linger()
+                self._linger(wire.chunk)
                 return
             except OSError:   # reset, closed mid-request, timed out while sending
                 return
@@ -452,14 +452,13 @@ class SmsRequestHandler(socketserver.BaseRequestHandler):
         self.sock.settimeout(self.server.limits.send_timeout)
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
 
-    def _linger(self) -> None:
+    def _linger(self, chunk: bytearray) -> None:
         """Stop sending, then read and drop a little of what the client still sends, so a
         close with unread data (a reset) does not destroy the answer before it is read."""
         try:
             self.sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + _LINGER_SECONDS
             drained = 0
-            chunk = bytearray(_CHUNK)
             while drained < _LINGER_BYTES:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
