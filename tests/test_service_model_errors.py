@@ -128,3 +128,26 @@ def test_the_aws_cli_signs_what_serve_requires(served):
     assert p.returncode != 0 and "(InvalidSignatureException)" in p.stderr
     p = aws("list-apps")
     assert p.returncode != 0 and "(UnknownOperationException)" in p.stderr
+
+
+def test_serve_region_option(tmp_path):
+    """`smsblock serve --region` is the region requests must be signed for."""
+    import sys
+    from test_service_server import send, signed
+    env = dict(os.environ, SMSBLOCK_ACCESS_KEY_ID=CREDS.access_key_id,
+               SMSBLOCK_SECRET_ACCESS_KEY=CREDS.secret_access_key)
+    proc = subprocess.Popen([sys.executable, "-m", "smsblock", "serve", "--state",
+                             str(tmp_path / "st"), "--port", "0", "--region", "ap-south-2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert "region ap-south-2" in line, (line, proc.stderr.read() if proc.poll() else "")
+        url = line.split("listening on ")[1].split()[0]
+        assert send(signed(url, "GetConnectors", b"{}", region="ap-south-2"))[0] == 200
+        status, doc = send(signed(url, "GetConnectors", b"{}", region="us-east-1"))
+        assert status == 400 and doc["__type"] == "InvalidSignatureException"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()

@@ -84,6 +84,7 @@ _LINGER_SECONDS = 1.0
 
 _AUTH = re.compile(r"AWS4-HMAC-SHA256 +Credential=([^/\s,]+)/(\d{8})/([^/\s,]+)/([^/\s,]+)/"
                    r"aws4_request, *SignedHeaders=([a-z0-9;\-]+), *Signature=([0-9a-f]{64})")
+_AMZ_DATE = re.compile(r"[0-9]{8}T[0-9]{6}Z")
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])")
 # field-name ":" OWS field-value OWS; values are visible ASCII, space and tab only
@@ -146,6 +147,8 @@ def verify_sigv4(method: str, path: str, headers, payload_sha256: str, creds: Se
     if not amz_date:
         raise _auth_error("the request has no X-Amz-Date header", "IncompleteSignatureException")
     try:
+        if not _AMZ_DATE.fullmatch(amz_date):
+            raise ValueError
         when = datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
     except ValueError:
         raise _auth_error(f"X-Amz-Date {amz_date[:40]!r} is not YYYYMMDDTHHMMSSZ",
