@@ -151,3 +151,25 @@ def test_serve_region_option(tmp_path):
         proc.wait(10)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_boto3_reuses_or_replaces_connections_the_server_closed_when_idle(tmp_path, aws_models):
+    """The idle deadline closes kept-alive connections; boto3's next call (no retries
+    allowed) notices and opens a new one."""
+    import time
+    from smsblock.service.server import Limits
+    svc = SmsService(tmp_path / "state")
+    srv = make_server(svc, "127.0.0.1", 0, CREDS, region="eu-west-1",
+                      limits=Limits(head_timeout=0.3))
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
+    try:
+        sms = _client((srv, {"AWS_DATA_PATH": str(aws_models)}))
+        for _ in range(3):
+            assert sms.get_connectors()["connectorList"] == []
+            assert sms.get_servers()["serverCatalogStatus"] == "NOT_IMPORTED"  # kept alive
+            time.sleep(0.6)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        svc.close()
