@@ -122,7 +122,8 @@ def test_errors_look_like_aws_and_exit_255(state, capsys):
            "CreateReplicationJob operation:" in err and "seedReplicationTime" in err
     status, _, err = cli(capsys, "sms", "get-replication-runs", "--state", st,
                          "--replication-job-id", "sms-job-00000000")
-    assert status == 255 and "(ReplicationJobNotFoundException)" in err
+    # GetReplicationRuns does not declare ReplicationJobNotFound (issue 10)
+    assert status == 255 and "(InvalidParameterException)" in err and "does not exist" in err
     status, _, err = cli(capsys, "sms", "get-servers", "--state", st, "--next-token", "zzz")
     assert status == 255 and "(InvalidParameterException)" in err
     status, _, err = cli(capsys, "sms", "get-servers", "--state", st,

@@ -531,7 +531,7 @@ def test_call_checks_member_names_and_types(env):
     refused(svc, "InvalidParameterException", svc.call, "CreateReplicationJob",
             {"serverId": servers[0], "seedReplicationTime": T0, "bogus": 1})
     refused(svc, "InvalidParameterException", svc.call, "GetServers", {"maxResults": True})
-    refused(svc, "InvalidAction", svc.call, "DeleteApp", {})
+    refused(svc, "UnknownOperationException", svc.call, "DeleteApp", {})
     out = svc.call("CreateReplicationJob", {"serverId": servers[0], "frequency": 12,
                                             "seedReplicationTime": "2027-01-15T08:00:00Z"})
     assert JOB_ID.match(out["replicationJobId"])

@@ -65,26 +65,136 @@ def snake(operation: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", operation).lower()
 
 
+INT32 = (-(1 << 31), (1 << 31) - 1)   # the model's integer shapes are 32-bit
+MAX_TOKEN = 1024                       # a nextToken this service gives is ~40 characters
+
+# The errors the SMS model (service-2.json) declares for each served operation; a test
+# checks this table against the model.
+DECLARED_ERRORS: dict[str, frozenset[str]] = {op: frozenset(codes) for op, codes in {
+    "GetConnectors": ["UnauthorizedOperationException"],
+    "DisassociateConnector": ["MissingRequiredParameterException",
+                              "UnauthorizedOperationException",
+                              "OperationNotPermittedException", "InvalidParameterException"],
+    "ImportServerCatalog": ["UnauthorizedOperationException", "OperationNotPermittedException",
+                            "InvalidParameterException", "MissingRequiredParameterException",
+                            "NoConnectorsAvailableException"],
+    "DeleteServerCatalog": ["UnauthorizedOperationException", "OperationNotPermittedException",
+                            "InvalidParameterException", "MissingRequiredParameterException"],
+    "GetServers": ["UnauthorizedOperationException", "InvalidParameterException",
+                   "MissingRequiredParameterException", "InternalError"],
+    "CreateReplicationJob": ["InvalidParameterException", "MissingRequiredParameterException",
+                             "UnauthorizedOperationException", "OperationNotPermittedException",
+                             "ServerCannotBeReplicatedException",
+                             "ReplicationJobAlreadyExistsException",
+                             "NoConnectorsAvailableException", "InternalError",
+                             "TemporarilyUnavailableException"],
+    "GetReplicationJobs": ["InvalidParameterException", "MissingRequiredParameterException",
+                           "UnauthorizedOperationException"],
+    "GetReplicationRuns": ["InvalidParameterException", "MissingRequiredParameterException",
+                           "UnauthorizedOperationException"],
+    "UpdateReplicationJob": ["InvalidParameterException", "MissingRequiredParameterException",
+                             "OperationNotPermittedException", "UnauthorizedOperationException",
+                             "ServerCannotBeReplicatedException",
+                             "ReplicationJobNotFoundException", "InternalError",
+                             "TemporarilyUnavailableException"],
+    "StartOnDemandReplicationRun": ["InvalidParameterException",
+                                    "MissingRequiredParameterException",
+                                    "UnauthorizedOperationException",
+                                    "OperationNotPermittedException",
+                                    "ReplicationRunLimitExceededException",
+                                    "DryRunOperationException"],
+    "DeleteReplicationJob": ["InvalidParameterException", "MissingRequiredParameterException",
+                             "UnauthorizedOperationException", "OperationNotPermittedException",
+                             "ReplicationJobNotFoundException"],
+}.items()}
+
+# Errors any AWS JSON 1.1 operation may answer, declared or not: the protocol's own and
+# the API reference's "common errors".
+COMMON_ERRORS = frozenset({
+    "UnknownOperationException", "SerializationException", "MissingAuthenticationTokenException",
+    "IncompleteSignatureException", "InvalidSignatureException", "UnrecognizedClientException",
+    "AccessDeniedException", "ThrottlingException", "ServiceUnavailable", "InternalFailure",
+    "InvalidParameterValue", "MissingParameter", "ValidationException"})
+
+# An error an operation does not declare becomes the first of these it declares (or the
+# common error of the same meaning); the message keeps saying what was wrong.
+_SAME_MEANING: dict[str, tuple[str, ...]] = {
+    "ReplicationJobNotFoundException": ("InvalidParameterException", "InvalidParameterValue"),
+    "MissingRequiredParameterException": ("InvalidParameterException", "MissingParameter"),
+    "InvalidParameterException": ("InvalidParameterValue",),
+    "ServerCannotBeReplicatedException": ("OperationNotPermittedException",),
+    "NoConnectorsAvailableException": ("OperationNotPermittedException",),
+    "ReplicationRunLimitExceededException": ("OperationNotPermittedException",),
+    "ReplicationJobAlreadyExistsException": ("OperationNotPermittedException",),
+    "TemporarilyUnavailableException": ("ServiceUnavailable",),
+    "InternalError": ("InternalFailure",),
+}
+
+
+def declared_error(operation: str, code: str) -> str:
+    """The error code to answer ``operation`` with for an error ``code``: itself when the
+    model declares it for the operation (or it is a common error), else the declared
+    error of the same meaning; unchanged when there is none."""
+    declared = DECLARED_ERRORS.get(operation)
+    if declared is None or code in declared or code in COMMON_ERRORS:
+        return code
+    for other in _SAME_MEANING.get(code, ()):
+        if other in declared or other in COMMON_ERRORS:
+            return other
+    return code
+
+
+def _check_text(op: str, name: str, value: str) -> str:
+    # JSON may carry lone surrogates (\ud800), the CLI's argv undecodable bytes as
+    # surrogates; neither can be stored or sent back as UTF-8
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ServiceError(f"{op}: {name} is not valid Unicode text (character "
+                           f"{e.start} is a lone surrogate or an undecodable byte)",
+                           "InvalidParameterException") from None
+    return value
+
+
+def _timestamp(value, name: str):
+    """``parse_timestamp`` with every out-of-calendar value as InvalidParameterException."""
+    try:
+        return parse_timestamp(value, name)
+    except (OverflowError, ValueError, OSError):
+        # e.g. 9999-12-31T23:59:59-23:59, whose UTC time is past year 9999
+        raise ServiceError(f"{name}: {str(value)[:60]!r} is outside the calendar",
+                           "InvalidParameterException") from None
+
+
 def _check_type(op: str, name: str, kind: str, value):
     bad = ServiceError(f"{op}: {name} must be {kind}, got {value!r}"[:300],
                        "InvalidParameterException")
     if kind == "string":
         if not isinstance(value, str):
             raise bad
+        _check_text(op, name, value)
     elif kind == "integer":
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
+        if not INT32[0] <= value <= INT32[1]:
+            raise ServiceError(f"{op}: {name} must be a 32-bit integer, got "
+                               f"{str(value)[:40]}", "InvalidParameterException")
     elif kind == "boolean":
         if not isinstance(value, bool):
             raise bad
     elif kind == "timestamp":
-        return parse_timestamp(value, name)
+        if isinstance(value, str):
+            _check_text(op, name, value)
+        return _timestamp(value, name)
     elif kind == "addresses":
         if not isinstance(value, list) or not all(
                 isinstance(a, dict) and set(a) <= {"vmManagerId", "vmId"}
                 and all(isinstance(v, str) for v in a.values()) for a in value):
             raise ServiceError(f"{op}: {name} must be a list of {{vmManagerId, vmId}}",
                                "InvalidParameterException")
+        for a in value:
+            for k, v in a.items():
+                _check_text(op, f"{name}.{k}", v)
     return value
 
 
@@ -116,16 +226,25 @@ class SmsService:
     def call(self, operation: str, params: dict | None) -> dict:
         """Run one SMS operation from a decoded JSON request."""
         spec = OPERATIONS.get(operation)
-        if spec is None:
-            raise ServiceError(f"unknown or unsupported operation {operation!r}",
-                               "InvalidAction")
+        if spec is None:   # what JSON 1.1 services answer for an operation they do not serve
+            raise ServiceError(f"operation {str(operation)[:80]!r} is not served",
+                               "UnknownOperationException")
+        try:
+            return self._call(operation, spec, params)
+        except ServiceError as e:
+            code = declared_error(operation, e.code)
+            if code != e.code:
+                raise ServiceError(str(e), code) from None
+            raise
+
+    def _call(self, operation: str, spec: dict[str, str], params) -> dict:
         params = params or {}
         if not isinstance(params, dict):
             raise ServiceError(f"{operation}: the request body must be a JSON object",
                                "SerializationException")
         unknown = sorted(set(params) - set(spec))
         if unknown:
-            raise ServiceError(f"{operation}: unknown parameters {unknown}",
+            raise ServiceError(f"{operation}: unknown parameters {unknown}"[:300],
                                "InvalidParameterException")
         checked = {k: _check_type(operation, k, spec[k], v)
                    for k, v in params.items() if v is not None}
@@ -294,7 +413,7 @@ class SmsService:
         params = dict(params)
         for n in names:
             if params.get(n) is not None:
-                params[n] = parse_timestamp(params[n], n).timestamp()
+                params[n] = _timestamp(params[n], n).timestamp()
         return params
 
     def _job(self, db, row, n_runs: int) -> dict:
@@ -329,12 +448,19 @@ def _paginate(op: str, rows: list, token: str | None, max_results: int | None):
     start = 0
     if token:
         try:
+            if len(token) > MAX_TOKEN:
+                raise ValueError("too long")
             data = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
-            if data.get("op") != op or not isinstance(data.get("offset"), int) or data["offset"] < 0:
+            if not isinstance(data, dict) or data.get("op") != op:
                 raise ValueError
-            start = data["offset"]
-        except (ValueError, UnicodeError, binascii.Error, AttributeError):
-            raise jobs.invalid(f"nextToken {token[:40]!r} is not a token this operation gave") from None
+            offset = data.get("offset")
+            if type(offset) is not int or offset < 0:   # not a bool, not a float
+                raise ValueError
+            start = offset
+        except (ValueError, UnicodeError, binascii.Error, RecursionError):
+            # RecursionError: a token of deeply nested JSON
+            raise jobs.invalid(f"nextToken {token[:40]!r} is not a token this operation "
+                               "gave") from None
     end = start + max_results
     next_token = None
     if end < len(rows):
