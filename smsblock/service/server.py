@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,6 +32,7 @@ TARGET_PREFIX = "AWSServerMigrationService_V2016_10_24."
 CONTENT_TYPE = "application/x-amz-json-1.1"
 MAX_BODY = 1 << 20
 MAX_SKEW_SECONDS = 15 * 60
+IMPORT_WAIT_SECONDS = 2.0     # ImportServerCatalog answers by then; the import goes on
 ACCESS_KEY_ENV = "SMSBLOCK_ACCESS_KEY_ID"
 SECRET_KEY_ENV = "SMSBLOCK_SECRET_ACCESS_KEY"
 
@@ -162,8 +162,7 @@ class SmsRequestHandler(BaseHTTPRequestHandler):
             except (ValueError, UnicodeDecodeError, RecursionError):
                 raise ServiceError("the request body is not JSON (or nests too deeply)",
                                    "SerializationException") from None
-            with srv.call_lock:
-                result = srv.service.call(operation, params)
+            result = srv.service.call(operation, params)
             self._send(200, result)
         except ServiceError as e:
             self._error(e)
@@ -182,9 +181,11 @@ class SmsHttpServer(ThreadingHTTPServer):
         super().__init__(address, SmsRequestHandler)
         self.service = service
         self.credentials = credentials
-        # one operation at a time: each is a short transaction, and the import reads
-        # the datastore between two of them
-        self.call_lock = threading.Lock()
+        # No lock around the calls: each operation is one transaction of the state (which
+        # serialises them), and ImportServerCatalog reads the sources in a background
+        # thread outside any lock, answering after at most IMPORT_WAIT_SECONDS.
+        if service.import_wait_seconds is None:
+            service.import_wait_seconds = IMPORT_WAIT_SECONDS
 
     @property
     def url(self) -> str:
