@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import Cancelled, ServiceError, SmsBlockError
+from ..errors import Cancelled, ConnectorError, ServiceError, SmsBlockError
 from ..progress import CancelToken
 from .jobs import _LIVE, _in
 from .models import ServerCatalogStatus, new_server_id
@@ -273,7 +273,10 @@ def _run(state: State, job: CatalogImport, clock: Callable[[], float]) -> int:
                              for p in getattr(source, "list_problems", None) or []]
             finally:
                 source.close()
-    except (SmsBlockError, OSError) as e:
+    except Exception as e:         # noqa: BLE001 - a source's bug must not leave IMPORTING
+        if not isinstance(e, (SmsBlockError, OSError)):
+            log.exception("server catalog import %s: listing a source failed", job.import_id)
+            e = ConnectorError(f"the source failed: {type(e).__name__}: {e}"[:500])
         reason = str(e)
         with state.transaction() as db:
             cat = db.execute("SELECT * FROM catalog WHERE id = 1").fetchone()
