@@ -225,6 +225,14 @@ def test_expired_after_the_connectors_absence_past_the_age(tmp_path):
     clock.advance(2)
     assert status(svc) == "EXPIRED"
     svc.close()
+    # catalog_expiry_seconds = 0 (config.toml): never expires
+    (tmp_path / "state" / "config.toml").write_text("catalog_expiry_seconds = 0\n")
+    svc = SmsService(tmp_path / "state", clock=clock)
+    conn = svc.register_connector("datastore", {"path": str(tmp_path / "ds")})
+    svc.import_server_catalog()
+    clock.advance(365 * 86400)
+    assert status(svc) == "AVAILABLE"
+    svc.close()
 
 
 def test_a_failed_background_import_is_kept_in_the_outcome(fifo_svc):

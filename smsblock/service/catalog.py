@@ -138,7 +138,7 @@ def refresh_status(db: sqlite3.Connection, state_dir: Path, now: float,
         _restore(db, cat, "the process importing the server catalog stopped before it "
                           "finished (killed?)")
         cat = db.execute("SELECT * FROM catalog WHERE id = 1").fetchone()
-    if cat["status"] == ServerCatalogStatus.AVAILABLE.value:
+    if cat["status"] == ServerCatalogStatus.AVAILABLE.value and config.catalog_expiry_seconds > 0:
         expired_at = _expiry(db, cat, config.catalog_expiry_seconds)
         if expired_at is not None and now > expired_at:
             log.warning("the server catalog has expired: its connectors have been gone for "
@@ -208,6 +208,7 @@ class CatalogImport:
     state_dir: Path
     connectors: list[sqlite3.Row]
     lock_fd: int
+    started: float
     cancel: CancelToken = field(default_factory=CancelToken)
     done: threading.Event = field(default_factory=threading.Event)
     servers: int | None = None
@@ -243,7 +244,7 @@ def begin_import(state: State, now: float, config: ServiceConfig | None = None) 
         except BaseException:
             _release_lock(state.dir, import_id, fd)
             raise
-    return CatalogImport(import_id, state.dir, connectors, fd)
+    return CatalogImport(import_id, state.dir, connectors, fd, now)
 
 
 def run_import(state: State, job: CatalogImport, clock: Callable[[], float]) -> None:
@@ -290,14 +291,17 @@ def _run(state: State, job: CatalogImport, clock: Callable[[], float]) -> int:
     with state.transaction() as db:
         cat = db.execute("SELECT * FROM catalog WHERE id = 1").fetchone()
         now = clock()
-        outcome = {"importId": job.import_id, "startedOn": cat["import_started"],
+        outcome = {"importId": job.import_id, "startedOn": job.started,
                    "finishedOn": now, "connectors": [c["connector_id"] for c in job.connectors],
                    "problems": problems[:MAX_PROBLEMS], "error": None}
         if cat["import_id"] != job.import_id or cat["status"] != IMPORTING:
             log.info("server catalog import %s: the catalog was deleted meanwhile; its "
                      "result is dropped", job.import_id)
             outcome.update(dropped=True, servers=0)
-            db.execute("UPDATE catalog SET import_outcome = ? WHERE id = 1", (json.dumps(outcome),))
+            last = json.loads(cat["import_outcome"] or "{}")
+            if (last.get("startedOn") or 0) <= job.started:   # no later import to hide
+                db.execute("UPDATE catalog SET import_outcome = ? WHERE id = 1",
+                           (json.dumps(outcome),))
             return 0
         # a connector disassociated while its source was listed takes its VMs with it
         still = {r["connector_id"] for r in associated_connectors(db)}

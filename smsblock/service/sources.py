@@ -256,6 +256,8 @@ class DatastoreSource:
             raise ConnectorError(f"datastore folder {root} does not exist or is not a directory")
         self.manager_name = str(self.root)
         self.manager_id = str(uuid.uuid5(uuid.NAMESPACE_URL, self.root.as_uri()))
+        #: the VMs (or folders) the last list_vms() left out: [{"location", "reason"}]
+        self.list_problems: list[dict[str, str]] = []
 
     @classmethod
     def from_config(cls, config: dict) -> "DatastoreSource":
@@ -273,7 +275,7 @@ class DatastoreSource:
         """Every VM whose .vmx can be read; the others are in :attr:`list_problems`
         (``[{"location": .vmx or folder, "reason": ...}]``), each logged, never fatal."""
         vms: list[VmRecord] = []
-        self.list_problems: list[dict[str, str]] = []
+        self.list_problems = []
         try:
             os.close(os.open(self.root, os.O_RDONLY | os.O_DIRECTORY))
             os.listdir(self.root)

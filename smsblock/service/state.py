@@ -142,7 +142,7 @@ class ServiceConfig:
     ``seed_grace_seconds`` is how far in the past a seed time still counts as "now";
     ``max_consecutive_failures`` failed runs in a row pause a job (PAUSED_ON_FAILURE);
     ``catalog_expiry_seconds`` (7 days): a catalog whose connectors have all been gone
-    (no heartbeat since the import, or disassociated) longer than this is EXPIRED.
+    (no heartbeat since the import, or disassociated) longer than this is EXPIRED (0: never).
     """
 
     max_active_jobs: int = 50
