@@ -83,7 +83,7 @@ def _refusal(name: str, mode: int) -> str:
 
 def _safe_parts(rel: str) -> list[str]:
     """The components of a path relative to a root; ``..`` escaping it is refused."""
-    normal = posixpath.normpath(rel.replace("\\", "/")) if rel else ""
+    normal = posixpath.normpath(rel) if rel else ""
     if "\0" in rel or not normal or normal == "." or posixpath.isabs(normal) or \
             normal == ".." or normal.startswith("../"):
         raise ConnectorError(f"{rel!r} is not a path inside the datastore")
@@ -353,7 +353,10 @@ class DatastoreSource:
         vm_id = vm.vmId if isinstance(vm, VmRecord) else vm.get("vmId")
         if not isinstance(vm_id, str):
             raise ConnectorError(f"no vmId in {vm!r}")
-        rel = self._inside("", vm_id) if not os.path.isabs(vm_id) else None
+        try:
+            rel = "/".join(_safe_parts(vm_id))
+        except ConnectorError:
+            rel = None
         if rel is None or not rel.lower().endswith(".vmx"):
             raise ConnectorError(f"VM id {vm_id!r} is not a .vmx under {self.root}")
         try:
