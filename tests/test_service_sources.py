@@ -382,3 +382,13 @@ def test_disk_files_that_are_fifos_or_links_are_refused_without_hanging(tmp_path
     with pytest.raises(ConnectorError, match="symbolic link") as e:
         open_run()
     assert "SECRETDISK" not in str(e.value)
+
+
+def test_listing_stops_when_cancelled(tmp_path):
+    from smsblock.errors import Cancelled
+    from smsblock.progress import CancelToken
+    make_datastore(tmp_path, 3)
+    token = CancelToken()
+    token.cancel("the server catalog was deleted")
+    with pytest.raises(Cancelled, match="deleted"):
+        DatastoreSource(tmp_path).list_vms(cancel=token)

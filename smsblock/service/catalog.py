@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import inspect
 import json
 import logging
 import os
@@ -269,7 +270,10 @@ def _run(state: State, job: CatalogImport, clock: Callable[[], float]) -> int:
             job.cancel.check()
             source = open_source(c["source_kind"], json.loads(c["source_config"]))
             try:
-                listed.append((c, source.list_vms()))
+                # sources that can stop early (datastore) take the import's token
+                takes_cancel = "cancel" in inspect.signature(source.list_vms).parameters
+                listed.append((c, source.list_vms(cancel=job.cancel) if takes_cancel
+                               else source.list_vms()))
                 problems += [dict(p, connectorId=c["connector_id"])
                              for p in getattr(source, "list_problems", None) or []]
             finally:

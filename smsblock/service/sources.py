@@ -38,6 +38,7 @@ from ..disk import COWD_MAGIC, SESPARSE_MAGIC, SPARSE_MAGIC, Disk, RawDisk
 from ..disk.descriptor import looks_like_descriptor
 from ..disk.files import LocalFile
 from ..errors import ConnectorError, SmsBlockError
+from ..progress import check_cancel
 from ..source import Source, SourceDisk, VmRecord
 from .models import VmManagerType
 
@@ -271,9 +272,10 @@ class DatastoreSource:
     def close(self) -> None:
         pass
 
-    def list_vms(self) -> list[VmRecord]:
+    def list_vms(self, cancel=None) -> list[VmRecord]:
         """Every VM whose .vmx can be read; the others are in :attr:`list_problems`
-        (``[{"location": .vmx or folder, "reason": ...}]``), each logged, never fatal."""
+        (``[{"location": .vmx or folder, "reason": ...}]``), each logged, never fatal.
+        ``cancel`` (a :class:`~smsblock.progress.CancelToken`) is checked per folder."""
         vms: list[VmRecord] = []
         self.list_problems = []
         try:
@@ -289,6 +291,7 @@ class DatastoreSource:
         # fwalk works on folder descriptors and does not follow links: a folder swapped for
         # a link while it is walked is not entered
         for dirpath, dirnames, filenames, _ in os.fwalk(self.root, onerror=unreadable):
+            check_cancel(cancel)
             dirnames.sort()
             rel_dir = os.path.relpath(dirpath, self.root)
             rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
