@@ -19,6 +19,7 @@ import json
 import os
 import re
 import socket
+import threading
 import uuid
 
 from .. import __version__
@@ -211,8 +212,19 @@ class SmsService:
         self.state = state if state is not None else State(state_dir)
         self.clock = clock
         self.config = config if config is not None else ServiceConfig.load(self.state.dir)
+        #: how long ImportServerCatalog waits for the import (None: until it is done;
+        #: `smsblock serve` sets a few seconds, the import then goes on in the background)
+        self.import_wait_seconds: float | None = None
+        self._imports: list[catalog.CatalogImport] = []
+        self._imports_lock = threading.Lock()
 
     def close(self) -> None:
+        with self._imports_lock:       # background imports stop; a killed one is recovered
+            for job in self._imports:
+                job.cancel.cancel("the service is closing")
+            running = list(self._imports)
+        for job in running:
+            job.done.wait(5)
         self.state.close()
 
     def __enter__(self) -> "SmsService":
@@ -321,17 +333,41 @@ class SmsService:
     # --- catalog ----------------------------------------------------------------------
 
     def import_server_catalog(self) -> dict:
-        catalog.import_catalog(self.state, self.clock())
+        """Start an import; with ``import_wait_seconds`` None (the default) return when it
+        is done, else after at most that long (it goes on in a background thread, the
+        catalog IMPORTING meanwhile).  Errors of an import that ends within the wait are
+        raised; later ones are logged and kept in :meth:`last_catalog_import`."""
+        job = catalog.begin_import(self.state, self.clock(), self.config)
+        if self.import_wait_seconds is None:
+            catalog.run_import(self.state, job, self.clock)
+        else:
+            thread = threading.Thread(target=catalog.run_import, name="catalog-import",
+                                      args=(self.state, job, self.clock), daemon=True)
+            with self._imports_lock:
+                self._imports = [j for j in self._imports if not j.done.is_set()] + [job]
+            thread.start()
+            if not job.done.wait(self.import_wait_seconds):
+                return {}
+        if job.error is not None:
+            raise job.error
         return {}
 
     def delete_server_catalog(self) -> dict:
-        catalog.delete_catalog(self.state, self.clock())
+        catalog.delete_catalog(self.state, self.clock(), self.config)
+        with self._imports_lock:       # an import of this process stops listing early
+            for job in self._imports:
+                job.cancel.cancel("the server catalog was deleted")
         return {}
+
+    def last_catalog_import(self) -> dict | None:
+        """What the last finished catalog import did (not an SMS operation): servers,
+        problems (VMs left out, with the reason), error; see :func:`catalog.last_import`."""
+        return catalog.last_import_of(self.state)
 
     def get_servers(self, nextToken: str | None = None, maxResults: int | None = None,
                     vmServerAddressList: list[dict] | None = None) -> dict:
         with self.state.transaction() as db:
-            cat = db.execute("SELECT * FROM catalog WHERE id = 1").fetchone()
+            cat = catalog.refresh_status(db, self.state.dir, self.clock(), self.config)
             rows = db.execute("SELECT * FROM servers WHERE in_catalog = 1 "
                               "ORDER BY vm_path, server_id").fetchall()
             if vmServerAddressList:

@@ -55,6 +55,7 @@ CONTENT_TYPE = "application/x-amz-json-1.1"
 SERVICE_NAME = "sms"             # the model's signingName (endpointPrefix)
 DEFAULT_REGION = "us-east-1"
 MAX_SKEW_SECONDS = 15 * 60
+IMPORT_WAIT_SECONDS = 2.0     # ImportServerCatalog answers by then; the import goes on
 ACCESS_KEY_ENV = "SMSBLOCK_ACCESS_KEY_ID"
 SECRET_KEY_ENV = "SMSBLOCK_SECRET_ACCESS_KEY"
 # what botocore signs for a JSON 1.1 request, and what decides what the request does
@@ -424,8 +425,7 @@ class SmsRequestHandler(socketserver.BaseRequestHandler):
             operation = target[len(TARGET_PREFIX):]
             spool.seek(0)
             params = decode_json_body(spool.read())   # authenticated: may be max_body bytes
-            with srv.call_lock:
-                result = srv.service.call(operation, params)
+            result = srv.service.call(operation, params)
             log.info("%s %s 200", self.client_address[0], operation)
             return 200, result
         except ServiceError as e:
@@ -494,9 +494,11 @@ class SmsHttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.spool_dir = str(service.state.dir)
         # one thread per connection, at most max_connections of them
         self._slots = threading.BoundedSemaphore(self.limits.max_connections)
-        # one operation at a time: each is a short transaction, and the import reads
-        # the datastore between two of them
-        self.call_lock = threading.Lock()
+        # No lock around the calls: each operation is one transaction of the state (which
+        # serialises them), and ImportServerCatalog reads the sources in a background
+        # thread outside any lock, answering after at most IMPORT_WAIT_SECONDS.
+        if service.import_wait_seconds is None:
+            service.import_wait_seconds = IMPORT_WAIT_SECONDS
         super().__init__(address, SmsRequestHandler)
 
     def process_request(self, request, client_address):

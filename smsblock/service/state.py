@@ -118,6 +118,15 @@ MIGRATIONS: list[list[str]] = [
             deregistered REAL
         )""",
     ],
+    # 2: the catalog import runs in the background: which import is under way (its lock
+    # file STATE/catalog-import-<id>.lock is held while it lives), the status to return to
+    # if it dies, and what the last import found (servers, problems, error, connectors)
+    [
+        "ALTER TABLE catalog ADD COLUMN import_id TEXT",
+        "ALTER TABLE catalog ADD COLUMN import_started REAL",
+        "ALTER TABLE catalog ADD COLUMN import_previous TEXT",   # JSON {status, lastModifiedOn}
+        "ALTER TABLE catalog ADD COLUMN import_outcome TEXT",    # JSON of the last import
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -131,7 +140,9 @@ class ServiceConfig:
     limits; ``on_demand_runs_per_day`` (2) SMS's on-demand quota;
     ``heartbeat_timeout_seconds`` is how long a silent connector stays HEALTHY;
     ``seed_grace_seconds`` is how far in the past a seed time still counts as "now";
-    ``max_consecutive_failures`` failed runs in a row pause a job (PAUSED_ON_FAILURE).
+    ``max_consecutive_failures`` failed runs in a row pause a job (PAUSED_ON_FAILURE);
+    ``catalog_expiry_seconds`` (7 days): a catalog whose connectors have all been gone
+    (no heartbeat since the import, or disassociated) longer than this is EXPIRED (0: never).
     """
 
     max_active_jobs: int = 50
@@ -143,6 +154,7 @@ class ServiceConfig:
     max_seed_days_ahead: int = 30
     min_frequency_hours: int = 12
     max_frequency_hours: int = 24
+    catalog_expiry_seconds: int = 7 * 86400
 
     @classmethod
     def load(cls, state_dir: Path) -> "ServiceConfig":
