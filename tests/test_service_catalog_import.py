@@ -23,7 +23,7 @@ import fifo_source
 from smsblock.errors import ServiceError
 from smsblock.service import FakeClock, ServiceConfig, SmsService
 from smsblock.service.server import make_server
-from test_service_server import CREDS, signed
+from test_service_server import CREDS, REGION, signed
 from test_service_sources import make_datastore, make_vm
 
 TESTS = Path(__file__).parent
@@ -70,7 +70,7 @@ def timed_send(req, timeout=10.0):
 
 def test_the_api_answers_while_an_import_lists_a_slow_source(fifo_svc):
     svc, fifo = fifo_svc
-    srv = make_server(svc, "127.0.0.1", 0, CREDS)
+    srv = make_server(svc, "127.0.0.1", 0, CREDS, region=REGION)
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     try:

@@ -208,4 +208,6 @@ def test_license_role_and_deleted_jobs_through_the_cli(state, capsys):
     assert s["replicationJobTerminated"] is True
     status, _, err = cli(capsys, "sms", "start-on-demand-replication-run", "--state", st,
                          "--replication-job-id", job)
-    assert status == 255 and "(ReplicationJobNotFoundException)" in err and "deleted" in err
+    # StartOnDemandReplicationRun declares no ReplicationJobNotFoundException: the model's
+    # InvalidParameterException carries the reason
+    assert status == 255 and "(InvalidParameterException)" in err and "deleted" in err
