@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import ImageError, ImageNotFoundError, UsageError
 from ..fsutil import fsync_dir
 
-IMAGE_ID = re.compile(r"^ami-[0-9a-f]{17}$")
+IMAGE_ID = re.compile(r"ami-[0-9a-f]{17}")   # always fullmatch
 RECORD_FILE = "image.json"
 DISK_FILE = "disk.vmdk"
 
@@ -37,7 +37,7 @@ def new_image_id() -> str:
 
 
 def check_image_id(image_id: str) -> str:
-    if not isinstance(image_id, str) or not IMAGE_ID.match(image_id):
+    if not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
         raise UsageError(f"{image_id!r} is not an image id (ami- followed by 17 hex digits)")
     return image_id
 
@@ -85,7 +85,7 @@ class Catalog:
         if not self.root.is_dir():
             return out
         for entry in sorted(self.root.iterdir()):
-            if IMAGE_ID.match(entry.name) and (entry / RECORD_FILE).is_file():
+            if IMAGE_ID.fullmatch(entry.name) and (entry / RECORD_FILE).is_file():
                 try:
                     out.append(self.show(entry.name))
                 except ImageError:

@@ -682,14 +682,14 @@ class S3Store(Store):
         _, prefixes, _ = self._list("runs/", "list servers", delimiter="/")
         names = [self._rel(p).rstrip("/").split("/")[-1] for p in prefixes]
         # keys that are not servers (written by hand or other tools) are skipped, as locally
-        return sorted(n for n in names if SERVER_ID_RE.match(n) and self.list_run_ids(n))
+        return sorted(n for n in names if SERVER_ID_RE.fullmatch(n) and self.list_run_ids(n))
 
     def list_run_ids(self, server_id: str) -> list[str]:
         objects, _, _ = self._list(f"runs/{check_server_id(server_id)}/", "list runs")
         out = []
         for o in objects:
             name = self._rel(o["Key"]).split("/")[-1]
-            if name.endswith(MANIFEST_SUFFIX) and RUN_ID_RE.match(name[:-len(MANIFEST_SUFFIX)]):
+            if name.endswith(MANIFEST_SUFFIX) and RUN_ID_RE.fullmatch(name[:-len(MANIFEST_SUFFIX)]):
                 out.append(name[:-len(MANIFEST_SUFFIX)])
         return sorted(out)
 
