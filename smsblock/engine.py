@@ -29,6 +29,7 @@ import logging
 import os
 import queue
 import secrets
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -487,23 +488,39 @@ class RunDisk(BlockDisk):
 
 # --- restore ----------------------------------------------------------------------
 
-def _restore_raw(run: RunDisk, out_path: str, progress, cancel) -> None:
+def _restore_raw(run: RunDisk, out_path: str, progress, cancel, mode) -> None:
+    from .disk.writer import PartialFile, output_path
+    try:    # followed: a device is often named by a link (/dev/disk/by-id/...)
+        st = os.stat(out_path)
+    except OSError:
+        st = None
+    if st is not None and (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        try:
+            fd = os.open(out_path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StoreError(f"{out_path}: cannot open: {e.strerror}") from None
+        try:
+            _write_run(run, fd, out_path, progress, cancel, device=True)
+        finally:
+            os.close(fd)
+        return
+    # a file: written as OUT.part (new, O_EXCL | O_NOFOLLOW, 0600 or ``mode``), renamed
+    # over OUT when complete, removed on failure
+    with PartialFile(output_path(out_path), mode) as part:
+        _write_run(run, part.fd, out_path, progress, cancel, device=False)
+        part.commit()
+
+
+def _write_run(run: RunDisk, fd: int, out_path: str, progress, cancel, device: bool) -> None:
     m = run.manifest
     data_blocks = np.flatnonzero(m.states == BlockState.DATA)
     total = sum(m.block_range(int(i))[1] for i in data_blocks)
-    is_regular = not os.path.exists(out_path) or os.path.isfile(out_path)
-    target = out_path + ".part" if is_regular else out_path
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if is_regular else 0), 0o644)
-    except OSError as e:
-        raise StoreError(f"{out_path}: cannot create: {e.strerror}") from None
     done = 0
-    ok = False
     try:
-        if is_regular:
+        if not device:
             os.ftruncate(fd, m.disk_size)
         bs = m.block_size
-        if not is_regular:      # a block device keeps old bytes: write the zeros too
+        if device:      # a block device keeps old bytes: write the zeros too
             zeros = bytes(bs)
             for i in np.flatnonzero(m.states != BlockState.DATA):
                 off, length = m.block_range(int(i))
@@ -524,35 +541,29 @@ def _restore_raw(run: RunDisk, out_path: str, progress, cancel) -> None:
         try:
             os.fsync(fd)
         except OSError as e:
-            if is_regular or e.errno != errno.EINVAL:   # character devices cannot fsync
+            if not device or e.errno != errno.EINVAL:   # character devices cannot fsync
                 raise
-        ok = True
     except OSError as e:
         raise StoreError(f"{out_path}: write failed: {e.strerror}") from None
-    finally:
-        os.close(fd)
-        if is_regular and not ok:
-            try:
-                os.unlink(target)
-            except OSError:
-                pass
-    if is_regular:
-        os.replace(target, out_path)
     if progress is not None:
         progress(total, total)
 
 
 def restore(store, server_id: str, out_path, *, run_id: str | None = None, format: str = "raw",
-            progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> Manifest:
+            progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+            mode: int | None = None) -> Manifest:
     """Write the disk exactly as it was at a run (default: the latest) to ``out_path``.
 
     ``format="raw"`` writes a sparse raw image (holes where the run has zero or
     unallocated blocks); ``format="vmdk"`` a streamOptimized VMDK.  A cancelled or failed
-    raw restore leaves no partial file behind.  Returns the run's manifest.
+    raw restore leaves no partial file behind.  The output file is private (0600) unless
+    ``mode`` gives its permission bits.  Returns the run's manifest.
     """
+    from .disk.writer import check_mode
     store = open_store(store)
     store.require()
     out_path = os.fspath(out_path)
+    check_mode(mode)
     if format not in ("raw", "vmdk"):
         raise UsageError(f"unknown output format {format!r} (raw or vmdk)")
     if store.holds_path(out_path):
@@ -562,10 +573,10 @@ def restore(store, server_id: str, out_path, *, run_id: str | None = None, forma
         manifest = store.load_manifest(check_server_id(server_id), run_id)
         run = store.restore_source(manifest)
         if format == "raw":
-            _restore_raw(run, out_path, progress, cancel)
+            _restore_raw(run, out_path, progress, cancel, mode)
         else:
             from .disk.writer import write_stream_optimized
-            write_stream_optimized(run, out_path, progress=progress, cancel=cancel)
+            write_stream_optimized(run, out_path, progress=progress, cancel=cancel, mode=mode)
     return manifest
 
 
