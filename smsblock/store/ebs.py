@@ -42,6 +42,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,7 @@ from ..disk import DiskInfo, Extent, ExtentKind
 from ..disk.blocks import BlockDisk
 from ..errors import StoreCorruptError, StoreError, UsageError
 from ..manifest import BlockState, Manifest, diff
+from ..fsutil import remove_file, subdir, write_new_file
 from .base import Store
 from .retry import RetryPolicy, error_code
 from .s3config import CloudSettings, config_file_path
@@ -65,6 +67,7 @@ log = logging.getLogger("smsblock.store.ebs")
 EBS_BLOCK = 512 << 10
 GIB = 1 << 30
 PENDING_DIR = "ebs-pending"
+_SNAPSHOT_ID = re.compile(r"snap-[0-9a-f]{8,32}")
 
 
 def block_checksum(data) -> bytes:
@@ -117,25 +120,33 @@ class _Journal:
         root = getattr(self.staging, "root", None)
         return os.path.join(root, PENDING_DIR) if root else None
 
+    @staticmethod
+    def _check(snapshot_id: str) -> str:
+        # the id becomes a file name: never a path, whatever the endpoint answered
+        if not isinstance(snapshot_id, str) or not _SNAPSHOT_ID.fullmatch(snapshot_id):
+            raise StoreError(f"EBS returned a malformed snapshot id {snapshot_id!r}")
+        return snapshot_id
+
     def put(self, snapshot_id: str, record: dict) -> None:
+        self._check(snapshot_id)
         data = json.dumps(record, sort_keys=True).encode()
         folder = self._local()
         if folder is not None:
-            os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, f".{uuid.uuid4().hex}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(folder, snapshot_id + ".json"))
+            # inside the local staging store: a 0700 folder, never a link; a new 0600 file
+            with subdir(self.staging.root, PENDING_DIR, create=True) as fd:
+                tmp = f".{uuid.uuid4().hex}.tmp"
+                write_new_file(tmp, data, dir_fd=fd)
+                os.replace(tmp, snapshot_id + ".json", src_dir_fd=fd, dst_dir_fd=fd)
         else:
             self.staging._put(f"{PENDING_DIR}/{snapshot_id}.json", data, "journal a pending snapshot")
 
     def remove(self, snapshot_id: str) -> None:
+        self._check(snapshot_id)
         folder = self._local()
         if folder is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(folder, snapshot_id + ".json"))
+            with contextlib.suppress(FileNotFoundError), \
+                    subdir(self.staging.root, PENDING_DIR) as fd:
+                remove_file(snapshot_id + ".json", dir_fd=fd)
         else:
             self.staging._delete(f"{PENDING_DIR}/{snapshot_id}.json", "clear a journalled snapshot")
 
