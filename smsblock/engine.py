@@ -142,6 +142,8 @@ class PruneReport:
     blocks_deleted: int = 0
     bytes_freed: int = 0
     leftovers_removed: int = 0
+    #: packs a rewrite could not replace for want of space (kept whole; prune again later)
+    packs_left: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -752,6 +754,9 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
     block are deleted, packs with some are rewritten with only the live ones (frames copied
     as they are).  Also removes what killed runs left (temp files, unreferenced packs).
 
+    It works on a full disk: leftovers and dead packs go first, and a rewrite that finds
+    no space keeps its pack whole (``packs_left`` counts them) instead of failing.
+
     Takes the store lock exclusively: fails with StoreLockedError while a run or a
     :meth:`Store.run_disk` reader uses the store.
     """
@@ -770,36 +775,55 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
             store.delete_manifest(server_id, run_id)
             report.runs_deleted.append(run_id)
 
+        # what frees space without taking any goes first, so prune works on a full disk:
+        # what killed runs left, then packs with no live block; rewrites (which write a
+        # new pack before the old one goes) last, each skipped when the disk is full
+        for name in store.list_leftovers():
+            report.bytes_freed += store.remove_leftover(name)
+            report.leftovers_removed += 1
+
         packs, indexes = _readable_packs(store)
         wanted_all = _wanted_entries(indexes, live)
         done, total, start = 0, sum(size for _, size in packs), 0
-        written = set()
+        rewrites = []
         for (pack_id, size), index in zip(packs, indexes):
             want = wanted_all[start:start + len(index)]
             start += len(index)
-            if want.all() or pack_id in written:
-                # a pack a rewrite earlier in this loop wrote may have been there already (a
-                # killed prune's rewrite, its old pack not yet deleted): it now holds the
-                # only copies of its blocks, though they counted as the second ones
-                pass
-            elif not want.any():
+            if not want.any():
                 store.delete_pack(pack_id)
                 report.packs_deleted += 1
                 report.blocks_deleted += len(index)
                 report.bytes_freed += size
+                done += size
+                if progress is not None:
+                    progress(done, total)
+            elif not want.all():
+                rewrites.append((pack_id, size, index, want))
             else:
-                new_id, new_size = _rewrite_pack(store, pack_id, index[want])
-                written.add(new_id)
-                if new_id != pack_id:   # the new pack is in place: the old one can go
-                    store.delete_pack(pack_id)
-                report.packs_rewritten += 1
-                report.blocks_deleted += int((~want).sum())
-                report.bytes_freed += max(0, size - new_size)
+                done += size
+        written = set()
+        for pack_id, size, index, want in rewrites:
+            # a pack a rewrite earlier in this loop wrote may have been there already (a
+            # killed prune's rewrite, its old pack not yet deleted): it now holds the
+            # only copies of its blocks, though they counted as the second ones
+            if pack_id not in written:
+                try:
+                    new_id, new_size = _rewrite_pack(store, pack_id, index[want])
+                except OSError as e:
+                    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    log.warning("%s: no space to rewrite it without its %d dead blocks; kept "
+                                "whole (prune again once there is room)", store.pack_name(pack_id),
+                                int((~want).sum()))
+                    report.packs_left += 1
+                else:
+                    written.add(new_id)
+                    if new_id != pack_id:   # the new pack is in place: the old one can go
+                        store.delete_pack(pack_id)
+                    report.packs_rewritten += 1
+                    report.blocks_deleted += int((~want).sum())
+                    report.bytes_freed += max(0, size - new_size)
             done += size
             if progress is not None:
                 progress(done, total)
-
-        for name in store.list_leftovers():
-            report.bytes_freed += store.remove_leftover(name)
-            report.leftovers_removed += 1
     return report

@@ -407,3 +407,89 @@ def test_vcenter_password_not_echoed_by_the_command(tmp_path):
                           timeout=60)
     assert proc.returncode == 2 and SECRET not in proc.stdout + proc.stderr, proc.stderr
     assert proc.stderr.startswith("smsblock: error: ")
+
+
+# --- prune on a full disk --------------------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 6 MiB tmpfs (needs root: mount); skipped where mounting is not allowed."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write a file until the filesystem is full (ENOSPC)."""
+    chunk = os.urandom(64 * 1024)
+    with open(path, "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(chunk)
+    with open(path, "ab", buffering=0) as f, contextlib.suppress(OSError):
+        for _ in range(64):                 # the last partial pages
+            f.write(b"x" * 512)
+    with pytest.raises(OSError):
+        Path(path.parent / "probe").write_bytes(b"y" * 8192)
+
+
+def test_prune_reclaims_space_on_a_full_disk(tmp_path, small_fs):
+    from smsblock.store import StoreConfig
+    store = LocalStore(small_fs / "store")
+    store.initialise(StoreConfig(pack_size=256 * 1024))
+    disk = tmp_path / "disk.raw"
+    rng = np.random.default_rng(7)
+    base = bytearray(rng.integers(0, 256, 24 * BS, dtype=np.uint8).tobytes())   # incompressible
+    disk.write_bytes(base)
+    replicate(disk, store, "web", block_size=BS)
+    for i in range(0, 24, 3):               # every third block changes: packs become part-dead
+        base[i * BS:(i + 1) * BS] = rng.integers(0, 256, BS, dtype=np.uint8).tobytes()
+    disk.write_bytes(base)
+    replicate(disk, store, "web", block_size=BS)
+    leftover = store.staging_path(".pack.tmp")
+    with open(leftover, "wb", opener=lambda p, _f: create_file(p)) as f:
+        f.write(os.urandom(200 * 1024))     # a killed run's half-written pack
+    fill(small_fs / "filler")
+
+    report = prune(store, "web", keep=1)
+    assert report.leftovers_removed == 1 and report.bytes_freed > 200 * 1024
+    assert report.packs_deleted + report.packs_rewritten > 0
+    assert verify(store).ok
+    restore(store, "web", tmp_path / "out.raw")
+    assert (tmp_path / "out.raw").read_bytes() == bytes(base)
+    # the space is really back: a new run of fresh blocks fits now
+    assert os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize > 200 * 1024
+
+
+def test_prune_keeps_a_pack_whole_when_its_rewrite_finds_no_space(tmp_path, small_fs):
+    from smsblock.store import StoreConfig
+    store = LocalStore(small_fs / "store")
+    store.initialise(StoreConfig(pack_size=64 << 20))       # one pack per run
+    disk = tmp_path / "disk.raw"
+    rng = np.random.default_rng(8)
+    base = bytearray(rng.integers(0, 256, 24 * BS, dtype=np.uint8).tobytes())
+    disk.write_bytes(base)
+    replicate(disk, store, "web", block_size=BS)
+    for i in range(0, 24, 3):
+        base[i * BS:(i + 1) * BS] = rng.integers(0, 256, BS, dtype=np.uint8).tobytes()
+    disk.write_bytes(base)
+    replicate(disk, store, "web", block_size=BS)
+    fill(small_fs / "filler")
+    report = prune(store, "web", keep=1)    # the old pack still holds 16 live blocks
+    assert (report.packs_left, report.packs_rewritten, len(report.runs_deleted)) == (1, 0, 1)
+    assert verify(store).ok and LocalStore(store.root).list_leftovers() == []
+    restore(store, "web", tmp_path / "out.raw")
+    assert (tmp_path / "out.raw").read_bytes() == bytes(base)
+    (small_fs / "filler").unlink()
+    report = prune(store, "web", keep=1)    # room again: now it is rewritten
+    assert (report.packs_left, report.packs_rewritten) == (0, 1) and report.bytes_freed >= 8 * BS
+    assert verify(store).ok

@@ -117,7 +117,9 @@ def cmd_prune(args) -> int:
         print(f"deleted {len(r.runs_deleted)} runs, kept {len(r.runs_kept)}; "
               f"{r.packs_deleted} packs deleted, {r.packs_rewritten} rewritten, "
               f"{r.blocks_deleted} blocks and {r.leftovers_removed} leftovers removed, "
-              f"{human_size(r.bytes_freed)} freed")
+              f"{human_size(r.bytes_freed)} freed"
+              + (f"; {r.packs_left} packs kept whole for want of space (prune again later)"
+                 if r.packs_left else ""))
     return 0
 
 
