@@ -493,3 +493,15 @@ def test_prune_keeps_a_pack_whole_when_its_rewrite_finds_no_space(tmp_path, smal
     report = prune(store, "web", keep=1)    # room again: now it is rewritten
     assert (report.packs_left, report.packs_rewritten) == (0, 1) and report.bytes_freed >= 8 * BS
     assert verify(store).ok
+
+
+@pytest.mark.parametrize("url", ["s3://bucket\n/prefix", "s3://bu\tcket/p", "s3://b/p\r",
+                                 "s3://bad bucket/p", "s3://u:pw@bucket/p", "s3://b:99/p",
+                                 "ebs://..", "ebs://Eu_West"])
+def test_store_names_match_whole(tmp_path, url, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    with pytest.raises(UsageError):
+        open_store(url)
+    assert os.listdir(tmp_path) == []       # no staging folder made from a bad name

@@ -68,6 +68,7 @@ EBS_BLOCK = 512 << 10
 GIB = 1 << 30
 PENDING_DIR = "ebs-pending"
 _SNAPSHOT_ID = re.compile(r"snap-[0-9a-f]{8,32}")
+_REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 
 
 def block_checksum(data) -> bytes:
@@ -199,6 +200,9 @@ class EbsStore(Store):
         self.region = self.settings.region or self.settings.session().region_name
         if not self.region:
             raise UsageError(f"{url}: no region (ebs://REGION, AWS_DEFAULT_REGION or the config file)")
+        if not isinstance(self.region, str) or not _REGION.fullmatch(self.region):
+            # it names the default staging folder: never a path
+            raise UsageError(f"{url}: {self.region!r} is not an AWS region name")
         self.url = f"ebs://{self.region}"
         if staging is None:
             staging = os.path.join(os.path.expanduser("~/.smsblock/ebs"), self.region)

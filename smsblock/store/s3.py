@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import uuid
@@ -65,11 +66,18 @@ LOCK_EXCLUSIVE = "locks/exclusive.json"
 LOCK_SHARED = "locks/shared-"
 
 
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")   # S3's rules, with legacy names
+
+
 def parse_s3_url(url: str) -> tuple[str, str, str]:
     """``s3://BUCKET/PREFIX?query`` -> ``(bucket, prefix without slashes, query)``."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in url):     # urlparse would drop them silently
+        raise UsageError(f"{url!r}: control characters in an S3 store URL")
     p = urlparse(url)
     if p.scheme.lower() != "s3" or not p.netloc:
         raise UsageError(f"{url}: not an S3 store URL (s3://BUCKET/PREFIX)")
+    if not _BUCKET.fullmatch(p.netloc):
+        raise UsageError(f"{url}: {p.netloc!r} is not a bucket name (letters, digits, '.', '_', '-')")
     prefix = p.path.strip("/")
     if "//" in prefix or any(part in (".", "..") for part in prefix.split("/") if prefix):
         raise UsageError(f"{url}: the prefix must not have empty, '.' or '..' parts")
