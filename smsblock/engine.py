@@ -499,9 +499,12 @@ def _restore_raw(run: RunDisk, out_path: str, progress, cancel, mode) -> None:
     if st is not None and (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
         try:
             fd = os.open(out_path, os.O_WRONLY | os.O_CLOEXEC)
+            kind = os.fstat(fd).st_mode
         except OSError as e:
             raise StoreError(f"{out_path}: cannot open: {e.strerror}") from None
         try:
+            if not (stat.S_ISBLK(kind) or stat.S_ISCHR(kind)):     # swapped since the stat
+                raise UsageError(f"{out_path}: changed while opening; not a device any more")
             _write_run(run, fd, out_path, progress, cancel, device=True)
         finally:
             os.close(fd)
