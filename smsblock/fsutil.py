@@ -107,7 +107,7 @@ def open_subdir(root, *parts: str, create: bool = False) -> int:
             fd = nxt
     except OSError as e:
         os.close(fd)
-        if e.errno == errno.ELOOP and e.filename in parts:
+        if e.filename in parts:     # name the whole path, not the component
             e.filename = os.path.join(os.fspath(root), *parts[:parts.index(e.filename) + 1])
         raise
     return fd

@@ -37,6 +37,11 @@ MANIFEST_SUFFIX = ".manifest"
 log = logging.getLogger(__name__)
 
 
+def _where(e: OSError, default: str) -> str:
+    """The path an error is about: the link or folder a helper named, else ``default``."""
+    return e.filename if isinstance(e.filename, str) and os.path.isabs(e.filename) else default
+
+
 class LocalStore(Store):
     """A store in the directory ``root`` (created by :meth:`initialise`)."""
 
@@ -86,7 +91,7 @@ class LocalStore(Store):
                 os.unlink(name, dir_fd=tmp_fd)
                 fsync_dir(root_fd)
         except OSError as e:
-            raise StoreError(f"{self.root}: cannot create store: {e.strerror}") from None
+            raise StoreError(f"{_where(e, self.root)}: cannot create store: {e.strerror}") from None
 
     # -- lock ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -140,7 +145,7 @@ class LocalStore(Store):
                 os.replace(name, pack_id + ".pack", src_dir_fd=tmp_fd, dst_dir_fd=folder_fd)
                 fsync_dir(folder_fd)
         except OSError as e:
-            raise StoreError(f"{dest}: cannot store pack: {e.strerror}") from None
+            raise StoreError(f"{_where(e, dest)}: cannot store pack: {e.strerror}") from None
 
     def list_packs(self) -> dict[str, int]:
         out = {}
@@ -261,7 +266,7 @@ class LocalStore(Store):
                 os.replace(tmp, os.path.basename(path), src_dir_fd=tmp_fd, dst_dir_fd=folder_fd)
                 fsync_dir(folder_fd)
         except OSError as e:
-            raise StoreError(f"{path}: cannot write manifest: {e.strerror}") from None
+            raise StoreError(f"{_where(e, path)}: cannot write manifest: {e.strerror}") from None
 
     def delete_manifest(self, server_id: str, run_id: str) -> None:
         path = self._manifest_path(server_id, run_id)
