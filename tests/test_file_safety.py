@@ -505,3 +505,25 @@ def test_store_names_match_whole(tmp_path, url, monkeypatch):
     with pytest.raises(UsageError):
         open_store(url)
     assert os.listdir(tmp_path) == []       # no staging folder made from a bad name
+
+
+def test_s3_staging_folder_never_through_a_link(tmp_path, monkeypatch):
+    pytest.importorskip("boto3")
+    from smsblock.store.s3 import S3Store
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s = S3Store("s3://bucket/p", staging_dir=str(tmp_path / "staging"))
+    staged = s.staging_path(".pack.tmp")     # no request: the local folder only
+    with open(staged, "wb", opener=lambda p, _f: create_file(p)) as f:
+        f.write(b"x")
+    assert_modes_private(tmp_path / "staging")
+    victim = victim_dir(tmp_path, names=["123-a.pack.tmp", "9-b.pack.tmp"])
+    before = snapshot(victim)
+    swap_for_link(Path(s.staging_dir), victim)
+    with pytest.raises(StoreError, match="symbolic link"):
+        s.staging_path(".pack.tmp")
+    with pytest.raises(StoreError, match="symbolic link"):
+        s.remove_leftover("staging:123-a.pack.tmp")
+    assert s.resume_staged_packs() == []
+    assert snapshot(victim) == before
