@@ -137,8 +137,10 @@ def test_state_catalog_and_connector_lock_are_owner_only(tmp_path):
         svc.register_connector("datastore", {"path": str(folder)})
         with ConnectorLoop(svc):
             pass
-    names = {p.name for p in state.iterdir()}
-    assert "state.db" in names and any(n.startswith("connector-") for n in names)
+        names = {p.name for p in state.iterdir()}      # while SQLite has its -wal, -shm
+        assert {"state.db", "state.db-wal", "state.db-shm"} <= names
+        assert any(n.startswith("connector-") for n in names)
+        assert_modes_private(state)
     assert_modes_private(state)
 
     cat = Catalog(tmp_path / "images")
