@@ -529,3 +529,12 @@ def test_s3_staging_folder_never_through_a_link(tmp_path, monkeypatch):
         s.remove_leftover("staging:123-a.pack.tmp")
     assert s.resume_staged_packs() == []
     assert snapshot(victim) == before
+
+
+def test_demo_never_wipes_a_folder_it_did_not_make(tmp_path, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_bytes(VICTIM_BYTES)
+    assert main(["demo", "--json", "--dir", str(home)]) == 2
+    assert "not an earlier demo's folder" in capsys.readouterr().err
+    assert (home / "thesis.tex").read_bytes() == VICTIM_BYTES
