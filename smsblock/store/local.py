@@ -116,6 +116,8 @@ class LocalStore(Store):
 
     # -- packs ----------------------------------------------------------------------
     def _pack_path(self, pack_id: str) -> str:
+        if not is_pack_id(pack_id):     # it becomes a file name: never a path
+            raise StoreError(f"{self.root}: {pack_id!r} is not a pack id (64 hex digits)")
         return self._p("packs", pack_id[:2], pack_id + ".pack")
 
     def pack_name(self, pack_id: str) -> str:
@@ -202,6 +204,7 @@ class LocalStore(Store):
             os.close(fd)
 
     def delete_pack(self, pack_id: str) -> None:
+        path = self._pack_path(pack_id)
         self.forget_pack(pack_id)
         try:
             with subdir(self.root, "packs", pack_id[:2]) as folder_fd:
@@ -209,7 +212,7 @@ class LocalStore(Store):
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise StoreError(f"{self._pack_path(pack_id)}: cannot delete pack: {e.strerror}") from None
+            raise StoreError(f"{_where(e, path)}: cannot delete pack: {e.strerror}") from None
 
     # -- manifests ----------------------------------------------------------------
     def _manifest_path(self, server_id: str, run_id: str) -> str:
