@@ -160,7 +160,7 @@ class _Journal:
             except FileNotFoundError:
                 return out
             for n in names:
-                if n.endswith(".json") and not n.startswith("."):
+                if n.endswith(".json") and _SNAPSHOT_ID.fullmatch(n[:-5]):
                     with contextlib.suppress(OSError, ValueError):
                         with open(os.path.join(folder, n), "rb") as f:
                             out[n[:-5]] = json.loads(f.read())
@@ -168,7 +168,7 @@ class _Journal:
         objects, _, _ = self.staging._list(f"{PENDING_DIR}/", "list pending snapshots")
         for o in objects:
             name = o["Key"].rsplit("/", 1)[-1]
-            if name.endswith(".json"):
+            if name.endswith(".json") and _SNAPSHOT_ID.fullmatch(name[:-5]):
                 data = self.staging._get(f"{PENDING_DIR}/{name}", "read a pending snapshot record")
                 with contextlib.suppress(ValueError, TypeError):
                     out[name[:-5]] = json.loads(data)
