@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import SmsBlockError, UsageError
+from ..fsutil import make_root
 from ..progress import terminal_progress
 
 MIB = 1 << 20
@@ -44,7 +45,7 @@ DISTRIB_DESCRIPTION="Ubuntu 16.04.7 LTS"
 def register(sub) -> None:
     p = sub.add_parser("demo", help="replicate a sample disk twice, restore and inspect it (no setup needed)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--dir", default="demo-out", help="working folder (default ./demo-out; emptied first)")
+    p.add_argument("--dir", default="demo-out", help="working folder (default ./demo-out; must be new, empty or an earlier demo's, which is emptied)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON document")
     p.set_defaults(func=run_demo)
 
@@ -129,6 +130,9 @@ def _change_guest(work: Path, disk: Path, fs_image: Path) -> None:
     table.unlink()
 
 
+DEMO_MARKER = ".smsblock-demo"
+
+
 def run_demo(args) -> int:
     from ..disk.writer import convert
     from ..image.validate import inspect_and_validate
@@ -137,8 +141,13 @@ def run_demo(args) -> int:
 
     work = Path(args.dir).resolve()
     if work.exists():
+        # only a folder an earlier demo made (its marker file) is wiped: --dir ~ must not be
+        if not (work / DEMO_MARKER).is_file() and (not work.is_dir() or any(work.iterdir())):
+            raise UsageError(f"--dir {work}: exists and is not an earlier demo's folder "
+                             "(give a new or empty folder)")
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    make_root(work)         # 0700
+    (work / DEMO_MARKER).write_text("made by smsblock demo; the next demo run deletes this folder\n")
     store_dir = work / "store"
     server = "s-demo0001"
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))

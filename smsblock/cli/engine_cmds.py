@@ -10,16 +10,16 @@ import threading
 
 from ..errors import UsageError
 from ..progress import CancelToken, terminal_progress
-from . import add_json_flag
+from . import add_json_flag, add_mode_flag
 from .disk_cmds import human_size
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(i?B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*([0-9]+)\s*([KMG]?)(i?B)?\s*", re.IGNORECASE)   # fullmatch
 STORE_HELP = "store: a directory (created on first use), s3://BUCKET/PREFIX or ebs://[REGION]"
 
 
 def parse_size(text: str) -> int:
     """``524288``, ``512K``, ``512KiB``, ``1M`` -> bytes (binary units)."""
-    m = _SIZE_RE.match(text)
+    m = _SIZE_RE.fullmatch(text)
     if not m:
         raise UsageError(f"bad size {text!r} (use e.g. 524288, 512K, 1M)")
     return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
@@ -83,7 +83,7 @@ def cmd_restore(args) -> int:
     from ..engine import restore
     with terminal_progress(f"restore {args.server}") as bar, cancel_on_interrupt() as token:
         m = restore(args.store, args.server, args.output, run_id=args.run, format=args.output_format,
-                    progress=bar, cancel=token)
+                    progress=bar, cancel=token, mode=args.mode)
     print(f"restored run {m.meta.get('run_id')} of {args.server} to {args.output} "
           f"({args.output_format}, {human_size(m.disk_size)})")
     return 0
@@ -117,7 +117,9 @@ def cmd_prune(args) -> int:
         print(f"deleted {len(r.runs_deleted)} runs, kept {len(r.runs_kept)}; "
               f"{r.packs_deleted} packs deleted, {r.packs_rewritten} rewritten, "
               f"{r.blocks_deleted} blocks and {r.leftovers_removed} leftovers removed, "
-              f"{human_size(r.bytes_freed)} freed")
+              f"{human_size(r.bytes_freed)} freed"
+              + (f"; {r.packs_left} packs kept whole for want of space (prune again later)"
+                 if r.packs_left else ""))
     return 0
 
 
@@ -144,6 +146,7 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output image path")
     p.add_argument("-O", "--output-format", choices=["raw", "vmdk"], default="raw",
                    help="raw (sparse) or vmdk (streamOptimized); default raw")
+    add_mode_flag(p)
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("verify", help="check every pack, block and run of a store")

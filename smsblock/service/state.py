@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ServiceError, UsageError
+from ..fsutil import create_file, is_link, link_error, make_root, subdir
 
 DB_NAME = "state.db"
 CONFIG_NAME = "config.toml"
@@ -187,11 +188,21 @@ class State:
     def __init__(self, state_dir: str | os.PathLike | None = None):
         # absolute: connectors store paths under it (STATE/store) that other cwds must find
         self.dir = (Path(state_dir) if state_dir is not None else default_state_dir()).absolute()
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"state directory {self.dir}: {e.strerror}") from None
         self.path = self.dir / DB_NAME
+        try:
+            make_root(self.dir)                 # 0700
+            with subdir(self.dir) as dir_fd:
+                # SQLite follows links and gives its -wal/-shm files the database's mode:
+                # refuse links, and create the database 0600 (O_EXCL) so all three are private
+                for name in (DB_NAME + suffix for suffix in ("", "-wal", "-shm", "-journal")):
+                    if is_link(name, dir_fd=dir_fd):
+                        raise link_error(self.dir / name)
+                with contextlib.suppress(FileExistsError):
+                    os.close(create_file(DB_NAME, dir_fd=dir_fd))
+        except OSError as e:
+            name = os.path.basename(e.filename) if e.filename else ""
+            inside = f" {name}" if name and name != self.dir.name else ""
+            raise UsageError(f"state directory {self.dir}:{inside} {e.strerror}") from None
         self._lock = threading.RLock()
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30,
