@@ -127,6 +127,10 @@ class _SparsePart(_Part):
                 holes.append((offset + inside, len(view) - inside))
 
     def _collect_holes(self, status, first, lo, hi, holes):
+        if len(status) == 1:             # one grain: no need for numpy's run finding
+            if status[0] == 0:
+                holes.append((lo, hi - lo))
+            return
         unalloc = status == 0
         if not unalloc.any():
             return
