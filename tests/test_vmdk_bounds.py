@@ -77,16 +77,26 @@ def repeated(folder: Path, times: int, n_tables: int = 8192) -> Path:
     return p
 
 
-def chain(folder: Path, depth: int, n_tables: int = 8192) -> Path:
-    """``depth`` chain links (descriptors), every one naming the same sparse file."""
-    (folder / "h.vmdk").write_bytes(hostile_sparse(n_tables))
+def chain(folder: Path, depth: int, n_tables: int = 8192, distinct: bool = False) -> Path:
+    """``depth`` chain links (descriptors), naming the same sparse file or one copy each."""
+    hostile = hostile_sparse(n_tables)
     sectors = n_tables * 4096 * 8
     for i in range(depth):
         last = i == depth - 1
+        extent = f"h{i}.vmdk" if distinct else "h.vmdk"
+        (folder / extent).write_bytes(hostile)
         (folder / f"c{i}.vmdk").write_text(descriptor(
-            [f'RW {sectors} SPARSE "h.vmdk"'], cid=i + 1,
+            [f'RW {sectors} SPARSE "{extent}"'], cid=i + 1,
             parent_cid=0xFFFFFFFF if last else i + 2, hint=None if last else f"c{i + 1}.vmdk"))
     return folder / "c0.vmdk"
+
+
+def repeated_flat(folder: Path, times: int) -> Path:
+    """One flat file named by ``times`` extent lines (each line once took a descriptor)."""
+    (folder / "f-flat.vmdk").write_bytes(b"\x42" * 4096)
+    p = folder / "flat.vmdk"
+    p.write_text(descriptor(['RW 8 FLAT "f-flat.vmdk" 0'] * times))
+    return p
 
 
 # --- the worker: opens and reads under limits, says what happened ------------------------
@@ -102,8 +112,9 @@ def touch(d):
     d.info.to_dict()
     for e in itertools.islice(d.extents(), 2000):
         d.read(e.offset, min(e.length, 65536))
-    # one read per grain table span (16 MiB here): every table of every part gets loaded
-    for off in range(0, min(d.size, 1 << 40), 16 << 20):
+    # one read per grain table span (16 MiB here), of a grain no table allocates (the
+    # middle of the span): every table of every part and every chain link gets loaded
+    for off in range(8 << 20, min(d.size, 1 << 40), 16 << 20):
         d.read(off, 512)
 
 results = []
@@ -127,7 +138,9 @@ print(json.dumps(results))
 
 def run_limited(paths: list[Path], limit: int = WORKER_AS_BYTES,
                 timeout: float = WORKER_TIMEOUT_S) -> list[dict]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # one BLAS thread and few malloc arenas: the address space is then about the reader's
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1",
+               OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="2")
     proc = subprocess.run([sys.executable, "-c", WORKER, str(limit), *map(str, paths)],
                           capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -138,6 +151,7 @@ def assert_clean(result: dict, max_seconds: float = 10) -> None:
     """Read, or refused with a DiskFormatError naming a file and an offset; in time."""
     assert not result.get("crash"), result
     if not result["ok"]:
+        assert "out of memory" not in result["msg"], result
         assert result["path"] and result["offset"] is not None, result
         assert f"offset {result['offset']}" in result["msg"], result
     assert result["seconds"] < max_seconds, result
@@ -172,6 +186,21 @@ def test_extent_lines_and_chain_links_share_the_open_file(tmp_path):
         assert len(links) == 4 and len({id(e) for e in links}) == 1
         assert d.read(16 * MiB, 4096) == b"\x5a" * 4096
     assert links[0].file.closed             # the last user closed it
+
+
+def test_chain_of_distinct_files_shares_one_cache_budget(tmp_path):
+    """12 links, each its own 34 KB file of 4096 tables: one 128 MiB budget, not 12 x 64."""
+    result, = run_limited([chain(tmp_path, 12, 4096, distinct=True)])
+    assert result["ok"], result
+
+
+def test_a_flat_file_named_by_thousands_of_lines_is_opened_once(tmp_path):
+    p = repeated_flat(tmp_path, 5000)
+    before = len(os.listdir("/proc/self/fd"))
+    with open_vmdk(p) as d:
+        assert len(os.listdir("/proc/self/fd")) - before == 1
+        assert d.size == 5000 * 4096 and d.read(d.size - 4096, 4096) == b"\x42" * 4096
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_grain_directories_of_one_open_disk_are_bounded(tmp_path, monkeypatch):
@@ -317,12 +346,15 @@ def _random_text(rng: random.Random) -> bytes:
 
 
 def _case(rng: random.Random, folder: Path) -> Path:
-    shape = rng.choice(["repeat", "chain", "broken-chain", "text", "sizes"])
+    shape = rng.choice(["repeat", "chain", "broken-chain", "text", "sizes", "flat-repeat"])
     folder.mkdir()
     if shape == "repeat":
         return repeated(folder, rng.randrange(1, 24), rng.choice([16, 512, 4096]))
     if shape == "chain":
-        return chain(folder, rng.randrange(2, 24), rng.choice([16, 512, 4096]))
+        return chain(folder, rng.randrange(2, 24), rng.choice([16, 512, 4096]),
+                     distinct=rng.random() < 0.5)
+    if shape == "flat-repeat":
+        return repeated_flat(folder, rng.randrange(1, 30000))
     if shape == "broken-chain":
         top = chain(folder, rng.randrange(2, 12), 64)
         victim = folder / f"c{rng.randrange(0, 2)}.vmdk"
