@@ -27,6 +27,8 @@ from .files import LocalFiles, OpenerFiles
 from .sparse import COWD_MAGIC, MAGIC, SECTOR, SESPARSE_MAGIC, OpenBudget, SparseExtent
 #: a snapshot chain deeper than this is a loop we failed to see, or hostile
 MAX_CHAIN_DEPTH = 255
+#: bytes of a delta chain's address space whose extents are resolved at a time
+EXTENT_WINDOW = 1 << 30
 
 
 # --- parts: the pieces a VMDK disk is made of ----------------------------------------
@@ -237,7 +239,8 @@ class VmdkDisk(Disk):
         start, end = self._clip(start, end)
         return clip_extents(self._raw_extents(start, end), start, end)
 
-    def _raw_extents(self, start: int, end: int) -> Iterator[Extent]:
+    def _own_runs(self, start: int, end: int) -> Iterator[tuple[int, int, ExtentKind | None]]:
+        """(offset, length, kind) runs of this disk alone; kind None = unallocated here."""
         i = max(0, bisect.bisect_right(self._starts, start) - 1)
         for part in self._parts[i:]:
             if part.start >= end:
@@ -246,11 +249,32 @@ class VmdkDisk(Disk):
             if lo >= hi:
                 continue
             for off, length, kind in part.extents(lo - part.start, hi - part.start):
-                a = part.start + off
+                yield part.start + off, length, kind
+
+    def _raw_extents(self, start: int, end: int) -> Iterator[Extent]:
+        if self.parent is None:
+            for a, length, kind in self._own_runs(start, end):
                 if kind is not None:
                     yield Extent(a, length, kind)
-                elif self.parent is not None:
-                    yield from self.parent.extents(a, min(a + length, self.parent.size))
+            return
+        # a chain is resolved link by link over a window at a time, not by nesting one
+        # generator per link: resuming nested generators costs their depth at every step,
+        # which made a deep chain with many holes quadratic
+        for w in range(start, end, EXTENT_WINDOW):
+            found: list[Extent] = []
+            todo = [(w, min(end, w + EXTENT_WINDOW))]
+            disk: VmdkDisk | None = self
+            while disk is not None and todo:
+                holes = []
+                for lo, hi in todo:
+                    for a, length, kind in disk._own_runs(lo, min(hi, disk.size)):
+                        if kind is not None:
+                            found.append(Extent(a, length, kind))
+                        else:
+                            holes.append((a, a + length))
+                todo, disk = holes, disk.parent
+            found.sort(key=lambda e: e.offset)
+            yield from found
 
     def close(self) -> None:
         self._closed = True
