@@ -351,10 +351,10 @@ def _case(rng: random.Random, folder: Path) -> Path:
     if shape == "repeat":
         return repeated(folder, rng.randrange(1, 24), rng.choice([16, 512, 4096]))
     if shape == "chain":
-        return chain(folder, rng.randrange(2, 24), rng.choice([16, 512, 4096]),
+        return chain(folder, rng.randrange(2, 24), rng.choice([16, 512, 2048]),
                      distinct=rng.random() < 0.5)
     if shape == "flat-repeat":
-        return repeated_flat(folder, rng.randrange(1, 30000))
+        return repeated_flat(folder, rng.randrange(1, 10000))
     if shape == "broken-chain":
         top = chain(folder, rng.randrange(2, 12), 64)
         victim = folder / f"c{rng.randrange(0, 2)}.vmdk"
