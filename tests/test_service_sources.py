@@ -392,3 +392,23 @@ def test_listing_stops_when_cancelled(tmp_path):
     token.cancel("the server catalog was deleted")
     with pytest.raises(Cancelled, match="deleted"):
         DatastoreSource(tmp_path).list_vms(cancel=token)
+
+
+def test_a_flat_extent_read_through_the_datastore_keeps_its_holes(tmp_path):
+    """Files opened beneath the root still report their holes (SEEK_DATA): a sparse copy
+    of a flat disk is read where it holds data only."""
+    from smsblock.service.sources import open_datastore_disk
+
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    with open(vm / "d-flat.vmdk", "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(1 << 20)
+        f.write(b"x" * 4096)
+    (vm / "d.vmdk").write_text('# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
+                               'createType="vmfs"\n\nRW 131072 VMFS "d-flat.vmdk"\n\n'
+                               'ddb.adapterType = "lsilogic"\n')
+    with open_datastore_disk(tmp_path, "vm/d.vmdk") as disk:
+        extents = list(disk.extents(0, disk.size))
+        assert sum(e.length for e in extents) < 1 << 20, extents
+        assert disk.read(1 << 20, 4096) == b"x" * 4096
