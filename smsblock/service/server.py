@@ -137,9 +137,14 @@ class SmsRequestHandler(BaseHTTPRequestHandler):
         self._send(status or e.http_status, {"__type": e.code, "message": str(e)})
 
     def do_GET(self):
+        if self.server.console is not None:   # the web console (smsblock.console)
+            return self.server.console.handle(self, "GET")
         self._error(ServiceError("the SMS API takes POST requests", "UnknownOperationException"))
 
     def do_POST(self):
+        console = self.server.console   # its forms: any POST but an SMS API call
+        if console is not None and console.wants(self, "POST"):
+            return console.handle(self, "POST")
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
@@ -178,13 +183,17 @@ class SmsHttpServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], service: SmsService,
-                 credentials: ServerCredentials):
+                 credentials: ServerCredentials, console: bool = True):
         super().__init__(address, SmsRequestHandler)
         self.service = service
         self.credentials = credentials
         # one operation at a time: each is a short transaction, and the import reads
         # the datastore between two of them
         self.call_lock = threading.Lock()
+        self.console = None
+        if console:
+            from ..console import Console
+            self.console = Console(self)
 
     @property
     def url(self) -> str:
@@ -193,10 +202,11 @@ class SmsHttpServer(ThreadingHTTPServer):
 
 
 def make_server(service: SmsService, host: str = "127.0.0.1", port: int = 8080,
-                credentials: ServerCredentials | None = None) -> SmsHttpServer:
-    """A ready (not yet serving) HTTP server; ``port=0`` picks a free port."""
+                credentials: ServerCredentials | None = None, console: bool = True) -> SmsHttpServer:
+    """A ready (not yet serving) HTTP server; ``port=0`` picks a free port; ``console``
+    serves the web console (:mod:`smsblock.console`) on the same port."""
     credentials = credentials or ServerCredentials.from_environment()
     try:
-        return SmsHttpServer((host, port), service, credentials)
+        return SmsHttpServer((host, port), service, credentials, console)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
