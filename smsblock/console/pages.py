@@ -476,7 +476,7 @@ def _job_params(req: Request, *, create: bool) -> tuple[dict, dict]:
     errors: dict[str, str] = {}
     params: dict = {}
     start = req.field("start", "now")
-    if start == "now":
+    if start in ("now", "keep"):     # keep: the edit form leaves the schedule as it is
         if create:
             params["seedReplicationTime"] = time.time()
     else:
