@@ -431,6 +431,10 @@ def test_wizard_review_then_create_several_servers(live):
     names = live.import_catalog()
     ids = [names["web01"], names[XSS]]
     c = live.client()
+    page = c.get(f"/jobs/new?server={ids[0]}&server={ids[1]}").text
+    # the selected servers travel in the form (as elements, not as escaped text)
+    assert re.findall(r'<input type="hidden" name="server" value="(s-[0-9a-f]{8})">', page) == ids
+    assert re.search(r'<select id="license-s-[0-9a-f]{8}" name="license-s-[0-9a-f]{8}">', page)
     form = {"server": ids, f"license-{ids[0]}": "BYOL", f"license-{ids[1]}": "AUTO",
             "start": "later", "start_utc": time.strftime("%Y-%m-%dT%H:%M:%S.000Z",
                                                          time.gmtime(time.time() + 86400)),

@@ -202,6 +202,8 @@ class Console:
     def _dispatch(self, req: Request) -> Response:
         if req.method == "GET" and req.path.startswith("/static/"):
             return self._static(req)
+        if req.path == "/favicon.ico":     # browsers ask for it on every page; there is none
+            raise HttpError(404, "no icon")
         if req.method == "POST":
             self._read_form(req)
             self._check_origin(req)

@@ -168,7 +168,11 @@ def login(req: Request) -> Response:
         error = "The access key ID or the secret access key is wrong."
     if req.session is not None and req.method == "GET":
         return redirect("/")
-    token = secrets.token_urlsafe(24)
+    # one pre-session token per browser: the page's own requests (favicon) that come
+    # back here must not replace the one in the form the person is filling in
+    token = req.cookies.get(LOGIN_COOKIE, "")
+    if not re.fullmatch(r"[A-Za-z0-9_\-]{32}", token):
+        token = secrets.token_urlsafe(24)
     body = html(
         '<section class="login"><h1>Sign in</h1>'
         '<p>Use the access key ID and secret access key the SMS API checks signatures against '
@@ -407,7 +411,7 @@ def servers(req: Request) -> Response:
     verb = "Re-import server catalog" if status in ("AVAILABLE", "IMPORTING") else \
         "Import server catalog"
     body = html(
-        '<h1>Servers</h1><p>Server catalog: {} {}</p>'
+        '<h1>Servers</h1><p id="catalog-status">Server catalog: {} {}</p>'
         '<div class="actions"><form method="post" action="/servers/import">{}'
         '<button type="submit">{}</button></form>'
         '<a class="button danger" href="/servers/clear">Clear server catalog</a></div>'

@@ -18,6 +18,12 @@ class Markup(str):
 
     __slots__ = ()
 
+    def __add__(self, other) -> "Markup":      # Markup + text stays HTML, the text escaped
+        return Markup(str.__add__(self, esc(other)))
+
+    def __radd__(self, other) -> "Markup":
+        return Markup(str.__add__(esc(other), self))
+
 
 def esc(value) -> Markup:
     """``value`` as HTML: Markup unchanged, None as empty, anything else escaped."""
