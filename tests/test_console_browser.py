@@ -1,0 +1,433 @@
+"""The web console in a real browser: headless Chromium (Debian's chromium and
+chromium-driver, through Selenium) drives the SMS guide's console workflow against a real
+`smsblock serve` and `smsblock connector run` on a datastore connector: sign-in, the
+connector, catalog import, the Create replication jobs wizard (local time in another
+time zone, a refusal next to its field, review), a run that completes with an AMI shown
+live without a reload, the on-demand limit, images with findings, edit, the XSS VM name,
+a cross-site form refused, deletion, clear catalog, disassociate, sign-out, a phone-width
+window and the keyboard.
+
+Set SMSBLOCK_CONSOLE_SCREENSHOTS=DIR to save the screenshots docs/console.md shows.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from test_console import AKID, SECRET, XSS, Client
+from test_service_sources import bootable_image, make_vm
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+
+pytestmark = pytest.mark.xdist_group("console-browser")
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+BROWSER_TZ = "Asia/Kolkata"      # +05:30, so local time and UTC differ by a non-whole hour
+SHOTS = os.environ.get("SMSBLOCK_CONSOLE_SCREENSHOTS")
+
+
+def smsblock(*args, env=None):
+    proc = subprocess.run([sys.executable, "-m", "smsblock", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.fail("chromium and chromium-driver are needed (scripts/setup.sh installs them)")
+    tmp = tmp_path_factory.mktemp("console-browser")
+    ds, state = tmp / "ds", tmp / "state"
+    make_vm(ds, "DC1/prod/web01", "web01", image=bootable_image(tmp / "img"))
+    make_vm(ds, "DC1/prod/evil", XSS)
+    make_vm(ds, "DC1/test/db01", "db01")
+    conn = json.loads(smsblock("connector", "register", "--state", state, "--datastore", ds))
+    env = dict(os.environ, SMSBLOCK_ACCESS_KEY_ID=AKID, SMSBLOCK_SECRET_ACCESS_KEY=SECRET)
+    serve = subprocess.Popen([sys.executable, "-m", "smsblock", "serve", "--state", state,
+                              "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env)
+    line = serve.stdout.readline()
+    assert "listening on" in line, serve.stderr.read()
+    url = line.split("listening on ")[1].split()[0]
+    connector = subprocess.Popen(
+        [sys.executable, "-m", "smsblock", "connector", "run", "--state", state,
+         "--poll-interval", "0.3", "--heartbeat-interval", "5"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+              "--no-first-run", "--disable-background-networking", "--disable-component-update",
+              "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+              "--window-size=1280,860", "--lang=en-US"):
+        opts.add_argument(a)
+    service = webdriver.ChromeService(CHROMEDRIVER, env=dict(os.environ, TZ=BROWSER_TZ))
+    driver = webdriver.Chrome(service=service, options=opts)
+    driver.implicitly_wait(0)
+    try:
+        yield {"driver": driver, "url": url, "state": state, "connector": conn["connectorId"],
+               "tmp": tmp}
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+        for p in (connector, serve):
+            p.terminate()
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        serve.stdout.close()
+        serve.stderr.close()
+        connector.stderr.close()
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def wait_for(fn, timeout=60.0, what="condition"):
+    deadline = time.time() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def css(d, selector):
+    return d.find_element(By.CSS_SELECTOR, selector)
+
+
+def csss(d, selector):
+    return d.find_elements(By.CSS_SELECTOR, selector)
+
+
+def flashes(d) -> list[str]:
+    """The messages the page shows after an action (waiting for the page that has them)."""
+    def found():
+        try:
+            return [e.text for e in csss(d, "p.flash")]
+        except Exception:     # the old page went away meanwhile
+            return None
+    return wait_for(found, 10, "the page after the action")
+
+
+def no_alert(d) -> None:
+    with pytest.raises(NoAlertPresentException):
+        d.switch_to.alert.text
+
+
+def shot(d, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        d.save_screenshot(str(Path(SHOTS) / f"{name}.png"))
+
+
+def service(state):
+    from smsblock.service import SmsService
+    return SmsService(state)
+
+
+def button(d, text):
+    return next(b for b in csss(d, "button, a.button") if b.text == text)
+
+
+# --- the walkthrough ------------------------------------------------------------------------
+
+def test_the_guides_console_workflow_in_a_browser(setup):
+    d, url, state, cid = setup["driver"], setup["url"], setup["state"], setup["connector"]
+
+    # signed out: every page leads to the sign-in page; a wrong secret is refused
+    d.get(url + "/servers")
+    assert d.current_url.startswith(url + "/login") and css(d, "h1").text == "Sign in"
+    shot(d, "sign-in")
+    css(d, "#access_key_id").send_keys(AKID)
+    css(d, "#secret_access_key").send_keys("not-the-secret" + Keys.ENTER)
+    assert "wrong" in css(d, "p.error").text
+    css(d, "#access_key_id").clear()
+    css(d, "#access_key_id").send_keys(AKID)
+    css(d, "#secret_access_key").send_keys(SECRET + Keys.ENTER)
+    wait_for(lambda: d.current_url == url + "/servers", what="sign-in")
+    (cookie,) = [c for c in d.get_cookies() if c["name"] == "smsblock_console"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["expiry"] > time.time()
+
+    # Connectors: the datastore connector, HEALTHY (the connector process heartbeats)
+    d.get(url + "/connectors")
+    row = css(d, "tbody tr")
+    assert cid in row.text and "HEALTHY" in row.text and "datastore" in row.text
+    assert "VSPHERE" in row.text
+    shot(d, "connectors")
+
+    # Servers: import the catalog, the XSS name as text, search
+    d.get(url + "/servers")
+    assert "NOT_IMPORTED" in css(d, "main").text
+    button(d, "Import server catalog").click()
+    wait_for(lambda: len(csss(d, "input[name=server]")) == 3, what="the imported catalog")
+    wait_for(lambda: "AVAILABLE" in css(d, "#catalog-status").text, what="AVAILABLE")
+    labels = [e.text for e in csss(d, "tbody label")]
+    assert XSS in labels                      # shown as text ...
+    assert csss(d, "main img") == []          # ... never as an element
+    no_alert(d)
+    assert "Re-import server catalog" in [b.text for b in csss(d, "button")]
+    shot(d, "servers")
+    box = css(d, "#q")
+    box.send_keys("prod" + Keys.ENTER)        # the search filter, by keyboard
+    wait_for(lambda: "2 of 3 servers" in css(d, "main").text, what="search")
+    d.get(url + "/servers")
+
+    # Create replication jobs wizard: web01 and the XSS VM
+    ids = {e.text: e.get_attribute("for")[len("pick-"):] for e in csss(d, "tbody label")}
+    for name in ("web01", XSS):
+        css(d, f"#pick-{ids[name]}").send_keys(Keys.SPACE)   # checkboxes by keyboard
+    button(d, "Create replication job").click()
+    assert css(d, "h1").text == "Create replication jobs"
+    css(d, f"#license-{ids['web01']}").send_keys("BYOL")
+    css(d, "input[name=start][value=later]").click()
+    tomorrow = (datetime.now(ZoneInfo(BROWSER_TZ)) + timedelta(days=1)).replace(
+        hour=10, minute=30, second=0, microsecond=0)
+    d.execute_script("arguments[0].value = arguments[1]", css(d, "#start_local"),
+                     tomorrow.strftime("%Y-%m-%dT%H:%M"))
+    css(d, "#role").send_keys("not a role!")
+    css(d, "#description").send_keys("<script>alert(1)</script>")
+    css(d, "#keep").clear()
+    css(d, "#keep").send_keys("2")
+    button(d, "Next: review").click()
+    # the API's rule, next to the field; the rest of the form kept
+    err = css(d, "#err-role")
+    assert "InvalidParameterException" in err.text and "not a valid IAM role name" in err.text
+    assert css(d, "#role").get_attribute("aria-invalid") == "true"
+    assert css(d, "#description").get_attribute("value") == "<script>alert(1)</script>"
+    shot(d, "wizard-error")
+    css(d, "#role").clear()
+    css(d, "#role").send_keys("sms-role")
+    d.execute_script("arguments[0].value = arguments[1]", css(d, "#start_local"),
+                     tomorrow.strftime("%Y-%m-%dT%H:%M"))
+    button(d, "Next: review").click()
+    assert css(d, "h1").text == "Review"
+    main = css(d, "main").text
+    assert tomorrow.strftime("%Y-%m-%d 10:30") in main     # shown back in local time
+    assert "BYOL" in main and "Auto" in main and "<script>alert(1)</script>" in main
+    no_alert(d)
+    shot(d, "wizard-review")
+    button(d, "Create").click()
+    assert d.current_url == url + "/jobs"
+    assert flashes(d)[0].startswith("Created replication job(s)")
+    with service(state) as svc:
+        jobs = {j["serverId"]: j for j in svc.get_replication_jobs()["replicationJobList"]}
+    web = jobs[ids["web01"]]
+    assert web["seedReplicationTime"] == tomorrow.timestamp()       # the browser's local time
+    assert web["licenseType"] == "BYOL" and web["roleName"] == "sms-role"
+    assert web["numberOfRecentAmisToKeep"] == 2
+    job, evil_job = web["replicationJobId"], jobs[ids[XSS]]["replicationJobId"]
+
+    # Replication jobs: table and search
+    assert len(csss(d, "tbody tr")) == 2
+    css(d, "#q").send_keys("web01" + Keys.ENTER)
+    wait_for(lambda: "1 of 2 jobs" in css(d, "main").text, what="job search")
+    shot(d, "jobs")
+    css(d, f"a[href='/jobs/{job}']").click()
+
+    # a job's details; Start replication run; progress live, without a reload
+    assert css(d, "#on-demand-left").text == "2 of 2 on-demand runs left in the current 24 hours."
+    button(d, "Start replication run").click()
+    assert flashes(d)[0].startswith("Replication run sms-run-")
+    run_id = flashes(d)[0].split()[2]
+    seen = set()
+
+    def completed():
+        try:
+            row = css(d, f"#run-{run_id}")
+            seen.add(row.find_element(By.CSS_SELECTOR, "[data-f=state]").text)
+            ami = row.find_element(By.CSS_SELECTOR, "[data-f=ami]").text
+            return ami if ami.startswith("ami-") else None
+        except Exception:   # the page is being replaced by its live reload
+            return None
+
+    ami = wait_for(completed, 120, "the run to complete with an AMI")
+    assert "COMPLETED" in seen and ("PENDING" in seen or "ACTIVE" in seen), seen
+    wait_for(lambda: css(d, "#on-demand-left").text.startswith("1 of 2"), what="count")
+    assert ami in css(d, "dl.details").text                    # the job's latest AMI
+    row = css(d, f"#run-{run_id}").text
+    assert "ON_DEMAND" in row and "COMPLETED" in row and "image " + ami in row
+    shot(d, "job-details")
+
+    # the on-demand limit: a second run, then the third is refused with the API's reason
+    button(d, "Start replication run").click()
+    second = flashes(d)[0].split()[2]
+    wait_for(lambda: (css(d, f"#run-{second} [data-f=ami]").text or "").startswith("ami-")
+             if csss(d, f"#run-{second}") else None, 120, "the second run")
+    wait_for(lambda: css(d, "#on-demand-left").text.startswith("0 of 2"), what="0 left")
+    start = button(d, "Start replication run")
+    assert not start.is_enabled()
+    d.execute_script("arguments[0].disabled = false", start)   # as a stale page would send it
+    start.click()
+    assert "ReplicationRunLimitExceededException" in flashes(d)[0]
+
+    # Images: registered from the runs, with their validation findings
+    d.get(url + "/images")
+    section = css(d, f"#image-{ami}")
+    assert job in section.text and run_id in section.text and "Validation findings" in section.text
+    assert "Ubuntu" in section.text
+    shot(d, "images")
+
+    # Edit
+    d.get(url + f"/jobs/{job}")
+    button(d, "Edit").click()
+    css(d, "#frequency").send_keys("24")
+    css(d, "#description").clear()
+    css(d, "#description").send_keys("edited in the browser")
+    button(d, "Save").click()
+    assert flashes(d) == [f"Replication job {job} updated."]
+    assert "every 24 hours" in css(d, "dl.details").text
+    assert "edited in the browser" in css(d, "dl.details").text
+
+    # the connector page: health, version, settings, log bundle
+    d.get(url + f"/connectors/{cid}")
+    text = css(d, "main").text
+    assert "HEALTHY" in text and "0.1.0" in text and "datastore" in text
+    assert "Download log bundle" in text
+    shot(d, "connector")
+    client = Client(url)
+    client.cookies = {"smsblock_console": cookie["value"]}
+    bundle = client.get(f"/connectors/{cid}/log-bundle.zip")
+    assert bundle.status == 200 and bundle.raw[:2] == b"PK" and SECRET.encode() not in bundle.raw
+
+    # Disassociate: confirmation, then refused with the reason while a job needs it
+    d.get(url + "/connectors")
+    button(d, "Disassociate").click()
+    assert css(d, "h1").text == "Disassociate connector"
+    button(d, "Disassociate").click()
+    assert "OperationNotPermittedException" in flashes(d)[0] and "still needed" in flashes(d)[0]
+
+    # a cross-site form (another origin, even with the right token) is refused
+    d.get(url + f"/jobs/{job}")
+    token = css(d, "input[name=csrf]").get_attribute("value")
+    attacker = _attacker_page(url + f"/jobs/{job}/delete", token)
+    try:
+        d.get(attacker.url)
+        css(d, "button").click()
+        wait_for(lambda: "cross-" in css(d, "body").text, what="the refusal")
+        assert "Forbidden" in d.title or "Forbidden" in css(d, "h1").text
+    finally:
+        attacker.stop()
+    with service(state) as svc:
+        assert svc.get_replication_jobs(replicationJobId=job)["replicationJobList"][0][
+            "state"] == "ACTIVE"
+
+    # Delete (confirmation) both jobs; then clear the catalog and disassociate
+    for j in (evil_job, job):
+        d.get(url + f"/jobs/{j}")
+        button(d, "Delete").click()
+        assert css(d, "h1").text == "Delete replication job"
+        button(d, "Delete").click()
+        assert flashes(d) == [f"Replication job {j} is being deleted."]
+    with service(state) as svc:
+        wait_for(lambda: all(j["state"] == "DELETED" for j in svc.get_replication_jobs()[
+            "replicationJobList"]), 60, "the connector to finish the deletions")
+    d.get(url + "/servers")
+    button(d, "Clear server catalog").click()
+    button(d, "Clear server catalog").click()
+    assert flashes(d) == ["The server catalog is cleared."]
+    assert "DELETED" in css(d, "#catalog-status").text
+    d.get(url + "/connectors")
+    button(d, "Disassociate").click()
+    button(d, "Disassociate").click()
+    assert flashes(d) == [f"Connector {cid} is disassociated."]
+
+    # sign out: nothing is reachable any more
+    button(d, "Sign out").click()
+    d.get(url + "/jobs")
+    assert css(d, "h1").text == "Sign in"
+
+
+def _attacker_page(action: str, token: str):
+    """A page on another origin (another port) with a form that posts to the console."""
+    page = (f'<!DOCTYPE html><title>prize</title><form method="post" action="{action}">'
+            f'<input type="hidden" name="csrf" value="{token}"><button>Win</button></form>').encode()
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *a):
+            pass
+
+    srv = socketserver.TCPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    class A:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/"
+
+        @staticmethod
+        def stop():
+            srv.shutdown()
+            srv.server_close()
+    return A
+
+
+def test_phone_width_and_keyboard(setup):
+    """Readable in a phone-width window (no sideways scrolling of the page; wide tables
+    scroll in their own box) and usable by keyboard (skip link first, visible focus)."""
+    d, url = setup["driver"], setup["url"]
+    client_cookie = _sign_in(d, url)
+    assert client_cookie
+    try:
+        d.set_window_size(390, 844)
+        for path in ("/connectors", "/servers", "/jobs", "/images", f"/connectors/{setup['connector']}"):
+            d.get(url + path)
+            overflow = d.execute_script(
+                "return document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 0, (path, overflow)
+            if path == "/servers":
+                shot(d, "servers-phone")
+        d.set_window_size(1280, 860)
+        d.get(url + "/servers")
+        css(d, "body").send_keys(Keys.TAB)
+        first = d.switch_to.active_element
+        assert first.text == "Skip to content"
+        outline = d.execute_script("return getComputedStyle(arguments[0]).outlineStyle", first)
+        assert outline != "none"
+        first.send_keys(Keys.ENTER)
+        assert d.current_url.endswith("#main")
+        # through the navigation by keyboard alone
+        for _ in range(30):
+            el = d.switch_to.active_element
+            if el.text == "Replication jobs":
+                el.send_keys(Keys.ENTER)
+                break
+            el.send_keys(Keys.TAB)
+        wait_for(lambda: d.current_url == url + "/jobs", what="keyboard navigation")
+    finally:
+        d.set_window_size(1280, 860)
+
+
+def _sign_in(d, url) -> str:
+    d.delete_all_cookies()
+    d.get(url + "/login")
+    css(d, "#access_key_id").send_keys(AKID)
+    css(d, "#secret_access_key").send_keys(SECRET + Keys.ENTER)
+    wait_for(lambda: not d.current_url.startswith(url + "/login"), what="sign-in")
+    return next(c["value"] for c in d.get_cookies() if c["name"] == "smsblock_console")
