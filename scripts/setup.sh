@@ -23,6 +23,8 @@ DEB_PACKAGES=(
   fdisk e2fsprogs xfsprogs btrfs-progs jfsutils ntfs-3g dosfstools grub-pc-bin
   # image step tests: registry hive writer, GRUB legacy stage1, other MBR boot codes
   libwin-hivex-perl grub-legacy syslinux-common mbr
+  # the web console's browser tests drive headless Chromium through Selenium
+  chromium chromium-driver
 )
 
 missing=()
