@@ -238,6 +238,8 @@ def live(req: Request) -> Response:
 
 
 def progress_cell(run_id: str, stage: str | None, progress: str | None) -> Markup:
+    if not stage:       # not running: nothing to show (a run that starts reloads the page)
+        return Markup('<span class="muted">-</span>')
     pct = _percent(progress)
     return html('<span data-run="{}" data-f="stage">{}</span> '
                 '<progress data-run="{}" data-f="bar" max="100" value="{}" aria-label="progress">'
