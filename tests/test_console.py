@@ -285,6 +285,7 @@ def test_a_token_is_bound_to_its_session(live):
 
 def test_form_bodies_are_bounded(live):
     c = live.client()
+    assert c.get("/servers?" + "&".join(f"q{i}=1" for i in range(300))).status == 400
     c.get("/servers")
     r = c.post("/servers/import", {"csrf": c.csrf, "pad": "x" * (300 * 1024)})
     assert r.status == 413

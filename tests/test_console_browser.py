@@ -151,6 +151,31 @@ def service(state):
     return SmsService(state)
 
 
+def go(d, find) -> None:
+    """Click what ``find()`` returns, which loads a new page, and wait until the old page
+    is gone.  A live reload of the page in between makes the element stale: find again."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.support.ui import WebDriverWait
+    for attempt in range(5):
+        try:
+            old = css(d, "html")
+            find().click()
+            break
+        except WebDriverException:
+            if attempt == 4:
+                raise
+            time.sleep(0.2)
+
+    def gone(_):
+        try:
+            old.tag_name
+            return False
+        except WebDriverException:     # stale, or no longer in any document
+            return True
+    WebDriverWait(d, 30).until(gone)
+    wait_for(lambda: d.execute_script("return document.readyState") == "complete", 30, "load")
+
+
 def button(d, text):
     return next(b for b in csss(d, "button, a.button") if b.text == text)
 
@@ -184,7 +209,7 @@ def test_the_guides_console_workflow_in_a_browser(setup):
     # Servers: import the catalog, the XSS name as text, search
     d.get(url + "/servers")
     assert "NOT_IMPORTED" in css(d, "main").text
-    button(d, "Import server catalog").click()
+    go(d, lambda: button(d, "Import server catalog"))
     wait_for(lambda: len(csss(d, "input[name=server]")) == 3, what="the imported catalog")
     wait_for(lambda: "AVAILABLE" in css(d, "#catalog-status").text, what="AVAILABLE")
     labels = [e.text for e in csss(d, "tbody label")]
@@ -202,7 +227,7 @@ def test_the_guides_console_workflow_in_a_browser(setup):
     ids = {e.text: e.get_attribute("for")[len("pick-"):] for e in csss(d, "tbody label")}
     for name in ("web01", XSS):
         css(d, f"#pick-{ids[name]}").send_keys(Keys.SPACE)   # checkboxes by keyboard
-    button(d, "Create replication job").click()
+    go(d, lambda: button(d, "Create replication job"))
     assert css(d, "h1").text == "Create replication jobs"
     css(d, f"#license-{ids['web01']}").send_keys("BYOL")
     css(d, "input[name=start][value=later]").click()
@@ -214,7 +239,7 @@ def test_the_guides_console_workflow_in_a_browser(setup):
     css(d, "#description").send_keys("<script>alert(1)</script>")
     css(d, "#keep").clear()
     css(d, "#keep").send_keys("2")
-    button(d, "Next: review").click()
+    go(d, lambda: button(d, "Next: review"))
     # the API's rule, next to the field; the rest of the form kept
     err = css(d, "#err-role")
     assert "InvalidParameterException" in err.text and "not a valid IAM role name" in err.text
@@ -225,14 +250,14 @@ def test_the_guides_console_workflow_in_a_browser(setup):
     css(d, "#role").send_keys("sms-role")
     d.execute_script("arguments[0].value = arguments[1]", css(d, "#start_local"),
                      tomorrow.strftime("%Y-%m-%dT%H:%M"))
-    button(d, "Next: review").click()
+    go(d, lambda: button(d, "Next: review"))
     assert css(d, "h1").text == "Review"
     main = css(d, "main").text
     assert tomorrow.strftime("%Y-%m-%d 10:30") in main     # shown back in local time
     assert "BYOL" in main and "Auto" in main and "<script>alert(1)</script>" in main
     no_alert(d)
     shot(d, "wizard-review")
-    button(d, "Create").click()
+    go(d, lambda: button(d, "Create"))
     assert d.current_url == url + "/jobs"
     assert flashes(d)[0].startswith("Created replication job(s)")
     with service(state) as svc:
@@ -248,11 +273,11 @@ def test_the_guides_console_workflow_in_a_browser(setup):
     css(d, "#q").send_keys("web01" + Keys.ENTER)
     wait_for(lambda: "1 of 2 jobs" in css(d, "main").text, what="job search")
     shot(d, "jobs")
-    css(d, f"a[href='/jobs/{job}']").click()
+    go(d, lambda: css(d, f"a[href='/jobs/{job}']"))
 
     # a job's details; Start replication run; progress live, without a reload
     assert css(d, "#on-demand-left").text == "2 of 2 on-demand runs left in the current 24 hours."
-    button(d, "Start replication run").click()
+    go(d, lambda: button(d, "Start replication run"))
     assert flashes(d)[0].startswith("Replication run sms-run-")
     run_id = flashes(d)[0].split()[2]
     seen = set()
@@ -260,7 +285,10 @@ def test_the_guides_console_workflow_in_a_browser(setup):
     def completed():
         try:
             row = css(d, f"#run-{run_id}")
-            seen.add(row.find_element(By.CSS_SELECTOR, "[data-f=state]").text)
+            state_ = row.find_element(By.CSS_SELECTOR, "[data-f=state]").text
+            if state_ == "ACTIVE" and "ACTIVE" not in seen:
+                shot(d, "job-run-active")
+            seen.add(state_)
             ami = row.find_element(By.CSS_SELECTOR, "[data-f=ami]").text
             return ami if ami.startswith("ami-") else None
         except Exception:   # the page is being replaced by its live reload
@@ -275,15 +303,18 @@ def test_the_guides_console_workflow_in_a_browser(setup):
     shot(d, "job-details")
 
     # the on-demand limit: a second run, then the third is refused with the API's reason
-    button(d, "Start replication run").click()
+    go(d, lambda: button(d, "Start replication run"))
     second = flashes(d)[0].split()[2]
     wait_for(lambda: (css(d, f"#run-{second} [data-f=ami]").text or "").startswith("ami-")
              if csss(d, f"#run-{second}") else None, 120, "the second run")
     wait_for(lambda: css(d, "#on-demand-left").text.startswith("0 of 2"), what="0 left")
-    start = button(d, "Start replication run")
-    assert not start.is_enabled()
-    d.execute_script("arguments[0].disabled = false", start)   # as a stale page would send it
-    start.click()
+    assert not button(d, "Start replication run").is_enabled()
+
+    def enabled_start():        # as a page from before the limit would send it
+        start = button(d, "Start replication run")
+        d.execute_script("arguments[0].disabled = false", start)
+        return start
+    go(d, enabled_start)
     assert "ReplicationRunLimitExceededException" in flashes(d)[0]
 
     # readable in a phone-width window: no sideways scrolling of the page (wide tables
@@ -311,11 +342,11 @@ def test_the_guides_console_workflow_in_a_browser(setup):
 
     # Edit
     d.get(url + f"/jobs/{job}")
-    button(d, "Edit").click()
+    go(d, lambda: button(d, "Edit"))
     css(d, "#frequency").send_keys("24")
     css(d, "#description").clear()
     css(d, "#description").send_keys("edited in the browser")
-    button(d, "Save").click()
+    go(d, lambda: button(d, "Save"))
     assert flashes(d) == [f"Replication job {job} updated."]
     assert "every 24 hours" in css(d, "dl.details").text
     assert "edited in the browser" in css(d, "dl.details").text
@@ -333,9 +364,9 @@ def test_the_guides_console_workflow_in_a_browser(setup):
 
     # Disassociate: confirmation, then refused with the reason while a job needs it
     d.get(url + "/connectors")
-    button(d, "Disassociate").click()
+    go(d, lambda: button(d, "Disassociate"))
     assert css(d, "h1").text == "Disassociate connector"
-    button(d, "Disassociate").click()
+    go(d, lambda: button(d, "Disassociate"))
     assert "OperationNotPermittedException" in flashes(d)[0] and "still needed" in flashes(d)[0]
 
     # a cross-site form (another origin, even with the right token) is refused
@@ -344,7 +375,7 @@ def test_the_guides_console_workflow_in_a_browser(setup):
     attacker = _attacker_page(url + f"/jobs/{job}/delete", token)
     try:
         d.get(attacker.url)
-        css(d, "button").click()
+        go(d, lambda: css(d, "button"))
         wait_for(lambda: "cross-" in css(d, "body").text, what="the refusal")
         assert "Forbidden" in d.title or "Forbidden" in css(d, "h1").text
     finally:
@@ -356,25 +387,25 @@ def test_the_guides_console_workflow_in_a_browser(setup):
     # Delete (confirmation) both jobs; then clear the catalog and disassociate
     for j in (evil_job, job):
         d.get(url + f"/jobs/{j}")
-        button(d, "Delete").click()
+        go(d, lambda: button(d, "Delete"))
         assert css(d, "h1").text == "Delete replication job"
-        button(d, "Delete").click()
+        go(d, lambda: button(d, "Delete"))
         assert flashes(d) == [f"Replication job {j} is being deleted."]
     with service(state) as svc:
         wait_for(lambda: all(j["state"] == "DELETED" for j in svc.get_replication_jobs()[
             "replicationJobList"]), 60, "the connector to finish the deletions")
     d.get(url + "/servers")
-    button(d, "Clear server catalog").click()
-    button(d, "Clear server catalog").click()
+    go(d, lambda: button(d, "Clear server catalog"))
+    go(d, lambda: button(d, "Clear server catalog"))
     assert flashes(d) == ["The server catalog is cleared."]
     assert "DELETED" in css(d, "#catalog-status").text
     d.get(url + "/connectors")
-    button(d, "Disassociate").click()
-    button(d, "Disassociate").click()
+    go(d, lambda: button(d, "Disassociate"))
+    go(d, lambda: button(d, "Disassociate"))
     assert flashes(d) == [f"Connector {cid} is disassociated."]
 
     # sign out: nothing is reachable any more
-    button(d, "Sign out").click()
+    go(d, lambda: button(d, "Sign out"))
     d.get(url + "/jobs")
     assert css(d, "h1").text == "Sign in"
 

@@ -182,7 +182,12 @@ class Console:
                                    and urlsplit(handler.path).path != "/")
 
     def handle(self, handler, method: str) -> None:
-        req = Request(handler, method, self)
+        try:
+            req = Request(handler, method, self)
+        except ValueError:       # more query fields than parse_qs allows
+            req = Request.__new__(Request)
+            req.path, req.session, req.console = "/", None, self
+            return self._send(handler, req, self._error_page(req, 400, "bad query string"))
         try:
             resp = self._dispatch(req)
         except HttpError as e:
