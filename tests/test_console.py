@@ -11,7 +11,6 @@ import http.client
 import io
 import json
 import logging
-import os
 import re
 import threading
 import time

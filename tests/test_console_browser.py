@@ -36,7 +36,7 @@ from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("console-browser")
+pytestmark = [pytest.mark.xdist_group("console-browser"), pytest.mark.slow]
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 BROWSER_TZ = "Asia/Kolkata"      # +05:30, so local time and UTC differ by a non-whole hour

@@ -10,18 +10,19 @@ on the next page.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
 import re
 import secrets
 import time
-from datetime import datetime, timezone
 
 from .. import __version__
 from ..errors import SmsBlockError
 from . import (LOGIN_COOKIE, LOGIN_FORM_SECONDS, SESSION_COOKIE, HttpError, Request, Response,
                _NEXT, redirect, service_error_text)
 from .bundle import log_bundle
-from .render import (Markup, badge, esc, field_error, html, invalid_attr, join, table, when)
+from .render import Markup, badge, field_error, html, invalid_attr, join, table, when
 
 NAV = [("/connectors", "Connectors"), ("/servers", "Servers"),
        ("/jobs", "Replication jobs"), ("/images", "Images")]
@@ -152,7 +153,6 @@ def login(req: Request) -> Response:
     if req.method == "POST":
         pre = req.cookies.get(LOGIN_COOKIE, "")
         token = req.field("login_token")
-        import hmac
         if not pre or not token or not hmac.compare_digest(pre.encode(), token.encode()):
             raise HttpError(403, "the sign-in form expired or came from elsewhere; "
                                  "open the sign-in page again")
@@ -327,7 +327,6 @@ def connector_page(req: Request, cid: str) -> Response:
         raise HttpError(404, f"connector {cid} is not associated")
     e = _connector_rows(req).get(cid, {})
     cfg = e.get("config", {})
-    import os
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or \
         os.environ.get("HTTP_PROXY") or os.environ.get("http_proxy")
     info = _dl([("Connector ID", cid), ("Health", badge(c["status"])),
