@@ -470,3 +470,48 @@ def _sign_in(d, url) -> str:
     css(d, "#secret_access_key").send_keys(SECRET + Keys.ENTER)
     wait_for(lambda: not d.current_url.startswith(url + "/login"), what="sign-in")
     return next(c["value"] for c in d.get_cookies() if c["name"] == "smsblock_console")
+
+
+def test_progress_updates_in_place(setup, tmp_path):
+    """While a run uploads, its stage and progress change on the job's page and on the jobs
+    table without the page being reloaded (console.js polls /live); when it completes, the
+    page shows the new state by itself."""
+    from test_console import Live
+    lv = Live(tmp_path)
+    d = setup["driver"]
+    try:
+        names = lv.import_catalog()
+        job = lv.svc.create_replication_job(serverId=names["web01"], frequency=12,
+                                            seedReplicationTime=time.time() + 3600)[
+            "replicationJobId"]
+        run = lv.svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
+
+        def progress(stage, pct, message):       # what the executor writes while it works
+            with lv.svc.state.transaction() as db:
+                db.execute("UPDATE runs SET state = 'ACTIVE', stage = ?, stage_progress = ?, "
+                           "status_message = ? WHERE run_id = ?", (stage, pct, message, run))
+
+        progress("uploading", "5%", "replicating 1 disk(s)")
+        _sign_in(d, lv.url)
+        for path in (f"/jobs/{job}", "/jobs"):
+            d.get(lv.url + path)
+            d.execute_script("window.notReloaded = true")
+            sel = f'[data-run="{run}"]'
+            assert css(d, sel + '[data-f="progress"]').text == "5%"
+            progress("uploading", "63%", "replicating 1 disk(s) <b>fast</b>")
+            wait_for(lambda: css(d, sel + '[data-f="progress"]').text == "63%", 15, "63%")
+            assert css(d, sel + '[data-f="bar"]').get_attribute("value") == "63"
+            if path != "/jobs":
+                assert css(d, sel + '[data-f="message"]').text == "replicating 1 disk(s) <b>fast</b>"
+            assert d.execute_script("return window.notReloaded") is True
+            progress("uploading", "5%", "replicating 1 disk(s)")
+        d.get(lv.url + f"/jobs/{job}")
+        with lv.svc.state.transaction() as db:
+            db.execute("UPDATE runs SET state = 'COMPLETED', stage = NULL, stage_progress = NULL, "
+                       "status_message = 'completed', ami_id = 'ami-0123456789abcdef0' "
+                       "WHERE run_id = ?", (run,))
+        wait_for(lambda: css(d, f'#run-{run} [data-f="state"]').text == "COMPLETED", 15,
+                 "the completed run")
+        assert css(d, f'#run-{run} [data-f="ami"]').text == "ami-0123456789abcdef0"
+    finally:
+        lv.close()
