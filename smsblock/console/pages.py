@@ -405,8 +405,11 @@ def servers(req: Request) -> Response:
         check = html('<input type="checkbox" name="server" value="{}" id="pick-{}" '
                      'aria-label="select {}"{}>', sid, sid, vm["vmName"],
                      Markup(" disabled") if has_job else "")
-        job = (html('<a href="/jobs/{}">{}</a>', s["replicationJobId"], s["replicationJobId"])
-               if has_job else Markup('<span class="muted">none</span>'))
+        if s.get("replicationJobId"):
+            job = html('<a href="/jobs/{}">{}</a>{}', s["replicationJobId"], s["replicationJobId"],
+                       "" if has_job else Markup(' <span class="muted">(ended)</span>'))
+        else:
+            job = Markup('<span class="muted">none</span>')
         rows.append([check, html('<label for="pick-{}">{}</label>', sid, vm["vmName"]),
                      vm["vmPath"], vm["vmManagerName"], sid, job])
     verb = "Re-import server catalog" if status in ("AVAILABLE", "IMPORTING") else \
