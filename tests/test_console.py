@@ -596,3 +596,23 @@ def test_sms_api_is_unchanged_beside_the_console(live):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_serve_output_stays_quiet_with_the_console(tmp_path):
+    """The console's log buffer does not raise log levels: `smsblock serve` (no -v) prints
+    no INFO line per request on stderr."""
+    import subprocess
+    import sys
+    import os
+    env = dict(os.environ, SMSBLOCK_ACCESS_KEY_ID=AKID,
+               SMSBLOCK_SECRET_ACCESS_KEY=SECRET)
+    proc = subprocess.Popen([sys.executable, "-m", "smsblock", "serve", "--state",
+                             str(tmp_path / "state"), "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = proc.stdout.readline().split("listening on ")[1].split()[0]
+        assert Client(url).get("/login").status == 200
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "GET /login" not in err and "INFO" not in err, err

@@ -34,13 +34,14 @@ _PATTERNS = [
 
 
 class LogBuffer(logging.Handler):
-    """The last :data:`MAX_RECORDS` formatted log records of this process."""
+    """The last :data:`MAX_RECORDS` formatted log records of this process (warnings and
+    errors; INFO too when ``smsblock -v serve``)."""
 
     _installed: "LogBuffer | None" = None
     _install_lock = threading.Lock()
 
     def __init__(self, capacity: int = MAX_RECORDS):
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.records: collections.deque[str] = collections.deque(maxlen=capacity)
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
@@ -56,10 +57,9 @@ class LogBuffer(logging.Handler):
         with cls._install_lock:
             if cls._installed is None:
                 cls._installed = cls()
-                logger = logging.getLogger("smsblock")
-                logger.addHandler(cls._installed)
-                if logger.getEffectiveLevel() > logging.INFO:
-                    logger.setLevel(logging.INFO)
+                # the levels stay as the CLI set them (-v): raising them here would
+                # also print every INFO record on serve's stderr
+                logging.getLogger("smsblock").addHandler(cls._installed)
             return cls._installed
 
     def lines(self) -> list[str]:
