@@ -38,6 +38,8 @@ TEST_DEB_PACKAGES=(
   xfsprogs btrfs-progs jfsutils ntfs-3g dosfstools
   # image step tests: registry hive writer, GRUB legacy stage1, other MBR boot codes
   libwin-hivex-perl grub-legacy syslinux-common mbr
+  # the web console's browser tests drive headless Chromium through Selenium
+  chromium chromium-driver
 )
 [ $FULL = 1 ] && DEB_PACKAGES+=("${TEST_DEB_PACKAGES[@]}")
 

@@ -352,6 +352,47 @@ def _body_length(req: _Request, limits: Limits) -> int:
     return length
 
 
+class _HeaderView:
+    """Case-insensitive ``get`` over the parsed (lower-case) header fields."""
+
+    def __init__(self, fields: dict[str, str]):
+        self._fields = fields
+
+    def get(self, name: str, default=None):
+        return self._fields.get(name.lower(), default)
+
+
+class _ConsoleExchange:
+    """What the web console uses of an http.server handler (``path``, ``headers``,
+    ``rfile``, ``send_response``/``send_header``/``end_headers``, ``wfile.write``,
+    ``close_connection``), over this module's HTTP layer."""
+
+    def __init__(self, req: _Request, body, sock: socket.socket):
+        self.path = req.target
+        self.headers = _HeaderView(req.headers)
+        self.rfile = body
+        self.connection = sock
+        self.close_connection = False
+        self.status = 500
+        self.response_headers: list[tuple[str, str]] = []
+        self.chunks: list[bytes] = []
+        self.wfile = self
+
+    def send_response(self, status: int) -> None:
+        self.status = status
+
+    def send_header(self, name: str, value: str) -> None:
+        if "\r" in value or "\n" in value:      # never split a header
+            raise ValueError(f"header {name} holds a line break")
+        self.response_headers.append((name, value))
+
+    def end_headers(self) -> None:
+        pass
+
+    def write(self, data) -> None:
+        self.chunks.append(bytes(data))
+
+
 class SmsRequestHandler(socketserver.BaseRequestHandler):
     server: "SmsHttpServer"
 
@@ -391,6 +432,9 @@ class SmsRequestHandler(socketserver.BaseRequestHandler):
         limits = self.server.limits
         length = _body_length(req, limits)
         keep = req.version == (1, 1) and req.headers.get("connection", "").lower() != "close"
+        console = self.server.console
+        if console is not None and console.wants(req.method, req.target, _HeaderView(req.headers)):
+            return self._serve_console(console, wire, req, length, keep)
         if req.method != "POST" or req.target != "/":
             # nothing of the body is read: answer and close
             raise _HttpError(400 if req.method == "POST" else 405, "UnknownOperationException",
@@ -410,6 +454,27 @@ class SmsRequestHandler(socketserver.BaseRequestHandler):
             wire.read_body(length, sink)
             status, payload = self._dispatch(req, digest.hexdigest(), spool)
         self._send(status, payload, close=not keep)
+        return keep
+
+    def _serve_console(self, console, wire: _Wire, req: _Request, length: int, keep: bool) -> bool:
+        """A web console request (smsblock.console): its body is spooled like the API's
+        (a few KiB in memory at most, whoever sends it), the console answers through an
+        exchange that looks like http.server's handler, and the answer goes out in one write."""
+        limits = self.server.limits
+        with tempfile.SpooledTemporaryFile(max_size=limits.body_in_memory,
+                                           dir=self.server.spool_dir) as spool:
+            wire.read_body(length, spool.write)
+            spool.seek(0)
+            exchange = _ConsoleExchange(req, spool, self.sock)
+            console.handle(exchange, req.method)
+        keep = keep and not exchange.close_connection
+        head = [f"HTTP/1.1 {exchange.status} {HTTPStatus(exchange.status).phrase}",
+                f"Date: {formatdate(usegmt=True)}", "Server: smsblock-sms"]
+        head += [f"{name}: {value}" for name, value in exchange.response_headers]
+        if not keep:
+            head.append("Connection: close")
+        self.sock.settimeout(limits.send_timeout)
+        self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + b"".join(exchange.chunks))
         return keep
 
     def _dispatch(self, req: _Request, payload_sha256: str, spool) -> tuple[int, dict]:
@@ -486,9 +551,13 @@ class SmsHttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def __init__(self, address: tuple[str, int], service: SmsService,
                  credentials: ServerCredentials, *, region: str = DEFAULT_REGION,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, console: bool = True):
         self.limits = limits or Limits()
         self.service = service
+        self.console = None
+        if console:     # the web console on the same port (smsblock.console)
+            from ..console import Console
+            self.console = Console(self)
         self.credentials = credentials
         self.region = region
         self.spool_dir = str(service.state.dir)
@@ -539,13 +608,15 @@ class SmsHttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 def make_server(service: SmsService, host: str = "127.0.0.1", port: int = 8080,
                 credentials: ServerCredentials | None = None, *, region: str = DEFAULT_REGION,
-                limits: Limits | None = None) -> SmsHttpServer:
+                limits: Limits | None = None, console: bool = True) -> SmsHttpServer:
     """A ready (not yet serving) HTTP server; ``port=0`` picks a free port.  Requests
-    must be signed for ``region`` and the service ``sms``."""
+    must be signed for ``region`` and the service ``sms``; ``console`` serves the web
+    console (:mod:`smsblock.console`) on the same port."""
     credentials = credentials or ServerCredentials.from_environment()
     if not REGION.fullmatch(region):
         raise UsageError(f"--region {region[:64]!r} is not a region name (like us-east-1)")
     try:
-        return SmsHttpServer((host, port), service, credentials, region=region, limits=limits)
+        return SmsHttpServer((host, port), service, credentials, region=region, limits=limits,
+                             console=console)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
