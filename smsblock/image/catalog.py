@@ -37,7 +37,7 @@ def new_image_id() -> str:
 
 
 def check_image_id(image_id: str) -> str:
-    if not isinstance(image_id, str) or not IMAGE_ID.match(image_id):
+    if not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
         raise UsageError(f"{image_id!r} is not an image id (ami- followed by 17 hex digits)")
     return image_id
 
@@ -85,7 +85,7 @@ class Catalog:
         if not self.root.is_dir():
             return out
         for entry in sorted(self.root.iterdir()):
-            if IMAGE_ID.match(entry.name) and (entry / RECORD_FILE).is_file():
+            if IMAGE_ID.fullmatch(entry.name) and (entry / RECORD_FILE).is_file():
                 try:
                     out.append(self.show(entry.name))
                 except ImageError:
@@ -113,3 +113,27 @@ class Catalog:
         trash = self.root / f".tmp-del-{image_id}"
         os.rename(d, trash)
         shutil.rmtree(trash)
+
+    def set_boot_test(self, image_id: str, result: dict) -> dict:
+        """Store a boot test's outcome in the image's record (``boot_test``); a failed test
+        marks the image (``boot_test.ok`` false) and never deletes it."""
+        d = self._dir(image_id)
+        record = self.show(image_id)
+        record.pop("disk_path", None)
+        record["boot_test"] = result
+        tmp = d / f".{RECORD_FILE}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, d / RECORD_FILE)     # atomic: readers see the old or the new record
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        fsync_dir(d)
+        return record
