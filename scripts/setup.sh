@@ -25,6 +25,12 @@ DEB_PACKAGES=(
   libwin-hivex-perl grub-legacy syslinux-common mbr
 )
 
+# test build only (--debug): the boot tests run real kernels under QEMU
+TEST_DEB_PACKAGES=(
+  qemu-system-x86 busybox-static
+)
+[ $DEBUG = 1 ] && DEB_PACKAGES+=("${TEST_DEB_PACKAGES[@]}")
+
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -34,6 +40,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The boot tests' kernel: Debian's linux-image package, downloaded (never installed on
+# this host) into build/boot-debs/, where tests/boot_disks.py unpacks it.
+if [ $DEBUG = 1 ] && ! ls build/boot-debs/linux-image-*-amd64_*_amd64.deb >/dev/null 2>&1; then
+  kernel_pkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}'; }
+  kernel_pkg=$(kernel_pkg)
+  [ -n "$kernel_pkg" ] || { apt-get update -qq; kernel_pkg=$(kernel_pkg); }
+  echo "setup: downloading $kernel_pkg for the boot tests"
+  mkdir -p build/boot-debs
+  (cd build/boot-debs && apt-get download -qq "$kernel_pkg" 2>&1 | grep -v "unsandboxed" || true)
+  ls build/boot-debs/linux-image-*-amd64_*_amd64.deb >/dev/null 2>&1 \
+    || { echo "setup: could not download $kernel_pkg" >&2; exit 1; }
 fi
 
 # Python packages: the project itself (editable) with its test and optional extras.

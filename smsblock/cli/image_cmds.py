@@ -348,8 +348,8 @@ def cmd_image_boot_test(args) -> int:
         if not stage.reached:
             print(f"  {'-':>7}    {LABELS[stage.name]}: not reached")
     print(f"FAILED at {LABELS[result.stopped_at]}: {result.reason}")
-    print("last console lines:")
-    for line in result.last_lines[-15:]:
+    print("console:")
+    for line in result.last_lines:
         print(f"  | {line}")
     print(f"console log: {result.console_log}")
     return 1

@@ -140,7 +140,7 @@ class BootTestResult:
                 "tested": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "instance_id": self.instance_id, "elapsed": round(self.elapsed, 2),
                 "stages": {s.name: s.reached for s in self.stages},
-                "console_log": self.console_log, "last_lines": self.last_lines[-10:]}
+                "console_log": self.console_log, "last_lines": self.last_lines}
 
 
 def clean(text: str) -> str:
@@ -158,11 +158,19 @@ class ConsoleWatcher:
         self.partial = {"console": "", "firmware": "", "disk": ""}
         self.failure: tuple[str, float] | None = None     # (line, deadline)
         self.fatal = False
+        self.around_failure: list[str] | None = None     # lines from just before the failure
         self.handover: tuple[str, float] | None = None    # firmware ran the boot code
         self.next_read: str | None = None                 # a read past the first sector
 
     def _reached(self, name: str) -> bool:
         return any(s.name == name and s.reached for s in self.stages)
+
+    @property
+    def last_lines(self) -> list[str]:
+        """The console around the failure message, else its last lines."""
+        if self.failure is not None and self.around_failure:
+            return list(self.around_failure)
+        return list(self.tail)
 
     @property
     def done(self) -> bool:
@@ -214,7 +222,10 @@ class ConsoleWatcher:
         if source == "firmware" and _HANDOVER.search(line) and self.handover is None:
             self.handover = (line, now)
             self._boot_code_ran(now)
-        self.tail.append(line if source == "console" else f"[firmware] {line}")
+        shown = line if source == "console" else f"[firmware] {line}"
+        self.tail.append(shown)
+        if self.around_failure is not None and len(self.around_failure) < TAIL_LINES:
+            self.around_failure.append(shown)
         if self._match_stage(line, now, partial=False):
             if not self.fatal:
                 self.failure = None                   # progress after an error: not fatal
@@ -223,6 +234,7 @@ class ConsoleWatcher:
             if pattern.search(line):
                 if self.failure is None:
                     self.failure = (line, now + grace)
+                    self.around_failure = list(self.tail)[-5:]
                 if pattern.pattern.startswith("Kernel panic"):
                     self.fatal = True
                 return
@@ -327,7 +339,7 @@ def boot_test(image_id: str, *, catalog=None, timeout: float = DEFAULT_TIMEOUT,
         stopped_at=None if ok else watcher.stopped_at,
         reason="" if ok else (reason or "unknown"), elapsed=elapsed, accel=record["accel"],
         console_log=record["console_log"], firmware_log=record["firmware_log"],
-        last_lines=list(watcher.tail))
+        last_lines=watcher.last_lines)
     if save:
         catalog.set_boot_test(image_id, result.record())
     return result
