@@ -224,9 +224,18 @@ def build_core_img(work: Path) -> Path:
     return out
 
 
-def root_tree(work: Path, variant: str) -> Path:
+RELEASES = {   # /etc/os-release, /etc/debian_version
+    "debian-12": ('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\n'
+                  'VERSION_ID="12"\nVERSION="12 (bookworm)"\nID=debian\n', "12.8\n"),
+    # on the SMS supported list, for the service's image step (which allows no other)
+    "debian-8": ('PRETTY_NAME="Debian GNU/Linux 8 (jessie)"\nNAME="Debian GNU/Linux"\n'
+                 'VERSION_ID="8"\nVERSION="8 (jessie)"\nID=debian\n', "8.0\n"),
+}
+
+
+def root_tree(work: Path, variant: str, release: str = "debian-12") -> Path:
     vmlinuz, _ = unpack_kernel(work)
-    root = work / f"root-{variant}"
+    root = work / f"root-{variant}-{release}"
     if root.exists():
         shutil.rmtree(root)
     for d in ("bin", "sbin", "etc/init.d", "dev", "proc", "sys", "tmp", "root", "boot/grub"):
@@ -242,10 +251,8 @@ def root_tree(work: Path, variant: str) -> Path:
     (root / "etc/init.d/rcS").chmod(0o755)
     (root / "etc/hostname").write_text("smsboot\n")
     (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (root / "etc/os-release").write_text(
-        'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\n'
-        'VERSION_ID="12"\nVERSION="12 (bookworm)"\nID=debian\n')
-    (root / "etc/debian_version").write_text("12.8\n")
+    (root / "etc/os-release").write_text(RELEASES[release][0])
+    (root / "etc/debian_version").write_text(RELEASES[release][1])
     shutil.copy(vmlinuz, root / "boot" / vmlinuz.name)
     shutil.copy(build_initramfs(work), root / "boot/initrd.img")
     kernel = vmlinuz.name if variant != "missing-kernel" else vmlinuz.name + "-gone"
@@ -254,20 +261,21 @@ def root_tree(work: Path, variant: str) -> Path:
     return root
 
 
-def boot_disk(work: Path, variant: str = "good") -> Path:
+def boot_disk(work: Path, variant: str = "good", release: str = "debian-12") -> Path:
     """A raw disk of ``variant`` (see the module docstring) in ``work``; kernel, initramfs
     and core.img are made once per ``work`` folder."""
     if variant not in VARIANTS:
         raise ValueError(variant)
     work.mkdir(parents=True, exist_ok=True)
-    disk = work / f"boot-{variant}.raw"
+    name = variant if release == "debian-12" else f"{variant}-{release}"
+    disk = work / f"boot-{name}.raw"
     if disk.exists():
         return disk
-    root = root_tree(work, variant)
+    root = root_tree(work, variant, release)
     part_size = DISK_SIZE - PART_START * 512
-    fs = mkfs_ext(work / f"root-{variant}.ext4", "ext4", part_size, label="root", root=root,
+    fs = mkfs_ext(work / f"root-{name}.ext4", "ext4", part_size, label="root", root=root,
                   extra=("-U", ROOT_UUID, "-E", "root_owner=0:0"))
-    tmp = work / f"boot-{variant}.tmp"
+    tmp = work / f"boot-{name}.tmp"
     partition_disk(tmp, DISK_SIZE, f"label: dos\nstart={PART_START}, type=83, bootable\n")
     place(tmp, PART_START * 512, fs)
     fs.unlink()

@@ -381,3 +381,49 @@ def test_launch_ec2_runs_and_terminates_the_registered_ami(lab, moto_ec2, tmp_pa
     assert [p.name for p in (catalog / "launches").iterdir()] == [iid]
     with pytest.raises(ImageError):
         boot_test(ami, catalog=catalog)    # not in the local catalog: nothing to boot here
+
+
+# --- replication jobs with bootTest ---------------------------------------------------------
+
+def test_replication_job_boot_test_marks_the_image_and_reports_in_the_run(lab, tmp_path):
+    from smsblock.errors import ServiceError
+    from smsblock.service import FakeClock, SmsService
+    from smsblock.service.connector import ConnectorLoop
+    from smsblock.service.executor import RunExecutor
+    from test_service_sources import make_vm
+
+    disk = boot_disk(lab["work"] / "disks", "missing-kernel", release="debian-8")
+    make_vm(tmp_path / "ds", "DC1/web", "web", disks=(("scsi0:0", disk.stat().st_size),),
+            image=disk)
+    svc = SmsService(tmp_path / "state", clock=FakeClock(1_800_000_000.0))
+    svc.register_connector("datastore", {"path": str(tmp_path / "ds")})
+    svc.import_server_catalog()
+    server = svc.get_servers()["serverList"][0]["serverId"]
+    with pytest.raises(ServiceError, match="bootTest must be true or false"):
+        svc.create_replication_job(serverId=server, seedReplicationTime=svc.clock() + 864000,
+                                   frequency=12, bootTest="yes")
+    job = svc.create_replication_job(serverId=server, seedReplicationTime=svc.clock() + 864000,
+                                     frequency=12)["replicationJobId"]
+
+    def run_now():
+        run = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
+        with ConnectorLoop(svc, executor=RunExecutor(svc.state, svc.clock)) as loop:
+            loop.run_once()
+        return next(r for r in svc.get_replication_runs(replicationJobId=job)["replicationRunList"]
+                    if r["replicationRunId"] == run)
+
+    run = run_now()                                     # no bootTest: no boot test
+    assert run["state"] == "COMPLETED" and "boot test" not in run["statusMessage"], run
+    catalog = Catalog(svc.state.dir / "images")
+    assert "boot_test" not in catalog.show(run["amiId"])
+
+    svc.update_replication_job(replicationJobId=job, bootTest=True)
+    run = run_now()
+    # the image is registered and kept; the run completes and says how the boot test went
+    assert run["state"] == "COMPLETED" and run["amiId"].startswith("ami-"), run
+    assert ("boot test failed at kernel started (kernel): the console shows: error: file "
+            "`/boot/vmlinuz-") in run["statusMessage"], run["statusMessage"]
+    rec = catalog.show(run["amiId"])
+    assert rec["boot_test"]["ok"] is False and rec["boot_test"]["stopped_at"] == "kernel"
+    assert Path(rec["disk_path"]).is_file()
+    assert qemu_pids(str(svc.state.dir)) == []

@@ -118,6 +118,8 @@ MIGRATIONS: list[list[str]] = [
             deregistered REAL
         )""",
     ],
+    # 2: a replication job can ask for a boot test of each new image (bootTest)
+    ["ALTER TABLE jobs ADD COLUMN boot_test INTEGER NOT NULL DEFAULT 0"],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
