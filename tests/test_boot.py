@@ -1,8 +1,9 @@
 """Launch and boot test: real Linux disks (tests/boot_disks.py) replicated through a store,
 registered as images, launched under QEMU and boot-tested; EC2 launches against moto.
 
-The tests that boot a kernel are in the ``boot`` group (``-m boot``); under software
-emulation each takes tens of seconds, the group stays under 5 minutes on 2 cores.
+The tests that run QEMU are in the ``boot`` group (``-m boot``, CI runs it); under software
+emulation those that boot a kernel take tens of seconds each, and the group stays under
+5 minutes on 2 cores.  ``-m "not boot"`` leaves the watcher, input and EC2 tests.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ def test_qemu_command_escapes_commas_in_paths(tmp_path):
 
 # --- local launches (QEMU) ------------------------------------------------------------------
 
+@pytest.mark.boot
 def test_launch_list_terminate_local(lab):
     image_id = image_of(lab, "good")
     vmdk = Path(Catalog(lab["catalog"]).show(image_id)["disk_path"])
@@ -208,6 +210,7 @@ def test_launch_list_terminate_local(lab):
         launch_image(image_id, catalog=lab["catalog"], disk_bus="scsi")
 
 
+@pytest.mark.boot
 def test_qemu_that_ends_itself_is_stopped_and_terminate_still_cleans(lab, monkeypatch):
     image_id = image_of(lab, "no-boot-code")
     launches = Launches(Catalog(lab["catalog"]))
@@ -222,6 +225,7 @@ def test_qemu_that_ends_itself_is_stopped_and_terminate_still_cleans(lab, monkey
     assert not Path(rec["overlay"]).exists()
 
 
+@pytest.mark.boot
 def test_boot_test_timeout_kills_qemu(lab):
     image_id = image_of(lab, "good")
     result = boot_test(image_id, catalog=lab["catalog"], timeout=2)
@@ -244,15 +248,17 @@ def check_stopped(result, stage: str, reason: str, catalog):
     assert Path(rec["disk_path"]).is_file()
 
 
+@pytest.mark.boot
 def test_boot_test_no_boot_code_stops_at_the_boot_loader(lab):
     image_id = image_of(lab, "no-boot-code")
     result = boot_test(image_id, catalog=lab["catalog"], timeout=120)
     check_stopped(result, "bootloader", "the firmware ran the disk's boot code but it read "
-                  "nothing more in 15 s (no boot loader in the MBR?)", lab["catalog"])
+                  "nothing more in 10 s (no boot loader in the MBR?)", lab["catalog"])
     assert "[firmware] Booting from 0000:7c00" in result.last_lines
     assert result.elapsed < 40
 
 
+@pytest.mark.boot
 def test_boot_test_disk_without_boot_signature_fails_in_the_firmware(lab, tmp_path):
     # a disk whose MBR is all zeros (no signature): the firmware itself refuses it
     disk = tmp_path / "blank.raw"
@@ -267,6 +273,7 @@ def test_boot_test_disk_without_boot_signature_fails_in_the_firmware(lab, tmp_pa
     assert result.elapsed < 30
 
 
+@pytest.mark.boot
 def test_boot_test_grub_with_a_missing_kernel_stops_before_the_kernel(lab):
     image_id = image_of(lab, "missing-kernel")
     status, out, err = cli("image", "boot-test", image_id, "--catalog", lab["catalog"],
@@ -385,6 +392,7 @@ def test_launch_ec2_runs_and_terminates_the_registered_ami(lab, moto_ec2, tmp_pa
 
 # --- replication jobs with bootTest ---------------------------------------------------------
 
+@pytest.mark.boot
 def test_replication_job_boot_test_marks_the_image_and_reports_in_the_run(lab, tmp_path):
     from smsblock.errors import ServiceError
     from smsblock.service import FakeClock, SmsService

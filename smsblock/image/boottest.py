@@ -38,7 +38,7 @@ from .launch import Launches
 
 DEFAULT_TIMEOUT = 300.0
 MAX_TIMEOUT = 3600.0
-BOOT_CODE_WAIT = 15.0        # seconds boot code may take to read its next stage
+BOOT_CODE_WAIT = 10.0        # seconds boot code may take to read its next stage
 FAILURE_GRACE = 3.0          # seconds a failure message waits for a later stage to show up
 POLL = 0.1
 TAIL_LINES = 25

@@ -129,6 +129,11 @@ def _die_with_parent() -> None:
         pass
 
 
+def _name(instance_id: str) -> str:
+    """QEMU's ``-name`` of an instance: how its process is recognised."""
+    return f"smsblock-{instance_id}"
+
+
 def _pid_runs(pid: int, marker: str) -> bool:
     """Whether ``pid`` is alive and still the QEMU whose command line holds ``marker``
     (a reused pid of another program is not ours to signal)."""
@@ -218,7 +223,7 @@ class Launches:
         if record.get("target") == "local" and record.get("state") == "running":
             child = _children.get(record["instance_id"])
             alive = child.poll() is None if child is not None else \
-                _pid_runs(record.get("pid", -1), record["overlay"])
+                _pid_runs(record.get("pid", -1), _name(record["instance_id"]))
             if not alive:
                 record["state"] = "stopped"
                 if child is not None:
@@ -297,7 +302,7 @@ class Launches:
             shutil.rmtree(d, ignore_errors=True)
             raise ImageError(f"cannot make the overlay of {backing}: {made.stderr.strip()}")
         cmd = qemu_command(overlay, console, firmware, accel=accel, memory_mib=memory_mib,
-                           name=f"smsblock-{instance_id}", disk_bus=disk_bus, disk_reads=reads)
+                           name=_name(instance_id), disk_bus=disk_bus, disk_reads=reads)
         record = {"instance_id": instance_id, "image_id": image_id, "target": "local",
                   "state": "pending", "launched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "accel": accel, "memory_mib": memory_mib, "disk_bus": disk_bus, "overlay": str(overlay),
@@ -373,7 +378,7 @@ class Launches:
         if child is not None:
             alive = lambda: child.poll() is None                       # noqa: E731
         elif isinstance(pid, int) and pid > 1:
-            alive = lambda: _pid_runs(pid, record["overlay"])           # noqa: E731
+            alive = lambda: _pid_runs(pid, _name(record["instance_id"]))  # noqa: E731
         else:
             return
         if not alive():
