@@ -24,10 +24,10 @@ from boot_disks import boot_disk
 from conftest import sha256_file
 from smsblock.engine import replicate
 from smsblock.errors import ImageError, ImageNotFoundError, UsageError
-from smsblock.image import create_image
-from smsblock.image.boottest import ConsoleWatcher, boot_test, expected_stages
+from smsblock.image import boot_test, create_image, launch_image
+from smsblock.image.boottest import ConsoleWatcher, expected_stages
 from smsblock.image.catalog import Catalog
-from smsblock.image.launch import Launches, launch_image, qemu_command
+from smsblock.image.launch import Launches, qemu_command
 
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/qemu-system-x86_64").exists(),
                                 reason="needs qemu-system-x86 (scripts/setup.sh --debug)")
