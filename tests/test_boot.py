@@ -305,6 +305,8 @@ def test_boot_test_good_disk_reaches_the_login_prompt(lab):
     assert stages[1]["line"].startswith("[    0.000000] Linux version 6.1")
     assert "mounted filesystem" in stages[2]["line"] and stages[4]["line"] == "smsboot login:"
     assert "smsboot login:" in Path(doc["console_log"]).read_text(errors="replace")
+    assert "\x1b" not in doc["console"] and "Booting `Debian GNU/Linux'" in doc["console"]
+    assert doc["console"].rstrip().endswith("smsboot login:")
     assert Catalog(lab["catalog"]).show(image_id)["boot_test"]["ok"] is True
     assert sha256_file(vmdk) == digest
     assert qemu_pids(str(lab["catalog"])) == []

@@ -339,7 +339,13 @@ def cmd_image_boot_test(args) -> int:
                        marker=args.marker, memory_mib=args.memory, disk_bus=args.disk_bus,
                        progress=show)
     if args.json:
-        _print_json(result.to_dict())
+        from ..image.boottest import console_text
+        doc = result.to_dict()
+        try:      # the console itself, cleaned of terminal escapes (its last 64 KiB)
+            doc["console"] = console_text(result.console_log, 64 << 10)
+        except OSError:
+            doc["console"] = None
+        _print_json(doc)
         return 0 if result.ok else 1
     if result.ok:
         print(f"PASSED: {result.summary()} ({result.accel})")
