@@ -229,6 +229,36 @@ def test_qemu_that_ends_itself_is_stopped_and_terminate_still_cleans(lab, monkey
 
 
 @pytest.mark.boot
+def test_killed_boot_test_leaves_no_qemu(lab):
+    # the process running a boot test dies by SIGKILL: its QEMU dies with it
+    image_id = image_of(lab, "good")
+    code = ("import sys; from smsblock.image import boot_test; "
+            "boot_test(sys.argv[1], catalog=sys.argv[2], timeout=120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, image_id, str(lab["catalog"])])
+    launches = Launches(Catalog(lab["catalog"]))
+    before = {r["instance_id"] for r in launches.list()}
+    deadline = time.monotonic() + 60
+    while True:
+        new = [r for r in launches.list() if r["instance_id"] not in before
+               and r["state"] == "running"]
+        if new:
+            break
+        assert time.monotonic() < deadline and proc.poll() is None, "no instance started"
+        time.sleep(0.1)
+    (rec,) = new
+    assert qemu_pids(rec["overlay"].rsplit("/", 1)[0]) == [rec["pid"]]
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while qemu_pids(rec["overlay"].rsplit("/", 1)[0]):
+        assert time.monotonic() < deadline, "QEMU outlived the boot test's process"
+        time.sleep(0.1)
+    assert launches.show(rec["instance_id"])["state"] == "stopped"
+    assert launches.terminate(rec["instance_id"])["state"] == "terminated"
+    assert not Path(rec["overlay"]).exists()
+
+
+@pytest.mark.boot
 def test_boot_test_timeout_kills_qemu(lab):
     image_id = image_of(lab, "good")
     result = boot_test(image_id, catalog=lab["catalog"], timeout=2)
