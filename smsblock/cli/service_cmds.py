@@ -114,6 +114,8 @@ def _job_settings(p, create: bool):
     p.add_argument("--number-of-recent-amis-to-keep", dest="numberOfRecentAmisToKeep", type=int)
     p.add_argument("--encrypted", action=argparse.BooleanOptionalAction)
     p.add_argument("--kms-key-id", dest="kmsKeyId")
+    p.add_argument("--boot-test", dest="bootTest", action=argparse.BooleanOptionalAction,
+                   help="boot-test each new image under QEMU (smsblock's own job field)")
 
 
 def _verbs():

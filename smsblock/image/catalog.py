@@ -112,3 +112,27 @@ class Catalog:
         trash = self.root / f".tmp-del-{image_id}"
         os.rename(d, trash)
         shutil.rmtree(trash)
+
+    def set_boot_test(self, image_id: str, result: dict) -> dict:
+        """Store a boot test's outcome in the image's record (``boot_test``); a failed test
+        marks the image (``boot_test.ok`` false) and never deletes it."""
+        d = self._dir(image_id)
+        record = self.show(image_id)
+        record.pop("disk_path", None)
+        record["boot_test"] = result
+        tmp = d / f".{RECORD_FILE}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, d / RECORD_FILE)     # atomic: readers see the old or the new record
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        fsync_dir(d)
+        return record

@@ -47,7 +47,8 @@ OPERATIONS: dict[str, dict[str, str]] = {
                              "frequency": "integer", "runOnce": "boolean",
                              "licenseType": "string", "roleName": "string",
                              "description": "string", "numberOfRecentAmisToKeep": "integer",
-                             "encrypted": "boolean", "kmsKeyId": "string"},
+                             "encrypted": "boolean", "kmsKeyId": "string",
+                             "bootTest": "boolean"},     # smsblock's own: boot-test each image
     "GetReplicationJobs": {"replicationJobId": "string", "nextToken": "string",
                            "maxResults": "integer"},
     "GetReplicationRuns": {"replicationJobId": "string", "nextToken": "string",
@@ -56,7 +57,8 @@ OPERATIONS: dict[str, dict[str, str]] = {
                              "nextReplicationRunStartTime": "timestamp",
                              "licenseType": "string", "roleName": "string",
                              "description": "string", "numberOfRecentAmisToKeep": "integer",
-                             "encrypted": "boolean", "kmsKeyId": "string"},
+                             "encrypted": "boolean", "kmsKeyId": "string",
+                             "bootTest": "boolean"},
     "StartOnDemandReplicationRun": {"replicationJobId": "string", "description": "string"},
     "DeleteReplicationJob": {"replicationJobId": "string"},
 }

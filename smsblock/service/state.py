@@ -128,6 +128,8 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE catalog ADD COLUMN import_previous TEXT",   # JSON {status, lastModifiedOn}
         "ALTER TABLE catalog ADD COLUMN import_outcome TEXT",    # JSON of the last import
     ],
+    # 3: a replication job can ask for a boot test of each new image (bootTest)
+    ["ALTER TABLE jobs ADD COLUMN boot_test INTEGER NOT NULL DEFAULT 0"],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
