@@ -353,7 +353,7 @@ def check_run_meta(meta) -> dict:
         text = json.dumps(meta, allow_nan=False, separators=(",", ":"))   # ASCII, as stored
         copy = json.loads(text)
     except (TypeError, ValueError, RecursionError) as e:
-        raise UsageError(f"replicate: meta is not JSON: {_one_line(e)}") from None
+        raise UsageError("replicate: meta is not JSON: " + " ".join(str(e).split())[:200]) from None
     if copy != meta:    # int keys turned into strings, tuples into lists, ...
         raise UsageError("replicate: meta must have string keys and JSON values (str, "
                          "int, float, bool, None, list, dict) at every level")
@@ -361,10 +361,6 @@ def check_run_meta(meta) -> dict:
         raise UsageError(f"replicate: meta is {len(text)} bytes as JSON, more than "
                          f"{MAX_RUN_META}")
     return copy
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200]
 
 
 def _replicate_locked(disk, store, server_id, block_size, progress, cancel, threads,

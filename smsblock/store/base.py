@@ -288,9 +288,10 @@ class Store(abc.ABC):
         out = []
         for run_id in self.list_run_ids(check_server_id(server_id)):
             m = self.load_manifest(server_id, run_id)
+            user = m.meta.get("user")
             out.append(RunInfo(server_id, run_id, m.meta.get("created", ""),
                                dict(m.meta.get("summary", {})),
-                               dict(m.meta.get("user") or {})))
+                               dict(user) if isinstance(user, dict) else {}))
         return out
 
     def run_disk(self, server_id: str, run_id: str | None = None):
