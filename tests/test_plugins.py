@@ -181,3 +181,19 @@ def test_lookup_rules(tmp_path, monkeypatch):
     assert open_source("test-lazy", {"path": str(tmp_path)}).list_vms() == []
     assert "plug_ok" in sys.modules
     assert open_source("datastore", {"path": str(tmp_path)}).list_vms() == []
+
+
+def test_the_plugin_through_the_python_api(site, tmp_path, monkeypatch):
+    """SmsService in process finds the installed plugin's kind as the CLI does."""
+    from smsblock.service import SmsService, sources
+    monkeypatch.setattr(sources, "_SOURCE_KINDS",
+                        {k: v for k, v in sources._SOURCE_KINDS.items() if k != "chunks"})
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "smsblock_chunks", raising=False)
+    chunk_vm(tmp_path / "vms", "app", [b"\1" * 1000])
+    with SmsService(tmp_path / "state") as svc:
+        svc.register_connector("chunks", {"root": str(tmp_path / "vms")})
+        svc.import_server_catalog()
+        assert [s["vmServer"]["vmName"] for s in svc.get_servers()["serverList"]] == ["app"]
+    assert Path(sys.modules["smsblock_chunks"].__file__).parent == site
+    sys.modules.pop("smsblock_chunks")
