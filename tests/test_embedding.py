@@ -377,3 +377,18 @@ def test_source_config_from_a_fifo_or_a_huge_file_does_not_hang(tmp_path, capsys
                           "--source-kind", "test-x", "--source-config", f"@{path}")
         assert got == 2 and why in err, err
 
+
+
+def test_a_source_needing_a_missing_extra_says_which(tmp_path, capsys):
+    """A factory's ModuleNotFoundError is not wrapped: the CLI names the package and extra
+    (as for the vsphere kind without pyVmomi)."""
+    from smsblock.service.sources import register_source_kind
+
+    def needs(config):
+        raise ModuleNotFoundError("No module named 'pyVmomi'", name="pyVmomi")
+
+    register_source_kind("test-needs-extra", needs)
+    got, _, err = cli(capsys, "connector", "register", "--state", tmp_path / "state",
+                      "--source-kind", "test-needs-extra")
+    assert got == 1 and "needs the Python package 'pyVmomi' (pip install 'smsblock[vsphere]')" \
+        in err, err

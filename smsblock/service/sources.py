@@ -134,7 +134,7 @@ def open_source(kind: str, config: dict) -> Source:
                              f"of the group {ENTRY_POINT_GROUP!r})")
     try:
         source = factory(config)
-    except SmsBlockError:
+    except (SmsBlockError, ModuleNotFoundError):   # the CLI names the missing extra
         raise
     except Exception as e:   # noqa: BLE001 - a plugin's bug is one line naming it
         raise ConnectorError(f"connector source kind {kind!r}: opening the source failed: "
