@@ -6,6 +6,7 @@ Layout::
     STORE/lock                             flock: shared by runs and readers, exclusive by prune
     STORE/packs/<id[:2]>/<id>.pack         sealed packs (immutable)
     STORE/runs/<server_id>/<run_id>.manifest   one per completed run
+    STORE/damaged/<pack_id>.json           damage records (what verify found damaged)
     STORE/tmp/                             packs and manifests being written
 
 Packs and manifests are written in ``tmp/``, fsynced, then renamed into place (and the
@@ -220,6 +221,47 @@ class LocalStore(Store):
             os.unlink(self._manifest_path(server_id, run_id))
         except FileNotFoundError:
             pass
+
+    # -- damage records ---------------------------------------------------------------
+    def _damage_path(self, pack_id: str) -> str:
+        if not is_pack_id(pack_id):
+            raise StoreError(f"{self.root}: {pack_id!r} is not a pack id")
+        return self._p("damaged", pack_id + ".json")
+
+    def put_damage_record(self, pack_id: str, data: bytes) -> None:
+        path = self._damage_path(pack_id)
+        tmp = self.staging_path(".damage.tmp")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(os.path.dirname(path))
+        except OSError as e:
+            remove_file(tmp)
+            raise StoreError(f"{path}: cannot write damage record: {e.strerror}") from None
+
+    def list_damage_records(self) -> dict[str, bytes]:
+        out = {}
+        try:
+            names = os.listdir(self._p("damaged"))
+        except FileNotFoundError:
+            return out
+        for n in names:
+            if n.endswith(".json") and is_pack_id(n[:-5]):
+                try:
+                    with open(self._p("damaged", n), "rb") as f:
+                        out[n[:-5]] = f.read(1 << 20)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    raise StoreError(f"{self._p('damaged', n)}: cannot read: {e.strerror}") from None
+        return out
+
+    def delete_damage_record(self, pack_id: str) -> None:
+        remove_file(self._damage_path(pack_id))
 
     # -- leftovers --------------------------------------------------------------------
     def holds_path(self, path) -> bool:

@@ -7,6 +7,7 @@ Layout (the local store's, as keys)::
     PREFIX/locks/shared-<uuid>.json             one per run or reader holding the lock shared
     PREFIX/packs/<id[:2]>/<id>.pack             sealed packs (immutable; id = SHA-256 of index)
     PREFIX/runs/<server_id>/<run_id>.manifest   one per completed run, put last in one PUT
+    PREFIX/damaged/<pack_id>.json               damage records (what verify found damaged)
 
 Packs are built in a local staging folder, then uploaded: in one PUT with Content-MD5
 below ``multipart_threshold``, else as a multipart upload whose parts go up in parallel
@@ -494,14 +495,18 @@ class S3Store(Store):
     def put_pack(self, pack_id: str, staged_path: str) -> None:
         self._put_pack_resuming(pack_id, staged_path, [])
 
-    def _put_pack_resuming(self, pack_id: str, staged_path: str, upload_ids: list[str]) -> None:
+    def replace_pack(self, pack_id: str, staged_path: str) -> None:
+        self._put_pack_resuming(pack_id, staged_path, [], replace=True)
+
+    def _put_pack_resuming(self, pack_id: str, staged_path: str, upload_ids: list[str],
+                           replace: bool = False) -> None:
         """put_pack, continuing one of ``upload_ids`` (incomplete uploads of this key)."""
         rel = self._pack_rel(pack_id)
         try:
             size = os.path.getsize(staged_path)
         except OSError as e:
             raise StoreError(f"{staged_path}: staged pack unreadable: {e.strerror}") from None
-        if self._remote_size(rel) == size:
+        if not replace and self._remote_size(rel) == size:
             log.info("%s: already in the store, not sent again", self.pack_name(pack_id))
         elif upload_ids:
             self._multipart_upload(rel, staged_path, size, resume=upload_ids)
@@ -705,6 +710,29 @@ class S3Store(Store):
 
     def delete_manifest(self, server_id: str, run_id: str) -> None:
         self._delete(self._manifest_rel(server_id, run_id), "delete manifest")
+
+    # -- damage records ----------------------------------------------------------------------
+    def _damage_rel(self, pack_id: str) -> str:
+        if not is_pack_id(pack_id):
+            raise StoreError(f"{self.url}: {pack_id!r} is not a pack id")
+        return f"damaged/{pack_id}.json"
+
+    def put_damage_record(self, pack_id: str, data: bytes) -> None:
+        self._put(self._damage_rel(pack_id), bytes(data), "record damage")
+
+    def list_damage_records(self) -> dict[str, bytes]:
+        objects, _, _ = self._list("damaged/", "list damage records")
+        out = {}
+        for o in objects:
+            name = self._rel(o["Key"]).split("/")[-1]
+            if name.endswith(".json") and is_pack_id(name[:-5]) and int(o.get("Size", 0)) <= 1 << 20:
+                data = self._get(f"damaged/{name}", "read a damage record")
+                if data is not None:
+                    out[name[:-5]] = data
+        return out
+
+    def delete_damage_record(self, pack_id: str) -> None:
+        self._delete(self._damage_rel(pack_id), "delete a damage record")
 
     # -- leftovers ----------------------------------------------------------------------------
     def _multipart_uploads(self) -> list[tuple[str, str]]:
