@@ -176,6 +176,8 @@ def parse_footer(raw: bytes, name: str, size: int) -> PackFooter:
     """Check and decode a pack's last 64 bytes."""
     if size < HEADER.size + FOOTER.size:
         raise StoreCorruptError(f"pack too small ({size} bytes)", name, 0)
+    if len(raw) != FOOTER.size:
+        raise StoreCorruptError("short read of pack footer", name, max(0, size - FOOTER.size))
     magic, version, alg, count, index_offset, digest, last = FOOTER.unpack(raw)
     where = size - FOOTER.size
     if magic != FOOTER_MAGIC:

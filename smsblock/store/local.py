@@ -65,7 +65,8 @@ class LocalStore(Store):
                 os.makedirs(self._p(sub), exist_ok=True)
             if self.exists():
                 return
-            if any(n not in ("packs", "runs", "tmp", "lock") for n in os.listdir(self.root)):
+            if any(n not in ("packs", "runs", "tmp", "lock") for n in os.listdir(self.root)) \
+                    and not self.exists():          # not a racing creator's store
                 raise StoreError(f"{self.root}: directory is not empty and not a smsblock store")
             tmp = self._p("tmp", f"config-{uuid.uuid4().hex}.tmp")
             with open(tmp, "wb") as f:
