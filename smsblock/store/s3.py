@@ -51,7 +51,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from ..errors import RunNotFoundError, StoreError, StoreLockedError, UsageError
+from ..errors import RunNotFoundError, StoreError, StoreLockedError, TransientStoreError, UsageError
 from ..fsutil import remove_file
 from ..pack import INDEX_DTYPE, is_pack_id, pack_id_of, read_index
 from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id
@@ -357,9 +357,16 @@ class S3Store(Store):
     def _shared_lock(self, purpose: str):
         rel = f"{LOCK_SHARED}{uuid.uuid4().hex}.json"
         body = self._lock_body(purpose)
+        placed = None           # None: maybe (a transient failure may have landed)
         try:
-            # inside the try: a PUT that reached S3 but failed here is still removed
-            self._put(rel, body, "take the store lock (shared)")
+            try:
+                self._put(rel, body, "take the store lock (shared)")
+                placed = True
+            except TransientStoreError:
+                raise
+            except BaseException:
+                placed = False              # refused (permanent): nothing to remove
+                raise
             holders = self._live_locks(LOCK_EXCLUSIVE)
             if holders:
                 raise StoreLockedError(f"{self.url}: store is locked, prune is running "
@@ -368,7 +375,8 @@ class S3Store(Store):
                 yield
         finally:
             try:
-                self._delete(rel, "release the store lock (shared)")
+                if placed is not False:     # a PUT that landed though its answer was lost too
+                    self._delete(rel, "release the store lock (shared)")
             except StoreError as e:
                 log.warning("%s: lock object %s left behind (prune removes it once dead): %s",
                             self.url, rel, e)
