@@ -302,7 +302,8 @@ def verify_pack(read_range: ReadRange, size: int, name: str, algorithm: str,
                 problems.append(f"{name}: offset {pos}: pack ends inside its frames")
                 break
             hasher.update(chunk)
-            buf += chunk
+            if k < len(order):          # bytes after the last frame are only hashed
+                buf += chunk
             pos += len(chunk)
             continue
         if k >= len(order):
