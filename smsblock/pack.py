@@ -223,6 +223,13 @@ def read_index(read_range: ReadRange, size: int, name: str, *, check_id: bool = 
     return footer, index
 
 
+def sealed_size(index: np.ndarray) -> int:
+    """The size of the pack an index belongs to (its frames fill the space from the
+    header to the index): a cached index is trusted only for a pack of this size."""
+    end = int((index["offset"].astype(np.int64) + index["clen"]).max()) if len(index) else HEADER.size
+    return end + len(index) * INDEX_DTYPE.itemsize + FOOTER.size
+
+
 def check_header(raw: bytes, name: str, footer: PackFooter) -> None:
     """Check a pack's first 16 bytes, every one of them, against its footer."""
     if len(raw) != HEADER.size:

@@ -247,3 +247,25 @@ def test_a_damaged_pack_in_s3_is_stored_again_and_pruned(tmp_path, moto, bucket)
     after = verify(new_store(url))
     assert after.ok and after.damaged_packs == 0, after.problems
     restores(new_store(url), "s", content, tmp_path)
+
+
+def test_a_pack_cut_short_in_s3_is_not_built_upon_through_the_index_cache(tmp_path, moto, bucket):
+    """The local index cache verifies itself by the pack id, but the object in S3 may be
+    gone or cut short since: the next run must store those blocks again."""
+    url = f"s3://{bucket}/short"
+    store = new_store(url)
+    store.initialise(StoreConfig(pack_size=PACK_SIZE))
+    disk = tmp_path / "d.raw"
+    content = make_disk(disk, 10)
+    replicate(disk, store, "s", block_size=BS)
+    victim = sorted(store.list_packs())[0]
+    key = f"short/packs/{victim[:2]}/{victim}.pack"
+    s3 = moto.boto3_client("s3")
+    raw = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    s3.put_object(Bucket=bucket, Key=key, Body=raw[:len(raw) // 2])
+    n_blocks = len(store.pack_index(victim, len(raw)))
+    s = replicate(disk, new_store(url), "s")
+    assert s.blocks_stored == n_blocks, "blocks of the cut pack were taken from the cache"
+    restores(new_store(url), "s", content, tmp_path)
+    prune(new_store(url), "s", 1)
+    restores(new_store(url), "s", content, tmp_path)

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import RunNotFoundError, StoreCorruptError, StoreError, UsageError
 from ..manifest import Manifest
-from ..pack import ALGORITHMS, BlockIndex, BlockLocation, decompress_block, read_index
+from ..pack import ALGORITHMS, BlockIndex, BlockLocation, decompress_block, read_index, sealed_size
 
 STORE_FORMAT = "smsblock-store"
 STORE_VERSION = 1
@@ -304,7 +304,7 @@ class Store(abc.ABC):
         """A sealed pack's index (cached: packs never change)."""
         with self._cache_lock:
             hit = self._index_cache.get(pack_id)
-        if hit is not None:
+        if hit is not None and sealed_size(hit) == size:     # else cut short or replaced
             return hit
         _, index = read_index(lambda o, n: self.read_pack(pack_id, o, n), size,
                               self.pack_name(pack_id))

@@ -53,7 +53,7 @@ import numpy as np
 
 from ..errors import RunNotFoundError, StoreError, StoreLockedError, TransientStoreError, UsageError
 from ..fsutil import remove_file
-from ..pack import INDEX_DTYPE, is_pack_id, pack_id_of, read_index
+from ..pack import INDEX_DTYPE, is_pack_id, pack_id_of, read_index, sealed_size
 from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id
 from .retry import RetryPolicy, error_code, http_status
 from .s3config import CloudSettings
@@ -553,14 +553,17 @@ class S3Store(Store):
         else read from S3 (footer + index: two ranged GETs) and cached."""
         with self._cache_lock:
             hit = self._index_cache.get(pack_id)
-        if hit is not None:
+        if hit is not None and sealed_size(hit) == size:
             return hit
         path = os.path.join(self.index_cache_dir, pack_id[:2], pack_id + ".idx")
         try:
             with open(path, "rb") as f:
                 raw = f.read()
-            if pack_id_of(raw) == pack_id and len(raw) % INDEX_DTYPE.itemsize == 0:
-                index = np.frombuffer(raw, INDEX_DTYPE).copy()
+            index = np.frombuffer(raw, INDEX_DTYPE).copy() \
+                if len(raw) % INDEX_DTYPE.itemsize == 0 else None
+            # the object in S3 must still be the pack the index describes: a pack cut
+            # short there is read (and found damaged) rather than built upon
+            if index is not None and pack_id_of(raw) == pack_id and sealed_size(index) == size:
                 with self._cache_lock:
                     self._index_cache[pack_id] = index
                 return index
