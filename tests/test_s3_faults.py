@@ -142,10 +142,11 @@ def test_a_pack_upload_whose_answer_was_lost_is_not_sent_again(tmp_path, moto, b
     store = new_store(url, endpoint_url=fault_proxy.url, read_timeout=1)
     store.initialise(StoreConfig(pack_size=1 << 20))                # ~8 parts a pack
     fault_proxy.clear()
-    fault_proxy.add(Rule(action, method="PUT", path=r"partNumber=2\b", times=1, stall=2))
+    fault_proxy.add(Rule(action, method="PUT", path=r"partNumber=2\b", times=1, stall=2),
+                    Rule(action, method="POST", path=r"uploadId=", times=1, stall=2))   # complete
     replicate(disk, store, "s", block_size=BS)
     parts = [r.path for r in fault_proxy.requests("PUT", r"partNumber=")]
-    assert fault_proxy.faults() and len(parts) == len(set(parts)), "a part was sent twice"
+    assert len(fault_proxy.faults()) == 2 and len(parts) == len(set(parts)), "a part was sent twice"
     restores(store, "s", content, tmp_path)
     assert verify(store).ok
 
