@@ -47,7 +47,7 @@ from .disk.blocks import BlockDisk
 from .errors import (Cancelled, ManifestError, RunNotFoundError, SmsBlockError, StoreCorruptError,
                      StoreError, UsageError)
 from .manifest import DEFAULT_BLOCK_SIZE, BlockState, Manifest, check_block_size, diff
-from .pack import BlockIndex, PackWriter, address_function, verify_pack
+from .pack import BlockIndex, BlockLocation, PackWriter, address_function, verify_pack
 from .progress import CancelToken, ProgressCallback, check_cancel
 from .scanner import scan
 from .store import Store, open_store
@@ -120,6 +120,7 @@ class VerifyReport:
     runs_checked: int = 0
     problems: list[str] = field(default_factory=list)
     unreferenced_packs: int = 0       # packs no run uses (left by a killed run; prune removes)
+    damaged_packs: int = 0            # packs with damage recorded (new runs store those blocks again)
     leftovers: list[str] = field(default_factory=list)
 
     @property
@@ -160,8 +161,9 @@ class _PackSink:
 
     _STOP = object()
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, damaged: set[str] = frozenset()):
         self.store = store
+        self.damaged = set(damaged)     # ids of packs with a damage record
         self.pack_size = store.config.pack_size
         self.algorithm = store.config.address
         self.blocks_stored = 0
@@ -236,7 +238,14 @@ class _PackSink:
             try:
                 if self.error is None:
                     writer.sync()
-                    self.store.put_pack(pack_id, writer.path)
+                    if pack_id in self.damaged:
+                        # the same blocks stored again under the damaged pack's id: a sound
+                        # copy, put over the damaged one
+                        self.store.replace_pack(pack_id, writer.path)
+                        self.store.delete_damage_record(pack_id)
+                        self.store.forget_pack(pack_id)
+                    else:
+                        self.store.put_pack(pack_id, writer.path)
                     # not added to the run's index: the run's claimed set already skips
                     # these blocks, and a dict entry per stored block would cost memory
                     self.packs_sealed += 1
@@ -378,9 +387,10 @@ def _replicate_locked(disk, store, server_id, block_size, progress, cancel, thre
     comparable = (previous is not None and previous.block_size == block_size
                   and previous.disk_size == disk.size)
     run_id = new_run_id(previous_id)
-    index = store.block_index()
+    # blocks a damage record names are not in it: the run stores them again
+    index = store.block_index(for_new_runs=True)
     n_blocks = (disk.size + block_size - 1) // block_size
-    sink = _PackSink(store)
+    sink = _PackSink(store, set(store.list_damage_records()))
     storer = _BlockStorer(store, index, sink, n_blocks, cancel)
     sealed = False
     try:
@@ -479,7 +489,11 @@ class RunDisk(BlockDisk):
         if loc is None:
             raise StoreCorruptError(f"block {i} ({address.hex()[:16]}...) is not in the store",
                                     self.path, i * self.block_size)
-        data = self.store.read_block(loc)
+        try:
+            data = self.store.read_block(loc)
+        except StoreCorruptError:
+            self._record_damage(loc.pack_id, address)
+            raise
         expected = self.manifest.block_range(i)[1]
         if len(data) != expected:
             raise StoreCorruptError(f"stored block {i} has {len(data)} bytes, expected {expected}",
@@ -487,10 +501,18 @@ class RunDisk(BlockDisk):
         # the run's own change hash (xxh3-128, ~10 GB/s) catches a block damaged in the
         # store, so a restore never writes wrong bytes silently
         if xxhash.xxh3_128_digest(data) != self.manifest.hashes[i].tobytes():
+            if address_function(self.store.config.address)(data) != address:
+                self._record_damage(loc.pack_id, address)
             raise StoreCorruptError(f"stored block {i} ({address.hex()[:16]}...) does not match "
                                     "the run's hash: the store is damaged (run verify)",
                                     self.path, i * self.block_size)
         return data
+
+    def _record_damage(self, pack_id: str, address: bytes) -> None:
+        # the next run then stores this block again instead of building on the bad copy
+        self.store.record_damage(pack_id, [address], problems=[
+            f"{self.store.pack_name(pack_id)}: block {address.hex()[:16]}... does not read back"],
+            by="read")
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
         start, end = self._clip(start, end)
@@ -649,6 +671,7 @@ def verify(store, *, progress: ProgressCallback | None = None,
         total = sum(packs.values())
         done = 0
         good_packs: dict[str, np.ndarray] = {}
+        damage = store.damage()
 
         def check(item):
             pack_id, size = item
@@ -665,6 +688,8 @@ def verify(store, *, progress: ProgressCallback | None = None,
                 if index is not None:
                     report.blocks_checked += len(index)
                     good_packs[pack_id] = index[good]
+                    _update_damage_record(store, pack_id, index, good, problems,
+                                          damage.get(pack_id))
                 report.bytes_checked += size
                 done += size
                 if progress is not None:
@@ -683,8 +708,25 @@ def verify(store, *, progress: ProgressCallback | None = None,
             report.problems.extend(_check_manifest(m, server_id, run_id, algorithm,
                                                    good_index, where, referenced))
         report.unreferenced_packs = sum(1 for p in good_packs if p not in referenced)
+        report.damaged_packs = sum(1 for p in store.list_damage_records() if p in packs)
         report.leftovers = store.list_leftovers()
     return report
+
+
+def _update_damage_record(store: Store, pack_id: str, index: np.ndarray, good: np.ndarray,
+                          problems: list[str], old) -> None:
+    """Make the pack's damage record say what verify just found (a read of every byte)."""
+    bad = index["address"][~good]
+    whole = len(problems) > len(bad)          # damage outside the frames
+    if not problems:
+        if old is not None:
+            with contextlib.suppress(StoreError):
+                store.delete_damage_record(pack_id)
+        return
+    found = {a.tobytes() for a in bad}
+    if old is not None and (old.addresses, old.pack) == (found, whole):
+        return
+    store.record_damage(pack_id, found, pack=whole, problems=problems, by="verify", replace=True)
 
 
 def _check_manifest(m: Manifest, server_id, run_id, algorithm, index: BlockIndex, where,
@@ -754,15 +796,55 @@ def _readable_packs(store: Store) -> tuple[list[tuple[str, int]], list[np.ndarra
     return packs, indexes
 
 
-def _wanted_entries(indexes: list[np.ndarray], live: np.ndarray) -> np.ndarray:
+def _entry_ranks(store: Store, packs: list[tuple[str, int]], indexes: list[np.ndarray]
+                 ) -> tuple[np.ndarray, set[str]]:
+    """Per index entry (in pack order) how good a copy of its block it is: 0 sound,
+    1 in a pack damaged outside its frames (readable, used only when no sound copy
+    exists), 2 a damaged frame (never kept).  Frames a record names are read again first,
+    so a wrong or stale record never costs a block.  Also returns the ids of packs with a
+    damage record."""
+    damage = store.damage()
+    ranks = []
+    for (pack_id, _), index in zip(packs, indexes):
+        rank = np.zeros(len(index), np.int8)
+        record = damage.get(pack_id)
+        if record is not None:
+            if record.pack:
+                rank[:] = 1
+            for i in np.flatnonzero(record.holds(index["address"])):
+                e = index[i]
+                loc = BlockLocation(pack_id, int(e["offset"]), int(e["clen"]), int(e["ulen"]))
+                try:
+                    sound = address_function(store.config.address)(store.read_block(loc)) \
+                        == e["address"].tobytes()
+                except StoreCorruptError:
+                    sound = False
+                if not sound:
+                    rank[i] = 2
+            if not record.pack and not (rank == 2).any():
+                store.delete_damage_record(pack_id)      # every named frame reads fine now
+        ranks.append(rank)
+    return (np.concatenate(ranks) if ranks else np.zeros(0, np.int8)), set(damage)
+
+
+def _wanted_entries(indexes: list[np.ndarray], live: np.ndarray,
+                    ranks: np.ndarray | None = None) -> np.ndarray:
     """One flag per index entry, in pack order: a run uses the entry's block and it is the
-    first copy of its address (copies come from concurrent runs or an interrupted prune)."""
+    best copy of its address (the first sound one; copies come from concurrent runs, an
+    interrupted prune, or a run that stored a damaged block again)."""
     addrs = _address_view(np.concatenate([ix["address"] for ix in indexes])
                           if indexes else np.zeros((0, 32), np.uint8))
-    _, first = np.unique(addrs, return_index=True)
+    if ranks is None:
+        ranks = np.zeros(len(addrs), np.int8)
+    # sort by address, then rank, then position: the first of each address is its best copy
+    _, group = np.unique(addrs, return_inverse=True)
+    order = np.lexsort((np.arange(len(addrs)), ranks, group.reshape(-1)))
+    sorted_addrs = addrs[order]
+    first = np.ones(len(order), bool)
+    first[1:] = sorted_addrs[1:] != sorted_addrs[:-1]
     wanted = np.zeros(len(addrs), bool)
-    wanted[first] = True
-    return wanted & np.isin(addrs, live)
+    wanted[order[first]] = True
+    return wanted & (ranks < 2) & np.isin(addrs, live)
 
 
 def _rewrite_pack(store: Store, pack_id: str, entries: np.ndarray) -> tuple[str, int]:
@@ -816,7 +898,8 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
             report.leftovers_removed += 1
 
         packs, indexes = _readable_packs(store)
-        wanted_all = _wanted_entries(indexes, live)
+        ranks, recorded = _entry_ranks(store, packs, indexes)
+        wanted_all = _wanted_entries(indexes, live, ranks)
         done, total, start = 0, sum(size for _, size in packs), 0
         rewrites = []
         for (pack_id, size), index in zip(packs, indexes):
@@ -853,10 +936,19 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
                     written.add(new_id)
                     if new_id != pack_id:   # the new pack is in place: the old one can go
                         store.delete_pack(pack_id)
+                        if pack_id in recorded:
+                            # the copy holds only sound frames (rank 0 or 1), with a new header
+                            store.delete_damage_record(pack_id)
                     report.packs_rewritten += 1
                     report.blocks_deleted += int((~want).sum())
                     report.bytes_freed += max(0, size - new_size)
             done += size
             if progress is not None:
                 progress(done, total)
+
+        # records of packs that are gone (deleted above, or by an earlier, killed prune)
+        remaining = store.list_packs()
+        for pack_id in store.list_damage_records():
+            if pack_id not in remaining:
+                store.delete_damage_record(pack_id)
     return report

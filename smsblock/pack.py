@@ -7,7 +7,12 @@ A pack is written front to back and sealed once, then never changes::
     index    48 * n     per block: address[32], u64 offset, u32 compressed length,
                         u32 uncompressed length (little endian, in write order)
     footer   64 bytes   magic "SMSBPIDX", u16 version, u16 algorithm, u32 n,
-                        u64 index offset, sha256(index)[32], 8 zero bytes
+                        u64 index offset, sha256(index)[32],
+                        xxh3-64(header + frames)[8] (version 2; 8 zero bytes in version 1)
+
+Version 2 added the frame checksum: a zstd decoder ignores some bits of a frame (unused
+header flags, slack bits of its entropy tables), so only a checksum over the bytes lets
+``verify`` see damage anywhere in a pack.  Version 1 packs are still read.
 
 The pack's name (its id) is the hex SHA-256 of its index bytes, so it is a pure function
 of the content: a retried upload lands on the same name, and nothing is ever renamed or
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import xxhash
 import zstandard
 
 from ._deflate import start_writeback
@@ -37,7 +43,8 @@ from .fsutil import create_file, remove_file
 
 PACK_MAGIC = b"SMSBPACK"
 FOOTER_MAGIC = b"SMSBPIDX"
-PACK_VERSION = 1
+PACK_VERSION = 2                                 # what new packs are written as
+READ_VERSIONS = (1, 2)                           # what a reader accepts
 HEADER = struct.Struct("<8sHHI")                 # 16 bytes
 FOOTER = struct.Struct("<8sHHIQ32s8s")           # 64 bytes, the last 8 reserved (zero)
 ADDRESS_SIZE = 32
@@ -90,7 +97,9 @@ class PackWriter:
         self._alg_id = ALGORITHMS[algorithm]
         # a new private file: never through a link, never over a file that was there
         self._f = open(self.path, "wb", opener=lambda path, _flags: create_file(path))
-        self._f.write(HEADER.pack(PACK_MAGIC, PACK_VERSION, self._alg_id, 0))
+        header = HEADER.pack(PACK_MAGIC, PACK_VERSION, self._alg_id, 0)
+        self._f.write(header)
+        self._frames_hash = xxhash.xxh3_64(header)      # header + frames: the footer's checksum
         self._offset = HEADER.size
         self._written_back = 0      # bytes already handed to the kernel's writeback
         self._entries: list[tuple[bytes, int, int, int]] = []
@@ -106,6 +115,7 @@ class PackWriter:
 
     def add(self, address: bytes, frame: bytes, ulen: int) -> None:
         self._f.write(frame)
+        self._frames_hash.update(frame)
         self._entries.append((address, self._offset, len(frame), ulen))
         self._offset += len(frame)
         if self._offset - self._written_back >= WRITEBACK_CHUNK:
@@ -127,7 +137,8 @@ class PackWriter:
         index_bytes = index.tobytes()
         self._f.write(index_bytes)
         self._f.write(FOOTER.pack(FOOTER_MAGIC, PACK_VERSION, self._alg_id, len(index),
-                                  self._offset, hashlib.sha256(index_bytes).digest(), bytes(8)))
+                                  self._offset, hashlib.sha256(index_bytes).digest(),
+                                  self._frames_hash.digest()))
         self._f.flush()
         self.sealed_size = self._offset + len(index_bytes) + FOOTER.size
         if sync:
@@ -156,26 +167,31 @@ class PackFooter:
     count: int
     index_offset: int
     index_sha256: bytes
+    version: int = PACK_VERSION
+    frames_xxh3: bytes | None = None      # xxh3-64 of header + frames (version 2)
 
 
 def parse_footer(raw: bytes, name: str, size: int) -> PackFooter:
     """Check and decode a pack's last 64 bytes."""
     if size < HEADER.size + FOOTER.size:
         raise StoreCorruptError(f"pack too small ({size} bytes)", name, 0)
-    magic, version, alg, count, index_offset, digest, reserved = FOOTER.unpack(raw)
+    if len(raw) != FOOTER.size:
+        raise StoreCorruptError("short read of pack footer", name, max(0, size - FOOTER.size))
+    magic, version, alg, count, index_offset, digest, last = FOOTER.unpack(raw)
     where = size - FOOTER.size
     if magic != FOOTER_MAGIC:
         raise StoreCorruptError("bad pack footer magic", name, where)
-    if reserved != bytes(8):
-        raise StoreCorruptError("reserved pack footer bytes are not zero", name, where + 56)
-    if version != PACK_VERSION:
+    if version not in READ_VERSIONS:
         raise StoreCorruptError(f"unsupported pack version {version}", name, where)
+    if version == 1 and last != bytes(8):
+        raise StoreCorruptError("reserved pack footer bytes are not zero", name, where + 56)
     if alg not in ALGORITHM_NAMES:
         raise StoreCorruptError(f"unknown address algorithm id {alg}", name, where)
     if index_offset + count * INDEX_DTYPE.itemsize != where or index_offset < HEADER.size:
         raise StoreCorruptError(f"index of {count} entries at {index_offset} does not end at the footer",
                                 name, where)
-    return PackFooter(ALGORITHM_NAMES[alg], count, index_offset, digest)
+    return PackFooter(ALGORITHM_NAMES[alg], count, index_offset, digest, version,
+                      last if version >= 2 else None)
 
 
 def read_index(read_range: ReadRange, size: int, name: str, *, check_id: bool = True) -> tuple[PackFooter, np.ndarray]:
@@ -206,10 +222,22 @@ def read_index(read_range: ReadRange, size: int, name: str, *, check_id: bool = 
     return footer, index
 
 
-def check_header(read_range: ReadRange, name: str, footer: PackFooter) -> None:
-    magic, version, alg, _ = HEADER.unpack(read_range(0, HEADER.size))
-    if magic != PACK_MAGIC or version != PACK_VERSION or ALGORITHM_NAMES.get(alg) != footer.algorithm:
+def sealed_size(index: np.ndarray) -> int:
+    """The size of the pack an index belongs to (its frames fill the space from the
+    header to the index): a cached index is trusted only for a pack of this size."""
+    end = int((index["offset"].astype(np.int64) + index["clen"]).max()) if len(index) else HEADER.size
+    return end + len(index) * INDEX_DTYPE.itemsize + FOOTER.size
+
+
+def check_header(raw: bytes, name: str, footer: PackFooter) -> None:
+    """Check a pack's first 16 bytes, every one of them, against its footer."""
+    if len(raw) != HEADER.size:
+        raise StoreCorruptError("short read of pack header", name, 0)
+    magic, version, alg, zero = HEADER.unpack(raw)
+    if magic != PACK_MAGIC or version != footer.version or ALGORITHM_NAMES.get(alg) != footer.algorithm:
         raise StoreCorruptError("bad pack header (magic, version or algorithm)", name, 0)
+    if zero != 0:
+        raise StoreCorruptError("reserved pack header bytes are not zero", name, 12)
 
 
 _decompressors = threading.local()
@@ -229,34 +257,72 @@ def decompress_block(frame: bytes, ulen: int, name: str = "?", offset: int | Non
     return data
 
 
+VERIFY_CHUNK = 8 << 20
+
+
 def verify_pack(read_range: ReadRange, size: int, name: str, algorithm: str,
                 on_bytes: Callable[[int], None] | None = None
                 ) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
-    """Read a whole pack and check every block against its content address.
+    """Read a whole pack and check every part of it: footer, index, header (every byte),
+    that the frames fill the space between header and index exactly, the frame checksum
+    (version 2) and every block against its content address.
 
     Returns ``(index or None, good, problems)``: ``good`` marks the index entries whose
     block decompresses to bytes matching its address; problems are one-line strings.
+    ``index`` is None when the index does not read (the pack is unusable).  Each bad
+    frame gives one problem; more problems than bad frames means damage outside the
+    frames (header, gaps, a checksum mismatch the blocks do not show).
     """
     problems: list[str] = []
     try:
         footer, index = read_index(read_range, size, name)
-        check_header(read_range, name, footer)
     except StoreCorruptError as e:
         return None, None, [str(e)]
     good = np.zeros(len(index), bool)
+    header = read_range(0, HEADER.size)
+    try:
+        check_header(header, name, footer)
+    except StoreCorruptError as e:
+        problems.append(str(e))
     if footer.algorithm != algorithm:
         problems.append(f"{name}: pack uses {footer.algorithm}, store uses {algorithm}")
         return index, good, problems
-    addr = address_function(algorithm)
-    # read in runs of frames so a big pack is a few large reads, not many small ones
     order = np.argsort(index["offset"], kind="stable")
-    chunk_start, chunk = None, b""
-    for i in order:
-        off, clen, ulen = int(index["offset"][i]), int(index["clen"][i]), int(index["ulen"][i])
-        if chunk_start is None or off + clen > chunk_start + len(chunk):
-            chunk_start = off
-            chunk = read_range(off, max(clen, min(8 << 20, footer.index_offset - off)))
-        frame = chunk[off - chunk_start: off - chunk_start + clen]
+    starts = index["offset"][order].astype(np.int64)
+    ends = starts + index["clen"][order].astype(np.int64)
+    expect = np.concatenate([[HEADER.size], ends[:-1]]) if len(index) else np.zeros(0, np.int64)
+    gap = np.flatnonzero(starts != expect)
+    if len(gap) or (ends[-1] if len(index) else HEADER.size) != footer.index_offset:
+        at = int(expect[gap[0]]) if len(gap) else int(ends[-1]) if len(index) else HEADER.size
+        problems.append(f"{name}: offset {at}: bytes between the frames that no index entry covers")
+    hasher = xxhash.xxh3_64(header)
+    addr = address_function(algorithm)
+    # read the frame area front to back in large pieces: every byte is hashed once and
+    # each frame is cut from the pieces (memory: one piece plus one frame)
+    buf, buf_start, pos = bytearray(), HEADER.size, HEADER.size
+    k = 0
+    while pos < footer.index_offset or k < len(order):
+        if pos < footer.index_offset and (k >= len(order) or int(ends[k]) > buf_start + len(buf)):
+            chunk = read_range(pos, min(VERIFY_CHUNK, footer.index_offset - pos))
+            if not chunk:
+                problems.append(f"{name}: offset {pos}: pack ends inside its frames")
+                break
+            hasher.update(chunk)
+            if k < len(order):          # bytes after the last frame are only hashed
+                buf += chunk
+            pos += len(chunk)
+            continue
+        if k >= len(order):
+            break
+        i = int(order[k])
+        off, clen, ulen = int(starts[k]), int(index["clen"][i]), int(index["ulen"][i])
+        k += 1
+        if off < buf_start or off + clen > buf_start + len(buf):
+            continue                        # outside what was read (a gap problem above)
+        frame = bytes(buf[off - buf_start: off - buf_start + clen])
+        drop = off + clen - buf_start
+        del buf[:drop]
+        buf_start += drop
         try:
             data = decompress_block(frame, ulen, name, off)
         except StoreCorruptError as e:
@@ -269,6 +335,12 @@ def verify_pack(read_range: ReadRange, size: int, name: str, algorithm: str,
             good[i] = True
         if on_bytes is not None:
             on_bytes(clen)
+    # a bad frame explains a checksum mismatch; with every block good, the mismatch is
+    # damage the decoder ignores (or in the header or gaps), reported on its own
+    if footer.frames_xxh3 is not None and pos == footer.index_offset and good.all() \
+            and hasher.digest() != footer.frames_xxh3:
+        problems.append(f"{name}: offset {HEADER.size}: header and frames do not match the "
+                        "footer's checksum (damage no block shows)")
     return index, good, problems
 
 

@@ -8,7 +8,12 @@ absolute URIs, and ``Proxy-Authorization`` is recorded and optionally required).
 Per test, :class:`Rule` s pick requests (method, path regex, skip the first k, apply n
 times) and do something to them: ``reset`` (RST before answering), ``status`` (an S3 XML
 or EBS JSON error such as 503 SlowDown), ``stall`` (say nothing for a while, then close:
-past the client's read timeout), ``cut`` (forward, then RST after half the answer).
+past the client's read timeout), ``cut`` (forward, then RST after half the answer),
+``drop`` (forward, then RST before any answer: the request took effect, its answer is
+lost), ``hang`` (forward, then say nothing for ``stall`` seconds, then RST) and ``delay``
+(wait ``stall`` seconds, then forward and answer normally: a slow request, to order races)
+and ``truncate`` (forward, then send the answer without its Content-Length, only the first
+half of its body, and close cleanly: an answer that just ends early).
 Every request is logged (:class:`Record`), bodies too with ``capture_bodies``.
 """
 
@@ -27,7 +32,7 @@ from urllib.parse import urlsplit
 
 @dataclass
 class Rule:
-    action: str                      # reset | status | stall | cut
+    action: str                      # reset | status | stall | cut | drop | hang | delay | truncate
     method: str | None = None
     path: str | None = None          # regex searched in the request path (with query)
     skip: int = 0                    # let this many matching requests through first
@@ -270,6 +275,25 @@ class FaultProxy:
         elif rule.action == "stall":
             self._stop.wait(rule.stall)
             _reset(sock)
+        elif rule.action == "delay":
+            self._stop.wait(rule.stall)
+            response = self._forward(upstream, method, path, headers, body)
+            record.status = _status_of(response)
+            sock.sendall(response)
+        elif rule.action in ("drop", "hang"):
+            response = self._forward(upstream, method, path, headers, body)
+            record.status = _status_of(response)
+            if rule.action == "hang":
+                self._stop.wait(rule.stall)
+            _reset(sock)
+        elif rule.action == "truncate":
+            response = self._forward(upstream, method, path, headers, body)
+            record.status = _status_of(response)
+            head, _, rest = response.partition(b"\r\n\r\n")
+            head = b"\r\n".join(h for h in head.split(b"\r\n")
+                                 if not h.lower().startswith(b"content-length:"))
+            sock.sendall(head + b"\r\n\r\n" + rest[:len(rest) // 2])
+            sock.shutdown(socket.SHUT_WR)
         elif rule.action == "cut":
             response = self._forward(upstream, method, path, headers, body)
             record.status = _status_of(response)

@@ -8,7 +8,11 @@ deterministic names, so the same protocol fits a local folder, S3 and the like:
 * packs: ``pack_id`` -> bytes (see :mod:`smsblock.pack`); the id is the SHA-256 of the
   pack's index, so writing a pack twice writes the same object;
 * manifests: ``(server_id, run_id)`` -> bytes; a run exists exactly when its manifest
-  does, and the manifest is put last, in one atomic put.
+  does, and the manifest is put last, in one atomic put;
+* damage records: ``pack_id`` -> a small JSON object naming what ``verify`` (or a read
+  that hit a bad block) found damaged in that pack.  A new run never dedups against a
+  recorded block, so it stores the block again; readers prefer undamaged copies; prune
+  drops damaged copies.  Rewritten when verify finds otherwise, removed with the pack.
 
 A backend implements the primitives marked abstract below (put/get/list/delete of those
 objects, a staging area for packs being built, and a lock).  Everything else, the dedup
@@ -20,6 +24,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
+from datetime import datetime, timezone
 import logging
 import re
 import threading
@@ -30,7 +35,7 @@ import numpy as np
 
 from ..errors import RunNotFoundError, StoreCorruptError, StoreError, UsageError
 from ..manifest import Manifest
-from ..pack import ALGORITHMS, BlockIndex, BlockLocation, decompress_block, read_index
+from ..pack import ALGORITHMS, BlockIndex, BlockLocation, decompress_block, read_index, sealed_size
 
 STORE_FORMAT = "smsblock-store"
 STORE_VERSION = 1
@@ -97,6 +102,58 @@ class StoreConfig:
 
 
 @dataclass
+class DamageRecord:
+    """What is known damaged in one pack: ``addresses`` (32-byte content addresses of
+    frames that do not give their block) and ``pack`` (damage outside the frames, or
+    too many bad frames to list: no new run builds on any block of the pack)."""
+
+    pack_id: str
+    addresses: set = field(default_factory=set)
+    pack: bool = False
+    problems: list = field(default_factory=list)
+    by: str = "verify"
+
+    MAX_ADDRESSES = 4096            # more than this: the pack is marked as a whole
+    MAX_PROBLEMS = 8
+
+    def holds(self, addresses: np.ndarray) -> np.ndarray:
+        """Per row of an (n, 32) address array: whether the record names it."""
+        if not self.addresses:
+            return np.zeros(len(addresses), bool)
+        rows = np.ascontiguousarray(addresses).view(np.dtype((np.void, 32))).reshape(-1)
+        named = np.array([np.void(a) for a in self.addresses], np.dtype((np.void, 32)))
+        return np.isin(rows, named)
+
+    def to_bytes(self) -> bytes:
+        addresses, pack = sorted(a.hex() for a in self.addresses), self.pack
+        if len(addresses) > self.MAX_ADDRESSES:
+            addresses, pack = [], True
+        return (json.dumps({"format": "smsblock-damage", "version": 1, "pack_id": self.pack_id,
+                            "pack": pack, "addresses": addresses,
+                            "problems": [str(p)[:500] for p in self.problems[:self.MAX_PROBLEMS]],
+                            "by": self.by, "found": datetime.now(timezone.utc).isoformat()},
+                           indent=1) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, pack_id: str, raw: bytes, where: str) -> "DamageRecord":
+        try:
+            d = json.loads(raw)
+            if not isinstance(d, dict) or d.get("format") != "smsblock-damage" \
+                    or d.get("pack_id") != pack_id:
+                raise ValueError("not a damage record of this pack")
+            addresses = {bytes.fromhex(a) for a in d.get("addresses", [])}
+            if any(len(a) != 32 for a in addresses):
+                raise ValueError("bad address")
+            return cls(pack_id, addresses, bool(d.get("pack")), list(d.get("problems", [])),
+                       str(d.get("by", "?")))
+        except (ValueError, TypeError, AttributeError) as e:
+            # an unreadable record cannot clear anything: the whole pack stays suspect
+            log.warning("%s: damage record of pack %s does not read (%s): the whole pack "
+                        "counts as damaged", where, pack_id, e)
+            return cls(pack_id, set(), True, [f"unreadable damage record: {e}"], "?")
+
+
+@dataclass
 class RunInfo:
     """One completed run of a server, as :meth:`Store.runs` lists it."""
 
@@ -151,6 +208,11 @@ class Store(abc.ABC):
         """Make the sealed, fsynced file at ``staged_path`` visible as pack ``pack_id``
         (consuming the staged file).  Idempotent: the same id always has the same bytes."""
 
+    def replace_pack(self, pack_id: str, staged_path: str) -> None:
+        """Like :meth:`put_pack`, but a pack already stored under this id is overwritten:
+        it is damaged (a damage record names it) and this is a sound copy."""
+        self.put_pack(pack_id, staged_path)
+
     @abc.abstractmethod
     def list_packs(self) -> dict[str, int]:
         """Every visible pack: ``{pack_id: size in bytes}``."""
@@ -182,6 +244,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def delete_manifest(self, server_id: str, run_id: str) -> None:
         """Remove a run (missing is fine)."""
+
+    @abc.abstractmethod
+    def put_damage_record(self, pack_id: str, data: bytes) -> None:
+        """Write (or replace) a pack's damage record in one atomic step."""
+
+    @abc.abstractmethod
+    def list_damage_records(self) -> dict[str, bytes]:
+        """Every damage record: ``{pack_id: bytes}``."""
+
+    @abc.abstractmethod
+    def delete_damage_record(self, pack_id: str) -> None:
+        """Remove a pack's damage record (missing is fine)."""
 
     @abc.abstractmethod
     def list_leftovers(self) -> list[str]:
@@ -232,7 +306,7 @@ class Store(abc.ABC):
         """A sealed pack's index (cached: packs never change)."""
         with self._cache_lock:
             hit = self._index_cache.get(pack_id)
-        if hit is not None:
+        if hit is not None and sealed_size(hit) == size:     # else cut short or replaced
             return hit
         _, index = read_index(lambda o, n: self.read_pack(pack_id, o, n), size,
                               self.pack_name(pack_id))
@@ -244,19 +318,61 @@ class Store(abc.ABC):
         with self._cache_lock:
             self._index_cache.pop(pack_id, None)
 
-    def block_index(self) -> BlockIndex:
-        """The global dedup index, built from every sealed pack's index.
+    def block_index(self, *, for_new_runs: bool = False) -> BlockIndex:
+        """The global block index, built from every sealed pack's index.
 
         A pack whose index is damaged is left out with a warning (``verify`` reports it):
         its blocks count as absent, so a run stores them again instead of failing.
+        Blocks a damage record names are left out too; the other blocks of a pack whose
+        record marks it damaged as a whole come after every other copy (a reader finds
+        an undamaged copy first).  ``for_new_runs`` (a run's dedup index) leaves such
+        packs out entirely: a run never builds on a damaged pack.
         """
-        indexes = {}
+        damage = self.damage()
+        clean, suspect = {}, {}
         for pid, size in sorted(self.list_packs().items()):
             try:
-                indexes[pid] = self.pack_index(pid, size)
+                index = self.pack_index(pid, size)
             except StoreCorruptError as e:
                 log.warning("%s (left out of the block index; run verify)", e)
-        return BlockIndex(indexes)
+                continue
+            record = damage.get(pid)
+            if record is None:
+                clean[pid] = index
+                continue
+            if record.addresses:
+                index = index[~record.holds(index["address"])]
+            if not record.pack:
+                clean[pid] = index
+            elif not for_new_runs:
+                suspect[pid] = index
+        return BlockIndex({**clean, **suspect})
+
+    # -- damage records ------------------------------------------------------
+    def damage(self) -> dict[str, "DamageRecord"]:
+        """The damage records, parsed; one that does not parse marks its whole pack."""
+        out = {}
+        for pid, raw in self.list_damage_records().items():
+            out[pid] = DamageRecord.from_bytes(pid, raw, self.url)
+        return out
+
+    def record_damage(self, pack_id: str, addresses=(), *, pack: bool = False,
+                      problems=(), by: str = "verify", replace: bool = False) -> None:
+        """Record blocks of a pack (content addresses), or the pack as a whole, as
+        damaged; merged with the pack's record unless ``replace``.  Best effort: a
+        failure to write is logged, never raised (the damage itself is reported)."""
+        try:
+            old = None if replace else self.damage().get(pack_id)
+            record = DamageRecord(pack_id, set(addresses), pack, list(problems), by)
+            if old is not None:
+                record.addresses |= old.addresses
+                record.pack = record.pack or old.pack
+                record.problems = (old.problems + record.problems)[:DamageRecord.MAX_PROBLEMS]
+                if (record.addresses, record.pack) == (old.addresses, old.pack):
+                    return
+            self.put_damage_record(pack_id, record.to_bytes())
+        except (StoreError, OSError) as e:
+            log.warning("%s: cannot record the damage of pack %s: %s", self.url, pack_id, e)
 
     def read_block(self, location: BlockLocation) -> bytes:
         """A stored block's uncompressed bytes."""

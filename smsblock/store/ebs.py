@@ -255,6 +255,9 @@ class EbsStore(Store):
     def put_pack(self, pack_id: str, staged_path: str) -> None:
         self.staging.put_pack(pack_id, staged_path)
 
+    def replace_pack(self, pack_id: str, staged_path: str) -> None:
+        self.staging.replace_pack(pack_id, staged_path)
+
     def list_packs(self) -> dict[str, int]:
         return self.staging.list_packs()
 
@@ -279,6 +282,15 @@ class EbsStore(Store):
 
     def delete_manifest(self, server_id: str, run_id: str) -> None:
         self.staging.delete_manifest(server_id, run_id)
+
+    def put_damage_record(self, pack_id: str, data: bytes) -> None:
+        self.staging.put_damage_record(pack_id, data)
+
+    def list_damage_records(self) -> dict[str, bytes]:
+        return self.staging.list_damage_records()
+
+    def delete_damage_record(self, pack_id: str) -> None:
+        self.staging.delete_damage_record(pack_id)
 
     def close(self) -> None:
         self.staging.close()

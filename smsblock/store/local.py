@@ -6,6 +6,7 @@ Layout::
     STORE/lock                             flock: shared by runs and readers, exclusive by prune
     STORE/packs/<id[:2]>/<id>.pack         sealed packs (immutable)
     STORE/runs/<server_id>/<run_id>.manifest   one per completed run
+    STORE/damaged/<pack_id>.json           damage records (what verify found damaged)
     STORE/tmp/                             packs and manifests being written
 
 Packs and manifests are written in ``tmp/``, fsynced, then renamed into place (and the
@@ -78,7 +79,8 @@ class LocalStore(Store):
                 os.close(open_subdir(self.root, sub, create=True))
             if self.exists():
                 return
-            if any(n not in ("packs", "runs", "tmp", "lock") for n in os.listdir(self.root)):
+            if any(n not in ("packs", "runs", "tmp", "lock") for n in os.listdir(self.root)) \
+                    and not self.exists():          # not a racing creator's store
                 raise StoreError(f"{self.root}: directory is not empty and not a smsblock store")
             name = f"config-{uuid.uuid4().hex}.tmp"
             with subdir(self.root) as root_fd, subdir(self.root, "tmp") as tmp_fd:
@@ -280,6 +282,47 @@ class LocalStore(Store):
             pass
         except OSError as e:
             raise StoreError(f"{path}: cannot delete manifest: {e.strerror}") from None
+
+    # -- damage records ---------------------------------------------------------------
+    def _damage_path(self, pack_id: str) -> str:
+        if not is_pack_id(pack_id):
+            raise StoreError(f"{self.root}: {pack_id!r} is not a pack id")
+        return self._p("damaged", pack_id + ".json")
+
+    def put_damage_record(self, pack_id: str, data: bytes) -> None:
+        path = self._damage_path(pack_id)
+        tmp = self.staging_path(".damage.tmp")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(os.path.dirname(path))
+        except OSError as e:
+            remove_file(tmp)
+            raise StoreError(f"{path}: cannot write damage record: {e.strerror}") from None
+
+    def list_damage_records(self) -> dict[str, bytes]:
+        out = {}
+        try:
+            names = os.listdir(self._p("damaged"))
+        except FileNotFoundError:
+            return out
+        for n in names:
+            if n.endswith(".json") and is_pack_id(n[:-5]):
+                try:
+                    with open(self._p("damaged", n), "rb") as f:
+                        out[n[:-5]] = f.read(1 << 20)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    raise StoreError(f"{self._p('damaged', n)}: cannot read: {e.strerror}") from None
+        return out
+
+    def delete_damage_record(self, pack_id: str) -> None:
+        remove_file(self._damage_path(pack_id))
 
     # -- leftovers --------------------------------------------------------------------
     def holds_path(self, path) -> bool:

@@ -73,12 +73,15 @@ def http_status(exc: BaseException) -> int | None:
 def _is_transport_error(exc: BaseException) -> bool:
     import botocore.exceptions as bx
     import urllib3.exceptions as ux
+    from botocore.parsers import ResponseParserError
     if isinstance(exc, bx.SSLError):
         return False
     # botocore's ConnectionError covers refused connections, connect timeouts and proxy
     # failures; HTTPClientError covers resets, closed connections and read timeouts
+    # ResponseParserError: an answer cut short so that its XML or JSON does not parse
     return isinstance(exc, (bx.HTTPClientError, bx.ConnectionError, bx.ResponseStreamingError,
-                            bx.IncompleteReadError, ux.HTTPError, ConnectionError, TimeoutError))
+                            bx.IncompleteReadError, ResponseParserError, ux.HTTPError,
+                            ConnectionError, TimeoutError))
 
 
 def classify(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ Layout (the local store's, as keys)::
     PREFIX/locks/shared-<uuid>.json             one per run or reader holding the lock shared
     PREFIX/packs/<id[:2]>/<id>.pack             sealed packs (immutable; id = SHA-256 of index)
     PREFIX/runs/<server_id>/<run_id>.manifest   one per completed run, put last in one PUT
+    PREFIX/damaged/<pack_id>.json               damage records (what verify found damaged)
 
 Packs are built in a local staging folder, then uploaded: in one PUT with Content-MD5
 below ``multipart_threshold``, else as a multipart upload whose parts go up in parallel
@@ -51,9 +52,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from ..errors import RunNotFoundError, StoreError, StoreLockedError, UsageError
+from ..errors import RunNotFoundError, StoreError, StoreLockedError, TransientStoreError, UsageError
 from ..fsutil import make_root, open_subdir, remove_file, subdir, write_new_file
-from ..pack import INDEX_DTYPE, is_pack_id, pack_id_of, read_index
+from ..pack import INDEX_DTYPE, is_pack_id, pack_id_of, read_index, sealed_size
 from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id
 from .retry import RetryPolicy, error_code, http_status
 from .s3config import CloudSettings
@@ -197,13 +198,48 @@ class S3Store(Store):
                 if _not_found(e):
                     return None
                 raise
-            return r["Body"].read()
+            return self._whole_body(r)
         return self._call(f"{what} ({self._where(rel)})", go)
+
+    def _whole_body(self, r: dict) -> bytes:
+        """A GET's body, checked against the answer's length: an answer that ends early
+        (cut by a proxy, without its Content-Length) is retried, never taken as the object."""
+        data = r["Body"].read()
+        expect = r.get("ContentLength")
+        content_range = r.get("ContentRange") or ""
+        if "/" in content_range and "-" in content_range:      # "bytes a-b/total"
+            first, _, last = content_range.split()[-1].split("/")[0].partition("-")
+            expect = int(last) - int(first) + 1
+        if expect is None or len(data) != int(expect):
+            raise self._bx.IncompleteReadError(actual_bytes=len(data),
+                                               expected_bytes=-1 if expect is None else int(expect))
+        return data
 
     def _put(self, rel: str, data: bytes, what: str, **kw) -> dict:
         return self._call(f"{what} ({self._where(rel)})", lambda: self.client.put_object(
             Bucket=self.bucket, Key=self._key(rel), Body=self._body(data), ContentMD5=_md5_b64(data),
             ContentLength=len(data), **kw))
+
+    def _put_once(self, rel: str, data: bytes, what: str) -> None:
+        """A PUT whose retries first ask whether an earlier try landed (its answer lost
+        to a reset or a stall): then the bytes are not sent again."""
+        md5_hex = hashlib.md5(data).hexdigest()
+        tries = [0]
+
+        def go():
+            tries[0] += 1
+            if tries[0] > 1:
+                try:
+                    head = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
+                    if head["ETag"].strip('"').lower() == md5_hex and head["ContentLength"] == len(data):
+                        log.info("%s: the earlier try landed, not sent again", self._where(rel))
+                        return head
+                except self._bx.ClientError as e:
+                    if not _not_found(e):
+                        raise
+            return self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=self._body(data),
+                                          ContentMD5=_md5_b64(data), ContentLength=len(data))
+        return self._call(f"{what} ({self._where(rel)})", go)
 
     def _delete(self, rel: str, what: str, **kw) -> None:
         self._call(f"{what} ({self._where(rel)})",
@@ -248,7 +284,9 @@ class S3Store(Store):
             return
         objects, _, _ = self._list("", "check the prefix is free")
         strangers = [o["Key"] for o in objects if not self._rel(o["Key"]).startswith("locks/")]
-        if strangers:
+        # a racing first run may have created the store since: its config is the first
+        # object it puts, so keys beside the config mean the store exists now
+        if strangers and not self.exists():
             raise StoreError(f"{self.url}: prefix holds other objects ({strangers[0]}...) and is "
                              "not a smsblock store")
         try:
@@ -259,9 +297,30 @@ class S3Store(Store):
 
     # -- lock ----------------------------------------------------------------------------
     def _lock_body(self, purpose: str) -> bytes:
+        # the token tells this holder its own lock object apart from anyone else's, when
+        # the answer to one of its own conditional requests was lost and the retry fails
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "purpose": purpose,
-                           "ttl": self.settings.lock_ttl,
+                           "ttl": self.settings.lock_ttl, "token": uuid.uuid4().hex,
                            "started": datetime.now(timezone.utc).isoformat()}).encode()
+
+    def _own_lock_etag(self, rel: str, body: bytes) -> str | None:
+        """The ETag of the lock object at ``rel`` when it is ours (same token), else None."""
+        def go():
+            try:
+                r = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
+            except self._bx.ClientError as e:
+                if _not_found(e):
+                    return None
+                raise
+            return self._whole_body(r), r["ETag"]
+        got = self._call(f"read the lock object ({self._where(rel)})", go)
+        if got is None:
+            return None
+        try:
+            mine = json.loads(body)["token"] == json.loads(got[0]).get("token")
+        except (ValueError, AttributeError):
+            return None
+        return got[1] if mine else None
 
     def _lock_state(self, obj: dict, now: datetime) -> tuple[bool, str]:
         """``(alive, owner text)`` of a listed lock object."""
@@ -306,8 +365,16 @@ class S3Store(Store):
     def _shared_lock(self, purpose: str):
         rel = f"{LOCK_SHARED}{uuid.uuid4().hex}.json"
         body = self._lock_body(purpose)
-        self._put(rel, body, "take the store lock (shared)")
+        placed = None           # None: maybe (a transient failure may have landed)
         try:
+            try:
+                self._put(rel, body, "take the store lock (shared)")
+                placed = True
+            except TransientStoreError:
+                raise
+            except BaseException:
+                placed = False              # refused (permanent): nothing to remove
+                raise
             holders = self._live_locks(LOCK_EXCLUSIVE)
             if holders:
                 raise StoreLockedError(f"{self.url}: store is locked, prune is running "
@@ -316,7 +383,8 @@ class S3Store(Store):
                 yield
         finally:
             try:
-                self._delete(rel, "release the store lock (shared)")
+                if placed is not False:     # a PUT that landed though its answer was lost too
+                    self._delete(rel, "release the store lock (shared)")
             except StoreError as e:
                 log.warning("%s: lock object %s left behind (prune removes it once dead): %s",
                             self.url, rel, e)
@@ -333,6 +401,10 @@ class S3Store(Store):
             except self._bx.ClientError as e:
                 if not _precondition_failed(e):
                     raise StoreError(f"{self.url}: cannot take the store lock: {e}") from None
+            # a first try that created the object but whose answer was lost: it is ours
+            etag = self._own_lock_etag(LOCK_EXCLUSIVE, body)
+            if etag is not None:
+                break
             objects, _, now = self._list(LOCK_EXCLUSIVE, "look at the exclusive lock")
             live = [o for o in objects if self._lock_state(o, now)[0]]
             if live:
@@ -352,15 +424,43 @@ class S3Store(Store):
                                        f"({holders[0]}); cannot {purpose} now")
 
             def renew():
-                state["etag"] = self._put(LOCK_EXCLUSIVE, body, "renew the store lock (exclusive)",
-                                          IfMatch=state["etag"])["ETag"]
+                try:
+                    state["etag"] = self._put(LOCK_EXCLUSIVE, body, "renew the store lock (exclusive)",
+                                              IfMatch=state["etag"])["ETag"]
+                except self._bx.ClientError as e:
+                    # a renewal that landed but whose answer was lost changed the ETag
+                    etag = self._own_lock_etag(LOCK_EXCLUSIVE, body) if _precondition_failed(e) else None
+                    if etag is None:
+                        raise
+                    state["etag"] = etag
             with self._lease(renew):
                 yield
         finally:
+            self._release_exclusive(body, state)
+
+    def _release_exclusive(self, body: bytes, state: dict) -> None:
+        for _ in range(3):
             try:
                 self._delete(LOCK_EXCLUSIVE, "release the store lock (exclusive)", IfMatch=state["etag"])
-            except (StoreError, self._bx.ClientError) as e:
+                return
+            except self._bx.ClientError as e:
+                if _not_found(e):
+                    return
+                if not _precondition_failed(e):
+                    log.warning("%s: exclusive lock not released (%s)", self.url, e)
+                    return
+            except StoreError as e:
                 log.warning("%s: exclusive lock not released (%s)", self.url, e)
+                return
+            # the ETag moved under us (a renewal whose answer was lost): still ours?
+            try:
+                etag = self._own_lock_etag(LOCK_EXCLUSIVE, body)
+            except StoreError as e:
+                log.warning("%s: exclusive lock not released (%s)", self.url, e)
+                return
+            if etag is None:
+                return              # gone, or another holder's now: not ours to delete
+            state["etag"] = etag
 
     @contextlib.contextmanager
     def _lease(self, renew):
@@ -479,14 +579,17 @@ class S3Store(Store):
         else read from S3 (footer + index: two ranged GETs) and cached."""
         with self._cache_lock:
             hit = self._index_cache.get(pack_id)
-        if hit is not None:
+        if hit is not None and sealed_size(hit) == size:
             return hit
         path = os.path.join(self.index_cache_dir, pack_id[:2], pack_id + ".idx")
         try:
             with open(path, "rb") as f:
                 raw = f.read()
-            if pack_id_of(raw) == pack_id and len(raw) % INDEX_DTYPE.itemsize == 0:
-                index = np.frombuffer(raw, INDEX_DTYPE).copy()
+            index = np.frombuffer(raw, INDEX_DTYPE).copy() \
+                if len(raw) % INDEX_DTYPE.itemsize == 0 else None
+            # the object in S3 must still be the pack the index describes: a pack cut
+            # short there is read (and found damaged) rather than built upon
+            if index is not None and pack_id_of(raw) == pack_id and sealed_size(index) == size:
                 with self._cache_lock:
                     self._index_cache[pack_id] = index
                 return index
@@ -520,21 +623,25 @@ class S3Store(Store):
     def put_pack(self, pack_id: str, staged_path: str) -> None:
         self._put_pack_resuming(pack_id, staged_path, [])
 
-    def _put_pack_resuming(self, pack_id: str, staged_path: str, upload_ids: list[str]) -> None:
+    def replace_pack(self, pack_id: str, staged_path: str) -> None:
+        self._put_pack_resuming(pack_id, staged_path, [], replace=True)
+
+    def _put_pack_resuming(self, pack_id: str, staged_path: str, upload_ids: list[str],
+                           replace: bool = False) -> None:
         """put_pack, continuing one of ``upload_ids`` (incomplete uploads of this key)."""
         rel = self._pack_rel(pack_id)
         try:
             size = os.path.getsize(staged_path)
         except OSError as e:
             raise StoreError(f"{staged_path}: staged pack unreadable: {e.strerror}") from None
-        if self._remote_size(rel) == size:
+        if not replace and self._remote_size(rel) == size:
             log.info("%s: already in the store, not sent again", self.pack_name(pack_id))
         elif upload_ids:
             self._multipart_upload(rel, staged_path, size, resume=upload_ids)
         elif size < self.settings.multipart_threshold:
             with open(staged_path, "rb") as f:
                 data = f.read()
-            self._put(rel, data, "upload pack")
+            self._put_once(rel, data, "upload pack")
         else:
             self._multipart_upload(rel, staged_path, size)
         try:        # the index, read from the local copy, goes to the index cache
@@ -590,13 +697,25 @@ class S3Store(Store):
             offset = (number - 1) * part_size
             data = os.pread(fd, min(part_size, size - offset), offset)
             md5 = _md5_b64(data)
+            md5_hex = hashlib.md5(data).hexdigest()
             known = have.get(number)
-            if known is not None and known[0] == len(data) and \
-                    known[2] == hashlib.md5(data).hexdigest():
+            if known is not None and known[0] == len(data) and known[2] == md5_hex:
                 return {"PartNumber": number, "ETag": known[1]}      # already there: not resent
-            r = self._call(f"upload part {number} of {n_parts} of {where}", lambda: self.client.upload_part(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                Body=self._body(data), ContentMD5=md5, ContentLength=len(data)))
+            tries = [0]
+
+            def go():
+                tries[0] += 1
+                if tries[0] > 1:        # did an earlier try land, its answer lost?
+                    r = self.client.list_parts(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                               PartNumberMarker=number - 1, MaxParts=1)
+                    for p in r.get("Parts", []):
+                        if int(p["PartNumber"]) == number and int(p["Size"]) == len(data) \
+                                and p["ETag"].strip('"').lower() == md5_hex:
+                            return {"ETag": p["ETag"]}
+                return self.client.upload_part(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                    Body=self._body(data), ContentMD5=md5, ContentLength=len(data))
+            r = self._call(f"upload part {number} of {n_parts} of {where}", go)
             return {"PartNumber": number, "ETag": r["ETag"]}
 
         try:
@@ -686,7 +805,7 @@ class S3Store(Store):
                 if _not_found(e):
                     raise StoreError(f"{self.pack_name(pack_id)}: pack is missing") from None
                 raise
-            return r["Body"].read()
+            return self._whole_body(r)
         data = self._call(f"read {length} bytes at {offset} of {self.pack_name(pack_id)}", go)
         return data[:length]
 
@@ -731,6 +850,29 @@ class S3Store(Store):
 
     def delete_manifest(self, server_id: str, run_id: str) -> None:
         self._delete(self._manifest_rel(server_id, run_id), "delete manifest")
+
+    # -- damage records ----------------------------------------------------------------------
+    def _damage_rel(self, pack_id: str) -> str:
+        if not is_pack_id(pack_id):
+            raise StoreError(f"{self.url}: {pack_id!r} is not a pack id")
+        return f"damaged/{pack_id}.json"
+
+    def put_damage_record(self, pack_id: str, data: bytes) -> None:
+        self._put(self._damage_rel(pack_id), bytes(data), "record damage")
+
+    def list_damage_records(self) -> dict[str, bytes]:
+        objects, _, _ = self._list("damaged/", "list damage records")
+        out = {}
+        for o in objects:
+            name = self._rel(o["Key"]).split("/")[-1]
+            if name.endswith(".json") and is_pack_id(name[:-5]) and int(o.get("Size", 0)) <= 1 << 20:
+                data = self._get(f"damaged/{name}", "read a damage record")
+                if data is not None:
+                    out[name[:-5]] = data
+        return out
+
+    def delete_damage_record(self, pack_id: str) -> None:
+        self._delete(self._damage_rel(pack_id), "delete a damage record")
 
     # -- leftovers ----------------------------------------------------------------------------
     def _multipart_uploads(self) -> list[tuple[str, str]]:
