@@ -224,7 +224,8 @@ class Store(abc.ABC):
     def require(self) -> None:
         """Raise StoreError unless the store exists."""
         if not self.exists():
-            raise StoreError(f"{self.url}: no smsblock store here (a first replicate creates one)")
+            raise StoreError(f"{self.url}: no smsblock store here (create one with "
+                             f"`smsblock init {self.url}` or `replicate --create`)")
 
     def pack_index(self, pack_id: str, size: int) -> np.ndarray:
         """A sealed pack's index (cached: packs never change)."""
