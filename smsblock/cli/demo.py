@@ -11,7 +11,6 @@ through the store.  Everything lands in ``--dir`` (default ``./demo-out``).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from ..errors import SmsBlockError, UsageError
 from ..progress import terminal_progress
+from . import print_json
 
 MIB = 1 << 20
 DISK_SIZE = 256 * MIB
@@ -44,7 +44,9 @@ DISTRIB_DESCRIPTION="Ubuntu 16.04.7 LTS"
 def register(sub) -> None:
     p = sub.add_parser("demo", help="replicate a sample disk twice, restore and inspect it (no setup needed)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--dir", default="demo-out", help="working folder (default ./demo-out; emptied first)")
+    p.add_argument("--dir", default="demo-out",
+                   help="working folder (default ./demo-out): a new or empty folder, or one an "
+                        "earlier demo made (emptied first); any other folder is refused")
     p.add_argument("--json", action="store_true", help="print the results as one JSON document")
     p.set_defaults(func=run_demo)
 
@@ -129,21 +131,51 @@ def _change_guest(work: Path, disk: Path, fs_image: Path) -> None:
     table.unlink()
 
 
+# the demo marks the folders it makes, and empties only a folder with this mark
+DEMO_MARK = ".smsblock-demo"
+
+
+def _prepare_dir(path: Path) -> Path:
+    """A new folder, an empty one, or one an earlier demo made (emptied); anything else
+    is refused: ``--dir ~`` must not delete a home folder."""
+    if path.is_symlink():
+        raise UsageError(f"{path}: a symbolic link (give the folder itself)")
+    work = path.resolve()
+    if work.exists() and not work.is_dir():
+        raise UsageError(f"{path}: not a folder")
+    if work.exists():
+        entries = os.listdir(work)
+        if entries and DEMO_MARK not in entries:
+            raise UsageError(f"{path}: the folder is not empty and the demo did not make it "
+                             f"(give a new or empty folder)")
+        for name in entries:     # only what an earlier demo put there, or nothing
+            target = work / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+    work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (work / DEMO_MARK).write_text("made by smsblock demo; `smsblock demo` may empty this folder\n")
+    return work
+
+
 def run_demo(args) -> int:
     from ..disk.writer import convert
     from ..image.validate import inspect_and_validate
     from ..engine import replicate, restore, verify
     from ..store import open_store
 
-    work = Path(args.dir).resolve()
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    def init_store(path):
+        open_store(path).initialise()
+
+    work = _prepare_dir(Path(args.dir))
     store_dir = work / "store"
     server = "s-demo0001"
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
     result: dict = {"dir": str(work), "store": str(store_dir), "server_id": server, "runs": []}
 
+    init_store(store_dir)     # the store is made explicitly, as `smsblock init` does
+    say(f"== created the store {store_dir} (smsblock init)")
     say(f"== building a sample Linux disk ({DISK_SIZE // MIB} MiB, MBR, ext4, GRUB) in {work}")
     disk, fs_image = _build_disk(work)
     vmdk = work / "sample-disk.vmdk"
@@ -153,11 +185,11 @@ def run_demo(args) -> int:
         if label == "second":
             say("== the guest changes: a new log file, one data table rewritten")
             _change_guest(work, disk, fs_image)
-        with terminal_progress("export") as progress:
+        with terminal_progress("export: write streamOptimized VMDK") as progress:
             convert(disk, vmdk, format="vmdk", progress=progress)
         say(f"== exported as streamOptimized VMDK: {vmdk.name} ({vmdk.stat().st_size // 1024} KiB)")
-        with terminal_progress(f"replicate ({label} run)") as progress:
-            summary = replicate(vmdk, store_dir, server, progress=progress)
+        with terminal_progress(f"replicate ({label} run): scan and store") as progress:
+            summary = replicate(vmdk, store_dir, server, progress=progress, create=False)
         s = summary.to_dict()
         expected[s["run_id"]] = _sha256(disk)
         result["runs"].append(s)
@@ -169,7 +201,7 @@ def run_demo(args) -> int:
     restored = []
     for run_id, digest in expected.items():
         out = work / f"restored-{run_id}.raw"
-        with terminal_progress("restore") as progress:
+        with terminal_progress("restore: write raw") as progress:
             restore(store, server, out, run_id=run_id, progress=progress)
         same = _sha256(out) == digest
         restored.append({"run_id": run_id, "path": str(out), "byte_exact": same})
@@ -195,10 +227,10 @@ def run_demo(args) -> int:
         for f in inspection.findings:
             say(f"   [{f.severity}] {f.message}")
         say(f"   can boot in the cloud: {'yes' if inspection.ok else 'no'}")
-        say(f"\nTry: smsblock runs --store {store_dir} --server {server}")
+        say(f"\nTry: smsblock servers --store {store_dir}")
+        say(f"     smsblock runs --store {store_dir} --server {server}")
         say(f"     smsblock restore --store {store_dir} --server {server} -o disk.raw")
     ok = all(r["byte_exact"] for r in restored) and report.ok
     if args.json:
-        json.dump(result, sys.stdout, indent=2, default=str)
-        print()
+        print_json(result)
     return 0 if ok else 1
