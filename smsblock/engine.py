@@ -756,8 +756,7 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
     as they are).  Also removes what killed runs left (temp files, unreferenced packs).
 
     Takes the store lock exclusively: fails with StoreLockedError while a run or a
-    :meth:`Store.run_disk` reader uses the store.  A server with no run in the store is
-    an error (RunNotFoundError: a mistyped id deletes nothing silently).  ``dry_run=True``
+    :meth:`Store.run_disk` reader uses the store.  ``dry_run=True``
     changes nothing and returns what would be deleted (runs, whole packs and the blocks
     in them; blocks a rewrite would drop are counted too, their bytes are not).
     """
@@ -769,9 +768,6 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
     report = PruneReport()
     with store.lock(exclusive=True, purpose="prune"):
         ids = store.list_run_ids(server_id)
-        if not ids:
-            raise RunNotFoundError(f"{store.url}: no runs of server {server_id!r} "
-                                   f"(smsblock servers --store STORE lists them)")
         doomed = ids[:max(0, len(ids) - keep)]
         report.runs_kept = ids[len(doomed):]
         live = _live_addresses(store, server_id, doomed)

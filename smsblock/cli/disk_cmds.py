@@ -12,7 +12,8 @@ from . import add_json_flag, print_json
 OUTPUT_FORMATS = ("raw", "vmdk")
 # what a file name's suffix says its format is: smsblock writes raw and vmdk only, so a
 # name that says another format is a mistake, not a raw file under a misleading name
-_SUFFIX_FORMATS = {".vmdk": "vmdk", ".raw": "raw", ".img": "raw", ".bin": "raw",
+# (.img and .bin say nothing: any format may go under them)
+_SUFFIX_FORMATS = {".vmdk": "vmdk", ".raw": "raw",
                    ".qcow2": "qcow2", ".qcow": "qcow", ".vhd": "vhd", ".vhdx": "vhdx",
                    ".vdi": "vdi", ".ova": "ova", ".ovf": "ovf", ".iso": "iso"}
 

@@ -8,7 +8,7 @@ import dataclasses
 import signal
 import threading
 
-from ..errors import UsageError
+from ..errors import RunNotFoundError, UsageError
 from ..progress import CancelToken, human_size, terminal_progress
 from . import add_json_flag, add_store_option, print_json
 from .disk_cmds import output_format
@@ -168,6 +168,9 @@ def cmd_prune(args) -> int:
         raise UsageError("--delete-all goes with --keep 0 only")
     store = open_store(args.store)
     store.require()
+    if not store.list_run_ids(args.server):     # a mistyped id is an error, not a no-op
+        raise RunNotFoundError(f"{store.url}: no runs of server {args.server!r} "
+                               f"(smsblock servers --store {store.url} lists them)")
     with terminal_progress("prune: rewrite and delete packs") as bar:
         r = prune(store, args.server, args.keep, progress=bar, dry_run=args.dry_run)
     if args.json:
