@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 from ..errors import ImageValidationError, UsageError
 from ..progress import terminal_progress
-from . import add_json_flag
+from . import add_json_flag, print_json
 from .disk_cmds import human_size
 
 
 def _print_json(doc) -> None:
-    json.dump(doc, sys.stdout, indent=2, sort_keys=False)
-    sys.stdout.write("\n")
+    print_json(doc)
 
 
 def _add_rules_options(p) -> None:
@@ -178,12 +176,17 @@ def cmd_image_create(args) -> int:
 
 
 def cmd_image_list(args) -> int:
-    records = _catalog(args).list()
+    catalog = _catalog(args)
+    records = catalog.list()
     if args.json:
-        _print_json([{k: r.get(k) for k in ("image_id", "name", "created", "source", "os",
-                                             "architecture", "license_type", "ok", "forced")}
-                     for r in records])
+        _print_json({"catalog": str(catalog.root),
+                     "images": [{k: r.get(k) for k in ("image_id", "name", "created", "source",
+                                                        "os", "architecture", "license_type",
+                                                        "ok", "forced")}
+                                for r in records]})
         return 0
+    if not records:
+        print(f"no images in the catalog {catalog.root}")
     for r in records:
         o = r.get("os") or {}
         src = r.get("source") or {}
