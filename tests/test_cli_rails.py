@@ -297,6 +297,9 @@ def test_every_json_output_has_one_style_and_a_schema(tmp_path, disk):
     conv = js("convert", "convert", disk, tmp_path / "c.vmdk")
     scan = js("scan", "scan", disk, "-o", tmp_path / "m1")
     js("diff", "diff", tmp_path / "m1", tmp_path / "m1")
+    img = js("image create", "image", "create", "--store", store, "--server", "a", "--force",
+             "--catalog", tmp_path / "cat")
+    js("image show", "image", "show", img["image_id"], "--catalog", tmp_path / "cat")
     js("image list", "image", "list", "--catalog", tmp_path / "cat")
     for name, text in outputs.items():
         doc = json.loads(text)
@@ -307,9 +310,10 @@ def test_every_json_output_has_one_style_and_a_schema(tmp_path, disk):
     size = disk.stat().st_size
     assert info["disk_size"] == conv["disk_size"] == scan["disk_size"] == rep["disk_size"] == size
     assert conv["source"] == scan["source"] == str(disk)
-    for text in outputs.values():
-        doc = json.loads(text)
-        assert "virtual_size" not in doc and "disk" not in doc
+    assert img["disk"]["disk_size"] == size
+    for name, text in outputs.items():
+        assert "virtual_size" not in text, name
+        assert not isinstance(json.loads(text).get("disk"), str), name   # "source" names a disk
 
 
 def test_sms_verbs_print_the_aws_shape_in_the_same_style(tmp_path, capsys):

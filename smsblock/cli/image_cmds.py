@@ -14,6 +14,17 @@ def _print_json(doc) -> None:
     print_json(doc)
 
 
+def _record_json(record: dict) -> dict:
+    """An image record as the CLI prints it: the disk's size under ``disk_size``, the name
+    every other command uses (the catalog file keeps what it holds)."""
+    disk = record.get("disk")
+    if isinstance(disk, dict) and "virtual_size" in disk:
+        disk = dict(disk)
+        disk["disk_size"] = disk.pop("virtual_size")
+        record = {**record, "disk": disk}
+    return record
+
+
 def _add_rules_options(p) -> None:
     p.add_argument("--allow-unsupported", action="store_true",
                    help="report an OS off the supported list as a warning, not an error")
@@ -164,7 +175,7 @@ def cmd_image_create(args) -> int:
                 print(f"{f.severity}: {f.code}: {f.message}", file=sys.stderr)
         raise ImageValidationError(f"{e} (use --force to register it anyway)", e.findings) from None
     if args.json:
-        _print_json(record)
+        _print_json(_record_json(record))
     else:
         o = record.get("os") or {}
         if record.get("ec2"):
@@ -199,7 +210,7 @@ def cmd_image_list(args) -> int:
 def cmd_image_show(args) -> int:
     record = _catalog(args).show(args.image_id)
     if args.json:
-        _print_json(record)
+        _print_json(_record_json(record))
     else:
         for key in ("image_id", "name", "description", "created", "target", "architecture",
                     "boot_mode", "root_device_name", "license_type", "ok", "forced", "disk_path"):
