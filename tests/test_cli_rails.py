@@ -73,10 +73,13 @@ def test_replicate_into_a_missing_store_is_refused_and_creates_nothing(tmp_path,
     # every other command on a path without a store says so, and creates nothing either
     for args in (["runs", "--server", "a"], ["servers"], ["verify"],
                  ["restore", "--server", "a", "-o", tmp_path / "o.raw"],
-                 ["prune", "--server", "a", "--keep", "1"]):
-        line = one_line_error(run(*args[:1], "--store", typo, *args[1:]))
+                 ["prune", "--server", "a", "--keep", "1"], ["inspect", "--server", "a"],
+                 ["image", "create", "--server", "a", "--catalog", tmp_path / "cat"]):
+        cut = 2 if args[0] == "image" else 1
+        line = one_line_error(run(*args[:cut], "--store", typo, *args[cut:]))
         assert "no smsblock store" in line, args
     assert not typo.exists() and not (tmp_path / "o.raw").exists()
+    assert not (tmp_path / "cat").exists()
 
 
 def test_init_then_replicate_and_create_flag(tmp_path, disk):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from ..errors import ImageValidationError, UsageError
 from ..progress import terminal_progress
-from . import add_json_flag, print_json
+from . import STORE_ENV, add_json_flag, add_store_option, print_json
 from .disk_cmds import human_size
 
 
@@ -33,7 +34,11 @@ def _add_rules_options(p) -> None:
 
 
 def _add_run_options(p, required: bool) -> None:
-    p.add_argument("--store", required=required, help="store path or URL")
+    if required:
+        add_store_option(p, "store path or URL")
+    else:   # inspect: DISK or --store; $SMSBLOCK_STORE applies when DISK is not given
+        p.add_argument("--store", metavar="STORE",
+                       help=f"store path or URL (default without DISK: ${STORE_ENV})")
     p.add_argument("--server", required=required, help="server id")
     p.add_argument("--run", help="run id (default: the latest)")
 
@@ -98,6 +103,8 @@ def _rules(args):
 def cmd_inspect(args) -> int:
     from ..image.validate import inspect_and_validate
 
+    if args.disk is None and args.store is None:
+        args.store = os.environ.get(STORE_ENV) or None
     if (args.disk is None) == (args.store is None):
         raise UsageError("inspect needs either DISK or --store with --server (not both)")
     rules = _rules(args)
@@ -111,6 +118,7 @@ def cmd_inspect(args) -> int:
             raise UsageError("--store needs --server")
         from ..store import open_store
         store = open_store(args.store)
+        store.require()
         disk = store.run_disk(args.server, args.run)
         run_id = getattr(disk, "manifest", None) and disk.manifest.meta.get("run_id")
         source = f"{store.url}#{args.server}/{run_id or args.run or 'latest'}"
@@ -157,7 +165,9 @@ def _catalog(args):
 
 def cmd_image_create(args) -> int:
     from ..image.register import create_image
+    from ..store import open_store
 
+    open_store(args.store).require()     # a mistyped path says so, not "no runs"
     try:
         with terminal_progress(f"image {args.server}") as bar:
             record = create_image(args.store, args.server, args.run, target=args.target,
