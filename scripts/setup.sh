@@ -38,6 +38,10 @@ TEST_DEB_PACKAGES=(
   xfsprogs btrfs-progs jfsutils ntfs-3g dosfstools
   # image step tests: registry hive writer, GRUB legacy stage1, other MBR boot codes
   libwin-hivex-perl grub-legacy syslinux-common mbr
+  # the web console's browser tests drive headless Chromium through Selenium
+  chromium chromium-driver
+  # the boot tests run real kernels under QEMU, with a busybox initramfs
+  qemu-system-x86 busybox-static
 )
 [ $FULL = 1 ] && DEB_PACKAGES+=("${TEST_DEB_PACKAGES[@]}")
 
@@ -50,6 +54,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get -o DPkg::Lock::Timeout=600 update -qq
   apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The boot tests' kernel: Debian's linux-image package, downloaded (never installed on
+# this host) into build/boot-debs/, where tests/boot_disks.py unpacks it.
+if [ $FULL = 1 ] && ! ls build/boot-debs/linux-image-*-amd64_*_amd64.deb >/dev/null 2>&1; then
+  kernel_pkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}'; }
+  kernel_pkg=$(kernel_pkg)
+  [ -n "$kernel_pkg" ] || { apt-get update -qq; kernel_pkg=$(kernel_pkg); }
+  echo "setup: downloading $kernel_pkg for the boot tests"
+  mkdir -p build/boot-debs
+  (cd build/boot-debs && apt-get download -qq "$kernel_pkg" 2>&1 | grep -v "unsandboxed" || true)
+  ls build/boot-debs/linux-image-*-amd64_*_amd64.deb >/dev/null 2>&1 \
+    || { echo "setup: could not download $kernel_pkg" >&2; exit 1; }
 fi
 
 # Python packages: the project itself (editable) with the extras of this weight.

@@ -1,7 +1,9 @@
 # cython: language_level=3
 """Native core of the VMDK sparse-extent reader: grain-table walking and grain inflation.
 
-One :class:`SparseCore` per sparse extent file.  ``read`` fills a buffer from a range of
+One :class:`SparseCore` per sparse extent file (shared by every extent line and chain link
+of an open disk that names the file), and one :class:`CacheBudget` per open disk: the
+grain-table cache of all its cores together stays under that budget.  ``read`` fills a buffer from a range of
 grains with the GIL released for the whole loop: it looks up each grain's GT entry (grain
 tables are loaded lazily and published lock-free, so several threads can share one core),
 preads uncompressed grains straight into the caller's buffer (coalescing grains that lie
@@ -65,6 +67,12 @@ cdef extern from *:
     static inline void smsb_unreserve(uint64_t *used, uint64_t n) {
         __atomic_fetch_sub(used, n, __ATOMIC_RELAXED);
     }
+    static inline void smsb_add(uint64_t *v, uint64_t n) {
+        __atomic_fetch_add(v, n, __ATOMIC_RELAXED);
+    }
+    static inline uint64_t smsb_load(uint64_t *v) {
+        return __atomic_load_n(v, __ATOMIC_RELAXED);
+    }
     static inline uint32_t smsb_le32(const uint8_t *p) {
         uint32_t v; memcpy(&v, p, 4); return le32toh(v);
     }
@@ -76,6 +84,8 @@ cdef extern from *:
     bint smsb_gt_publish(uint32_t **slot, uint32_t *table) nogil
     bint smsb_reserve(uint64_t *used, uint64_t n, uint64_t budget) nogil
     void smsb_unreserve(uint64_t *used, uint64_t n) nogil
+    void smsb_add(uint64_t *v, uint64_t n) nogil
+    uint64_t smsb_load(uint64_t *v) nogil
     uint32_t smsb_le32(const uint8_t *p) nogil
     uint64_t smsb_le64(const uint8_t *p) nogil
     uint32_t le32toh(uint32_t v) nogil
@@ -190,6 +200,21 @@ cdef class _Scratch:
         free(self.s.gt_tmp)
 
 
+cdef class CacheBudget:
+    """Bytes of grain tables the cores of one open disk may keep cached, all together."""
+    cdef uint64_t used
+    cdef readonly uint64_t limit
+
+    def __cinit__(self, uint64_t limit):
+        self.used = 0
+        self.limit = limit
+
+    @property
+    def used_bytes(self):
+        """Bytes of grain tables cached by all the cores sharing this budget."""
+        return smsb_load(&self.used)
+
+
 cdef class SparseCore:
     """The grain map and read loop of one sparse extent (see the module docstring)."""
 
@@ -205,14 +230,15 @@ cdef class SparseCore:
     cdef uint64_t se_grains     # seSparse: first sector of the grain area
     cdef size_t max_compressed
     cdef list pool
-    cdef uint64_t cache_budget, cached
+    cdef uint64_t cached          # bytes of tables this core holds (charged to budget)
+    cdef CacheBudget budget
     cdef object source          # a file object read with the GIL when fd < 0
     cdef object failures        # per-thread exception raised by source.readinto
 
     def __cinit__(self, int fd, uint64_t file_size, uint64_t capacity, uint64_t grain,
                   uint32_t gtes_per_gt, const uint32_t[::1] gd, bint compressed,
                   bint markers, uint64_t meta_end, uint64_t gd_at, uint64_t gd_len,
-                  source=None, uint64_t gt_cache_bytes=128 << 20,
+                  source=None, CacheBudget budget=None,
                   bint sesparse=False, uint64_t sesparse_grains=0):
         cdef size_t i
         import threading
@@ -235,7 +261,9 @@ cdef class SparseCore:
         self.se = sesparse
         self.se_grains = sesparse_grains
         self.pool = []
-        self.cache_budget = gt_cache_bytes
+        if budget is None:
+            raise ValueError("a cache budget is needed")
+        self.budget = budget
         self.cached = 0
         self.meta_end = meta_end
         self.gd_at = gd_at
@@ -261,6 +289,8 @@ cdef class SparseCore:
             free(self.gts)
         free(self.gd)
         free(self.empty_gt)
+        if self.budget is not None and self.cached:
+            smsb_unreserve(&self.budget.used, self.cached)
 
     # -- file access ----------------------------------------------------------
     cdef ssize_t fill(self, uint8_t *buf, size_t n, int64_t off, Err *err) noexcept nogil:
@@ -320,8 +350,9 @@ cdef class SparseCore:
             return NULL
         if sp.gt_tmp_index == <int64_t>i:
             return sp.gt_tmp
-        cached = smsb_reserve(&self.cached, nbytes, self.cache_budget)
+        cached = smsb_reserve(&self.budget.used, nbytes, self.budget.limit)
         if cached:
+            smsb_add(&self.cached, nbytes)
             t = <uint32_t *>malloc(nbytes)
         else:
             if sp.gt_tmp == NULL:
@@ -330,6 +361,7 @@ cdef class SparseCore:
             t = sp.gt_tmp
         if t == NULL:
             if cached:
+                smsb_unreserve(&self.budget.used, nbytes)
                 smsb_unreserve(&self.cached, nbytes)
             set_err(err, E_NOMEM, D_NOMEM, <int64_t>at, nbytes, 0)
             return NULL
@@ -346,12 +378,14 @@ cdef class SparseCore:
         if not ok:
             if cached:
                 free(t)
+                smsb_unreserve(&self.budget.used, nbytes)
                 smsb_unreserve(&self.cached, nbytes)
             return NULL
         if not cached:
             sp.gt_tmp_index = i
         elif not smsb_gt_publish(&self.gts[i], t):
             free(t)
+            smsb_unreserve(&self.budget.used, nbytes)
             smsb_unreserve(&self.cached, nbytes)
             t = smsb_gt_get(&self.gts[i])
         return t
@@ -605,8 +639,8 @@ cdef class SparseCore:
     # -- Python entry points ----------------------------------------------------
     @property
     def cached_table_bytes(self):
-        """Bytes of grain tables held in the cache (at most the budget)."""
-        return self.cached
+        """Bytes of grain tables this core holds in the cache (at most the budget)."""
+        return smsb_load(&self.cached)
 
     def read(self, uint64_t offset, unsigned char[::1] buf, status=None):
         """Fill buf with the extent's bytes at offset; None or (kind, offset, message).

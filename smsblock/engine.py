@@ -29,6 +29,7 @@ import logging
 import os
 import queue
 import secrets
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -141,6 +142,8 @@ class PruneReport:
     blocks_deleted: int = 0
     bytes_freed: int = 0
     leftovers_removed: int = 0
+    #: packs a rewrite could not replace for want of space (kept whole; prune again later)
+    packs_left: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -500,23 +503,42 @@ class RunDisk(BlockDisk):
 
 # --- restore ----------------------------------------------------------------------
 
-def _restore_raw(run: RunDisk, out_path: str, progress, cancel) -> None:
+def _restore_raw(run: RunDisk, out_path: str, progress, cancel, mode) -> None:
+    from .disk.writer import PartialFile, output_path
+    try:    # followed: a device is often named by a link (/dev/disk/by-id/...)
+        st = os.stat(out_path)
+    except OSError:
+        st = None
+    if st is not None and (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        try:
+            fd = os.open(out_path, os.O_WRONLY | os.O_CLOEXEC)
+            kind = os.fstat(fd).st_mode
+        except OSError as e:
+            raise StoreError(f"{out_path}: cannot open: {e.strerror}") from None
+        try:
+            if not (stat.S_ISBLK(kind) or stat.S_ISCHR(kind)):     # swapped since the stat
+                raise UsageError(f"{out_path}: changed while opening; not a device any more")
+            _write_run(run, fd, out_path, progress, cancel, device=True)
+        finally:
+            os.close(fd)
+        return
+    # a file: written as OUT.part (new, O_EXCL | O_NOFOLLOW, 0600 or ``mode``), renamed
+    # over OUT when complete, removed on failure
+    with PartialFile(output_path(out_path), mode) as part:
+        _write_run(run, part.fd, out_path, progress, cancel, device=False)
+        part.commit()
+
+
+def _write_run(run: RunDisk, fd: int, out_path: str, progress, cancel, device: bool) -> None:
     m = run.manifest
     data_blocks = np.flatnonzero(m.states == BlockState.DATA)
     total = sum(m.block_range(int(i))[1] for i in data_blocks)
-    is_regular = not os.path.exists(out_path) or os.path.isfile(out_path)
-    target = out_path + ".part" if is_regular else out_path
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if is_regular else 0), 0o644)
-    except OSError as e:
-        raise StoreError(f"{out_path}: cannot create: {e.strerror}") from None
     done = 0
-    ok = False
     try:
-        if is_regular:
+        if not device:
             os.ftruncate(fd, m.disk_size)
         bs = m.block_size
-        if not is_regular:      # a block device keeps old bytes: write the zeros too
+        if device:      # a block device keeps old bytes: write the zeros too
             zeros = bytes(bs)
             for i in np.flatnonzero(m.states != BlockState.DATA):
                 off, length = m.block_range(int(i))
@@ -537,35 +559,29 @@ def _restore_raw(run: RunDisk, out_path: str, progress, cancel) -> None:
         try:
             os.fsync(fd)
         except OSError as e:
-            if is_regular or e.errno != errno.EINVAL:   # character devices cannot fsync
+            if not device or e.errno != errno.EINVAL:   # character devices cannot fsync
                 raise
-        ok = True
     except OSError as e:
         raise StoreError(f"{out_path}: write failed: {e.strerror}") from None
-    finally:
-        os.close(fd)
-        if is_regular and not ok:
-            try:
-                os.unlink(target)
-            except OSError:
-                pass
-    if is_regular:
-        os.replace(target, out_path)
     if progress is not None:
         progress(total, total)
 
 
 def restore(store, server_id: str, out_path, *, run_id: str | None = None, format: str = "raw",
-            progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> Manifest:
+            progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+            mode: int | None = None) -> Manifest:
     """Write the disk exactly as it was at a run (default: the latest) to ``out_path``.
 
     ``format="raw"`` writes a sparse raw image (holes where the run has zero or
     unallocated blocks); ``format="vmdk"`` a streamOptimized VMDK.  A cancelled or failed
-    raw restore leaves no partial file behind.  Returns the run's manifest.
+    raw restore leaves no partial file behind.  The output file is private (0600) unless
+    ``mode`` gives its permission bits.  Returns the run's manifest.
     """
+    from .disk.writer import check_mode
     store = open_store(store)
     store.require()
     out_path = os.fspath(out_path)
+    check_mode(mode)
     if format not in ("raw", "vmdk"):
         raise UsageError(f"unknown output format {format!r} (raw or vmdk)")
     if store.holds_path(out_path):
@@ -575,10 +591,10 @@ def restore(store, server_id: str, out_path, *, run_id: str | None = None, forma
         manifest = store.load_manifest(check_server_id(server_id), run_id)
         run = store.restore_source(manifest)
         if format == "raw":
-            _restore_raw(run, out_path, progress, cancel)
+            _restore_raw(run, out_path, progress, cancel, mode)
         else:
             from .disk.writer import write_stream_optimized
-            write_stream_optimized(run, out_path, progress=progress, cancel=cancel)
+            write_stream_optimized(run, out_path, progress=progress, cancel=cancel, mode=mode)
     return manifest
 
 
@@ -755,6 +771,9 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
     block are deleted, packs with some are rewritten with only the live ones (frames copied
     as they are).  Also removes what killed runs left (temp files, unreferenced packs).
 
+    It works on a full disk: leftovers and dead packs go first, and a rewrite that finds
+    no space keeps its pack whole (``packs_left`` counts them) instead of failing.
+
     Takes the store lock exclusively: fails with StoreLockedError while a run or a
     :meth:`Store.run_disk` reader uses the store.  ``dry_run=True``
     changes nothing and returns what would be deleted (runs, whole packs and the blocks
@@ -777,38 +796,57 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
             store.delete_manifest(server_id, run_id)
             report.runs_deleted.append(run_id)
 
+        # what frees space without taking any goes first, so prune works on a full disk:
+        # what killed runs left, then packs with no live block; rewrites (which write a
+        # new pack before the old one goes) last, each skipped when the disk is full
+        for name in store.list_leftovers():
+            report.bytes_freed += store.remove_leftover(name)
+            report.leftovers_removed += 1
+
         packs, indexes = _readable_packs(store)
         wanted_all = _wanted_entries(indexes, live)
         done, total, start = 0, sum(size for _, size in packs), 0
-        written = set()
+        rewrites = []
         for (pack_id, size), index in zip(packs, indexes):
             want = wanted_all[start:start + len(index)]
             start += len(index)
-            if want.all() or pack_id in written:
-                # a pack a rewrite earlier in this loop wrote may have been there already (a
-                # killed prune's rewrite, its old pack not yet deleted): it now holds the
-                # only copies of its blocks, though they counted as the second ones
-                pass
-            elif not want.any():
+            if not want.any():
                 store.delete_pack(pack_id)
                 report.packs_deleted += 1
                 report.blocks_deleted += len(index)
                 report.bytes_freed += size
+                done += size
+                if progress is not None:
+                    progress(done, total)
+            elif not want.all():
+                rewrites.append((pack_id, size, index, want))
             else:
-                new_id, new_size = _rewrite_pack(store, pack_id, index[want])
-                written.add(new_id)
-                if new_id != pack_id:   # the new pack is in place: the old one can go
-                    store.delete_pack(pack_id)
-                report.packs_rewritten += 1
-                report.blocks_deleted += int((~want).sum())
-                report.bytes_freed += max(0, size - new_size)
+                done += size
+        written = set()
+        for pack_id, size, index, want in rewrites:
+            # a pack a rewrite earlier in this loop wrote may have been there already (a
+            # killed prune's rewrite, its old pack not yet deleted): it now holds the
+            # only copies of its blocks, though they counted as the second ones
+            if pack_id not in written:
+                try:
+                    new_id, new_size = _rewrite_pack(store, pack_id, index[want])
+                except OSError as e:
+                    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    log.warning("%s: no space to rewrite it without its %d dead blocks; kept "
+                                "whole (prune again once there is room)", store.pack_name(pack_id),
+                                int((~want).sum()))
+                    report.packs_left += 1
+                else:
+                    written.add(new_id)
+                    if new_id != pack_id:   # the new pack is in place: the old one can go
+                        store.delete_pack(pack_id)
+                    report.packs_rewritten += 1
+                    report.blocks_deleted += int((~want).sum())
+                    report.bytes_freed += max(0, size - new_size)
             done += size
             if progress is not None:
                 progress(done, total)
-
-        for name in store.list_leftovers():
-            report.bytes_freed += store.remove_leftover(name)
-            report.leftovers_removed += 1
     return report
 
 

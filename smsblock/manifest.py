@@ -22,12 +22,12 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
+import secrets
 
 import numpy as np
 
 from .errors import ManifestError, UsageError
-from .fsutil import fsync_dir
+from .fsutil import create_file, fsync_dir
 
 __all__ = ["BlockState", "Manifest", "diff", "check_block_size",
            "DEFAULT_BLOCK_SIZE", "MIN_BLOCK_SIZE", "MAX_BLOCK_SIZE"]
@@ -241,7 +241,8 @@ class Manifest:
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
         data = self.to_bytes()
-        fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=folder)
+        tmp = os.path.join(folder, f".manifest-{secrets.token_hex(8)}.tmp")
+        fd = create_file(tmp)       # 0600, O_EXCL | O_NOFOLLOW
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

@@ -33,6 +33,7 @@ import zstandard
 
 from ._deflate import start_writeback
 from .errors import StoreCorruptError, UsageError
+from .fsutil import create_file, remove_file
 
 PACK_MAGIC = b"SMSBPACK"
 FOOTER_MAGIC = b"SMSBPIDX"
@@ -87,7 +88,8 @@ class PackWriter:
         self.path = os.fspath(path)
         self.algorithm = algorithm
         self._alg_id = ALGORITHMS[algorithm]
-        self._f = open(self.path, "wb")
+        # a new private file: never through a link, never over a file that was there
+        self._f = open(self.path, "wb", opener=lambda path, _flags: create_file(path))
         self._f.write(HEADER.pack(PACK_MAGIC, PACK_VERSION, self._alg_id, 0))
         self._offset = HEADER.size
         self._written_back = 0      # bytes already handed to the kernel's writeback
@@ -143,10 +145,7 @@ class PackWriter:
         try:
             self._f.close()
         finally:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            remove_file(self.path)
 
 
 # --- reading -------------------------------------------------------------------

@@ -36,7 +36,7 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     (home / "sub").mkdir()
     proc = _demo("--dir", home)
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "not empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "earlier demo" in proc.stderr and "Traceback" not in proc.stderr
     assert (home / "thesis.tex").read_text() == "years of work" and (home / "sub").is_dir()
     # a file and a link are refused too, and left alone
     (tmp_path / "f").write_text("x")
@@ -44,21 +44,3 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "link").symlink_to(home)
     assert _demo("--dir", tmp_path / "link").returncode == 2
     assert (home / "thesis.tex").exists()
-
-
-def test_demo_reuses_its_own_folder_and_an_empty_one(tmp_path):
-    from smsblock.cli.demo import DEMO_MARK, _prepare_dir
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert _prepare_dir(empty) == empty.resolve() and (empty / DEMO_MARK).is_file()
-    (empty / "store").mkdir()
-    (empty / "sample-disk.raw").write_bytes(b"old")
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "keep").write_text("k")
-    (empty / "link").symlink_to(outside)
-    _prepare_dir(empty)           # made by the demo: emptied, links removed, not followed
-    assert sorted(p.name for p in empty.iterdir()) == [DEMO_MARK]
-    assert (outside / "keep").read_text() == "k"
-    fresh = tmp_path / "a" / "b"
-    assert _prepare_dir(fresh) == fresh.resolve() and (fresh / DEMO_MARK).is_file()

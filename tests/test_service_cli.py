@@ -122,7 +122,8 @@ def test_errors_look_like_aws_and_exit_255(state, capsys):
            "CreateReplicationJob operation:" in err and "seedReplicationTime" in err
     status, _, err = cli(capsys, "sms", "get-replication-runs", "--state", st,
                          "--replication-job-id", "sms-job-00000000")
-    assert status == 255 and "(ReplicationJobNotFoundException)" in err
+    # GetReplicationRuns does not declare ReplicationJobNotFound (issue 10)
+    assert status == 255 and "(InvalidParameterException)" in err and "does not exist" in err
     status, _, err = cli(capsys, "sms", "get-servers", "--state", st, "--next-token", "zzz")
     assert status == 255 and "(InvalidParameterException)" in err
     status, _, err = cli(capsys, "sms", "get-servers", "--state", st,
@@ -207,4 +208,6 @@ def test_license_role_and_deleted_jobs_through_the_cli(state, capsys):
     assert s["replicationJobTerminated"] is True
     status, _, err = cli(capsys, "sms", "start-on-demand-replication-run", "--state", st,
                          "--replication-job-id", job)
-    assert status == 255 and "(ReplicationJobNotFoundException)" in err and "deleted" in err
+    # StartOnDemandReplicationRun declares no ReplicationJobNotFoundException: the model's
+    # InvalidParameterException carries the reason
+    assert status == 255 and "(InvalidParameterException)" in err and "deleted" in err

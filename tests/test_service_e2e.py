@@ -294,3 +294,66 @@ def test_kill9_of_the_server_mid_requests_leaves_state_usable(tmp_path, aws_env)
         sms2.update_replication_job(replicationJobId=job_ids[0], frequency=13)
     finally:
         server2.stop()
+
+
+class FifoSourceServer(Server):
+    """`smsblock serve` with the FIFO-fed test source kind registered (tests/fifo_source.py)."""
+
+    def __init__(self, state: Path):
+        tests = str(Path(__file__).parent)
+        env = dict(os.environ, SMSBLOCK_ACCESS_KEY_ID=AKID, SMSBLOCK_SECRET_ACCESS_KEY=SECRET,
+                   PYTHONPATH=os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH"))
+                                              if p))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fifo_source", "serve", "--state", str(state),
+             "--host", "127.0.0.1", "--port", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            self.proc.kill()
+            raise AssertionError(f"serve did not start: {line!r} {self.proc.stderr.read()}")
+        self.url = line.split("listening on ")[1].split()[0]
+
+
+def test_aws_cli_sees_importing_during_a_slow_import_and_a_killed_server_recovers(tmp_path, aws_env):
+    """ImportServerCatalog returns while the source is still listing; get-servers answers
+    IMPORTING at once; kill -9 of the server midway leaves no IMPORTING behind."""
+    import fifo_source
+    from smsblock.service import SmsService
+    state, fifo = tmp_path / "state", tmp_path / "vms.fifo"
+    os.mkfifo(fifo)
+    with SmsService(state) as svc:
+        svc.register_connector(fifo_source.KIND, {"fifo": str(fifo)})
+    timeout = ("--cli-read-timeout", 15)
+    server = FifoSourceServer(state)
+    try:
+        start = time.monotonic()
+        assert aws(aws_env, server, "import-server-catalog", *timeout) == {}
+        took_import = time.monotonic() - start
+        start = time.monotonic()
+        out = aws(aws_env, server, "get-servers", "--no-paginate", *timeout)
+        took_get = time.monotonic() - start
+        assert out["serverCatalogStatus"] == "IMPORTING" and out["serverList"] == []
+        # the aws CLI itself takes a second or so to start; the server adds no wait
+        assert took_import < 15 and took_get < 10, (took_import, took_get)
+        aws(aws_env, server, "import-server-catalog", *timeout,
+            expect_error="OperationNotPermittedException")
+        server.kill9()
+    finally:
+        server.stop()
+    server = FifoSourceServer(state)
+    try:
+        out = aws(aws_env, server, "get-servers", "--no-paginate", *timeout)
+        assert out["serverCatalogStatus"] == "NOT_IMPORTED"      # back to before the import
+        assert not list(state.glob("catalog-import-*"))
+        assert aws(aws_env, server, "import-server-catalog", *timeout) == {}
+        assert fifo_source.feed(fifo, ["web01", "db01"], timeout=30)
+        deadline = time.monotonic() + 30
+        while (out := aws(aws_env, server, "get-servers", "--no-paginate", *timeout))[
+                "serverCatalogStatus"] == "IMPORTING" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert out["serverCatalogStatus"] == "AVAILABLE"
+        assert sorted(s["vmServer"]["vmName"] for s in out["serverList"]) == ["db01", "web01"]
+    finally:
+        fifo_source.feed(fifo, [], timeout=0)
+        server.stop()

@@ -228,3 +228,187 @@ def test_reimport_follows_a_vm_moved_to_a_new_id_by_its_instance_uuid(tmp_path):
     assert after["vm-77"]["serverId"] == before["serverId"]
     assert after["vm-77"]["vmServer"]["vmPath"] == "/Datacenters/DC2/vm/web"
     assert after["vm-78"]["serverId"] != before["serverId"]
+
+
+# --- the datastore is untrusted: only regular files beneath the root, never blocking -----
+
+def _within(seconds, fn, *args):
+    """fn(*args) in a thread; fails (instead of hanging the suite) if it takes longer."""
+    import threading
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as e:   # noqa: BLE001 - handed to the test
+            out["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{fn.__name__} hangs"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def _unblock(fifo: Path) -> None:
+    import os
+    try:   # a reader stuck in open() (old code) gets EOF and lets the thread go
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+def test_a_fifo_vmx_is_refused_without_hanging(tmp_path):
+    import os
+    make_vm(tmp_path, "DC1/good", "good")
+    fifo = tmp_path / "DC1/pipe/pipe.vmx"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)
+    try:
+        with pytest.raises(ConnectorError, match="FIFO, not a regular file"):
+            _within(5, parse_vmx, fifo)
+        src = DatastoreSource(tmp_path)
+        vms = _within(5, src.list_vms)
+        assert [v.vmName for v in vms] == ["good"]
+        assert [p["location"] for p in src.list_problems] == ["DC1/pipe/pipe.vmx"]
+        assert "FIFO" in src.list_problems[0]["reason"]
+    finally:
+        _unblock(fifo)
+
+
+def test_a_vmx_linked_to_a_secret_is_refused_without_quoting_it(tmp_path):
+    ds = tmp_path / "ds"
+    make_vm(ds, "DC1/good", "good")
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$TOPSECRETHASH:19000:0:99999:7:::\n")
+    link = ds / "DC1/evil/evil.vmx"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(secret)
+    with pytest.raises(ConnectorError) as e:
+        parse_vmx(link)
+    assert "symbolic link" in str(e.value) and "TOPSECRET" not in str(e.value)
+    src = DatastoreSource(ds)
+    assert [v.vmName for v in src.list_vms()] == ["good"]
+    (problem,) = src.list_problems
+    assert "symbolic link" in problem["reason"] and "TOPSECRET" not in problem["reason"]
+    with pytest.raises(ConnectorError) as e:
+        src.open_run({"vmId": "DC1/evil/evil.vmx"})
+    assert "TOPSECRET" not in str(e.value)
+    # the same content in a regular file (a hard link, a copy): the line is named, not quoted
+    link.unlink()
+    link.write_bytes(secret.read_bytes())
+    with pytest.raises(ConnectorError, match="line 1") as e:
+        parse_vmx(link)
+    assert "TOPSECRET" not in str(e.value)
+
+
+def test_a_vm_folder_behind_a_link_is_neither_listed_nor_opened(tmp_path):
+    ds, outside = tmp_path / "ds", tmp_path / "outside"
+    make_vm(outside, "DC1/hidden", "hidden")
+    make_vm(ds, "DC1/good", "good")
+    (ds / "DC2").symlink_to(outside / "DC1")
+    src = DatastoreSource(ds)
+    assert [v.vmName for v in src.list_vms()] == ["good"]
+    with pytest.raises(ConnectorError, match="symbolic link"):
+        src.open_run({"vmId": "DC2/hidden/hidden.vmx"})
+
+
+def test_an_oversized_vmx_is_refused_without_reading_it(tmp_path):
+    make_vm(tmp_path, "DC1/good", "good")
+    huge = make_vm(tmp_path, "DC1/huge", "huge")
+    with open(huge, "ab") as f:
+        f.truncate(1 << 40)       # sparse: reading it whole would take long and all memory
+    with pytest.raises(ConnectorError, match="larger than"):
+        _within(5, parse_vmx, huge)
+    src = DatastoreSource(tmp_path)
+    assert [v.vmName for v in _within(5, src.list_vms)] == ["good"]
+    assert "larger than" in src.list_problems[0]["reason"]
+
+
+def test_disk_files_that_are_fifos_or_links_are_refused_without_hanging(tmp_path):
+    import os
+    ds = tmp_path / "ds"
+    vmx = make_vm(ds, "DC1/a", "a")
+    disk = vmx.parent / "a.vmdk"
+    secret = tmp_path / "secret.img"
+    secret.write_bytes(b"SECRETDISK" * 100)
+    src = DatastoreSource(ds)
+
+    def open_run():
+        with src.open_run({"vmId": "DC1/a/a.vmx"}):
+            pass
+    # the disk named in the .vmx is a FIFO
+    disk.unlink()
+    os.mkfifo(disk)
+    try:
+        with pytest.raises(ConnectorError, match="FIFO"):
+            _within(5, open_run)
+    finally:
+        _unblock(disk)
+    # ... a link to a file outside, or inside, the datastore
+    disk.unlink()
+    disk.symlink_to(secret)
+    with pytest.raises(ConnectorError, match="symbolic link"):
+        open_run()
+    disk.unlink()
+    qemu_img("create", "-q", "-f", "raw", vmx.parent / "real.img", "65536")
+    disk.symlink_to("real.img")
+    with pytest.raises(ConnectorError, match="symbolic link"):
+        open_run()
+    disk.unlink()
+    (vmx.parent / "real.img").rename(disk)       # a raw disk: read through its checked file
+    (vmx.parent / "a.vmdk").write_bytes(b"RAWDATA!" + bytes(65536 - 8))
+    with src.open_run({"vmId": "DC1/a/a.vmx"}) as run:
+        d = run.disks[0].disk
+        assert d.info.format == "raw" and d.read(0, 8) == b"RAWDATA!" and d.size == 65536
+        assert d.path == str(disk)
+    # a flat VMDK whose extent (named by its descriptor) is a FIFO, then a link
+    disk.unlink()
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", disk, "65536")
+    flat = vmx.parent / "a-flat.vmdk"
+    assert flat.is_file()
+    with src.open_run({"vmId": "DC1/a/a.vmx"}) as run:     # as made: fine
+        assert run.disks[0].disk.size == 65536
+    flat.unlink()
+    os.mkfifo(flat)
+    try:
+        with pytest.raises(ConnectorError, match="FIFO"):
+            _within(5, open_run)
+    finally:
+        _unblock(flat)
+    flat.unlink()
+    flat.symlink_to(secret)
+    with pytest.raises(ConnectorError, match="symbolic link") as e:
+        open_run()
+    assert "SECRETDISK" not in str(e.value)
+
+
+def test_listing_stops_when_cancelled(tmp_path):
+    from smsblock.errors import Cancelled
+    from smsblock.progress import CancelToken
+    make_datastore(tmp_path, 3)
+    token = CancelToken()
+    token.cancel("the server catalog was deleted")
+    with pytest.raises(Cancelled, match="deleted"):
+        DatastoreSource(tmp_path).list_vms(cancel=token)
+
+
+def test_a_flat_extent_read_through_the_datastore_keeps_its_holes(tmp_path):
+    """Files opened beneath the root still report their holes (SEEK_DATA): a sparse copy
+    of a flat disk is read where it holds data only."""
+    from smsblock.service.sources import open_datastore_disk
+
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    with open(vm / "d-flat.vmdk", "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(1 << 20)
+        f.write(b"x" * 4096)
+    (vm / "d.vmdk").write_text('# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
+                               'createType="vmfs"\n\nRW 131072 VMFS "d-flat.vmdk"\n\n'
+                               'ddb.adapterType = "lsilogic"\n')
+    with open_datastore_disk(tmp_path, "vm/d.vmdk") as disk:
+        extents = list(disk.extents(0, disk.size))
+        assert sum(e.length for e in extents) < 1 << 20, extents
+        assert disk.read(1 << 20, 4096) == b"x" * 4096

@@ -158,7 +158,8 @@ def poke(path: Path, offset: int, data: bytes) -> None:
     (44, struct.pack("<I", 0), CorruptHeaderError, "entries per grain table"),
     (12, struct.pack("<Q", 1 << 63), CorruptHeaderError, "absurd"),
     (12, struct.pack("<Q", (1 << 63) // 512), CorruptHeaderError, "absurd"),   # 2^63 bytes
-    (12, struct.pack("<Q", 1 << 50), CorruptGrainTableError, "does not fit"),
+    (12, struct.pack("<Q", 1 << 50), CorruptHeaderError, "absurd"),          # 512 PiB
+    (12, struct.pack("<Q", 1 << 37), CorruptGrainTableError, "does not fit"),  # 64 TiB
     (73, b"\r\n\n\n", CorruptHeaderError, "newline"),
     (77, struct.pack("<H", 7), UnsupportedFormatError, "compression"),
     (56, struct.pack("<Q", 1 << 40), CorruptGrainTableError, "does not fit"),
@@ -281,7 +282,8 @@ def test_outside_paths_allowed_explicitly(tmp_path):
     ('RW 8 FLAT "missing.vmdk" 0', DescriptorError, "not found"),
     ('RW 99999999999999999999 FLAT "d-flat.vmdk" 0', DescriptorError, "sectors"),
     ('RW 18014398509481984 FLAT "d-flat.vmdk" 0', DescriptorError, "sectors"),  # 2^63 bytes
-    ('RW 9007199254740992 ZERO\nRW 9007199254740992 ZERO', DescriptorError, "absurd"),  # sum
+    ('RW 137438953472 ZERO\nRW 8 ZERO', DescriptorError, "absurd"),   # sum past 64 TiB
+    ('RW 2251799813685248 ZERO', DescriptorError, "sectors"),          # 1 EiB
     ('RW 8 BOGUS "d-flat.vmdk"', DescriptorError, "unknown extent type"),
     ('RW 8 VMFSSPARSE "d-flat.vmdk"', UnsupportedFormatError, "COWD"),
     ('RW 8 SESPARSE "d-flat.vmdk"', UnsupportedFormatError, "seSparse"),
@@ -540,7 +542,7 @@ def test_sesparse_header_damage(tmp_path, offset, value, cls, match):
 def _sesparse_descriptor(extent: Path) -> str:
     from vmdk_images import sesparse_descriptor
     size = struct.unpack_from("<Q", extent.read_bytes(), 16)[0]
-    return sesparse_descriptor(extent.parent, "d", extent, min(size, 1 << 40)).name
+    return sesparse_descriptor(extent.parent, "d", extent, min(size, 1 << 37)).name
 
 
 def test_sesparse_table_entry_of_unknown_type(tmp_path):

@@ -73,7 +73,7 @@ def test_the_sdist_holds_the_native_sources(built):
     assert "setup.py" in names and "pyproject.toml" in names
 
 
-def test_the_wheel_installs_and_runs_in_a_clean_venv(built, tmp_path, vmdk_samples):
+def test_the_wheel_installs_and_runs_in_a_clean_venv(built, tmp_path, vmdk_samples, aws_models, monkeypatch):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     # no compiler reachable: a wheel install must not need one
@@ -102,3 +102,26 @@ def test_the_wheel_installs_and_runs_in_a_clean_venv(built, tmp_path, vmdk_sampl
     smsblock("replicate", sample, "--store", tmp_path / "store", "--server", "web-01", "--create")
     smsblock("restore", "--store", tmp_path / "store", "--server", "web-01", "-o", tmp_path / "back.raw")
     assert hashlib.sha256((tmp_path / "back.raw").read_bytes()).hexdigest() == SAMPLE_SHA256
+
+    # `serve` needs nothing beyond the core packages (no botocore in this venv): boto3 from
+    # the test's own environment drives it
+    check = subprocess.run([str(venv / "bin" / "python"), "-c", "import botocore"], env=env, capture_output=True)
+    assert check.returncode != 0
+    serve_env = dict(env, SMSBLOCK_ACCESS_KEY_ID="AKIDWHEEL", SMSBLOCK_SECRET_ACCESS_KEY="wheel-secret")
+    serve = subprocess.Popen([str(venv / "bin" / "smsblock"), "serve", "--state", str(tmp_path / "state"),
+                              "--host", "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=serve_env, cwd=tmp_path)
+    try:
+        line = serve.stdout.readline()
+        assert "listening on" in line, (line, serve.stderr.read() if serve.poll() is not None else "")
+        url = line.split("listening on ")[1].split()[0]
+        import boto3
+        monkeypatch.setenv("AWS_DATA_PATH", str(aws_models))
+        client = boto3.client("sms", endpoint_url=url, region_name="us-east-1",
+                              aws_access_key_id="AKIDWHEEL", aws_secret_access_key="wheel-secret")
+        assert client.get_connectors()["connectorList"] == []
+    finally:
+        serve.terminate()
+        serve.wait(10)
+        serve.stdout.close()
+        serve.stderr.close()

@@ -104,3 +104,20 @@ def add_store_option(parser: argparse.ArgumentParser, help: str | None = None) -
     parser.add_argument("--store", default=default, required=default is None,
                         metavar="STORE", help=(help or "store: a directory, s3://BUCKET/PREFIX or "
                                                "ebs://[REGION]") + f" (default: ${STORE_ENV})")
+
+
+def _file_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not octal permission bits (e.g. 640)")
+    return mode
+
+
+def add_mode_flag(parser: argparse.ArgumentParser) -> None:
+    """``--mode OCTAL``: the output file's permission bits (default: private, 0600)."""
+    parser.add_argument("--mode", type=_file_mode, metavar="OCTAL", default=None,
+                        help="permission bits of the output file, e.g. 640 (default 600: "
+                             "only you can read it)")

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import SmsBlockError, UsageError
+from ..fsutil import make_root
 from ..progress import terminal_progress
 from . import print_json
 
@@ -44,9 +45,7 @@ DISTRIB_DESCRIPTION="Ubuntu 16.04.7 LTS"
 def register(sub) -> None:
     p = sub.add_parser("demo", help="replicate a sample disk twice, restore and inspect it (no setup needed)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--dir", default="demo-out",
-                   help="working folder (default ./demo-out): a new or empty folder, or one an "
-                        "earlier demo made (emptied first); any other folder is refused")
+    p.add_argument("--dir", default="demo-out", help="working folder (default ./demo-out; must be new, empty or an earlier demo's, which is emptied)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON document")
     p.set_defaults(func=run_demo)
 
@@ -131,32 +130,7 @@ def _change_guest(work: Path, disk: Path, fs_image: Path) -> None:
     table.unlink()
 
 
-# the demo marks the folders it makes, and empties only a folder with this mark
-DEMO_MARK = ".smsblock-demo"
-
-
-def _prepare_dir(path: Path) -> Path:
-    """A new folder, an empty one, or one an earlier demo made (emptied); anything else
-    is refused: ``--dir ~`` must not delete a home folder."""
-    if path.is_symlink():
-        raise UsageError(f"{path}: a symbolic link (give the folder itself)")
-    work = path.resolve()
-    if work.exists() and not work.is_dir():
-        raise UsageError(f"{path}: not a folder")
-    if work.exists():
-        entries = os.listdir(work)
-        if entries and DEMO_MARK not in entries:
-            raise UsageError(f"{path}: the folder is not empty and the demo did not make it "
-                             f"(give a new or empty folder)")
-        for name in entries:     # only what an earlier demo put there, or nothing
-            target = work / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            else:
-                target.unlink()
-    work.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (work / DEMO_MARK).write_text("made by smsblock demo; `smsblock demo` may empty this folder\n")
-    return work
+DEMO_MARKER = ".smsblock-demo"
 
 
 def run_demo(args) -> int:
@@ -168,7 +142,15 @@ def run_demo(args) -> int:
     def init_store(path):
         open_store(path).initialise()
 
-    work = _prepare_dir(Path(args.dir))
+    work = Path(args.dir).resolve()
+    if work.exists():
+        # only a folder an earlier demo made (its marker file) is wiped: --dir ~ must not be
+        if not (work / DEMO_MARKER).is_file() and (not work.is_dir() or any(work.iterdir())):
+            raise UsageError(f"--dir {work}: exists and is not an earlier demo's folder "
+                             "(give a new or empty folder)")
+        shutil.rmtree(work)
+    make_root(work)         # 0700
+    (work / DEMO_MARKER).write_text("made by smsblock demo; the next demo run deletes this folder\n")
     store_dir = work / "store"
     server = "s-demo0001"
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))

@@ -7,7 +7,7 @@ import time
 
 from ..errors import UsageError
 from ..progress import human_size, terminal_progress
-from . import add_json_flag, print_json
+from . import add_json_flag, add_mode_flag, print_json
 
 OUTPUT_FORMATS = ("raw", "vmdk")
 # what a file name's suffix says its format is: smsblock writes raw and vmdk only, so a
@@ -70,6 +70,7 @@ def register(subparsers) -> None:
                    help="ddb.adapterType of a VMDK output: ide, buslogic, lsilogic, legacyESX "
                         "(default: the source's, else lsilogic)")
     _add_source_options(p)
+    add_mode_flag(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_convert)
 
@@ -149,9 +150,10 @@ def cmd_convert(args) -> int:
     with _open(args, args.src) as disk, \
             terminal_progress(f"convert {os.path.basename(args.src)} to {fmt}") as bar:
         if args.adapter_type:
-            write_stream_optimized(disk, args.dst, progress=bar, adapter_type=args.adapter_type)
+            write_stream_optimized(disk, args.dst, progress=bar, adapter_type=args.adapter_type,
+                                   mode=args.mode)
         else:
-            convert(disk, args.dst, format=fmt, progress=bar)
+            convert(disk, args.dst, format=fmt, progress=bar, mode=args.mode)
         size = disk.size
     seconds = time.monotonic() - started
     st = os.stat(args.dst)

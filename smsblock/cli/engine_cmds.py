@@ -10,7 +10,7 @@ import threading
 
 from ..errors import RunNotFoundError, UsageError
 from ..progress import CancelToken, human_size, terminal_progress
-from . import add_json_flag, add_store_option, print_json
+from . import add_json_flag, add_mode_flag, add_store_option, print_json
 from .disk_cmds import output_format
 from .scan_cmds import parse_size
 
@@ -126,7 +126,7 @@ def cmd_restore(args) -> int:
     with terminal_progress(f"restore {args.server}: write {fmt}") as bar, \
             cancel_on_interrupt() as token:
         m = restore(store, args.server, args.output, run_id=args.run, format=fmt,
-                    progress=bar, cancel=token)
+                    progress=bar, cancel=token, mode=args.mode)
     if args.json:
         _print_json({"store": store.url, "server_id": args.server, "run_id": m.meta.get("run_id"),
                      "output": args.output, "format": fmt, "disk_size": m.disk_size})
@@ -184,6 +184,8 @@ def cmd_prune(args) -> int:
           f"kept {len(r.runs_kept)}; {r.packs_deleted} packs deleted, "
           f"{r.packs_rewritten} rewritten, {r.blocks_deleted} blocks and "
           f"{r.leftovers_removed} leftovers removed, {human_size(r.bytes_freed)} freed"
+          + (f"; {r.packs_left} packs kept whole for want of space (prune again later)"
+             if r.packs_left else "")
           + (" (nothing was changed)" if args.dry_run else ""))
     return 0
 
@@ -233,6 +235,7 @@ def register(sub) -> None:
                    help="raw (sparse) or vmdk (streamOptimized); default: vmdk when the "
                         "output ends in .vmdk, else raw")
     add_json_flag(p)
+    add_mode_flag(p)
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("verify", help="check every pack, block and run of a store")

@@ -1,4 +1,5 @@
-"""``smsblock inspect`` and ``smsblock image create|list|show|delete``."""
+"""``smsblock inspect`` and ``smsblock image create|list|show|delete|launch|launches|terminate|
+boot-test``."""
 
 from __future__ import annotations
 
@@ -93,6 +94,64 @@ def register(sub) -> None:
         if name != "delete":
             add_json_flag(q)
         q.set_defaults(func=func)
+
+    _register_launch(isub)
+
+
+def _register_launch(isub) -> None:
+    from ..image.boottest import DEFAULT_TIMEOUT
+    from ..image.launch import DEFAULT_INSTANCE_TYPE, DEFAULT_MEMORY_MIB, DISK_BUSES
+
+    def local_options(q):
+        q.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MIB, metavar="MIB",
+                       help=f"guest memory for a local launch (default {DEFAULT_MEMORY_MIB})")
+        q.add_argument("--disk-bus", choices=DISK_BUSES, default="nvme",
+                       help="how the disk is attached locally: nvme as on EC2 Nitro (default), "
+                            "virtio or ide")
+
+    q = isub.add_parser(
+        "launch", help="start an instance of an image (QEMU here, or EC2)",
+        description="local: boot the catalog image's disk under QEMU through a copy-on-write "
+                    "overlay (the image is never modified), serial console to a log; KVM when "
+                    "usable, software emulation otherwise. ec2: RunInstances with the AMI.")
+    q.add_argument("image_id", metavar="IMAGE_ID")
+    q.add_argument("--target", choices=["local", "ec2"], default="local",
+                   help="local QEMU (default) or ec2 (RunInstances)")
+    q.add_argument("--catalog", metavar="DIR", help="local catalog folder")
+    local_options(q)
+    q.add_argument("--instance-type", default=DEFAULT_INSTANCE_TYPE,
+                   help=f"EC2 instance type (default {DEFAULT_INSTANCE_TYPE})")
+    q.add_argument("--endpoint-url", help="EC2 endpoint for --target ec2 (default: AWS's)")
+    q.add_argument("--region", help="AWS region for --target ec2")
+    add_json_flag(q)
+    q.set_defaults(func=cmd_image_launch)
+
+    q = isub.add_parser("launches", help="list launched instances")
+    q.add_argument("--catalog", metavar="DIR", help="local catalog folder")
+    add_json_flag(q)
+    q.set_defaults(func=cmd_image_launches)
+
+    q = isub.add_parser("terminate", help="stop a launched instance and remove its overlay")
+    q.add_argument("instance_id", metavar="INSTANCE_ID")
+    q.add_argument("--catalog", metavar="DIR", help="local catalog folder")
+    add_json_flag(q)
+    q.set_defaults(func=cmd_image_terminate)
+
+    q = isub.add_parser(
+        "boot-test", help="boot an image locally and report how far it gets",
+        description="Launch the image under QEMU, watch the firmware and serial consoles for "
+                    "the stages boot loader, kernel, root filesystem, init and login prompt (or "
+                    "--marker), then terminate it. Exit status 0 only when the last stage was "
+                    "reached; the result is stored in the image's record.")
+    q.add_argument("image_id", metavar="IMAGE_ID")
+    q.add_argument("--catalog", metavar="DIR", help="local catalog folder")
+    q.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                   help=f"give up after S seconds (default {DEFAULT_TIMEOUT:g})")
+    q.add_argument("--marker", metavar="TEXT",
+                   help="a console string that ends the test instead of the login prompt")
+    local_options(q)
+    add_json_flag(q)
+    q.set_defaults(func=cmd_image_boot_test)
 
 
 def _rules(args):
@@ -203,7 +262,7 @@ def cmd_image_list(args) -> int:
         _print_json({"catalog": str(catalog.root),
                      "images": [{k: r.get(k) for k in ("image_id", "name", "created", "source",
                                                         "os", "architecture", "license_type",
-                                                        "ok", "forced")}
+                                                        "ok", "forced", "boot_test")}
                                 for r in records]})
         return 0
     if not records:
@@ -231,6 +290,10 @@ def cmd_image_show(args) -> int:
         print(f"os: {o.get('family')} {o.get('distribution')} {o.get('version')}")
         for f in record.get("findings", []):
             print(f"{f['severity']}: {f['code']}: {f['message']}")
+        bt = record.get("boot_test")
+        if bt:
+            print(f"boot test: {'passed' if bt.get('ok') else 'FAILED at ' + str(bt.get('stopped_at'))}"
+                  f" ({bt.get('tested')}){': ' + bt['reason'] if bt.get('reason') else ''}")
     return 0
 
 
@@ -238,3 +301,86 @@ def cmd_image_delete(args) -> int:
     _catalog(args).delete(args.image_id)
     print(f"deleted {args.image_id}")
     return 0
+
+
+def _launch_line(r: dict) -> str:
+    where = f"{r.get('accel')}, {r.get('disk_bus')}" if r.get("target") == "local" \
+        else r.get("region") or "ec2"
+    return (f"{r['instance_id']}  {r.get('state')}  {r.get('image_id')}  {r.get('target')} "
+            f"({where})  {r.get('launched', '')}")
+
+
+def cmd_image_launch(args) -> int:
+    from ..image.launch import launch_image
+
+    record = launch_image(args.image_id, args.target, catalog=args.catalog,
+                          memory_mib=args.memory, disk_bus=args.disk_bus,
+                          instance_type=args.instance_type, endpoint_url=args.endpoint_url,
+                          region=args.region)
+    if args.json:
+        _print_json(record)
+    else:
+        print(_launch_line(record))
+        if record.get("console_log"):
+            print(f"console: {record['console_log']}")
+    return 0
+
+
+def cmd_image_launches(args) -> int:
+    from ..image.launch import list_launches
+
+    records = list_launches(args.catalog)
+    if args.json:
+        _print_json({"catalog": str(_catalog(args).root), "launches": records})
+    elif not records:
+        print(f"no launches in the catalog {_catalog(args).root}")
+    else:
+        for r in records:
+            print(_launch_line(r))
+    return 0
+
+
+def cmd_image_terminate(args) -> int:
+    from ..image.launch import terminate_instance
+
+    record = terminate_instance(args.instance_id, catalog=args.catalog)
+    if args.json:
+        _print_json(record)
+    else:
+        print(_launch_line(record))
+    return 0
+
+
+def cmd_image_boot_test(args) -> int:
+    from ..image.boottest import LABELS, boot_test
+
+    def show(stage):
+        if not args.json:
+            print(f"  {stage.at:7.1f} s  {LABELS[stage.name]}: {stage.line}", flush=True)
+
+    if not args.json:
+        print(f"boot test of {args.image_id} (timeout {args.timeout:g} s)", flush=True)
+    result = boot_test(args.image_id, catalog=args.catalog, timeout=args.timeout,
+                       marker=args.marker, memory_mib=args.memory, disk_bus=args.disk_bus,
+                       progress=show)
+    if args.json:
+        from ..image.boottest import console_text
+        doc = result.to_dict()
+        try:      # the console itself, cleaned of terminal escapes (its last 64 KiB)
+            doc["console"] = console_text(result.console_log, 64 << 10)
+        except OSError:
+            doc["console"] = None
+        _print_json(doc)
+        return 0 if result.ok else 1
+    if result.ok:
+        print(f"PASSED: {result.summary()} ({result.accel})")
+        return 0
+    for stage in result.stages:
+        if not stage.reached:
+            print(f"  {'-':>7}    {LABELS[stage.name]}: not reached")
+    print(f"FAILED at {LABELS[result.stopped_at]}: {result.reason}")
+    print("console:")
+    for line in result.last_lines:
+        print(f"  | {line}")
+    print(f"console log: {result.console_log}")
+    return 1

@@ -191,6 +191,8 @@ def _job_settings(p, create: bool):
     p.add_argument("--number-of-recent-amis-to-keep", dest="numberOfRecentAmisToKeep", type=int)
     p.add_argument("--encrypted", action=argparse.BooleanOptionalAction)
     p.add_argument("--kms-key-id", dest="kmsKeyId")
+    p.add_argument("--boot-test", dest="bootTest", action=argparse.BooleanOptionalAction,
+                   help="boot-test each new image under QEMU (smsblock's own job field)")
 
 
 def _verbs():
@@ -275,8 +277,9 @@ def _interrupt(*_):
 def _serve(args) -> int:
     from ..service.server import make_server
     with _service(args) as svc:
-        server = make_server(svc, args.host, args.port)
-        print(f"smsblock serve: listening on {server.url} (state {svc.state.dir})", flush=True)
+        server = make_server(svc, args.host, args.port, region=args.region)
+        print(f"smsblock serve: listening on {server.url} (state {svc.state.dir}, "
+              f"region {args.region})", flush=True)
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             server.serve_forever(poll_interval=0.2)
@@ -298,6 +301,15 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port {port} is out of range 0-65535")
     return port
+
+
+def _region(text: str) -> str:
+    """An AWS region name such as us-east-1 (argparse type)."""
+    from ..service.server import REGION
+    if not REGION.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not a region name: {text[:64]!r}")
+    return text
+
 
 def register(subparsers) -> None:
     conn = subparsers.add_parser("connector", help="register and run a connector")
@@ -342,4 +354,6 @@ def register(subparsers) -> None:
     _add_state(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8080, help="0 picks a free port")
+    serve.add_argument("--region", type=_region, default="us-east-1",
+                       help="region the clients sign for (their --region); default us-east-1")
     serve.set_defaults(func=_serve)

@@ -22,8 +22,11 @@ from ..errors import DescriptorError, UnsafeExtentPathError
 MAX_DESCRIPTOR_BYTES = 1 << 20
 #: a disk made of more extent lines than this is hostile (a 2 TB twoGbMaxExtent disk has 1024)
 MAX_EXTENT_LINES = 65536
-#: no VMDK extent exceeds 2^32 sectors; a whole disk stays below 2^62 bytes
-MAX_DISK_BYTES = 1 << 62
+#: the largest VMDK anyone makes is ESXi's 62 TB; past 64 TiB a size is hostile (and would
+#: drive per-block allocations further on), so disks and extents are refused above it
+MAX_DISK_BYTES = 1 << 46
+#: a flat extent's start in its file (a raw device may be larger than any disk)
+MAX_FLAT_OFFSET_BYTES = 1 << 62
 
 NO_PARENT_CID = 0xFFFFFFFF
 ACCESS_MODES = ("RW", "RDONLY", "NOACCESS")
@@ -35,7 +38,10 @@ FLAT_TYPES = ("FLAT", "VMFS", "VMFSRDM", "VMFSRAW")
 _EXTENT_RE = re.compile(
     r'^(?P<access>[A-Z]+)\s+(?P<sectors>\d+)\s+(?P<type>[A-Z]+)'
     r'(?:\s+"(?P<path>[^"]*)"(?:\s+(?P<offset>\d+))?)?\s*$')
-_KEY_RE = re.compile(r'^(?P<key>[A-Za-z0-9_.]+)\s*=\s*(?P<value>.*?)\s*$')
+_KEY_RE = re.compile(r'[A-Za-z0-9_.]+')
+_ENCODING_RE = re.compile(r'encoding\s*=\s*"?(windows-125\d|iso-8859-\d+)"?', re.I)
+#: sector counts and offsets are at most 2^64 (20 digits); int() of more is slow or refused
+_MAX_DIGITS = 20
 
 
 @dataclass(slots=True)
@@ -126,12 +132,10 @@ def parse_descriptor(data: bytes, where: str, base_offset: int = 0) -> Descripto
         data.decode("utf-8")
     except UnicodeDecodeError as e:
         # older VMware products write encoding="windows-1252" (or another code page)
-        m = re.search(rb'^\s*encoding\s*=\s*"?(windows-125\d|iso-8859-\d+)"?', data,
-                      re.M | re.I)
-        if m is None:
+        encoding = _declared_encoding(data)
+        if encoding is None:
             raise DescriptorError("descriptor is not UTF-8 text (and names no other "
                                   "encoding)", where, base_offset + e.start) from None
-        encoding = m.group(1).decode("ascii").lower()
 
     desc = Descriptor()
     pos = 0
@@ -147,33 +151,48 @@ def parse_descriptor(data: bytes, where: str, base_offset: int = 0) -> Descripto
                 raise DescriptorError(f"more than {MAX_EXTENT_LINES} extent lines",
                                       where, line_offset)
             continue
-        m = _KEY_RE.match(line)
-        if m is None:
+        # split by hand: a regex with a lazy value and trailing blanks is quadratic in them
+        key, eq, value = line.partition("=")
+        key = key.rstrip()
+        if not eq or _KEY_RE.fullmatch(key) is None:
             raise DescriptorError(f"line {line_no} is neither key=value nor an extent: "
                                   f"{_short(line)!r}", where, line_offset)
-        value = m["value"]
+        value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] == '"':
             value = value[1:-1]
-        desc.values[m["key"]] = value
-        desc.at[m["key"]] = line_offset
+        desc.values[key] = value
+        desc.at[key] = line_offset
     if not desc.extents:
         raise DescriptorError("descriptor lists no extents", where, base_offset)
     if desc.total_sectors * 512 > MAX_DISK_BYTES:
-        raise DescriptorError(f"extents add up to {desc.total_sectors} sectors, an absurd size",
-                              where, base_offset)
+        raise DescriptorError(f"extents add up to {desc.total_sectors} sectors, an absurd size "
+                              f"(more than the {MAX_DISK_BYTES >> 40} TiB a VMDK may hold)",
+                              where, desc.extents[0].at)
     return desc
+
+
+def _declared_encoding(data: bytes) -> str | None:
+    """The ``encoding="..."`` a non-UTF-8 descriptor names (a code page we decode), if any."""
+    for raw in data.splitlines():
+        m = _ENCODING_RE.match(raw.decode("latin-1").strip())
+        if m is not None:
+            return m.group(1).lower()
+    return None
 
 
 def _parse_extent(line: str, line_no: int, where: str, offset: int) -> ExtentLine:
     m = _EXTENT_RE.match(line)
     if m is None:
         raise DescriptorError(f"malformed extent line {line_no}: {_short(line)!r}", where, offset)
+    if len(m["sectors"]) > _MAX_DIGITS or len(m["offset"] or "") > _MAX_DIGITS:
+        raise DescriptorError(f"absurdly long number on extent line {line_no}", where, offset)
     access, etype, path = m["access"], m["type"], m["path"]
     sectors = int(m["sectors"])
     if etype not in EXTENT_TYPES:
         raise DescriptorError(f"unknown extent type {etype!r} on line {line_no}", where, offset)
     if sectors <= 0 or sectors * 512 > MAX_DISK_BYTES:
-        raise DescriptorError(f"extent of {sectors} sectors on line {line_no}", where, offset)
+        raise DescriptorError(f"extent of {sectors} sectors on line {line_no} (1 to "
+                              f"{MAX_DISK_BYTES // 512} expected)", where, offset)
     if etype == "ZERO":
         if path is not None:
             raise DescriptorError(f"ZERO extent with a file on line {line_no}", where, offset)
@@ -184,7 +203,7 @@ def _parse_extent(line: str, line_no: int, where: str, offset: int) -> ExtentLin
     if m["offset"] is not None and etype not in FLAT_TYPES:
         raise DescriptorError(f"{etype} extent with a start offset on line {line_no}",
                               where, offset)
-    if flat_offset * 512 > MAX_DISK_BYTES:
+    if flat_offset * 512 > MAX_FLAT_OFFSET_BYTES:
         raise DescriptorError(f"absurd flat extent offset on line {line_no}", where, offset)
     return ExtentLine(access, sectors, etype, path, flat_offset, line_no, offset)
 

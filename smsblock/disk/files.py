@@ -117,7 +117,12 @@ class OpenerFile:
         return self.inner.readinto(offset, buf)
 
     def data_ranges(self, lo: int, hi: int):
-        if lo < hi:
+        # an opener's file that knows its holes (a local file: SEEK_DATA) says so; others
+        # are all data
+        inner = getattr(self.inner, "data_ranges", None)
+        if inner is not None:
+            yield from inner(lo, hi)
+        elif lo < hi:
             yield lo, hi
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ from .. import _vmdk
 from ..errors import (CorruptGrainError, CorruptGrainTableError, CorruptHeaderError,
                       DiskIOError, DiskFormatError, TruncatedDiskError, UnsupportedFormatError)
 from .base import ExtentKind
-from .descriptor import MAX_DESCRIPTOR_BYTES
+from .descriptor import MAX_DESCRIPTOR_BYTES, MAX_DISK_BYTES, looks_like_descriptor
 
 SECTOR = 512
 MAGIC = b"KDMV"
@@ -43,10 +43,19 @@ MARKER_EOS, MARKER_GT, MARKER_GD, MARKER_FOOTER = 0, 1, 2, 3
 #: per-grain buffers big; VMware and qemu use 128 (64 KiB)
 MAX_GRAIN_SECTORS = 2048
 MAX_GTES_PER_GT = 512 * 8
-MAX_CAPACITY_SECTORS = (1 << 62) // SECTOR
-#: grain tables kept in memory per extent (4 bytes per grain: 128 MiB covers 2 TiB of 64 KiB
-#: grains); past it, tables are re-read per thread as they are needed
+MAX_CAPACITY_SECTORS = MAX_DISK_BYTES // SECTOR
+#: grain directory entries of one extent (qemu allows 32M; 8M covers 64 TiB of seSparse and
+#: 8 TiB of 1-sector grains in 512-entry tables); each costs 12 bytes of memory
+MAX_GD_ENTRIES = 1 << 23
+#: grain directories of one open disk (all its extents and chain links) held in memory
+DIRECTORY_BUDGET_BYTES = 384 << 20
+#: grain tables kept in memory per open disk, all its files together (4 bytes per grain:
+#: 128 MiB covers 2 TiB of 64 KiB grains); past it, tables are re-read per thread as needed
 GT_CACHE_BYTES = 128 << 20
+#: where qemu looks for a sparse file's descriptor when the header gives none (sector 1, up
+#: to 20 sectors of text)
+FALLBACK_DESCRIPTOR_AT = SECTOR
+FALLBACK_DESCRIPTOR_BYTES = 20 * SECTOR
 
 _HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")   # 79 bytes, then padding to 512
 
@@ -191,16 +200,40 @@ def parse_sesparse_header(raw: bytes, path: str) -> tuple[SparseHeader, SeSparse
     return h, layout, vol_off
 
 
+class OpenBudget:
+    """The memory one open disk may spend on sparse metadata, whatever its shape.
+
+    Shared by every sparse extent of the disk and of its parents: grain directories (read
+    whole, 12 bytes per entry) up to ``DIRECTORY_BUDGET_BYTES`` all together, and cached
+    grain tables up to ``GT_CACHE_BYTES`` all together (past it, tables are re-read).
+    """
+
+    def __init__(self, table_bytes: int | None = None, directory_bytes: int | None = None):
+        self.tables = _vmdk.CacheBudget(GT_CACHE_BYTES if table_bytes is None else table_bytes)
+        self.directory_left = (DIRECTORY_BUDGET_BYTES if directory_bytes is None
+                               else directory_bytes)
+
+    def charge_directory(self, nbytes: int, path: str, offset: int) -> None:
+        if nbytes > self.directory_left:
+            raise DiskFormatError(f"grain directory of {nbytes // 12} entries passes what one "
+                                  f"open disk may hold in memory ({DIRECTORY_BUDGET_BYTES >> 20}"
+                                  " MiB of directories, its parents included)", path, offset)
+        self.directory_left -= nbytes
+
+
 class SparseExtent:
     """One ``KDMV`` sparse extent file, read through the native core.
 
     ``file`` is a :class:`~smsblock.disk.files.LocalFile` (read with ``pread`` with the
     GIL released) or an opener's file (read through its ``readinto``); the extent owns it.
+    ``budget`` is the :class:`OpenBudget` of the open disk (a fresh one when None).
     """
 
-    def __init__(self, file):
+    def __init__(self, file, budget: OpenBudget | None = None):
         self.file = file
         self.path = file.name
+        self.budget = OpenBudget() if budget is None else budget
+        self.descriptor_at: int | None = None     # where descriptor_bytes were found
         try:
             self._open()
         except BaseException:
@@ -225,6 +258,7 @@ class SparseExtent:
         raw = self._pread(SECTOR, 0, "sparse header")
         self.cowd = raw[:4] == COWD_MAGIC
         self.sesparse = raw[:8] == SESPARSE_MAGIC
+        self._capacity_at = 16 if self.sesparse else 12      # for error messages
         se = None
         if self.sesparse:
             h, se, volatile_at = parse_sesparse_header(raw, self.path)
@@ -238,18 +272,21 @@ class SparseExtent:
         self.first_header = h
         if h.gd_offset == GD_AT_END and not (self.cowd or self.sesparse):
             h = self._read_footer(h)
+            self._capacity_at = self.file_size - 2 * SECTOR + 12
         self.header = h
         self.descriptor_bytes = self._read_embedded_descriptor(self.first_header)
         self.size = h.capacity * SECTOR
         entry_bytes = 8 if se else 4
         self._check_layout(h, entry_bytes)
+        # the directory stays in memory (4 bytes, plus 8 for the table pointer, per entry)
+        self.budget.charge_directory(h.n_gts * 12, self.path, h.gd_offset * SECTOR)
         gd = self._read_se_gd(h, se) if se else self._read_gd(h)
         fd = self.file.fileno()
         self.core = _vmdk.SparseCore(
             fd, self.file_size, self.size, h.grain_bytes, h.gtes_per_gt, gd,
             h.compressed, h.has_markers, h.overhead * SECTOR,
             h.gd_offset * SECTOR, h.n_gts * entry_bytes, None if fd >= 0 else self.file,
-            GT_CACHE_BYTES, se is not None, se.grains_offset if se else 0)
+            self.budget.tables, se is not None, se.grains_offset if se else 0)
 
     def _check_volatile_header(self, at: int) -> None:
         if at * SECTOR + SECTOR > self.file_size:
@@ -266,10 +303,17 @@ class SparseExtent:
 
     def _read_se_gd(self, h: SparseHeader, se: SeSparseLayout) -> np.ndarray:
         """seSparse directory entries (0, or 0x10000000_xxxxxxxx: a table number) as sectors."""
-        if h.n_gts == 0:
-            return np.zeros(0, dtype=np.uint32)
-        at = h.gd_offset * SECTOR
-        raw = np.frombuffer(self._pread(h.n_gts * 8, at, "grain directory"), dtype="<u8")
+        out = np.zeros(h.n_gts, dtype=np.uint32)
+        step = 1 << 16           # in pieces: the temporaries stay small
+        for first in range(0, h.n_gts, step):
+            n = min(step, h.n_gts - first)
+            out[first:first + n] = self._se_gd_piece(h, se, first, n)
+        return out
+
+    def _se_gd_piece(self, h: SparseHeader, se: SeSparseLayout, first: int,
+                     n: int) -> np.ndarray:
+        at = h.gd_offset * SECTOR + 8 * first
+        raw = np.frombuffer(self._pread(n * 8, at, "grain directory"), dtype="<u8")
         used = raw != 0
         bad = used & ((raw & np.uint64(0xFFFFFFFF00000000)) != np.uint64(0x1000000000000000))
         sectors = np.uint64(se.grain_tables_offset) + (raw & np.uint64(0xFFFFFFFF)) * np.uint64(
@@ -303,16 +347,39 @@ class SparseExtent:
 
     def _read_embedded_descriptor(self, h: SparseHeader) -> bytes | None:
         if h.descriptor_offset == 0 or h.descriptor_size == 0:
-            return None
+            return None if self.cowd or self.sesparse else self._fallback_descriptor()
         size = h.descriptor_size * SECTOR
+        self.descriptor_at = h.descriptor_offset * SECTOR
         if size > MAX_DESCRIPTOR_BYTES:
             raise CorruptHeaderError(f"embedded descriptor of {h.descriptor_size} sectors is "
                                      "absurdly large", self.path, 36)
         return self._pread(size, h.descriptor_offset * SECTOR, "embedded descriptor")
 
+    def _fallback_descriptor(self) -> bytes | None:
+        """Descriptor text at sector 1 of a header that points at none, as qemu reads it.
+
+        qemu always takes a sparse file's descriptor (CID, parentFileNameHint) from sector 1,
+        whatever the header says; a delta whose header lost its descriptorOffset still has
+        a parent there.  Only text that reads as a descriptor is taken (VMware's extent
+        files keep a grain directory there).
+        """
+        n = min(FALLBACK_DESCRIPTOR_BYTES, self.file_size - FALLBACK_DESCRIPTOR_AT)
+        if n <= 0:
+            return None
+        text = self._pread(n, FALLBACK_DESCRIPTOR_AT, "descriptor").split(b"\0", 1)[0]
+        if not looks_like_descriptor(text):
+            return None
+        self.descriptor_at = FALLBACK_DESCRIPTOR_AT
+        return text
+
     def _check_layout(self, h: SparseHeader, entry_bytes: int = 4) -> None:
         gd_bytes = h.n_gts * entry_bytes
         gd_at = h.gd_offset * SECTOR
+        if h.n_gts > MAX_GD_ENTRIES:
+            raise CorruptHeaderError(
+                f"grain directory of {h.n_gts} entries ({h.capacity} sectors of capacity in "
+                f"{h.gtes_per_gt}-entry tables of {h.grain_sectors}-sector grains); at most "
+                f"{MAX_GD_ENTRIES} are read", self.path, self._capacity_at)
         if h.capacity and h.gd_offset == 0:
             raise CorruptHeaderError("no grain directory offset", self.path, 56)
         # the GD must fit in the file: this also caps every allocation that follows from

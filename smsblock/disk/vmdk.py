@@ -24,9 +24,11 @@ from .base import Disk, DiskInfo, Extent, ExtentFile, ExtentKind, clip_extents
 from .descriptor import (FLAT_TYPES, MAX_DESCRIPTOR_BYTES, NO_PARENT_CID, Descriptor,
                          parse_descriptor)
 from .files import LocalFiles, OpenerFiles
-from .sparse import COWD_MAGIC, MAGIC, SECTOR, SESPARSE_MAGIC, SparseExtent
+from .sparse import COWD_MAGIC, MAGIC, SECTOR, SESPARSE_MAGIC, OpenBudget, SparseExtent
 #: a snapshot chain deeper than this is a loop we failed to see, or hostile
 MAX_CHAIN_DEPTH = 255
+#: bytes of a delta chain's address space whose extents are resolved at a time
+EXTENT_WINDOW = 1 << 30
 
 
 # --- parts: the pieces a VMDK disk is made of ----------------------------------------
@@ -71,11 +73,12 @@ class _ZeroPart(_Part):
 class _FlatPart(_Part):
     """A flat extent: the bytes at ``file_offset`` in one file (FLAT, VMFS, ...)."""
 
-    def __init__(self, start: int, length: int, file, file_offset: int):
+    def __init__(self, start: int, length: int, file, file_offset: int, release):
         self.start, self.length, self.file, self.file_offset = start, length, file, file_offset
         self.path = file.name
+        self._release = release
         if file.size < file_offset + length:
-            file.close()
+            release()
             raise TruncatedDiskError(f"flat extent file of {file.size} bytes is shorter than "
                                      f"the {file_offset + length} bytes its descriptor line "
                                      "needs", self.path, file.size)
@@ -94,14 +97,17 @@ class _FlatPart(_Part):
             yield a - base, b - a, ExtentKind.DATA
 
     def close(self):
-        self.file.close()
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 class _SparsePart(_Part):
     """A hosted sparse extent; bytes past its own capacity read as unallocated."""
 
-    def __init__(self, start: int, length: int, extent: SparseExtent):
+    def __init__(self, start: int, length: int, extent: SparseExtent, release):
         self.start, self.length, self.extent = start, length, extent
+        self._release = release
         self.compressed = extent.header.compressed
         self._grain = extent.header.grain_bytes
 
@@ -123,6 +129,10 @@ class _SparsePart(_Part):
                 holes.append((offset + inside, len(view) - inside))
 
     def _collect_holes(self, status, first, lo, hi, holes):
+        if len(status) == 1:             # one grain: no need for numpy's run finding
+            if status[0] == 0:
+                holes.append((lo, hi - lo))
+            return
         unalloc = status == 0
         if not unalloc.any():
             return
@@ -140,7 +150,40 @@ class _SparsePart(_Part):
             yield a, hi - a, None
 
     def close(self):
-        self.extent.close()
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+class _Shared:
+    """What every part of one open disk (its parents included) shares.
+
+    Each file is opened once, whichever extent lines and chain links name it (so its
+    grain directory and tables are in memory once), and one :class:`OpenBudget` bounds
+    the sparse metadata of them all.  ``get`` hands out a reference; the last ``release``
+    closes the object.
+    """
+
+    def __init__(self, fs):
+        self.fs = fs
+        self.budget = OpenBudget()
+        self._objects: dict[tuple[str, str], list] = {}
+
+    def get(self, kind: str, path: str, make):
+        """(object, release) for ``path`` opened as ``kind``; ``make(path)`` opens it once."""
+        key = (kind, self.fs.identity(path))
+        entry = self._objects.get(key)
+        if entry is None:
+            entry = self._objects[key] = [make(path), 0]
+        entry[1] += 1
+        return entry[0], lambda: self._release(key)
+
+    def _release(self, key) -> None:
+        entry = self._objects[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._objects[key]
+            entry[0].close()
 
 
 # --- the disk ------------------------------------------------------------------------
@@ -196,7 +239,8 @@ class VmdkDisk(Disk):
         start, end = self._clip(start, end)
         return clip_extents(self._raw_extents(start, end), start, end)
 
-    def _raw_extents(self, start: int, end: int) -> Iterator[Extent]:
+    def _own_runs(self, start: int, end: int) -> Iterator[tuple[int, int, ExtentKind | None]]:
+        """(offset, length, kind) runs of this disk alone; kind None = unallocated here."""
         i = max(0, bisect.bisect_right(self._starts, start) - 1)
         for part in self._parts[i:]:
             if part.start >= end:
@@ -205,11 +249,32 @@ class VmdkDisk(Disk):
             if lo >= hi:
                 continue
             for off, length, kind in part.extents(lo - part.start, hi - part.start):
-                a = part.start + off
+                yield part.start + off, length, kind
+
+    def _raw_extents(self, start: int, end: int) -> Iterator[Extent]:
+        if self.parent is None:
+            for a, length, kind in self._own_runs(start, end):
                 if kind is not None:
                     yield Extent(a, length, kind)
-                elif self.parent is not None:
-                    yield from self.parent.extents(a, min(a + length, self.parent.size))
+            return
+        # a chain is resolved link by link over a window at a time, not by nesting one
+        # generator per link: resuming nested generators costs their depth at every step,
+        # which made a deep chain with many holes quadratic
+        for w in range(start, end, EXTENT_WINDOW):
+            found: list[Extent] = []
+            todo = [(w, min(end, w + EXTENT_WINDOW))]
+            disk: VmdkDisk | None = self
+            while disk is not None and todo:
+                holes = []
+                for lo, hi in todo:
+                    for a, length, kind in disk._own_runs(lo, min(hi, disk.size)):
+                        if kind is not None:
+                            found.append(Extent(a, length, kind))
+                        else:
+                            holes.append((a, a + length))
+                todo, disk = holes, disk.parent
+            found.sort(key=lambda e: e.offset)
+            yield from found
 
     def close(self) -> None:
         self._closed = True
@@ -240,11 +305,13 @@ def open_vmdk(path, *, ignore_cid_mismatch: bool = False, allow_outside_paths: b
     """
     fs = LocalFiles() if opener is None else OpenerFiles(opener)
     path = os.fspath(path)
-    return _open(fs, path, ignore_cid_mismatch, allow_outside_paths, [])
+    return _open(_Shared(fs), path, ignore_cid_mismatch, allow_outside_paths, [])
 
 
-def _open(fs, path: str, ignore_cid: bool, allow_outside: bool, chain: list[str]) -> VmdkDisk:
+def _open(shared: _Shared, path: str, ignore_cid: bool, allow_outside: bool,
+          chain: list[str]) -> VmdkDisk:
     """Open one disk of a chain; ``chain`` holds the identities of the children above it."""
+    fs = shared.fs
     chain = chain + [fs.identity(path)]
     parts: list[_Part] = []
     try:
@@ -255,15 +322,16 @@ def _open(fs, path: str, ignore_cid: bool, allow_outside: bool, chain: list[str]
             top.close()
             raise
         if head[:4] in (MAGIC, COWD_MAGIC) or head[:8] == SESPARSE_MAGIC:
-            desc, info = _open_monolithic(top, parts)
+            desc, info = _open_monolithic(shared, path, top, parts)
         else:
             try:
                 text = _read_descriptor_file(top)
             finally:
                 top.close()
-            desc, info = _open_descriptor_file(fs, path, top.name, text, parts, allow_outside)
+            desc, info = _open_descriptor_file(shared, path, top.name, text, parts,
+                                               allow_outside)
         info.compressed = any(p.compressed for p in parts)
-        parent = _open_parent(fs, path, desc, info, ignore_cid, allow_outside, chain)
+        parent = _open_parent(shared, path, desc, info, ignore_cid, allow_outside, chain)
     except BaseException:
         for p in parts:
             p.close()
@@ -271,15 +339,19 @@ def _open(fs, path: str, ignore_cid: bool, allow_outside: bool, chain: list[str]
     return VmdkDisk(info.path, parts, info, parent)
 
 
-def _open_monolithic(top, parts: list[_Part]) -> tuple[Descriptor | None, DiskInfo]:
+def _open_monolithic(shared: _Shared, path: str, top,
+                     parts: list[_Part]) -> tuple[Descriptor | None, DiskInfo]:
     """A sparse file carrying its own descriptor (monolithicSparse, streamOptimized, deltas)."""
-    extent = SparseExtent(top)
-    parts.append(_SparsePart(0, extent.size, extent))
+    def make(_path):
+        return SparseExtent(top, shared.budget)
+    extent, release = shared.get("sparse", path, make)
+    if extent.file is not top:
+        top.close()              # another extent line or chain link has it open already
+    parts.append(_SparsePart(0, extent.size, extent, release))
     name = top.name
     desc = None
     if extent.descriptor_bytes is not None:
-        desc_at = extent.first_header.descriptor_offset * SECTOR
-        desc = parse_descriptor(extent.descriptor_bytes, name, desc_at)
+        desc = parse_descriptor(extent.descriptor_bytes, name, extent.descriptor_at)
     default_type = ("vmfsSparse" if extent.cowd else "seSparse" if extent.sesparse else
                     "streamOptimized" if extent.header.compressed else "monolithicSparse")
     access = desc.extents[0].access if desc is not None and len(desc.extents) == 1 else "RW"
@@ -297,8 +369,9 @@ def _read_descriptor_file(top) -> bytes:
     return top.pread(top.size, 0)
 
 
-def _open_descriptor_file(fs, path: str, name: str, text: bytes, parts: list[_Part],
-                          allow_outside: bool) -> tuple[Descriptor, DiskInfo]:
+def _open_descriptor_file(shared: _Shared, path: str, name: str, text: bytes,
+                          parts: list[_Part], allow_outside: bool) -> tuple[Descriptor, DiskInfo]:
+    fs = shared.fs
     desc = parse_descriptor(text, name, 0)
     info = _info(name, desc, desc.total_sectors * SECTOR, None)
     start = 0
@@ -308,24 +381,15 @@ def _open_descriptor_file(fs, path: str, name: str, text: bytes, parts: list[_Pa
         if line.type == "ZERO" or line.access == "NOACCESS":
             part: _Part = _ZeroPart(start, length)
         elif line.type in FLAT_TYPES:
-            f = _open_extent(fs, line, path, name, allow_outside)
+            f, release = _open_extent(shared, "flat", line, path, name, allow_outside,
+                                      lambda p: fs.open(p))
             file_name = f.name
-            part = _FlatPart(start, length, f, line.offset * SECTOR)
+            part = _FlatPart(start, length, f, line.offset * SECTOR, release)
         elif line.type in ("SPARSE", "VMFSSPARSE", "SESPARSE"):
-            # like qemu, the header's magic decides how a sparse extent is read
-            f = _open_extent(fs, line, path, name, allow_outside)
-            file_name = f.name
-            try:
-                head = f.pread(8, 0)
-            except BaseException:
-                f.close()
-                raise
-            if head[:4] not in (MAGIC, COWD_MAGIC) and head != SESPARSE_MAGIC:
-                f.close()
-                raise UnsupportedFormatError(f"{line.type} extent is not a hosted sparse "
-                                             "(KDMV), vmfsSparse (COWD) or seSparse file",
-                                             file_name, 0)
-            part = _SparsePart(start, length, SparseExtent(f))
+            extent, release = _open_extent(shared, "sparse", line, path, name, allow_outside,
+                                           lambda p: _open_sparse(shared, fs.open(p), line))
+            file_name = extent.path
+            part = _SparsePart(start, length, extent, release)
         else:
             raise UnsupportedFormatError(f"{line.type} extents (line {line.line_no}) are not read",
                                          name, line.at)
@@ -336,12 +400,35 @@ def _open_descriptor_file(fs, path: str, name: str, text: bytes, parts: list[_Pa
     return desc, info
 
 
-def _open_extent(fs, line, path: str, name: str, allow_outside: bool):
+def _open_extent(shared: _Shared, kind: str, line, path: str, name: str, allow_outside: bool,
+                 make):
+    fs = shared.fs
     file_path = fs.resolve(line.path, path, allow_outside, at=line.at)
     if not fs.is_file(file_path):
         raise DescriptorError(f"extent file {line.path!r} (line {line.line_no}) not found or "
                               "not a regular file", name, line.at)
-    return fs.open(file_path)
+    try:
+        return shared.get(kind, file_path, make)
+    except DiskIOError as e:
+        if e.offset is not None:
+            raise
+        # the file itself could not be opened: say which descriptor line named it
+        raise DiskIOError(f"extent file {line.path!r} (line {line.line_no}): {e.reason}",
+                          name, line.at) from None
+
+
+def _open_sparse(shared: _Shared, f, line) -> SparseExtent:
+    """A sparse extent file; like qemu, the header's magic decides how it is read."""
+    try:
+        head = f.pread(8, 0)
+    except BaseException:
+        f.close()
+        raise
+    if head[:4] not in (MAGIC, COWD_MAGIC) and head != SESPARSE_MAGIC:
+        f.close()
+        raise UnsupportedFormatError(f"{line.type} extent is not a hosted sparse "
+                                     "(KDMV), vmfsSparse (COWD) or seSparse file", f.name, 0)
+    return SparseExtent(f, shared.budget)
 
 
 def _info(path: str, desc: Descriptor | None, size: int, default_type: str | None) -> DiskInfo:
@@ -354,8 +441,9 @@ def _info(path: str, desc: Descriptor | None, size: int, default_type: str | Non
     return info
 
 
-def _open_parent(fs, path: str, desc: Descriptor | None, info: DiskInfo, ignore_cid: bool,
-                 allow_outside: bool, chain: list[str]) -> VmdkDisk | None:
+def _open_parent(shared: _Shared, path: str, desc: Descriptor | None, info: DiskInfo,
+                 ignore_cid: bool, allow_outside: bool, chain: list[str]) -> VmdkDisk | None:
+    fs = shared.fs
     if desc is None:
         return None
     hint = desc.parent_hint
@@ -377,8 +465,13 @@ def _open_parent(fs, path: str, desc: Descriptor | None, info: DiskInfo, ignore_
     if len(chain) > MAX_CHAIN_DEPTH:
         raise ParentChainError(f"snapshot parent chain deeper than {MAX_CHAIN_DEPTH}",
                                info.path, hint_at)
-    parent = _open(fs, parent_path, ignore_cid, allow_outside, chain)
+    parent = _open(shared, parent_path, ignore_cid, allow_outside, chain)
     try:
+        if info.parent_cid is None and not ignore_cid:
+            raise CidMismatchError(
+                f"parentFileNameHint names parent {parent_path} but no parentCID says which "
+                "state of it this delta was taken from (ignore_cid_mismatch to read anyway)",
+                info.path, hint_at)
         if info.parent_cid != parent.info.cid and not ignore_cid:
             raise CidMismatchError(
                 f"parentCID {_hex(info.parent_cid)} does not match the CID "

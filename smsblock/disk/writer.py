@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import DiskError, DiskIOError, UsageError
-from ..fsutil import fsync_dir
+from ..fsutil import create_file, fsync_dir, is_link, remove_file
 from ..progress import CancelToken, ProgressCallback, check_cancel
 from .base import Disk
 
@@ -137,31 +137,58 @@ def _read_exact(disk: Disk, offset: int, view: memoryview) -> None:
                           disk.path, offset + n)
 
 
-class _PartialFile:
-    """``DST.part`` while writing; renamed to ``DST`` on success, removed on any failure."""
+def check_mode(mode) -> int | None:
+    """An output file mode the user asked for (None: the private default, 0600)."""
+    if mode is None:
+        return None
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise UsageError(f"file mode {mode!r} must be permission bits 0-0o777 (e.g. 0o640)")
+    return mode
 
-    def __init__(self, dst: str):
+
+class PartialFile:
+    """``DST.part`` while writing; renamed to ``DST`` on success, removed on any failure.
+
+    ``DST.part`` is created new (``O_EXCL | O_NOFOLLOW``): a link planted there is refused,
+    never written through; a regular file there (a killed run's) is replaced.  The
+    output is private (0600) unless ``mode`` asks for other permission bits, which are
+    then set exactly (the umask does not narrow them).
+    """
+
+    def __init__(self, dst: str, mode: int | None = None):
         self.dst = dst
         self.part = dst + ".part"
+        self.mode = check_mode(mode)
         self.fd = -1
+        self._created = False
 
-    def __enter__(self) -> "_PartialFile":
+    def __enter__(self) -> "PartialFile":
         try:
-            self.fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-                              | getattr(os, "O_CLOEXEC", 0), 0o644)
+            self.fd = create_file(self.part, replace_stale=True)
+            self._created = True
+            if self.mode is not None:
+                os.fchmod(self.fd, self.mode)
         except OSError as e:
+            self._close_and_remove()
             raise DiskIOError(f"cannot create: {e.strerror}", self.part) from None
         except BaseException:
-            # Ctrl-C right after the file appeared, before the with block owns it
-            self._remove()
+            # Ctrl-C right after the file appeared, maybe before create_file returned its
+            # descriptor: a regular file there is ours (or the leftover it replaced)
+            self._created = self._created or not is_link(self.part)
+            self._close_and_remove()
             raise
         return self
 
+    def _close_and_remove(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._created:
+            with contextlib.suppress(OSError):
+                self._remove()
+
     def _remove(self) -> None:
-        try:
-            os.unlink(self.part)
-        except FileNotFoundError:
-            pass
+        remove_file(self.part)
 
     def commit(self, fsync: bool = True) -> None:
         """Rename ``.part`` to ``DST``; with ``fsync``, data, then the rename, reach the disk."""
@@ -202,7 +229,7 @@ class _Writeback:
             self.started = end
 
 
-def _output_path(dst) -> str:
+def output_path(dst) -> str:
     """The file to (re)place: DST itself, or the file a DST symlink points to.
 
     The output is written next to it as ``.part`` and renamed over it, so DST must be a
@@ -382,7 +409,8 @@ class _StreamWriter:
 def write_stream_optimized(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
                            cancel: CancelToken | None = None, adapter_type: str | None = None,
                            level: int = DEFAULT_LEVEL, threads: int = 2,
-                           hw_version: str = DEFAULT_HW_VERSION, fsync: bool = True) -> None:
+                           hw_version: str = DEFAULT_HW_VERSION, fsync: bool = True,
+                           mode: int | None = None) -> None:
     """Write ``disk`` as a streamOptimized VMDK (the layout of OVF exports and VM Import).
 
     Grains are 64 KiB, zlib-compressed with libdeflate at ``level`` by ``threads`` worker
@@ -396,7 +424,7 @@ def write_stream_optimized(disk: Disk, out_path, *, progress: ProgressCallback |
     """
     from .._deflate import GrainCompressor
 
-    out_path = _output_path(out_path)
+    out_path = output_path(out_path)
     _check_not_source(disk, out_path)
     size = disk.size
     if size <= 0:
@@ -445,7 +473,7 @@ def write_stream_optimized(disk: Disk, out_path, *, progress: ProgressCallback |
                 yield g, n
                 g += n
 
-    with _PartialFile(out_path) as part:
+    with PartialFile(out_path, mode) as part:
         w = _StreamWriter(part.fd, part.part, capacity)
         w.append(_sparse_header(capacity, desc_sectors, overhead, GD_AT_END))
         w.append(descriptor + bytes(desc_sectors * SECTOR - len(descriptor)))
@@ -473,7 +501,8 @@ def write_stream_optimized(disk: Disk, out_path, *, progress: ProgressCallback |
 # --- raw ------------------------------------------------------------------------
 
 def write_raw(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
-              cancel: CancelToken | None = None, threads: int = 2, fsync: bool = True) -> None:
+              cancel: CancelToken | None = None, threads: int = 2, fsync: bool = True,
+              mode: int | None = None) -> None:
     """Write ``disk``'s bytes to a raw image, byte for byte, sparse.
 
     The output is truncated to the disk's size and only DATA extents are read; inside
@@ -485,7 +514,7 @@ def write_raw(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
     """
     from .._deflate import nonzero_runs
 
-    out_path = _output_path(out_path)
+    out_path = output_path(out_path)
     _check_not_source(disk, out_path)
     if threads < 1:
         raise UsageError(f"threads must be at least 1, not {threads}")
@@ -512,7 +541,7 @@ def write_raw(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
             _write_all(part.fd, view[s:t], start + s, part.part)
         return start, length
 
-    with _PartialFile(out_path) as part:
+    with PartialFile(out_path, mode) as part:
         try:
             os.ftruncate(part.fd, size)
         except OSError as e:
@@ -543,14 +572,15 @@ def format_for_path(path) -> str:
 
 def convert(src, dst, *, format: str | None = None, progress: ProgressCallback | None = None,
             cancel: CancelToken | None = None, src_format: str | None = None,
-            fsync: bool = True) -> None:
+            fsync: bool = True, mode: int | None = None) -> None:
     """Copy a disk (a path or an open :class:`Disk`) to ``dst`` as raw or streamOptimized VMDK.
 
     ``format`` is "raw" or "vmdk"; None picks it from ``dst``'s extension.  ``src_format``
     forces the source's format when ``src`` is a path (detected otherwise).  The output
     appears only when complete; a failed or cancelled convert leaves no ``dst`` behind
     (an existing ``dst`` is replaced only on success).  With ``fsync`` (the default) it
-    is on disk when this returns.
+    is on disk when this returns.  The output is private (0600) unless ``mode`` gives
+    its permission bits (see :class:`PartialFile`).
     """
     from . import open_disk
 
@@ -560,7 +590,7 @@ def convert(src, dst, *, format: str | None = None, progress: ProgressCallback |
         raise UsageError(f"unknown output format {fmt!r} (expected raw or vmdk)")
     writer = write_stream_optimized if fmt == "vmdk" else write_raw
     if isinstance(src, Disk):
-        writer(src, dst, progress=progress, cancel=cancel, fsync=fsync)
+        writer(src, dst, progress=progress, cancel=cancel, fsync=fsync, mode=mode)
         return
     src = os.fspath(src)
     try:
@@ -570,4 +600,4 @@ def convert(src, dst, *, format: str | None = None, progress: ProgressCallback |
     if stat.S_ISDIR(st.st_mode):
         raise DiskIOError("is a directory, not a disk image", src)
     with open_disk(src, format=src_format) as disk:
-        writer(disk, dst, progress=progress, cancel=cancel, fsync=fsync)
+        writer(disk, dst, progress=progress, cancel=cancel, fsync=fsync, mode=mode)

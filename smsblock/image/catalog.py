@@ -16,9 +16,9 @@ import shutil
 from pathlib import Path
 
 from ..errors import ImageError, ImageNotFoundError, UsageError
-from ..fsutil import fsync_dir
+from ..fsutil import DIR_MODE, LINK_REFUSED, fsync_dir, is_link, make_root, write_new_file
 
-IMAGE_ID = re.compile(r"^ami-[0-9a-f]{17}$")
+IMAGE_ID = re.compile(r"ami-[0-9a-f]{17}")   # always fullmatch
 RECORD_FILE = "image.json"
 DISK_FILE = "disk.vmdk"
 
@@ -37,7 +37,7 @@ def new_image_id() -> str:
 
 
 def check_image_id(image_id: str) -> str:
-    if not isinstance(image_id, str) or not IMAGE_ID.match(image_id):
+    if not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
         raise UsageError(f"{image_id!r} is not an image id (ami- followed by 17 hex digits)")
     return image_id
 
@@ -54,12 +54,12 @@ class Catalog:
     def add(self, write_disk, record: dict) -> dict:
         """Create an image: ``write_disk(path)`` writes the VMDK, ``record`` is completed
         with ``image_id`` and the disk file's name and size, then saved; returns it."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_root(self.root)                # 0700
         image_id = new_image_id()
-        while (self.root / image_id).exists():
+        while os.path.lexists(self.root / image_id):
             image_id = new_image_id()
         tmp = self.root / f".tmp-{image_id}"
-        tmp.mkdir()
+        os.mkdir(tmp, DIR_MODE)             # new: never an existing folder or link
         try:
             disk_path = tmp / DISK_FILE
             write_disk(disk_path)
@@ -68,10 +68,7 @@ class Catalog:
                                 "file_size": disk_path.stat().st_size,
                                 **(record.get("disk") or {})})
             data = json.dumps(record, indent=2, sort_keys=True) + "\n"
-            with open(tmp / RECORD_FILE, "w") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            write_new_file(tmp / RECORD_FILE, data.encode())     # 0600, O_EXCL
             os.rename(tmp, self.root / image_id)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -85,7 +82,7 @@ class Catalog:
         if not self.root.is_dir():
             return out
         for entry in sorted(self.root.iterdir()):
-            if IMAGE_ID.match(entry.name) and (entry / RECORD_FILE).is_file():
+            if IMAGE_ID.fullmatch(entry.name) and (entry / RECORD_FILE).is_file():
                 try:
                     out.append(self.show(entry.name))
                 except ImageError:
@@ -107,9 +104,35 @@ class Catalog:
 
     def delete(self, image_id: str) -> None:
         d = self._dir(image_id)
+        if is_link(d):      # never delete what a planted link points to
+            raise ImageError(f"{d}: {LINK_REFUSED}")
         if not (d / RECORD_FILE).is_file():
             raise ImageNotFoundError(f"no image {image_id} in the catalog at {self.root}")
         # rename first so a crash midway never leaves a listed image without its disk
         trash = self.root / f".tmp-del-{image_id}"
         os.rename(d, trash)
         shutil.rmtree(trash)
+
+    def set_boot_test(self, image_id: str, result: dict) -> dict:
+        """Store a boot test's outcome in the image's record (``boot_test``); a failed test
+        marks the image (``boot_test.ok`` false) and never deletes it."""
+        d = self._dir(image_id)
+        record = self.show(image_id)
+        record.pop("disk_path", None)
+        record["boot_test"] = result
+        tmp = d / f".{RECORD_FILE}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, d / RECORD_FILE)     # atomic: readers see the old or the new record
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        fsync_dir(d)
+        return record

@@ -121,3 +121,40 @@ def _wait_completed(ec2, snapshot_id, cancel, timeout=600.0):
         check_cancel(cancel)
         time.sleep(delay)
         delay = min(delay * 2, 5.0)
+
+
+def _ec2_failure(what, endpoint_url, e) -> ImageError:
+    return ImageError(f"{what} failed at {endpoint_url or 'the default endpoint'}: {e}")
+
+
+def run_instance(image_id: str, *, instance_type: str = "t3.micro",
+                 endpoint_url: str | None = None, region: str | None = None) -> dict:
+    """RunInstances with one registered AMI; returns the instance id, state and region."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    _, ec2 = _clients(endpoint_url, region)
+    try:
+        reply = ec2.run_instances(
+            ImageId=image_id, InstanceType=instance_type, MinCount=1, MaxCount=1,
+            TagSpecifications=[{"ResourceType": "instance",
+                                "Tags": [{"Key": "smsblock:image", "Value": image_id}]}])
+    except (ClientError, BotoCoreError) as e:
+        raise _ec2_failure(f"RunInstances of {image_id}", endpoint_url, e) from None
+    instance = reply["Instances"][0]
+    return {"instance_id": instance["InstanceId"],
+            "state": instance.get("State", {}).get("Name", "pending"),
+            "region": ec2.meta.region_name}
+
+
+def terminate_ec2_instance(instance_id: str, *, endpoint_url: str | None = None,
+                           region: str | None = None) -> str:
+    """TerminateInstances; returns the instance's new state (``shutting-down``...)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    _, ec2 = _clients(endpoint_url, region)
+    try:
+        reply = ec2.terminate_instances(InstanceIds=[instance_id])
+    except (ClientError, BotoCoreError) as e:
+        raise _ec2_failure(f"TerminateInstances of {instance_id}", endpoint_url, e) from None
+    changes = reply.get("TerminatingInstances") or [{}]
+    return changes[0].get("CurrentState", {}).get("Name", "shutting-down")

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import socket
+import threading
 import uuid
 
 from .. import __version__
@@ -46,7 +47,8 @@ OPERATIONS: dict[str, dict[str, str]] = {
                              "frequency": "integer", "runOnce": "boolean",
                              "licenseType": "string", "roleName": "string",
                              "description": "string", "numberOfRecentAmisToKeep": "integer",
-                             "encrypted": "boolean", "kmsKeyId": "string"},
+                             "encrypted": "boolean", "kmsKeyId": "string",
+                             "bootTest": "boolean"},     # smsblock's own: boot-test each image
     "GetReplicationJobs": {"replicationJobId": "string", "nextToken": "string",
                            "maxResults": "integer"},
     "GetReplicationRuns": {"replicationJobId": "string", "nextToken": "string",
@@ -55,7 +57,8 @@ OPERATIONS: dict[str, dict[str, str]] = {
                              "nextReplicationRunStartTime": "timestamp",
                              "licenseType": "string", "roleName": "string",
                              "description": "string", "numberOfRecentAmisToKeep": "integer",
-                             "encrypted": "boolean", "kmsKeyId": "string"},
+                             "encrypted": "boolean", "kmsKeyId": "string",
+                             "bootTest": "boolean"},
     "StartOnDemandReplicationRun": {"replicationJobId": "string", "description": "string"},
     "DeleteReplicationJob": {"replicationJobId": "string"},
 }
@@ -65,26 +68,136 @@ def snake(operation: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", operation).lower()
 
 
+INT32 = (-(1 << 31), (1 << 31) - 1)   # the model's integer shapes are 32-bit
+MAX_TOKEN = 1024                       # a nextToken this service gives is ~40 characters
+
+# The errors the SMS model (service-2.json) declares for each served operation; a test
+# checks this table against the model.
+DECLARED_ERRORS: dict[str, frozenset[str]] = {op: frozenset(codes) for op, codes in {
+    "GetConnectors": ["UnauthorizedOperationException"],
+    "DisassociateConnector": ["MissingRequiredParameterException",
+                              "UnauthorizedOperationException",
+                              "OperationNotPermittedException", "InvalidParameterException"],
+    "ImportServerCatalog": ["UnauthorizedOperationException", "OperationNotPermittedException",
+                            "InvalidParameterException", "MissingRequiredParameterException",
+                            "NoConnectorsAvailableException"],
+    "DeleteServerCatalog": ["UnauthorizedOperationException", "OperationNotPermittedException",
+                            "InvalidParameterException", "MissingRequiredParameterException"],
+    "GetServers": ["UnauthorizedOperationException", "InvalidParameterException",
+                   "MissingRequiredParameterException", "InternalError"],
+    "CreateReplicationJob": ["InvalidParameterException", "MissingRequiredParameterException",
+                             "UnauthorizedOperationException", "OperationNotPermittedException",
+                             "ServerCannotBeReplicatedException",
+                             "ReplicationJobAlreadyExistsException",
+                             "NoConnectorsAvailableException", "InternalError",
+                             "TemporarilyUnavailableException"],
+    "GetReplicationJobs": ["InvalidParameterException", "MissingRequiredParameterException",
+                           "UnauthorizedOperationException"],
+    "GetReplicationRuns": ["InvalidParameterException", "MissingRequiredParameterException",
+                           "UnauthorizedOperationException"],
+    "UpdateReplicationJob": ["InvalidParameterException", "MissingRequiredParameterException",
+                             "OperationNotPermittedException", "UnauthorizedOperationException",
+                             "ServerCannotBeReplicatedException",
+                             "ReplicationJobNotFoundException", "InternalError",
+                             "TemporarilyUnavailableException"],
+    "StartOnDemandReplicationRun": ["InvalidParameterException",
+                                    "MissingRequiredParameterException",
+                                    "UnauthorizedOperationException",
+                                    "OperationNotPermittedException",
+                                    "ReplicationRunLimitExceededException",
+                                    "DryRunOperationException"],
+    "DeleteReplicationJob": ["InvalidParameterException", "MissingRequiredParameterException",
+                             "UnauthorizedOperationException", "OperationNotPermittedException",
+                             "ReplicationJobNotFoundException"],
+}.items()}
+
+# Errors any AWS JSON 1.1 operation may answer, declared or not: the protocol's own and
+# the API reference's "common errors".
+COMMON_ERRORS = frozenset({
+    "UnknownOperationException", "SerializationException", "MissingAuthenticationTokenException",
+    "IncompleteSignatureException", "InvalidSignatureException", "UnrecognizedClientException",
+    "AccessDeniedException", "ThrottlingException", "ServiceUnavailable", "InternalFailure",
+    "InvalidParameterValue", "MissingParameter", "ValidationException"})
+
+# An error an operation does not declare becomes the first of these it declares (or the
+# common error of the same meaning); the message keeps saying what was wrong.
+_SAME_MEANING: dict[str, tuple[str, ...]] = {
+    "ReplicationJobNotFoundException": ("InvalidParameterException", "InvalidParameterValue"),
+    "MissingRequiredParameterException": ("InvalidParameterException", "MissingParameter"),
+    "InvalidParameterException": ("InvalidParameterValue",),
+    "ServerCannotBeReplicatedException": ("OperationNotPermittedException",),
+    "NoConnectorsAvailableException": ("OperationNotPermittedException",),
+    "ReplicationRunLimitExceededException": ("OperationNotPermittedException",),
+    "ReplicationJobAlreadyExistsException": ("OperationNotPermittedException",),
+    "TemporarilyUnavailableException": ("ServiceUnavailable",),
+    "InternalError": ("InternalFailure",),
+}
+
+
+def declared_error(operation: str, code: str) -> str:
+    """The error code to answer ``operation`` with for an error ``code``: itself when the
+    model declares it for the operation (or it is a common error), else the declared
+    error of the same meaning; unchanged when there is none."""
+    declared = DECLARED_ERRORS.get(operation)
+    if declared is None or code in declared or code in COMMON_ERRORS:
+        return code
+    for other in _SAME_MEANING.get(code, ()):
+        if other in declared or other in COMMON_ERRORS:
+            return other
+    return code
+
+
+def _check_text(op: str, name: str, value: str) -> str:
+    # JSON may carry lone surrogates (\ud800), the CLI's argv undecodable bytes as
+    # surrogates; neither can be stored or sent back as UTF-8
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ServiceError(f"{op}: {name} is not valid Unicode text (character "
+                           f"{e.start} is a lone surrogate or an undecodable byte)",
+                           "InvalidParameterException") from None
+    return value
+
+
+def _timestamp(value, name: str):
+    """``parse_timestamp`` with every out-of-calendar value as InvalidParameterException."""
+    try:
+        return parse_timestamp(value, name)
+    except (OverflowError, ValueError, OSError):
+        # e.g. 9999-12-31T23:59:59-23:59, whose UTC time is past year 9999
+        raise ServiceError(f"{name}: {str(value)[:60]!r} is outside the calendar",
+                           "InvalidParameterException") from None
+
+
 def _check_type(op: str, name: str, kind: str, value):
     bad = ServiceError(f"{op}: {name} must be {kind}, got {value!r}"[:300],
                        "InvalidParameterException")
     if kind == "string":
         if not isinstance(value, str):
             raise bad
+        _check_text(op, name, value)
     elif kind == "integer":
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
+        if not INT32[0] <= value <= INT32[1]:
+            raise ServiceError(f"{op}: {name} must be a 32-bit integer, got "
+                               f"{str(value)[:40]}", "InvalidParameterException")
     elif kind == "boolean":
         if not isinstance(value, bool):
             raise bad
     elif kind == "timestamp":
-        return parse_timestamp(value, name)
+        if isinstance(value, str):
+            _check_text(op, name, value)
+        return _timestamp(value, name)
     elif kind == "addresses":
         if not isinstance(value, list) or not all(
                 isinstance(a, dict) and set(a) <= {"vmManagerId", "vmId"}
                 and all(isinstance(v, str) for v in a.values()) for a in value):
             raise ServiceError(f"{op}: {name} must be a list of {{vmManagerId, vmId}}",
                                "InvalidParameterException")
+        for a in value:
+            for k, v in a.items():
+                _check_text(op, f"{name}.{k}", v)
     return value
 
 
@@ -101,8 +214,19 @@ class SmsService:
         self.state = state if state is not None else State(state_dir)
         self.clock = clock
         self.config = config if config is not None else ServiceConfig.load(self.state.dir)
+        #: how long ImportServerCatalog waits for the import (None: until it is done;
+        #: `smsblock serve` sets a few seconds, the import then goes on in the background)
+        self.import_wait_seconds: float | None = None
+        self._imports: list[catalog.CatalogImport] = []
+        self._imports_lock = threading.Lock()
 
     def close(self) -> None:
+        with self._imports_lock:       # background imports stop; a killed one is recovered
+            for job in self._imports:
+                job.cancel.cancel("the service is closing")
+            running = list(self._imports)
+        for job in running:
+            job.done.wait(5)
         self.state.close()
 
     def __enter__(self) -> "SmsService":
@@ -116,16 +240,25 @@ class SmsService:
     def call(self, operation: str, params: dict | None) -> dict:
         """Run one SMS operation from a decoded JSON request."""
         spec = OPERATIONS.get(operation)
-        if spec is None:
-            raise ServiceError(f"unknown or unsupported operation {operation!r}",
-                               "InvalidAction")
+        if spec is None:   # what JSON 1.1 services answer for an operation they do not serve
+            raise ServiceError(f"operation {str(operation)[:80]!r} is not served",
+                               "UnknownOperationException")
+        try:
+            return self._call(operation, spec, params)
+        except ServiceError as e:
+            code = declared_error(operation, e.code)
+            if code != e.code:
+                raise ServiceError(str(e), code) from None
+            raise
+
+    def _call(self, operation: str, spec: dict[str, str], params) -> dict:
         params = params or {}
         if not isinstance(params, dict):
             raise ServiceError(f"{operation}: the request body must be a JSON object",
                                "SerializationException")
         unknown = sorted(set(params) - set(spec))
         if unknown:
-            raise ServiceError(f"{operation}: unknown parameters {unknown}",
+            raise ServiceError(f"{operation}: unknown parameters {unknown}"[:300],
                                "InvalidParameterException")
         checked = {k: _check_type(operation, k, spec[k], v)
                    for k, v in params.items() if v is not None}
@@ -206,17 +339,41 @@ class SmsService:
     # --- catalog ----------------------------------------------------------------------
 
     def import_server_catalog(self) -> dict:
-        catalog.import_catalog(self.state, self.clock())
+        """Start an import; with ``import_wait_seconds`` None (the default) return when it
+        is done, else after at most that long (it goes on in a background thread, the
+        catalog IMPORTING meanwhile).  Errors of an import that ends within the wait are
+        raised; later ones are logged and kept in :meth:`last_catalog_import`."""
+        job = catalog.begin_import(self.state, self.clock(), self.config)
+        if self.import_wait_seconds is None:
+            catalog.run_import(self.state, job, self.clock)
+        else:
+            thread = threading.Thread(target=catalog.run_import, name="catalog-import",
+                                      args=(self.state, job, self.clock), daemon=True)
+            with self._imports_lock:
+                self._imports = [j for j in self._imports if not j.done.is_set()] + [job]
+            thread.start()
+            if not job.done.wait(self.import_wait_seconds):
+                return {}
+        if job.error is not None:
+            raise job.error
         return {}
 
     def delete_server_catalog(self) -> dict:
-        catalog.delete_catalog(self.state, self.clock())
+        catalog.delete_catalog(self.state, self.clock(), self.config)
+        with self._imports_lock:       # an import of this process stops listing early
+            for job in self._imports:
+                job.cancel.cancel("the server catalog was deleted")
         return {}
+
+    def last_catalog_import(self) -> dict | None:
+        """What the last finished catalog import did (not an SMS operation): servers,
+        problems (VMs left out, with the reason), error; see :func:`catalog.last_import`."""
+        return catalog.last_import_of(self.state)
 
     def get_servers(self, nextToken: str | None = None, maxResults: int | None = None,
                     vmServerAddressList: list[dict] | None = None) -> dict:
         with self.state.transaction() as db:
-            cat = db.execute("SELECT * FROM catalog WHERE id = 1").fetchone()
+            cat = catalog.refresh_status(db, self.state.dir, self.clock(), self.config)
             rows = db.execute("SELECT * FROM servers WHERE in_catalog = 1 "
                               "ORDER BY vm_path, server_id").fetchall()
             if vmServerAddressList:
@@ -298,7 +455,7 @@ class SmsService:
         params = dict(params)
         for n in names:
             if params.get(n) is not None:
-                params[n] = parse_timestamp(params[n], n).timestamp()
+                params[n] = _timestamp(params[n], n).timestamp()
         return params
 
     def _job(self, db, row, n_runs: int) -> dict:
@@ -333,12 +490,19 @@ def _paginate(op: str, rows: list, token: str | None, max_results: int | None):
     start = 0
     if token:
         try:
+            if len(token) > MAX_TOKEN:
+                raise ValueError("too long")
             data = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
-            if data.get("op") != op or not isinstance(data.get("offset"), int) or data["offset"] < 0:
+            if not isinstance(data, dict) or data.get("op") != op:
                 raise ValueError
-            start = data["offset"]
-        except (ValueError, UnicodeError, binascii.Error, AttributeError):
-            raise jobs.invalid(f"nextToken {token[:40]!r} is not a token this operation gave") from None
+            offset = data.get("offset")
+            if type(offset) is not int or offset < 0:   # not a bool, not a float
+                raise ValueError
+            start = offset
+        except (ValueError, UnicodeError, binascii.Error, RecursionError):
+            # RecursionError: a token of deeply nested JSON
+            raise jobs.invalid(f"nextToken {token[:40]!r} is not a token this operation "
+                               "gave") from None
     end = start + max_results
     next_token = None
     if end < len(rows):

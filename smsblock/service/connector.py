@@ -24,6 +24,7 @@ import threading
 from pathlib import Path
 
 from ..errors import ConnectorError, SmsBlockError, StoreError
+from ..fsutil import open_lock_file
 from ..progress import CancelToken
 from .api import SmsService
 from .executor import RunExecutor
@@ -70,7 +71,10 @@ class ConnectorLoop:
 
     def __enter__(self) -> "ConnectorLoop":
         path = Path(self.service.state.dir) / f"connector-{self.connector_id}.lock"
-        f = open(path, "a+")
+        try:    # 0600, never through a link: the pid is written into it
+            f = open(path, "a+", opener=lambda p, _flags: open_lock_file(p))
+        except OSError as e:
+            raise ConnectorError(f"{path}: cannot open the connector lock: {e.strerror}") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

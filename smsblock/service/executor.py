@@ -100,6 +100,12 @@ class LocalImageStep:
     def deregister(self, ami_id: str) -> None:
         self.catalog.delete(ami_id)
 
+    def boot_test(self, ami_id: str, cancel=None) -> tuple[bool, str]:
+        """Boot the image under QEMU (docs/image.md); the result goes into its record."""
+        from ..image.boottest import boot_test
+        result = boot_test(ami_id, catalog=self.catalog, cancel=cancel)
+        return result.ok, result.summary()
+
     def find(self, server_id: str, run_id: str) -> list[str]:
         """The images of the catalog made from stored run ``run_id`` of ``server_id``."""
         return [r["image_id"] for r in self.catalog.list()
@@ -433,7 +439,25 @@ class RunExecutor:
         message = (f"completed: {changed} blocks changed, {stored} bytes stored, "
                    f"{_METHOD_WORDS[summary['changeMethod']]}"
                    + (f", image {ami_id}" if ami_id else ", no image step available: blocks only"))
+        if ami_id and "boot_test" in ctx.job.keys() and ctx.job["boot_test"]:
+            message += "; " + self._boot_test(ctx, ami_id, summary, cancel)
         return ami_id, summary, message
+
+    def _boot_test(self, ctx: RunContext, ami_id: str, summary: dict, cancel) -> str:
+        """The job's bootTest: a failed boot test marks the image, never fails the run."""
+        tester = getattr(self.image_step, "boot_test", None)
+        if tester is None:
+            summary["bootTest"] = {"ok": None, "message": "not available with this image step"}
+            return "boot test not available with this image step"
+        self._update_run(ctx.run["run_id"], status_message=f"boot-testing image {ami_id}")
+        try:
+            ok, text = tester(ami_id, cancel=cancel)
+        except Cancelled:
+            raise
+        except SmsBlockError as e:
+            ok, text = False, f"boot test could not run: {e}"
+        summary["bootTest"] = {"ok": ok, "message": text}
+        return text
 
     def _previous_summary(self, job_id: str) -> dict | None:
         """The record of the job's last completed run (its source's change ids, its disks)."""

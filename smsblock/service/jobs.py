@@ -109,6 +109,13 @@ def check_amis_to_keep(value) -> int:
     return value
 
 
+def check_boot_test(value) -> bool:
+    """bootTest (smsblock's own job field, no SMS client sends it): boot-test each image."""
+    if not isinstance(value, bool):
+        raise invalid(f"bootTest must be true or false, got {value!r}")
+    return value
+
+
 def check_encryption(encrypted, kms_key_id) -> None:
     if encrypted:
         raise invalid("encrypted images are not supported by this service's image catalog; "
@@ -219,11 +226,13 @@ def create_job(db: sqlite3.Connection, params: dict, now: float, config: Service
         (job_id, server_id, seed, frequency, int(run_once), seed, license_type, role,
          ReplicationJobState.PENDING.value, "waiting for the seed replication time",
          description, keep, 0, None, now))
+    if check_boot_test(params.get("bootTest", False)):
+        db.execute("UPDATE jobs SET boot_test = 1 WHERE job_id = ?", (job_id,))
     return job_id
 
 
 UPDATABLE = ("frequency", "nextReplicationRunStartTime", "licenseType", "roleName",
-             "description", "numberOfRecentAmisToKeep", "encrypted", "kmsKeyId")
+             "description", "numberOfRecentAmisToKeep", "encrypted", "kmsKeyId", "bootTest")
 
 
 def update_job(db: sqlite3.Connection, params: dict, now: float, config: ServiceConfig) -> None:
@@ -252,6 +261,8 @@ def update_job(db: sqlite3.Connection, params: dict, now: float, config: Service
     if params.get("numberOfRecentAmisToKeep") is not None:
         changes["amis_to_keep"] = check_amis_to_keep(params["numberOfRecentAmisToKeep"])
     check_encryption(params.get("encrypted", False), params.get("kmsKeyId"))
+    if params.get("bootTest") is not None:
+        changes["boot_test"] = int(check_boot_test(params["bootTest"]))
     if changes:
         sets = ", ".join(f"{k} = ?" for k in changes)
         db.execute(f"UPDATE jobs SET {sets} WHERE job_id = ?", (*changes.values(), job["job_id"]))

@@ -5,39 +5,92 @@ and a JSON body; answers are JSON, errors ``{"__type": "<Code>", "message": "...
 with HTTP 400 (500 for a fault of the server itself).  So the unmodified AWS CLI and
 boto3, given the official SMS model, talk to it with ``--endpoint-url``.
 
-Every request must carry a valid AWS Signature Version 4 made with the configured
-credentials (``SMSBLOCK_ACCESS_KEY_ID`` / ``SMSBLOCK_SECRET_ACCESS_KEY``).  The expected
-signature is computed with botocore's own signer over the request as received (the
-headers the client listed in SignedHeaders, the path, the query, the body) and compared
-in constant time; requests older or newer than 15 minutes are refused.
+Every request must carry an AWS Signature Version 4 made with the configured
+credentials (``SMSBLOCK_ACCESS_KEY_ID`` / ``SMSBLOCK_SECRET_ACCESS_KEY``) that binds the
+whole request: the method and path, the headers ``host``, ``content-type``,
+``x-amz-date`` and ``x-amz-target`` (all must be in SignedHeaders, as botocore signs
+them), and the SHA-256 of the body bytes actually received (an ``X-Amz-Content-SHA256``
+header must equal it; ``UNSIGNED-PAYLOAD`` is refused).  The credential scope must name
+the service ``sms`` and the region ``serve`` runs as; requests more than 15 minutes
+from the server clock are refused.
+
+The HTTP/1.1 layer is written here rather than taken from :mod:`http.server`, because
+that one has no total deadline per request, keeps up to 100 header lines of 64 KiB,
+reads the whole body into memory before anything is authenticated, and ignores
+``Transfer-Encoding``.  Here (limits in :class:`Limits`): at most ``max_connections``
+connections are served at once (more get 503 at once); a request's line and headers
+must arrive within ``head_timeout`` and fit ``max_head`` bytes; the body must arrive
+within ``body_timeout``; at most ``max_body`` bytes of it, of which only
+``body_in_memory`` are held in memory before the signature is checked (the rest waits in
+an unlinked file in the state directory); ``Transfer-Encoding`` is refused (411, or 400
+with a Content-Length), as are duplicate headers, bare CR/LF, line folding and malformed
+Content-Length.  Every HTTP-level refusal closes the connection.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
 import os
 import re
+import socket
+import socketserver
+import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.utils import formatdate
+from http import HTTPStatus
 
 from ..errors import ServiceError, SmsBlockError, UsageError
-from .api import SmsService
+from .api import SmsService, declared_error
 
 log = logging.getLogger(__name__)
 
 TARGET_PREFIX = "AWSServerMigrationService_V2016_10_24."
 CONTENT_TYPE = "application/x-amz-json-1.1"
-MAX_BODY = 1 << 20
+SERVICE_NAME = "sms"             # the model's signingName (endpointPrefix)
+DEFAULT_REGION = "us-east-1"
 MAX_SKEW_SECONDS = 15 * 60
+IMPORT_WAIT_SECONDS = 2.0     # ImportServerCatalog answers by then; the import goes on
 ACCESS_KEY_ENV = "SMSBLOCK_ACCESS_KEY_ID"
 SECRET_KEY_ENV = "SMSBLOCK_SECRET_ACCESS_KEY"
+# what botocore signs for a JSON 1.1 request, and what decides what the request does
+REQUIRED_SIGNED_HEADERS = ("content-type", "host", "x-amz-date", "x-amz-target")
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+REGION = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
 
-_AUTH = re.compile(r"^AWS4-HMAC-SHA256\s+Credential=([^/\s,]+)/(\d{8})/([^/\s,]+)/([^/\s,]+)/"
-                   r"aws4_request,\s*SignedHeaders=([a-z0-9;\-]+),\s*Signature=([0-9a-f]{64})$")
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may make the server spend (defaults documented in docs/service.md)."""
+
+    max_connections: int = 64       # served at once; more are answered 503 and closed
+    head_timeout: float = 10.0      # request line + headers (and idle keep-alive) deadline, s
+    body_timeout: float = 30.0      # whole body deadline, s
+    send_timeout: float = 30.0      # whole response deadline, s
+    max_head: int = 8192            # request line + headers, bytes
+    max_headers: int = 48
+    max_body: int = 1 << 20
+    body_in_memory: int = 8192      # body bytes held in memory before the signature is checked
+
+
+MAX_BODY = Limits.max_body
+_CHUNK = 4096                       # one recv
+_LINGER_BYTES = 64 * 1024           # drained after a refusal so the client sees the answer
+_LINGER_SECONDS = 1.0
+
+_AUTH = re.compile(r"AWS4-HMAC-SHA256 +Credential=([^/\s,]+)/(\d{8})/([^/\s,]+)/([^/\s,]+)/"
+                   r"aws4_request, *SignedHeaders=([a-z0-9;\-]+), *Signature=([0-9a-f]{64})")
+_AMZ_DATE = re.compile(r"[0-9]{8}T[0-9]{6}Z")
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])")
+# field-name ":" OWS field-value OWS; values are visible ASCII, space and tab only
+_HEADER = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?)[ \t]*")
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,16}")
 
 
 @dataclass(frozen=True)
@@ -62,31 +115,44 @@ def _auth_error(message: str, code: str = "InvalidSignatureException") -> Servic
     return ServiceError(message, code)
 
 
-def verify_sigv4(method: str, path: str, headers, body: bytes, creds: ServerCredentials,
-                 now: datetime | None = None) -> None:
-    """Raise ServiceError unless the request is signed with ``creds`` (SigV4, header form)."""
-    from botocore.auth import SigV4Auth
-    from botocore.awsrequest import AWSRequest
-    from botocore.credentials import Credentials
+def _hmac(key: bytes, msg: str) -> bytes:
+    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
 
-    header = headers.get("Authorization")
+
+def verify_sigv4(method: str, path: str, headers, payload_sha256: str, creds: ServerCredentials,
+                 *, region: str = DEFAULT_REGION, service: str = SERVICE_NAME,
+                 now: datetime | None = None) -> None:
+    """Raise ServiceError unless the request is signed with ``creds`` (SigV4, header form).
+
+    ``headers`` maps lower-case names to values (one value each); ``path`` is the request
+    target, which must be canonical already (no query, no escapes: ``/``);
+    ``payload_sha256`` is the hex SHA-256 of the body as received.
+    """
+    header = headers.get("authorization")
     if not header:
         raise _auth_error("Missing Authentication Token", "MissingAuthenticationTokenException")
-    m = _AUTH.match(header.strip())
+    m = _AUTH.fullmatch(header.strip())
     if m is None:
         raise _auth_error("the Authorization header is not an AWS4-HMAC-SHA256 signature",
                           "IncompleteSignatureException")
-    akid, date, region, service, signed, signature = m.groups()
+    akid, date, scope_region, scope_service, signed, signature = m.groups()
     if not hmac.compare_digest(akid.encode(), creds.access_key_id.encode()):
         raise _auth_error("The security token included in the request is invalid.",
                           "UnrecognizedClientException")
-    amz_date = headers.get("X-Amz-Date")
+    if scope_service != service:
+        raise _auth_error(f"Credential should be scoped to correct service: '{service}'.")
+    if scope_region != region:
+        raise _auth_error(f"Credential should be scoped to a valid region, not "
+                          f"'{scope_region}' (this server is {region}: serve --region).")
+    amz_date = headers.get("x-amz-date")
     if not amz_date:
         raise _auth_error("the request has no X-Amz-Date header", "IncompleteSignatureException")
     try:
+        if not _AMZ_DATE.fullmatch(amz_date):
+            raise ValueError
         when = datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
     except ValueError:
-        raise _auth_error(f"X-Amz-Date {amz_date!r} is not YYYYMMDDTHHMMSSZ",
+        raise _auth_error(f"X-Amz-Date {amz_date[:40]!r} is not YYYYMMDDTHHMMSSZ",
                           "IncompleteSignatureException") from None
     if amz_date[:8] != date:
         raise _auth_error("the credential scope date does not match X-Amz-Date")
@@ -94,97 +160,445 @@ def verify_sigv4(method: str, path: str, headers, body: bytes, creds: ServerCred
     if abs((now - when).total_seconds()) > MAX_SKEW_SECONDS:
         raise _auth_error(f"Signature expired: {amz_date} is more than 15 minutes from the "
                           f"server time {now.strftime('%Y%m%dT%H%M%SZ')}")
-    signed_names = signed.split(";")
-    if "host" not in signed_names:
-        raise _auth_error("the signature does not cover the host header")
-    picked = {}
-    for name in signed_names:
+    names = signed.split(";")
+    if names != sorted(set(names)) or "" in names:
+        raise _auth_error("SignedHeaders must be sorted, distinct header names",
+                          "IncompleteSignatureException")
+    missing = [n for n in REQUIRED_SIGNED_HEADERS if n not in names]
+    if missing:
+        raise _auth_error(f"the signature must cover the headers {', '.join(missing)} "
+                          f"(it covers {', '.join(names)})", "IncompleteSignatureException")
+    claimed = headers.get("x-amz-content-sha256")
+    if claimed is not None and claimed != payload_sha256:
+        if claimed == UNSIGNED_PAYLOAD or claimed.startswith("STREAMING-"):
+            raise _auth_error(f"X-Amz-Content-SHA256 {claimed[:40]!r}: the body must be signed")
+        raise _auth_error("X-Amz-Content-SHA256 does not match the SHA-256 of the body received")
+    canonical = [method, path, ""]
+    for name in names:
         value = headers.get(name)
         if value is None:
             raise _auth_error(f"signed header {name!r} is missing from the request")
-        picked[name] = value
-    request = AWSRequest(method=method, url=f"http://{picked['host']}{path}", data=body,
-                         headers=picked)
-    request.context["timestamp"] = amz_date
-    signer = SigV4Auth(Credentials(creds.access_key_id, creds.secret_access_key), service, region)
-    expected = signer.signature(signer.string_to_sign(request, signer.canonical_request(request)),
-                                request)
+        canonical.append(f"{name}:{' '.join(value.split())}")
+    canonical += ["", signed, payload_sha256]
+    scope = f"{date}/{region}/{service}/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
+                         hashlib.sha256("\n".join(canonical).encode()).hexdigest()])
+    key = ("AWS4" + creds.secret_access_key).encode()
+    for part in (date, region, service, "aws4_request"):
+        key = _hmac(key, part)
+    expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, signature):
         raise _auth_error("The request signature we calculated does not match the signature "
                           "you provided. Check your AWS Secret Access Key and signing method.")
 
 
-class SmsRequestHandler(BaseHTTPRequestHandler):
-    server_version = "smsblock-sms"
-    protocol_version = "HTTP/1.1"
-    # headers and body go out in two writes; with Nagle on, keep-alive clients wait for
-    # a delayed ACK (~40 ms) on every request
-    disable_nagle_algorithm = True
+def decode_json_body(body: bytes):
+    """The request body as JSON: UTF-8, no NaN/Infinity, no duplicate keys, bounded depth."""
+    if not body.strip():
+        return {}
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ServiceError(f"the request body is not UTF-8 (byte {e.start})",
+                           "SerializationException") from None
 
-    def log_message(self, fmt, *args):   # through logging, not stderr
-        log.info("%s %s", self.address_string(), fmt % args)
+    def pairs(items):
+        out = dict(items)
+        if len(out) != len(items):
+            raise ValueError("duplicate key")
+        return out
 
-    def _send(self, status: int, payload: dict) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", CONTENT_TYPE)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("x-amzn-RequestId", os.urandom(16).hex())
-        self.end_headers()
-        self.wfile.write(body)
+    def constant(name):
+        raise ValueError(f"{name} is not JSON")
 
-    def _error(self, e: ServiceError, status: int | None = None) -> None:
-        self._send(status or e.http_status, {"__type": e.code, "message": str(e)})
+    try:
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+    except (ValueError, RecursionError) as e:
+        reason = "nests too deeply" if isinstance(e, RecursionError) else str(e)[:120]
+        raise ServiceError(f"the request body is not JSON: {reason}",
+                           "SerializationException") from None
 
-    def do_GET(self):
-        self._error(ServiceError("the SMS API takes POST requests", "UnknownOperationException"))
 
-    def do_POST(self):
+# --- the HTTP/1.1 layer --------------------------------------------------------------------
+
+class _HttpError(Exception):
+    """A request refused at the HTTP level: answered, then the connection is closed."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class _Request:
+    method: str
+    target: str
+    version: tuple[int, int]
+    headers: dict[str, str]
+
+
+class _Wire:
+    """One connection's reads, each under a deadline, into buffers of bounded size."""
+
+    def __init__(self, sock: socket.socket, limits: Limits):
+        self.sock, self.limits = sock, limits
+        self.buf = bytearray()          # never more than max_head + 4 bytes
+        self.chunk = bytearray(_CHUNK)
+
+    def _recv(self, deadline: float, room: int) -> memoryview:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        self.sock.settimeout(remaining)
+        n = self.sock.recv_into(self.chunk, min(room, _CHUNK))
+        return memoryview(self.chunk)[:n]
+
+    def read_head(self) -> bytes | None:
+        """The request line and headers (without the blank line); None at a clean EOF or
+        when an idle connection's time is up."""
+        limits = self.limits
+        deadline = time.monotonic() + limits.head_timeout
+        while True:
+            while self.buf[:2] == b"\r\n":      # empty lines before a request are allowed
+                del self.buf[:2]
+            end = self.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(self.buf[:end])
+                del self.buf[:end + 4]
+                return head
+            if len(self.buf) >= limits.max_head:
+                raise _HttpError(431, "RequestHeaderFieldsTooLarge",
+                                 f"the request line and headers exceed {limits.max_head} bytes")
+            try:
+                data = self._recv(deadline, limits.max_head + 4 - len(self.buf))
+            except TimeoutError:
+                if not self.buf:
+                    return None
+                raise _HttpError(408, "RequestTimeout", f"the request headers did not arrive "
+                                 f"within {limits.head_timeout:g} s") from None
+            if not data:
+                if self.buf:
+                    raise ConnectionAbortedError("closed inside the request headers")
+                return None
+            self.buf += data
+
+    def read_body(self, length: int, sink) -> None:
+        """``length`` bytes into ``sink(view)``, from what is buffered, then the socket."""
+        deadline = time.monotonic() + self.limits.body_timeout
+        take = min(length, len(self.buf))
+        if take:
+            sink(bytes(self.buf[:take]))    # a copy: the buffer cannot shrink while viewed
+            del self.buf[:take]
+            length -= take
+        while length:
+            try:
+                data = self._recv(deadline, length)
+            except TimeoutError:
+                raise _HttpError(408, "RequestTimeout", f"the request body did not arrive "
+                                 f"within {self.limits.body_timeout:g} s") from None
+            if not data:
+                raise ConnectionAbortedError("closed inside the request body")
+            sink(data)
+            length -= len(data)
+
+
+def _parse_head(head: bytes, limits: Limits) -> _Request:
+    lines = head.split(b"\r\n")
+    if any(b"\r" in line or b"\n" in line for line in lines):
+        raise _HttpError(400, "SerializationException", "bare CR or LF in the request head")
+    m = _REQUEST_LINE.fullmatch(lines[0])
+    if m is None:
+        raise _HttpError(400, "SerializationException", "malformed request line")
+    method, target, major, minor = m.groups()
+    version = (int(major), int(minor))
+    if version not in ((1, 0), (1, 1)):
+        raise _HttpError(505, "SerializationException", "only HTTP/1.0 and HTTP/1.1 are served")
+    if len(lines) - 1 > limits.max_headers:
+        raise _HttpError(431, "RequestHeaderFieldsTooLarge",
+                         f"more than {limits.max_headers} header fields")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        h = _HEADER.fullmatch(line)
+        if h is None:
+            raise _HttpError(400, "SerializationException",
+                             f"malformed header field {line[:40]!r} (folded, non-ASCII, or "
+                             "space before the colon)")
+        name = h[1].decode().lower()
+        if name in headers:
+            raise _HttpError(400, "SerializationException", f"header {name} appears twice")
+        headers[name] = h[2].decode()
+    return _Request(method.decode(), target.decode(), version, headers)
+
+
+def _body_length(req: _Request, limits: Limits) -> int:
+    headers = req.headers
+    if "transfer-encoding" in headers:
+        if "content-length" in headers:
+            raise _HttpError(400, "SerializationException",
+                             "a request may not have both Transfer-Encoding and Content-Length")
+        raise _HttpError(411, "SerializationException",
+                         "Transfer-Encoding is not accepted; send a Content-Length")
+    if req.version >= (1, 1) and "host" not in headers:
+        raise _HttpError(400, "SerializationException", "an HTTP/1.1 request needs a Host header")
+    text = headers.get("content-length")
+    if text is None:
+        return 0
+    if not _CONTENT_LENGTH.fullmatch(text):
+        raise _HttpError(400, "SerializationException", f"Content-Length {text[:40]!r} is not a number")
+    length = int(text)
+    if length > limits.max_body:
+        raise _HttpError(413, "SerializationException",
+                         f"request body must be 0..{limits.max_body} bytes")
+    return length
+
+
+class _HeaderView:
+    """Case-insensitive ``get`` over the parsed (lower-case) header fields."""
+
+    def __init__(self, fields: dict[str, str]):
+        self._fields = fields
+
+    def get(self, name: str, default=None):
+        return self._fields.get(name.lower(), default)
+
+
+class _ConsoleExchange:
+    """What the web console uses of an http.server handler (``path``, ``headers``,
+    ``rfile``, ``send_response``/``send_header``/``end_headers``, ``wfile.write``,
+    ``close_connection``), over this module's HTTP layer."""
+
+    def __init__(self, req: _Request, body, sock: socket.socket):
+        self.path = req.target
+        self.headers = _HeaderView(req.headers)
+        self.rfile = body
+        self.connection = sock
+        self.close_connection = False
+        self.status = 500
+        self.response_headers: list[tuple[str, str]] = []
+        self.chunks: list[bytes] = []
+        self.wfile = self
+
+    def send_response(self, status: int) -> None:
+        self.status = status
+
+    def send_header(self, name: str, value: str) -> None:
+        if "\r" in value or "\n" in value:      # never split a header
+            raise ValueError(f"header {name} holds a line break")
+        self.response_headers.append((name, value))
+
+    def end_headers(self) -> None:
+        pass
+
+    def write(self, data) -> None:
+        self.chunks.append(bytes(data))
+
+
+class SmsRequestHandler(socketserver.BaseRequestHandler):
+    server: "SmsHttpServer"
+
+    def setup(self) -> None:
+        self.sock: socket.socket = self.request
         try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY:
-            self.close_connection = True
-            return self._error(ServiceError(f"request body must be 0..{MAX_BODY} bytes",
-                                            "SerializationException"))
-        body = self.rfile.read(length)
-        srv: SmsHttpServer = self.server  # type: ignore[assignment]
+            # the answer goes out in one write; without this a keep-alive client waits for
+            # a delayed ACK on small writes
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    def handle(self) -> None:
+        limits = self.server.limits
+        wire = _Wire(self.sock, limits)
+        while True:
+            try:
+                head = wire.read_head()
+                if head is None:
+                    return
+                req = _parse_head(head, limits)
+                if not self._serve(wire, req):
+                    return
+            except _HttpError as e:
+                log.info("%s refused: %s %s", self.client_address[0], e.status, e.message)
+                try:
+                    self._send(e.status, {"__type": e.code, "message": e.message}, close=True)
+                except OSError:
+                    return
+                self._linger(wire.chunk)
+                return
+            except OSError:   # reset, closed mid-request, timed out while sending
+                return
+
+    def _serve(self, wire: _Wire, req: _Request) -> bool:
+        """Answer one request; whether the connection stays open."""
+        limits = self.server.limits
+        length = _body_length(req, limits)
+        keep = req.version == (1, 1) and req.headers.get("connection", "").lower() != "close"
+        console = self.server.console
+        if console is not None and console.wants(req.method, req.target, _HeaderView(req.headers)):
+            return self._serve_console(console, wire, req, length, keep)
+        if req.method != "POST" or req.target != "/":
+            # nothing of the body is read: answer and close
+            raise _HttpError(400 if req.method == "POST" else 405, "UnknownOperationException",
+                             "the SMS API takes POST / requests")
+        expect = req.headers.get("expect")
+        if expect is not None:
+            if expect.lower() != "100-continue" or req.version < (1, 1):
+                raise _HttpError(417, "SerializationException", f"Expect {expect[:40]!r}")
+            self.sock.settimeout(limits.send_timeout)
+            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        digest = hashlib.sha256()
+        with tempfile.SpooledTemporaryFile(max_size=limits.body_in_memory,
+                                           dir=self.server.spool_dir) as spool:
+            def sink(view):
+                digest.update(view)
+                spool.write(view)
+            wire.read_body(length, sink)
+            status, payload = self._dispatch(req, digest.hexdigest(), spool)
+        self._send(status, payload, close=not keep)
+        return keep
+
+    def _serve_console(self, console, wire: _Wire, req: _Request, length: int, keep: bool) -> bool:
+        """A web console request (smsblock.console): its body is spooled like the API's
+        (a few KiB in memory at most, whoever sends it), the console answers through an
+        exchange that looks like http.server's handler, and the answer goes out in one write."""
+        limits = self.server.limits
+        with tempfile.SpooledTemporaryFile(max_size=limits.body_in_memory,
+                                           dir=self.server.spool_dir) as spool:
+            wire.read_body(length, spool.write)
+            spool.seek(0)
+            exchange = _ConsoleExchange(req, spool, self.sock)
+            console.handle(exchange, req.method)
+        keep = keep and not exchange.close_connection
+        head = [f"HTTP/1.1 {exchange.status} {HTTPStatus(exchange.status).phrase}",
+                f"Date: {formatdate(usegmt=True)}", "Server: smsblock-sms"]
+        head += [f"{name}: {value}" for name, value in exchange.response_headers]
+        if not keep:
+            head.append("Connection: close")
+        self.sock.settimeout(limits.send_timeout)
+        self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + b"".join(exchange.chunks))
+        return keep
+
+    def _dispatch(self, req: _Request, payload_sha256: str, spool) -> tuple[int, dict]:
+        srv = self.server
+        operation = None
         try:
-            verify_sigv4("POST", self.path, self.headers, body, srv.credentials)
-            target = self.headers.get("X-Amz-Target", "")
+            verify_sigv4("POST", "/", req.headers, payload_sha256, srv.credentials,
+                         region=srv.region)
+            target = req.headers["x-amz-target"]
             if not target.startswith(TARGET_PREFIX):
-                raise ServiceError(f"X-Amz-Target {target!r} is not an SMS operation",
+                raise ServiceError(f"X-Amz-Target {target[:80]!r} is not an SMS operation",
                                    "UnknownOperationException")
             operation = target[len(TARGET_PREFIX):]
-            try:
-                params = json.loads(body) if body.strip() else {}
-            except (ValueError, UnicodeDecodeError, RecursionError):
-                raise ServiceError("the request body is not JSON (or nests too deeply)",
-                                   "SerializationException") from None
-            with srv.call_lock:
-                result = srv.service.call(operation, params)
-            self._send(200, result)
+            spool.seek(0)
+            params = decode_json_body(spool.read())   # authenticated: may be max_body bytes
+            result = srv.service.call(operation, params)
+            log.info("%s %s 200", self.client_address[0], operation)
+            return 200, result
         except ServiceError as e:
-            self._error(e)
+            code = declared_error(operation, e.code) if operation else e.code
+            status = 500 if code in ("InternalError", "InternalFailure") else e.http_status
+            log.info("%s %s %s %s", self.client_address[0], operation, status, code)
+            return status, {"__type": code, "message": str(e)}
         except SmsBlockError as e:
-            self._error(ServiceError(str(e), "InvalidParameterException"))
+            code = declared_error(operation, "InvalidParameterException") if operation \
+                else "InvalidParameterException"
+            return 400, {"__type": code, "message": str(e)}
         except Exception:
             log.exception("internal error")
-            self._error(ServiceError("internal error; see the server log", "InternalError"), 500)
+            code = declared_error(operation, "InternalError") if operation else "InternalError"
+            return 500, {"__type": code, "message": "internal error; see the server log"}
+
+    def _send(self, status: int, payload: dict, close: bool) -> None:
+        body = json.dumps(payload).encode()
+        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+                 f"Content-Type: {CONTENT_TYPE}",
+                 f"Content-Length: {len(body)}",
+                 f"x-amzn-RequestId: {os.urandom(16).hex()}",
+                 f"Date: {formatdate(usegmt=True)}",
+                 "Server: smsblock-sms"]
+        if close:
+            lines.append("Connection: close")
+        self.sock.settimeout(self.server.limits.send_timeout)
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+    def _linger(self, chunk: bytearray) -> None:
+        """Stop sending, then read and drop a little of what the client still sends, so a
+        close with unread data (a reset) does not destroy the answer before it is read."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + _LINGER_SECONDS
+            drained = 0
+            while drained < _LINGER_BYTES:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self.sock.settimeout(remaining)
+                n = self.sock.recv_into(chunk)
+                if not n:
+                    return
+                drained += n
+        except OSError:
+            return
 
 
-class SmsHttpServer(ThreadingHTTPServer):
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: " + CONTENT_TYPE.encode() +
+         b"\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: ")
+
+
+class SmsHttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], service: SmsService,
-                 credentials: ServerCredentials):
-        super().__init__(address, SmsRequestHandler)
+                 credentials: ServerCredentials, *, region: str = DEFAULT_REGION,
+                 limits: Limits | None = None, console: bool = True):
+        self.limits = limits or Limits()
         self.service = service
+        self.console = None
+        if console:     # the web console on the same port (smsblock.console)
+            from ..console import Console
+            self.console = Console(self)
         self.credentials = credentials
-        # one operation at a time: each is a short transaction, and the import reads
-        # the datastore between two of them
-        self.call_lock = threading.Lock()
+        self.region = region
+        self.spool_dir = str(service.state.dir)
+        # one thread per connection, at most max_connections of them
+        self._slots = threading.BoundedSemaphore(self.limits.max_connections)
+        # No lock around the calls: each operation is one transaction of the state (which
+        # serialises them), and ImportServerCatalog reads the sources in a background
+        # thread outside any lock, answering after at most IMPORT_WAIT_SECONDS.
+        if service.import_wait_seconds is None:
+            service.import_wait_seconds = IMPORT_WAIT_SECONDS
+        super().__init__(address, SmsRequestHandler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self._refuse_busy(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse_busy(self, request) -> None:
+        body = json.dumps({"__type": "ServiceUnavailable", "message":
+                           f"the server is serving {self.limits.max_connections} connections; "
+                           "retry later"}).encode()
+        try:
+            request.setblocking(False)   # never wait on this client in the accept loop
+            request.send(_BUSY + str(len(body)).encode() + b"\r\n\r\n" + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def handle_error(self, request, client_address):   # through logging, not stderr
+        log.exception("error while serving %s", client_address[0])
 
     @property
     def url(self) -> str:
@@ -193,10 +607,16 @@ class SmsHttpServer(ThreadingHTTPServer):
 
 
 def make_server(service: SmsService, host: str = "127.0.0.1", port: int = 8080,
-                credentials: ServerCredentials | None = None) -> SmsHttpServer:
-    """A ready (not yet serving) HTTP server; ``port=0`` picks a free port."""
+                credentials: ServerCredentials | None = None, *, region: str = DEFAULT_REGION,
+                limits: Limits | None = None, console: bool = True) -> SmsHttpServer:
+    """A ready (not yet serving) HTTP server; ``port=0`` picks a free port.  Requests
+    must be signed for ``region`` and the service ``sms``; ``console`` serves the web
+    console (:mod:`smsblock.console`) on the same port."""
     credentials = credentials or ServerCredentials.from_environment()
+    if not REGION.fullmatch(region):
+        raise UsageError(f"--region {region[:64]!r} is not a region name (like us-east-1)")
     try:
-        return SmsHttpServer((host, port), service, credentials)
+        return SmsHttpServer((host, port), service, credentials, region=region, limits=limits,
+                             console=console)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None

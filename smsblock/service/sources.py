@@ -12,22 +12,37 @@ A connector stores its source as a kind and a JSON config (never secrets);
 :class:`DatastoreSource` (kind ``"datastore"``) reads a datastore folder (a copy of, or a
 mount of, a vSphere datastore): each VM is a folder with a ``.vmx`` file and its VMDKs,
 nested in datacenter and folder directories that make up the VM's ``vmPath``.
+
+The datastore is untrusted input: every file it reads (``.vmx`` files, the disk files a
+run opens) must be a regular file inside the root, reached without following a symbolic
+link (:func:`open_beneath`: one ``O_NOFOLLOW`` step per path component from the root),
+opened non-blocking (a FIFO cannot hang the reader) and, for the text files, no larger
+than a cap.  One bad VM is a *problem* of the listing (``DatastoreSource.list_problems``),
+not a failure of it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import posixpath
 import re
+import stat
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from ..disk import Disk, open_disk
+from ..disk import COWD_MAGIC, SESPARSE_MAGIC, SPARSE_MAGIC, Disk, RawDisk
+from ..disk.descriptor import looks_like_descriptor
+from ..disk.files import LocalFile
 from ..errors import ConnectorError, SmsBlockError
+from ..progress import check_cancel
 from ..source import Source, SourceDisk, VmRecord
 from .models import VmManagerType
 
+log = logging.getLogger(__name__)
 _SOURCE_KINDS: dict[str, Callable[[dict], Source]] = {}
 
 
@@ -55,21 +70,119 @@ _ESCAPE = re.compile(r"\|([0-9A-Fa-f]{2})")
 MAX_VMX_BYTES = 1 << 20
 
 
+MAX_FOLDER_DEPTH = 32    # folder levels below the datastore root searched for VMs
+
+_NOFOLLOW = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _refusal(name: str, mode: int) -> str:
+    kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode)
+            or stat.S_ISBLK(mode) else "a directory" if stat.S_ISDIR(mode) else "special")
+    return f"{name}: {kind}, not a regular file; refused (only regular files are read)"
+
+
+def _safe_parts(rel: str) -> list[str]:
+    """The components of a path relative to a root; ``..`` escaping it is refused."""
+    normal = posixpath.normpath(rel) if rel else ""
+    if "\0" in rel or not normal or normal == "." or posixpath.isabs(normal) or \
+            normal == ".." or normal.startswith("../"):
+        raise ConnectorError(f"{rel!r} is not a path inside the datastore")
+    return normal.split("/")
+
+
+def open_beneath(root: str | os.PathLike, rel: str) -> int:
+    """A read-only descriptor of the regular file ``root/rel``, found without following
+    any symbolic link below ``root`` and without blocking (FIFOs, devices, sockets,
+    directories and links are refused before they are opened for reading)."""
+    parts = _safe_parts(rel)
+    where = f"{os.fspath(root)}/{'/'.join(parts)}"
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ConnectorError(f"datastore {os.fspath(root)}: cannot open: {e.strerror}") from None
+    try:
+        for n, name in enumerate(parts):
+            last = n == len(parts) - 1
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    raise ConnectorError(f"{where}: does not exist") from None
+                raise ConnectorError(f"{where}: cannot read: {e.strerror}") from None
+            if not last and not stat.S_ISDIR(st.st_mode):
+                kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
+                raise ConnectorError(f"{where}: {name!r} on the way is {kind}; refused "
+                                     "(no link inside the datastore is followed)")
+            if last and not stat.S_ISREG(st.st_mode):
+                raise ConnectorError(_refusal(where, st.st_mode))
+            flags = _NOFOLLOW | os.O_RDONLY | (os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+                                               if last else os.O_DIRECTORY)
+            try:
+                nfd = os.open(name, flags, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):   # swapped for a link meanwhile
+                    raise ConnectorError(f"{where}: a symbolic link or not a regular file; "
+                                         "refused") from None
+                raise ConnectorError(f"{where}: cannot open: {e.strerror}") from None
+            os.close(fd)
+            fd = nfd
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or \
+                    (last and not stat.S_ISREG(now.st_mode)):
+                raise ConnectorError(f"{where}: changed while it was opened; refused")
+        out, fd = fd, -1
+        return out
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def read_beneath(root: str | os.PathLike, rel: str, limit: int, what: str) -> bytes:
+    """At most ``limit`` bytes of the regular file ``root/rel`` (see :func:`open_beneath`);
+    a larger file is refused, never read whole."""
+    fd = open_beneath(root, rel)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise ConnectorError(f"{os.fspath(root)}/{rel}: {size} bytes, larger than "
+                                 f"{limit} bytes; not a {what}")
+        chunks, got = [], 0
+        while got <= limit:
+            chunk = os.read(fd, limit + 1 - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except OSError as e:
+        raise ConnectorError(f"{os.fspath(root)}/{rel}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    raw = b"".join(chunks)
+    if len(raw) > limit:        # grew while read
+        raise ConnectorError(f"{os.fspath(root)}/{rel}: larger than {limit} bytes; not a {what}")
+    return raw
+
+
 def parse_vmx(path: str | os.PathLike) -> dict[str, str]:
     """A .vmx file as {lower-case key: value}; VMware's ``|XX`` escapes decoded.
 
     Keys are case-insensitive in VMware's own reader, so they are lower-cased here.
+    The file itself must be a regular file (not a link, FIFO or device) of at most
+    :data:`MAX_VMX_BYTES`.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_VMX_BYTES + 1)
-    except OSError as e:
-        raise ConnectorError(f"{path}: cannot read: {e.strerror}") from None
+    return parse_vmx_bytes(read_beneath(path.parent, path.name, MAX_VMX_BYTES, ".vmx file"),
+                           str(path))
+
+
+def parse_vmx_bytes(raw: bytes, name: str) -> dict[str, str]:
+    """The text of a .vmx file parsed; errors name the line, never quote its content
+    (the file may not be a .vmx at all)."""
     if len(raw) > MAX_VMX_BYTES:
-        raise ConnectorError(f"{path}: larger than {MAX_VMX_BYTES} bytes, not a .vmx file")
+        raise ConnectorError(f"{name}: larger than {MAX_VMX_BYTES} bytes, not a .vmx file")
     if b"\0" in raw:
-        raise ConnectorError(f"{path}: binary data, not a .vmx file")
+        raise ConnectorError(f"{name}: binary data, not a .vmx file")
     text = raw.decode("utf-8", errors="replace")
     out: dict[str, str] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -78,7 +191,7 @@ def parse_vmx(path: str | os.PathLike) -> dict[str, str]:
             continue
         m = _VMX_LINE.match(stripped)
         if m is None:
-            raise ConnectorError(f"{path}: line {lineno}: expected key = \"value\", got {stripped[:60]!r}")
+            raise ConnectorError(f"{name}: line {lineno}: not a .vmx line (key = \"value\")")
         out[m.group(1).lower()] = _ESCAPE.sub(lambda e: chr(int(e.group(1), 16)), m.group(2))
     return out
 
@@ -144,6 +257,8 @@ class DatastoreSource:
             raise ConnectorError(f"datastore folder {root} does not exist or is not a directory")
         self.manager_name = str(self.root)
         self.manager_id = str(uuid.uuid5(uuid.NAMESPACE_URL, self.root.as_uri()))
+        #: the VMs (or folders) the last list_vms() left out: [{"location", "reason"}]
+        self.list_problems: list[dict[str, str]] = []
 
     @classmethod
     def from_config(cls, config: dict) -> "DatastoreSource":
@@ -157,27 +272,57 @@ class DatastoreSource:
     def close(self) -> None:
         pass
 
-    def list_vms(self) -> list[VmRecord]:
-        vms = []
-        for dirpath, dirnames, filenames in os.walk(self.root, onerror=self._walk_error):
+    def list_vms(self, cancel=None) -> list[VmRecord]:
+        """Every VM whose .vmx can be read; the others are in :attr:`list_problems`
+        (``[{"location": .vmx or folder, "reason": ...}]``), each logged, never fatal.
+        ``cancel`` (a :class:`~smsblock.progress.CancelToken`) is checked per folder."""
+        vms: list[VmRecord] = []
+        self.list_problems = []
+        try:
+            os.close(os.open(self.root, os.O_RDONLY | os.O_DIRECTORY))
+            os.listdir(self.root)
+        except OSError as e:
+            raise ConnectorError(f"datastore folder {self.root}: cannot list: {e.strerror}") from None
+
+        def unreadable(err: OSError) -> None:
+            where = err.filename if isinstance(err.filename, str) else "a folder"
+            self._problem(where, f"cannot list: {err.strerror}")
+
+        # fwalk works on folder descriptors and does not follow links: a folder swapped for
+        # a link while it is walked is not entered
+        for dirpath, dirnames, filenames, _ in os.fwalk(self.root, onerror=unreadable):
+            check_cancel(cancel)
             dirnames.sort()
+            rel_dir = os.path.relpath(dirpath, self.root)
+            rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
             vmx_files = sorted(f for f in filenames if f.lower().endswith(".vmx"))
             if not vmx_files:
+                if rel_dir.count("/") + 1 >= MAX_FOLDER_DEPTH and dirnames:
+                    self._problem(rel_dir, f"folders deeper than {MAX_FOLDER_DEPTH} levels "
+                                           "are not searched for VMs")
+                    dirnames[:] = []
                 continue
             dirnames[:] = []  # a VM folder holds no other VMs
             for name in vmx_files:
-                vms.append(self._record(Path(dirpath) / name)[0])
+                rel = f"{rel_dir}/{name}" if rel_dir else name
+                try:
+                    vms.append(self._record(rel)[0])
+                except ConnectorError as e:
+                    self._problem(rel, str(e))
         return vms
 
-    @staticmethod
-    def _walk_error(err: OSError) -> None:
-        raise ConnectorError(f"{err.filename}: cannot list: {err.strerror}")
+    def _problem(self, location: str, reason: str) -> None:
+        log.warning("datastore %s: %s left out of the catalog: %s", self.root, location, reason)
+        self.list_problems.append({"location": location, "reason": reason})
 
-    def _record(self, vmx_path: Path) -> tuple[VmRecord, list[tuple[str, Path]]]:
-        vmx = parse_vmx(vmx_path)
-        rel = vmx_path.relative_to(self.root)
-        name = vmx.get("displayname") or vmx_path.stem
-        parents = list(rel.parts[:-2])  # directories above the VM folder
+    def _record(self, rel: str) -> tuple[VmRecord, list[tuple[str, str, str | None]]]:
+        """The VM of the .vmx ``ROOT/rel`` and its disks as (device, file named in the
+        .vmx, path relative to ROOT or None when it lies outside ROOT)."""
+        vmx = parse_vmx_bytes(read_beneath(self.root, rel, MAX_VMX_BYTES, ".vmx file"),
+                              f"{self.root}/{rel}")
+        parts = rel.split("/")
+        name = vmx.get("displayname") or posixpath.splitext(parts[-1])[0]
+        parents = parts[:-2]  # directories above the VM folder
         datacenter = parents[0] if parents else ESXI_DATACENTER
         vm_path = "/" + "/".join(["Datacenters", datacenter, "vm", *parents[1:], name])
         disks, warnings = vmx_disks(vmx)
@@ -186,32 +331,94 @@ class DatastoreSource:
         identity = {k: v for k, v in (("biosUuid", vmx.get("uuid.bios")),
                                       ("instanceUuid", vmx.get("vc.uuid")),
                                       ("guestOS", vmx.get("guestos"))) if v}
-        record = VmRecord(vmId=rel.as_posix(), vmName=name, vmPath=vm_path,
+        record = VmRecord(vmId=rel, vmName=name, vmPath=vm_path,
                           vmManagerName=self.manager_name, vmManagerId=self.manager_id,
                           vmManagerType=self.manager_type, identity=identity, warnings=warnings)
-        return record, [(dev, Path(f) if os.path.isabs(f) else vmx_path.parent / f)
-                        for dev, f in disks]
+        return record, [(dev, f, self._inside(posixpath.dirname(rel), f)) for dev, f in disks]
+
+    def _inside(self, folder: str, name: str) -> str | None:
+        """``name`` (absolute, or relative to ROOT/folder) as a path relative to ROOT;
+        None when it is outside ROOT (judged on the names: links are refused on open)."""
+        if os.path.isabs(name):
+            joined = os.path.normpath(name)
+            root = str(self.root)
+            if not joined.startswith(root.rstrip("/") + "/"):
+                return None
+            rel = joined[len(root.rstrip("/")) + 1:]
+        else:
+            rel = posixpath.normpath(posixpath.join(folder, name.replace("\\", "/")))
+        if rel in ("", ".", "..") or rel.startswith("../") or "\0" in rel:
+            return None
+        return rel
 
     def open_run(self, vm: VmRecord | dict, *, previous: dict | None = None,
                  previous_disks: dict[str, Disk] | None = None, cancel=None) -> "DatastoreRun":
         vm_id = vm.vmId if isinstance(vm, VmRecord) else vm.get("vmId")
         if not isinstance(vm_id, str):
             raise ConnectorError(f"no vmId in {vm!r}")
-        path = (self.root / vm_id).resolve()
-        if not path.is_relative_to(self.root) or path.suffix.lower() != ".vmx":
+        try:
+            rel = "/".join(_safe_parts(vm_id))
+        except ConnectorError:
+            rel = None
+        if rel is None or not rel.lower().endswith(".vmx"):
             raise ConnectorError(f"VM id {vm_id!r} is not a .vmx under {self.root}")
-        if not path.is_file():
+        try:
+            st = os.stat(self.root / rel, follow_symlinks=False)
+        except OSError:
+            st = None
+        if st is None:
             raise ConnectorError(f"VM {vm_id!r} is gone from the datastore {self.root}")
-        record, disks = self._record(path)
+        record, disks = self._record(rel)
         if not disks:
             raise ConnectorError(f"VM {vm_id!r} ({self.root}): the .vmx names no disks")
         return DatastoreRun(self.root, vm_id, disks, record.warnings)
 
 
+class _BeneathFile(LocalFile):
+    """A :class:`LocalFile` over a descriptor from :func:`open_beneath`."""
+
+    def __init__(self, fd: int, name: str):     # noqa: super().__init__ opens by path
+        self.path = self.name = name
+        self._fd = fd
+        st = os.fstat(fd)
+        self.size = st.st_size
+        self._seek_data = hasattr(os, "SEEK_DATA")
+
+
+def _detect(fd: int) -> str:
+    head = os.pread(fd, 1024, 0)
+    if head[:4] in (SPARSE_MAGIC, COWD_MAGIC) or head[:8] == SESPARSE_MAGIC:
+        return "vmdk"
+    return "vmdk" if looks_like_descriptor(head) else "raw"
+
+
+def open_datastore_disk(root: Path, rel: str) -> Disk:
+    """A disk of the datastore with every file of it (descriptor, extents, parents)
+    opened by :func:`open_beneath`: regular files inside ``root``, no link followed."""
+    fd = open_beneath(root, rel)
+    try:
+        fmt = _detect(fd)
+        if fmt == "raw":
+            # the descriptor's own file through /proc: the very file checked, whatever
+            # happens to the name meanwhile
+            disk = RawDisk(f"/proc/self/fd/{fd}")
+            disk.path = disk.info.path = str(root / rel)
+            return disk
+    finally:
+        os.close(fd)
+
+    from ..disk.vmdk import open_vmdk
+
+    def opener(path: str) -> _BeneathFile:
+        return _BeneathFile(open_beneath(root, path), f"{root}/{path}")
+    return open_vmdk(rel, opener=opener)
+
+
 class DatastoreRun:
     """The disks of one VM of a datastore folder, open for one run."""
 
-    def __init__(self, root: Path, vm_id: str, disks: list[tuple[str, Path]], warnings: list[str]):
+    def __init__(self, root: Path, vm_id: str, disks: list[tuple[str, str, str | None]],
+                 warnings: list[str]):
         self.root = root
         self.vm_id = vm_id
         self._paths = disks
@@ -221,15 +428,17 @@ class DatastoreRun:
 
     def __enter__(self) -> "DatastoreRun":
         try:
-            for n, (dev, p) in enumerate(self._paths, 1):
-                resolved = p.resolve()
-                if not resolved.is_relative_to(self.root):
-                    raise ConnectorError(f"VM {self.vm_id!r}: disk {p} is outside the datastore {self.root}")
-                if not resolved.is_file():
-                    raise ConnectorError(f"VM {self.vm_id!r}: disk {p} does not exist")
+            for n, (dev, named, rel) in enumerate(self._paths, 1):
+                if rel is None:
+                    raise ConnectorError(f"VM {self.vm_id!r}: disk {named} is outside the "
+                                         f"datastore {self.root}")
+                try:
+                    disk = open_datastore_disk(self.root, rel)
+                except ConnectorError as e:
+                    raise ConnectorError(f"VM {self.vm_id!r}: disk {named}: {e}") from None
                 self.disks.append(SourceDisk(
-                    key=dev, label=f"Hard disk {n}", location=str(resolved.relative_to(self.root)),
-                    disk=open_disk(resolved), change_method="hash",
+                    key=dev, label=f"Hard disk {n}", location=rel, disk=disk,
+                    change_method="hash",
                     change_reason="datastore folder: no changed block tracking, hashing diff"))
         except BaseException:
             self.__exit__(None, None, None)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ServiceError, UsageError
+from ..fsutil import create_file, is_link, link_error, make_root, subdir
 
 DB_NAME = "state.db"
 CONFIG_NAME = "config.toml"
@@ -118,6 +119,17 @@ MIGRATIONS: list[list[str]] = [
             deregistered REAL
         )""",
     ],
+    # 2: the catalog import runs in the background: which import is under way (its lock
+    # file STATE/catalog-import-<id>.lock is held while it lives), the status to return to
+    # if it dies, and what the last import found (servers, problems, error, connectors)
+    [
+        "ALTER TABLE catalog ADD COLUMN import_id TEXT",
+        "ALTER TABLE catalog ADD COLUMN import_started REAL",
+        "ALTER TABLE catalog ADD COLUMN import_previous TEXT",   # JSON {status, lastModifiedOn}
+        "ALTER TABLE catalog ADD COLUMN import_outcome TEXT",    # JSON of the last import
+    ],
+    # 3: a replication job can ask for a boot test of each new image (bootTest)
+    ["ALTER TABLE jobs ADD COLUMN boot_test INTEGER NOT NULL DEFAULT 0"],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -131,7 +143,9 @@ class ServiceConfig:
     limits; ``on_demand_runs_per_day`` (2) SMS's on-demand quota;
     ``heartbeat_timeout_seconds`` is how long a silent connector stays HEALTHY;
     ``seed_grace_seconds`` is how far in the past a seed time still counts as "now";
-    ``max_consecutive_failures`` failed runs in a row pause a job (PAUSED_ON_FAILURE).
+    ``max_consecutive_failures`` failed runs in a row pause a job (PAUSED_ON_FAILURE);
+    ``catalog_expiry_seconds`` (7 days): a catalog whose connectors have all been gone
+    (no heartbeat since the import, or disassociated) longer than this is EXPIRED (0: never).
     """
 
     max_active_jobs: int = 50
@@ -143,6 +157,7 @@ class ServiceConfig:
     max_seed_days_ahead: int = 30
     min_frequency_hours: int = 12
     max_frequency_hours: int = 24
+    catalog_expiry_seconds: int = 7 * 86400
 
     @classmethod
     def load(cls, state_dir: Path) -> "ServiceConfig":
@@ -175,11 +190,21 @@ class State:
     def __init__(self, state_dir: str | os.PathLike | None = None):
         # absolute: connectors store paths under it (STATE/store) that other cwds must find
         self.dir = (Path(state_dir) if state_dir is not None else default_state_dir()).absolute()
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"state directory {self.dir}: {e.strerror}") from None
         self.path = self.dir / DB_NAME
+        try:
+            make_root(self.dir)                 # 0700
+            with subdir(self.dir) as dir_fd:
+                # SQLite follows links and gives its -wal/-shm files the database's mode:
+                # refuse links, and create the database 0600 (O_EXCL) so all three are private
+                for name in (DB_NAME + suffix for suffix in ("", "-wal", "-shm", "-journal")):
+                    if is_link(name, dir_fd=dir_fd):
+                        raise link_error(self.dir / name)
+                with contextlib.suppress(FileExistsError):
+                    os.close(create_file(DB_NAME, dir_fd=dir_fd))
+        except OSError as e:
+            name = os.path.basename(e.filename) if e.filename else ""
+            inside = f" {name}" if name and name != self.dir.name else ""
+            raise UsageError(f"state directory {self.dir}:{inside} {e.strerror}") from None
         self._lock = threading.RLock()
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30,

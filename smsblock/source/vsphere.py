@@ -51,30 +51,46 @@ _NO_CHECK_TIME = 0x200000
 
 # --- settings -----------------------------------------------------------------------
 
+def redact_address(address) -> str:
+    """``address`` with any ``user:password@`` part replaced by ``***@``: how every error
+    names a --vcenter address (the text may hold a password even when it does not parse)."""
+    text = str(address)
+    start = text.find("://")
+    start = start + 3 if start >= 0 else 0
+    # up to the last "@" of all: a password may hold "/", "?", "#" or "@" itself, and
+    # hiding a path's "@" too costs nothing
+    at = text.rfind("@", start)
+    return text if at < 0 else text[:start] + "***" + text[at:]
+
+
 def parse_address(address: str) -> tuple[str, str, int, str]:
     """``HOST``, ``HOST:PORT``, ``[v6]:PORT`` or an ``https://``/``http://`` URL →
     (scheme, host, port, SOAP path)."""
     text = (address or "").strip()
     if not text:
         raise UsageError("--vcenter: empty address")
+    shown = repr(redact_address(text))     # never the password a URL may carry
     if "://" not in text:
         text = "https://" + text
     try:
         parts = urlsplit(text)
     except ValueError as e:
-        raise UsageError(f"--vcenter {address!r}: {e}") from None
-    if parts.scheme not in ("https", "http"):
-        raise UsageError(f"--vcenter {address!r}: scheme must be https or http")
+        raise UsageError(f"--vcenter {shown}: {redact_address(e)}") from None
     if parts.username or parts.password:
-        raise UsageError("--vcenter: put the username in --username and the password in "
-                         f"--password-file or {PASSWORD_ENV}, not in the address")
+        raise UsageError(f"--vcenter {shown}: put the username in --username and the password "
+                         f"in --password-file or {PASSWORD_ENV}, not in the address")
+    if parts.scheme not in ("https", "http"):
+        raise UsageError(f"--vcenter {shown}: scheme must be https or http")
     try:
         port = parts.port
     except ValueError:
-        raise UsageError(f"--vcenter {address!r}: bad port") from None
-    host = parts.hostname
+        raise UsageError(f"--vcenter {shown}: bad port") from None
+    try:
+        host = parts.hostname
+    except ValueError as e:
+        raise UsageError(f"--vcenter {shown}: {redact_address(e)}") from None
     if not host:
-        raise UsageError(f"--vcenter {address!r}: no host name")
+        raise UsageError(f"--vcenter {shown}: no host name")
     port = port or (443 if parts.scheme == "https" else 80)
     path = parts.path.rstrip("/") or "/sdk"
     return parts.scheme, host, port, path
@@ -91,6 +107,9 @@ class VCenterSettings:
     ca_bundle: str | None = None
     insecure: bool = False
     timeout: float = 60.0
+
+    def __post_init__(self):
+        parse_address(self.address)     # every way in: never an address holding a password
 
     @classmethod
     def from_options(cls, address: str, username: str | None, *, password_file: str | None = None,

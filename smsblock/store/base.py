@@ -36,8 +36,8 @@ STORE_FORMAT = "smsblock-store"
 STORE_VERSION = 1
 DEFAULT_PACK_SIZE = 64 << 20
 log = logging.getLogger(__name__)
-SERVER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-RUN_ID_RE = re.compile(r"^r-\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}$")
+SERVER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")   # always fullmatch
+RUN_ID_RE = re.compile(r"r-[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9a-f]{8}")   # ASCII digits only
 
 
 def no_store_error(url: str) -> StoreError:
@@ -48,14 +48,14 @@ def no_store_error(url: str) -> StoreError:
 
 
 def check_server_id(server_id: str) -> str:
-    if not isinstance(server_id, str) or not SERVER_ID_RE.match(server_id):
+    if not isinstance(server_id, str) or not SERVER_ID_RE.fullmatch(server_id):
         raise UsageError(f"server id {server_id!r} must be 1-128 characters of letters, digits, "
                          "'.', '_' and '-', starting with a letter or digit")
     return server_id
 
 
 def check_run_id(run_id: str) -> str:
-    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
+    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id):
         raise UsageError(f"run id {run_id!r} is not of the form r-YYYYMMDDTHHMMSS.ffffffZ-xxxxxxxx")
     return run_id
 

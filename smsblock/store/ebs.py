@@ -42,6 +42,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,7 @@ from ..disk import DiskInfo, Extent, ExtentKind
 from ..disk.blocks import BlockDisk
 from ..errors import StoreCorruptError, StoreError, UsageError
 from ..manifest import BlockState, Manifest, diff
+from ..fsutil import remove_file, subdir, write_new_file
 from .base import Store
 from .retry import RetryPolicy, error_code
 from .s3config import CloudSettings, config_file_path
@@ -65,6 +67,8 @@ log = logging.getLogger("smsblock.store.ebs")
 EBS_BLOCK = 512 << 10
 GIB = 1 << 30
 PENDING_DIR = "ebs-pending"
+_SNAPSHOT_ID = re.compile(r"snap-[0-9a-f]{8,32}")
+_REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 
 
 def block_checksum(data) -> bytes:
@@ -117,25 +121,33 @@ class _Journal:
         root = getattr(self.staging, "root", None)
         return os.path.join(root, PENDING_DIR) if root else None
 
+    @staticmethod
+    def _check(snapshot_id: str) -> str:
+        # the id becomes a file name: never a path, whatever the endpoint answered
+        if not isinstance(snapshot_id, str) or not _SNAPSHOT_ID.fullmatch(snapshot_id):
+            raise StoreError(f"EBS returned a malformed snapshot id {snapshot_id!r}")
+        return snapshot_id
+
     def put(self, snapshot_id: str, record: dict) -> None:
+        self._check(snapshot_id)
         data = json.dumps(record, sort_keys=True).encode()
         folder = self._local()
         if folder is not None:
-            os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, f".{uuid.uuid4().hex}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(folder, snapshot_id + ".json"))
+            # inside the local staging store: a 0700 folder, never a link; a new 0600 file
+            with subdir(self.staging.root, PENDING_DIR, create=True) as fd:
+                tmp = f".{uuid.uuid4().hex}.tmp"
+                write_new_file(tmp, data, dir_fd=fd)
+                os.replace(tmp, snapshot_id + ".json", src_dir_fd=fd, dst_dir_fd=fd)
         else:
             self.staging._put(f"{PENDING_DIR}/{snapshot_id}.json", data, "journal a pending snapshot")
 
     def remove(self, snapshot_id: str) -> None:
+        self._check(snapshot_id)
         folder = self._local()
         if folder is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(folder, snapshot_id + ".json"))
+            with contextlib.suppress(FileNotFoundError), \
+                    subdir(self.staging.root, PENDING_DIR) as fd:
+                remove_file(snapshot_id + ".json", dir_fd=fd)
         else:
             self.staging._delete(f"{PENDING_DIR}/{snapshot_id}.json", "clear a journalled snapshot")
 
@@ -148,7 +160,7 @@ class _Journal:
             except FileNotFoundError:
                 return out
             for n in names:
-                if n.endswith(".json") and not n.startswith("."):
+                if n.endswith(".json") and _SNAPSHOT_ID.fullmatch(n[:-5]):
                     with contextlib.suppress(OSError, ValueError):
                         with open(os.path.join(folder, n), "rb") as f:
                             out[n[:-5]] = json.loads(f.read())
@@ -156,7 +168,7 @@ class _Journal:
         objects, _, _ = self.staging._list(f"{PENDING_DIR}/", "list pending snapshots")
         for o in objects:
             name = o["Key"].rsplit("/", 1)[-1]
-            if name.endswith(".json"):
+            if name.endswith(".json") and _SNAPSHOT_ID.fullmatch(name[:-5]):
                 data = self.staging._get(f"{PENDING_DIR}/{name}", "read a pending snapshot record")
                 with contextlib.suppress(ValueError, TypeError):
                     out[name[:-5]] = json.loads(data)
@@ -188,6 +200,9 @@ class EbsStore(Store):
         self.region = self.settings.region or self.settings.session().region_name
         if not self.region:
             raise UsageError(f"{url}: no region (ebs://REGION, AWS_DEFAULT_REGION or the config file)")
+        if not isinstance(self.region, str) or not _REGION.fullmatch(self.region):
+            # it names the default staging folder: never a path
+            raise UsageError(f"{url}: {self.region!r} is not an AWS region name")
         self.url = f"ebs://{self.region}"
         if staging is None:
             staging = os.path.join(os.path.expanduser("~/.smsblock/ebs"), self.region)

@@ -11,6 +11,11 @@ Layout::
 Packs and manifests are written in ``tmp/``, fsynced, then renamed into place (and the
 folder fsynced): a rename is the local form of an atomic, immutable put.  Anything left in
 ``tmp/`` by a killed process is a leftover for prune.
+
+Everything is created owner-only (files 0600, folders 0700), new files with ``O_EXCL``,
+and every folder below the root is opened without following links and used through its
+descriptor (see :mod:`smsblock.fsutil`): a link planted at ``tmp``, ``packs``,
+``runs/SERVER`` or ``lock`` is refused with a StoreError, never written or deleted through.
 """
 
 from __future__ import annotations
@@ -18,15 +23,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import uuid
 
 from ..errors import RunNotFoundError, StoreError, StoreLockedError
-from ..fsutil import fsync_dir, remove_file
+from ..fsutil import (fsync_dir, make_root, open_lock_file, open_subdir, remove_file,
+                      subdir, write_new_file)
 from ..pack import is_pack_id
 from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id, no_store_error
 
 MANIFEST_SUFFIX = ".manifest"
+log = logging.getLogger(__name__)
+
+
+def _where(e: OSError, default: str) -> str:
+    """The path an error is about: the link or folder a helper named, else ``default``."""
+    return e.filename if isinstance(e.filename, str) and os.path.isabs(e.filename) else default
 
 
 class LocalStore(Store):
@@ -60,34 +73,35 @@ class LocalStore(Store):
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise StoreError(f"{self.root}: exists and is not a directory")
         try:
+            make_root(self.root)
             for sub in ("packs", "runs", "tmp"):
-                os.makedirs(self._p(sub), exist_ok=True)
+                os.close(open_subdir(self.root, sub, create=True))
             if self.exists():
                 return
             if any(n not in ("packs", "runs", "tmp", "lock") for n in os.listdir(self.root)):
                 raise StoreError(f"{self.root}: directory is not empty and not a smsblock store")
-            tmp = self._p("tmp", f"config-{uuid.uuid4().hex}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(config_bytes)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, self._p("config.json"))   # never replaces a racing creator's config
-            except FileExistsError:
-                pass
-            os.unlink(tmp)
-            fsync_dir(self.root)
+            name = f"config-{uuid.uuid4().hex}.tmp"
+            with subdir(self.root) as root_fd, subdir(self.root, "tmp") as tmp_fd:
+                write_new_file(name, config_bytes, dir_fd=tmp_fd)
+                try:    # a link never replaces a racing creator's config
+                    os.link(name, "config.json", src_dir_fd=tmp_fd, dst_dir_fd=root_fd,
+                            follow_symlinks=False)
+                except FileExistsError:
+                    pass
+                os.unlink(name, dir_fd=tmp_fd)
+                fsync_dir(root_fd)
         except OSError as e:
-            raise StoreError(f"{self.root}: cannot create store: {e.strerror}") from None
+            raise StoreError(f"{_where(e, self.root)}: cannot create store: {e.strerror}") from None
 
     # -- lock ---------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, exclusive: bool, purpose: str):
         try:
-            os.makedirs(self.root, exist_ok=True)      # a first replicate locks before creating
-            fd = os.open(self._p("lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            make_root(self.root)      # a first replicate locks before creating
+            with subdir(self.root) as root_fd:
+                fd = open_lock_file("lock", dir_fd=root_fd)
         except OSError as e:
-            raise StoreError(f"{self.root}: cannot open lock file: {e.strerror}") from None
+            raise StoreError(f"{self._p('lock')}: cannot open lock file: {e.strerror}") from None
         try:
             try:
                 fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -102,50 +116,76 @@ class LocalStore(Store):
 
     # -- packs ----------------------------------------------------------------------
     def _pack_path(self, pack_id: str) -> str:
+        if not is_pack_id(pack_id):     # it becomes a file name: never a path
+            raise StoreError(f"{self.root}: {pack_id!r} is not a pack id (64 hex digits)")
         return self._p("packs", pack_id[:2], pack_id + ".pack")
 
     def pack_name(self, pack_id: str) -> str:
         return self._pack_path(pack_id)
 
     def staging_path(self, suffix: str) -> str:
-        os.makedirs(self._p("tmp"), exist_ok=True)
+        # the folder is checked (no link) and made here; the file itself is created with
+        # O_EXCL | O_NOFOLLOW by whoever writes it (PackWriter)
+        try:
+            os.close(open_subdir(self.root, "tmp", create=True))
+        except OSError as e:
+            raise StoreError(f"{self._p('tmp')}: cannot stage: {e.strerror}") from None
         return self._p("tmp", f"{uuid.uuid4().hex}{suffix}")
+
+    def _staged_name(self, staged_path: str) -> str:
+        if os.path.dirname(os.path.abspath(staged_path)) != self._p("tmp"):
+            raise StoreError(f"{staged_path}: not a file staged in {self._p('tmp')}")
+        return os.path.basename(staged_path)
 
     def put_pack(self, pack_id: str, staged_path: str) -> None:
         dest = self._pack_path(pack_id)
-        folder = os.path.dirname(dest)
+        name = self._staged_name(staged_path)
         try:
-            os.makedirs(folder, exist_ok=True)
-            os.replace(staged_path, dest)
-            fsync_dir(folder)
+            with subdir(self.root, "tmp") as tmp_fd, \
+                    subdir(self.root, "packs", pack_id[:2], create=True) as folder_fd:
+                # renameat replaces a name, never writes through a link that was there
+                os.replace(name, pack_id + ".pack", src_dir_fd=tmp_fd, dst_dir_fd=folder_fd)
+                fsync_dir(folder_fd)
         except OSError as e:
-            raise StoreError(f"{dest}: cannot store pack: {e.strerror}") from None
+            raise StoreError(f"{_where(e, dest)}: cannot store pack: {e.strerror}") from None
 
     def list_packs(self) -> dict[str, int]:
         out = {}
-        base = self._p("packs")
         try:
-            subdirs = os.listdir(base)
+            packs_fd = open_subdir(self.root, "packs")
         except FileNotFoundError:
             return out
-        for sub in subdirs:
-            try:
-                entries = list(os.scandir(os.path.join(base, sub)))
-            except (NotADirectoryError, FileNotFoundError):
-                continue
-            for e in entries:
-                name = e.name
-                if name.endswith(".pack") and is_pack_id(name[:-5]) and name.startswith(sub):
-                    try:
-                        out[name[:-5]] = e.stat().st_size
-                    except FileNotFoundError:
-                        continue
+        except OSError as e:
+            raise StoreError(f"{self._p('packs')}: cannot list packs: {e.strerror}") from None
+        try:
+            for sub in os.listdir(packs_fd):
+                try:
+                    sub_fd = open_subdir(self.root, "packs", sub)
+                except (NotADirectoryError, FileNotFoundError):
+                    continue
+                except OSError as e:    # a link: its packs are not this store's
+                    log.warning("%s: %s; its packs are left out", self._p("packs", sub), e.strerror)
+                    continue
+                try:
+                    with os.scandir(sub_fd) as entries:
+                        for e in entries:
+                            name = e.name
+                            if (name.endswith(".pack") and is_pack_id(name[:-5])
+                                    and name.startswith(sub) and not e.is_symlink()):
+                                try:
+                                    out[name[:-5]] = e.stat(follow_symlinks=False).st_size
+                                except FileNotFoundError:
+                                    continue
+                finally:
+                    os.close(sub_fd)
+        finally:
+            os.close(packs_fd)
         return out
 
     def read_pack(self, pack_id: str, offset: int, length: int) -> bytes:
         path = self._pack_path(pack_id)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise StoreError(f"{path}: pack is missing") from None
         except OSError as e:
@@ -164,11 +204,15 @@ class LocalStore(Store):
             os.close(fd)
 
     def delete_pack(self, pack_id: str) -> None:
+        path = self._pack_path(pack_id)
         self.forget_pack(pack_id)
         try:
-            os.unlink(self._pack_path(pack_id))
+            with subdir(self.root, "packs", pack_id[:2]) as folder_fd:
+                remove_file(pack_id + ".pack", dir_fd=folder_fd)
         except FileNotFoundError:
             pass
+        except OSError as e:
+            raise StoreError(f"{_where(e, path)}: cannot delete pack: {e.strerror}") from None
 
     # -- manifests ----------------------------------------------------------------
     def _manifest_path(self, server_id: str, run_id: str) -> str:
@@ -176,24 +220,39 @@ class LocalStore(Store):
 
     def list_servers(self) -> list[str]:
         try:
-            names = os.listdir(self._p("runs"))
+            with subdir(self.root, "runs") as runs_fd:
+                names = os.listdir(runs_fd)
         except FileNotFoundError:
             return []
+        except OSError as e:
+            raise StoreError(f"{self._p('runs')}: cannot list servers: {e.strerror}") from None
+        out = []
         # other names (.DS_Store, lost+found...) are not servers: skipped, not an error
-        return sorted(n for n in names if SERVER_ID_RE.match(n) and self.list_run_ids(n))
+        for n in sorted(n for n in names if SERVER_ID_RE.fullmatch(n)):
+            try:
+                if self.list_run_ids(n):
+                    out.append(n)
+            except StoreError as e:     # a link at runs/SERVER: not this store's runs
+                log.warning("%s (left out)", e)
+        return out
 
     def list_run_ids(self, server_id: str) -> list[str]:
         try:
-            names = os.listdir(self._p("runs", check_server_id(server_id)))
+            with subdir(self.root, "runs", check_server_id(server_id)) as folder_fd:
+                names = os.listdir(folder_fd)
         except FileNotFoundError:
             return []
+        except OSError as e:
+            raise StoreError(f"{self._p('runs', server_id)}: cannot list runs: {e.strerror}") from None
         ids = (n[:-len(MANIFEST_SUFFIX)] for n in names if n.endswith(MANIFEST_SUFFIX))
-        return sorted(i for i in ids if RUN_ID_RE.match(i))
+        return sorted(i for i in ids if RUN_ID_RE.fullmatch(i))
 
     def get_manifest_bytes(self, server_id: str, run_id: str) -> bytes:
         path = self._manifest_path(server_id, run_id)
         try:
-            with open(path, "rb") as f:
+            with subdir(self.root, "runs", server_id) as folder_fd, \
+                    open(os.path.basename(path), "rb",
+                         opener=lambda n, fl: os.open(n, fl | os.O_NOFOLLOW, dir_fd=folder_fd)) as f:
                 return f.read()
         except FileNotFoundError:
             raise RunNotFoundError(f"{self.root}: no run {run_id!r} of server {server_id!r}") from None
@@ -202,24 +261,25 @@ class LocalStore(Store):
 
     def put_manifest_bytes(self, server_id: str, run_id: str, data: bytes) -> None:
         path = self._manifest_path(server_id, run_id)
-        folder = os.path.dirname(path)
-        tmp = self.staging_path(".manifest.tmp")
+        tmp = f"{uuid.uuid4().hex}.manifest.tmp"
         try:
-            os.makedirs(folder, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(folder)
+            with subdir(self.root, "tmp", create=True) as tmp_fd, \
+                    subdir(self.root, "runs", server_id, create=True) as folder_fd:
+                write_new_file(tmp, data, dir_fd=tmp_fd)
+                os.replace(tmp, os.path.basename(path), src_dir_fd=tmp_fd, dst_dir_fd=folder_fd)
+                fsync_dir(folder_fd)
         except OSError as e:
-            raise StoreError(f"{path}: cannot write manifest: {e.strerror}") from None
+            raise StoreError(f"{_where(e, path)}: cannot write manifest: {e.strerror}") from None
 
     def delete_manifest(self, server_id: str, run_id: str) -> None:
+        path = self._manifest_path(server_id, run_id)
         try:
-            os.unlink(self._manifest_path(server_id, run_id))
+            with subdir(self.root, "runs", server_id) as folder_fd:
+                remove_file(os.path.basename(path), dir_fd=folder_fd)
         except FileNotFoundError:
             pass
+        except OSError as e:
+            raise StoreError(f"{path}: cannot delete manifest: {e.strerror}") from None
 
     # -- leftovers --------------------------------------------------------------------
     def holds_path(self, path) -> bool:
@@ -228,9 +288,21 @@ class LocalStore(Store):
 
     def list_leftovers(self) -> list[str]:
         try:
-            return sorted(os.listdir(self._p("tmp")))
+            with subdir(self.root, "tmp") as tmp_fd:
+                return sorted(os.listdir(tmp_fd))
         except FileNotFoundError:
             return []
+        except OSError as e:
+            raise StoreError(f"{self._p('tmp')}: cannot list leftovers: {e.strerror}") from None
 
     def remove_leftover(self, name: str) -> int:
-        return remove_file(self._p("tmp", os.path.basename(name)))
+        try:
+            with subdir(self.root, "tmp") as tmp_fd:
+                return remove_file(os.path.basename(name), dir_fd=tmp_fd)
+        except FileNotFoundError:
+            return 0
+        except IsADirectoryError:
+            log.warning("%s: a folder in the store's tmp, left alone", self._p("tmp", name))
+            return 0
+        except OSError as e:
+            raise StoreError(f"{self._p('tmp', name)}: cannot remove leftover: {e.strerror}") from None

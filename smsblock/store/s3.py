@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import uuid
@@ -51,7 +52,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ..errors import RunNotFoundError, StoreError, StoreLockedError, UsageError
-from ..fsutil import remove_file
+from ..fsutil import make_root, open_subdir, remove_file, subdir, write_new_file
 from ..pack import INDEX_DTYPE, is_pack_id, pack_id_of, read_index
 from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id, no_store_error
 from .retry import RetryPolicy, error_code, http_status
@@ -65,11 +66,18 @@ LOCK_EXCLUSIVE = "locks/exclusive.json"
 LOCK_SHARED = "locks/shared-"
 
 
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")   # S3's rules, with legacy names
+
+
 def parse_s3_url(url: str) -> tuple[str, str, str]:
     """``s3://BUCKET/PREFIX?query`` -> ``(bucket, prefix without slashes, query)``."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in url):     # urlparse would drop them silently
+        raise UsageError(f"{url!r}: control characters in an S3 store URL")
     p = urlparse(url)
     if p.scheme.lower() != "s3" or not p.netloc:
         raise UsageError(f"{url}: not an S3 store URL (s3://BUCKET/PREFIX)")
+    if not _BUCKET.fullmatch(p.netloc):
+        raise UsageError(f"{url}: {p.netloc!r} is not a bucket name (letters, digits, '.', '_', '-')")
     prefix = p.path.strip("/")
     if "//" in prefix or any(part in (".", "..") for part in prefix.split("/") if prefix):
         raise UsageError(f"{url}: the prefix must not have empty, '.' or '..' parts")
@@ -381,9 +389,20 @@ class S3Store(Store):
     def pack_name(self, pack_id: str) -> str:
         return self._where(self._pack_rel(pack_id))
 
+    def _staging_fd(self, create: bool = False) -> int:
+        """The staging folder (0700, never a link; its parent is the user's setting)."""
+        parent, name = os.path.split(self.staging_dir)
+        if create:
+            make_root(parent)
+        return open_subdir(parent, name, create=create)
+
     def staging_path(self, suffix: str) -> str:
-        # the pid in the name tells a later run whether the file's writer is gone
-        os.makedirs(self.staging_dir, exist_ok=True)
+        # the pid in the name tells a later run whether the file's writer is gone; the
+        # file itself is created O_EXCL | O_NOFOLLOW, 0600, by PackWriter
+        try:
+            os.close(self._staging_fd(create=True))
+        except OSError as e:
+            raise StoreError(f"{self.staging_dir}: cannot stage: {e.strerror}") from None
         return os.path.join(self.staging_dir, f"{os.getpid()}-{uuid.uuid4().hex}{suffix}")
 
     def initialise(self, config=None):
@@ -400,9 +419,16 @@ class S3Store(Store):
         Returns the pack ids made visible."""
         done = []
         try:
-            names = sorted(os.listdir(self.staging_dir))
+            fd = self._staging_fd()
         except FileNotFoundError:
             return done
+        except OSError as e:
+            log.warning("%s: %s; staged packs not resumed", self.staging_dir, e.strerror)
+            return done
+        try:
+            names = sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
         uploads: dict[str, list[str]] | None = None
         for name in names:
             pid, _, rest = name.partition("-")
@@ -471,13 +497,13 @@ class S3Store(Store):
         return index
 
     def _cache_index(self, pack_id: str, index: np.ndarray) -> None:
-        path = os.path.join(self.index_cache_dir, pack_id[:2], pack_id + ".idx")
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(index.tobytes())
-            os.replace(tmp, path)
+        name = pack_id + ".idx"
+        try:    # 0700 folders, a new 0600 file (O_EXCL), renamed in the same folder
+            make_root(self.index_cache_dir)
+            with subdir(self.index_cache_dir, pack_id[:2], create=True) as fd:
+                tmp = f"{name}.{uuid.uuid4().hex}.tmp"
+                write_new_file(tmp, index.tobytes(), dir_fd=fd, sync=False)
+                os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
         except OSError as e:        # a cache: failing to fill it costs only time
             log.debug("%s: cannot cache the index of pack %s: %s", self.url, pack_id, e)
 
@@ -682,14 +708,14 @@ class S3Store(Store):
         _, prefixes, _ = self._list("runs/", "list servers", delimiter="/")
         names = [self._rel(p).rstrip("/").split("/")[-1] for p in prefixes]
         # keys that are not servers (written by hand or other tools) are skipped, as locally
-        return sorted(n for n in names if SERVER_ID_RE.match(n) and self.list_run_ids(n))
+        return sorted(n for n in names if SERVER_ID_RE.fullmatch(n) and self.list_run_ids(n))
 
     def list_run_ids(self, server_id: str) -> list[str]:
         objects, _, _ = self._list(f"runs/{check_server_id(server_id)}/", "list runs")
         out = []
         for o in objects:
             name = self._rel(o["Key"]).split("/")[-1]
-            if name.endswith(MANIFEST_SUFFIX) and RUN_ID_RE.match(name[:-len(MANIFEST_SUFFIX)]):
+            if name.endswith(MANIFEST_SUFFIX) and RUN_ID_RE.fullmatch(name[:-len(MANIFEST_SUFFIX)]):
                 out.append(name[:-len(MANIFEST_SUFFIX)])
         return sorted(out)
 
@@ -723,9 +749,15 @@ class S3Store(Store):
         staged files on this machine (``staging:NAME``) and dead lock objects (``lock:KEY``)."""
         names = [f"multipart:{key}?uploadId={uid}" for key, uid in self._multipart_uploads()]
         try:
-            names += [f"staging:{n}" for n in sorted(os.listdir(self.staging_dir))]
+            fd = self._staging_fd()
+            try:
+                names += [f"staging:{n}" for n in sorted(os.listdir(fd))]
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             pass
+        except OSError as e:
+            raise StoreError(f"{self.staging_dir}: cannot list staged files: {e.strerror}") from None
         objects, _, now = self._list("locks/", "look for dead locks")
         names += [f"lock:{o['Key']}" for o in objects if not self._lock_state(o, now)[0]]
         return names
@@ -749,7 +781,18 @@ class S3Store(Store):
             self._call(f"abort incomplete upload {uid} of s3://{self.bucket}/{key}", abort)
             return freed
         if kind == "staging":
-            return remove_file(os.path.join(self.staging_dir, os.path.basename(rest)))
+            try:
+                fd = self._staging_fd()
+            except FileNotFoundError:
+                return 0
+            except OSError as e:
+                raise StoreError(f"{self.staging_dir}: cannot remove a staged file: {e.strerror}") from None
+            try:
+                return remove_file(os.path.basename(rest), dir_fd=fd)
+            except IsADirectoryError:
+                return 0
+            finally:
+                os.close(fd)
         if kind == "lock":
             rel = self._rel(rest)
             if rel.startswith("locks/"):
