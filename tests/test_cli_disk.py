@@ -163,7 +163,7 @@ def test_progress_bar_only_on_a_terminal(tmp_path):
     assert proc.returncode == 0 and proc.stderr == ""
     # a terminal: the bar is drawn on stderr
     master, slave = pty.openpty()
-    # a new pty is 0x0: give it a window as a real terminal has (tqdm draws to its width)
+    # a new pty is 0x0: give it a window as a real terminal has (the status line is drawn for a terminal)
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     p = subprocess.Popen([sys.executable, "-m", "smsblock", "convert", str(src),
@@ -187,7 +187,7 @@ def test_progress_bar_only_on_a_terminal(tmp_path):
     p.stdout.close()
     assert b"convert big.raw to vmdk" in drawn and b"\r" in drawn
     assert b"Traceback" not in drawn
-    # binary units, named as such (tqdm said MB/s for MiB/s)
+    # binary units, named as such (the tqdm bar said MB/s for MiB/s)
     assert b"32 MiB" in drawn and b"MiB/s" in drawn and b"100%" in drawn
     assert b"MB" not in drawn and b"kB" not in drawn
 
