@@ -25,6 +25,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import json
 import logging
 import os
 import queue
@@ -53,7 +54,7 @@ from .store import Store, open_store
 from .store.base import check_run_id, check_server_id
 
 __all__ = ["replicate", "restore", "verify", "prune", "RunSummary", "VerifyReport",
-           "PruneReport", "RunDisk", "new_run_id"]
+           "PruneReport", "RunDisk", "new_run_id", "MAX_RUN_META"]
 
 log = logging.getLogger(__name__)
 QUEUE_DEPTH = 16          # compressed blocks waiting for the pack writer (bounds memory)
@@ -310,7 +311,8 @@ class _BlockStorer:
 
 def replicate(disk, store, server_id: str, *, block_size: int | None = None,
               progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-              threads: int = 2, source: str | None = None, create: bool = True,
+              threads: int = 2, source: str | None = None,
+              meta: dict | None = None, create: bool = True,
               change_block_size: bool = False) -> RunSummary:
     """Perform one replication run of ``disk`` for ``server_id`` into ``store``.
 
@@ -326,9 +328,12 @@ def replicate(disk, store, server_id: str, *, block_size: int | None = None,
     ``progress(done, total)`` reports scanned bytes; ``cancel`` stops the run at the next
     block, leaving the store valid (blocks sealed so far are kept for the next run) and
     raising :class:`~smsblock.errors.Cancelled`.  Returns a :class:`RunSummary`; the
-    run's manifest, written last, makes the run visible.
+    run's manifest, written last, makes the run visible.  ``meta`` (the embedder's own:
+    a snapshot name, a ticket) is a JSON object of string keys, at most
+    :data:`MAX_RUN_META` bytes as JSON, kept with the run (``RunInfo.meta``, ``runs --json``).
     """
     check_server_id(server_id)
+    meta = check_run_meta(meta)
     store = open_store(store)
     own_disk = not isinstance(disk, Disk)
     if own_disk:
@@ -339,14 +344,38 @@ def replicate(disk, store, server_id: str, *, block_size: int | None = None,
         with store.lock(exclusive=False, purpose="replicate"):
             store.initialise()
             return _replicate_locked(disk, store, server_id, block_size, progress, cancel,
-                                     threads, source, change_block_size)
+                                     threads, source, meta, change_block_size)
     finally:
         if own_disk:
             disk.close()
 
 
+MAX_RUN_META = 16 << 10    # bytes of replicate(meta=...) as JSON: labels, not data
+
+
+def check_run_meta(meta) -> dict:
+    """``meta`` as a detached JSON object ({} for None); UsageError when it is not one
+    (string keys at every level, JSON values, at most MAX_RUN_META bytes)."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise UsageError(f"replicate: meta must be a dict (a JSON object), not {type(meta).__name__}")
+    try:
+        text = json.dumps(meta, allow_nan=False, separators=(",", ":"))   # ASCII, as stored
+        copy = json.loads(text)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise UsageError("replicate: meta is not JSON: " + " ".join(str(e).split())[:200]) from None
+    if copy != meta:    # int keys turned into strings, tuples into lists, ...
+        raise UsageError("replicate: meta must have string keys and JSON values (str, "
+                         "int, float, bool, None, list, dict) at every level")
+    if len(text) > MAX_RUN_META:
+        raise UsageError(f"replicate: meta is {len(text)} bytes as JSON, more than "
+                         f"{MAX_RUN_META}")
+    return copy
+
+
 def _replicate_locked(disk, store, server_id, block_size, progress, cancel, threads,
-                      source, change_block_size=True) -> RunSummary:
+                      source, meta=None, change_block_size=True) -> RunSummary:
     t0 = time.monotonic()
     cfg = store.config
     previous_id = store.latest_run_id(server_id)
@@ -425,7 +454,8 @@ def _replicate_locked(disk, store, server_id, block_size, progress, cancel, thre
         "server_id": server_id, "run_id": run_id,
         "created": datetime.strptime(created, _TS_FORMAT).replace(tzinfo=timezone.utc).isoformat(),
         "source": source if source is not None else disk.path,
-        "previous_run_id": previous_id, "summary": summary.to_dict()})
+        "previous_run_id": previous_id, "summary": summary.to_dict(),
+        "user": meta or {}})     # the embedder's, under its own key: it cannot clobber ours
     store.put_manifest_bytes(server_id, run_id, manifest.to_bytes())
     summary.seconds = round(time.monotonic() - t0, 6)
     return summary

@@ -110,17 +110,58 @@ class _EventLog:
 
 # --- smsblock connector ----------------------------------------------------------------
 
+MAX_SOURCE_CONFIG = 1 << 20    # bytes of --source-config (a JSON object, not data)
+
+
+def _source_config(text: str | None) -> dict:
+    """``--source-config``: a JSON object, inline or ``@FILE`` (a regular file, bounded)."""
+    if text is None:
+        return {}
+    where = "--source-config"
+    if text.startswith("@"):
+        import os
+        import stat
+        where = text[1:]
+        try:
+            fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise UsageError(f"--source-config {where}: cannot open: {e.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UsageError(f"--source-config {where}: not a regular file")
+            raw = os.read(fd, MAX_SOURCE_CONFIG + 1)
+        finally:
+            os.close(fd)
+        if len(raw) > MAX_SOURCE_CONFIG:
+            raise UsageError(f"--source-config {where}: larger than {MAX_SOURCE_CONFIG} bytes")
+        text = raw.decode("utf-8", errors="replace")
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"{where}: bad JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{where}: the source config must be a JSON object")
+    return config
+
+
 def _connector_register(args) -> int:
-    if bool(args.datastore) == bool(args.vcenter):
-        raise UsageError("connector register: give exactly one of --datastore PATH or --vcenter HOST")
+    chosen = [o for o, v in (("--datastore", args.datastore), ("--vcenter", args.vcenter),
+                             ("--source-kind", args.source_kind)) if v]
+    if len(chosen) != 1:
+        raise UsageError("connector register: give exactly one of --datastore PATH, "
+                         "--vcenter HOST or --source-kind KIND")
+    if args.source_config is not None and not args.source_kind:
+        raise UsageError("--source-config is only valid with --source-kind")
+    from ..source.vsphere import settings_from_args
     if args.datastore:
         from ..service.sources import DatastoreSource
-        from ..source.vsphere import settings_from_args
         settings_from_args(args)    # refuses vCenter options without --vcenter
         kind, config = "datastore", DatastoreSource(args.datastore).config()  # absolute, checked
-    else:
-        from ..source.vsphere import settings_from_args
+    elif args.vcenter:
         kind, config = "vsphere", settings_from_args(args).to_config()
+    else:
+        settings_from_args(args)
+        kind, config = args.source_kind, _source_config(args.source_config)
     with _service(args) as svc:
         connector = svc.register_connector(kind, config, store=args.store)
     _print_json(connector)
@@ -330,6 +371,12 @@ def register(subparsers) -> None:
     reg.add_argument("--insecure", action="store_true",
                      help="ignore hostname mismatch and expiration errors for vCenter and "
                           "ESXi certificates (the chain is still verified)")
+    reg.add_argument("--source-kind", metavar="KIND",
+                     help="another source kind: one a plugin declares (entry point group "
+                          "smsblock.sources)")
+    reg.add_argument("--source-config", metavar="JSON|@FILE",
+                     help="the --source-kind's config, a JSON object (default {}); "
+                          "stored in the state: no secrets")
     reg.add_argument("--store", metavar="PATH_OR_URL",
                      help="block store for this connector's runs (default: STATE/store)")
     reg.set_defaults(func=_connector_register)

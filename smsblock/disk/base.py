@@ -13,6 +13,15 @@ bytes.  Its contract, relied on by the scan, the image step and the writers:
   as zeros.  ``ZERO`` extents are known to read as zeros (a VMDK zero grain, say); a
   reader never has to read them.  ``DATA`` extents may still contain zeros.
 * ``info`` carries the metadata (format, createType, CIDs, adapter, extents, parents).
+* ``path`` names the disk in messages (it need not be a file); ``close()`` is idempotent,
+  and nothing reads after it or while it runs.
+* Failures are :mod:`smsblock.errors` classes: ``DiskIOError(message, path, offset)`` when
+  the storage fails, ``DiskFormatError`` when what it holds is malformed; never zeros for
+  a read that failed.
+
+A disk of one's own subclasses :class:`Disk` and implements ``readinto``, ``extents`` and
+``close`` and sets ``path``, ``size`` and ``info``; docs/api.md ("Writing a Disk") has
+the details and a worked, tested example.
 """
 
 from __future__ import annotations
@@ -92,7 +101,11 @@ class DiskInfo:
 
 
 class Disk:
-    """Base class of disk readers; see the module docstring for the contract."""
+    """Base class of disk readers; see the module docstring for the contract.
+
+    ``readinto`` is called from several threads at once (the scan's workers), each with
+    its own buffer; ``extents`` should answer from what the disk knew when it was opened.
+    """
 
     path: str
     size: int

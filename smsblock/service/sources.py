@@ -37,7 +37,7 @@ from typing import Any, Callable
 from ..disk import COWD_MAGIC, SESPARSE_MAGIC, SPARSE_MAGIC, Disk, RawDisk
 from ..disk.descriptor import looks_like_descriptor
 from ..disk.files import LocalFile
-from ..errors import ConnectorError, SmsBlockError
+from ..errors import ConnectorError, SmsBlockError, UsageError
 from ..progress import check_cancel
 from ..source import Source, SourceDisk, VmRecord
 from .models import VmManagerType
@@ -45,20 +45,107 @@ from .models import VmManagerType
 log = logging.getLogger(__name__)
 _SOURCE_KINDS: dict[str, Callable[[dict], Source]] = {}
 
+#: the entry point group plugins declare their source kinds in (the entry point's name
+#: is the kind, its object a factory ``f(config) -> Source`` or a class with ``from_config``)
+ENTRY_POINT_GROUP = "smsblock.sources"
+SOURCE_KIND = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def _check_kind(kind) -> str:
+    if not isinstance(kind, str) or not SOURCE_KIND.fullmatch(kind):
+        raise UsageError(f"connector source kind {str(kind)[:80]!r} is not a kind name "
+                         "(lower-case letters, digits, '.', '_', '-'; at most 64)")
+    return kind
+
 
 def register_source_kind(kind: str, factory: Callable[[dict], Source]) -> None:
-    """Make ``open_source(kind, config)`` build sources with ``factory(config)``."""
+    """Make ``open_source(kind, config)`` build sources with ``factory(config)``.
+
+    For this process only; to make a kind usable from the CLI and the connector too,
+    declare it as an entry point of the group :data:`ENTRY_POINT_GROUP` (docs/api.md)."""
+    if not callable(factory):
+        raise UsageError(f"connector source kind {kind!r}: the factory is not callable")
+    _SOURCE_KINDS[_check_kind(kind)] = factory
+
+
+def _plugin_entry_points(kind: str | None = None) -> list:
+    """Entry points of :data:`ENTRY_POINT_GROUP` (named ``kind`` when given)."""
+    from importlib.metadata import entry_points
+    eps = entry_points(group=ENTRY_POINT_GROUP)
+    return [ep for ep in eps if kind is None or ep.name == kind]
+
+
+def _plugin_name(ep) -> str:
+    dist = getattr(ep, "dist", None)
+    package = f"{dist.name} {dist.version}: " if dist is not None else ""
+    return f"plugin {package}{ep.value}"
+
+
+def _load_plugin(kind: str) -> Callable[[dict], Source] | None:
+    """The factory a plugin declares for ``kind``, registered; None when none does."""
+    eps = _plugin_entry_points(kind)
+    values = {ep.value for ep in eps}
+    if not eps:
+        return None
+    if len(values) > 1:
+        raise ConnectorError(f"connector source kind {kind!r} is declared by more than one "
+                             f"plugin ({'; '.join(sorted(_plugin_name(ep) for ep in eps))}); "
+                             "uninstall all but one")
+    ep = eps[0]
+    try:
+        obj = ep.load()
+    except Exception as e:   # noqa: BLE001 - whatever a broken plugin raises, one line
+        raise ConnectorError(f"connector source kind {kind!r}: {_plugin_name(ep)} failed to "
+                             f"load: {type(e).__name__}: {_one_line(e)}") from None
+    factory = getattr(obj, "from_config", obj) if isinstance(obj, type) else obj
+    if not callable(factory):
+        raise ConnectorError(f"connector source kind {kind!r}: {_plugin_name(ep)} is not a "
+                             "factory (a callable taking the config dict) nor a class with "
+                             "from_config")
     _SOURCE_KINDS[kind] = factory
+    return factory
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def source_kinds() -> list[str]:
+    """Every kind :func:`open_source` knows: registered ones and installed plugins' ones."""
+    try:
+        plugins = {ep.name for ep in _plugin_entry_points()}
+    except Exception:   # noqa: BLE001 - a broken installation must not hide the built-ins
+        plugins = set()
+    return sorted(set(_SOURCE_KINDS) | plugins)
 
 
 def open_source(kind: str, config: dict) -> Source:
-    """Open a connector's source from its stored kind and config."""
+    """Open a connector's source from its stored kind and config.
+
+    Kinds registered with :func:`register_source_kind` come first; an unknown kind is
+    looked up among the installed plugins' entry points (loaded on first use)."""
+    factory = _SOURCE_KINDS.get(kind) if isinstance(kind, str) else None
+    if factory is None:
+        factory = _load_plugin(_check_kind(kind))
+    if factory is None:
+        raise ConnectorError(f"unknown connector source kind {kind!r} (known: "
+                             f"{source_kinds()}; a plugin declares one as an entry point "
+                             f"of the group {ENTRY_POINT_GROUP!r})")
     try:
-        factory = _SOURCE_KINDS[kind]
-    except KeyError:
-        raise ConnectorError(f"unknown connector source kind {kind!r} "
-                             f"(known: {sorted(_SOURCE_KINDS)})") from None
-    return factory(config)
+        source = factory(config)
+    except (SmsBlockError, ModuleNotFoundError):   # the CLI names the missing extra
+        raise
+    except Exception as e:   # noqa: BLE001 - a plugin's bug is one line naming it
+        raise ConnectorError(f"connector source kind {kind!r}: opening the source failed: "
+                             f"{type(e).__name__}: {_one_line(e)}") from None
+    for attr in ("manager_type", "manager_name", "manager_id"):
+        if not isinstance(getattr(source, attr, None), str):
+            with contextlib.suppress(Exception):
+                source.close()
+            raise ConnectorError(f"connector source kind {kind!r}: the source has no "
+                                 f"{attr} string (see smsblock.source.Source)")
+    return source
 
 
 # --- .vmx files ------------------------------------------------------------------

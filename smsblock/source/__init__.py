@@ -8,6 +8,16 @@ whether the run completed, failed or was cancelled.
 
 Sources: :mod:`smsblock.source.vsphere` (vCenter through pyVmomi).  The datastore-folder
 source of the control plane follows the same shape.
+
+Other sources need no base class, only this shape.  A connector reopens its source with
+``factory(config)`` (:func:`smsblock.service.sources.open_source`): kinds are registered
+in a process with :func:`~smsblock.service.sources.register_source_kind`, or declared by
+an installed package as an entry point of the group ``smsblock.sources`` (then the CLI,
+the connector and ``smsblock serve`` find them too).  Sources are never shared between
+threads: each catalog import and each run opens its own and closes it; a run's disks are
+read by the engine's worker threads concurrently.  Failures are
+:class:`~smsblock.errors.ConnectorError` (one line: what and where).  docs/api.md
+("Writing a snapshot source") has the details and a worked, tested example.
 """
 
 from __future__ import annotations
@@ -84,10 +94,16 @@ class Source(Protocol):
     manager_name: str
     manager_id: str
 
-    def list_vms(self) -> list[VmRecord]: ...
+    def list_vms(self) -> list[VmRecord]:
+        """The VMs for the catalog; may take a ``cancel`` keyword (a CancelToken)."""
+        ...
 
     def open_run(self, vm: VmRecord | dict, *, previous: dict | None = None,
-                 previous_disks: dict[str, Disk] | None = None, cancel=None) -> SourceRun: ...
+                 previous_disks: dict[str, Disk] | None = None, cancel=None) -> SourceRun:
+        """A not yet entered run of ``vm`` (a catalog record: check its ``vmId``);
+        ``previous`` is the job's last completed run's :meth:`SourceRun.record`, and
+        ``previous_disks`` that run's disks in the store by :attr:`SourceDisk.key`."""
+        ...
 
     def close(self) -> None: ...
 

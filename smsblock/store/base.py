@@ -111,6 +111,8 @@ class RunInfo:
     run_id: str
     created: str
     summary: dict = field(default_factory=dict)
+    #: the embedder's metadata given to ``replicate(meta=...)`` ({} when none)
+    meta: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -293,8 +295,10 @@ class Store(abc.ABC):
         out = []
         for run_id in self.list_run_ids(check_server_id(server_id)):
             m = self.load_manifest(server_id, run_id)
+            user = m.meta.get("user")
             out.append(RunInfo(server_id, run_id, m.meta.get("created", ""),
-                               dict(m.meta.get("summary", {}))))
+                               dict(m.meta.get("summary", {})),
+                               dict(user) if isinstance(user, dict) else {}))
         return out
 
     def run_disk(self, server_id: str, run_id: str | None = None):
