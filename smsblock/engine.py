@@ -321,13 +321,19 @@ class _BlockStorer:
 def replicate(disk, store, server_id: str, *, block_size: int | None = None,
               progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
               threads: int = 2, source: str | None = None,
-              meta: dict | None = None) -> RunSummary:
+              meta: dict | None = None, create: bool = True,
+              change_block_size: bool = False) -> RunSummary:
     """Perform one replication run of ``disk`` for ``server_id`` into ``store``.
 
-    ``disk`` is a :class:`~smsblock.disk.Disk` or a path; ``store`` a Store or a path/URL
-    (created on first use).  The first run stores every data block; later runs scan against
+    ``disk`` is a :class:`~smsblock.disk.Disk` or a path; ``store`` a Store or a path/URL.
+    ``create=True`` creates the store when it does not exist; ``create=False`` (what the
+    CLI passes unless ``--create``) raises StoreError instead, so a mistyped path fails.
+    The first run stores every data block; later runs scan against
     the server's latest manifest and store only changed blocks the store does not hold
-    yet.  ``block_size`` defaults to the previous run's (512 KiB for a first run).
+    yet.  ``block_size`` defaults to the previous run's (512 KiB for a first run); a
+    different one than the previous run's is refused (StoreError: no block of the
+    previous run can be reused, the whole disk is stored again) unless
+    ``change_block_size=True``.
     ``progress(done, total)`` reports scanned bytes; ``cancel`` stops the run at the next
     block, leaving the store valid (blocks sealed so far are kept for the next run) and
     raising :class:`~smsblock.errors.Cancelled`.  Returns a :class:`RunSummary`; the
@@ -342,10 +348,12 @@ def replicate(disk, store, server_id: str, *, block_size: int | None = None,
     if own_disk:
         disk = open_disk(disk)
     try:
+        if not create:
+            store.require()
         with store.lock(exclusive=False, purpose="replicate"):
             store.initialise()
             return _replicate_locked(disk, store, server_id, block_size, progress, cancel,
-                                     threads, source, meta)
+                                     threads, source, meta, change_block_size)
     finally:
         if own_disk:
             disk.close()
@@ -376,7 +384,7 @@ def check_run_meta(meta) -> dict:
 
 
 def _replicate_locked(disk, store, server_id, block_size, progress, cancel, threads,
-                      source, meta=None) -> RunSummary:
+                      source, meta=None, change_block_size=True) -> RunSummary:
     t0 = time.monotonic()
     cfg = store.config
     previous_id = store.latest_run_id(server_id)
@@ -384,6 +392,11 @@ def _replicate_locked(disk, store, server_id, block_size, progress, cancel, thre
     if block_size is None:
         block_size = previous.block_size if previous is not None else DEFAULT_BLOCK_SIZE
     check_block_size(block_size)
+    if previous is not None and block_size != previous.block_size and not change_block_size:
+        raise StoreError(
+            f"{store.url}: server {server_id}'s runs use {previous.block_size}-byte blocks, not "
+            f"{block_size}: a new block size reuses none of the stored blocks and stores the "
+            f"whole disk again (allow it with --change-block-size, change_block_size=True)")
     comparable = (previous is not None and previous.block_size == block_size
                   and previous.disk_size == disk.size)
     run_id = new_run_id(previous_id)
@@ -863,7 +876,8 @@ def _rewrite_pack(store: Store, pack_id: str, entries: np.ndarray) -> tuple[str,
     return new_id, writer.sealed_size
 
 
-def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None = None) -> PruneReport:
+def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None = None,
+          dry_run: bool = False) -> PruneReport:
     """Keep the newest ``keep`` runs of ``server_id`` and delete the older ones, then delete
     every stored block no remaining run (of any server) references: packs with no live
     block are deleted, packs with some are rewritten with only the live ones (frames copied
@@ -873,7 +887,9 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
     no space keeps its pack whole (``packs_left`` counts them) instead of failing.
 
     Takes the store lock exclusively: fails with StoreLockedError while a run or a
-    :meth:`Store.run_disk` reader uses the store.
+    :meth:`Store.run_disk` reader uses the store.  ``dry_run=True``
+    changes nothing and returns what would be deleted (runs, whole packs and the blocks
+    in them; blocks a rewrite would drop are counted too, their bytes are not).
     """
     store = open_store(store)
     store.require()
@@ -886,6 +902,8 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
         doomed = ids[:max(0, len(ids) - keep)]
         report.runs_kept = ids[len(doomed):]
         live = _live_addresses(store, server_id, doomed)
+        if dry_run:
+            return _prune_dry_run(store, doomed, live, report)
         for run_id in doomed:        # oldest first: a crash midway still keeps the newest
             store.delete_manifest(server_id, run_id)
             report.runs_deleted.append(run_id)
@@ -951,4 +969,24 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
         for pack_id in store.list_damage_records():
             if pack_id not in remaining:
                 store.delete_damage_record(pack_id)
+    return report
+
+
+def _prune_dry_run(store: Store, doomed: list[str], live: np.ndarray,
+                   report: PruneReport) -> PruneReport:
+    """What :func:`prune` would delete, computed without changing anything."""
+    report.runs_deleted = list(doomed)
+    packs, indexes = _readable_packs(store)
+    wanted_all = _wanted_entries(indexes, live)
+    start = 0
+    for (_pack_id, size), index in zip(packs, indexes):
+        want = wanted_all[start:start + len(index)]
+        start += len(index)
+        if not want.any():
+            report.packs_deleted += 1
+            report.bytes_freed += size
+        elif not want.all():
+            report.packs_rewritten += 1
+        report.blocks_deleted += int((~want).sum())
+    report.leftovers_removed = len(store.list_leftovers())
     return report

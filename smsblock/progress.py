@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import time
 from typing import Callable, Iterator
 
 from .errors import Cancelled
@@ -64,9 +65,63 @@ class ThreadSafeProgress:
             self._callback(done, self.total)
 
 
+def human_size(n: int) -> str:
+    """``10485760`` → ``10 MiB``: binary units, named as such; exact units stay short,
+    others get one decimal."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            if unit == "B":
+                return f"{int(n)} B"
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+class _Bar:
+    """One status line on stderr: ``PHASE  42%  1.2 GiB / 3.0 GiB  85.3 MiB/s  ETA 0:21``."""
+
+    def __init__(self, phase: str, stream, interval: float = 0.2):
+        self.phase, self.stream, self.interval = phase, stream, interval
+        self.started = time.monotonic()
+        self.last = 0.0
+        self.width = 0
+        self.lock = threading.Lock()
+
+    def line(self, done: int, total: int, now: float) -> str:
+        elapsed = max(now - self.started, 1e-6)
+        rate = done / elapsed
+        pct = f"{100 * done // total:3d}%" if total else "  ?%"
+        eta = ""
+        if total and rate > 0 and done < total:
+            left = int((total - done) / rate)
+            eta = f"  ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+        return (f"{self.phase}  {pct}  {human_size(done)} / {human_size(total)}  "
+                f"{human_size(int(rate))}/s{eta}")
+
+    def update(self, done: int, total: int) -> None:
+        with self.lock:
+            now = time.monotonic()
+            if now - self.last < self.interval and done < total:
+                return
+            self.last = now
+            text = self.line(done, total, now)
+            self.stream.write("\r" + text.ljust(self.width))
+            self.width = len(text)
+            self.stream.flush()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.width:      # leave the terminal clean: the command prints its result
+                self.stream.write("\r" + " " * self.width + "\r")
+                self.stream.flush()
+
+
 @contextlib.contextmanager
 def terminal_progress(description: str, enabled: bool | None = None) -> Iterator[ProgressCallback | None]:
-    """A progress callback that draws a bar (bytes, throughput, ETA) on a terminal.
+    """A progress callback that shows one line on a terminal: the phase (``description``,
+    e.g. ``replicate web-01: scan and store``), percent, bytes in binary units (KiB, MiB,
+    GiB), throughput and ETA.
 
     Yields ``None`` when stderr is not a terminal (or ``enabled`` is False), so scripts
     and logs stay clean.
@@ -76,20 +131,8 @@ def terminal_progress(description: str, enabled: bool | None = None) -> Iterator
     if not enabled:
         yield None
         return
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, desc=description, unit="B", unit_scale=True, unit_divisor=1024,
-               file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.2)
-    lock = threading.Lock()
-
-    def update(done: int, total: int) -> None:
-        with lock:
-            if bar.total != total:
-                bar.total = total
-            if done > bar.n:
-                bar.update(done - bar.n)
-
+    bar = _Bar(description, sys.stderr)
     try:
-        yield update
+        yield bar.update
     finally:
         bar.close()

@@ -200,7 +200,7 @@ def test_launch_list_terminate_local(lab):
         assert time.monotonic() < deadline, "GRUB never spoke on the serial console"
         time.sleep(0.2)
     status, out, _ = cli("image", "launches", "--catalog", lab["catalog"], "--json")
-    listed = {r["instance_id"]: r for r in json.loads(out)}
+    listed = {r["instance_id"]: r for r in json.loads(out)["launches"]}
     assert listed[iid]["state"] == "running" and listed[iid]["image_id"] == image_id
     status, out, err = cli("image", "terminate", iid, "--catalog", lab["catalog"])
     assert status == 0 and f"{iid}  terminated" in out, err

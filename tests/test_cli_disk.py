@@ -57,7 +57,7 @@ def test_info_json_on_a_raw_disk(raw_disk):
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["format"] == "raw" and doc["create_type"] is None
-    assert doc["virtual_size"] == 5 * MIB + 512 == qemu_info(raw_disk)["virtual-size"]
+    assert doc["disk_size"] == 5 * MIB + 512 == qemu_info(raw_disk)["virtual-size"]
     # 70 000 bytes + 8 000 bytes of data, in file-system blocks
     assert 78_000 <= doc["allocated_bytes"] <= 78_000 + 4 * 65536
     assert doc["parent_chain"] == [] and doc["extents"][0]["type"] == "FLAT"
@@ -69,7 +69,7 @@ def test_info_on_our_stream_optimized_output_matches_qemu(tmp_path, raw_disk):
     doc = json.loads(run_cli("info", "--json", out).stdout)
     q = qemu_info(out)
     assert doc["format"] == "vmdk" and doc["create_type"] == "streamOptimized"
-    assert doc["virtual_size"] == q["virtual-size"]
+    assert doc["disk_size"] == q["virtual-size"]
     assert int(doc["cid"], 16) == q["format-specific"]["data"]["cid"]
     assert doc["parent_cid"] == "ffffffff"
     assert doc["adapter_type"] == "lsilogic" and doc["compressed"] is True
@@ -108,7 +108,7 @@ def test_info_lists_descriptor_extent_files(vmdk_samples):
     doc = json.loads(proc.stdout)
     assert doc["create_type"] == "twoGbMaxExtentSparse"
     assert [os.path.basename(e["path"]) for e in doc["extents"]] == ["twoGbMaxExtentSparse-s001.vmdk"]
-    assert doc["virtual_size"] == 10485760
+    assert doc["disk_size"] == 10485760
     text = run_cli("info", vmdk_samples / "vmfs_thick.vmdk").stdout
     assert "vmfs_thick-flat.vmdk" in text and "create type:" in text
 
@@ -130,11 +130,11 @@ def test_convert_raw_to_vmdk_and_back_in_a_subprocess(tmp_path, raw_disk):
 
 
 def test_convert_in_process_with_explicit_format_and_json(tmp_path, raw_disk, capsys):
-    out = tmp_path / "named.vmdk"
+    out = tmp_path / "named.out"
     assert main(["convert", "-O", "raw", str(raw_disk), str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["format"] == "raw" and doc["virtual_size"] == raw_disk.stat().st_size
-    assert out.read_bytes() == raw_disk.read_bytes()       # -O raw wins over the extension
+    assert doc["format"] == "raw" and doc["disk_size"] == raw_disk.stat().st_size
+    assert out.read_bytes() == raw_disk.read_bytes()       # -O raw, whatever the name
     assert qemu_info(out)["format"] == "raw"
 
     vm = tmp_path / "disk.bin"
@@ -163,7 +163,7 @@ def test_progress_bar_only_on_a_terminal(tmp_path):
     assert proc.returncode == 0 and proc.stderr == ""
     # a terminal: the bar is drawn on stderr
     master, slave = pty.openpty()
-    # a new pty is 0x0: give it a window as a real terminal has (tqdm draws to its width)
+    # a new pty is 0x0: give it a window as a real terminal has (the status line is drawn for a terminal)
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     p = subprocess.Popen([sys.executable, "-m", "smsblock", "convert", str(src),
@@ -185,8 +185,11 @@ def test_progress_bar_only_on_a_terminal(tmp_path):
     os.close(master)
     assert p.wait(60) == 0
     p.stdout.close()
-    assert b"convert big.raw" in drawn and b"\r" in drawn
+    assert b"convert big.raw to vmdk" in drawn and b"\r" in drawn
     assert b"Traceback" not in drawn
+    # binary units, named as such (the tqdm bar said MB/s for MiB/s)
+    assert b"32 MiB" in drawn and b"MiB/s" in drawn and b"100%" in drawn
+    assert b"MB" not in drawn and b"kB" not in drawn
 
 
 @pytest.mark.parametrize("fmt", ["vmdk", "raw"])
@@ -203,7 +206,7 @@ def test_convert_feeds_the_progress_bar_to_the_end(tmp_path, raw_disk, monkeypat
     monkeypatch.setattr(disk_cmds, "terminal_progress", recording_bar)
     assert main(["convert", "-O", fmt, str(raw_disk), str(tmp_path / "o.img")]) == 0
     size = raw_disk.stat().st_size
-    assert descriptions == ["convert disk.raw"]
+    assert descriptions == [f"convert disk.raw to {fmt}"]     # the phase: what is written
     assert calls[-1] == (size, size) and len(calls) > 1
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
 

@@ -56,7 +56,7 @@ def start_run(disk: Path, store: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(
         [sys.executable, "-m", "smsblock", "replicate", str(disk), "--store", str(store),
-         "--server", "crash", "--block-size", "64K", "--json"],
+         "--server", "crash", "--create", "--block-size", "64K", "--json"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -21,3 +21,26 @@ def test_demo_end_to_end(tmp_path):
     assert inspect["partition_table"] == "mbr" and inspect["ok"] is True
     assert inspect["partitions"][0]["filesystem"] == "ext4"
     assert inspect["os"]["distribution"] == "ubuntu" and inspect["os"]["version"] == "16.04"
+
+
+def _demo(*args):
+    return subprocess.run([sys.executable, "-m", "smsblock", "demo", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    """`demo --dir X` used to delete X first, whatever it held."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    (home / "sub").mkdir()
+    proc = _demo("--dir", home)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "earlier demo" in proc.stderr and "Traceback" not in proc.stderr
+    assert (home / "thesis.tex").read_text() == "years of work" and (home / "sub").is_dir()
+    # a file and a link are refused too, and left alone
+    (tmp_path / "f").write_text("x")
+    assert _demo("--dir", tmp_path / "f").returncode == 2 and (tmp_path / "f").read_text() == "x"
+    (tmp_path / "link").symlink_to(home)
+    assert _demo("--dir", tmp_path / "link").returncode == 2
+    assert (home / "thesis.tex").exists()

@@ -170,7 +170,7 @@ def test_cli_every_command_with_ebs_store(tmp_path, moto, aws_env):
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
         return p.stdout
-    s1 = json.loads(cli("replicate", disk, "--store", url, "--server", "app", "--json"))
+    s1 = json.loads(cli("replicate", disk, "--store", url, "--server", "app", "--create", "--json"))
     second = make_disk(disk, 2, first)
     s2 = json.loads(cli("replicate", disk, "--store", url, "--server", "app", "--json"))
     runs = json.loads(cli("runs", "--store", url, "--server", "app", "--json"))["runs"]
@@ -201,7 +201,7 @@ def test_killed_run_leaves_a_pending_snapshot_that_is_reported_then_pruned(tmp_p
     first = make_disk(disk, 3)
     env = dict(os.environ, PYTHONPATH=str(ROOT), SMSBLOCK_S3_BANDWIDTH="600K")
     proc = subprocess.Popen([sys.executable, "-m", "smsblock", "replicate", str(disk), "--store", url,
-                             "--server", "k", "--json"], cwd=ROOT, env=env,
+                             "--server", "k", "--create", "--json"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     pending_dir = staging / "ebs-pending"
     deadline = time.monotonic() + 60

@@ -165,7 +165,8 @@ def test_prune_never_deletes_through_a_link_at_store_tmp(tmp_path):
         verify(store)
     assert snapshot(victim) == before
     # in the CLI: one line, exit 1
-    assert main(["prune", "--store", str(store), "--server", "web", "--keep", "0"]) == 1
+    assert main(["prune", "--store", str(store), "--server", "web", "--keep", "0",
+                 "--delete-all"]) == 1
     assert snapshot(victim) == before
 
 

@@ -46,7 +46,7 @@ def store_with_runs(tmp_path_factory, linux_disk):  # noqa: F811
 def test_inspect_json_shape(capsys, linux_disk):  # noqa: F811
     status, out, _ = run_cli(capsys, "inspect", linux_disk[0], "--json")
     doc = json.loads(out)
-    assert status == 0 and set(doc) == REPORT_KEYS
+    assert status == 0 and set(doc) == REPORT_KEYS | {"schema"} and doc["schema"] == 1
     assert doc["partition_table"] == "mbr" and doc["ok"] is True and doc["boot_code"] == "grub2"
     assert all(set(p) == PARTITION_KEYS for p in doc["partitions"])
     assert [p["filesystem"] for p in doc["partitions"]] == ["ext4", "swap", None, "vfat", "jfs"]
@@ -110,7 +110,9 @@ def test_image_create_list_show_delete(capsys, tmp_path, linux_disk, store_with_
     qemu_img("compare", "-f", "vmdk", "-F", "raw", vmdk, linux_disk[0])
 
     status, out, _ = run_cli(capsys, "image", "list", "--catalog", catalog, "--json")
-    assert status == 0 and [r["image_id"] for r in json.loads(out)] == [rec["image_id"]]
+    listed = json.loads(out)
+    assert status == 0 and [r["image_id"] for r in listed["images"]] == [rec["image_id"]]
+    assert listed["schema"] == 1 and listed["catalog"] == str(catalog)
     status, out, _ = run_cli(capsys, "image", "show", rec["image_id"], "--catalog", catalog, "--json")
     shown = json.loads(out)
     assert shown["disk_path"] == str(vmdk)
@@ -120,6 +122,8 @@ def test_image_create_list_show_delete(capsys, tmp_path, linux_disk, store_with_
     assert rec["image_id"] in out and "centos 7.2.1511" in out
     assert run_cli(capsys, "image", "delete", rec["image_id"], "--catalog", catalog)[0] == 0
     assert not (catalog / rec["image_id"]).exists()
+    status, out, _ = run_cli(capsys, "image", "list", "--catalog", catalog)
+    assert status == 0 and out == f"no images in the catalog {catalog}\n"   # empty says so
     status, _, err = run_cli(capsys, "image", "show", rec["image_id"], "--catalog", catalog)
     assert status == 1 and "no image" in err
     assert run_cli(capsys, "image", "show", "ami-123", "--catalog", catalog)[0] == 2

@@ -198,7 +198,7 @@ def test_summary_fields_and_cli_json(tmp_path):
         return subprocess.run([sys.executable, "-m", "smsblock", *map(str, args)],
                               capture_output=True, text=True, env=env)
     p = cli("replicate", tmp_path / "d.raw", "--store", tmp_path / "st", "--server", "s-1",
-            "--block-size", "64K", "--json")
+            "--create", "--block-size", "64K", "--json")
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     for key in ("run_id", "blocks_total", "blocks_zero", "blocks_unallocated", "blocks_changed",
@@ -541,7 +541,7 @@ def test_peak_rss_of_a_run_on_a_big_sparse_disk_is_bounded(tmp_path):
             f.write(rng.integers(0, 16, 2 << 20, dtype=np.uint8).tobytes())
     env = dict(os.environ, PYTHONPATH=str(os.path.dirname(os.path.dirname(smsblock.__file__))))
     out = subprocess.run([sys.executable, "-c", _RSS_CHILD, "replicate", str(disk),
-                          "--store", str(tmp_path / "s"), "--server", "big"],
+                          "--store", str(tmp_path / "s"), "--server", "big", "--create"],
                          env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "0"
     assert int(out[1]) * 1024 <= 256 << 20

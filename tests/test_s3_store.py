@@ -125,7 +125,7 @@ def test_cli_every_command(tmp_path, moto, bucket):
     url = f"s3://{bucket}/cli"
     disk = tmp_path / "disk.raw"
     first = make_disk(disk, 3)
-    s1 = json.loads(cli("replicate", disk, "--store", url, "--server", "db", "--block-size", "64K",
+    s1 = json.loads(cli("replicate", disk, "--store", url, "--server", "db", "--create", "--block-size", "64K",
                         "--json").stdout)
     second = make_disk(disk, 4, first)
     s2 = json.loads(cli("replicate", disk, "--store", url, "--server", "db", "--json").stdout)
@@ -247,7 +247,7 @@ def test_permanent_errors_fail_fast_in_one_line(tmp_path, bucket, fault_proxy, c
     fault_proxy.add(Rule("status", status=status, code=code, times=-1))
     disk = tmp_path / "disk.raw"
     make_disk(disk, 8)
-    r = cli("replicate", disk, "--store", f"s3://{bucket}/perm", "--server", "x",
+    r = cli("replicate", disk, "--store", f"s3://{bucket}/perm", "--server", "x", "--create",
             env={"AWS_ENDPOINT_URL": fault_proxy.url}, check=False)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
@@ -258,7 +258,8 @@ def test_permanent_errors_fail_fast_in_one_line(tmp_path, bucket, fault_proxy, c
 def test_missing_bucket_is_one_clear_line(tmp_path, moto, aws_env):
     disk = tmp_path / "disk.raw"
     make_disk(disk, 9)
-    r = cli("replicate", disk, "--store", "s3://no-such-bucket-here/x", "--server", "x", check=False)
+    r = cli("replicate", disk, "--store", "s3://no-such-bucket-here/x", "--server", "x", "--create",
+            check=False)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "NoSuchBucket" in lines[0] and "create the bucket first" in lines[0], r.stderr

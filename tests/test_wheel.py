@@ -99,7 +99,7 @@ def test_the_wheel_installs_and_runs_in_a_clean_venv(built, tmp_path, vmdk_sampl
     sample = vmdk_samples / "monolithicSparse.vmdk"
     smsblock("convert", sample, tmp_path / "out.raw")
     assert hashlib.sha256((tmp_path / "out.raw").read_bytes()).hexdigest() == SAMPLE_SHA256
-    smsblock("replicate", sample, "--store", tmp_path / "store", "--server", "web-01")
+    smsblock("replicate", sample, "--store", tmp_path / "store", "--server", "web-01", "--create")
     smsblock("restore", "--store", tmp_path / "store", "--server", "web-01", "-o", tmp_path / "back.raw")
     assert hashlib.sha256((tmp_path / "back.raw").read_bytes()).hexdigest() == SAMPLE_SHA256
 

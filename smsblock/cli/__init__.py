@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
+import os
 import sys
 
 from .. import __version__
@@ -19,8 +21,21 @@ from ..errors import SmsBlockError
 COMMAND_MODULES = ["disk_cmds", "scan_cmds", "engine_cmds", "image_cmds", "service_cmds", "aws_cmds", "demo"]
 
 
+#: version of the JSON documents smsblock's own commands print (``"schema"`` key); raised
+#: when a key changes meaning or goes away (new keys do not raise it)
+JSON_SCHEMA = 1
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a mistake gives one line (``smsblock: error: ...``) and exit status 2
+    instead of the usage block; ``--help`` still shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"smsblock: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="smsblock",
         description="Replicate VM disks block by block, incrementally, and turn runs into machine images.")
     parser.add_argument("--version", action="version", version=f"smsblock {__version__}")
@@ -69,6 +84,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def print_json(doc, schema: bool = True) -> None:
+    """The one JSON style of every command: indented by 2, keys sorted, UTF-8 as is.
+    smsblock's own documents (objects) carry ``"schema": JSON_SCHEMA``; ``schema=False``
+    is for documents whose shape belongs to someone else (the AWS SMS responses)."""
+    if schema and isinstance(doc, dict):
+        doc = {"schema": JSON_SCHEMA, **doc}
+    print(json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False, default=str))
+
+
+STORE_ENV = "SMSBLOCK_STORE"
+
+
+def add_store_option(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    """``--store``, defaulting to $SMSBLOCK_STORE; required when that is not set."""
+    default = os.environ.get(STORE_ENV) or None
+    parser.add_argument("--store", default=default, required=default is None,
+                        metavar="STORE", help=(help or "store: a directory, s3://BUCKET/PREFIX or "
+                                               "ebs://[REGION]") + f" (default: ${STORE_ENV})")
 
 
 def _file_mode(text: str) -> int:

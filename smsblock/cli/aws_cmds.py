@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from . import print_json
 
 
 def register(sub) -> None:
@@ -26,8 +26,8 @@ def _run(args) -> int:
     models = folder.parent.parent
     default = models.resolve() == default_models_dir().resolve()
     if args.json:
-        print(json.dumps({"schema": 1, "model_dir": str(folder), "aws_data_path": str(models),
-                          "needs_aws_data_path": not default}, sort_keys=True))
+        print_json({"model_dir": str(folder), "aws_data_path": str(models),
+                    "needs_aws_data_path": not default})
         return 0
     print(f"SMS model ({'from ' + args.wheel if args.wheel else 'botocore ' + BOTOCORE_WITH_SMS}) "
           f"installed in {folder}")

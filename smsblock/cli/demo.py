@@ -11,7 +11,6 @@ through the store.  Everything lands in ``--dir`` (default ``./demo-out``).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 from ..errors import SmsBlockError, UsageError
 from ..fsutil import make_root
 from ..progress import terminal_progress
+from . import print_json
 
 MIB = 1 << 20
 DISK_SIZE = 256 * MIB
@@ -139,6 +139,9 @@ def run_demo(args) -> int:
     from ..engine import replicate, restore, verify
     from ..store import open_store
 
+    def init_store(path):
+        open_store(path).initialise()
+
     work = Path(args.dir).resolve()
     if work.exists():
         # only a folder an earlier demo made (its marker file) is wiped: --dir ~ must not be
@@ -153,6 +156,8 @@ def run_demo(args) -> int:
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
     result: dict = {"dir": str(work), "store": str(store_dir), "server_id": server, "runs": []}
 
+    init_store(store_dir)     # the store is made explicitly, as `smsblock init` does
+    say(f"== created the store {store_dir} (smsblock init)")
     say(f"== building a sample Linux disk ({DISK_SIZE // MIB} MiB, MBR, ext4, GRUB) in {work}")
     disk, fs_image = _build_disk(work)
     vmdk = work / "sample-disk.vmdk"
@@ -162,11 +167,11 @@ def run_demo(args) -> int:
         if label == "second":
             say("== the guest changes: a new log file, one data table rewritten")
             _change_guest(work, disk, fs_image)
-        with terminal_progress("export") as progress:
+        with terminal_progress("export: write streamOptimized VMDK") as progress:
             convert(disk, vmdk, format="vmdk", progress=progress)
         say(f"== exported as streamOptimized VMDK: {vmdk.name} ({vmdk.stat().st_size // 1024} KiB)")
-        with terminal_progress(f"replicate ({label} run)") as progress:
-            summary = replicate(vmdk, store_dir, server, progress=progress)
+        with terminal_progress(f"replicate ({label} run): scan and store") as progress:
+            summary = replicate(vmdk, store_dir, server, progress=progress, create=False)
         s = summary.to_dict()
         expected[s["run_id"]] = _sha256(disk)
         result["runs"].append(s)
@@ -178,7 +183,7 @@ def run_demo(args) -> int:
     restored = []
     for run_id, digest in expected.items():
         out = work / f"restored-{run_id}.raw"
-        with terminal_progress("restore") as progress:
+        with terminal_progress("restore: write raw") as progress:
             restore(store, server, out, run_id=run_id, progress=progress)
         same = _sha256(out) == digest
         restored.append({"run_id": run_id, "path": str(out), "byte_exact": same})
@@ -204,10 +209,10 @@ def run_demo(args) -> int:
         for f in inspection.findings:
             say(f"   [{f.severity}] {f.message}")
         say(f"   can boot in the cloud: {'yes' if inspection.ok else 'no'}")
-        say(f"\nTry: smsblock runs --store {store_dir} --server {server}")
+        say(f"\nTry: smsblock servers --store {store_dir}")
+        say(f"     smsblock runs --store {store_dir} --server {server}")
         say(f"     smsblock restore --store {store_dir} --server {server} -o disk.raw")
     ok = all(r["byte_exact"] for r in restored) and report.ok
     if args.json:
-        json.dump(result, sys.stdout, indent=2, default=str)
-        print()
+        print_json(result)
     return 0 if ok else 1

@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from ..errors import UsageError
-from ..progress import terminal_progress
-from . import add_json_flag, add_mode_flag
+from ..progress import human_size, terminal_progress
+from . import add_json_flag, add_mode_flag, print_json
 
 OUTPUT_FORMATS = ("raw", "vmdk")
+# what a file name's suffix says its format is: smsblock writes raw and vmdk only, so a
+# name that says another format is a mistake, not a raw file under a misleading name
+# (.img and .bin say nothing: any format may go under them)
+_SUFFIX_FORMATS = {".vmdk": "vmdk", ".raw": "raw",
+                   ".qcow2": "qcow2", ".qcow": "qcow", ".vhd": "vhd", ".vhdx": "vhdx",
+                   ".vdi": "vdi", ".ova": "ova", ".ovf": "ovf", ".iso": "iso"}
 
 
-def human_size(n: int) -> str:
-    """``10485760`` → ``10 MiB``; exact units stay short, others get one decimal."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            if unit == "B":
-                return f"{n} B"
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+def output_format(path, fmt: str | None, option: str = "-O") -> str:
+    """The format to write ``path`` in: ``fmt`` when given, else the name's (raw by
+    default).  Refuses with one line an unknown format and a name whose suffix says
+    another format than the one written (``out.qcow2``, ``-O raw`` to ``x.vmdk``)."""
+    if fmt is not None and fmt not in OUTPUT_FORMATS:
+        raise UsageError(f"unknown output format {fmt!r} for {option} (smsblock writes raw or vmdk)")
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    named = _SUFFIX_FORMATS.get(suffix)
+    if named is not None and named not in OUTPUT_FORMATS:
+        raise UsageError(f"{path}: the name says {named}, but smsblock writes raw or vmdk only "
+                         f"(name it .raw or .vmdk)")
+    if fmt is None:
+        return named or "raw"
+    if named is not None and named != fmt:
+        raise UsageError(f"{path}: the name says {named}, but {option} {fmt} was asked for "
+                         f"(rename it, or drop {option})")
+    return fmt
 
 
 def _add_source_options(p) -> None:
@@ -71,9 +83,18 @@ def _open(args, path):
 
 def info_document(disk) -> dict:
     """The JSON form of ``smsblock info``: DiskInfo plus the allocated byte count."""
-    doc = disk.info.to_dict()
-    doc["virtual_size"] = disk.size
+    doc = _rename_sizes(disk.info.to_dict())
+    doc["disk_size"] = disk.size
     doc["allocated_bytes"] = disk.allocated_bytes()
+    return doc
+
+
+def _rename_sizes(doc: dict | None) -> dict | None:
+    """DiskInfo's ``virtual_size`` is ``disk_size`` in every JSON output (one name)."""
+    if doc is None:
+        return None
+    doc["disk_size"] = doc.pop("virtual_size", None)
+    doc["parent"] = _rename_sizes(doc.get("parent"))
     return doc
 
 
@@ -81,7 +102,7 @@ def _info_lines(doc: dict) -> list[str]:
     rows = [("file", doc["path"]), ("format", doc["format"])]
     if doc.get("create_type"):
         rows.append(("create type", doc["create_type"]))
-    rows.append(("virtual size", f"{human_size(doc['virtual_size'])} ({doc['virtual_size']} bytes)"))
+    rows.append(("virtual size", f"{human_size(doc['disk_size'])} ({doc['disk_size']} bytes)"))
     rows.append(("allocated", f"{human_size(doc['allocated_bytes'])} ({doc['allocated_bytes']} bytes)"))
     if doc.get("compressed"):
         rows.append(("compressed", "yes (deflate grains)"))
@@ -113,23 +134,21 @@ def cmd_info(args) -> int:
     with _open(args, args.disk) as disk:
         doc = info_document(disk)
     if args.json:
-        print(json.dumps(doc, indent=2, sort_keys=True))
+        print_json(doc)
     else:
         print("\n".join(_info_lines(doc)))
     return 0
 
 
 def cmd_convert(args) -> int:
-    from ..disk.writer import convert, format_for_path, write_stream_optimized
+    from ..disk.writer import convert, write_stream_optimized
 
-    fmt = args.output_format or format_for_path(args.dst)
-    if fmt not in OUTPUT_FORMATS:
-        raise UsageError(f"unknown output format {fmt!r} for -O (expected raw or vmdk)")
+    fmt = output_format(args.dst, args.output_format)
     if args.adapter_type and fmt != "vmdk":
         raise UsageError("--adapter-type applies to -O vmdk only")
     started = time.monotonic()
     with _open(args, args.src) as disk, \
-            terminal_progress(f"convert {os.path.basename(args.src)}") as bar:
+            terminal_progress(f"convert {os.path.basename(args.src)} to {fmt}") as bar:
         if args.adapter_type:
             write_stream_optimized(disk, args.dst, progress=bar, adapter_type=args.adapter_type,
                                    mode=args.mode)
@@ -140,11 +159,10 @@ def cmd_convert(args) -> int:
     st = os.stat(args.dst)
     on_disk = st.st_blocks * 512        # a sparse raw file's size says little
     if args.json:
-        print(json.dumps({"source": args.src, "output": args.dst, "format": fmt,
-                          "create_type": "streamOptimized" if fmt == "vmdk" else None,
-                          "virtual_size": size, "file_size": st.st_size,
-                          "allocated_bytes": on_disk,
-                          "seconds": round(seconds, 3)}, indent=2, sort_keys=True))
+        print_json({"source": args.src, "output": args.dst, "format": fmt,
+                    "create_type": "streamOptimized" if fmt == "vmdk" else None,
+                    "disk_size": size, "file_size": st.st_size,
+                    "allocated_bytes": on_disk, "seconds": round(seconds, 3)})
     else:
         kind = "streamOptimized VMDK" if fmt == "vmdk" else "sparse raw"
         print(f"{args.dst}: {kind}, {human_size(size)} virtual, {human_size(on_disk)} "

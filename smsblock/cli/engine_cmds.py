@@ -1,32 +1,23 @@
-"""``smsblock replicate | runs | restore | verify | prune``: the replication engine's commands."""
+"""``smsblock init | replicate | servers | runs | restore | verify | prune``: the
+replication engine's commands."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import re
+import dataclasses
 import signal
 import threading
 
-from ..errors import UsageError
-from ..progress import CancelToken, terminal_progress
-from . import add_json_flag, add_mode_flag
-from .disk_cmds import human_size
+from ..errors import RunNotFoundError, UsageError
+from ..progress import CancelToken, human_size, terminal_progress
+from . import add_json_flag, add_mode_flag, add_store_option, print_json
+from .disk_cmds import output_format
+from .scan_cmds import parse_size
 
-_SIZE_RE = re.compile(r"\s*([0-9]+)\s*([KMG]?)(i?B)?\s*", re.IGNORECASE)   # fullmatch
-STORE_HELP = "store: a directory (created on first use), s3://BUCKET/PREFIX or ebs://[REGION]"
-
-
-def parse_size(text: str) -> int:
-    """``524288``, ``512K``, ``512KiB``, ``1M`` -> bytes (binary units)."""
-    m = _SIZE_RE.fullmatch(text)
-    if not m:
-        raise UsageError(f"bad size {text!r} (use e.g. 524288, 512K, 1M)")
-    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
 
 
 def _print_json(doc) -> None:
-    print(json.dumps(doc, indent=2, sort_keys=True))
+    print_json(doc)
 
 
 @contextlib.contextmanager
@@ -48,10 +39,11 @@ def cmd_replicate(args) -> int:
     from ..disk import open_disk
     from ..engine import replicate
     block_size = parse_size(args.block_size) if args.block_size else None
-    with open_disk(args.disk) as disk, terminal_progress(f"replicate {args.server}") as bar, \
+    with open_disk(args.disk) as disk, \
+            terminal_progress(f"replicate {args.server}: scan and store") as bar, \
             cancel_on_interrupt() as token:
         s = replicate(disk, args.store, args.server, block_size=block_size, progress=bar,
-                      cancel=token)
+                      cancel=token, create=args.create, change_block_size=args.change_block_size)
     if args.json:
         _print_json(s.to_dict())
     else:
@@ -62,16 +54,62 @@ def cmd_replicate(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    from ..store import StoreConfig, open_store
+    store = open_store(args.store)
+    existed = store.exists()
+    cfg = store.initialise(StoreConfig(address=args.address) if args.address else None)
+    if args.json:
+        _print_json({"store": store.url, "created": not existed, "config": dataclasses.asdict(cfg)})
+    else:
+        print(f"{store.url}: {'store exists already' if existed else 'store created'} "
+              f"({cfg.address} content addresses)")
+    return 0
+
+
+def cmd_servers(args) -> int:
+    from ..store import open_store
+    store = open_store(args.store)
+    store.require()
+    servers = []
+    for server_id in store.list_servers():
+        runs = store.runs(server_id)
+        if not runs:
+            continue
+        latest = runs[-1]
+        servers.append({
+            "server_id": server_id, "run_count": len(runs),
+            "latest_run_id": latest.run_id, "latest_run_created": latest.created,
+            "disk_size": latest.summary.get("disk_size"),
+            # what this server's runs added to the store (blocks shared with other
+            # servers count once, for the run that stored them first)
+            "bytes_stored": sum(int(r.summary.get("bytes_stored") or 0) for r in runs)})
+    if args.json:
+        _print_json({"store": store.url, "servers": servers})
+        return 0
+    if not servers:
+        print(f"{store.url}: no servers (the store holds no runs)")
+        return 0
+    width = max([6] + [len(s["server_id"]) for s in servers])
+    print(f"{'SERVER':<{width}}  RUNS  {'LATEST RUN':<44}  {'DISK SIZE':>10}  {'STORED':>10}")
+    for s in servers:
+        size = human_size(s["disk_size"]) if s["disk_size"] is not None else "?"
+        print(f"{s['server_id']:<{width}}  {s['run_count']:>4}  {s['latest_run_id']:<44}  "
+              f"{size:>10}  {human_size(s['bytes_stored']):>10}")
+    return 0
+
+
 def cmd_runs(args) -> int:
     from ..store import open_store
     store = open_store(args.store)
     store.require()
     runs = store.runs(args.server)
     if args.json:
-        _print_json({"server_id": args.server, "runs": [r.to_dict() for r in runs]})
+        _print_json({"store": store.url, "server_id": args.server,
+                     "runs": [r.to_dict() for r in runs]})
         return 0
     if not runs:
-        print(f"no runs of server {args.server}")
+        print(f"no runs of server {args.server} in {store.url}")
     for r in runs:
         s = r.summary
         print(f"{r.run_id}  {r.created}  {s.get('blocks_total', '?')} blocks, "
@@ -81,18 +119,30 @@ def cmd_runs(args) -> int:
 
 def cmd_restore(args) -> int:
     from ..engine import restore
-    with terminal_progress(f"restore {args.server}") as bar, cancel_on_interrupt() as token:
-        m = restore(args.store, args.server, args.output, run_id=args.run, format=args.output_format,
+    from ..store import open_store
+    fmt = output_format(args.output, args.output_format)
+    store = open_store(args.store)
+    store.require()
+    with terminal_progress(f"restore {args.server}: write {fmt}") as bar, \
+            cancel_on_interrupt() as token:
+        m = restore(store, args.server, args.output, run_id=args.run, format=fmt,
                     progress=bar, cancel=token, mode=args.mode)
-    print(f"restored run {m.meta.get('run_id')} of {args.server} to {args.output} "
-          f"({args.output_format}, {human_size(m.disk_size)})")
+    if args.json:
+        _print_json({"store": store.url, "server_id": args.server, "run_id": m.meta.get("run_id"),
+                     "output": args.output, "format": fmt, "disk_size": m.disk_size})
+    else:
+        print(f"restored run {m.meta.get('run_id')} of {args.server} to {args.output} "
+              f"({fmt}, {human_size(m.disk_size)})")
     return 0
 
 
 def cmd_verify(args) -> int:
     from ..engine import verify
-    with terminal_progress("verify") as bar, cancel_on_interrupt() as token:
-        report = verify(args.store, progress=bar, cancel=token)
+    from ..store import open_store
+    store = open_store(args.store)
+    store.require()
+    with terminal_progress("verify: read and check every pack") as bar, cancel_on_interrupt() as token:
+        report = verify(store, progress=bar, cancel=token)
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -107,56 +157,99 @@ def cmd_verify(args) -> int:
 
 def cmd_prune(args) -> int:
     from ..engine import prune
+    from ..store import open_store
     if args.keep < 0:
         raise UsageError(f"--keep must be 0 or more, not {args.keep}")
-    with terminal_progress("prune") as bar:
-        r = prune(args.store, args.server, args.keep, progress=bar)
+    if args.keep == 0 and not args.delete_all:
+        # as borg and restic: deleting every run takes an explicit rule, not a typo
+        raise UsageError(f"--keep 0 deletes every run of server {args.server}: add --delete-all "
+                         f"to mean it (try --dry-run first)")
+    if args.delete_all and args.keep != 0:
+        raise UsageError("--delete-all goes with --keep 0 only")
+    store = open_store(args.store)
+    store.require()
+    if not store.list_run_ids(args.server):     # a mistyped id is an error, not a no-op
+        raise RunNotFoundError(f"{store.url}: no runs of server {args.server!r} "
+                               f"(smsblock servers --store {store.url} lists them)")
+    with terminal_progress("prune: rewrite and delete packs") as bar:
+        r = prune(store, args.server, args.keep, progress=bar, dry_run=args.dry_run)
     if args.json:
-        _print_json(r.to_dict())
-    else:
-        print(f"deleted {len(r.runs_deleted)} runs, kept {len(r.runs_kept)}; "
-              f"{r.packs_deleted} packs deleted, {r.packs_rewritten} rewritten, "
-              f"{r.blocks_deleted} blocks and {r.leftovers_removed} leftovers removed, "
-              f"{human_size(r.bytes_freed)} freed"
-              + (f"; {r.packs_left} packs kept whole for want of space (prune again later)"
-                 if r.packs_left else ""))
+        _print_json({"store": store.url, "server_id": args.server, "dry_run": args.dry_run,
+                     **r.to_dict()})
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    for run_id in r.runs_deleted:
+        print(f"{verb} run {run_id}")
+    print(f"{'dry run: ' if args.dry_run else ''}{verb} {len(r.runs_deleted)} runs, "
+          f"kept {len(r.runs_kept)}; {r.packs_deleted} packs deleted, "
+          f"{r.packs_rewritten} rewritten, {r.blocks_deleted} blocks and "
+          f"{r.leftovers_removed} leftovers removed, {human_size(r.bytes_freed)} freed"
+          + (f"; {r.packs_left} packs kept whole for want of space (prune again later)"
+             if r.packs_left else "")
+          + (" (nothing was changed)" if args.dry_run else ""))
     return 0
 
 
 def register(sub) -> None:
+    p = sub.add_parser("init", help="create a store (the only way, with replicate --create)",
+                       description="Create an empty store at STORE (a directory, "
+                                   "s3://BUCKET/PREFIX or ebs://[REGION]). An existing store "
+                                   "is left as it is.")
+    p.add_argument("store", metavar="STORE", help="where to create the store")
+    p.add_argument("--address", choices=["blake3", "sha256"],
+                   help="content-address hash of the stored blocks (default blake3)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_init)
+
     p = sub.add_parser("replicate", help="replicate a disk into a store (one incremental run)")
     p.add_argument("disk", help="disk image (raw or VMDK)")
-    p.add_argument("--store", required=True, help=STORE_HELP)
+    add_store_option(p)
     p.add_argument("--server", required=True, help="server id the run belongs to")
+    p.add_argument("--create", action="store_true",
+                   help="create the store if it does not exist (otherwise: an error)")
     p.add_argument("--block-size", help="block size, a power of two from 64K to 4M "
                    "(default: the previous run's, else 512K)")
+    p.add_argument("--change-block-size", action="store_true",
+                   help="accept a --block-size other than the previous run's (stores the "
+                        "whole disk again)")
     add_json_flag(p)
     p.set_defaults(func=cmd_replicate)
 
+    p = sub.add_parser("servers", help="list a store's servers: runs, latest run, size")
+    add_store_option(p)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_servers)
+
     p = sub.add_parser("runs", help="list a server's completed runs, oldest first")
-    p.add_argument("--store", required=True, help=STORE_HELP)
+    add_store_option(p)
     p.add_argument("--server", required=True)
     add_json_flag(p)
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("restore", help="write a disk as it was at a run")
-    p.add_argument("--store", required=True, help=STORE_HELP)
+    add_store_option(p)
     p.add_argument("--server", required=True)
     p.add_argument("--run", help="run id (default: the latest)")
     p.add_argument("-o", "--output", required=True, help="output image path")
-    p.add_argument("-O", "--output-format", choices=["raw", "vmdk"], default="raw",
-                   help="raw (sparse) or vmdk (streamOptimized); default raw")
+    p.add_argument("-O", "--output-format", metavar="FMT",
+                   help="raw (sparse) or vmdk (streamOptimized); default: vmdk when the "
+                        "output ends in .vmdk, else raw")
+    add_json_flag(p)
     add_mode_flag(p)
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("verify", help="check every pack, block and run of a store")
-    p.add_argument("--store", required=True, help=STORE_HELP)
+    add_store_option(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("prune", help="keep a server's newest N runs and delete unreferenced blocks")
-    p.add_argument("--store", required=True, help=STORE_HELP)
+    add_store_option(p)
     p.add_argument("--server", required=True)
     p.add_argument("--keep", required=True, type=int, help="how many of the newest runs to keep")
+    p.add_argument("--delete-all", action="store_true",
+                   help="with --keep 0: yes, delete every run of the server")
+    p.add_argument("--dry-run", action="store_true",
+                   help="change nothing; print what would be deleted")
     add_json_flag(p)
     p.set_defaults(func=cmd_prune)

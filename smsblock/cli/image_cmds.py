@@ -3,18 +3,28 @@ boot-test``."""
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 
 from ..errors import ImageValidationError, UsageError
 from ..progress import terminal_progress
-from . import add_json_flag
+from . import STORE_ENV, add_json_flag, add_store_option, print_json
 from .disk_cmds import human_size
 
 
 def _print_json(doc) -> None:
-    json.dump(doc, sys.stdout, indent=2, sort_keys=False)
-    sys.stdout.write("\n")
+    print_json(doc)
+
+
+def _record_json(record: dict) -> dict:
+    """An image record as the CLI prints it: the disk's size under ``disk_size``, the name
+    every other command uses (the catalog file keeps what it holds)."""
+    disk = record.get("disk")
+    if isinstance(disk, dict) and "virtual_size" in disk:
+        disk = dict(disk)
+        disk["disk_size"] = disk.pop("virtual_size")
+        record = {**record, "disk": disk}
+    return record
 
 
 def _add_rules_options(p) -> None:
@@ -25,7 +35,11 @@ def _add_rules_options(p) -> None:
 
 
 def _add_run_options(p, required: bool) -> None:
-    p.add_argument("--store", required=required, help="store path or URL")
+    if required:
+        add_store_option(p, "store path or URL")
+    else:   # inspect: DISK or --store; $SMSBLOCK_STORE applies when DISK is not given
+        p.add_argument("--store", metavar="STORE",
+                       help=f"store path or URL (default without DISK: ${STORE_ENV})")
     p.add_argument("--server", required=required, help="server id")
     p.add_argument("--run", help="run id (default: the latest)")
 
@@ -148,6 +162,8 @@ def _rules(args):
 def cmd_inspect(args) -> int:
     from ..image.validate import inspect_and_validate
 
+    if args.disk is None and args.store is None:
+        args.store = os.environ.get(STORE_ENV) or None
     if (args.disk is None) == (args.store is None):
         raise UsageError("inspect needs either DISK or --store with --server (not both)")
     rules = _rules(args)
@@ -161,6 +177,7 @@ def cmd_inspect(args) -> int:
             raise UsageError("--store needs --server")
         from ..store import open_store
         store = open_store(args.store)
+        store.require()
         disk = store.run_disk(args.server, args.run)
         run_id = getattr(disk, "manifest", None) and disk.manifest.meta.get("run_id")
         source = f"{store.url}#{args.server}/{run_id or args.run or 'latest'}"
@@ -207,7 +224,9 @@ def _catalog(args):
 
 def cmd_image_create(args) -> int:
     from ..image.register import create_image
+    from ..store import open_store
 
+    open_store(args.store).require()     # a mistyped path says so, not "no runs"
     try:
         with terminal_progress(f"image {args.server}") as bar:
             record = create_image(args.store, args.server, args.run, target=args.target,
@@ -225,7 +244,7 @@ def cmd_image_create(args) -> int:
                 print(f"{f.severity}: {f.code}: {f.message}", file=sys.stderr)
         raise ImageValidationError(f"{e} (use --force to register it anyway)", e.findings) from None
     if args.json:
-        _print_json(record)
+        _print_json(_record_json(record))
     else:
         o = record.get("os") or {}
         if record.get("ec2"):
@@ -237,13 +256,17 @@ def cmd_image_create(args) -> int:
 
 
 def cmd_image_list(args) -> int:
-    records = _catalog(args).list()
+    catalog = _catalog(args)
+    records = catalog.list()
     if args.json:
-        _print_json([{k: r.get(k) for k in ("image_id", "name", "created", "source", "os",
-                                             "architecture", "license_type", "ok", "forced",
-                                             "boot_test")}
-                     for r in records])
+        _print_json({"catalog": str(catalog.root),
+                     "images": [{k: r.get(k) for k in ("image_id", "name", "created", "source",
+                                                        "os", "architecture", "license_type",
+                                                        "ok", "forced", "boot_test")}
+                                for r in records]})
         return 0
+    if not records:
+        print(f"no images in the catalog {catalog.root}")
     for r in records:
         o = r.get("os") or {}
         src = r.get("source") or {}
@@ -256,7 +279,7 @@ def cmd_image_list(args) -> int:
 def cmd_image_show(args) -> int:
     record = _catalog(args).show(args.image_id)
     if args.json:
-        _print_json(record)
+        _print_json(_record_json(record))
     else:
         for key in ("image_id", "name", "description", "created", "target", "architecture",
                     "boot_mode", "root_device_name", "license_type", "ok", "forced", "disk_path"):
@@ -308,7 +331,9 @@ def cmd_image_launches(args) -> int:
 
     records = list_launches(args.catalog)
     if args.json:
-        _print_json(records)
+        _print_json({"catalog": str(_catalog(args).root), "launches": records})
+    elif not records:
+        print(f"no launches in the catalog {_catalog(args).root}")
     else:
         for r in records:
             print(_launch_line(r))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
 
-from . import add_json_flag
+from . import add_json_flag, print_json
 from ..errors import UsageError
 from ..manifest import DEFAULT_BLOCK_SIZE, BlockState, Manifest, check_block_size, diff
 
@@ -69,18 +68,18 @@ def cmd_scan(args) -> int:
         raise UsageError(f"--threads must be at least 1, not {args.threads}")
     previous = Manifest.load(args.previous) if args.previous else None
     with open_disk(args.disk, format=args.format) as disk, \
-            terminal_progress(f"scan {args.disk}", enabled=None if not args.json else False) as bar:
+            terminal_progress(f"scan {args.disk}: read and hash", enabled=None if not args.json else False) as bar:
         manifest = scan(disk, block_size=block_size, previous=previous,
                         threads=args.threads, progress=bar)
     manifest.save(args.output)
     stats = manifest.meta.get("scan", {})
-    out = {"manifest": args.output, "disk": args.disk, "disk_size": manifest.disk_size,
+    out = {"manifest": args.output, "source": args.disk, "disk_size": manifest.disk_size,
            "block_size": manifest.block_size, **_counts(manifest),
            "blocks_changed": stats.get("blocks_changed"),
            "bytes_read": stats.get("bytes_read"), "seconds": stats.get("seconds"),
            "digest": manifest.digest.hex()}
     if args.json:
-        print(json.dumps(out))
+        print_json(out)
     else:
         changed = f", {out['blocks_changed']} changed" if previous is not None else ""
         print(f"{args.disk}: {out['blocks_total']} blocks of {manifest.block_size} bytes: "
@@ -120,7 +119,7 @@ def cmd_diff(args) -> int:
            "blocks_total": max(old.n_blocks, new.n_blocks), "block_size": new.block_size,
            "old_disk_size": old.disk_size, "new_disk_size": new.disk_size, **kinds}
     if args.json:
-        print(json.dumps(out))
+        print_json(out)
     else:
         print(f"{out['changed_count']} of {out['blocks_total']} blocks changed "
               f"({kinds['data_modified']} modified, {kinds['became_data']} became data, "

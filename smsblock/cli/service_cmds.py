@@ -13,8 +13,10 @@ import json
 import logging
 import signal
 import sys
+import time
 
 from ..errors import ServiceError, UsageError
+from . import print_json
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,78 @@ def _service(args):
 
 
 def _print_json(doc) -> None:
+    """The AWS responses as AWS shapes them (no ``schema`` key), in the CLI's one style;
+    an empty response prints nothing, as ``aws sms`` does."""
     if doc != {}:
-        print(json.dumps(doc, indent=4, ensure_ascii=False))
+        print_json(doc, schema=False)
+
+
+class _EventLog:
+    """What ``connector run`` does, one line each on stderr: a connector is a daemon, and
+    its operator should see runs start, finish and fail without asking for -v."""
+
+    def __init__(self, loop, stream=None):
+        self.loop, self.stream = loop, stream or sys.stderr
+        self.svc = loop.service
+        executor = loop.executor
+        execute, recover = executor.execute, executor.recover_orphaned_runs
+        tick, deletions = self.svc.tick, loop.finish_deletions
+
+        def logged_execute(run_id):
+            run = self._run(run_id)
+            if run is not None and run["state"] == "PENDING":
+                self.say(f"run {run_id} started (job {run['job_id']}, server {run['server_id']}, "
+                         f"{run['type']})")
+            outcome = execute(run_id)
+            if outcome is not None:
+                run = self._run(run_id) or {}
+                detail = run.get("ami_id") or run.get("status_message") or ""
+                verb = {"COMPLETED": "finished", "FAILED": "failed",
+                        "DELETED": "ended (job deleted)"}.get(outcome, f"ended {outcome}")
+                self.say(f"run {run_id} {verb}" + (f": {detail}" if detail else ""))
+            return outcome
+
+        def logged_recover(connector_id):
+            ids = recover(connector_id)
+            for run_id in ids:
+                run = self._run(run_id) or {}
+                self.say(f"run {run_id} left by a stopped connector: {run.get('state', '?')}"
+                         + (f" ({run['status_message']})" if run.get("status_message") else ""))
+            return ids
+
+        def logged_tick():
+            ids = tick()
+            for run_id in ids:
+                run = self._run(run_id) or {}
+                self.say(f"run {run_id} scheduled (job {run.get('job_id')}, {run.get('type')})")
+            return ids
+
+        def logged_deletions():
+            ids = deletions()
+            for job_id in ids:
+                self.say(f"job {job_id} deleted: its blocks were removed from the store")
+            return ids
+
+        executor.execute, executor.recover_orphaned_runs = logged_execute, logged_recover
+        self.svc.tick, loop.finish_deletions = logged_tick, logged_deletions
+
+    def _run(self, run_id):
+        rows = self.svc.state.query(
+            "SELECT r.run_id, r.job_id, r.type, r.state, r.status_message, r.ami_id, j.server_id "
+            "FROM runs r JOIN jobs j ON j.job_id = r.job_id WHERE r.run_id = ?", (run_id,))
+        return dict(rows[0]) if rows else None
+
+    def say(self, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        print(f"{stamp} connector {self.loop.connector_id}: {text}", file=self.stream, flush=True)
+
+    def catalog(self) -> None:
+        rows = self.svc.state.query("SELECT status, last_modified_on FROM catalog WHERE id = 1")
+        servers = self.svc.state.query("SELECT COUNT(*) FROM servers WHERE in_catalog = 1")[0][0]
+        status = rows[0]["status"] if rows else "NOT_IMPORTED"
+        hint = ("; import it with `smsblock sms import-server-catalog`"
+                if status == "NOT_IMPORTED" else "")
+        self.say(f"server catalog {status}, {servers} servers{hint}")
 
 
 # --- smsblock connector ----------------------------------------------------------------
@@ -100,19 +172,24 @@ def _connector_run(args) -> int:
     from ..service.connector import ConnectorLoop
     with _service(args) as svc:
         loop = ConnectorLoop(svc, args.connector_id, heartbeat_interval=args.heartbeat_interval)
+        events = _EventLog(loop)
         with loop:
+            events.catalog()
             if args.once:
-                _print_json(loop.run_once())
+                done = loop.run_once()
+                if not any(done.values()):
+                    events.say("nothing due")
+                print_json(done)
                 return 0
+            events.say(f"running; polling every {args.poll_interval:g} s (Ctrl-C stops)")
             previous = signal.signal(signal.SIGTERM, lambda *_: loop.stop.cancel("SIGTERM"))
             try:
-                log.info("connector %s running; polling every %ss", loop.connector_id,
-                         args.poll_interval)
                 loop.run_forever(args.poll_interval)
             except KeyboardInterrupt:
                 loop.stop.cancel("interrupted")
             finally:
                 signal.signal(signal.SIGTERM, previous)
+            events.say(f"stopped ({loop.stop.reason})")
     return 0
 
 

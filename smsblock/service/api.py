@@ -280,6 +280,10 @@ class SmsService:
         now = self.clock()
         connector_id = new_connector_id()
         store = store or str(self.state.dir / "store")
+        # registration is the explicit creation of the connector's store: runs then
+        # replicate into an existing store only (a mistyped --store fails here, not later)
+        from ..store import open_store
+        open_store(store).initialise()
         caps = [ConnectorCapability.VSPHERE.value, ConnectorCapability.SMS_OPTIMIZED.value]
         with self.state.transaction() as db:
             db.execute(

@@ -21,8 +21,9 @@ __all__ = ["open_store", "Store", "StoreConfig", "RunInfo", "LocalStore",
 def open_store(url_or_path) -> Store:
     """Open the store at a local path, ``file://``, ``s3://`` or ``ebs://`` URL.
 
-    Opening does not create anything: a first :func:`smsblock.engine.replicate`
-    creates the store; readers of a store that does not exist get a StoreError.
+    Opening does not create anything: :meth:`Store.initialise` (``smsblock init``) or
+    :func:`smsblock.engine.replicate` with ``create=True`` creates the store; readers of a
+    store that does not exist get a StoreError.
     """
     if isinstance(url_or_path, Store):
         return url_or_path

@@ -45,6 +45,13 @@ SERVER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")   # always fullma
 RUN_ID_RE = re.compile(r"r-[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9a-f]{8}")   # ASCII digits only
 
 
+def no_store_error(url: str) -> StoreError:
+    """The one message for a path or URL that holds no store (stores are created only on
+    purpose: a mistyped path must not start a second one)."""
+    return StoreError(f"{url}: no smsblock store here (create one with `smsblock init {url}` "
+                      f"or `replicate --create`)")
+
+
 def check_server_id(server_id: str) -> str:
     if not isinstance(server_id, str) or not SERVER_ID_RE.fullmatch(server_id):
         raise UsageError(f"server id {server_id!r} must be 1-128 characters of letters, digits, "
@@ -300,7 +307,7 @@ class Store(abc.ABC):
     def require(self) -> None:
         """Raise StoreError unless the store exists."""
         if not self.exists():
-            raise StoreError(f"{self.url}: no smsblock store here (a first replicate creates one)")
+            raise no_store_error(self.url)
 
     def pack_index(self, pack_id: str, size: int) -> np.ndarray:
         """A sealed pack's index (cached: packs never change)."""

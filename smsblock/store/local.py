@@ -32,7 +32,7 @@ from ..errors import RunNotFoundError, StoreError, StoreLockedError
 from ..fsutil import (fsync_dir, make_root, open_lock_file, open_subdir, remove_file,
                       subdir, write_new_file)
 from ..pack import is_pack_id
-from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id
+from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id, no_store_error
 
 MANIFEST_SUFFIX = ".manifest"
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class LocalStore(Store):
             with open(self._p("config.json"), "rb") as f:
                 return f.read()
         except FileNotFoundError:
-            raise StoreError(f"{self.root}: no smsblock store here (a first replicate creates one)") from None
+            raise no_store_error(self.root) from None
         except OSError as e:
             raise StoreError(f"{self.root}: cannot read config.json: {e.strerror}") from None
 

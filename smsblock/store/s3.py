@@ -55,7 +55,7 @@ import numpy as np
 from ..errors import RunNotFoundError, StoreError, StoreLockedError, TransientStoreError, UsageError
 from ..fsutil import make_root, open_subdir, remove_file, subdir, write_new_file
 from ..pack import INDEX_DTYPE, is_pack_id, pack_id_of, read_index, sealed_size
-from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id
+from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id, no_store_error
 from .retry import RetryPolicy, error_code, http_status
 from .s3config import CloudSettings
 from .throttle import ThrottledBody, TokenBucket
@@ -276,7 +276,7 @@ class S3Store(Store):
     def _read_config(self) -> bytes:
         data = getattr(self, "_config_bytes", None) or self._get("config.json", "read the store config")
         if data is None:
-            raise StoreError(f"{self.url}: no smsblock store here (a first replicate creates one)")
+            raise no_store_error(self.url)
         return data
 
     def _create(self, config_bytes: bytes) -> None:
