@@ -48,7 +48,7 @@ from .errors import (Cancelled, ManifestError, RunNotFoundError, SmsBlockError, 
                      StoreError, UsageError)
 from .manifest import DEFAULT_BLOCK_SIZE, BlockState, Manifest, check_block_size, diff
 from .pack import BlockIndex, BlockLocation, PackWriter, address_function, verify_pack
-from .progress import CancelToken, ProgressCallback, check_cancel
+from .progress import CancelToken, ProgressCallback, check_cancel, with_phase
 from .scanner import scan
 from .store import Store, open_store
 from .store.base import check_run_id, check_server_id
@@ -466,7 +466,13 @@ def _replicate_locked(disk, store, server_id, block_size, progress, cancel, thre
         "source": source if source is not None else disk.path,
         "previous_run_id": previous_id, "summary": summary.to_dict(),
         "user": meta or {}})     # the embedder's, under its own key: it cannot clobber ours
+    # the blocks are sealed in the store; the run becomes visible with its manifest
+    storing = with_phase(progress, "storing")
+    if storing is not None:
+        storing(0, sink.bytes_stored)
     store.put_manifest_bytes(server_id, run_id, manifest.to_bytes())
+    if storing is not None:
+        storing(sink.bytes_stored, sink.bytes_stored)
     summary.seconds = round(time.monotonic() - t0, 6)
     return summary
 
@@ -629,6 +635,7 @@ def restore(store, server_id: str, out_path, *, run_id: str | None = None, forma
     raw restore leaves no partial file behind.  The output file is private (0600) unless
     ``mode`` gives its permission bits.  Returns the run's manifest.
     """
+    progress = with_phase(progress, "converting")
     from .disk.writer import check_mode
     store = open_store(store)
     store.require()
@@ -675,6 +682,7 @@ def verify(store, *, progress: ProgressCallback | None = None,
     Problems are collected in the report, not raised; ``report.ok`` tells.
     ``progress`` counts pack bytes read.
     """
+    progress = with_phase(progress, "verifying")
     store = open_store(store)
     store.require()
     report = VerifyReport()
@@ -891,6 +899,7 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
     changes nothing and returns what would be deleted (runs, whole packs and the blocks
     in them; blocks a rewrite would drop are counted too, their bytes are not).
     """
+    progress = with_phase(progress, "pruning")
     store = open_store(store)
     store.require()
     check_server_id(server_id)

@@ -4,7 +4,12 @@ Long operations (convert, scan, replicate, restore, verify) take two optional ke
 arguments:
 
 * ``progress``: a callable ``progress(done, total)`` in bytes, called from the
-  operation's thread now and then (at most every few MiB), ``done`` never decreasing;
+  operation's thread now and then (at most every few MiB), ``done`` never decreasing
+  within a phase. A callable that also takes a ``phase`` keyword (or ``**kwargs``) is
+  told which phase the bytes belong to: one of :data:`PHASES` (``reading`` the source
+  disk, ``storing`` blocks and the run's manifest, ``uploading`` to a cloud, ``converting``
+  to an image file, ``verifying``, ``pruning``); ``done`` and ``total`` start again with
+  each phase. Two-argument callables are called as before;
 * ``cancel``: a :class:`CancelToken`; once cancelled, the operation stops at the next
   safe point, leaves everything it writes valid, and raises :class:`~smsblock.errors.Cancelled`.
 """
@@ -15,11 +20,51 @@ import contextlib
 import sys
 import threading
 import time
+import inspect
 from typing import Callable, Iterator
 
 from .errors import Cancelled
 
 ProgressCallback = Callable[[int, int], None]
+
+PHASES = ("reading", "storing", "uploading", "converting", "verifying", "pruning")
+
+
+class _Phased:
+    """``progress(done, total)`` of one phase, handing the phase on to a callback that
+    takes it."""
+
+    __slots__ = ("callback", "phase", "_takes_phase")
+
+    def __init__(self, callback, phase: str, takes_phase: bool):
+        self.callback, self.phase, self._takes_phase = callback, phase, takes_phase
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._takes_phase:
+            self.callback(done, total, phase=self.phase)
+        else:
+            self.callback(done, total)
+
+
+def _takes_phase(callback) -> bool:
+    try:
+        params = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):       # builtins and C callables: the two-argument kind
+        return False
+    return any(p.name == "phase" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+               or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def with_phase(progress, phase: str):
+    """``progress`` as a two-argument callback of ``phase`` (None stays None); wrapping a
+    callback of another phase moves it to this one."""
+    if progress is None:
+        return None
+    if phase not in PHASES:
+        raise ValueError(f"unknown progress phase {phase!r}")
+    if isinstance(progress, _Phased):
+        return _Phased(progress.callback, phase, progress._takes_phase)
+    return _Phased(progress, phase, _takes_phase(progress))
 
 
 class CancelToken:
@@ -83,6 +128,7 @@ class _Bar:
 
     def __init__(self, phase: str, stream, interval: float = 0.2):
         self.phase, self.stream, self.interval = phase, stream, interval
+        self.current: str | None = None      # the operation's phase, when it says
         self.started = time.monotonic()
         self.last = 0.0
         self.width = 0
@@ -96,12 +142,15 @@ class _Bar:
         if total and rate > 0 and done < total:
             left = int((total - done) / rate)
             eta = f"  ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
-        return (f"{self.phase}  {pct}  {human_size(done)} / {human_size(total)}  "
+        what = f"{self.phase} ({self.current})" if self.current else self.phase
+        return (f"{what}  {pct}  {human_size(done)} / {human_size(total)}  "
                 f"{human_size(int(rate))}/s{eta}")
 
-    def update(self, done: int, total: int) -> None:
+    def update(self, done: int, total: int, phase: str | None = None) -> None:
         with self.lock:
             now = time.monotonic()
+            if phase is not None and phase != self.current:     # a new phase starts over
+                self.current, self.started, self.last = phase, now, 0.0
             if now - self.last < self.interval and done < total:
                 return
             self.last = now

@@ -31,7 +31,7 @@ from .disk.base import Disk
 from .disk.raw import RawDisk
 from .errors import DiskIOError, UsageError
 from .manifest import DEFAULT_BLOCK_SIZE, Manifest, check_block_size
-from .progress import CancelToken, ProgressCallback, ThreadSafeProgress, check_cancel
+from .progress import CancelToken, ProgressCallback, ThreadSafeProgress, check_cancel, with_phase
 
 __all__ = ["scan", "plan_reads", "DEFAULT_BATCH_BYTES"]
 
@@ -161,6 +161,7 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
     blocks; default 1 MiB); memory use is about ``threads * batch_bytes``.  A failed
     read, or a raw file that shrinks while it is scanned, raises DiskIOError.
     """
+    progress = with_phase(progress, "reading")
     block_size = check_block_size(block_size)
     if not isinstance(threads, int) or threads < 1:
         raise UsageError(f"threads must be a positive integer, not {threads!r}")

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import DiskError, DiskIOError, UsageError
 from ..fsutil import create_file, fsync_dir, is_link, remove_file
-from ..progress import CancelToken, ProgressCallback, check_cancel
+from ..progress import CancelToken, ProgressCallback, check_cancel, with_phase
 from .base import Disk
 
 __all__ = ["write_stream_optimized", "write_raw", "convert", "format_for_path",
@@ -422,6 +422,7 @@ def write_stream_optimized(disk: Disk, out_path, *, progress: ProgressCallback |
     default) the file is on disk when this returns; ``fsync=False`` leaves that to the
     kernel (faster for scratch copies).
     """
+    progress = with_phase(progress, "converting")
     from .._deflate import GrainCompressor
 
     out_path = output_path(out_path)
@@ -512,6 +513,7 @@ def write_raw(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
     default) the file is on disk when this returns; ``fsync=False`` leaves the writing
     to the kernel (faster for scratch copies).
     """
+    progress = with_phase(progress, "converting")
     from .._deflate import nonzero_runs
 
     out_path = output_path(out_path)

@@ -19,7 +19,7 @@ import time
 
 from .._deflate import is_zero
 from ..errors import ImageError
-from ..progress import check_cancel
+from ..progress import check_cancel, with_phase
 
 EBS_BLOCK = 512 * 1024
 GIB = 1 << 30
@@ -56,6 +56,7 @@ def register_ec2(disk, *, name: str, description: str, architecture: str,
                  endpoint_url: str | None = None, region: str | None = None,
                  tags: dict | None = None, progress=None, cancel=None) -> dict:
     """Snapshot ``disk`` to EBS and register it; returns image and snapshot ids."""
+    progress = with_phase(progress, "uploading")
     from botocore.exceptions import BotoCoreError, ClientError
 
     arch = ARCHITECTURES.get(architecture)
