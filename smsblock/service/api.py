@@ -367,10 +367,13 @@ class SmsService:
         return {}
 
     def delete_server_catalog(self) -> dict:
-        catalog.delete_catalog(self.state, self.clock(), self.config)
-        with self._imports_lock:       # an import of this process stops listing early
+        overtaken = catalog.delete_catalog(self.state, self.clock(), self.config)
+        # the import the delete overtook (if it runs in this process) stops listing early;
+        # one started after the delete committed is not the delete's business
+        with self._imports_lock:
             for job in self._imports:
-                job.cancel.cancel("the server catalog was deleted")
+                if overtaken is not None and job.import_id == overtaken:
+                    job.cancel.cancel("the server catalog was deleted")
         return {}
 
     def last_catalog_import(self) -> dict | None:

@@ -246,7 +246,11 @@ def update_job(db: sqlite3.Connection, params: dict, now: float, config: Service
     if params.get("frequency") is not None:
         changes["frequency"] = check_frequency(params["frequency"], config)
     if params.get("nextReplicationRunStartTime") is not None:
-        if job["run_once"] and job["next_run_time"] is None:
+        # a run-once job whose one slot was MISSED never ran: it may be given a new slot
+        if job["run_once"] and job["next_run_time"] is None and db.execute(
+                "SELECT 1 FROM runs WHERE job_id = ? AND type = ? AND state != ? LIMIT 1",
+                (job["job_id"], ReplicationRunType.AUTOMATIC.value,
+                 ReplicationRunState.MISSED.value)).fetchone() is not None:
             raise not_permitted(f"replication job {job['job_id']} runs once and has already run")
         changes["next_run_time"] = check_start_time(
             params["nextReplicationRunStartTime"], now, config, "nextReplicationRunStartTime")
