@@ -155,6 +155,7 @@ def guest_os_family(guest_os) -> str | None:
 
 MAX_ECHO = 80          # characters of a client's value quoted back in an error message
 MAX_MESSAGE = 1024     # characters of any error message an operation answers with
+MAX_FAILURE_REASON = 400   # characters of a failed run's reason kept in statusMessage
 
 
 _EPOCH_TEXT = re.compile(r"-?[0-9]{1,15}(?:\.[0-9]{1,9})?")
