@@ -217,3 +217,23 @@ def test_an_invalid_connector_id_is_not_echoed_in_full(server):
     assert [r[0] for r in responses] == [400]
     assert responses[0][2]["__type"] == "InvalidParameterException"
     assert len(responses[0][2]["message"]) < 400
+
+
+AUTH_WORST = [
+    "AWS4-HMAC-SHA256 " + " " * 8000 + "x",
+    "AWS4-HMAC-SHA256 Credential=" + "a" * 8000,
+    "AWS4-HMAC-SHA256 Credential=a/20260101/" + "r" * 8000 + "/",
+    "AWS4-HMAC-SHA256 Credential=a/20260101/r/s/aws4_request, SignedHeaders=" + "a;" * 4000 + "!",
+    "AWS4-HMAC-SHA256 Credential=a/20260101/r/s/aws4_request," + " " * 8000 + "x",
+]
+
+
+@pytest.mark.parametrize("auth", AUTH_WORST, ids=range(len(AUTH_WORST)))
+def test_a_worst_case_authorization_header_costs_linear_time(auth):
+    from smsblock.errors import ServiceError
+    from smsblock.service.server import check_auth_header
+    start = time.process_time()
+    for _ in range(20):
+        with pytest.raises(ServiceError):
+            check_auth_header({"authorization": auth}, CREDS, region=REGION)
+    assert time.process_time() - start < 0.1
