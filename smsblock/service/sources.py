@@ -203,6 +203,8 @@ def open_root(root: str | os.PathLike, *, pinned: bool = False) -> int:
     except OSError as e:
         if pinned and e.errno in (errno.ELOOP, errno.ENOTDIR):
             raise ConnectorError(_not_that_folder(path)) from None
+        if e.errno == errno.ENOENT:
+            raise ConnectorError(f"datastore folder {path} does not exist") from None
         raise ConnectorError(f"datastore {path}: cannot open: {e.strerror}") from None
     if pinned and os.path.realpath(path) != path:
         os.close(fd)
@@ -432,6 +434,8 @@ class DatastoreSource:
 
         def unreadable(err: OSError) -> None:
             where = err.filename if isinstance(err.filename, str) else "a folder"
+            if where.startswith("./"):      # walked from the root's descriptor
+                where = where[2:]
             self._problem(where, f"cannot list: {err.strerror}")
 
         # fwalk works on folder descriptors and does not follow links: a folder swapped for
