@@ -490,7 +490,7 @@ def test_relative_state_dir_gives_absolute_store_paths(tmp_path, monkeypatch):
         svc.register_connector("datastore", {"path": "ds"})
         (row,) = svc.state.query("SELECT store, source_config FROM connectors")
         assert row[0] == str(tmp_path / "rel-state" / "store")
-        assert json.loads(row[1]) == {"path": str(tmp_path / "ds")}
+        assert json.loads(row[1]) == {"path": str(tmp_path / "ds"), "pinned": True}
 
 
 class _CbtSource:

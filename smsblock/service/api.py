@@ -26,13 +26,16 @@ from .. import __version__
 from ..errors import ServiceError
 from . import catalog, jobs, scheduler
 from .models import (CONNECTOR_ID, ConnectorCapability, ReplicationJobState,
-                     ServerCatalogStatus, new_connector_id, parse_timestamp, to_epoch)
+                     ServerCatalogStatus, bounded_message, echo, new_connector_id,
+                     parse_timestamp, to_epoch)
 from .records import connector_from_row, job_from_row, run_from_row, server_from_row, ts
 from .sources import open_source
 from .state import ServiceConfig, State
 
 DEFAULT_MAX_RESULTS = 50
 MAX_MAX_RESULTS = 1000
+MAX_ADDRESSES = 1000     # entries of GetServers' vmServerAddressList
+MAX_ADDRESS_TEXT = 1024  # characters of one vmManagerId or vmId in it
 JOB_RUNS_SHOWN = 10  # runs embedded in each GetReplicationJobs entry (GetReplicationRuns pages all)
 
 # Request members of each operation and their types, from the SMS model (2016-10-24).
@@ -170,7 +173,7 @@ def _timestamp(value, name: str):
 
 
 def _check_type(op: str, name: str, kind: str, value):
-    bad = ServiceError(f"{op}: {name} must be {kind}, got {value!r}"[:300],
+    bad = ServiceError(f"{op}: {name} must be {kind}, got {echo(value)}",
                        "InvalidParameterException")
     if kind == "string":
         if not isinstance(value, str):
@@ -195,8 +198,14 @@ def _check_type(op: str, name: str, kind: str, value):
                 and all(isinstance(v, str) for v in a.values()) for a in value):
             raise ServiceError(f"{op}: {name} must be a list of {{vmManagerId, vmId}}",
                                "InvalidParameterException")
+        if len(value) > MAX_ADDRESSES:
+            raise ServiceError(f"{op}: {name} may hold at most {MAX_ADDRESSES} addresses, "
+                               f"got {len(value)}", "InvalidParameterException")
         for a in value:
             for k, v in a.items():
+                if len(v) > MAX_ADDRESS_TEXT:
+                    raise ServiceError(f"{op}: {name}.{k} may be at most {MAX_ADDRESS_TEXT} "
+                                       f"characters, got {len(v)}", "InvalidParameterException")
                 _check_text(op, f"{name}.{k}", v)
     return value
 
@@ -246,13 +255,15 @@ class SmsService:
         try:
             return self._call(operation, spec, params)
         except ServiceError as e:
-            code = declared_error(operation, e.code)
-            if code != e.code:
-                raise ServiceError(str(e), code) from None
+            # whatever raised it, no message quotes more than MAX_MESSAGE characters
+            code, message = declared_error(operation, e.code), str(e)
+            if code != e.code or len(message) != len(bounded_message(message)):
+                raise ServiceError(bounded_message(message), code) from None
             raise
 
     def _call(self, operation: str, spec: dict[str, str], params) -> dict:
-        params = params or {}
+        if params is None:      # no body at all; [], 0, "" or false are not "no parameters"
+            params = {}
         if not isinstance(params, dict):
             raise ServiceError(f"{operation}: the request body must be a JSON object",
                                "SerializationException")
@@ -316,7 +327,8 @@ class SmsService:
         if connectorId is None:
             raise ServiceError("connectorId is required", "MissingRequiredParameterException")
         if not CONNECTOR_ID.fullmatch(connectorId):
-            raise jobs.invalid(f"connectorId {connectorId!r} is not a connector id (c- and 17 hex digits)")
+            raise jobs.invalid(f"connectorId {echo(connectorId)} is not a connector id "
+                               "(c- and 17 hex digits)")
         with self.state.transaction() as db:
             row = db.execute("SELECT * FROM connectors WHERE connector_id = ? AND "
                              "disassociated_on IS NULL", (connectorId,)).fetchone()
@@ -359,10 +371,13 @@ class SmsService:
         return {}
 
     def delete_server_catalog(self) -> dict:
-        catalog.delete_catalog(self.state, self.clock(), self.config)
-        with self._imports_lock:       # an import of this process stops listing early
+        overtaken = catalog.delete_catalog(self.state, self.clock(), self.config)
+        # the import the delete overtook (if it runs in this process) stops listing early;
+        # one started after the delete committed is not the delete's business
+        with self._imports_lock:
             for job in self._imports:
-                job.cancel.cancel("the server catalog was deleted")
+                if overtaken is not None and job.import_id == overtaken:
+                    job.cancel.cancel("the server catalog was deleted")
         return {}
 
     def last_catalog_import(self) -> dict | None:
@@ -372,13 +387,13 @@ class SmsService:
 
     def get_servers(self, nextToken: str | None = None, maxResults: int | None = None,
                     vmServerAddressList: list[dict] | None = None) -> dict:
+        wanted = _address_filter(vmServerAddressList) if vmServerAddressList else None
         with self.state.transaction() as db:
             cat = catalog.refresh_status(db, self.state.dir, self.clock(), self.config)
             rows = db.execute("SELECT * FROM servers WHERE in_catalog = 1 "
                               "ORDER BY vm_path, server_id").fetchall()
-            if vmServerAddressList:
-                rows = [r for r in rows if any(
-                    all(r[_col(k)] == v for k, v in addr.items()) for addr in vmServerAddressList)]
+            if wanted is not None:      # set lookups: linear in servers + addresses
+                rows = [r for r in rows if wanted(r["vm_manager_id"], r["vm_id"])]
             page, token = _paginate("GetServers", rows, nextToken, maxResults)
             servers = [server_from_row(r, jobs.live_job_for_server(db, r["server_id"]) or
                                        _latest_job(db, r["server_id"])).to_api() for r in page]
@@ -472,8 +487,22 @@ class SmsService:
         return scheduler.tick(self.state, self.clock(), self.config)
 
 
-def _col(member: str) -> str:
-    return {"vmManagerId": "vm_manager_id", "vmId": "vm_id"}[member]
+def _address_filter(addresses: list[dict]):
+    """A test ``(vm_manager_id, vm_id) -> bool``: whether a server matches one of
+    ``addresses`` (each matches the servers equal in the members it gives), built in
+    one pass so the filtering costs servers + addresses, not their product."""
+    both, managers, vms, everything = set(), set(), set(), False
+    for addr in addresses:
+        m, v = addr.get("vmManagerId"), addr.get("vmId")
+        if m is not None and v is not None:
+            both.add((m, v))
+        elif m is not None:
+            managers.add(m)
+        elif v is not None:
+            vms.add(v)
+        else:
+            everything = True
+    return lambda m, v: everything or m in managers or v in vms or (m, v) in both
 
 
 def _latest_job(db, server_id: str):

@@ -384,9 +384,11 @@ def _moved_servers(db: sqlite3.Connection, vms: list[VmRecord]) -> dict[tuple[st
     return out
 
 
-def delete_catalog(state: State, now: float, config: ServiceConfig | None = None) -> None:
+def delete_catalog(state: State, now: float, config: ServiceConfig | None = None) -> str | None:
     """DeleteServerCatalog; refused while a live replication job needs a server.  An
-    import under way is overtaken: its result is dropped when it finishes."""
+    import under way is overtaken: its result is dropped when it finishes.  Returns the
+    id of that import (read in the delete's own transaction), or None."""
+    overtaken = None
     with state.transaction() as db:
         cat = refresh_status(db, state.dir, now, config or ServiceConfig())
         live = db.execute(f"SELECT job_id FROM jobs WHERE state IN {_in(_LIVE)} LIMIT 1",
@@ -397,9 +399,11 @@ def delete_catalog(state: State, now: float, config: ServiceConfig | None = None
         if cat["status"] == IMPORTING:
             log.info("server catalog deleted while import %s was under way; its result "
                      "will be dropped", cat["import_id"])
+            overtaken = cat["import_id"]
         db.execute("UPDATE servers SET in_catalog = 0")
         db.execute("UPDATE catalog SET status = ?, last_modified_on = ?, import_id = NULL "
                    "WHERE id = 1", (ServerCatalogStatus.DELETED.value, now))
+    return overtaken
 
 
 def last_import_of(state: State) -> dict | None:

@@ -46,7 +46,8 @@ from typing import Any, Callable, Protocol
 from ..errors import Cancelled, ImageNotFoundError, SmsBlockError
 from ..progress import CancelToken
 from .jobs import record_run_failure
-from .models import LIVE_JOB_STATES, ReplicationJobState, ReplicationRunState
+from .models import (LIVE_JOB_STATES, MAX_FAILURE_REASON, ReplicationJobState,
+                     ReplicationRunState, bounded_message)
 from .sources import open_source
 from .state import ServiceConfig, State
 
@@ -217,6 +218,8 @@ class RunExecutor:
 
     def _fail(self, ctx: RunContext, reason: str) -> str:
         """The run ends FAILED, or DELETED when its job was deleted; returns the state."""
+        # the reason may quote .vmx content or paths: statusMessage stays short
+        reason = bounded_message(reason, MAX_FAILURE_REASON)
         now = self.clock()
         with self.state.transaction() as db:
             if job_deleted(db, ctx.job["job_id"]):

@@ -14,7 +14,7 @@ import sqlite3
 from ..errors import ServiceError
 from .models import (BUSY_RUN_STATES, LIVE_JOB_STATES, JOB_ID, ROLE_NAME, SERVER_ID,
                      LicenseType, ReplicationJobState, ReplicationRunState, ReplicationRunType,
-                     guest_os_family, new_job_id, new_run_id)
+                     echo, guest_os_family, new_job_id, new_run_id)
 from .state import ServiceConfig
 
 HOUR = 3600.0
@@ -52,7 +52,7 @@ def check_start_time(when: float, now: float, config: ServiceConfig, name: str) 
 
 def check_frequency(frequency, config: ServiceConfig) -> int:
     if isinstance(frequency, bool) or not isinstance(frequency, int):
-        raise invalid(f"frequency must be a whole number of hours, got {frequency!r}")
+        raise invalid(f"frequency must be a whole number of hours, got {echo(frequency)}")
     lo, hi = config.min_frequency_hours, config.max_frequency_hours
     if not lo <= frequency <= hi:
         raise invalid(f"frequency must be between {lo} and {hi} hours, got {frequency}")
@@ -81,7 +81,7 @@ def check_license(value, server: sqlite3.Row | None = None) -> str:
     try:
         value = LicenseType(value).value
     except ValueError:
-        raise invalid(f"licenseType must be AWS or BYOL, got {value!r}"[:300]) from None
+        raise invalid(f"licenseType must be AWS or BYOL, got {echo(value)}") from None
     if value == LicenseType.AWS.value and family == "linux":
         raise invalid(f"licenseType AWS is not available for server {server['server_id']}: its "
                       f"guest OS ({guest}) is Linux, which is BYOL only; use BYOL")
@@ -91,8 +91,8 @@ def check_license(value, server: sqlite3.Row | None = None) -> str:
 def check_role(value) -> str:
     # fullmatch over ASCII: "\w" would take any Unicode letter and "$" a trailing newline
     if not isinstance(value, str) or not ROLE_NAME.fullmatch(value):
-        raise invalid(f"roleName {value!r} is not a valid IAM role name "
-                      "(1-64 ASCII letters, digits and +=,.@_-)"[:300])
+        raise invalid(f"roleName {echo(value)} is not a valid IAM role name "
+                      "(1-64 ASCII letters, digits and +=,.@_-)")
     return value
 
 
@@ -105,14 +105,14 @@ def check_description(value) -> str:
 def check_amis_to_keep(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**31 - 1:
         raise invalid(f"numberOfRecentAmisToKeep must be a whole number from 0 to {2**31 - 1}, "
-                      f"got {value!r}")
+                      f"got {echo(value)}")
     return value
 
 
 def check_boot_test(value) -> bool:
     """bootTest (smsblock's own job field, no SMS client sends it): boot-test each image."""
     if not isinstance(value, bool):
-        raise invalid(f"bootTest must be true or false, got {value!r}")
+        raise invalid(f"bootTest must be true or false, got {echo(value)}")
     return value
 
 
@@ -130,8 +130,8 @@ def get_job(db: sqlite3.Connection, job_id, *, deleted: bool = False) -> sqlite3
     """The job ``job_id``; a DELETED one only for ``deleted=True`` (the Get* operations
     still show deleted jobs, nothing else acts on them)."""
     if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
-        raise invalid(f"replicationJobId {job_id!r} is not a replication job id "
-                      "(sms-job-xxxxxxxx)"[:300])
+        raise invalid(f"replicationJobId {echo(job_id)} is not a replication job id "
+                      "(sms-job-xxxxxxxx)")
     row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
     if row is None:
         raise ServiceError(f"replication job {job_id} does not exist",
@@ -174,7 +174,7 @@ def create_job(db: sqlite3.Connection, params: dict, now: float, config: Service
     if "seedReplicationTime" not in params or params["seedReplicationTime"] is None:
         raise ServiceError("seedReplicationTime is required", "MissingRequiredParameterException")
     if not isinstance(server_id, str) or not SERVER_ID.fullmatch(server_id):
-        raise invalid(f"serverId {server_id!r} is not a server id (s-xxxxxxxx)"[:300])
+        raise invalid(f"serverId {echo(server_id)} is not a server id (s-xxxxxxxx)")
     server = db.execute("SELECT * FROM servers WHERE server_id = ?", (server_id,)).fetchone()
     if server is None or not server["in_catalog"]:
         raise invalid(f"server {server_id} is not in the server catalog")
@@ -182,7 +182,7 @@ def create_job(db: sqlite3.Connection, params: dict, now: float, config: Service
     seed = check_start_time(params["seedReplicationTime"], now, config, "seedReplicationTime")
     run_once = params.get("runOnce", False)
     if not isinstance(run_once, bool):
-        raise invalid(f"runOnce must be true or false, got {run_once!r}")
+        raise invalid(f"runOnce must be true or false, got {echo(run_once)}")
     frequency = params.get("frequency")
     if frequency is None:
         if not run_once:
@@ -246,7 +246,11 @@ def update_job(db: sqlite3.Connection, params: dict, now: float, config: Service
     if params.get("frequency") is not None:
         changes["frequency"] = check_frequency(params["frequency"], config)
     if params.get("nextReplicationRunStartTime") is not None:
-        if job["run_once"] and job["next_run_time"] is None:
+        # a run-once job whose one slot was MISSED never ran: it may be given a new slot
+        if job["run_once"] and job["next_run_time"] is None and db.execute(
+                "SELECT 1 FROM runs WHERE job_id = ? AND type = ? AND state != ? LIMIT 1",
+                (job["job_id"], ReplicationRunType.AUTOMATIC.value,
+                 ReplicationRunState.MISSED.value)).fetchone() is not None:
             raise not_permitted(f"replication job {job['job_id']} runs once and has already run")
         changes["next_run_time"] = check_start_time(
             params["nextReplicationRunStartTime"], now, config, "nextReplicationRunStartTime")

@@ -153,6 +153,28 @@ def guest_os_family(guest_os) -> str | None:
 
 # --- timestamps ----------------------------------------------------------------
 
+MAX_ECHO = 80          # characters of a client's value quoted back in an error message
+MAX_MESSAGE = 1024     # characters of any error message an operation answers with
+MAX_FAILURE_REASON = 400   # characters of a failed run's reason kept in statusMessage
+
+
+_EPOCH_TEXT = re.compile(r"-?[0-9]{1,15}(?:\.[0-9]{1,9})?")
+
+
+def echo(value, limit: int = MAX_ECHO) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for quoting what a client (or
+    a source) sent in an error message without sending all of it back."""
+    if isinstance(value, str) and len(value) > limit:
+        return repr(value[:limit]) + "…"
+    text = repr(value)
+    return text if len(text) <= limit + 2 else text[:limit] + "…"
+
+
+def bounded_message(message: str, limit: int = MAX_MESSAGE) -> str:
+    """``message`` cut to ``limit`` characters."""
+    return message if len(message) <= limit else message[:limit - 1] + "…"
+
+
 def utc(dt: datetime) -> datetime:
     """``dt`` as an aware UTC datetime (naive values are taken as UTC)."""
     if dt.tzinfo is None:
@@ -165,25 +187,29 @@ def parse_timestamp(value, name: str = "timestamp") -> datetime:
     if isinstance(value, datetime):
         return utc(value)
     if isinstance(value, bool):
-        raise ServiceError(f"{name}: expected a timestamp, got {value!r}", "InvalidParameterException")
+        raise ServiceError(f"{name}: expected a timestamp, got {echo(value)}", "InvalidParameterException")
     if isinstance(value, (int, float)):
         try:
             return datetime.fromtimestamp(float(value), tz=timezone.utc)
         except (OverflowError, OSError, ValueError):
-            raise ServiceError(f"{name}: {value!r} is out of range", "InvalidParameterException") from None
+            raise ServiceError(f"{name}: {echo(value)} is out of range", "InvalidParameterException") from None
     if isinstance(value, str):
-        text = value.strip()
-        try:
-            return parse_timestamp(float(text), name)
-        except ValueError:
-            pass
+        # epoch seconds as plain ASCII decimal text only: float() would also take
+        # "1_796_280_000", other scripts' digits, whitespace, "+1e9" and "nan"
+        if _EPOCH_TEXT.fullmatch(value):
+            return parse_timestamp(float(value), name)
+        text = value
+        if len(text) > 64 or not text.isascii() or not text[:1].isdigit() \
+                or not text[-1:].isalnum():
+            raise ServiceError(f"{name}: {echo(value)} is neither ISO 8601 nor epoch seconds",
+                               "InvalidParameterException")
         if text.endswith(("Z", "z")):
             text = text[:-1] + "+00:00"
         try:
             return utc(datetime.fromisoformat(text))
         except ValueError:
             pass
-    raise ServiceError(f"{name}: {value!r} is neither ISO 8601 nor epoch seconds",
+    raise ServiceError(f"{name}: {echo(value)} is neither ISO 8601 nor epoch seconds",
                        "InvalidParameterException")
 
 

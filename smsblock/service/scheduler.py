@@ -8,7 +8,8 @@ MISSED run.  What counts is the slot's time, not the tick's: a run requested aft
 slot came did not occupy it.  So that such a request cannot overtake the slot,
 StartOnDemandReplicationRun first settles a due slot (:func:`settle_due_slot`), in
 the same transaction.  Then the next
-slot is the first ``seed + k * frequency`` after ``now`` (a run-once job has none).
+slot is the first ``seed + k * frequency`` after ``now`` (a run-once job has none; if
+its one slot was MISSED, UpdateReplicationJob may give it a new one).
 Slots that passed while no connector ticked at all are not replayed one by one: one run
 is made for the latest of them, as SMS does after a connector outage.
 
@@ -117,7 +118,9 @@ def _tick_job(db: sqlite3.Connection, job: sqlite3.Row, now: float, config: Serv
         kind = "on-demand " if occupant["type"] == ReplicationRunType.ON_DEMAND.value else ""
         run_id = insert_run(db, job, ReplicationRunType.AUTOMATIC, ReplicationRunState.MISSED,
                             slot, now, message=f"skipped: {kind}run {occupant['run_id']} was "
-                            "in progress at the scheduled time")
+                            "in progress at the scheduled time" + (
+                                "; give the job a new nextReplicationRunStartTime to run it"
+                                if job["run_once"] else ""))
     else:
         run_id = insert_run(db, job, ReplicationRunType.AUTOMATIC, ReplicationRunState.PENDING,
                             slot, now)

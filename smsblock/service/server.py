@@ -11,16 +11,23 @@ whole request: the method and path, the headers ``host``, ``content-type``,
 ``x-amz-date`` and ``x-amz-target`` (all must be in SignedHeaders, as botocore signs
 them), and the SHA-256 of the body bytes actually received (an ``X-Amz-Content-SHA256``
 header must equal it; ``UNSIGNED-PAYLOAD`` is refused).  The credential scope must name
-the service ``sms`` and the region ``serve`` runs as; requests more than 15 minutes
-from the server clock are refused.
+the service ``sms`` and the region ``serve`` runs as; requests whose X-Amz-Date is more
+than 15 minutes before or after the server clock are refused (a signed request can be
+replayed within that window).  All that can be checked without the body (the
+Authorization format, key id, scope, date and signed header list) and the Content-Type
+(``application/x-amz-json-1.1``) are checked before any of the body is read; a request
+that fails authentication is answered and its connection closed.
 
 The HTTP/1.1 layer is written here rather than taken from :mod:`http.server`, because
 that one has no total deadline per request, keeps up to 100 header lines of 64 KiB,
 reads the whole body into memory before anything is authenticated, and ignores
 ``Transfer-Encoding``.  Here (limits in :class:`Limits`): at most ``max_connections``
-connections are served at once (more get 503 at once); a request's line and headers
-must arrive within ``head_timeout`` and fit ``max_head`` bytes; the body must arrive
-within ``body_timeout``; at most ``max_body`` bytes of it, of which only
+connections are served at once, ``max_connections_per_client`` of them from one client
+address (more get 503 at once); a fresh or kept-alive connection must start a request
+within ``idle_timeout``, its line and headers must arrive within ``head_timeout`` and
+fit ``max_head`` bytes (header lines are parsed in linear time); the body must arrive
+within ``idle_timeout + length / min_body_rate``, and never more than ``body_timeout``;
+at most ``max_body`` bytes of it, of which only
 ``body_in_memory`` are held in memory before the signature is checked (the rest waits in
 an unlinked file in the state directory); ``Transfer-Encoding`` is refused (411, or 400
 with a Content-Length), as are duplicate headers, bare CR/LF, line folding and malformed
@@ -47,6 +54,8 @@ from http import HTTPStatus
 
 from ..errors import ServiceError, SmsBlockError, UsageError
 from .api import SmsService, declared_error
+# no answer echoes more than MAX_MESSAGE characters of what a request sent
+from .models import bounded_message as bounded
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +78,11 @@ class Limits:
     """What one client may make the server spend (defaults documented in docs/service.md)."""
 
     max_connections: int = 64       # served at once; more are answered 503 and closed
-    head_timeout: float = 10.0      # request line + headers (and idle keep-alive) deadline, s
-    body_timeout: float = 30.0      # whole body deadline, s
+    max_connections_per_client: int = 16   # of those, from one client address
+    idle_timeout: float = 5.0       # first byte of a request (fresh or kept-alive connection), s
+    head_timeout: float = 10.0      # request line + headers deadline, s
+    body_timeout: float = 30.0      # whole body deadline, s (at most; see min_body_rate)
+    min_body_rate: int = 64 * 1024  # bytes/s: a body has idle_timeout + length/rate seconds
     send_timeout: float = 30.0      # whole response deadline, s
     max_head: int = 8192            # request line + headers, bytes
     max_headers: int = 48
@@ -88,8 +100,10 @@ _AUTH = re.compile(r"AWS4-HMAC-SHA256 +Credential=([^/\s,]+)/(\d{8})/([^/\s,]+)/
 _AMZ_DATE = re.compile(r"[0-9]{8}T[0-9]{6}Z")
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])")
-# field-name ":" OWS field-value OWS; values are visible ASCII, space and tab only
-_HEADER = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?)[ \t]*")
+_FIELD_NAME = re.compile(_TOKEN)
+# what a field value may hold (visible ASCII, space, tab): checked by deleting these bytes,
+# in linear time (a regex with a repeated class between two anchored ends is quadratic)
+_FIELD_VALUE_BYTES = bytes(range(0x20, 0x7f)) + b"\t"
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,16}")
 
 
@@ -111,23 +125,24 @@ class ServerCredentials:
         return cls(akid, secret)
 
 
+class AuthError(ServiceError):
+    """The request is not authenticated: answered, then the connection is closed."""
+
+
 def _auth_error(message: str, code: str = "InvalidSignatureException") -> ServiceError:
-    return ServiceError(message, code)
+    return AuthError(message, code)
 
 
 def _hmac(key: bytes, msg: str) -> bytes:
     return hmac.new(key, msg.encode(), hashlib.sha256).digest()
 
 
-def verify_sigv4(method: str, path: str, headers, payload_sha256: str, creds: ServerCredentials,
-                 *, region: str = DEFAULT_REGION, service: str = SERVICE_NAME,
-                 now: datetime | None = None) -> None:
-    """Raise ServiceError unless the request is signed with ``creds`` (SigV4, header form).
-
-    ``headers`` maps lower-case names to values (one value each); ``path`` is the request
-    target, which must be canonical already (no query, no escapes: ``/``);
-    ``payload_sha256`` is the hex SHA-256 of the body as received.
-    """
+def check_auth_header(headers, creds: ServerCredentials, *, region: str = DEFAULT_REGION,
+                      service: str = SERVICE_NAME, now: datetime | None = None):
+    """What can be checked of a SigV4 signature before the body is read: the
+    Authorization format, the key id, the credential scope, X-Amz-Date within
+    ±MAX_SKEW_SECONDS of ``now``, and the signed header list.  Raises AuthError;
+    returns ``(date, amz_date, names, signed, signature)``."""
     header = headers.get("authorization")
     if not header:
         raise _auth_error("Missing Authentication Token", "MissingAuthenticationTokenException")
@@ -143,7 +158,7 @@ def verify_sigv4(method: str, path: str, headers, payload_sha256: str, creds: Se
         raise _auth_error(f"Credential should be scoped to correct service: '{service}'.")
     if scope_region != region:
         raise _auth_error(f"Credential should be scoped to a valid region, not "
-                          f"'{scope_region}' (this server is {region}: serve --region).")
+                          f"'{scope_region[:64]}' (this server is {region}: serve --region).")
     amz_date = headers.get("x-amz-date")
     if not amz_date:
         raise _auth_error("the request has no X-Amz-Date header", "IncompleteSignatureException")
@@ -158,8 +173,8 @@ def verify_sigv4(method: str, path: str, headers, payload_sha256: str, creds: Se
         raise _auth_error("the credential scope date does not match X-Amz-Date")
     now = now or datetime.now(timezone.utc)
     if abs((now - when).total_seconds()) > MAX_SKEW_SECONDS:
-        raise _auth_error(f"Signature expired: {amz_date} is more than 15 minutes from the "
-                          f"server time {now.strftime('%Y%m%dT%H%M%SZ')}")
+        raise _auth_error(f"Signature expired: {amz_date} is more than 15 minutes before or "
+                          f"after the server time {now.strftime('%Y%m%dT%H%M%SZ')}")
     names = signed.split(";")
     if names != sorted(set(names)) or "" in names:
         raise _auth_error("SignedHeaders must be sorted, distinct header names",
@@ -167,7 +182,21 @@ def verify_sigv4(method: str, path: str, headers, payload_sha256: str, creds: Se
     missing = [n for n in REQUIRED_SIGNED_HEADERS if n not in names]
     if missing:
         raise _auth_error(f"the signature must cover the headers {', '.join(missing)} "
-                          f"(it covers {', '.join(names)})", "IncompleteSignatureException")
+                          f"(it covers {', '.join(names)[:200]})", "IncompleteSignatureException")
+    return date, amz_date, names, signed, signature
+
+
+def verify_sigv4(method: str, path: str, headers, payload_sha256: str, creds: ServerCredentials,
+                 *, region: str = DEFAULT_REGION, service: str = SERVICE_NAME,
+                 now: datetime | None = None) -> None:
+    """Raise AuthError unless the request is signed with ``creds`` (SigV4, header form).
+
+    ``headers`` maps lower-case names to values (one value each); ``path`` is the request
+    target, which must be canonical already (no query, no escapes: ``/``);
+    ``payload_sha256`` is the hex SHA-256 of the body as received.
+    """
+    date, amz_date, names, signed, signature = check_auth_header(
+        headers, creds, region=region, service=service, now=now)
     claimed = headers.get("x-amz-content-sha256")
     if claimed is not None and claimed != payload_sha256:
         if claimed == UNSIGNED_PAYLOAD or claimed.startswith("STREAMING-"):
@@ -177,7 +206,7 @@ def verify_sigv4(method: str, path: str, headers, payload_sha256: str, creds: Se
     for name in names:
         value = headers.get(name)
         if value is None:
-            raise _auth_error(f"signed header {name!r} is missing from the request")
+            raise _auth_error(f"signed header {name[:40]!r} is missing from the request")
         canonical.append(f"{name}:{' '.join(value.split())}")
     canonical += ["", signed, payload_sha256]
     scope = f"{date}/{region}/{service}/aws4_request"
@@ -193,8 +222,9 @@ def verify_sigv4(method: str, path: str, headers, payload_sha256: str, creds: Se
 
 
 def decode_json_body(body: bytes):
-    """The request body as JSON: UTF-8, no NaN/Infinity, no duplicate keys, bounded depth."""
-    if not body.strip():
+    """The request body as a JSON object: UTF-8, no NaN/Infinity, no duplicate keys,
+    bounded depth.  Only an empty body means ``{}``; any other JSON value is refused."""
+    if not body:
         return {}
     try:
         text = body.decode("utf-8")
@@ -212,11 +242,15 @@ def decode_json_body(body: bytes):
         raise ValueError(f"{name} is not JSON")
 
     try:
-        return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+        value = json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
     except (ValueError, RecursionError) as e:
         reason = "nests too deeply" if isinstance(e, RecursionError) else str(e)[:120]
         raise ServiceError(f"the request body is not JSON: {reason}",
                            "SerializationException") from None
+    if not isinstance(value, dict):
+        raise ServiceError(f"the request body must be a JSON object, not "
+                           f"{'null' if value is None else type(value).__name__}", "SerializationException")
+    return value
 
 
 # --- the HTTP/1.1 layer --------------------------------------------------------------------
@@ -257,7 +291,10 @@ class _Wire:
         """The request line and headers (without the blank line); None at a clean EOF or
         when an idle connection's time is up."""
         limits = self.limits
-        deadline = time.monotonic() + limits.head_timeout
+        start = time.monotonic()
+        deadline = start + limits.head_timeout
+        # a fresh or kept-alive connection gets a shorter time to start a request
+        first_byte = start + min(limits.idle_timeout, limits.head_timeout)
         while True:
             while self.buf[:2] == b"\r\n":      # empty lines before a request are allowed
                 del self.buf[:2]
@@ -270,7 +307,8 @@ class _Wire:
                 raise _HttpError(431, "RequestHeaderFieldsTooLarge",
                                  f"the request line and headers exceed {limits.max_head} bytes")
             try:
-                data = self._recv(deadline, limits.max_head + 4 - len(self.buf))
+                data = self._recv(deadline if self.buf else first_byte,
+                                  limits.max_head + 4 - len(self.buf))
             except TimeoutError:
                 if not self.buf:
                     return None
@@ -284,7 +322,10 @@ class _Wire:
 
     def read_body(self, length: int, sink) -> None:
         """``length`` bytes into ``sink(view)``, from what is buffered, then the socket."""
-        deadline = time.monotonic() + self.limits.body_timeout
+        limits = self.limits
+        # a body must keep up a minimum rate: a small one gets a few seconds, not body_timeout
+        allowed = min(limits.body_timeout, limits.idle_timeout + length / limits.min_body_rate)
+        deadline = time.monotonic() + allowed
         take = min(length, len(self.buf))
         if take:
             sink(bytes(self.buf[:take]))    # a copy: the buffer cannot shrink while viewed
@@ -295,7 +336,7 @@ class _Wire:
                 data = self._recv(deadline, length)
             except TimeoutError:
                 raise _HttpError(408, "RequestTimeout", f"the request body did not arrive "
-                                 f"within {self.limits.body_timeout:g} s") from None
+                                 f"within {allowed:.3g} s") from None
             if not data:
                 raise ConnectionAbortedError("closed inside the request body")
             sink(data)
@@ -318,15 +359,17 @@ def _parse_head(head: bytes, limits: Limits) -> _Request:
                          f"more than {limits.max_headers} header fields")
     headers: dict[str, str] = {}
     for line in lines[1:]:
-        h = _HEADER.fullmatch(line)
-        if h is None:
+        # field-name ":" OWS field-value OWS, parsed in one linear pass
+        name, colon, value = line.partition(b":")
+        value = value.strip(b" \t")
+        if not colon or not _FIELD_NAME.fullmatch(name) or value.translate(None, _FIELD_VALUE_BYTES):
             raise _HttpError(400, "SerializationException",
                              f"malformed header field {line[:40]!r} (folded, non-ASCII, or "
                              "space before the colon)")
-        name = h[1].decode().lower()
+        name = name.decode().lower()
         if name in headers:
-            raise _HttpError(400, "SerializationException", f"header {name} appears twice")
-        headers[name] = h[2].decode()
+            raise _HttpError(400, "SerializationException", f"header {name[:40]} appears twice")
+        headers[name] = value.decode()
     return _Request(method.decode(), target.decode(), version, headers)
 
 
@@ -419,7 +462,8 @@ class SmsRequestHandler(socketserver.BaseRequestHandler):
             except _HttpError as e:
                 log.info("%s refused: %s %s", self.client_address[0], e.status, e.message)
                 try:
-                    self._send(e.status, {"__type": e.code, "message": e.message}, close=True)
+                    self._send(e.status, {"__type": e.code, "message": bounded(e.message)},
+                               close=True)
                 except OSError:
                     return
                 self._linger(wire.chunk)
@@ -439,6 +483,17 @@ class SmsRequestHandler(socketserver.BaseRequestHandler):
             # nothing of the body is read: answer and close
             raise _HttpError(400 if req.method == "POST" else 405, "UnknownOperationException",
                              "the SMS API takes POST / requests")
+        srv = self.server
+        try:
+            # nothing of an unauthenticated body is read: what can be checked of the
+            # signature without the body is checked first, and a refusal closes
+            check_auth_header(req.headers, srv.credentials, region=srv.region)
+        except AuthError as e:
+            raise _HttpError(e.http_status, e.code, str(e)) from None
+        ctype = req.headers.get("content-type", "")
+        if ctype.lower() != CONTENT_TYPE:
+            raise _HttpError(400, "SerializationException",
+                             f"Content-Type {ctype[:60]!r}: the SMS API takes {CONTENT_TYPE}")
         expect = req.headers.get("expect")
         if expect is not None:
             if expect.lower() != "100-continue" or req.version < (1, 1):
@@ -452,7 +507,8 @@ class SmsRequestHandler(socketserver.BaseRequestHandler):
                 digest.update(view)
                 spool.write(view)
             wire.read_body(length, sink)
-            status, payload = self._dispatch(req, digest.hexdigest(), spool)
+            status, payload, authenticated = self._dispatch(req, digest.hexdigest(), spool)
+        keep = keep and authenticated       # a failed signature closes the connection
         self._send(status, payload, close=not keep)
         return keep
 
@@ -477,7 +533,8 @@ class SmsRequestHandler(socketserver.BaseRequestHandler):
         self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + b"".join(exchange.chunks))
         return keep
 
-    def _dispatch(self, req: _Request, payload_sha256: str, spool) -> tuple[int, dict]:
+    def _dispatch(self, req: _Request, payload_sha256: str, spool) -> tuple[int, dict, bool]:
+        """The answer's status and payload, and whether the request was authenticated."""
         srv = self.server
         operation = None
         try:
@@ -492,20 +549,23 @@ class SmsRequestHandler(socketserver.BaseRequestHandler):
             params = decode_json_body(spool.read())   # authenticated: may be max_body bytes
             result = srv.service.call(operation, params)
             log.info("%s %s 200", self.client_address[0], operation)
-            return 200, result
+            return 200, result, True
+        except AuthError as e:
+            log.info("%s refused: %s", self.client_address[0], e.code)
+            return e.http_status, {"__type": e.code, "message": bounded(str(e))}, False
         except ServiceError as e:
             code = declared_error(operation, e.code) if operation else e.code
             status = 500 if code in ("InternalError", "InternalFailure") else e.http_status
             log.info("%s %s %s %s", self.client_address[0], operation, status, code)
-            return status, {"__type": code, "message": str(e)}
+            return status, {"__type": code, "message": bounded(str(e))}, True
         except SmsBlockError as e:
             code = declared_error(operation, "InvalidParameterException") if operation \
                 else "InvalidParameterException"
-            return 400, {"__type": code, "message": str(e)}
+            return 400, {"__type": code, "message": bounded(str(e))}, True
         except Exception:
             log.exception("internal error")
             code = declared_error(operation, "InternalError") if operation else "InternalError"
-            return 500, {"__type": code, "message": "internal error; see the server log"}
+            return 500, {"__type": code, "message": "internal error; see the server log"}, True
 
     def _send(self, status: int, payload: dict, close: bool) -> None:
         body = json.dumps(payload).encode()
@@ -563,6 +623,9 @@ class SmsHttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.spool_dir = str(service.state.dir)
         # one thread per connection, at most max_connections of them
         self._slots = threading.BoundedSemaphore(self.limits.max_connections)
+        # and at most max_connections_per_client of them from one address
+        self._per_client: dict[str, int] = {}
+        self._per_client_lock = threading.Lock()
         # No lock around the calls: each operation is one transaction of the state (which
         # serialises them), and ImportServerCatalog reads the sources in a background
         # thread outside any lock, answering after at most IMPORT_WAIT_SECONDS.
@@ -570,25 +633,45 @@ class SmsHttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             service.import_wait_seconds = IMPORT_WAIT_SECONDS
         super().__init__(address, SmsRequestHandler)
 
+    def _claim(self, host: str) -> bool:
+        with self._per_client_lock:
+            held = self._per_client.get(host, 0)
+            if held >= self.limits.max_connections_per_client:
+                return False
+            if not self._slots.acquire(blocking=False):
+                return False
+            self._per_client[host] = held + 1
+            return True
+
+    def _release(self, host: str) -> None:
+        with self._per_client_lock:
+            held = self._per_client.pop(host, 1) - 1
+            if held > 0:
+                self._per_client[host] = held
+            self._slots.release()
+
     def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
+        host = client_address[0]
+        if not self._claim(host):
             self._refuse_busy(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._release(host)
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._release(client_address[0])
 
     def _refuse_busy(self, request) -> None:
+        limits = self.limits
         body = json.dumps({"__type": "ServiceUnavailable", "message":
-                           f"the server is serving {self.limits.max_connections} connections; "
+                           f"the server is serving {limits.max_connections} connections, or "
+                           f"{limits.max_connections_per_client} from this address; "
                            "retry later"}).encode()
         try:
             request.setblocking(False)   # never wait on this client in the accept loop

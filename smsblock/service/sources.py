@@ -40,7 +40,7 @@ from ..disk.files import LocalFile
 from ..errors import ConnectorError, SmsBlockError, UsageError
 from ..progress import check_cancel
 from ..source import Source, SourceDisk, VmRecord
-from .models import VmManagerType
+from .models import VmManagerType, bounded_message, echo
 
 log = logging.getLogger(__name__)
 _SOURCE_KINDS: dict[str, Callable[[dict], Source]] = {}
@@ -158,6 +158,14 @@ MAX_VMX_BYTES = 1 << 20
 
 
 MAX_FOLDER_DEPTH = 32    # folder levels below the datastore root searched for VMs
+# what a .vmx may make the catalog hold (docs/service.md): vSphere's own VM name limit,
+# and caps on the other values taken from the file
+MAX_VM_NAME = 80
+MAX_IDENTITY_TEXT = 128  # uuid.bios, vc.uuid, guestOS
+MAX_DISK_NAME = 1024     # a disk's fileName
+MAX_DISKS = 256
+MAX_WARNINGS = 16
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 _NOFOLLOW = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
@@ -178,16 +186,41 @@ def _safe_parts(rel: str) -> list[str]:
     return normal.split("/")
 
 
-def open_beneath(root: str | os.PathLike, rel: str) -> int:
+def _not_that_folder(path: str) -> str:
+    return (f"datastore folder {path} is no longer the folder registered: it (or a folder "
+            "on its way) is now a symbolic link or not a folder; refused (register the "
+            "connector again with the folder's real path)")
+
+
+def open_root(root: str | os.PathLike, *, pinned: bool = False) -> int:
+    """A descriptor of the folder ``root``.  ``pinned``: ``root`` is the real path
+    recorded at registration, and must still be it: no symbolic link on the way (the
+    last one refused by O_NOFOLLOW on the open itself)."""
+    path = os.fspath(root)
+    flags = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | (os.O_NOFOLLOW if pinned else 0))
+    except OSError as e:
+        if pinned and e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ConnectorError(_not_that_folder(path)) from None
+        if e.errno == errno.ENOENT:
+            raise ConnectorError(f"datastore folder {path} does not exist") from None
+        raise ConnectorError(f"datastore {path}: cannot open: {e.strerror}") from None
+    if pinned and os.path.realpath(path) != path:
+        os.close(fd)
+        raise ConnectorError(_not_that_folder(path))
+    return fd
+
+
+def open_beneath(root: str | os.PathLike, rel: str, *, pinned: bool = False) -> int:
     """A read-only descriptor of the regular file ``root/rel``, found without following
     any symbolic link below ``root`` and without blocking (FIFOs, devices, sockets,
-    directories and links are refused before they are opened for reading)."""
+    directories and links are refused before they are opened for reading).  A file with
+    more than one hard link is refused too: it may be a file outside ``root``.
+    ``pinned``: see :func:`open_root`."""
     parts = _safe_parts(rel)
     where = f"{os.fspath(root)}/{'/'.join(parts)}"
-    try:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise ConnectorError(f"datastore {os.fspath(root)}: cannot open: {e.strerror}") from None
+    fd = open_root(root, pinned=pinned)
     try:
         for n, name in enumerate(parts):
             last = n == len(parts) - 1
@@ -218,6 +251,10 @@ def open_beneath(root: str | os.PathLike, rel: str) -> int:
             if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or \
                     (last and not stat.S_ISREG(now.st_mode)):
                 raise ConnectorError(f"{where}: changed while it was opened; refused")
+            if last and now.st_nlink > 1:
+                raise ConnectorError(f"{where}: has {now.st_nlink} hard links; refused (a "
+                                     "hard link may be a file outside the datastore: copy "
+                                     "the file instead of linking it)")
         out, fd = fd, -1
         return out
     finally:
@@ -225,10 +262,11 @@ def open_beneath(root: str | os.PathLike, rel: str) -> int:
             os.close(fd)
 
 
-def read_beneath(root: str | os.PathLike, rel: str, limit: int, what: str) -> bytes:
+def read_beneath(root: str | os.PathLike, rel: str, limit: int, what: str, *,
+                 pinned: bool = False) -> bytes:
     """At most ``limit`` bytes of the regular file ``root/rel`` (see :func:`open_beneath`);
     a larger file is refused, never read whole."""
-    fd = open_beneath(root, rel)
+    fd = open_beneath(root, rel, pinned=pinned)
     try:
         size = os.fstat(fd).st_size
         if size > limit:
@@ -304,13 +342,18 @@ def vmx_disks(vmx: dict[str, str]) -> tuple[list[tuple[str, str]], list[str]]:
         dtype = vmx.get(f"{dev}.devicetype", "").lower()
         if "cdrom" in dtype or value.lower().endswith(".iso"):
             connected = vmx.get(f"{dev}.startconnected", "true").lower() != "false"
-            if connected and value and dtype != "cdrom-raw":
-                warnings.append(f"CD-ROM {dev} is connected to {value!r}; disconnect it "
-                                "before replicating")
+            if connected and value and dtype != "cdrom-raw" and len(warnings) < MAX_WARNINGS:
+                warnings.append(f"CD-ROM {dev} is connected to {echo(value)}; disconnect "
+                                "it before replicating")
             continue
         if not value:
             continue
+        if len(value) > MAX_DISK_NAME or _CONTROL.search(value):
+            raise ConnectorError(f"{dev}.fileName is longer than {MAX_DISK_NAME} characters "
+                                 "or holds control characters; not a disk file name")
         found.append((_BUS_ORDER[bus], ctrl, unit, dev, value))
+        if len(found) > MAX_DISKS:
+            raise ConnectorError(f"the .vmx names more than {MAX_DISKS} disks")
     found.sort()
     return [(f[3], f[4]) for f in found], warnings
 
@@ -338,8 +381,18 @@ class DatastoreSource:
     kind = "datastore"
     manager_type = VmManagerType.VSPHERE.value
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).resolve()
+    def __init__(self, root: str | os.PathLike, *, pinned: bool = False):
+        #: pinned: ``root`` is the real path recorded at registration (``config()``),
+        #: and every use refuses it once it is not that folder any more (a link put in
+        #: its place is not followed)
+        self.pinned = pinned
+        if pinned:
+            self.root = Path(os.fspath(root))
+            if not self.root.is_absolute():
+                raise ConnectorError(f"datastore folder {root} is not an absolute path")
+            os.close(open_root(self.root, pinned=True))
+        else:
+            self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise ConnectorError(f"datastore folder {root} does not exist or is not a directory")
         self.manager_name = str(self.root)
@@ -350,11 +403,12 @@ class DatastoreSource:
     @classmethod
     def from_config(cls, config: dict) -> "DatastoreSource":
         if not isinstance(config, dict) or not isinstance(config.get("path"), str):
-            raise ConnectorError(f"datastore source config {config!r} has no path")
-        return cls(config["path"])
+            raise ConnectorError(f"datastore source config {echo(config)} has no path")
+        return cls(config["path"], pinned=config.get("pinned") is True)
 
     def config(self) -> dict:
-        return {"path": str(self.root)}
+        # the real path, pinned: a link later put in its place is refused, not followed
+        return {"path": str(self.root), "pinned": True}
 
     def close(self) -> None:
         pass
@@ -365,22 +419,32 @@ class DatastoreSource:
         ``cancel`` (a :class:`~smsblock.progress.CancelToken`) is checked per folder."""
         vms: list[VmRecord] = []
         self.list_problems = []
+        root_fd = open_root(self.root, pinned=self.pinned)
         try:
-            os.close(os.open(self.root, os.O_RDONLY | os.O_DIRECTORY))
-            os.listdir(self.root)
+            os.listdir(root_fd)
         except OSError as e:
+            os.close(root_fd)
             raise ConnectorError(f"datastore folder {self.root}: cannot list: {e.strerror}") from None
+        try:
+            return self._list(root_fd, vms, cancel)
+        finally:
+            os.close(root_fd)
+
+    def _list(self, root_fd: int, vms: list[VmRecord], cancel) -> list[VmRecord]:
 
         def unreadable(err: OSError) -> None:
             where = err.filename if isinstance(err.filename, str) else "a folder"
+            if where.startswith("./"):      # walked from the root's descriptor
+                where = where[2:]
             self._problem(where, f"cannot list: {err.strerror}")
 
         # fwalk works on folder descriptors and does not follow links: a folder swapped for
         # a link while it is walked is not entered
-        for dirpath, dirnames, filenames, _ in os.fwalk(self.root, onerror=unreadable):
+        # walked from the root's descriptor: the very folder checked by open_root
+        for dirpath, dirnames, filenames, _ in os.fwalk(".", dir_fd=root_fd, onerror=unreadable):
             check_cancel(cancel)
             dirnames.sort()
-            rel_dir = os.path.relpath(dirpath, self.root)
+            rel_dir = os.path.relpath(dirpath, ".")
             rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
             vmx_files = sorted(f for f in filenames if f.lower().endswith(".vmx"))
             if not vmx_files:
@@ -405,19 +469,30 @@ class DatastoreSource:
     def _record(self, rel: str) -> tuple[VmRecord, list[tuple[str, str, str | None]]]:
         """The VM of the .vmx ``ROOT/rel`` and its disks as (device, file named in the
         .vmx, path relative to ROOT or None when it lies outside ROOT)."""
-        vmx = parse_vmx_bytes(read_beneath(self.root, rel, MAX_VMX_BYTES, ".vmx file"),
-                              f"{self.root}/{rel}")
+        vmx = parse_vmx_bytes(read_beneath(self.root, rel, MAX_VMX_BYTES, ".vmx file",
+                                           pinned=self.pinned), f"{self.root}/{rel}")
         parts = rel.split("/")
         name = vmx.get("displayname") or posixpath.splitext(parts[-1])[0]
+        if len(name) > MAX_VM_NAME or _CONTROL.search(name):
+            raise ConnectorError(f"{self.root}/{rel}: displayName is longer than "
+                                 f"{MAX_VM_NAME} characters or holds control characters")
+        # as vSphere does in inventory paths: a name cannot add levels to vmPath
+        name = name.replace("%", "%25").replace("/", "%2f").replace("\\", "%5c")
         parents = parts[:-2]  # directories above the VM folder
         datacenter = parents[0] if parents else ESXI_DATACENTER
         vm_path = "/" + "/".join(["Datacenters", datacenter, "vm", *parents[1:], name])
         disks, warnings = vmx_disks(vmx)
         if not disks:
             warnings.append("the .vmx names no disks")
-        identity = {k: v for k, v in (("biosUuid", vmx.get("uuid.bios")),
-                                      ("instanceUuid", vmx.get("vc.uuid")),
-                                      ("guestOS", vmx.get("guestos"))) if v}
+        identity = {}
+        for key, member in (("uuid.bios", "biosUuid"), ("vc.uuid", "instanceUuid"),
+                            ("guestos", "guestOS")):
+            value = vmx.get(key)
+            if value and (len(value) > MAX_IDENTITY_TEXT or _CONTROL.search(value)):
+                warnings.append(f"{key} is longer than {MAX_IDENTITY_TEXT} characters or "
+                                "holds control characters; ignored")
+            elif value:
+                identity[member] = value
         record = VmRecord(vmId=rel, vmName=name, vmPath=vm_path,
                           vmManagerName=self.manager_name, vmManagerId=self.manager_id,
                           vmManagerType=self.manager_type, identity=identity, warnings=warnings)
@@ -448,17 +523,18 @@ class DatastoreSource:
         except ConnectorError:
             rel = None
         if rel is None or not rel.lower().endswith(".vmx"):
-            raise ConnectorError(f"VM id {vm_id!r} is not a .vmx under {self.root}")
+            raise ConnectorError(f"VM id {echo(vm_id)} is not a .vmx under {self.root}")
+        os.close(open_root(self.root, pinned=self.pinned))    # as list_vms: not a link now
         try:
             st = os.stat(self.root / rel, follow_symlinks=False)
         except OSError:
             st = None
         if st is None:
-            raise ConnectorError(f"VM {vm_id!r} is gone from the datastore {self.root}")
+            raise ConnectorError(f"VM {echo(vm_id)} is gone from the datastore {self.root}")
         record, disks = self._record(rel)
         if not disks:
-            raise ConnectorError(f"VM {vm_id!r} ({self.root}): the .vmx names no disks")
-        return DatastoreRun(self.root, vm_id, disks, record.warnings)
+            raise ConnectorError(f"VM {echo(vm_id)} ({self.root}): the .vmx names no disks")
+        return DatastoreRun(self.root, vm_id, disks, record.warnings, pinned=self.pinned)
 
 
 class _BeneathFile(LocalFile):
@@ -479,10 +555,10 @@ def _detect(fd: int) -> str:
     return "vmdk" if looks_like_descriptor(head) else "raw"
 
 
-def open_datastore_disk(root: Path, rel: str) -> Disk:
+def open_datastore_disk(root: Path, rel: str, *, pinned: bool = False) -> Disk:
     """A disk of the datastore with every file of it (descriptor, extents, parents)
     opened by :func:`open_beneath`: regular files inside ``root``, no link followed."""
-    fd = open_beneath(root, rel)
+    fd = open_beneath(root, rel, pinned=pinned)
     try:
         fmt = _detect(fd)
         if fmt == "raw":
@@ -497,7 +573,7 @@ def open_datastore_disk(root: Path, rel: str) -> Disk:
     from ..disk.vmdk import open_vmdk
 
     def opener(path: str) -> _BeneathFile:
-        return _BeneathFile(open_beneath(root, path), f"{root}/{path}")
+        return _BeneathFile(open_beneath(root, path, pinned=pinned), f"{root}/{path}")
     return open_vmdk(rel, opener=opener)
 
 
@@ -505,8 +581,9 @@ class DatastoreRun:
     """The disks of one VM of a datastore folder, open for one run."""
 
     def __init__(self, root: Path, vm_id: str, disks: list[tuple[str, str, str | None]],
-                 warnings: list[str]):
+                 warnings: list[str], *, pinned: bool = False):
         self.root = root
+        self.pinned = pinned
         self.vm_id = vm_id
         self._paths = disks
         self.warnings = list(warnings)
@@ -520,7 +597,7 @@ class DatastoreRun:
                     raise ConnectorError(f"VM {self.vm_id!r}: disk {named} is outside the "
                                          f"datastore {self.root}")
                 try:
-                    disk = open_datastore_disk(self.root, rel)
+                    disk = open_datastore_disk(self.root, rel, pinned=self.pinned)
                 except ConnectorError as e:
                     raise ConnectorError(f"VM {self.vm_id!r}: disk {named}: {e}") from None
                 self.disks.append(SourceDisk(
