@@ -9,10 +9,13 @@ A :class:`Manifest` cuts a disk into ``n_blocks`` fixed blocks of ``block_size``
 * ``addresses[i]``: the content address (32 bytes, ``address_algorithm``) under which a
   store keeps the block, for DATA blocks, zeros otherwise.
 
-The binary format is documented field by field in ``docs/formats.md``; :meth:`to_bytes`
-and :meth:`from_bytes` are its writer and reader.  The arrays load with
-``np.frombuffer`` straight from the file's sections, so loading is linear in the block
-count.
+The binary formats are documented field by field in ``docs/formats.md``.
+:meth:`to_bytes` writes version 2: runs of equal state as 24-byte records and only the
+entries (hash, address) of the blocks that have them, in zstd frames of at most 1 MiB
+decoded, so a file's size follows the data on the disk, not its size.  The lower-level
+:func:`_encode_v2` takes that sparse description directly and :func:`_runs_v2` reads it
+back run by run in memory bounded by one frame (what a streaming table will use).
+:meth:`from_bytes` reads versions 1 (per-block sections, still in older stores) and 2.
 """
 
 from __future__ import annotations
@@ -260,18 +263,19 @@ class Manifest:
             return cls._from_v1(view, where)
         head, frames = _decode_v2(view, where)
         n = head.n_blocks
-        try:
+        try:    # the in-memory table is 49 bytes a block, whatever the file's size
             states = np.zeros(n, np.uint8)
             hashes = np.zeros((n, HASH_SIZE), np.uint8)
             addresses = np.zeros((n, ADDRESS_SIZE), np.uint8)
+            for first, count, recs, h, a in frames:
+                states[first:first + count] = np.repeat(recs["state"],
+                                                        recs["count"].astype(np.intp))
+                carried = (recs["flags"] & RECORD_ARRAYS).astype(bool)
+                idx = _expand(recs["start"][carried], recs["count"][carried])
+                hashes[idx] = h
+                addresses[idx] = a
         except MemoryError:
             raise ManifestError(f"{n} blocks do not fit in memory", where, 28) from None
-        for first, count, recs, h, a in frames:
-            states[first:first + count] = np.repeat(recs["state"], recs["count"].astype(np.intp))
-            carried = (recs["flags"] & RECORD_ARRAYS).astype(bool)
-            idx = _expand(recs["start"][carried], recs["count"][carried])
-            hashes[idx] = h
-            addresses[idx] = a
         m = cls(head.disk_size, head.block_size, states=states, hashes=hashes,
                 addresses=addresses, meta=head.meta, address_algorithm=head.algorithm)
         if m.digest != head.digest:
@@ -649,7 +653,9 @@ def _encode_v2(disk_size: int, block_size: int, algorithm: str, digest: bytes, s
         states, carries = np.repeat(states, pieces), np.repeat(carries, pieces)
         starts_r, counts_r = np.repeat(starts, pieces), np.repeat(counts, pieces)
         starts = starts_r + np.uint64(most) * k.astype(np.uint64)
-        counts = np.minimum(counts_r - np.uint64(most) * k.astype(np.uint64), np.uint64(most))
+        # only carrying runs are cut: a range of any length is one record
+        counts = np.where(carries, np.minimum(counts_r - np.uint64(most) * k.astype(np.uint64),
+                                              np.uint64(most)), counts_r)
     recs = np.zeros(len(states), _RECORD)
     recs["state"], recs["flags"] = states, carries * RECORD_ARRAYS
     recs["start"], recs["count"] = starts, counts

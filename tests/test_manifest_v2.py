@@ -173,7 +173,7 @@ def test_v2_round_trip_matches_the_documented_layout(m):
 def test_many_frames_and_fragmented_tables():
     """Runs longer than a frame, more records than a frame holds, frame edges inside a
     DATA run: all round trip, no decoded frame exceeds FRAME_RAW_MAX."""
-    n = 120_000
+    n = 250_000             # ends with 130k unallocated blocks: a range longer than a cut run
     m = Manifest(n * 64 * KIB, 64 * KIB, address_algorithm="blake3")
     rng = np.random.default_rng(7)
     m.states[:50_000] = rng.integers(0, 3, 50_000, dtype=np.uint8)     # ~33k short records
@@ -190,6 +190,47 @@ def test_many_frames_and_fragmented_tables():
         stored, raw_len = FRAME.unpack_from(raw, pos)[:2]
         assert raw_len <= FRAME_RAW_MAX
         pos += 32 + stored
+
+
+def normalized(runs):
+    """Runs ``(state, start, count, entries bytes or None)`` with neighbours of the same
+    state and carrying merged: what a table says, whatever the cuts."""
+    out = []
+    for state, start, count, entries in runs:
+        if out and out[-1][0] == state and (out[-1][3] is None) == (entries is None):
+            p = out[-1]
+            out[-1] = (state, p[1], p[2] + count, None if entries is None else p[3] + entries)
+        else:
+            out.append((state, start, count, entries))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.booleans(), st.integers(1, 60_000)),
+                min_size=1, max_size=12),
+       st.lists(st.integers(1, 2**40), max_size=4), st.data())
+def test_sparse_encoder_round_trips_any_runs(runs, big, data):
+    """_encode_v2 on runs of any length (ranges up to 2**40 blocks, carrying runs longer
+    than a frame) reads back, through the streaming reader, as the same table."""
+    rng = np.random.default_rng(len(runs))
+    states, starts, counts, carries, want = [], [], [], [], []
+    at = 0
+    for i, (state, carry, count) in enumerate(runs):
+        carry = carry or state == 2
+        if not carry and big:
+            count = big.pop()
+        entries = rng.integers(0, 256, (count, 48), dtype=np.uint8) if carry else None
+        states.append(state), starts.append(at), counts.append(count), carries.append(carry)
+        want.append((state, at, count, None if entries is None else entries.tobytes()))
+        at += count
+    e = [w[3] for w in want if w[3] is not None]
+    entries = np.frombuffer(b"".join(e), np.uint8).reshape(-1, 48)
+    bs = data.draw(block_sizes := st.sampled_from([64 * KIB, 4 * MIB]))
+    raw = _encode_v2(at * bs, bs, "sha256", bytes(32), states, starts, counts, carries,
+                     entries[:, :16], entries[:, 16:], b"{}")
+    got = [(s_, a, c, None if h is None else np.concatenate([h, ad], axis=1).tobytes())
+           for s_, a, c, h, ad in _runs_v2(memoryview(raw), "r")]
+    assert normalized(got) == normalized(want)
 
 
 # -- size ----------------------------------------------------------------------------
