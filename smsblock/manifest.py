@@ -627,7 +627,8 @@ def _encode_v2(disk_size: int, block_size: int, algorithm: str, digest: bytes, s
     blocks in ``states[i]`` from block ``starts[i]``, in block order and covering every
     block; ``carries[i]`` true when the run's blocks have hashes and addresses (always for
     DATA), whose entries ``hashes`` (m, 16) and ``addresses`` (m, 32) hold in block order.
-    Memory beyond the output is one frame; ``digest`` is written as given."""
+    Memory beyond the input and output: a 24-byte record per run and one frame;
+    ``digest`` is written as given (the caller's, over every block: docs/formats.md)."""
     n = blocks_for(disk_size, block_size)
     states = np.asarray(states, np.uint8)
     starts = np.asarray(starts, np.uint64)

@@ -225,7 +225,7 @@ def test_sparse_encoder_round_trips_any_runs(runs, big, data):
         at += count
     e = [w[3] for w in want if w[3] is not None]
     entries = np.frombuffer(b"".join(e), np.uint8).reshape(-1, 48)
-    bs = data.draw(block_sizes := st.sampled_from([64 * KIB, 4 * MIB]))
+    bs = data.draw(st.sampled_from([64 * KIB, 4 * MIB]))
     raw = _encode_v2(at * bs, bs, "sha256", bytes(32), states, starts, counts, carries,
                      entries[:, :16], entries[:, 16:], b"{}")
     got = [(s_, a, c, None if h is None else np.concatenate([h, ad], axis=1).tobytes())
