@@ -9,10 +9,13 @@ A :class:`Manifest` cuts a disk into ``n_blocks`` fixed blocks of ``block_size``
 * ``addresses[i]``: the content address (32 bytes, ``address_algorithm``) under which a
   store keeps the block, for DATA blocks, zeros otherwise.
 
-The binary format is documented field by field in ``docs/formats.md``; :meth:`to_bytes`
-and :meth:`from_bytes` are its writer and reader.  The arrays load with
-``np.frombuffer`` straight from the file's sections, so loading is linear in the block
-count.
+The binary formats are documented field by field in ``docs/formats.md``.
+:meth:`to_bytes` writes version 2: runs of equal state as 24-byte records and only the
+entries (hash, address) of the blocks that have them, in zstd frames of at most 1 MiB
+decoded, so a file's size follows the data on the disk, not its size.  The lower-level
+:func:`_encode_v2` takes that sparse description directly and :func:`_runs_v2` reads it
+back run by run in memory bounded by one frame (what a streaming table will use).
+:meth:`from_bytes` reads versions 1 (per-block sections, still in older stores) and 2.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import struct
 import secrets
 
 import numpy as np
+import zstandard
 
 from .errors import ManifestError, UsageError
 from .fsutil import create_file, fsync_dir
@@ -40,17 +44,46 @@ HASH_SIZE = 16                         # xxh3-128
 ADDRESS_SIZE = 32                      # SHA-256 or BLAKE3-256
 
 MAGIC = b"SMSBMANI"
-VERSION = 1
+VERSION = 2                            # what to_bytes()/save() write; 1 still loads
 TRAILER_MAGIC = b"SMSBEND\0"
 DIGEST_DOMAIN = b"smsblock manifest digest v1\0"
 
-# Header, little-endian: magic, version, header size, disk size, block size, block count,
-# address algorithm (NUL-padded ASCII), meta length, flags, digest, reserved (zeros).
+# Version 1 header, little-endian: magic, version, header size, disk size, block size,
+# block count, address algorithm (NUL-padded ASCII), meta length, flags, digest, reserved.
 _HEADER = struct.Struct("<8sIIQIQ16sQI32s32s")
 HEADER_SIZE = _HEADER.size             # 128
 _TRAILER = struct.Struct("<8s32s")      # trailer magic, SHA-256 of all bytes before it
 TRAILER_SIZE = _TRAILER.size           # 40
 MAX_META_SIZE = 16 * 1024 * 1024
+
+# Version 2 (docs/formats.md): header | frames | meta | footer | trailer.  Everything the
+# writer learns only at the end (digest, frame count, lengths) is in the footer, so a
+# writer can stream the file in one pass and a reader can size it from its two ends.
+# Header: magic, version, header size, disk size, block size, block count, algorithm,
+# flags, reserved.  Fields up to the algorithm sit where version 1 has them.
+_HEADER_V2 = struct.Struct("<8sIIQIQ16sI8s")
+HEADER_V2_SIZE = _HEADER_V2.size       # 64
+FOOTER_MAGIC = b"SMSBMFTR"
+_FOOTER = struct.Struct("<8sQQQ32s")   # magic, frame count, body length, meta length, digest
+FOOTER_SIZE = _FOOTER.size             # 64
+_TAIL_SIZE = FOOTER_SIZE + TRAILER_SIZE
+# Frame header: stored length, raw length, encoding, reserved, record count, first block,
+# block count.  A frame's raw content is its records' headers, then the hashes of the
+# blocks of its records that carry arrays, then their addresses (columns compress and
+# load as whole arrays).
+_FRAME = struct.Struct("<IIB3sIQQ")
+FRAME_HEADER_SIZE = _FRAME.size        # 32
+FRAME_RAW_MAX = 1 << 20                # decoded bytes per frame: the reader's memory bound
+FRAME_STORED, FRAME_ZSTD = 0, 1
+ZSTD_LEVEL = 3
+ZSTD_MAX_WINDOW = 1 << 23              # refuse frames that ask a decoder for more
+# Record: state, flags, reserved, first block, block count.
+_RECORD = np.dtype([("state", "u1"), ("flags", "u1"), ("reserved", "u1", 6),
+                    ("start", "<u8"), ("count", "<u8")])
+RECORD_HEADER_SIZE = _RECORD.itemsize  # 24
+RECORD_ARRAYS = 1                      # flag: the record's blocks have hashes and addresses
+ENTRY_SIZE = HASH_SIZE + ADDRESS_SIZE  # 48
+MAX_BLOCKS = 1 << 40                   # 64 PiB at 64 KiB blocks
 
 
 class BlockState(enum.IntEnum):
@@ -171,15 +204,17 @@ class Manifest:
 
     # -- binary format ----------------------------------------------------
     def to_bytes(self) -> bytes:
-        """Serialise to the binary format of docs/formats.md."""
-        bad = ~np.isin(self.states, (BlockState.UNALLOCATED, BlockState.ZERO, BlockState.DATA))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise UsageError(f"block {i} has invalid state {int(self.states[i])}")
-        meta = json.dumps(self.meta, sort_keys=True, separators=(",", ":")).encode()
-        if len(meta) > MAX_META_SIZE:
-            raise UsageError(f"manifest meta is {len(meta)} bytes, more than {MAX_META_SIZE}")
-        header = _HEADER.pack(MAGIC, VERSION, HEADER_SIZE, self.disk_size, self.block_size,
+        """Serialise to the current binary format (version 2, docs/formats.md)."""
+        self._check_states()
+        return _encode_v2(self.disk_size, self.block_size, self.address_algorithm,
+                          self.digest, *self._runs(), _meta_bytes(self.meta))
+
+    def _to_bytes_v1(self) -> bytes:
+        """Serialise to format version 1 (per-block sections).  Kept so tests can write
+        the files older releases wrote; nothing in the library writes it."""
+        self._check_states()
+        meta = _meta_bytes(self.meta)
+        header = _HEADER.pack(MAGIC, 1, HEADER_SIZE, self.disk_size, self.block_size,
                               self.n_blocks, self.address_algorithm.encode("ascii"),
                               len(meta), 0, self.digest, bytes(32))
         parts = [header, self.states.tobytes(), self.hashes.tobytes(),
@@ -190,14 +225,66 @@ class Manifest:
         parts.append(_TRAILER.pack(TRAILER_MAGIC, h.digest()))
         return b"".join(parts)
 
+    def _check_states(self) -> None:
+        bad = ~np.isin(self.states, (BlockState.UNALLOCATED, BlockState.ZERO, BlockState.DATA))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise UsageError(f"block {i} has invalid state {int(self.states[i])}")
+
+    def _runs(self):
+        """The table as v2 runs, in block order: ``(states, starts, counts, carries,
+        hashes, addresses)``, the first four one entry per run, ``carries`` true for DATA
+        runs and for the (unusual) non-DATA blocks whose hash or address is not all zeros;
+        ``hashes`` and ``addresses`` hold the entries of the carrying runs' blocks."""
+        n = self.n_blocks
+        step = 1 << 20          # blocks per chunk: bounded temporary memory
+        keys = np.empty(n, np.uint8)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            carries = ((self.states[s:e] == BlockState.DATA) | self.hashes[s:e].any(axis=1)
+                       | self.addresses[s:e].any(axis=1))
+            keys[s:e] = self.states[s:e] * 2 + carries
+        starts = np.flatnonzero(np.diff(keys)).astype(np.uint64) + 1
+        starts = np.concatenate([np.zeros(min(n, 1), np.uint64), starts])
+        counts = np.diff(np.append(starts, np.uint64(n)))
+        run_keys = keys[starts.astype(np.intp)]
+        carried = (run_keys & 1).astype(bool)
+        idx = _expand(starts[carried], counts[carried])
+        return (run_keys >> 1, starts, counts, carried, self.hashes[idx], self.addresses[idx])
+
     @classmethod
     def from_bytes(cls, data, path: str | os.PathLike | None = None) -> "Manifest":
-        """Parse the binary format; raise ManifestError (naming ``path`` and the offset)
-        on any truncation, bad field or checksum mismatch.  Arrays view ``data``
-        (writable only when ``data`` is)."""
+        """Parse a version 1 or 2 file; raise ManifestError (naming ``path`` and the
+        offset) on any truncation, bad field or checksum mismatch.  Version 1 arrays view
+        ``data`` (writable only when ``data`` is); version 2 arrays are new."""
         view = memoryview(data).cast("B")
-        size = len(view)
         where = path if path is not None else "<manifest>"
+        if _peek_version(view, len(view), where) == 1:
+            return cls._from_v1(view, where)
+        head, frames = _decode_v2(view, where)
+        n = head.n_blocks
+        try:    # the in-memory table is 49 bytes a block, whatever the file's size
+            states = np.zeros(n, np.uint8)
+            hashes = np.zeros((n, HASH_SIZE), np.uint8)
+            addresses = np.zeros((n, ADDRESS_SIZE), np.uint8)
+            for first, count, recs, h, a in frames:
+                states[first:first + count] = np.repeat(recs["state"],
+                                                        recs["count"].astype(np.intp))
+                carried = (recs["flags"] & RECORD_ARRAYS).astype(bool)
+                idx = _expand(recs["start"][carried], recs["count"][carried])
+                hashes[idx] = h
+                addresses[idx] = a
+        except MemoryError:
+            raise ManifestError(f"{n} blocks do not fit in memory", where, 28) from None
+        m = cls(head.disk_size, head.block_size, states=states, hashes=hashes,
+                addresses=addresses, meta=head.meta, address_algorithm=head.algorithm)
+        if m.digest != head.digest:
+            raise ManifestError("digest does not match the blocks", where, head.digest_offset)
+        return m
+
+    @classmethod
+    def _from_v1(cls, view, where) -> "Manifest":
+        size = len(view)
 
         def fail(message: str, offset: int):
             raise ManifestError(message, where, offset)
@@ -223,12 +310,7 @@ class Manifest:
         if len(bad):
             fail(f"block {int(bad[0])} has invalid state {int(states[bad[0]])}",
                  HEADER_SIZE + int(bad[0]))
-        try:
-            meta = json.loads(bytes(view[pos:pos + meta_len]).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            fail(f"meta is not valid JSON: {e}", pos)
-        if not isinstance(meta, dict):
-            fail("meta is not a JSON object", pos)
+        meta = _parse_meta(view[pos:pos + meta_len], where, pos)
         m = cls(disk_size, block_size, states=states, hashes=hashes, addresses=addresses,
                 meta=meta, address_algorithm=algo_name)
         if m.digest != digest:
@@ -264,8 +346,14 @@ class Manifest:
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                # the header says how big the file must be: never read a wrong file whole
-                _check_header(f.read(HEADER_SIZE), size, path)
+                # the header (v2: and footer) says how big the file must be: never read
+                # a wrong file whole
+                head = f.read(HEADER_SIZE)
+                if _peek_version(head, size, path) == 1:
+                    _check_header(head, size, path)
+                else:
+                    f.seek(max(0, size - _TAIL_SIZE))
+                    _check_v2_sizes(head, f.read(_TAIL_SIZE), size, path)
                 f.seek(0)
                 buf = bytearray(size)
                 got = f.readinto(buf)
@@ -276,10 +364,25 @@ class Manifest:
         return cls.from_bytes(buf, path)
 
 
+def _peek_version(head, size: int, where) -> int:
+    """The format version of a file of ``size`` bytes starting with ``head`` (1 or 2)."""
+    if size < 12 or len(head) < 12:
+        raise ManifestError(f"truncated: {size} bytes, a header needs {HEADER_V2_SIZE}",
+                            where, min(size, len(head)))
+    magic, version = struct.unpack_from("<8sI", head, 0)
+    if magic != MAGIC:
+        raise ManifestError(f"bad magic {magic!r}, expected {MAGIC!r}: not a smsblock manifest",
+                            where, 0)
+    if version not in (1, 2):
+        raise ManifestError(f"unsupported manifest version {version} (this reader knows 1 "
+                            f"and 2)", where, 8)
+    return version
+
+
 def _check_header(head, size: int, where) -> tuple:
-    """Check the header in ``head`` (at least its first bytes) against a file of ``size``
-    bytes; return ``(disk_size, block_size, n_blocks, algorithm, meta_length, digest,
-    expected_size)`` or raise ManifestError naming ``where`` and the field's offset."""
+    """Check the version 1 header in ``head`` (at least its first bytes) against a file of
+    ``size`` bytes; return ``(disk_size, block_size, n_blocks, algorithm, meta_length,
+    digest, expected_size)`` or raise ManifestError naming ``where`` and the field's offset."""
 
     def fail(message: str, offset: int):
         raise ManifestError(message, where, offset)
@@ -288,26 +391,13 @@ def _check_header(head, size: int, where) -> tuple:
         fail(f"truncated: {size} bytes, a header needs {HEADER_SIZE}", min(size, len(head)))
     (magic, version, header_size, disk_size, block_size, n_blocks, algo, meta_len,
      flags, digest, _reserved) = _HEADER.unpack_from(head, 0)
-    if magic != MAGIC:
-        fail(f"bad magic {magic!r}, expected {MAGIC!r}: not a smsblock manifest", 0)
-    if version != VERSION:
-        fail(f"unsupported manifest version {version} (this reader knows {VERSION})", 8)
+    if version != 1:
+        fail(f"version {version} is not 1", 8)
     if header_size != HEADER_SIZE:
         fail(f"header size {header_size}, expected {HEADER_SIZE}", 12)
-    if (block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE
-            or block_size & (block_size - 1)):
-        fail(f"block size {block_size} is not a power of two from 64 KiB to 4 MiB", 24)
-    if n_blocks != blocks_for(disk_size, block_size):
-        fail(f"block count {n_blocks} does not cover disk size {disk_size} "
-             f"in blocks of {block_size}", 28)
+    algo_name = _check_shape(disk_size, block_size, n_blocks, algo, fail)
     if flags != 0:
         fail(f"unknown flags {flags:#x}", 60)
-    try:
-        algo_name = algo.rstrip(b"\0").decode("ascii")
-    except UnicodeDecodeError:
-        algo_name = ""
-    if not algo_name or "\0" in algo_name or not algo_name.isprintable():
-        fail(f"bad address algorithm name {algo!r}", 36)
     if meta_len > MAX_META_SIZE:
         fail(f"meta length {meta_len} exceeds {MAX_META_SIZE}", 52)
     expected = HEADER_SIZE + n_blocks * (1 + HASH_SIZE + ADDRESS_SIZE) + meta_len + TRAILER_SIZE
@@ -316,6 +406,308 @@ def _check_header(head, size: int, where) -> tuple:
     if size > expected:
         fail(f"{size - expected} unexpected bytes after the trailer", expected)
     return disk_size, block_size, n_blocks, algo_name, meta_len, digest, expected
+
+
+def _check_shape(disk_size, block_size, n_blocks, algo, fail) -> str:
+    """Checks common to both versions' headers (same offsets); returns the algorithm name."""
+    if (block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE
+            or block_size & (block_size - 1)):
+        fail(f"block size {block_size} is not a power of two from 64 KiB to 4 MiB", 24)
+    if n_blocks != blocks_for(disk_size, block_size):
+        fail(f"block count {n_blocks} does not cover disk size {disk_size} "
+             f"in blocks of {block_size}", 28)
+    try:
+        algo_name = algo.rstrip(b"\0").decode("ascii")
+    except UnicodeDecodeError:
+        algo_name = ""
+    if not algo_name or "\0" in algo_name or not algo_name.isprintable():
+        fail(f"bad address algorithm name {algo!r}", 36)
+    return algo_name
+
+
+class _HeadV2:
+    """The fixed fields of a version 2 file (header and footer), checked."""
+
+    __slots__ = ("disk_size", "block_size", "n_blocks", "algorithm", "frame_count",
+                 "body_length", "meta_length", "digest", "digest_offset", "meta")
+
+
+def _check_v2_sizes(head, tail, size: int, where) -> _HeadV2:
+    """Check a version 2 header (``head``, the file's first bytes) and footer (``tail``,
+    its last ``_TAIL_SIZE`` bytes) against a file of ``size`` bytes, before anything is
+    read whole or allocated: every count is bounded here."""
+
+    def fail(message: str, offset: int):
+        raise ManifestError(message, where, offset)
+
+    least = HEADER_V2_SIZE + _TAIL_SIZE
+    if size < least or len(head) < HEADER_V2_SIZE or len(tail) < _TAIL_SIZE:
+        fail(f"truncated: {size} bytes, a version 2 manifest needs at least {least}",
+             min(size, len(head)))
+    (_magic, _version, header_size, disk_size, block_size, n_blocks, algo, flags,
+     reserved) = _HEADER_V2.unpack_from(head, 0)
+    if header_size != HEADER_V2_SIZE:
+        fail(f"header size {header_size}, expected {HEADER_V2_SIZE}", 12)
+    algo_name = _check_shape(disk_size, block_size, n_blocks, algo, fail)
+    if n_blocks > MAX_BLOCKS:
+        fail(f"block count {n_blocks} exceeds {MAX_BLOCKS}", 28)
+    if flags != 0:
+        fail(f"unknown flags {flags:#x}", 52)
+    if reserved != bytes(8):
+        fail("reserved header bytes are not zero", 56)
+    at = size - _TAIL_SIZE
+    fmagic, frame_count, body_length, meta_length, digest = \
+        _FOOTER.unpack_from(tail, len(tail) - _TAIL_SIZE)
+    if fmagic != FOOTER_MAGIC:
+        fail(f"bad footer magic {fmagic!r}: the file is truncated, extended or corrupt", at)
+    if frame_count > n_blocks:                    # every frame covers at least one block
+        fail(f"frame count {frame_count} exceeds the block count {n_blocks}", at + 8)
+    # a record header per block and its hash and address bound a frame's bytes
+    most = frame_count * FRAME_HEADER_SIZE + n_blocks * (RECORD_HEADER_SIZE + ENTRY_SIZE)
+    if body_length > most or body_length < frame_count * FRAME_HEADER_SIZE:
+        fail(f"frames length {body_length} is impossible for {frame_count} frames of "
+             f"{n_blocks} blocks", at + 16)
+    if meta_length > MAX_META_SIZE:
+        fail(f"meta length {meta_length} exceeds {MAX_META_SIZE}", at + 24)
+    expected = HEADER_V2_SIZE + body_length + meta_length + _TAIL_SIZE
+    if size != expected:
+        fail(f"file is {size} bytes, its header and footer say {expected}: truncated or "
+             f"extended", min(size, expected))
+    h = _HeadV2()
+    h.disk_size, h.block_size, h.n_blocks, h.algorithm = disk_size, block_size, n_blocks, algo_name
+    h.frame_count, h.body_length, h.meta_length = frame_count, body_length, meta_length
+    h.digest, h.digest_offset, h.meta = digest, at + 32, None
+    return h
+
+
+def _decode_v2(view, where):
+    """Check a whole version 2 file in ``view`` (sizes, trailer checksum, meta) and return
+    ``(head, frames)``: ``frames`` yields, in block order, one decoded frame at a time (at
+    most FRAME_RAW_MAX bytes) as ``(first_block, block_count, records, hashes,
+    addresses)``: its checked records (a structured array of ``_RECORD``) and the
+    hashes (m, 16) and addresses (m, 32) of the blocks of its records that carry them."""
+    size = len(view)
+    head = _check_v2_sizes(view[:HEADER_V2_SIZE], view[max(0, size - _TAIL_SIZE):], size, where)
+    end = size - TRAILER_SIZE
+    tmagic, checksum = _TRAILER.unpack_from(view, end)
+    if tmagic != TRAILER_MAGIC:
+        raise ManifestError(f"bad trailer magic {tmagic!r}", where, end)
+    if hashlib.sha256(view[:end]).digest() != checksum:
+        raise ManifestError("checksum mismatch: the manifest is corrupt", where, end + 8)
+    meta_at = HEADER_V2_SIZE + head.body_length
+    head.meta = _parse_meta(view[meta_at:meta_at + head.meta_length], where, meta_at)
+    return head, _frames_v2(view, head, where)
+
+
+def _runs_v2(view, where):
+    """A checked version 2 file as runs ``(state, start, count, hashes, addresses)`` in
+    block order (hashes and addresses None when the run carries none): what a streaming
+    reader does, in memory bounded by one frame whatever the disk size."""
+    _head, frames = _decode_v2(view, where)
+    for _first, _count, recs, hashes, addresses in frames:
+        at = 0
+        for state, flags, _r, start, count in recs.tolist():
+            if flags & RECORD_ARRAYS:
+                yield state, start, count, hashes[at:at + count], addresses[at:at + count]
+                at += count
+            else:
+                yield state, start, count, None, None
+
+
+def _frames_v2(view, head: _HeadV2, where):
+    def fail(message: str, offset: int):
+        raise ManifestError(message, where, offset)
+
+    n = head.n_blocks
+    pos, end = HEADER_V2_SIZE, HEADER_V2_SIZE + head.body_length
+    block = 0
+    dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+    for _ in range(head.frame_count):
+        if end - pos < FRAME_HEADER_SIZE:
+            fail(f"frame header truncated: {end - pos} bytes left of the frames", pos)
+        stored, raw_len, encoding, reserved, n_records, first, count = \
+            _FRAME.unpack_from(view, pos)
+        if reserved != bytes(3):
+            fail("reserved frame header bytes are not zero", pos + 9)
+        if first != block:
+            fail(f"frame starts at block {first}, expected {block}", pos + 16)
+        if count < 1 or count > n - first:
+            fail(f"frame block count {count} is outside 1..{n - first}", pos + 24)
+        if raw_len > FRAME_RAW_MAX:
+            fail(f"frame raw length {raw_len} exceeds {FRAME_RAW_MAX}", pos + 4)
+        if n_records < 1 or n_records > raw_len // RECORD_HEADER_SIZE:
+            fail(f"record count {n_records} is impossible in {raw_len} bytes", pos + 12)
+        if stored > end - pos - FRAME_HEADER_SIZE:
+            fail(f"frame length {stored} runs past the frames", pos)
+        payload = view[pos + FRAME_HEADER_SIZE:pos + FRAME_HEADER_SIZE + stored]
+        if encoding == FRAME_STORED:
+            if stored != raw_len:
+                fail(f"stored frame length {stored} is not its raw length {raw_len}", pos)
+            raw = payload
+        elif encoding == FRAME_ZSTD:
+            raw = _unzstd(dctx, payload, raw_len, where, pos)
+        else:
+            fail(f"unknown frame encoding {encoding}", pos + 8)
+        yield (first, count, *_records(raw, n_records, first, count, where, pos))
+        block = first + count
+        pos += FRAME_HEADER_SIZE + stored
+    if pos != end:
+        fail(f"{end - pos} bytes after the last frame", pos)
+    if block != n:
+        fail(f"the frames cover {block} of {n} blocks", pos)
+
+
+def _unzstd(dctx, payload, raw_len: int, where, pos: int) -> bytes:
+    """One zstd frame that decodes to exactly ``raw_len`` bytes and fills ``payload``."""
+    try:
+        declared = zstandard.get_frame_parameters(payload).content_size
+        if declared != raw_len:        # the decoder allocates what the frame declares
+            raise ManifestError(f"zstd frame declares {declared} bytes, the frame header "
+                                f"{raw_len}", where, pos)
+        obj = dctx.decompressobj()
+        raw = obj.decompress(payload)
+        ok = obj.eof and not obj.unused_data and len(raw) == raw_len
+    except zstandard.ZstdError as e:
+        raise ManifestError(f"frame does not decompress: {e}", where, pos) from None
+    if not ok:
+        raise ManifestError("frame is not exactly one zstd frame of its raw length", where, pos)
+    return raw
+
+
+def _records(raw, k: int, first: int, count: int, where, pos: int):
+    """Check the ``k`` records of one decoded frame (``pos``: the frame's offset, for
+    errors) covering blocks ``first`` .. ``first + count``; return ``(records, hashes,
+    addresses)``."""
+
+    def fail(message: str, i: int):
+        raise ManifestError(f"record {i} of the frame: {message}", where, pos)
+
+    def first_bad(mask) -> int:
+        return int(np.flatnonzero(mask)[0])
+
+    recs = np.frombuffer(raw, _RECORD, k)
+    states, flags, counts = recs["state"], recs["flags"], recs["count"]
+    if (bad := states > BlockState.DATA).any():
+        fail(f"invalid state {states[first_bad(bad)]}", first_bad(bad))
+    if (bad := (flags & np.uint8(0xFF ^ RECORD_ARRAYS)) != 0).any() or (bad := recs["reserved"].any(axis=1)).any():
+        fail("unknown flags or reserved bytes not zero", first_bad(bad))
+    if (bad := (states == BlockState.DATA) & ~(flags & RECORD_ARRAYS).astype(bool)).any():
+        fail("DATA record without hashes and addresses", first_bad(bad))
+    if (bad := (counts < 1) | (counts > count)).any():
+        fail(f"block count {counts[first_bad(bad)]} is outside 1..{count}", first_bad(bad))
+    ends = np.cumsum(counts, dtype=np.uint64) + np.uint64(first)     # < 2**57: no overflow
+    if (bad := recs["start"] != ends - counts).any():
+        i = first_bad(bad)
+        fail(f"starts at block {recs['start'][i]}, expected {int(ends[i] - counts[i])}", i)
+    if int(ends[-1]) != first + count:
+        fail(f"the records cover {int(ends[-1]) - first} of the frame's {count} blocks", k - 1)
+    m = int(counts[(flags & RECORD_ARRAYS).astype(bool)].sum(dtype=np.uint64))
+    if k * RECORD_HEADER_SIZE + m * ENTRY_SIZE != len(raw):
+        fail(f"{k} records carrying {m} entries do not fill the frame's {len(raw)} bytes", k - 1)
+    at = k * RECORD_HEADER_SIZE
+    hashes = np.frombuffer(raw, np.uint8, m * HASH_SIZE, at).reshape(m, HASH_SIZE)
+    addresses = np.frombuffer(raw, np.uint8, m * ADDRESS_SIZE, at + m * HASH_SIZE).reshape(
+        m, ADDRESS_SIZE)
+    return recs, hashes, addresses
+
+
+def _expand(starts, counts) -> np.ndarray:
+    """The block indices of runs ``(starts[i], counts[i])``, concatenated (intp)."""
+    counts = np.asarray(counts, np.intp)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, np.intp)
+    base = np.asarray(starts, np.intp) - (np.cumsum(counts) - counts)
+    return np.repeat(base, counts) + np.arange(total, dtype=np.intp)
+
+
+def _encode_v2(disk_size: int, block_size: int, algorithm: str, digest: bytes, states,
+               starts, counts, carries, hashes, addresses, meta: bytes) -> bytes:
+    """Version 2 bytes from a sparse description of the table: runs ``i`` of ``counts[i]``
+    blocks in ``states[i]`` from block ``starts[i]``, in block order and covering every
+    block; ``carries[i]`` true when the run's blocks have hashes and addresses (always for
+    DATA), whose entries ``hashes`` (m, 16) and ``addresses`` (m, 32) hold in block order.
+    Memory beyond the input and output: a 24-byte record per run and one frame;
+    ``digest`` is written as given (the caller's, over every block: docs/formats.md)."""
+    n = blocks_for(disk_size, block_size)
+    states = np.asarray(states, np.uint8)
+    starts = np.asarray(starts, np.uint64)
+    counts = np.asarray(counts, np.uint64)
+    carries = np.asarray(carries, bool)
+    hashes = np.ascontiguousarray(hashes, np.uint8).reshape(-1, HASH_SIZE)
+    addresses = np.ascontiguousarray(addresses, np.uint8).reshape(-1, ADDRESS_SIZE)
+    if not (len(states) == len(starts) == len(counts) == len(carries)):
+        raise UsageError("runs: states, starts, counts and carries differ in length")
+    ends = np.cumsum(counts, dtype=np.uint64)
+    if ((counts < 1).any() or (states > BlockState.DATA).any()
+            or (starts != ends - counts).any() or int(ends[-1] if len(ends) else 0) != n
+            or (~carries & (states == BlockState.DATA)).any()):
+        raise UsageError(f"runs do not cover the {n} blocks in order with valid states")
+    if len(hashes) != len(addresses) or len(hashes) != int(counts[carries].sum()):
+        raise UsageError("hashes and addresses do not match the carrying runs' blocks")
+    # cut carrying runs so that each fits in one frame
+    most = (FRAME_RAW_MAX - RECORD_HEADER_SIZE) // ENTRY_SIZE
+    pieces = np.where(carries, (counts + np.uint64(most - 1)) // np.uint64(most), 1).astype(np.intp)
+    if (pieces > 1).any():
+        first_piece = np.cumsum(pieces) - pieces
+        k = np.arange(int(pieces.sum())) - np.repeat(first_piece, pieces)   # piece number
+        states, carries = np.repeat(states, pieces), np.repeat(carries, pieces)
+        starts_r, counts_r = np.repeat(starts, pieces), np.repeat(counts, pieces)
+        starts = starts_r + np.uint64(most) * k.astype(np.uint64)
+        # only carrying runs are cut: a range of any length is one record
+        counts = np.where(carries, np.minimum(counts_r - np.uint64(most) * k.astype(np.uint64),
+                                              np.uint64(most)), counts_r)
+    recs = np.zeros(len(states), _RECORD)
+    recs["state"], recs["flags"] = states, carries * RECORD_ARRAYS
+    recs["start"], recs["count"] = starts, counts
+    sizes = RECORD_HEADER_SIZE + ENTRY_SIZE * np.where(carries, counts, 0).astype(np.int64)
+    cum = np.cumsum(sizes)
+    entries = np.cumsum(np.where(carries, counts, 0).astype(np.int64))   # entries up to run i
+
+    out = [_HEADER_V2.pack(MAGIC, 2, HEADER_V2_SIZE, disk_size, block_size, n,
+                           algorithm.encode("ascii"), 0, bytes(8))]
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+    i, base, frames = 0, 0, 0
+    while i < len(recs):
+        j = int(np.searchsorted(cum, base + FRAME_RAW_MAX, side="right"))   # > i: all fit
+        e0 = int(entries[i - 1]) if i else 0
+        e1 = int(entries[j - 1])
+        raw = b"".join([recs[i:j].tobytes(), hashes[e0:e1].tobytes(), addresses[e0:e1].tobytes()])
+        packed = cctx.compress(raw)
+        # compress only where that helps (hashes and addresses are random bytes)
+        encoding, body = (FRAME_ZSTD, packed) if len(packed) < len(raw) else (FRAME_STORED, raw)
+        first = int(starts[i])
+        out.append(_FRAME.pack(len(body), len(raw), encoding, bytes(3), j - i, first,
+                               int(starts[j - 1] + counts[j - 1]) - first))
+        out.append(body)
+        frames += 1
+        base = int(cum[j - 1])
+        i = j
+    body_length = sum(len(p) for p in out) - HEADER_V2_SIZE
+    out.append(meta)
+    out.append(_FOOTER.pack(FOOTER_MAGIC, frames, body_length, len(meta), digest))
+    h = hashlib.sha256()
+    for p in out:
+        h.update(p)
+    out.append(_TRAILER.pack(TRAILER_MAGIC, h.digest()))
+    return b"".join(out)
+
+
+def _meta_bytes(meta: dict) -> bytes:
+    raw = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    if len(raw) > MAX_META_SIZE:
+        raise UsageError(f"manifest meta is {len(raw)} bytes, more than {MAX_META_SIZE}")
+    return raw
+
+
+def _parse_meta(raw, where, offset: int) -> dict:
+    try:
+        meta = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ManifestError(f"meta is not valid JSON: {e}", where, offset) from None
+    if not isinstance(meta, dict):
+        raise ManifestError("meta is not a JSON object", where, offset)
+    return meta
 
 
 def _array(value, shape: tuple, name: str) -> np.ndarray:

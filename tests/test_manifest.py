@@ -1,4 +1,6 @@
-"""Manifests: binary round trip, self-checking against corruption and truncation, digest, diff."""
+"""Manifests: binary round trip (format versions 1 and 2), self-checking against corruption
+and truncation, digest, diff.  Format 2's own shapes (sizes, frames, records, fuzzing under
+a memory limit) are in tests/test_manifest_v2.py."""
 
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ from hypothesis import given, strategies as st
 from smsblock.cli import main
 from smsblock.errors import ManifestError, UsageError
 from smsblock.manifest import (HEADER_SIZE, BlockState, Manifest, check_block_size, diff)
+
+#: the two writers: the current one (version 2) and version 1's, kept for old files
+WRITERS = {"v2": Manifest.to_bytes, "v1": Manifest._to_bytes_v1}
+writers = pytest.mark.parametrize("write", WRITERS.values(), ids=WRITERS.keys())
 
 KIB = 1024
 block_sizes = st.sampled_from([64 * KIB, 128 * KIB, 512 * KIB, 4096 * KIB])
@@ -63,8 +69,11 @@ def reference_diff(old: Manifest, new: Manifest) -> list[int]:
 @given(manifests())
 def test_round_trip(m):
     data = m.to_bytes()
+    assert data[8:12] == struct.pack("<I", 2)
     back = Manifest.from_bytes(data)
     assert back == m
+    old = Manifest.from_bytes(m._to_bytes_v1())       # version 1 files still load
+    assert old == m and old.digest == back.digest
     assert back.digest == m.digest == reference_digest(m)
     assert back.n_blocks == m.n_blocks == -(-m.disk_size // m.block_size)
     assert back.states.dtype == np.uint8 and back.hashes.shape == (m.n_blocks, 16)
@@ -77,6 +86,7 @@ def test_save_load_is_atomic_and_writable(tmp_path):
     m.hashes[0] = 1
     path = tmp_path / "run.manifest"
     m.save(path)
+    assert path.read_bytes() == m.to_bytes()            # save writes version 2
     m.meta["run_id"] = "r2"
     m.save(path)        # replaces
     assert sorted(os.listdir(tmp_path)) == ["run.manifest"]      # no temp file left
@@ -94,9 +104,10 @@ def test_copy_is_deep():
     assert m.states[0] == 0 and m.meta == {"a": [1]}
 
 
-@given(manifests(), st.data())
-def test_any_flipped_byte_is_detected(m, data):
-    raw = bytearray(m.to_bytes())
+@writers
+@given(m=manifests(), data=st.data())
+def test_any_flipped_byte_is_detected(write, m, data):
+    raw = bytearray(write(m))
     pos = data.draw(st.integers(0, len(raw) - 1))
     raw[pos] ^= data.draw(st.integers(1, 255))
     with pytest.raises(ManifestError) as e:
@@ -105,13 +116,14 @@ def test_any_flipped_byte_is_detected(m, data):
     assert e.value.offset is not None
 
 
-@given(manifests(), st.data())
-def test_any_truncation_or_extension_is_detected(m, data):
-    raw = m.to_bytes()
+@writers
+@given(m=manifests(), data=st.data())
+def test_any_truncation_or_extension_is_detected(write, m, data):
+    raw = write(m)
     cut = data.draw(st.integers(0, len(raw) - 1))
     with pytest.raises(ManifestError, match=r"m\.manifest, offset \d+"):
         Manifest.from_bytes(raw[:cut], "m.manifest")
-    with pytest.raises(ManifestError, match="unexpected bytes"):
+    with pytest.raises(ManifestError, match="unexpected bytes|truncated, extended"):
         Manifest.from_bytes(raw + b"\0", "m.manifest")
 
 
@@ -125,17 +137,18 @@ def _resealed(raw: bytes, offset: int, value: bytes) -> bytes:
 
 @pytest.mark.parametrize("offset, value, message", [
     (0, b"NOTMANIF", "bad magic"),
-    (8, struct.pack("<I", 2), "unsupported manifest version 2"),
+    (8, struct.pack("<I", 3), "unsupported manifest version 3"),
+    (8, struct.pack("<I", 0), "unsupported manifest version 0"),
     (24, struct.pack("<I", 3 * 64 * KIB), "not a power of two"),
     (28, struct.pack("<Q", 99), "block count 99"),
     (60, struct.pack("<I", 1), "unknown flags"),
     (64, bytes(32), "digest does not match"),
     (HEADER_SIZE + 1, b"\x07", "invalid state 7"),
 ])
-def test_bad_fields_name_their_offset(tmp_path, offset, value, message):
+def test_bad_v1_fields_name_their_offset(tmp_path, offset, value, message):
     m = Manifest(4 * 64 * KIB, 64 * KIB)
     m.states[:] = [2, 2, 1, 0]
-    raw = _resealed(m.to_bytes(), offset, value)
+    raw = _resealed(m._to_bytes_v1(), offset, value)
     path = tmp_path / "bad.manifest"
     path.write_bytes(raw)
     with pytest.raises(ManifestError, match=message) as e:
@@ -144,9 +157,10 @@ def test_bad_fields_name_their_offset(tmp_path, offset, value, message):
     assert e.value.offset == offset
 
 
-def test_bad_meta_json(tmp_path):
+@writers
+def test_bad_meta_json(write):
     m = Manifest(64 * KIB, 64 * KIB, meta={"k": "v"})
-    raw = m.to_bytes()
+    raw = write(m)
     pos = raw.index(b'{"k":"v"}')
     with pytest.raises(ManifestError, match="not valid JSON") as e:
         Manifest.from_bytes(_resealed(raw, pos, b"["), "x")
@@ -161,15 +175,20 @@ def test_load_refuses_a_wrong_file_before_reading_it_whole(tmp_path, monkeypatch
         Manifest.load(big)
     assert e.value.offset == 0
     m = Manifest(64 * KIB, 64 * KIB)
-    (tmp_path / "long").write_bytes(m.to_bytes())
-    with open(tmp_path / "long", "r+b") as f:
-        f.truncate(1 << 40)
-    with pytest.raises(ManifestError, match="unexpected bytes after the trailer"):
-        Manifest.load(tmp_path / "long")
-    (tmp_path / "short").write_bytes(m.to_bytes()[:100])
+    for write, message in ((Manifest._to_bytes_v1, "unexpected bytes after the trailer"),
+                           (Manifest.to_bytes, "bad footer magic")):
+        (tmp_path / "long").write_bytes(write(m))
+        with open(tmp_path / "long", "r+b") as f:
+            f.truncate(1 << 40)
+        with pytest.raises(ManifestError, match=message):
+            Manifest.load(tmp_path / "long")
+    (tmp_path / "short").write_bytes(m._to_bytes_v1()[:100])
     with pytest.raises(ManifestError, match="truncated") as e:
         Manifest.load(tmp_path / "short")
     assert e.value.offset == 100
+    (tmp_path / "short").write_bytes(m.to_bytes()[:100])
+    with pytest.raises(ManifestError, match="truncated") as e:
+        Manifest.load(tmp_path / "short")
 
 
 def test_unreadable_file(tmp_path):
@@ -177,11 +196,12 @@ def test_unreadable_file(tmp_path):
         Manifest.load(tmp_path / "missing")
 
 
-def test_loading_a_big_manifest_is_linear_and_fast():
+@writers
+def test_loading_a_big_manifest_is_linear_and_fast(write):
     # 2 TiB at 64 KiB = 32 Mi blocks is the largest realistic table; 1 Mi blocks here
     m = Manifest((1 << 20) * 64 * KIB, 64 * KIB)
     m.states[::3] = BlockState.DATA
-    raw = m.to_bytes()
+    raw = write(m)
     back = Manifest.from_bytes(raw)
     assert back == m
 
