@@ -978,6 +978,8 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
         for pack_id in store.list_damage_records():
             if pack_id not in remaining:
                 store.delete_damage_record(pack_id)
+        if progress is not None and total:
+            progress(total, total)      # packs that stayed whole were passed over silently
     return report
 
 
