@@ -54,7 +54,7 @@ def _extent_int(value, what: str, index: int) -> int:
 
 
 def check_changed_extents(extents, disk_size: int, block_size: int, *,
-                          max_count: int = MAX_CHANGED_EXTENTS) -> "ChangedRuns":
+                          max_count: int | None = None) -> "ChangedRuns":
     """Check a change list and return the ``(first_block, end_block)`` runs it touches.
 
     ``extents`` is an iterable of ``(offset, length)`` pairs or of objects with
@@ -68,6 +68,8 @@ def check_changed_extents(extents, disk_size: int, block_size: int, *,
     if isinstance(extents, (str, bytes, bytearray, dict)) or not hasattr(extents, "__iter__"):
         raise UsageError("changed extents must be a list of (offset, length) pairs, not "
                          f"{type(extents).__name__}")
+    if max_count is None:
+        max_count = MAX_CHANGED_EXTENTS
     firsts, ends = array.array("q"), array.array("q")
     prev_end = 0
     for i, ext in enumerate(extents):
