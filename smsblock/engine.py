@@ -390,6 +390,10 @@ def replicate(disk, store, server_id: str, *, block_size: int | None = None,
     try:
         if not create:
             store.require()
+        if changed_extents is not None and not store.exists():
+            # a change list builds on a previous run: never create a store for it
+            raise UsageError(f"replicate: changed extents need a previous run of server "
+                             f"{server_id}; there is no store at {store.url}")
         with store.lock(exclusive=False, purpose="replicate"):
             store.initialise()
             return _replicate_locked(disk, store, server_id, block_size, progress, cancel,

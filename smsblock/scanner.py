@@ -77,7 +77,7 @@ def check_changed_extents(extents, disk_size: int, block_size: int, *,
             raise UsageError(f"changed extents: more than {max_count} extents")
         if hasattr(ext, "offset") and hasattr(ext, "length"):
             offset, length = ext.offset, ext.length
-        elif isinstance(ext, (tuple, list)) and len(ext) == 2:
+        elif isinstance(ext, (tuple, list, np.ndarray)) and len(ext) == 2:
             offset, length = ext
         else:
             raise UsageError(f"changed extent {i}: not an (offset, length) pair: "

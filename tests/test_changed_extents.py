@@ -299,6 +299,9 @@ def test_too_many_extents(replicated, monkeypatch):
 def test_list_needs_a_comparable_previous_run(tmp_path):
     disk = str(tmp_path / "disk.raw")
     make_disk(disk, 4 * BS, [(0, os.urandom(4 * BS))])
+    with pytest.raises(UsageError, match="no store"):
+        replicate(disk, tmp_path / "none", "srv", changed_extents=[(0, 1)])
+    assert not (tmp_path / "none").exists()
     store = new_store(tmp_path / "s")
     before = tree_state(tmp_path / "s")
     with pytest.raises(UsageError, match="has none"):
@@ -313,6 +316,13 @@ def test_list_needs_a_comparable_previous_run(tmp_path):
         replicate(disk, store, "srv", block_size=2 * BS, change_block_size=True,
                   changed_extents=[(0, 1)])
     assert tree_state(tmp_path / "s") == before
+
+
+def test_numpy_rows_are_pairs(replicated):
+    disk, store, _ = replicated
+    write_at(disk, 5 * BS, b"x")
+    s = replicate(disk, store, "srv", changed_extents=np.array([[5 * BS, 1]], np.int64))
+    assert s.bytes_read == BS and s.blocks_changed == 1
 
 
 def test_empty_list_carries_everything_over(replicated):
