@@ -17,7 +17,10 @@ the page cache: the full run is then CPU-bound, xxh3 at ~15 GB/s, while both run
 and compress the same changed blocks at ~1 GB/s, which sets a floor near 0.1x).
 
 Target: the cold listed run takes at most 0.1x the cold full run (best rounds compared);
-the warm ratio is reported beside it.  Run with ``-s`` to see the figures; they are kept
+the warm ratio is reported beside it.  Measured on the 2-core development machine
+(8 GiB, 163 extents, 85 MB read vs 8 GiB): cold 0.196 s vs 6.28 s = 0.031x; warm
+0.125 s vs 0.93 s = 0.134x (the changed blocks' content addresses and compression,
+the same work in both runs, are most of the listed run).  Run with ``-s`` to see the figures; they are kept
 in ``extra_info``.
 """
 
