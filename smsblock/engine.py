@@ -49,11 +49,12 @@ from .errors import (Cancelled, ManifestError, RunNotFoundError, SmsBlockError, 
 from .manifest import DEFAULT_BLOCK_SIZE, BlockState, Manifest, check_block_size, diff
 from .pack import BlockIndex, BlockLocation, PackWriter, address_function, verify_pack
 from .progress import CancelToken, ProgressCallback, check_cancel, with_phase
-from .scanner import scan
+from .scanner import check_changed_extents, scan
 from .store import Store, open_store
 from .store.base import check_run_id, check_server_id
 
-__all__ = ["replicate", "restore", "verify", "prune", "RunSummary", "VerifyReport",
+__all__ = ["replicate", "restore", "verify", "verify_run_against_disk", "prune", "RunSummary",
+           "VerifyReport", "DeepVerifyReport",
            "PruneReport", "RunDisk", "new_run_id", "MAX_RUN_META"]
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,35 @@ class VerifyReport:
         d = dataclasses.asdict(self)
         d["ok"] = self.ok
         return d
+
+
+@dataclass
+class DeepVerifyReport:
+    """What :func:`verify_run_against_disk` found: the blocks whose content in the run
+    differs from the disk's now (``differing_blocks``: the first
+    :data:`MAX_LISTED_BLOCKS` indexes; ``blocks_differing`` counts them all)."""
+
+    server_id: str
+    run_id: str
+    disk_size: int
+    block_size: int
+    blocks_checked: int = 0
+    blocks_differing: int = 0
+    differing_blocks: list[int] = field(default_factory=list)
+    bytes_read: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+MAX_LISTED_BLOCKS = 1000     # differing block indexes a deep verify report lists
 
 
 @dataclass
@@ -322,7 +352,7 @@ def replicate(disk, store, server_id: str, *, block_size: int | None = None,
               progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
               threads: int = 2, source: str | None = None,
               meta: dict | None = None, create: bool = True,
-              change_block_size: bool = False) -> RunSummary:
+              change_block_size: bool = False, changed_extents=None) -> RunSummary:
     """Perform one replication run of ``disk`` for ``server_id`` into ``store``.
 
     ``disk`` is a :class:`~smsblock.disk.Disk` or a path; ``store`` a Store or a path/URL.
@@ -340,6 +370,16 @@ def replicate(disk, store, server_id: str, *, block_size: int | None = None,
     run's manifest, written last, makes the run visible.  ``meta`` (the embedder's own:
     a snapshot name, a ticket) is a JSON object of string keys, at most
     :data:`MAX_RUN_META` bytes as JSON, kept with the run (``RunInfo.meta``, ``runs --json``).
+
+    ``changed_extents`` (byte ``(offset, length)`` pairs, or objects with ``.offset`` and
+    ``.length``, e.g. from changed block tracking or an LVM thin / ZFS / Ceph RBD diff)
+    lists what changed on the disk since the server's latest run: only the blocks those
+    extents touch are read and hashed; every other block is carried over from that run.
+    The list must be sorted, not overlapping, within the disk, at most
+    :data:`~smsblock.scanner.MAX_CHANGED_EXTENTS` long, and the latest run must have
+    the same block size and disk size; otherwise UsageError, before anything is read or
+    written.  A list that misses a change makes a wrong run: :func:`verify_run_against_disk`
+    re-reads the whole disk to prove a run equals a full scan.
     """
     check_server_id(server_id)
     meta = check_run_meta(meta)
@@ -350,10 +390,15 @@ def replicate(disk, store, server_id: str, *, block_size: int | None = None,
     try:
         if not create:
             store.require()
+        if changed_extents is not None and not store.exists():
+            # a change list builds on a previous run: never create a store for it
+            raise UsageError(f"replicate: changed extents need a previous run of server "
+                             f"{server_id}; there is no store at {store.url}")
         with store.lock(exclusive=False, purpose="replicate"):
             store.initialise()
             return _replicate_locked(disk, store, server_id, block_size, progress, cancel,
-                                     threads, source, meta, change_block_size)
+                                     threads, source, meta, change_block_size,
+                                     changed_extents)
     finally:
         if own_disk:
             disk.close()
@@ -384,7 +429,8 @@ def check_run_meta(meta) -> dict:
 
 
 def _replicate_locked(disk, store, server_id, block_size, progress, cancel, threads,
-                      source, meta=None, change_block_size=True) -> RunSummary:
+                      source, meta=None, change_block_size=True,
+                      changed_extents=None) -> RunSummary:
     t0 = time.monotonic()
     cfg = store.config
     previous_id = store.latest_run_id(server_id)
@@ -399,6 +445,18 @@ def _replicate_locked(disk, store, server_id, block_size, progress, cancel, thre
             f"whole disk again (allow it with --change-block-size, change_block_size=True)")
     comparable = (previous is not None and previous.block_size == block_size
                   and previous.disk_size == disk.size)
+    changed_runs = None
+    if changed_extents is not None:
+        # checked whole before anything is read or written
+        if not comparable:
+            raise UsageError(
+                f"replicate: changed extents need a previous run of server {server_id} with "
+                f"the same block size and disk size ({block_size}-byte blocks, "
+                f"{disk.size} bytes); " + (
+                    "it has none" if previous is None else
+                    f"run {previous_id} has {previous.block_size}-byte blocks and "
+                    f"{previous.disk_size} bytes") + ": run once without them")
+        changed_runs = check_changed_extents(changed_extents, disk.size, block_size)
     run_id = new_run_id(previous_id)
     # blocks a damage record names are not in it: the run stores them again
     index = store.block_index(for_new_runs=True)
@@ -408,7 +466,8 @@ def _replicate_locked(disk, store, server_id, block_size, progress, cancel, thre
     sealed = False
     try:
         manifest = scan(disk, block_size=block_size, previous=previous, on_changed=storer,
-                        threads=threads, progress=progress, cancel=cancel)
+                        threads=threads, progress=progress, cancel=cancel,
+                        changed_runs=changed_runs)
         data = manifest.states == BlockState.DATA
         carried = data & ~storer.changed
         if carried.any():
@@ -732,6 +791,63 @@ def verify(store, *, progress: ProgressCallback | None = None,
         report.damaged_packs = sum(1 for p in store.list_damage_records() if p in packs)
         report.leftovers = store.list_leftovers()
     return report
+
+
+def verify_run_against_disk(store, server_id: str, disk, run_id: str | None = None, *,
+                            progress: ProgressCallback | None = None,
+                            cancel: CancelToken | None = None,
+                            threads: int = 2) -> DeepVerifyReport:
+    """Re-read the whole ``disk`` (a Disk or a path) and compare it with a run's manifest
+    (``run_id``; None: the server's latest run), block by block: proves that a run made
+    from a change list equals a full scan of the disk as it is now.
+
+    A block differs when its content does: a DATA block whose xxh3-128 differs, or that
+    is DATA on one side and zeros (ZERO or UNALLOCATED, both restored as zeros) on the
+    other.  Differences are collected in the report (``report.ok``), not raised; a disk
+    of another size than the run's is one problem.  ``progress`` counts bytes read.
+    """
+    progress = with_phase(progress, "verifying")
+    check_server_id(server_id)
+    if run_id is not None:
+        check_run_id(run_id)
+    store = open_store(store)
+    store.require()
+    own_disk = not isinstance(disk, Disk)
+    if own_disk:
+        disk = open_disk(disk)
+    try:
+        with store.lock(exclusive=False, purpose="verify"):
+            if run_id is None:
+                run_id = store.latest_run_id(server_id)
+                if run_id is None:
+                    raise RunNotFoundError(f"{store.url}: no runs of server {server_id!r}")
+            m = store.load_manifest(server_id, run_id)
+        report = DeepVerifyReport(server_id=server_id, run_id=run_id, disk_size=m.disk_size,
+                                  block_size=m.block_size)
+        if disk.size != m.disk_size:
+            report.problems.append(f"{disk.path}: the disk is {disk.size} bytes, run "
+                                   f"{server_id}/{run_id} {m.disk_size} bytes")
+            return report
+        now = scan(disk, block_size=m.block_size, threads=threads, progress=progress,
+                   cancel=cancel)
+        data_run, data_now = m.states == BlockState.DATA, now.states == BlockState.DATA
+        differ = (data_run != data_now) | (
+            data_run & data_now & (m.hashes != now.hashes).any(axis=1))
+        idx = np.flatnonzero(differ)
+        report.blocks_checked = now.n_blocks
+        report.bytes_read = now.meta["scan"]["bytes_read"]
+        report.blocks_differing = len(idx)
+        report.differing_blocks = idx[:MAX_LISTED_BLOCKS].tolist()
+        if len(idx):
+            shown = ", ".join(map(str, report.differing_blocks[:10]))
+            more = f" and {len(idx) - 10} more" if len(idx) > 10 else ""
+            report.problems.append(
+                f"run {server_id}/{run_id}: {len(idx)} of {now.n_blocks} blocks differ from "
+                f"{disk.path} (blocks {shown}{more}; {m.block_size}-byte blocks)")
+        return report
+    finally:
+        if own_disk:
+            disk.close()
 
 
 def _update_damage_record(store: Store, pack_id: str, index: np.ndarray, good: np.ndarray,

@@ -33,13 +33,118 @@ from .errors import DiskIOError, UsageError
 from .manifest import DEFAULT_BLOCK_SIZE, Manifest, check_block_size
 from .progress import CancelToken, ProgressCallback, ThreadSafeProgress, check_cancel, with_phase
 
-__all__ = ["scan", "plan_reads", "DEFAULT_BATCH_BYTES"]
+__all__ = ["scan", "plan_reads", "check_changed_extents", "ChangedRuns", "DEFAULT_BATCH_BYTES",
+           "MAX_CHANGED_EXTENTS"]
 
 #: bytes per read+hash batch: big enough that syscalls and Python cost little, small
 #: enough that the batch is still in the CPU cache when the hash loop runs over it
 DEFAULT_BATCH_BYTES = 1024 * 1024
 
 OnChanged = Callable[[int, memoryview], None]
+
+#: most extents one change list may hold (16 bytes each once checked: 160 MB at most)
+MAX_CHANGED_EXTENTS = 10_000_000
+
+
+def _extent_int(value, what: str, index: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise UsageError(f"changed extent {index}: {what} must be an integer, not "
+                         f"{type(value).__name__}")
+    return int(value)
+
+
+def check_changed_extents(extents, disk_size: int, block_size: int, *,
+                          max_count: int | None = None) -> "ChangedRuns":
+    """Check a change list and return the ``(first_block, end_block)`` runs it touches.
+
+    ``extents`` is an iterable of ``(offset, length)`` pairs or of objects with
+    ``.offset`` and ``.length`` (bytes).  Every extent must have an integer offset >= 0
+    and length >= 1, end within ``disk_size``, and start at or after the end of the one
+    before it (sorted, not overlapping; touching is fine).  The whole list is checked
+    before anything is read: UsageError naming the first bad extent and its index.
+    Runs are block-aligned (an extent touching part of a block covers the whole block),
+    sorted, and merged where they touch.
+    """
+    if isinstance(extents, (str, bytes, bytearray, dict)) or not hasattr(extents, "__iter__"):
+        raise UsageError("changed extents must be a list of (offset, length) pairs, not "
+                         f"{type(extents).__name__}")
+    if max_count is None:
+        max_count = MAX_CHANGED_EXTENTS
+    firsts, ends = array.array("q"), array.array("q")
+    prev_end = 0
+    for i, ext in enumerate(extents):
+        if i >= max_count:
+            raise UsageError(f"changed extents: more than {max_count} extents")
+        if hasattr(ext, "offset") and hasattr(ext, "length"):
+            offset, length = ext.offset, ext.length
+        elif isinstance(ext, (tuple, list, np.ndarray)) and len(ext) == 2:
+            offset, length = ext
+        else:
+            raise UsageError(f"changed extent {i}: not an (offset, length) pair: "
+                             f"{type(ext).__name__}")
+        offset = _extent_int(offset, "offset", i)
+        length = _extent_int(length, "length", i)
+        where = f"changed extent {i} (offset {offset}, length {length})"
+        if offset < 0:
+            raise UsageError(f"{where}: the offset is negative")
+        if length < 1:
+            raise UsageError(f"{where}: the length must be at least 1")
+        if offset + length > disk_size:
+            raise UsageError(f"{where}: ends at {offset + length}, past the end of the "
+                             f"{disk_size}-byte disk")
+        if offset < prev_end:
+            raise UsageError(f"{where}: starts before the end of extent {i - 1} "
+                             f"({prev_end}): extents must be sorted and not overlap")
+        prev_end = offset + length
+        first, end = offset // block_size, (offset + length - 1) // block_size + 1
+        if ends and first <= ends[-1]:
+            ends[-1] = max(ends[-1], end)
+        else:
+            firsts.append(first)
+            ends.append(end)
+    return ChangedRuns(firsts, ends)
+
+
+class ChangedRuns:
+    """The ``(first_block, end_block)`` runs of a checked change list (16 bytes a run)."""
+
+    def __init__(self, firsts: array.array, ends: array.array):
+        self.firsts, self.ends = firsts, ends
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return zip(self.firsts, self.ends)
+
+    def __len__(self) -> int:
+        return len(self.firsts)
+
+    @property
+    def blocks(self) -> int:
+        return int(sum(e - f for f, e in self))
+
+
+def _plan_in_runs(disk: Disk, block_size: int, runs) -> Iterator[tuple[int, int]]:
+    """Like :func:`plan_reads`, but only within the block ``runs`` (sorted, disjoint):
+    the blocks of those runs that a DATA extent touches.  Asks the disk for the
+    extents of those byte ranges only."""
+    size = disk.size
+    for run_first, run_end in runs:
+        lo, hi = run_first * block_size, min(run_end * block_size, size)
+        cur_first = cur_end = -1
+        for extent in disk.extents(lo, hi):
+            if not extent.is_data or extent.length <= 0:
+                continue
+            a, b = max(extent.offset, lo), min(extent.end, hi)
+            if a >= b:
+                continue
+            first, end = a // block_size, (b - 1) // block_size + 1
+            if first <= cur_end:
+                cur_end = max(cur_end, end)
+                continue
+            if cur_end > cur_first:
+                yield cur_first, cur_end
+            cur_first, cur_end = first, end
+        if cur_end > cur_first:
+            yield cur_first, cur_end
 
 
 def plan_reads(disk: Disk, block_size: int) -> Iterator[tuple[int, int]]:
@@ -142,7 +247,7 @@ def _file_length(disk: Disk) -> int | None:
 def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest | None = None,
          on_changed: OnChanged | None = None, threads: int = 2,
          progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-         batch_bytes: int | None = None) -> Manifest:
+         batch_bytes: int | None = None, changed_runs=None) -> Manifest:
     """Scan ``disk`` into a :class:`~smsblock.manifest.Manifest` (content addresses left zero).
 
     Every block becomes UNALLOCATED (no DATA extent touches it: not read), ZERO (read,
@@ -160,6 +265,11 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
     ``threads`` worker threads read and hash batches of ``batch_bytes`` (rounded to whole
     blocks; default 1 MiB); memory use is about ``threads * batch_bytes``.  A failed
     read, or a raw file that shrinks while it is scanned, raises DiskIOError.
+
+    ``changed_runs`` (from :func:`check_changed_extents`) makes a change-list scan:
+    only the blocks of those runs are looked at (read where a DATA extent touches
+    them, UNALLOCATED otherwise); every other block keeps ``previous``'s state and
+    hash, unread.  ``previous`` must then have this block size and disk size.
     """
     progress = with_phase(progress, "reading")
     block_size = check_block_size(block_size)
@@ -181,12 +291,25 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
     if previous is not None and previous.block_size == block_size and previous.disk_size == size:
         prev_states, prev_hashes = previous.states, previous.hashes
     changed = np.zeros(n, np.uint8)
+    if changed_runs is not None:
+        if prev_states is None:
+            raise UsageError("a change-list scan needs a previous manifest with the same "
+                             f"block size ({block_size}) and disk size ({size})")
+        # blocks outside the list carry over; those in it start unallocated, then are read
+        manifest.states[:] = prev_states
+        manifest.hashes[:] = prev_hashes
+        for first, end in changed_runs:
+            manifest.states[first:end] = 0
+            manifest.hashes[first:end] = 0
+        plan = _plan_in_runs(disk, block_size, changed_runs)
+    else:
+        plan = plan_reads(disk, block_size)
 
     # Materialise the plan (one pair per run of touched blocks) so that progress knows
     # its total before the first read.
     run_firsts, run_ends = array.array("q"), array.array("q")    # 16 bytes a run
     total = 0
-    for first, end in plan_reads(disk, block_size):
+    for first, end in plan:
         run_firsts.append(first)
         run_ends.append(end)
         total += min(end * block_size, size) - first * block_size
@@ -258,4 +381,6 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
         "bytes_read": counters["bytes_read"],
         "seconds": round(time.monotonic() - started, 6),
     }
+    if changed_runs is not None:
+        manifest.meta["scan"]["changed_list_blocks"] = changed_runs.blocks
     return manifest

@@ -35,15 +35,69 @@ def cancel_on_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
+#: bytes of a --changed-extents file (about 400,000 extents; longer lists: the Python API)
+MAX_CHANGED_EXTENTS_FILE = 16 << 20
+
+
+def read_changed_extents(path: str) -> list[tuple[int, int]]:
+    """``--changed-extents FILE``: ``{"extents": [{"offset": O, "length": L}, ...]}``,
+    byte offsets and lengths, from a regular file of at most MAX_CHANGED_EXTENTS_FILE
+    bytes.  Returns the pairs; their order and bounds are checked by replicate."""
+    import json
+    import os
+    import stat
+    where = f"--changed-extents {path}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise UsageError(f"{where}: cannot open: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):   # a FIFO or device could hang or be endless
+            raise UsageError(f"{where}: not a regular file")
+        chunks, got = [], 0
+        while got <= MAX_CHANGED_EXTENTS_FILE:
+            chunk = os.read(fd, MAX_CHANGED_EXTENTS_FILE + 1 - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except OSError as e:
+        raise UsageError(f"{where}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if got > MAX_CHANGED_EXTENTS_FILE:
+        raise UsageError(f"{where}: larger than {MAX_CHANGED_EXTENTS_FILE} bytes")
+    try:
+        doc = json.loads(b"".join(chunks).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UsageError(f"{where}: bad JSON: " + " ".join(str(e).split())[:200]) from None
+    if not isinstance(doc, dict) or set(doc) != {"extents"} or not isinstance(doc["extents"], list):
+        raise UsageError(f'{where}: must be a JSON object {{"extents": [{{"offset": O, '
+                         f'"length": L}}, ...]}} and nothing else')
+    out = []
+    for i, e in enumerate(doc["extents"]):
+        if not isinstance(e, dict) or set(e) != {"offset", "length"}:
+            raise UsageError(f'{where}: extent {i} must be an object {{"offset": O, '
+                             f'"length": L}} and nothing else')
+        for key in ("offset", "length"):
+            if isinstance(e[key], bool) or not isinstance(e[key], int):
+                raise UsageError(f"{where}: extent {i}: {key} must be an integer, not "
+                                 f"{json.dumps(e[key])[:40]}")
+        out.append((e["offset"], e["length"]))
+    return out
+
+
 def cmd_replicate(args) -> int:
     from ..disk import open_disk
     from ..engine import replicate
     block_size = parse_size(args.block_size) if args.block_size else None
+    changed = read_changed_extents(args.changed_extents) if args.changed_extents else None
     with open_disk(args.disk) as disk, \
             terminal_progress(f"replicate {args.server}: scan and store") as bar, \
             cancel_on_interrupt() as token:
         s = replicate(disk, args.store, args.server, block_size=block_size, progress=bar,
-                      cancel=token, create=args.create, change_block_size=args.change_block_size)
+                      cancel=token, create=args.create, change_block_size=args.change_block_size,
+                      changed_extents=changed)
     if args.json:
         _print_json(s.to_dict())
     else:
@@ -139,6 +193,10 @@ def cmd_restore(args) -> int:
 def cmd_verify(args) -> int:
     from ..engine import verify
     from ..store import open_store
+    if args.deep:
+        return _verify_deep(args)
+    if args.server or args.disk or args.run:
+        raise UsageError("--server, --disk and --run go with --deep")
     store = open_store(args.store)
     store.require()
     with terminal_progress("verify: read and check every pack") as bar, cancel_on_interrupt() as token:
@@ -153,6 +211,25 @@ def cmd_verify(args) -> int:
               f"{len(report.problems)} problems; {report.unreferenced_packs} unreferenced packs, "
               f"{len(report.leftovers)} leftovers (prune removes them)")
     return 0 if report.ok else 1
+
+
+def _verify_deep(args) -> int:
+    from ..engine import verify_run_against_disk
+    if not args.server or not args.disk:
+        raise UsageError("verify --deep needs --server ID and --disk DISK")
+    with terminal_progress(f"verify {args.server}: re-read the whole disk") as bar, \
+            cancel_on_interrupt() as token:
+        r = verify_run_against_disk(args.store, args.server, args.disk, args.run,
+                                    progress=bar, cancel=token)
+    if args.json:
+        _print_json(r.to_dict())
+    else:
+        for p in r.problems:
+            print(f"problem: {p}")
+        print(f"{'OK' if r.ok else 'FAILED'}: run {r.server_id}/{r.run_id}: "
+              f"{r.blocks_checked} blocks compared with {args.disk}, "
+              f"{r.blocks_differing} differ; read {human_size(r.bytes_read)}")
+    return 0 if r.ok else 1
 
 
 def cmd_prune(args) -> int:
@@ -212,6 +289,10 @@ def register(sub) -> None:
     p.add_argument("--change-block-size", action="store_true",
                    help="accept a --block-size other than the previous run's (stores the "
                         "whole disk again)")
+    p.add_argument("--changed-extents", metavar="FILE",
+                   help='JSON {"extents": [{"offset": O, "length": L}, ...]} (bytes, '
+                        "sorted, not overlapping): what changed since the previous run; "
+                        "only those blocks are read, the others are carried over")
     add_json_flag(p)
     p.set_defaults(func=cmd_replicate)
 
@@ -240,6 +321,12 @@ def register(sub) -> None:
 
     p = sub.add_parser("verify", help="check every pack, block and run of a store")
     add_store_option(p)
+    p.add_argument("--deep", action="store_true",
+                   help="instead: re-read the whole --disk and compare it with a run of "
+                        "--server, block by block (proves a --changed-extents run)")
+    p.add_argument("--server", help="with --deep: the server id")
+    p.add_argument("--disk", help="with --deep: the disk image to re-read")
+    p.add_argument("--run", help="with --deep: the run id (default: the latest)")
     add_json_flag(p)
     p.set_defaults(func=cmd_verify)
 
