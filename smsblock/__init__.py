@@ -11,10 +11,12 @@ from .disk.writer import convert, write_raw, write_stream_optimized
 from .progress import CancelToken
 from .manifest import BlockState, Manifest, diff
 from .scanner import scan
-from .engine import PruneReport, RunSummary, VerifyReport, prune, replicate, restore, verify
+from .engine import (DeepVerifyReport, PruneReport, RunSummary, VerifyReport, prune, replicate,
+                     restore, verify, verify_run_against_disk)
 from .store import open_store
 
 __all__ = ["errors", "open_disk", "Disk", "DiskInfo", "Extent", "ExtentKind", "CancelToken",
            "convert", "write_raw", "write_stream_optimized",
-           "open_store", "replicate", "restore", "verify", "prune", "RunSummary", "VerifyReport",
-           "PruneReport", "scan", "Manifest", "BlockState", "diff"]
+           "open_store", "replicate", "restore", "verify", "verify_run_against_disk", "prune",
+           "RunSummary", "VerifyReport", "DeepVerifyReport", "PruneReport", "scan", "Manifest",
+           "BlockState", "diff"]
