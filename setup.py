@@ -40,6 +40,8 @@ extensions = [
 ]
 
 setup(
+    # pip's (editable) build compiles the modules side by side, as `build_ext -j` does
+    options={"build_ext": {"parallel": max(2, os.cpu_count() or 1)}},
     ext_modules=cythonize(
         extensions,
         compiler_directives=directives,

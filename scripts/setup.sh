@@ -81,14 +81,14 @@ pip_install() {
   rm -f "$log"
 }
 pip_install "cython>=3.0" "setuptools>=64" wheel
+# The editable install builds the native modules in place, in the requested mode (once:
+# a separate build_ext would compile them a second time).
+export SMSBLOCK_DEBUG=$DEBUG
 if [ $FULL = 1 ]; then
   pip_install --no-build-isolation -e ".[test,cloud,vsphere,image]"
 else
   pip_install --no-build-isolation -e ".[image]"
 fi
-
-# The native modules, in place, in the requested mode.
-SMSBLOCK_DEBUG=$DEBUG $PYTHON setup.py -q build_ext --inplace -j 2
 $PYTHON -c "import smsblock" || { echo "setup: smsblock does not import" >&2; exit 1; }
 if [ $FULL = 1 ]; then
   scripts/build-vcsim.sh   # vCenter simulator for the vSphere source's tests (Go, GOPATH mode)
