@@ -515,7 +515,6 @@ class _CbtSource:
         pass
 
     def open_run(self, vm, *, previous=None, previous_disks=None, cancel=None):
-        from smsblock.source.datastore_http import AreaOverlayDisk
         calls, changed, moved_to = self.calls, self.changed, self.moved_to
         run = self.inner.open_run(vm, cancel=cancel)
         calls.append((previous, dict(previous_disks or {})))
@@ -526,8 +525,8 @@ class _CbtSource:
                 run.__enter__()
                 s.disks, s.moved_to = run.disks, moved_to
                 for d in s.disks:
-                    base = (previous_disks or {}).get(d.key)
-                    d.disk = AreaOverlayDisk(d.disk, changed if base else [(0, d.disk.size)], base)
+                    if (previous_disks or {}).get(d.key) is not None:
+                        d.changed_extents = changed     # the engine reads only these
                     d.change_method, d.change_id = "cbt", f"52 cc/{len(calls)}"
                 return s
 
@@ -566,7 +565,7 @@ def test_cbt_runs_read_changed_areas_and_take_the_rest_from_the_previous_run(tmp
     with open(img, "r+b") as f:
         f.seek(65536)
         f.write(b"\xaa" * 4096)
-        f.seek(200_000)
+        f.seek(600_000)     # another 512 KiB block than the reported change
         f.write(b"\xbb" * 4096)
     svc.clock.advance(25 * H)
     second = run_now(svc, job, ex)

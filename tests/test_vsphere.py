@@ -592,23 +592,21 @@ def test_tls_run_reads_disk_over_https(vcsim_tls, certs, env_password, tmp_path)
 # --- the CBT overlay, against its plain meaning ------------------------------------------------
 
 @given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 12)), max_size=6),
-       st.booleans(), st.integers(0, 47), st.integers(0, 48))
-def test_area_overlay_matches_its_meaning(tmp_path, areas, with_base, off, n):
+       st.integers(0, 47), st.integers(0, 48))
+def test_area_overlay_matches_its_meaning(tmp_path, areas, off, n):
     unit = 512
     size = 48 * unit
     top_bytes = bytes(np.random.default_rng(1).integers(1, 256, size, dtype=np.uint8))
-    base_bytes = bytes(np.random.default_rng(2).integers(1, 256, size, dtype=np.uint8))
     (tmp_path / "top").write_bytes(top_bytes)
-    (tmp_path / "base").write_bytes(base_bytes)
     byte_areas = [(s * unit, k * unit) for s, k in areas]
-    expected = bytearray(base_bytes if with_base else bytes(size))
+    expected = bytearray(size)
     inside = np.zeros(size, bool)
     for s, k in byte_areas:
         e = min(s + k, size)
         expected[s:e] = top_bytes[s:e]
         inside[s:e] = True
-    with RawDisk(tmp_path / "top") as top, RawDisk(tmp_path / "base") as base:
-        d = AreaOverlayDisk(top, byte_areas, base if with_base else None)
+    with RawDisk(tmp_path / "top") as top:
+        d = AreaOverlayDisk(top, byte_areas)
         off, n = off * unit, n * unit
         assert d.read(off, n) == bytes(expected[off:off + n])
         ext = list(d.extents())
@@ -616,11 +614,7 @@ def test_area_overlay_matches_its_meaning(tmp_path, areas, with_base, off, n):
         for e in ext:
             covered[e.offset:e.end] = True
         assert ext == sorted(ext, key=lambda e: e.offset)
-        if with_base:
-            assert covered.all()
-        else:
-            assert (covered == inside).all()
-        assert d.changed_bytes() == int(inside.sum())
+        assert (covered == inside).all()
 
 
 def test_two_disks_in_boot_order_from_stored_config(vcsim, env_password, tmp_path):
@@ -672,9 +666,9 @@ def test_boot_order_of_disks():
     assert [d.key for d in _boot_order(devices, boot)] == [3000, 2000, 2001, 16000]
 
 
-def test_cbt_areas_read_over_network_rest_from_previous_run(source, vcsim, tmp_path, monkeypatch):
+def test_cbt_changed_areas_become_the_change_list_for_the_engine(source, vcsim, tmp_path, monkeypatch):
     """vcsim has no QueryChangedDiskAreas: a stand-in answers it, the rest is the real path
-    (snapshot, HTTP disk, overlay on the previous run's disk, record)."""
+    (snapshot, HTTP disk, allocated-area overlay, change list for the engine, record)."""
     from smsblock.source import vsphere as mod
     desc = _put_flat_vmdk(vcsim, "DC0_H0_VM0", tmp_path, size=1 << 20, seed=11)
     current = qemu_raw_bytes(desc, tmp_path)
@@ -703,22 +697,41 @@ def test_cbt_areas_read_over_network_rest_from_previous_run(source, vcsim, tmp_p
             assert [(e.offset, e.length) for e in d.extents()] == [(0, 65536)]
             assert d.read(0, 65536) == current[:65536]
             assert d.read(65536, 100) == bytes(100)
+            assert run.disks[0].changed_extents is None     # nothing to carry over from
             first = run.record()
         assert first["changeTracking"] == "cbt" and first["disks"][0]["changeId"] == "52 aa/7"
-        # second run: only the changed area comes from vCenter, the rest from the last run
+        # second run: the changed areas go to the engine as a list; the disk is the
+        # snapshot's whole disk (the engine reads only the listed areas of it)
         base_file = tmp_path / "previous.raw"
         base_bytes = bytes(np.random.default_rng(4).integers(0, 256, len(current), dtype=np.uint8))
         base_file.write_bytes(base_bytes)
         with RawDisk(base_file) as base:
             with source.open_run(vm, previous=first,
                                  previous_disks={first["disks"][0]["key"]: base}) as run:
-                d = run.disks[0].disk
-                got = d.read(0, d.size)
+                sd = run.disks[0]
+                assert sd.changed_extents == [(131072, 4096)]
+                assert not isinstance(sd.disk, AreaOverlayDisk)
+                assert sd.disk.read(0, sd.disk.size) == current
                 second = run.record()
-        assert got == base_bytes[:131072] + current[131072:135168] + base_bytes[135168:]
         assert asked == ["*", "52 aa/7"]
         assert second["disks"][0]["changeReason"] == "changed areas since changeId 52 aa/7"
         assert second["disks"][0]["changeId"] == "52 aa/8"
+        # a list of the wrong shape (unsorted, past the end, empty area) is refused
+        # naming the disk and the change id, and the snapshot is removed
+        for bad, why in (([(131072, 4096), (0, 512)], "sorted"),
+                         ([(len(current) - 512, 1024)], "past the end"),
+                         ([(0, 0)], "at least 1"), ([(0, "x")], "extent 0")):
+            answers["52 aa/7"] = bad
+            with RawDisk(base_file) as base:
+                with pytest.raises(VSphereError) as ei:
+                    with source.open_run(vm, previous=first,
+                                         previous_disks={first["disks"][0]["key"]: base}):
+                        pass
+            msg = str(ei.value)
+            assert "disk1.vmdk: QueryChangedDiskAreas since changeId '52 aa/7' gave an " \
+                "unusable change list" in msg and why in msg and "\n" not in msg, msg
+            assert not [n for n in _snapshots(source, vm.vmId) if n.startswith(SNAPSHOT_PREFIX)]
+        answers["52 aa/7"] = [(131072, 4096)]
         # a disk grown since the previous run: its allocated areas, not a failed run
         base_file.write_bytes(base_bytes[:len(current) // 2])
         with RawDisk(base_file) as base:
@@ -726,6 +739,7 @@ def test_cbt_areas_read_over_network_rest_from_previous_run(source, vcsim, tmp_p
                                  previous_disks={first["disks"][0]["key"]: base}) as run:
                 d = run.disks[0].disk
                 assert d.read(0, 65536) == current[:65536]
+                assert run.disks[0].changed_extents is None
                 third = run.record()
         assert asked[-1] == "*" and third["changeTracking"] == "cbt"
         assert "size changed" in third["disks"][0]["changeReason"]
@@ -735,17 +749,19 @@ def test_cbt_areas_read_over_network_rest_from_previous_run(source, vcsim, tmp_p
 
 
 def test_cbt_incremental_run_through_the_connector(vcsim, env_password, tmp_path):
-    """Two runs of a job on a VM with CBT on, through the executor: the second gets the
-    first run's change id and its disk from the store, reads only the changed area over
-    HTTP (a change outside it stays unseen: proof the rest came from the store), and the
-    run's record says CBT.  QueryChangedDiskAreas is a stand-in (vcsim lacks it)."""
-    from smsblock.engine import restore
+    """Runs of a job on a VM with CBT on, through the executor.  The second gets the first
+    run's change id, hands replicate the changed areas, reads only the blocks they touch
+    over HTTP (counted at the Range requests), and restores byte-exact to the disk a full
+    read sees.  A change list of the wrong shape fails the run with a clear message and
+    stores nothing.  QueryChangedDiskAreas is a stand-in (vcsim lacks it)."""
+    from smsblock.engine import replicate as engine_replicate, restore
+    from smsblock.manifest import DEFAULT_BLOCK_SIZE as BS
     from smsblock.service import FakeClock, SmsService
     from smsblock.service.connector import ConnectorLoop
     from smsblock.service.executor import RunExecutor
-    from smsblock.source import vsphere as mod
+    from smsblock.source import datastore_http as dh, vsphere as mod
     from smsblock.store import open_store
-    size = 1 << 20
+    size = 8 * BS
     raw = tmp_path / "disk.raw"
     raw.write_bytes(os.urandom(size))
     _put_flat_vmdk(vcsim, "DC0_H0_VM0", tmp_path, image=raw)
@@ -759,11 +775,11 @@ def test_cbt_incremental_run_through_the_connector(vcsim, env_password, tmp_path
     with VSphereSource(VCenterSettings.from_options(vcsim.url, USER)) as admin:
         obj = vim.VirtualMachine(vm_id, admin._si._stub)
         _wait_task(obj.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=True)))
-    asked = []
+    asked, reported, lists, ranged = [], [], [], []
 
     def fake_areas(self, key, since, size):
         asked.append((since, sorted(self.previous_disks)))
-        return [(0, size)] if since == "*" else [(65536, 4096)]
+        return [(0, size)] if since == "*" else reported[-1]
     original = mod.VSphereRun._snapshot_disks
 
     def with_change_ids(self):      # vcsim's disk backings carry no changeId
@@ -771,42 +787,75 @@ def test_cbt_incremental_run_through_the_connector(vcsim, env_password, tmp_path
         for b in out:
             b.change_id = f"52 bb/{len(asked)}"
         return out
+    real_request = dh.DatastoreFile._request_once
+
+    def counted(self, method, headers, stream):     # the bytes asked of the -flat file
+        rng = (headers or {}).get("Range")
+        if rng and self.path.endswith("-flat.vmdk"):
+            first, last = map(int, rng.removeprefix("bytes=").split("-"))
+            ranged.append(last - first + 1)
+        return real_request(self, method, headers, stream)
+
+    def spy(*args, **kw):
+        lists.append(kw.get("changed_extents"))
+        return engine_replicate(*args, **kw)
     job = svc.create_replication_job(serverId=server["serverId"],
                                      seedReplicationTime=svc.clock() + 10 * 86400,
                                      frequency=12)["replicationJobId"]
-    ex = RunExecutor(svc.state, svc.clock, use_default_image_step=False)
+    ex = RunExecutor(svc.state, svc.clock, use_default_image_step=False, replicate=spy)
+    store = svc.state.dir / "store"
+
+    def one_run():
+        svc.clock.advance(86400)
+        ranged.clear()
+        svc.start_on_demand_replication_run(replicationJobId=job)
+        with ConnectorLoop(svc, executor=ex) as loop:
+            loop.run_once()
+        return svc.get_replication_runs(replicationJobId=job)["replicationRunList"][0]
+
     patch = pytest.MonkeyPatch()
     try:
         patch.setattr(mod.VSphereRun, "_changed_areas", fake_areas)
         patch.setattr(mod.VSphereRun, "_snapshot_disks", with_change_ids)
-        for n in range(2):
-            if n:
-                with open(flat, "r+b") as f:     # one change CBT reports, one it does not
-                    f.seek(65536)
-                    f.write(b"\x11" * 4096)
-                    f.seek(500_000)
-                    f.write(b"\x22" * 4096)
-                svc.clock.advance(86400)
-            svc.start_on_demand_replication_run(replicationJobId=job)
-            with ConnectorLoop(svc, executor=ex) as loop:
-                assert len(loop.run_once()["completed"]) == 1
+        patch.setattr(dh.DatastoreFile, "_request_once", counted)
+        first = one_run()
+        assert first["state"] == "COMPLETED" and sum(ranged) == size
+        # two changes in blocks 0 and 5, both reported: only those two blocks are read
+        with open(flat, "r+b") as f:
+            f.seek(65536)
+            f.write(b"\x11" * 4096)
+            f.seek(5 * BS + 100)
+            f.write(b"\x22" * 4096)
+        reported.append([(65536, 4096), (5 * BS + 100, 4096)])
+        second = one_run()
+        assert second["state"] == "COMPLETED", second
+        assert 8192 <= sum(ranged) <= 2 * BS
+        # a list vCenter should never give (overlapping): refused before anything is read
+        reported.append([(0, 8192), (4096, 100)])
+        with open_store(store) as st_:
+            latest = st_.latest_run_id(server["serverId"])
+        third = one_run()
+        assert sum(ranged) == 0
+        with open_store(store) as st_:
+            assert st_.latest_run_id(server["serverId"]) == latest
     finally:
         patch.undo()
         with VSphereSource(VCenterSettings.from_options(vcsim.url, USER)) as admin:
             obj = vim.VirtualMachine(vm_id, admin._si._stub)
             _wait_task(obj.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=False)))
     # the second run asked since the first run's change id, with that run's disk at hand
-    assert [a[0] for a in asked] == ["*", "52 bb/0"]
+    assert [a[0] for a in asked] == ["*", "52 bb/0", "52 bb/1"]
     assert asked[0][1] == [] and len(asked[1][1]) == 1
-    runs = [r for r in svc.get_replication_runs(replicationJobId=job)["replicationRunList"]
-            if r["state"] == "COMPLETED"]
-    assert len(runs) == 2
-    assert all("changed block tracking" in r["statusMessage"] for r in runs), runs
-    expected = bytearray(raw.read_bytes())
-    expected[65536:69632] = b"\x11" * 4096
+    assert lists == [None, [(65536, 4096), (5 * BS + 100, 4096)]]
+    assert all("changed block tracking" in r["statusMessage"] for r in (first, second))
+    assert third["state"] == "FAILED"
+    msg = third["statusMessage"]
+    assert "\n" not in msg and "QueryChangedDiskAreas since changeId '52 bb/1'" in msg, msg
+    assert "unusable change list" in msg and "extent 1" in msg, msg
+    # what the CBT run stored restores to exactly what a full read of the disk gives
     out = tmp_path / "restored.raw"
-    restore(open_store(svc.state.dir / "store"), server["serverId"], out)
-    assert out.read_bytes() == bytes(expected)
+    restore(open_store(store), server["serverId"], out)
+    assert out.read_bytes() == flat.read_bytes()
 
 
 def test_datastore_endpoint_repr_hides_the_session_cookie():

@@ -410,9 +410,13 @@ class RunExecutor:
                 def progress(done, _total, base=done_before):
                     watcher.progress("uploading", (base + done) / total)
 
+                # only when known: injected replicate functions need not take the keyword
+                changed = getattr(sdisk, "changed_extents", None)
+                extra = {"changed_extents": changed} if changed is not None else {}
                 result = replicate(sdisk.disk, connector["store"], disk_store_key(server_id, i),
                                    progress=progress, cancel=cancel,
-                                   source=json.dumps({"vmId": vm.get("vmId"), "disk": sdisk.key}))
+                                   source=json.dumps({"vmId": vm.get("vmId"), "disk": sdisk.key}),
+                                   **extra)
                 done_before += sdisk.disk.size
                 entry = result.to_dict()
                 entry.update(key=sdisk.key, storeServerId=disk_store_key(server_id, i),

@@ -63,6 +63,13 @@ class SourceDisk:
     change_method: str = "hash"
     change_reason: str = ""   # why the method was chosen (shown in the run's record)
     change_id: str | None = None  # to hand back as ``previous`` on the next run
+    #: byte ``(offset, length)`` extents changed since the previous run (sorted, not
+    #: overlapping), when the source knows them (changed block tracking); the engine then
+    #: reads and hashes only those and carries every other block over from the server's
+    #: latest run in the store (``replicate(changed_extents=...)``).  None: unknown, the
+    #: whole of ``disk`` is read and hashed.  Only set it when that latest run is the
+    #: previous run the list is relative to (or later), with the same disk size.
+    changed_extents: list[tuple[int, int]] | None = None
 
     def record(self) -> dict[str, Any]:
         return {"key": self.key, "label": self.label, "location": self.location,

@@ -6,8 +6,8 @@ session cookie.  :class:`DatastoreFile` reads byte ranges of one such file with 
 ``Range`` requests (a positional read, safe from several threads: one keep-alive session
 per thread), so a disk is streamed block by block and never copied whole to the
 connector's disk.  :func:`open_datastore_disk` turns a disk's descriptor into a
-:class:`~smsblock.disk.Disk`; :class:`AreaOverlayDisk` narrows a disk to the areas
-changed block tracking reports.
+:class:`~smsblock.disk.Disk`; :class:`AreaOverlayDisk` narrows a disk to the allocated
+areas changed block tracking reports.
 
 A :class:`DatastoreFile` is also the shape a VMDK reader needs to read sparse and delta
 disks without a local path (``open_vmdk(path, opener=...)``, not there yet): ``opener(p)``
@@ -342,19 +342,14 @@ def _open_with_vmdk_reader(open_file, top: DatastoreFile, path: str) -> Disk:
 
 
 class AreaOverlayDisk(Disk):
-    """``top`` inside ``areas``; ``base`` (or zeros) outside: what CBT says is current.
-
-    With ``base=None`` the areas are the allocated areas of the disk (CBT's ``changeId
-    "*"``): everything outside reads as zeros and is not an extent.  With ``base`` (the
-    previous run's disk) the areas are those changed since that run, and only they are read
-    over the network; the rest comes from ``base``.
+    """``top`` inside ``areas``, zeros outside: a disk narrowed to its allocated areas
+    (CBT's ``changeId "*"``); what is outside them reads as zeros and is not an extent.
+    (Areas changed since a previous run are not an overlay: they go to the engine as
+    ``SourceDisk.changed_extents``.)
     """
 
-    def __init__(self, top: Disk, areas: list[tuple[int, int]], base: Disk | None = None):
-        if base is not None and base.size != top.size:
-            raise VSphereError(f"{top.path}: disk size changed from {base.size} to {top.size}; "
-                               "changed block tracking cannot be used for this run")
-        self.top, self.base = top, base
+    def __init__(self, top: Disk, areas: list[tuple[int, int]]):
+        self.top = top
         self.path, self.size, self.info = top.path, top.size, top.info
         merged: list[tuple[int, int]] = []
         for s, n in sorted(areas):
@@ -390,8 +385,6 @@ class AreaOverlayDisk(Disk):
             part = view[s - offset:e - offset]
             if inside:
                 self.top.readinto(s, part)
-            elif self.base is not None:
-                self.base.readinto(s, part)
             else:
                 part[:] = bytes(e - s)
         return want
@@ -403,12 +396,7 @@ class AreaOverlayDisk(Disk):
             for s, e, inside in self._pieces(start, end):
                 if inside:
                     yield Extent(s, e - s, ExtentKind.DATA)
-                elif self.base is not None:
-                    yield from clip_extents(self.base.extents(s, e), s, e)
         yield from clip_extents(all_extents(), start, end)
-
-    def changed_bytes(self) -> int:
-        return sum(e - s for s, e in self.areas)
 
     def close(self) -> None:
         self.top.close()

@@ -7,7 +7,9 @@
   (:meth:`~VSphereSource.list_vms`) and opens runs (:meth:`~VSphereSource.open_run`).
 * :class:`VSphereRun` takes a snapshot (no memory, no quiesce), opens the snapshot's disks
   through the datastore HTTP file service (see :mod:`.datastore_http`), asks changed block
-  tracking for the changed areas when the VM has it on, and removes the snapshot on exit.
+  tracking for the changed areas when the VM has it on (handed to the engine as
+  :attr:`SourceDisk.changed_extents <smsblock.source.SourceDisk.changed_extents>`: only
+  they are read and hashed), and removes the snapshot on exit.
 
 Snapshot removal does not read the removal task's ``info``: pyVmomi 9 cannot parse the
 TaskInfo that older vCenters (and vcsim 0.24) send for ``RemoveSnapshot_Task`` (its
@@ -34,6 +36,7 @@ from urllib.parse import urlsplit
 from ..disk.base import Disk
 from ..errors import Cancelled, ConnectorError, UsageError, VSphereError
 from ..progress import check_cancel
+from ..scanner import check_changed_extents
 from . import SourceDisk, VmRecord
 from .datastore_http import AreaOverlayDisk, DatastoreEndpoint, DatastoreFile, open_datastore_disk
 
@@ -831,12 +834,16 @@ class VSphereRun:
         return sd
 
     def _apply_cbt(self, sd: SourceDisk, b: _DiskBacking, cbt: bool) -> None:
-        """Narrow the disk to the areas CBT reports, or say why the hashing diff is used."""
+        """Hand the engine the areas CBT reports changed since the previous run
+        (``sd.changed_extents``), narrow a first read to the allocated areas, or say why
+        the hashing diff is used."""
         if not cbt:
             sd.change_reason = "changed block tracking is off for this VM"
             return
         prev = {d.get("key"): d for d in (self.previous.get("disks") or [])}.get(sd.key) or {}
         prev_id = prev.get("changeId")
+        # the previous run's copy in the store: the engine carries unchanged blocks over
+        # from there, so without it (pruned, no previous run) there is no change list
         base = self.previous_disks.get(sd.key)
         resized = base is not None and base.size != sd.disk.size
         # without the previous changeId and disk (or with a disk grown since), ask for the
@@ -852,12 +859,21 @@ class VSphereRun:
             # a reset CBT (after a restore, a storage vMotion) makes old change ids invalid
             sd.change_reason = f"QueryChangedDiskAreas failed ({e}); reading the whole disk"
             return
-        sd.disk = AreaOverlayDisk(sd.disk, areas, base if since != "*" else None)
         sd.change_method = "cbt"
-        sd.change_reason = (f"changed areas since changeId {since}" if since != "*" else
-                            "allocated areas (changeId *)" +
-                            (f"; the disk's size changed from {base.size} to {sd.disk.size} "
-                             "bytes since the previous run" if resized else ""))
+        if since != "*":
+            try:    # checked whole here, before the snapshot is read, to name its origin
+                check_changed_extents(areas, sd.disk.size, 512)
+            except UsageError as e:
+                raise VSphereError(f"{sd.location}: QueryChangedDiskAreas since changeId "
+                                   f"{since!r} gave an unusable change list: {e}") from None
+            sd.changed_extents = areas
+            sd.change_reason = f"changed areas since changeId {since}"
+            return
+        # no change list: everything outside the allocated areas reads as zeros
+        sd.disk = AreaOverlayDisk(sd.disk, areas)
+        sd.change_reason = "allocated areas (changeId *)" + (
+            f"; the disk's size changed from {base.size} to {sd.disk.size} "
+            "bytes since the previous run" if resized else "")
 
     def _changed_areas(self, device_key: int, since: str, size: int) -> list[tuple[int, int]]:
         areas, offset = [], 0
