@@ -25,13 +25,12 @@ import hashlib
 import json
 import os
 import struct
-import secrets
 
 import numpy as np
 import zstandard
 
 from .errors import ManifestError, UsageError
-from .fsutil import create_file, fsync_dir
+from .fsutil import replace_file
 
 __all__ = ["BlockState", "Manifest", "diff", "check_block_size",
            "DEFAULT_BLOCK_SIZE", "MIN_BLOCK_SIZE", "MAX_BLOCK_SIZE"]
@@ -320,24 +319,7 @@ class Manifest:
     # -- files ------------------------------------------------------------
     def save(self, path) -> None:
         """Write atomically: temp file in the same folder, fsync, rename, fsync the folder."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        data = self.to_bytes()
-        tmp = os.path.join(folder, f".manifest-{secrets.token_hex(8)}.tmp")
-        fd = create_file(tmp)       # 0600, O_EXCL | O_NOFOLLOW
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        fsync_dir(folder)
+        replace_file(os.fspath(path), self.to_bytes())
 
     @classmethod
     def load(cls, path) -> "Manifest":

@@ -539,3 +539,25 @@ def test_demo_never_wipes_a_folder_it_did_not_make(tmp_path, capsys):
     assert main(["demo", "--json", "--dir", str(home)]) == 2
     assert "not an earlier demo's folder" in capsys.readouterr().err
     assert (home / "thesis.tex").read_bytes() == VICTIM_BYTES
+
+
+def test_damage_records_are_private_and_never_through_a_link(tmp_path):
+    """verify writes damage records into STORE/damaged: 0700/0600, and a link planted
+    there is refused, never written through."""
+    store, disk = store_with_runs(tmp_path, runs=1)
+    [pack] = [p for p in (store / "packs").rglob("*.pack")][:1]
+    with open(pack, "r+b") as f:                 # damage a frame
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    report = verify(store)
+    assert not report.ok and report.damaged_packs == 1
+    assert_modes_private(store)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    swap_for_link(store / "damaged", elsewhere)
+    with pytest.raises(StoreError):
+        LocalStore(store).put_damage_record("0" * 64, b"{}")
+    assert list(elsewhere.iterdir()) == []

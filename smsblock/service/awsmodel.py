@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import SmsBlockError, UsageError
-from ..fsutil import fsync_dir
+from ..fsutil import replace_file
 
 __all__ = ["BOTOCORE_WITH_SMS", "API_VERSION", "default_models_dir", "install_sms_model"]
 
@@ -52,8 +52,7 @@ def install_sms_model(dest: str | os.PathLike | None = None, *, wheel: str | os.
         folder = dest / "sms" / API_VERSION
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         for name, data in files.items():
-            _write_atomically(folder / name, data)
-        fsync_dir(folder)
+            replace_file(folder / name, data)
     return folder
 
 
@@ -104,19 +103,3 @@ def _model_files(wheel: Path) -> dict[str, bytes]:
     if meta.get("endpointPrefix") != "sms" or meta.get("apiVersion") != API_VERSION:
         raise UsageError(f"{wheel}: {MODEL_PREFIX}service-2.json is not the SMS {API_VERSION} model")
     return files
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

@@ -40,7 +40,7 @@ from ..disk.files import LocalFile
 from ..errors import ConnectorError, SmsBlockError, UsageError
 from ..progress import check_cancel
 from ..source import Source, SourceDisk, VmRecord
-from .models import VmManagerType, bounded_message, echo
+from .models import VmManagerType, echo
 
 log = logging.getLogger(__name__)
 _SOURCE_KINDS: dict[str, Callable[[dict], Source]] = {}

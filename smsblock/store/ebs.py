@@ -44,7 +44,6 @@ import logging
 import os
 import re
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Iterator
@@ -56,7 +55,7 @@ from ..disk import DiskInfo, Extent, ExtentKind
 from ..disk.blocks import BlockDisk
 from ..errors import StoreCorruptError, StoreError, UsageError
 from ..manifest import BlockState, Manifest, diff
-from ..fsutil import remove_file, subdir, write_new_file
+from ..fsutil import remove_file, replace_file, subdir
 from .base import Store
 from .retry import RetryPolicy, error_code
 from .s3config import CloudSettings, config_file_path
@@ -135,9 +134,7 @@ class _Journal:
         if folder is not None:
             # inside the local staging store: a 0700 folder, never a link; a new 0600 file
             with subdir(self.staging.root, PENDING_DIR, create=True) as fd:
-                tmp = f".{uuid.uuid4().hex}.tmp"
-                write_new_file(tmp, data, dir_fd=fd)
-                os.replace(tmp, snapshot_id + ".json", src_dir_fd=fd, dst_dir_fd=fd)
+                replace_file(snapshot_id + ".json", data, dir_fd=fd)
         else:
             self.staging._put(f"{PENDING_DIR}/{snapshot_id}.json", data, "journal a pending snapshot")
 

@@ -29,7 +29,7 @@ import os
 import uuid
 
 from ..errors import RunNotFoundError, StoreError, StoreLockedError
-from ..fsutil import (fsync_dir, make_root, open_lock_file, open_subdir, remove_file,
+from ..fsutil import (fsync_dir, make_root, open_lock_file, open_subdir, remove_file, replace_file,
                       subdir, write_new_file)
 from ..pack import is_pack_id
 from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id, no_store_error
@@ -263,13 +263,10 @@ class LocalStore(Store):
 
     def put_manifest_bytes(self, server_id: str, run_id: str, data: bytes) -> None:
         path = self._manifest_path(server_id, run_id)
-        tmp = f"{uuid.uuid4().hex}.manifest.tmp"
         try:
             with subdir(self.root, "tmp", create=True) as tmp_fd, \
                     subdir(self.root, "runs", server_id, create=True) as folder_fd:
-                write_new_file(tmp, data, dir_fd=tmp_fd)
-                os.replace(tmp, os.path.basename(path), src_dir_fd=tmp_fd, dst_dir_fd=folder_fd)
-                fsync_dir(folder_fd)
+                replace_file(os.path.basename(path), data, dir_fd=folder_fd, tmp_dir_fd=tmp_fd)
         except OSError as e:
             raise StoreError(f"{_where(e, path)}: cannot write manifest: {e.strerror}") from None
 
@@ -291,17 +288,12 @@ class LocalStore(Store):
 
     def put_damage_record(self, pack_id: str, data: bytes) -> None:
         path = self._damage_path(pack_id)
-        tmp = self.staging_path(".damage.tmp")
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(os.path.dirname(path))
+            # a 0700 folder of the store, never a link; a new 0600 file renamed into place
+            with subdir(self.root, "tmp", create=True) as tmp_fd, \
+                    subdir(self.root, "damaged", create=True) as folder_fd:
+                replace_file(os.path.basename(path), data, dir_fd=folder_fd, tmp_dir_fd=tmp_fd)
         except OSError as e:
-            remove_file(tmp)
             raise StoreError(f"{path}: cannot write damage record: {e.strerror}") from None
 
     def list_damage_records(self) -> dict[str, bytes]:
