@@ -616,3 +616,35 @@ def test_serve_output_stays_quiet_with_the_console(tmp_path):
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "GET /login" not in err and "INFO" not in err, err
+
+
+def _raw_post(url: str, path: str, length: int, cookie: str | None = None, method: str = "POST") -> bytes:
+    """Send only the head of a request announcing ``length`` body bytes; the answer."""
+    import socket
+    from urllib.parse import urlsplit
+    u = urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Length: {length}\r\n"
+                "Content-Type: application/x-www-form-urlencoded\r\n"
+                + (f"Cookie: smsblock_console={cookie}\r\n" if cookie else "") + "\r\n")
+        s.sendall(head.encode())
+        return s.recv(4096)
+
+
+def test_console_bodies_are_refused_before_they_are_read(live):
+    """A signed-out client may send the sign-in form's few bytes only, a signed-in one a
+    form of at most 256 KiB, and a page request no body: the answer comes at once, before
+    any of the announced body was sent."""
+    from smsblock.console import MAX_FORM_BODY, SIGNED_OUT_FORM_BODY
+    assert _raw_post(live.url, "/login", SIGNED_OUT_FORM_BODY + 1).startswith(b"HTTP/1.1 413")
+    assert _raw_post(live.url, "/servers", 10, method="GET").startswith(b"HTTP/1.1 400")
+    cookie = live.client().cookies["smsblock_console"]
+    assert _raw_post(live.url, "/catalog/import", MAX_FORM_BODY + 1, cookie).startswith(b"HTTP/1.1 413")
+    # within its limit, the server waits for the body (nothing comes back at once)
+    import socket
+    with pytest.raises(socket.timeout):
+        from urllib.parse import urlsplit
+        u = urlsplit(live.url)
+        with socket.create_connection((u.hostname, u.port), timeout=1) as s:
+            s.sendall(f"POST /login HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Length: 100\r\n\r\n".encode())
+            s.recv(4096)

@@ -558,6 +558,11 @@ def test_damage_records_are_private_and_never_through_a_link(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     swap_for_link(store / "damaged", elsewhere)
+    (elsewhere / ("1" * 64 + ".json")).write_text("{}")     # planted: never read or deleted
     with pytest.raises(StoreError):
         LocalStore(store).put_damage_record("0" * 64, b"{}")
-    assert list(elsewhere.iterdir()) == []
+    with pytest.raises(StoreError):
+        LocalStore(store).list_damage_records()
+    with pytest.raises(StoreError):
+        LocalStore(store).delete_damage_record("1" * 64)
+    assert [p.name for p in elsewhere.iterdir()] == ["1" * 64 + ".json"]

@@ -651,3 +651,17 @@ def test_the_local_image_step_finds_images_by_stored_run(tmp_path):
                      {"source": {"store": "x", "server_id": "s-1", "run_id": "r2"}})
     assert step.find("s-1", "r1") == [made["image_id"]]
     assert step.find("s-2", "r1") == []
+
+
+def test_a_connector_store_gone_missing_fails_the_run_instead_of_making_a_new_one(tmp_path):
+    """`connector register` created the store; a run never creates one (an unmounted mount
+    point must not quietly fill up with a full copy)."""
+    import shutil
+    svc, server, _ = setup(tmp_path)
+    job = job_for(svc, server)
+    (connector,) = svc.state.query("SELECT store FROM connectors")
+    store = connector[0]
+    shutil.rmtree(store)
+    run = run_now(svc, job, RunExecutor(svc.state, svc.clock, image_step=FakeImageStep()))
+    assert run["state"] == "FAILED" and "no smsblock store" in run["statusMessage"], run
+    assert not os.path.exists(store)

@@ -43,6 +43,7 @@ SESSION_SECONDS = 8 * 3600
 LOGIN_FORM_SECONDS = 600
 MAX_SESSIONS = 1000
 MAX_FORM_BODY = 256 * 1024
+SIGNED_OUT_FORM_BODY = 4096     # the sign-in form, the only one a signed-out client may send
 #: failed sign-ins allowed per minute (all clients together) before answering 429
 MAX_FAILED_LOGINS_PER_MINUTE = 20
 
@@ -177,6 +178,12 @@ class Console:
         self.pages = pages
 
     # --- entry points from the HTTP handler ----------------------------------------------
+
+    def form_limit(self, headers) -> int:
+        """The largest form body this request may send: a signed-out client (no live
+        session cookie) only the sign-in form's few bytes."""
+        session = self.sessions.get(_cookies(headers.get("Cookie", "")).get(SESSION_COOKIE))
+        return MAX_FORM_BODY if session is not None else SIGNED_OUT_FORM_BODY
 
     def wants(self, method: str, target: str, headers) -> bool:
         """True for the requests the console serves: every GET, and POSTs that are not SMS

@@ -35,6 +35,7 @@ over the network and the rest from the store.  The run's record (``summary``) an
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -72,8 +73,11 @@ class ImageStep(Protocol):
 
 
 def default_replicate() -> Callable:
+    """The engine's replicate, into the connector's existing store only: `connector register`
+    created it, so a store gone missing (deleted, a mount point not mounted) fails the run
+    instead of quietly filling a new, empty one."""
     from ..engine import replicate
-    return replicate
+    return functools.partial(replicate, create=False)
 
 
 def default_image_step(state_dir) -> ImageStep:

@@ -517,6 +517,14 @@ class SmsRequestHandler(socketserver.BaseRequestHandler):
         (a few KiB in memory at most, whoever sends it), the console answers through an
         exchange that looks like http.server's handler, and the answer goes out in one write."""
         limits = self.server.limits
+        # refused before a byte of it is read: a page takes no body, a signed-out client
+        # sends the sign-in form only, a signed-in one a form of at most MAX_FORM_BODY
+        if req.method != "POST" and length:
+            raise _HttpError(400, "SerializationException", f"a {req.method} request has no body")
+        limit = console.form_limit(_HeaderView(req.headers))
+        if length > limit:
+            raise _HttpError(413, "SerializationException", f"a console form must be 0..{limit} "
+                             "bytes (signed out: the sign-in form only)")
         with tempfile.SpooledTemporaryFile(max_size=limits.body_in_memory,
                                            dir=self.server.spool_dir) as spool:
             wire.read_body(length, spool.write)

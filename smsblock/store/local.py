@@ -299,22 +299,32 @@ class LocalStore(Store):
     def list_damage_records(self) -> dict[str, bytes]:
         out = {}
         try:
-            names = os.listdir(self._p("damaged"))
+            with subdir(self.root, "damaged") as folder_fd:      # never through a link
+                for n in os.listdir(folder_fd):
+                    if not (n.endswith(".json") and is_pack_id(n[:-5])):
+                        continue
+                    try:
+                        fd = os.open(n, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder_fd)
+                    except FileNotFoundError:
+                        continue
+                    with os.fdopen(fd, "rb") as f:
+                        out[n[:-5]] = f.read(1 << 20)
         except FileNotFoundError:
             return out
-        for n in names:
-            if n.endswith(".json") and is_pack_id(n[:-5]):
-                try:
-                    with open(self._p("damaged", n), "rb") as f:
-                        out[n[:-5]] = f.read(1 << 20)
-                except FileNotFoundError:
-                    continue
-                except OSError as e:
-                    raise StoreError(f"{self._p('damaged', n)}: cannot read: {e.strerror}") from None
+        except OSError as e:
+            raise StoreError(f"{_where(e, self._p('damaged'))}: cannot read damage records: "
+                             f"{e.strerror}") from None
         return out
 
     def delete_damage_record(self, pack_id: str) -> None:
-        remove_file(self._damage_path(pack_id))
+        path = self._damage_path(pack_id)
+        try:
+            with subdir(self.root, "damaged") as folder_fd:
+                remove_file(os.path.basename(path), dir_fd=folder_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreError(f"{_where(e, path)}: cannot delete damage record: {e.strerror}") from None
 
     # -- leftovers --------------------------------------------------------------------
     def holds_path(self, path) -> bool:
