@@ -44,3 +44,27 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "link").symlink_to(home)
     assert _demo("--dir", tmp_path / "link").returncode == 2
     assert (home / "thesis.tex").exists()
+
+
+def test_a_planted_marker_does_not_make_a_folder_deletable(tmp_path):
+    """The marker must be the demo's own: a regular file (not a link to one) in a private
+    folder; a folder someone else could write stays as it is."""
+    import stat
+    from smsblock.cli.demo import DEMO_MARKER
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    (shared / "keep.txt").write_text("mine")
+    (shared / DEMO_MARKER).write_text("planted")
+    real = tmp_path / "marker"
+    real.write_text("x")
+    linked = tmp_path / "linked"
+    linked.mkdir(mode=0o700)
+    (linked / "keep.txt").write_text("mine")
+    (linked / DEMO_MARKER).symlink_to(real)
+    for folder in (shared, linked):
+        proc = subprocess.run([sys.executable, "-m", "smsblock", "demo", "--json", "--dir", str(folder)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "not an earlier demo's folder" in proc.stderr, proc.stderr
+        assert (folder / "keep.txt").read_text() == "mine"
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755

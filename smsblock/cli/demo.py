@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
 
 from ..errors import SmsBlockError, UsageError
-from ..fsutil import make_root
+from ..fsutil import make_root, write_new_file
 from ..progress import terminal_progress
 from . import print_json
 
@@ -132,6 +133,18 @@ def _change_guest(work: Path, disk: Path, fs_image: Path) -> None:
 DEMO_MARKER = ".smsblock-demo"
 
 
+def _made_by_an_earlier_demo(work: Path) -> bool:
+    """``work`` is a 0700 folder of this user holding the demo's marker as a regular file
+    of this user (neither followed through a link)."""
+    try:
+        folder, marker = work.lstat(), (work / DEMO_MARKER).lstat()
+    except OSError:
+        return False
+    uid = os.getuid()
+    return (stat.S_ISDIR(folder.st_mode) and folder.st_uid == uid and not folder.st_mode & 0o077
+            and stat.S_ISREG(marker.st_mode) and marker.st_uid == uid)
+
+
 def run_demo(args) -> int:
     from ..disk.writer import convert
     from ..image.validate import inspect_and_validate
@@ -143,13 +156,14 @@ def run_demo(args) -> int:
 
     work = Path(args.dir).resolve()
     if work.exists():
-        # only a folder an earlier demo made (its marker file) is wiped: --dir ~ must not be
-        if not (work / DEMO_MARKER).is_file() and (not work.is_dir() or any(work.iterdir())):
+        # only a folder an earlier demo of this user made is wiped: --dir ~ must not be, nor
+        # a folder where someone else dropped a marker (or a link to one)
+        if not _made_by_an_earlier_demo(work) and (not work.is_dir() or any(work.iterdir())):
             raise UsageError(f"--dir {work}: exists and is not an earlier demo's folder "
                              "(give a new or empty folder)")
         shutil.rmtree(work)
     make_root(work)         # 0700
-    (work / DEMO_MARKER).write_text("made by smsblock demo; the next demo run deletes this folder\n")
+    write_new_file(work / DEMO_MARKER, b"made by smsblock demo; the next demo run deletes this folder\n")
     store_dir = work / "store"
     server = "s-demo0001"
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
