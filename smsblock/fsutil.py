@@ -168,25 +168,27 @@ def write_new_file(name, data: bytes, *, dir_fd: int | None = None, mode: int = 
 
 
 def replace_file(name, data: bytes, *, dir_fd: int | None = None, tmp_dir_fd: int | None = None,
-                 mode: int = FILE_MODE) -> None:
+                 mode: int = FILE_MODE, sync: bool = True) -> None:
     """The one atomic small-file write: ``data`` goes to a new temporary file (as
     :func:`write_new_file`: private, never through a link, fsynced), which is then renamed
     over ``name`` and the folder fsynced; readers see the old file or the new one, never a
     part.  ``name`` is relative to ``dir_fd`` (a path when None); the temporary file is
-    made in ``tmp_dir_fd`` (default: the same folder, which must be on the same filesystem)."""
+    made in ``tmp_dir_fd`` (default: the same folder, which must be on the same filesystem).
+    ``sync=False`` skips both fsyncs (a cache that may be lost)."""
     if tmp_dir_fd is None:
         tmp_dir_fd = dir_fd
     folder = os.path.dirname(os.fspath(name)) if dir_fd is None else ""
     tmp = os.path.join(folder, f".{uuid.uuid4().hex}.tmp") if tmp_dir_fd is None \
         else f".{uuid.uuid4().hex}.tmp"
-    write_new_file(tmp, data, dir_fd=tmp_dir_fd, mode=mode)
+    write_new_file(tmp, data, dir_fd=tmp_dir_fd, mode=mode, sync=sync)
     try:
         os.replace(tmp, name, src_dir_fd=tmp_dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=tmp_dir_fd)
         raise
-    fsync_dir(dir_fd if dir_fd is not None else (folder or "."))
+    if sync:
+        fsync_dir(dir_fd if dir_fd is not None else (folder or "."))
 
 
 def open_lock_file(name, *, dir_fd: int | None = None, mode: int = FILE_MODE) -> int:

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import ImageError, ImageNotFoundError, UsageError
-from ..fsutil import DIR_MODE, LINK_REFUSED, fsync_dir, is_link, make_root, write_new_file
+from ..fsutil import DIR_MODE, LINK_REFUSED, fsync_dir, is_link, make_root, replace_file, write_new_file
 
 IMAGE_ID = re.compile(r"ami-[0-9a-f]{17}")   # always fullmatch
 RECORD_FILE = "image.json"
@@ -120,19 +120,6 @@ class Catalog:
         record = self.show(image_id)
         record.pop("disk_path", None)
         record["boot_test"] = result
-        tmp = d / f".{RECORD_FILE}.{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, d / RECORD_FILE)     # atomic: readers see the old or the new record
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        fsync_dir(d)
+        # atomic: readers see the old record or the new one
+        replace_file(d / RECORD_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
         return record

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from ..errors import ImageError, ImageNotFoundError, UsageError
-from ..fsutil import fsync_dir, remove_file
+from ..fsutil import create_file, make_root, open_subdir, remove_file, replace_file
 from .catalog import Catalog, check_image_id
 
 INSTANCE_ID = re.compile(r"i-[0-9a-f]{17}")
@@ -117,8 +117,7 @@ def _qemu_path(value: str) -> str:
 
 def _exclusive_file(path: Path) -> None:
     """Create an empty owner-only file; fails on anything already there (a planted link)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    os.close(fd)
+    os.close(create_file(path))
 
 
 def _die_with_parent() -> None:
@@ -192,19 +191,7 @@ class Launches:
 
     def _save(self, record: dict) -> None:
         d = self._dir(record["instance_id"])
-        tmp = d / f".{RECORD_FILE}.{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, d / RECORD_FILE)
-        except BaseException:
-            remove_file(tmp)
-            raise
-        fsync_dir(d)
+        replace_file(d / RECORD_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
 
     def _load(self, instance_id: str) -> dict:
         path = self._dir(instance_id) / RECORD_FILE
@@ -248,11 +235,9 @@ class Launches:
         return sorted(out, key=lambda r: (r.get("launched", ""), r["instance_id"]))
 
     def _new_dir(self, instance_id: str) -> Path:
-        self.catalog.root.mkdir(parents=True, exist_ok=True)
-        try:
-            os.mkdir(self.root, 0o700)
-        except FileExistsError:
-            pass
+        # the catalog a 0700 root, `launches` a 0700 folder of it that is not a link
+        make_root(self.catalog.root)
+        os.close(open_subdir(self.catalog.root, LAUNCHES, create=True))
         d = self.root / instance_id
         os.mkdir(d, 0o700)                        # exclusive: an existing name fails
         return d
@@ -291,7 +276,7 @@ class Launches:
         d = self._new_dir(instance_id)
         overlay, console, firmware = d / OVERLAY_FILE, d / CONSOLE_FILE, d / FIRMWARE_FILE
         reads = d / DISK_READS_FILE if trace_disk_reads else None
-        for f in (overlay, console, firmware, d / QEMU_LOG_FILE, reads):
+        for f in (overlay, console, firmware, reads):
             if f is not None:
                 _exclusive_file(f)
         fmt = image.get("disk", {}).get("format", "vmdk")
@@ -310,7 +295,8 @@ class Launches:
                   "disk_reads_log": str(reads) if reads else None,
                   "backing": str(backing), "command": cmd}
         self._save(record)
-        with open(d / QEMU_LOG_FILE, "wb") as log:
+        # created new and written through this descriptor: never reopened by its name
+        with os.fdopen(create_file(d / QEMU_LOG_FILE), "wb") as log:
             try:
                 # own session and process group: terminate signals the whole group
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

@@ -53,7 +53,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ..errors import RunNotFoundError, StoreError, StoreLockedError, TransientStoreError, UsageError
-from ..fsutil import make_root, open_subdir, remove_file, subdir, write_new_file
+from ..fsutil import make_root, open_subdir, remove_file, replace_file, subdir
 from ..pack import INDEX_DTYPE, is_pack_id, pack_id_of, read_index, sealed_size
 from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id, no_store_error
 from .retry import RetryPolicy, error_code, http_status
@@ -604,9 +604,7 @@ class S3Store(Store):
         try:    # 0700 folders, a new 0600 file (O_EXCL), renamed in the same folder
             make_root(self.index_cache_dir)
             with subdir(self.index_cache_dir, pack_id[:2], create=True) as fd:
-                tmp = f"{name}.{uuid.uuid4().hex}.tmp"
-                write_new_file(tmp, index.tobytes(), dir_fd=fd, sync=False)
-                os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+                replace_file(name, index.tobytes(), dir_fd=fd, sync=False)
         except OSError as e:        # a cache: failing to fill it costs only time
             log.debug("%s: cannot cache the index of pack %s: %s", self.url, pack_id, e)
 
