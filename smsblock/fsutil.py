@@ -191,6 +191,36 @@ def replace_file(name, data: bytes, *, dir_fd: int | None = None, tmp_dir_fd: in
         fsync_dir(dir_fd if dir_fd is not None else (folder or "."))
 
 
+def read_small_file(path, limit: int) -> bytes:
+    """The bytes of a small regular file a user names (a password file, a JSON option):
+    opened without blocking (a FIFO could hang the caller), refused unless it is a
+    regular file (a device could be endless), at most ``limit`` bytes.  Raises ``OSError``
+    with a readable ``strerror``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        chunks, got = [], 0
+        while got <= limit:
+            chunk = os.read(fd, limit + 1 - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    finally:
+        os.close(fd)
+    if got > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes", os.fspath(path))
+    return b"".join(chunks)
+
+
+def first_line(data: bytes, limit: int) -> bytes:
+    """The first line of ``data`` with its end of line, at most ``limit`` bytes (as
+    ``readline(limit)`` gives it)."""
+    end = data.find(b"\n", 0, limit)
+    return data[:end + 1] if end >= 0 else data[:limit]
+
+
 def open_lock_file(name, *, dir_fd: int | None = None, mode: int = FILE_MODE) -> int:
     """Open (creating it 0600 if missing) a lock file for ``flock``: never through a link,
     and only a plain regular file with one name, since a caller may write its pid in it."""

@@ -390,7 +390,7 @@ def test_cli_changed_extents_file_not_regular_or_huge(replicated, tmp_path):
     os.mkfifo(fifo)
     before = tree_state(root)
     for path, what in ((huge, "larger than"), (fifo, "not a regular file"),
-                       (tmp_path, "not a regular file"), (tmp_path / "none", "cannot open")):
+                       (tmp_path, "not a regular file"), (tmp_path / "none", "No such file")):
         p = cli_replicate(disk, root, "--changed-extents", str(path))
         assert p.returncode == 2 and what in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert tree_state(root) == before

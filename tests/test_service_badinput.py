@@ -36,7 +36,7 @@ def test_vcenter_password_file_and_address_and_ca_bundle(tmp_path):
     good.write_text("secret\n")
     cases = [
         (["--vcenter", "vc.example", "--password-file", binary], "not UTF-8"),
-        (["--vcenter", "vc.example", "--password-file", "/dev/zero"], "not a password"),
+        (["--vcenter", "vc.example", "--password-file", "/dev/zero"], "not a regular file"),
         (["--vcenter", "http://[::1", "--password-file", good], "--vcenter"),
         (["--vcenter", "127.0.0.1:9", "--password-file", good, "--ca-bundle", garbage], "--ca-bundle"),
     ]

@@ -9,6 +9,7 @@ import signal
 import threading
 
 from ..errors import RunNotFoundError, UsageError
+from ..fsutil import read_small_file
 from ..progress import CancelToken, human_size, terminal_progress
 from . import add_json_flag, add_mode_flag, add_store_option, print_json
 from .disk_cmds import output_format
@@ -44,31 +45,13 @@ def read_changed_extents(path: str) -> list[tuple[int, int]]:
     byte offsets and lengths, from a regular file of at most MAX_CHANGED_EXTENTS_FILE
     bytes.  Returns the pairs; their order and bounds are checked by replicate."""
     import json
-    import os
-    import stat
     where = f"--changed-extents {path}"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        raw = read_small_file(path, MAX_CHANGED_EXTENTS_FILE)
     except OSError as e:
-        raise UsageError(f"{where}: cannot open: {e.strerror}") from None
+        raise UsageError(f"{where}: {e.strerror}") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):   # a FIFO or device could hang or be endless
-            raise UsageError(f"{where}: not a regular file")
-        chunks, got = [], 0
-        while got <= MAX_CHANGED_EXTENTS_FILE:
-            chunk = os.read(fd, MAX_CHANGED_EXTENTS_FILE + 1 - got)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-    except OSError as e:
-        raise UsageError(f"{where}: cannot read: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if got > MAX_CHANGED_EXTENTS_FILE:
-        raise UsageError(f"{where}: larger than {MAX_CHANGED_EXTENTS_FILE} bytes")
-    try:
-        doc = json.loads(b"".join(chunks).decode("utf-8"))
+        doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise UsageError(f"{where}: bad JSON: " + " ".join(str(e).split())[:200]) from None
     if not isinstance(doc, dict) or set(doc) != {"extents"} or not isinstance(doc["extents"], list):

@@ -119,21 +119,12 @@ def _source_config(text: str | None) -> dict:
         return {}
     where = "--source-config"
     if text.startswith("@"):
-        import os
-        import stat
+        from ..fsutil import read_small_file
         where = text[1:]
         try:
-            fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            raw = read_small_file(where, MAX_SOURCE_CONFIG)
         except OSError as e:
-            raise UsageError(f"--source-config {where}: cannot open: {e.strerror}") from None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise UsageError(f"--source-config {where}: not a regular file")
-            raw = os.read(fd, MAX_SOURCE_CONFIG + 1)
-        finally:
-            os.close(fd)
-        if len(raw) > MAX_SOURCE_CONFIG:
-            raise UsageError(f"--source-config {where}: larger than {MAX_SOURCE_CONFIG} bytes")
+            raise UsageError(f"--source-config {where}: {e.strerror}") from None
         text = raw.decode("utf-8", errors="replace")
     try:
         config = json.loads(text)

@@ -19,6 +19,7 @@ import threading
 import time
 import zipfile
 
+from ..fsutil import first_line, read_small_file
 from .. import __version__
 
 MAX_RECORDS = 5000
@@ -78,9 +79,8 @@ def known_secrets(server) -> list[str]:
         except (ValueError, AttributeError):
             continue
         if path:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    line = f.readline(4096).rstrip("\r\n")
+            try:      # without blocking, bounded: a FIFO or a device must not hang the console
+                line = first_line(read_small_file(path, 64 * 1024), 4096).decode("utf-8").rstrip("\r\n")
                 if line:
                     out.append(line)
             except (OSError, UnicodeDecodeError):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
+from ..fsutil import first_line, read_small_file
 from ..disk.base import Disk
 from ..errors import Cancelled, ConnectorError, UsageError, VSphereError
 from ..progress import check_cancel
@@ -126,8 +127,8 @@ class VCenterSettings:
         environ = os.environ if environ is None else environ
         if password_file:
             try:
-                with open(password_file, encoding="utf-8") as f:
-                    line = f.readline(4096)                    # bounded: /dev/zero is no file
+                # a regular file, read without blocking, bounded: not a FIFO, not /dev/zero
+                line = first_line(read_small_file(password_file, 64 * 1024), 4096).decode("utf-8")
                 password = line.rstrip("\r\n")
                 if "\0" in password or (len(line) == 4096 and not line.endswith("\n")):
                     raise UsageError(f"--password-file {password_file}: the first line is not a "
