@@ -2,8 +2,9 @@
 
 Server-rendered HTML (every value escaped through :mod:`.render`), one CSS and one JS
 file from package data (``static/``), no build step and nothing fetched from elsewhere.
-The pages call the same :class:`~smsblock.service.api.SmsService` methods as the SMS API,
-under the server's call lock, so the same rules and error messages apply.
+The pages call the same :class:`~smsblock.service.api.SmsService` methods as the SMS API
+(one console operation at a time, under ``Console.lock``; API calls never wait on it), so
+the same rules and error messages apply.
 
 Security:
 

@@ -14,16 +14,20 @@ import os
 from ..errors import ServiceError, UsageError
 
 
+MAX_CA_BUNDLE = 4 << 20      # a bundle of every public root CA is about 200 KB
+
 def update_vcenter_settings(service, connector_id: str, ca_bundle: str | None,
                             insecure: bool) -> dict:
     """Set ``caBundle`` and ``insecure`` of vCenter connector ``connector_id``; returns
     the new stored config (never a password: only where it comes from)."""
     import ssl
     if ca_bundle is not None:
-        if not os.path.isabs(ca_bundle):
-            raise UsageError(f"CA bundle {ca_bundle!r}: give an absolute path")
+        if len(ca_bundle) > 4096 or not os.path.isabs(ca_bundle):
+            raise UsageError(f"CA bundle {ca_bundle[:80]!r}: give an absolute path (at most 4096 characters)")
         if not os.path.isfile(ca_bundle):
             raise UsageError(f"CA bundle {ca_bundle}: no such file")
+        if os.path.getsize(ca_bundle) > MAX_CA_BUNDLE:     # parsed under the console's lock
+            raise UsageError(f"CA bundle {ca_bundle}: larger than {MAX_CA_BUNDLE} bytes")
         try:
             ssl.create_default_context(cafile=ca_bundle)
         except (ssl.SSLError, OSError) as e:

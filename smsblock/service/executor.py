@@ -49,7 +49,7 @@ from ..progress import CancelToken
 from .jobs import record_run_failure
 from .models import (LIVE_JOB_STATES, MAX_FAILURE_REASON, ReplicationJobState,
                      ReplicationRunState, bounded_message)
-from .sources import open_source
+from .sources import one_line, open_source
 from .state import ServiceConfig, State
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ class RunExecutor:
         except SmsBlockError as e:
             log.warning("run %s: could not deregister image %s of deleted job %s: %s",
                         run_id, ami_id, ctx.job["job_id"], e)
-            detail = f"; its image {ami_id} could not be deregistered: {_one_line(e)}"
+            detail = f"; its image {ami_id} could not be deregistered: {one_line(e)}"
         with self.state.transaction() as db:
             _end_deleted(db, run_id, self.clock(), detail)
         return ReplicationRunState.DELETED.value
@@ -380,10 +380,10 @@ class RunExecutor:
             return self._fail(ctx, f"cancelled: {e}")
         except (SmsBlockError, OSError) as e:
             log.warning("run %s failed: %s", run_id, e)
-            return self._fail(ctx, _one_line(e))
+            return self._fail(ctx, one_line(e))
         except Exception as e:   # a bug must not leave the run ACTIVE forever
             log.exception("run %s failed unexpectedly", run_id)
-            return self._fail(ctx, f"internal error: {type(e).__name__}: {_one_line(e)}")
+            return self._fail(ctx, f"internal error: {type(e).__name__}: {one_line(e)}")
         return self._complete(ctx, ami_id, summary, message)
 
     def _work(self, ctx: RunContext, cancel: CancelToken, watcher: "_Watcher"):
@@ -579,7 +579,3 @@ def _previous_disks(stack: contextlib.ExitStack, store_url: str,
         stack.callback(disk.close)
         out[d["key"]] = disk
     return out
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

@@ -96,7 +96,7 @@ def _load_plugin(kind: str) -> Callable[[dict], Source] | None:
         obj = ep.load()
     except Exception as e:   # noqa: BLE001 - whatever a broken plugin raises, one line
         raise ConnectorError(f"connector source kind {kind!r}: {_plugin_name(ep)} failed to "
-                             f"load: {type(e).__name__}: {_one_line(e)}") from None
+                             f"load: {type(e).__name__}: {one_line(e)}") from None
     factory = getattr(obj, "from_config", obj) if isinstance(obj, type) else obj
     if not callable(factory):
         raise ConnectorError(f"connector source kind {kind!r}: {_plugin_name(ep)} is not a "
@@ -106,8 +106,9 @@ def _load_plugin(kind: str) -> Callable[[dict], Source] | None:
     return factory
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split())
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An error as one line of at most ``limit`` characters (its type when it says nothing)."""
+    text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -138,7 +139,7 @@ def open_source(kind: str, config: dict) -> Source:
         raise
     except Exception as e:   # noqa: BLE001 - a plugin's bug is one line naming it
         raise ConnectorError(f"connector source kind {kind!r}: opening the source failed: "
-                             f"{type(e).__name__}: {_one_line(e)}") from None
+                             f"{type(e).__name__}: {one_line(e)}") from None
     for attr in ("manager_type", "manager_name", "manager_id"):
         if not isinstance(getattr(source, attr, None), str):
             with contextlib.suppress(Exception):
