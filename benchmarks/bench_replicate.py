@@ -194,7 +194,7 @@ def _run_rss(disk: Path, store: Path) -> tuple[float, int]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", _RSS_CHILD,
-                          "replicate", str(disk), "--store", str(store), "--server", "rss"],
+                          "replicate", str(disk), "--store", str(store), "--server", "rss", "--create"],
                          env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "0", out
     return time.perf_counter() - t, int(out[1]) * 1024
