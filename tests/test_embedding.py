@@ -355,7 +355,7 @@ def test_register_a_custom_kind_from_the_cli(chunks, tmp_path, capsys):
     (["--datastore", ".", "--source-config", "{}"], 2, "only valid with --source-kind"),
     (["--source-kind", "test-x", "--source-config", "{bad"], 2, "--source-config: bad JSON"),
     (["--source-kind", "test-x", "--source-config", "[1]"], 2, "must be a JSON object"),
-    (["--source-kind", "test-x", "--source-config", "@/nonexistent/c.json"], 2, "cannot open"),
+    (["--source-kind", "test-x", "--source-config", "@/nonexistent/c.json"], 2, "No such file"),
     (["--source-kind", "test-x", "--source-config", "@/"], 2, "not a regular file"),
     (["--source-kind", "Bad Kind"], 2, "not a kind name"),
     (["--source-kind", "no-such-kind"], 1, "unknown connector source kind 'no-such-kind'"),
