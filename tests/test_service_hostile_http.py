@@ -12,10 +12,8 @@ import tracemalloc
 
 import pytest
 
-from smsblock.service import SmsService
-from smsblock.service.server import Limits, make_server
-from test_service_server import CREDS, REGION, signed
-from test_service_sources import make_datastore
+from smsblock.service.server import Limits
+from test_service_server import serving, signed
 
 # short deadlines so the tests take seconds; the defaults are in docs/service.md
 LIMITS = Limits(max_connections=6, head_timeout=1.0, body_timeout=1.0, send_timeout=2.0)
@@ -23,15 +21,8 @@ LIMITS = Limits(max_connections=6, head_timeout=1.0, body_timeout=1.0, send_time
 
 @pytest.fixture
 def server(tmp_path):
-    svc = SmsService(tmp_path / "state")
-    svc.register_connector("datastore", {"path": str(make_datastore(tmp_path / "ds", 1))})
-    srv = make_server(svc, "127.0.0.1", 0, CREDS, region=REGION, limits=LIMITS)
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    svc.close()
+    with serving(tmp_path, limits=LIMITS) as srv:
+        yield srv
 
 
 def connect(srv, timeout=5.0) -> socket.socket:

@@ -7,16 +7,13 @@ Content-Type, and error messages of bounded size."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import pytest
 
-from smsblock.service import SmsService
-from smsblock.service.server import Limits, ServerCredentials, _parse_head, make_server
+from smsblock.service.server import Limits, ServerCredentials, _parse_head
 from test_service_hostile_http import raw, read_responses
-from test_service_server import CREDS, REGION
-from test_service_sources import make_datastore
+from test_service_server import CREDS, REGION, serving
 
 LIMITS = Limits(max_connections=8, max_connections_per_client=3, idle_timeout=0.5,
                 head_timeout=10.0, body_timeout=30.0, min_body_rate=1000, send_timeout=2.0)
@@ -24,15 +21,8 @@ LIMITS = Limits(max_connections=8, max_connections_per_client=3, idle_timeout=0.
 
 @pytest.fixture
 def server(tmp_path):
-    svc = SmsService(tmp_path / "state")
-    svc.register_connector("datastore", {"path": str(make_datastore(tmp_path / "ds", 1))})
-    srv = make_server(svc, "127.0.0.1", 0, CREDS, region=REGION, limits=LIMITS)
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    svc.close()
+    with serving(tmp_path, limits=LIMITS) as srv:
+        yield srv
 
 
 def connect(srv, source="127.0.0.1", timeout=5.0) -> socket.socket:

@@ -3,6 +3,7 @@ what the signature must bind, protocol errors, and that refused requests change 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -29,17 +30,27 @@ CREDS = ServerCredentials("AKIDTEST", "secret/key+1")
 REGION = "us-west-2"
 
 
-@pytest.fixture
-def server(tmp_path):
+@contextlib.contextmanager
+def serving(tmp_path, **make_server_options):
+    """`smsblock serve` in a thread on a free port, over a state with one datastore
+    connector; the server (its ``url``, ``service``)."""
     svc = SmsService(tmp_path / "state")
     svc.register_connector("datastore", {"path": str(make_datastore(tmp_path / "ds", 1))})
-    srv = make_server(svc, "127.0.0.1", 0, CREDS, region=REGION)
+    srv = make_server(svc, "127.0.0.1", 0, CREDS, region=REGION, **make_server_options)
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    svc.close()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        svc.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    with serving(tmp_path) as srv:
+        yield srv
 
 
 def signed(url, operation, body: bytes, *, creds=CREDS, when=None, region=REGION,
