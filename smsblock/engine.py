@@ -111,18 +111,8 @@ class RunSummary:
         return dataclasses.asdict(self)
 
 
-@dataclass
-class VerifyReport:
-    """What :func:`verify` checked and found; ``ok`` when ``problems`` is empty."""
-
-    packs_checked: int = 0
-    blocks_checked: int = 0
-    bytes_checked: int = 0
-    runs_checked: int = 0
-    problems: list[str] = field(default_factory=list)
-    unreferenced_packs: int = 0       # packs no run uses (left by a killed run; prune removes)
-    damaged_packs: int = 0            # packs with damage recorded (new runs store those blocks again)
-    leftovers: list[str] = field(default_factory=list)
+class _CheckReport:
+    """What a check found: ``ok`` when ``problems`` is empty; ``to_dict`` says it too."""
 
     @property
     def ok(self) -> bool:
@@ -135,7 +125,21 @@ class VerifyReport:
 
 
 @dataclass
-class DeepVerifyReport:
+class VerifyReport(_CheckReport):
+    """What :func:`verify` checked and found; ``ok`` when ``problems`` is empty."""
+
+    packs_checked: int = 0
+    blocks_checked: int = 0
+    bytes_checked: int = 0
+    runs_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    unreferenced_packs: int = 0       # packs no run uses (left by a killed run; prune removes)
+    damaged_packs: int = 0            # packs with damage recorded (new runs store those blocks again)
+    leftovers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DeepVerifyReport(_CheckReport):
     """What :func:`verify_run_against_disk` found: the blocks whose content in the run
     differs from the disk's now (``differing_blocks``: the first
     :data:`MAX_LISTED_BLOCKS` indexes; ``blocks_differing`` counts them all)."""
@@ -149,15 +153,6 @@ class DeepVerifyReport:
     differing_blocks: list[int] = field(default_factory=list)
     bytes_read: int = 0
     problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["ok"] = self.ok
-        return d
 
 
 MAX_LISTED_BLOCKS = 1000     # differing block indexes a deep verify report lists

@@ -205,21 +205,27 @@ def test_slowloris_headers_are_cut_off_at_the_head_deadline(server):
     assert got.startswith(b"HTTP/1.1 408 "), got
 
 
-def test_a_slow_body_is_cut_off_at_the_body_deadline(server):
-    s = connect(server)
-    start = time.monotonic()
+def trickle_body(server, s, ticks: int):
+    """Send a GetConnectors whose 100-byte body comes a byte every 0.1 s (``ticks`` at
+    most, until the server closes); the responses read and whether it closed."""
+    req = raw(server, "GetConnectors", b"{" + b" " * 98 + b"}")
     try:
-        req = raw(server, "GetConnectors", b"{" + b" " * 98 + b"}")
         s.sendall(req[:-90])
-        for i in range(40):
+        for _ in range(ticks):
             time.sleep(0.1)
             try:
                 s.sendall(b" ")
             except OSError:
                 break
-        responses, closed = read_responses(s, 2)
+        return read_responses(s, 2)
     finally:
         s.close()
+
+
+def test_a_slow_body_is_cut_off_at_the_body_deadline(server):
+    s = connect(server)
+    start = time.monotonic()
+    responses, closed = trickle_body(server, s, 40)
     assert [r[0] for r in responses] == [408] and closed
     assert time.monotonic() - start < LIMITS.body_timeout + 3
 

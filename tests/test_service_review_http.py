@@ -12,7 +12,7 @@ import time
 import pytest
 
 from smsblock.service.server import Limits, ServerCredentials, _parse_head
-from test_service_hostile_http import raw, read_responses
+from test_service_hostile_http import raw, read_responses, trickle_body
 from test_service_server import CREDS, REGION, serving
 
 LIMITS = Limits(max_connections=8, max_connections_per_client=3, idle_timeout=0.5,
@@ -127,20 +127,9 @@ def test_a_kept_alive_connection_is_closed_after_the_idle_timeout(server):
 
 def test_a_slow_small_body_is_cut_off_by_the_minimum_rate(server):
     """A 100-byte body may take idle_timeout + 0.1 s here, not body_timeout (30 s)."""
-    req = raw(server, "GetConnectors", b"{" + b" " * 98 + b"}")
     s = connect(server)
     start = time.monotonic()
-    try:
-        s.sendall(req[:-90])
-        for _ in range(50):
-            time.sleep(0.1)
-            try:
-                s.sendall(b" ")
-            except OSError:
-                break
-        responses, closed = read_responses(s, 2)
-    finally:
-        s.close()
+    responses, closed = trickle_body(server, s, 50)
     assert [r[0] for r in responses] == [408] and closed
     assert time.monotonic() - start < 4
 
