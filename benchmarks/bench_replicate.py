@@ -1,7 +1,8 @@
 """Replication run benchmarks (issue 3, outcome 8), peers measured in the same run.
 
 * first full run into a local store vs ``zstd -1 -T2`` of the same raw file (target <= 1.2x);
-* an incremental run with 2 % of the blocks changed vs a scan of the same image (<= 1.5x);
+* an incremental run with 2 % of the blocks changed vs a scan of the same image (<= 1.3x,
+  issue 11; wall and CPU time);
 * SHA-256 vs BLAKE3 content addresses, end to end (the store's ``address`` setting);
 * peak RSS of a run, in a subprocess (its own VmHWM), on a dense image and on a
   16 GiB sparse one (<= 256 MiB whatever the disk size), and the sparse run's time.
@@ -130,14 +131,15 @@ def test_first_full_run_vs_zstd(benchmark, image, tmp_path):
 
 def test_incremental_2pct_vs_scan(benchmark, image, tmp_path):
     """Each round changes 2 % of the blocks, times a plain scan (untimed setup), then the
-    incremental run; best rounds compared."""
+    incremental run; best rounds compared.  The CPU time of the process (all threads)
+    is compared too: on a shared machine it moves much less than the wall time."""
     store_dir = tmp_path / "store"
     _fresh(store_dir)
     replicate(image, store_dir, "srv")
     n_blocks = SIZE // BS
     rng = np.random.default_rng(11)
     changes = max(1, n_blocks * 2 // 100)
-    scans = []
+    scans, scan_cpu, ours_cpu = [], [], []
 
     def setup():
         with open(image, "r+b") as f:
@@ -146,16 +148,24 @@ def test_incremental_2pct_vs_scan(benchmark, image, tmp_path):
                 f.write(rng.bytes(BS))
         with open_disk(image) as d:
             scan(d)                             # page cache warm, as for the timed scan
+            cpu = time.process_time()
             scans.append(_timed(lambda: scan(d)))
+            scan_cpu.append(time.process_time() - cpu)
         return (), {}
 
-    summary = benchmark.pedantic(lambda: replicate(image, store_dir, "srv"), setup=setup,
-                                 rounds=5, iterations=1)
+    def ours():
+        cpu = time.process_time()
+        summary = replicate(image, store_dir, "srv")
+        ours_cpu.append(time.process_time() - cpu)
+        return summary
+
+    summary = benchmark.pedantic(ours, setup=setup, rounds=5, iterations=1)
     ours_s = benchmark.stats.stats.min
     scan_s = min(scans)
     _report(benchmark, image_mib=SIZE // MIB, blocks_changed=summary.blocks_changed,
             blocks_stored=summary.blocks_stored, incremental_s=round(ours_s, 3),
-            scan_s=round(scan_s, 3), ratio_vs_scan=round(ours_s / scan_s, 2), target="<= 1.5x scan")
+            scan_s=round(scan_s, 3), ratio_vs_scan=round(ours_s / scan_s, 2),
+            cpu_ratio_vs_scan=round(min(ours_cpu) / min(scan_cpu), 2), target="<= 1.3x scan")
 
 
 def test_address_algorithm_end_to_end(benchmark, image, tmp_path):

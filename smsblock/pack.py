@@ -26,7 +26,10 @@ their place in the store's packs: the global dedup index.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import mmap
 import os
 import struct
 import threading
@@ -81,7 +84,42 @@ def is_pack_id(name: str) -> bool:
 
 # --- writing -------------------------------------------------------------------
 
-WRITEBACK_CHUNK = 4 << 20
+WRITE_CHUNK = 4 << 20       # bytes per write, from one reused page-aligned buffer
+DIRECT_ALIGN = 4096         # O_DIRECT file offsets and lengths (any common logical block)
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+# Buffers kept for the next writer: a buffer's pages are faulted in once, not per pack
+# (first touches of fresh memory are what a pack write through the page cache cost).
+_spare_buffers: list[mmap.mmap] = []
+_spare_lock = threading.Lock()
+MAX_SPARE_BUFFERS = 2       # a filling pack and one being sealed
+
+
+def _take_buffer() -> mmap.mmap:
+    with _spare_lock:
+        if _spare_buffers:
+            return _spare_buffers.pop()
+    return mmap.mmap(-1, WRITE_CHUNK)       # page-aligned, as O_DIRECT needs
+
+
+def _give_buffer(buf: mmap.mmap) -> None:
+    with _spare_lock:
+        if len(_spare_buffers) < MAX_SPARE_BUFFERS:
+            _spare_buffers.append(buf)
+            return
+    buf.close()
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for ``fd``; False where the filesystem refuses it."""
+    if not _O_DIRECT:
+        return False
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | _O_DIRECT) if on else (flags & ~_O_DIRECT))
+    except OSError:
+        return False
+    return on
 
 
 class PackWriter:
@@ -89,6 +127,15 @@ class PackWriter:
 
     Not thread-safe: one writer thread owns it.  The file is fsynced by :meth:`seal`,
     before the store makes it visible under its id.
+
+    Bytes go through one reused, page-aligned buffer of :data:`WRITE_CHUNK` and are
+    written with ``O_DIRECT`` where the filesystem allows it: a pack is written once and
+    read rarely, so it is not copied into fresh page-cache pages (measured: that copy
+    cost the writer thread 50-60 ms of CPU per 20 MiB pack, as much as hashing 600 MiB,
+    and it evicted the page cache of the disk being read).  The tail is written padded
+    to :data:`DIRECT_ALIGN` and the file cut back to its size.  Elsewhere (tmpfs, some
+    network filesystems) it is written through the page cache, with writeback started
+    behind the writer so that the fsync waits only for the tail.
     """
 
     def __init__(self, path, algorithm: str):
@@ -96,12 +143,15 @@ class PackWriter:
         self.algorithm = algorithm
         self._alg_id = ALGORITHMS[algorithm]
         # a new private file: never through a link, never over a file that was there
-        self._f = open(self.path, "wb", opener=lambda path, _flags: create_file(path))
+        self._fd: int | None = create_file(self.path)
+        self.direct = _set_direct(self._fd, True)
+        self._buf: mmap.mmap | None = _take_buffer()
+        self._fill = 0              # bytes of the buffer not written yet
+        self._flushed = 0           # bytes of the file written (where the buffer starts)
         header = HEADER.pack(PACK_MAGIC, PACK_VERSION, self._alg_id, 0)
-        self._f.write(header)
+        self._put(header)
         self._frames_hash = xxhash.xxh3_64(header)      # header + frames: the footer's checksum
         self._offset = HEADER.size
-        self._written_back = 0      # bytes already handed to the kernel's writeback
         self._entries: list[tuple[bytes, int, int, int]] = []
 
     @property
@@ -113,17 +163,38 @@ class PackWriter:
         """Bytes written so far (frames and header)."""
         return self._offset
 
+    def _put(self, data) -> None:
+        view = memoryview(data)
+        while view:
+            n = min(len(view), WRITE_CHUNK - self._fill)
+            self._buf[self._fill:self._fill + n] = view[:n]
+            self._fill += n
+            view = view[n:]
+            if self._fill == WRITE_CHUNK:
+                self._write_buffer(WRITE_CHUNK)
+                self._flushed += WRITE_CHUNK
+                self._fill = 0
+
+    def _write_buffer(self, length: int) -> None:
+        """Write the buffer's first ``length`` bytes at the file's ``_flushed`` offset."""
+        with memoryview(self._buf) as whole, whole[:length] as view:
+            done = 0
+            while done < length:
+                try:
+                    done += os.pwrite(self._fd, view[done:], self._flushed + done)
+                except OSError as e:
+                    if not (self.direct and e.errno == errno.EINVAL):
+                        raise
+                    # an alignment this device does not take: the page cache, then
+                    self.direct = _set_direct(self._fd, False)
+        if not self.direct:
+            start_writeback(self._fd, self._flushed, length)
+
     def add(self, address: bytes, frame: bytes, ulen: int) -> None:
-        self._f.write(frame)
+        self._put(frame)
         self._frames_hash.update(frame)
         self._entries.append((address, self._offset, len(frame), ulen))
         self._offset += len(frame)
-        if self._offset - self._written_back >= WRITEBACK_CHUNK:
-            # start the disk writes now, behind the writer, so the fsync at the seal
-            # waits only for the tail (measured: 14 ms -> ~2 ms for a 20 MiB pack)
-            self._f.flush()
-            start_writeback(self._f.fileno(), self._written_back, self._offset - self._written_back)
-            self._written_back = self._offset
 
     def seal(self, sync: bool = True) -> tuple[str, np.ndarray]:
         """Write the index and footer, fsync, close; return ``(pack_id, index)``.
@@ -135,26 +206,46 @@ class PackWriter:
         for i, (address, offset, clen, ulen) in enumerate(self._entries):
             index[i] = (np.frombuffer(address, np.uint8), offset, clen, ulen)
         index_bytes = index.tobytes()
-        self._f.write(index_bytes)
-        self._f.write(FOOTER.pack(FOOTER_MAGIC, PACK_VERSION, self._alg_id, len(index),
-                                  self._offset, hashlib.sha256(index_bytes).digest(),
-                                  self._frames_hash.digest()))
-        self._f.flush()
+        self._put(index_bytes)
+        self._put(FOOTER.pack(FOOTER_MAGIC, PACK_VERSION, self._alg_id, len(index),
+                              self._offset, hashlib.sha256(index_bytes).digest(),
+                              self._frames_hash.digest()))
         self.sealed_size = self._offset + len(index_bytes) + FOOTER.size
+        tail = self._fill
+        if tail:
+            if self.direct:
+                padded = -(-tail // DIRECT_ALIGN) * DIRECT_ALIGN
+                self._buf[tail:padded] = bytes(padded - tail)
+                self._write_buffer(padded)
+                os.ftruncate(self._fd, self.sealed_size)
+            else:
+                self._write_buffer(tail)
+        self._release_buffer()
         if sync:
             self.sync()
         return pack_id_of(index_bytes), index
 
+    def _release_buffer(self) -> None:
+        if self._buf is not None:
+            buf, self._buf = self._buf, None
+            _give_buffer(buf)
+
     def sync(self) -> None:
         """fsync and close a sealed pack."""
-        if not self._f.closed:
-            os.fsync(self._f.fileno())
-            self._f.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def discard(self) -> None:
         """Close and delete the unsealed file (an error path)."""
         try:
-            self._f.close()
+            self._release_buffer()
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
         finally:
             remove_file(self.path)
 

@@ -1,0 +1,122 @@
+"""PackWriter's write path: O_DIRECT from one reused buffer where the filesystem allows it
+(a pack is not copied into the page cache), the page cache elsewhere; the bytes are the
+same either way, wherever the writes' chunk boundaries fall."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import mmap
+import os
+
+import numpy as np
+import pytest
+
+from smsblock import pack
+from smsblock.pack import (FOOTER, FOOTER_MAGIC, HEADER, INDEX_DTYPE, PACK_MAGIC, PACK_VERSION,
+                           WRITE_CHUNK, PackWriter, read_index)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def cached_pages(path) -> tuple[int, int]:
+    """(pages of the file in the page cache, pages of the file), by mincore(2)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        try:
+            if _libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            del addr
+        return sum(v & 1 for v in vec), pages
+
+
+def expected_pack(frames: list[bytes], ulen: int = 1 << 20) -> bytes:
+    """The pack file docs/formats.md describes, built independently of PackWriter."""
+    import xxhash
+    header = HEADER.pack(PACK_MAGIC, PACK_VERSION, 2, 0)
+    index = np.zeros(len(frames), INDEX_DTYPE)
+    offset = HEADER.size
+    for i, f in enumerate(frames):
+        index[i] = (np.frombuffer(hashlib.sha256(f).digest(), np.uint8), offset, len(f), ulen)
+        offset += len(f)
+    body = header + b"".join(frames)
+    ib = index.tobytes()
+    return body + ib + FOOTER.pack(FOOTER_MAGIC, PACK_VERSION, 2, len(frames), len(body),
+                                   hashlib.sha256(ib).digest(), xxhash.xxh3_64(body).digest())
+
+
+def write(path, frames: list[bytes], ulen: int = 1 << 20) -> PackWriter:
+    w = PackWriter(path, "blake3")
+    for f in frames:
+        w.add(hashlib.sha256(f).digest(), f, ulen)
+    w.seal()
+    return w
+
+
+def frame_sets():
+    rng = np.random.default_rng(5)
+    fixed = HEADER.size + FOOTER.size
+    yield "one small", [rng.bytes(100)]
+    yield "no frames", []
+    yield "crossing chunks", [rng.bytes(int(n)) for n in rng.integers(1, 3 << 20, 7)]
+    # the whole file exactly two chunks: no tail to pad
+    yield "chunk multiple", [rng.bytes(WRITE_CHUNK), rng.bytes(WRITE_CHUNK - fixed - 2 * 48)]
+    # a frame ending exactly where a chunk does, then more
+    yield "frame ends a chunk", [rng.bytes(WRITE_CHUNK - HEADER.size), rng.bytes(5000)]
+
+
+@pytest.mark.parametrize("name,frames", list(frame_sets()), ids=[n for n, _ in frame_sets()])
+def test_pack_bytes_wherever_chunks_end(tmp_path, name, frames):
+    path = tmp_path / "p.pack"
+    w = write(path, frames)
+    data = path.read_bytes()
+    assert data == expected_pack(frames)
+    assert w.sealed_size == len(data)
+    footer, index = read_index(lambda o, n: data[o:o + n], len(data), "p", check_id=False)
+    assert footer.count == len(frames)
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+
+
+def test_pack_is_written_around_the_page_cache(tmp_path):
+    """Where the filesystem takes O_DIRECT (tmp_path here), a sealed pack leaves (almost)
+    nothing in the page cache: its bytes were not copied into fresh cache pages."""
+    rng = np.random.default_rng(1)
+    frames = [rng.bytes(512 << 10) for _ in range(24)]       # 12 MiB
+    path = tmp_path / "p.pack"
+    w = write(path, frames)
+    if not getattr(w, "direct", True):
+        pytest.skip(f"{tmp_path}: the filesystem refuses O_DIRECT")
+    cached, pages = cached_pages(path)
+    assert pages > 3000
+    assert cached <= 2, f"{cached} of {pages} pages of the pack are in the page cache"
+    assert path.read_bytes() == expected_pack(frames)
+
+
+def test_a_device_refusing_the_alignment_gets_the_page_cache(tmp_path, monkeypatch):
+    """EINVAL from an O_DIRECT write (an alignment the device does not take) turns
+    O_DIRECT off for that pack and writes the same bytes through the page cache."""
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if fcntl_flags(fd) & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(pack.os, "pwrite", pwrite)
+    rng = np.random.default_rng(2)
+    frames = [rng.bytes(int(n)) for n in rng.integers(1, 2 << 20, 5)]
+    path = tmp_path / "p.pack"
+    w = write(path, frames)
+    assert not w.direct
+    assert path.read_bytes() == expected_pack(frames)
+
+
+def fcntl_flags(fd: int) -> int:
+    import fcntl
+    return fcntl.fcntl(fd, fcntl.F_GETFL)
