@@ -38,6 +38,7 @@ from .disk import Disk, open_disk
 from .errors import SmsBlockError, StoreError, UsageError
 from .manifest import DEFAULT_BLOCK_SIZE, BlockState, Manifest, check_block_size, diff
 from .progress import CancelToken, ProgressCallback, check_cancel, with_phase
+from .repository.fingerprints import check_changed_packs
 from .repository.prune import PruneReport, prune
 from .repository.rundisk import RunDisk
 from .repository.verify import DeepVerifyReport, VerifyReport, verify, verify_run_against_disk
@@ -214,6 +215,9 @@ def _replicate_locked(disk, store, server_id, block_size, progress, cancel, thre
                     f"{previous.disk_size} bytes") + ": run once without them")
         changed_runs = check_changed_extents(changed_extents, disk.size, block_size)
     run_id = new_run_id(previous_id)
+    # packs changed since this client last saw them are read whole first: damage found
+    # is recorded before the index is built, so the run never builds on it
+    check_changed_packs(store, threads=threads, cancel=cancel)
     # blocks a damage record names are not in it: the run stores them again
     index = store.block_index(for_new_runs=True)
     n_blocks = (disk.size + block_size - 1) // block_size

@@ -15,6 +15,7 @@ from ..pack import BlockLocation, PackWriter, address_function
 from ..progress import ProgressCallback, with_phase
 from ..store import Store, open_store
 from ..store.base import check_server_id
+from .fingerprints import PackFingerprints, note_sealed
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ def _rewrite_pack(store: Store, pack_id: str, entries: np.ndarray) -> tuple[str,
         writer.discard()
         raise
     store.put_pack(new_id, writer.path)
+    note_sealed(store, PackFingerprints(store), new_id)
     return new_id, writer.sealed_size
 
 

@@ -14,6 +14,7 @@ from ..errors import Cancelled, SmsBlockError, StoreError
 from ..pack import BlockIndex, PackWriter, address_function
 from ..progress import CancelToken, check_cancel
 from ..store import Store
+from .fingerprints import PackFingerprints, note_sealed
 
 QUEUE_DEPTH = 16          # compressed blocks waiting for the pack writer (bounds memory)
 
@@ -37,6 +38,7 @@ class _PackSink:
         self.bytes_stored = 0
         self.bytes_uncompressed = 0
         self.packs_sealed = 0
+        self.fingerprints = PackFingerprints(store)
         self.error: BaseException | None = None
         self._closing = False
         self._writer: PackWriter | None = None
@@ -113,6 +115,8 @@ class _PackSink:
                         self.store.forget_pack(pack_id)
                     else:
                         self.store.put_pack(pack_id, writer.path)
+                    # sealed by this client: the next run need not read it to trust it
+                    note_sealed(self.store, self.fingerprints, pack_id)
                     # not added to the run's index: the run's claimed set already skips
                     # these blocks, and a dict entry per stored block would cost memory
                     self.packs_sealed += 1

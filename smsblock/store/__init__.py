@@ -11,10 +11,10 @@ import os
 from urllib.parse import unquote, urlparse
 
 from ..errors import UsageError
-from .base import RunInfo, Store, StoreConfig, check_run_id, check_server_id
+from .base import PackStat, RunInfo, Store, StoreConfig, check_run_id, check_server_id
 from .local import LocalStore
 
-__all__ = ["open_store", "Store", "StoreConfig", "RunInfo", "LocalStore",
+__all__ = ["open_store", "Store", "StoreConfig", "RunInfo", "PackStat", "LocalStore",
            "check_server_id", "check_run_id"]
 
 

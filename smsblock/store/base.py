@@ -160,6 +160,17 @@ class DamageRecord:
             return cls(pack_id, set(), True, [f"unreadable damage record: {e}"], "?")
 
 
+@dataclass(frozen=True)
+class PackStat:
+    """A pack as a listing shows it: its size and a fingerprint that changes whenever the
+    stored object does (written, truncated, replaced, removed and put back): a local
+    file's inode, size, mtime and ctime (nobody can set a ctime back); an S3 object's
+    ETag, size and LastModified.  None: the backend cannot tell (the pack is checked)."""
+
+    size: int
+    fingerprint: str | None = None
+
+
 @dataclass
 class RunInfo:
     """One completed run of a server, as :meth:`Store.runs` lists it."""
@@ -221,8 +232,21 @@ class Store(abc.ABC):
         self.put_pack(pack_id, staged_path)
 
     @abc.abstractmethod
+    def list_pack_stats(self) -> dict[str, "PackStat"]:
+        """Every visible pack with its size and fingerprint, from one listing."""
+
     def list_packs(self) -> dict[str, int]:
         """Every visible pack: ``{pack_id: size in bytes}``."""
+        return {pid: st.size for pid, st in self.list_pack_stats().items()}
+
+    @abc.abstractmethod
+    def pack_fingerprint(self, pack_id: str) -> str | None:
+        """The fingerprint :meth:`list_pack_stats` gives this pack now (None: missing)."""
+
+    @abc.abstractmethod
+    def cache_dir(self) -> contextlib.AbstractContextManager[int]:
+        """A descriptor of this client's private folder for what it keeps about the store
+        (0700, created when missing, never a link), as a context manager."""
 
     @abc.abstractmethod
     def read_pack(self, pack_id: str, offset: int, length: int) -> bytes:

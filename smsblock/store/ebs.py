@@ -255,8 +255,14 @@ class EbsStore(Store):
     def replace_pack(self, pack_id: str, staged_path: str) -> None:
         self.staging.replace_pack(pack_id, staged_path)
 
-    def list_packs(self) -> dict[str, int]:
-        return self.staging.list_packs()
+    def list_pack_stats(self):
+        return self.staging.list_pack_stats()
+
+    def pack_fingerprint(self, pack_id: str):
+        return self.staging.pack_fingerprint(pack_id)
+
+    def cache_dir(self):
+        return self.staging.cache_dir()
 
     def read_pack(self, pack_id: str, offset: int, length: int) -> bytes:
         return self.staging.read_pack(pack_id, offset, length)

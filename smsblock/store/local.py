@@ -8,6 +8,7 @@ Layout::
     STORE/runs/<server_id>/<run_id>.manifest   one per completed run
     STORE/damaged/<pack_id>.json           damage records (what verify found damaged)
     STORE/tmp/                             packs and manifests being written
+    STORE/cache/                           what clients know of the packs (pack fingerprints)
 
 Packs and manifests are written in ``tmp/``, fsynced, then renamed into place (and the
 folder fsynced): a rename is the local form of an atomic, immutable put.  Anything left in
@@ -26,16 +27,23 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import uuid
 
 from ..errors import RunNotFoundError, StoreError, StoreLockedError
 from ..fsutil import (fsync_dir, make_root, open_lock_file, open_subdir, remove_file, replace_file,
                       subdir, write_new_file)
 from ..pack import is_pack_id
-from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id, no_store_error
+from .base import RUN_ID_RE, SERVER_ID_RE, PackStat, Store, check_run_id, check_server_id, no_store_error
 
 MANIFEST_SUFFIX = ".manifest"
 log = logging.getLogger(__name__)
+
+
+def _fingerprint(st: os.stat_result) -> str:
+    """Inode, size, mtime and ctime: any write, truncate or replace changes one of them,
+    and no user can set a ctime back."""
+    return f"{st.st_ino}.{st.st_size}.{st.st_mtime_ns}.{st.st_ctime_ns}"
 
 
 def _where(e: OSError, default: str) -> str:
@@ -151,7 +159,7 @@ class LocalStore(Store):
         except OSError as e:
             raise StoreError(f"{_where(e, dest)}: cannot store pack: {e.strerror}") from None
 
-    def list_packs(self) -> dict[str, int]:
+    def list_pack_stats(self) -> dict[str, PackStat]:
         out = {}
         try:
             packs_fd = open_subdir(self.root, "packs")
@@ -175,14 +183,38 @@ class LocalStore(Store):
                             if (name.endswith(".pack") and is_pack_id(name[:-5])
                                     and name.startswith(sub) and not e.is_symlink()):
                                 try:
-                                    out[name[:-5]] = e.stat(follow_symlinks=False).st_size
+                                    st = e.stat(follow_symlinks=False)
                                 except FileNotFoundError:
                                     continue
+                                out[name[:-5]] = PackStat(st.st_size, _fingerprint(st))
                 finally:
                     os.close(sub_fd)
         finally:
             os.close(packs_fd)
         return out
+
+    def pack_fingerprint(self, pack_id: str) -> str | None:
+        path = self._pack_path(pack_id)
+        try:
+            with subdir(self.root, "packs", pack_id[:2]) as folder_fd:
+                st = os.stat(pack_id + ".pack", dir_fd=folder_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreError(f"{_where(e, path)}: cannot stat pack: {e.strerror}") from None
+        return _fingerprint(st) if stat.S_ISREG(st.st_mode) else None
+
+    @contextlib.contextmanager
+    def cache_dir(self):
+        # inside the store: what this client knows of the packs travels with them
+        try:
+            fd = open_subdir(self.root, "cache", create=True)
+        except OSError as e:
+            raise StoreError(f"{_where(e, self._p('cache'))}: cannot open: {e.strerror}") from None
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def read_pack(self, pack_id: str, offset: int, length: int) -> bytes:
         path = self._pack_path(pack_id)

@@ -55,7 +55,8 @@ import numpy as np
 from ..errors import RunNotFoundError, StoreError, StoreLockedError, TransientStoreError, UsageError
 from ..fsutil import make_root, open_subdir, remove_file, replace_file, subdir
 from ..pack import INDEX_DTYPE, is_pack_id, pack_id_of, read_index, sealed_size
-from .base import RUN_ID_RE, SERVER_ID_RE, Store, check_run_id, check_server_id, no_store_error
+from .base import (RUN_ID_RE, SERVER_ID_RE, PackStat, Store, check_run_id, check_server_id,
+                   no_store_error)
 from .retry import RetryPolicy, error_code, http_status
 from .s3config import CloudSettings
 from .throttle import ThrottledBody, TokenBucket
@@ -111,6 +112,14 @@ def _parts_fit(parts: dict, size: int, part_size: int) -> bool:
         if psize != want:
             return False
     return True
+
+
+def _fingerprint(etag, size, last_modified) -> str | None:
+    """ETag, size and LastModified (whole seconds: a listing gives milliseconds, a HEAD
+    seconds) of an object: an overwrite changes them."""
+    if not etag or last_modified is None:
+        return None
+    return f"{etag.strip(chr(34))}.{int(size)}.{int(last_modified.timestamp())}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -748,7 +757,7 @@ class S3Store(Store):
                 raise
         self._call(f"complete multipart upload of {where}", go)
 
-    def list_packs(self) -> dict[str, int]:
+    def list_pack_stats(self) -> dict[str, PackStat]:
         objects, _, _ = self._list("packs/", "list packs")
         out = {}
         for o in objects:
@@ -756,8 +765,36 @@ class S3Store(Store):
             if len(parts) == 3 and parts[2].endswith(".pack"):
                 pid = parts[2][:-5]
                 if is_pack_id(pid) and pid.startswith(parts[1]):
-                    out[pid] = int(o["Size"])
+                    out[pid] = PackStat(int(o["Size"]),
+                                        _fingerprint(o.get("ETag"), o["Size"], o.get("LastModified")))
         return out
+
+    def pack_fingerprint(self, pack_id: str) -> str | None:
+        rel = self._pack_rel(pack_id)
+
+        def go():
+            try:
+                h = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
+            except self._bx.ClientError as e:
+                if _not_found(e):
+                    return None
+                raise
+            return _fingerprint(h.get("ETag"), h["ContentLength"], h.get("LastModified"))
+        return self._call(f"look at {self._where(rel)}", go)
+
+    @contextlib.contextmanager
+    def cache_dir(self):
+        # beside the pack-index cache: this machine's, private, per store URL
+        parent, name = os.path.split(self.index_cache_dir)
+        try:
+            make_root(parent)
+            fd = open_subdir(parent, name, create=True)
+        except OSError as e:
+            raise StoreError(f"{self.index_cache_dir}: cannot open: {e.strerror}") from None
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def read_pack(self, pack_id: str, offset: int, length: int) -> bytes:
         """Bytes of a pack by ranged GET.  Reads that continue where the previous read of
