@@ -10,17 +10,17 @@ import numpy as np
 
 from ..errors import StoreError
 from ..pack import verify_pack
-from ..store import Store
+from .repository import Repository
 
 
-def check_pack(store: Store, pack_id: str, size: int):
+def check_pack(store: Repository, pack_id: str, size: int):
     """Read a whole pack and check every part of it: ``(index or None, good, problems)``
     as :func:`~smsblock.pack.verify_pack` gives them."""
     return verify_pack(lambda o, n: store.read_pack(pack_id, o, n), size,
                        store.pack_name(pack_id), store.config.address)
 
 
-def record_check(store: Store, pack_id: str, index: np.ndarray | None, good, problems: list[str],
+def record_check(store: Repository, pack_id: str, index: np.ndarray | None, good, problems: list[str],
                  old) -> bool:
     """Make the pack's damage record say what a read of every byte just found (``old``:
     its record before).  True when the store now says so (no damage, or the damage is
@@ -32,7 +32,7 @@ def record_check(store: Store, pack_id: str, index: np.ndarray | None, good, pro
     return not problems or pack_id in store.list_damage_records()
 
 
-def _update_damage_record(store: Store, pack_id: str, index: np.ndarray, good: np.ndarray,
+def _update_damage_record(store: Repository, pack_id: str, index: np.ndarray, good: np.ndarray,
                           problems: list[str], old) -> None:
     """Make the pack's damage record say what verify just found (a read of every byte)."""
     bad = index["address"][~good]

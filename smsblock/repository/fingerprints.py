@@ -15,7 +15,7 @@ What this does not see: bytes that change with no metadata change (media rot, a 
 below the file system); ``verify`` reads every byte and finds those.
 
 The records are one journal per store in the store's cache folder
-(:meth:`~smsblock.store.base.Store.cache_dir`): ``pack-fingerprints``, a line
+(:meth:`~smsblock.store.base.Repository.cache_dir`): ``pack-fingerprints``, a line
 ``<pack id> <fingerprint>`` per record, appended in one ``O_APPEND`` write (several
 processes may append), the last line of a pack winning; rewritten compactly (atomic
 replace) when it holds many lines of packs that are gone.  Losing a line or the file
@@ -32,7 +32,7 @@ from ..errors import StoreError
 from ..fsutil import append_file, read_file_at, replace_file
 from ..pack import is_pack_id
 from ..progress import CancelToken, check_cancel
-from ..store import Store
+from .repository import Repository
 from .checks import check_pack, record_check
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ RECORDS = "pack-fingerprints"
 class PackFingerprints:
     """The fingerprint records of one store (thread-safe)."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Repository):
         self.store = store
         self._lock = threading.Lock()
 
@@ -88,7 +88,7 @@ class PackFingerprints:
             log.warning("%s: cannot rewrite the pack fingerprints: %s", self.store.url, e)
 
 
-def note_sealed(store: Store, records: PackFingerprints, pack_id: str) -> None:
+def note_sealed(store: Repository, records: PackFingerprints, pack_id: str) -> None:
     """Record a pack this client just put (its fingerprint as the backend shows it now)."""
     try:
         records.note(pack_id, store.pack_fingerprint(pack_id))
@@ -96,7 +96,7 @@ def note_sealed(store: Store, records: PackFingerprints, pack_id: str) -> None:
         log.warning("%s: cannot fingerprint pack %s: %s", store.url, pack_id, e)
 
 
-def check_changed_packs(store: Store, *, threads: int = 2,
+def check_changed_packs(store: Repository, *, threads: int = 2,
                         cancel: CancelToken | None = None) -> list[str]:
     """Verify (read whole) every listed pack whose fingerprint is new or differs from its
     record, recording what is damaged (so no run builds on it) and the fingerprint of

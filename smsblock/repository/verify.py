@@ -16,8 +16,7 @@ from ..manifest import BlockState, Manifest
 from ..pack import BlockIndex
 from ..progress import CancelToken, ProgressCallback, check_cancel, with_phase
 from ..scanner import scan
-from ..store import open_store
-from ..store.base import check_run_id, check_server_id
+from .repository import check_run_id, check_server_id
 from .checks import check_pack, record_check
 from .fingerprints import PackFingerprints
 
@@ -93,7 +92,6 @@ def verify(store, *, progress: ProgressCallback | None = None,
     ``progress`` counts pack bytes read.
     """
     progress = with_phase(progress, "verifying")
-    store = open_store(store)
     store.require()
     report = VerifyReport()
     with store.lock(exclusive=False, purpose="verify"):
@@ -163,7 +161,6 @@ def verify_run_against_disk(store, server_id: str, disk, run_id: str | None = No
     check_server_id(server_id)
     if run_id is not None:
         check_run_id(run_id)
-    store = open_store(store)
     store.require()
     own_disk = not isinstance(disk, Disk)
     if own_disk:
