@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import os
 import re
 from dataclasses import dataclass
 
 from ..errors import StoreError
+from ..fsutil import make_root, open_subdir
 
 _COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 MAX_DEPTH = 4
@@ -57,6 +59,24 @@ def check_prefix(prefix: str, where: str = "") -> list[str]:
     if not isinstance(prefix, str) or not prefix.endswith("/"):
         raise StoreError(f"{where}: {prefix!r} is not a listing prefix (ends with /)")
     return check_name(prefix[:-1], where)
+
+
+@contextlib.contextmanager
+def private_folder(root: str, *parts: str, make_parent: bool = False):
+    """A descriptor of the 0700 folder ``root/parts...`` (made when missing, never through
+    a link below ``root``; ``make_parent``: ``root`` made too), as a context manager;
+    StoreError naming it when it cannot be had."""
+    try:
+        if make_parent:
+            make_root(root)
+        fd = open_subdir(root, *parts, create=True)
+    except OSError as e:
+        path = os.path.join(root, *parts)
+        raise StoreError(f"{path}: cannot open: {e.strerror}") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 class Backend(abc.ABC):

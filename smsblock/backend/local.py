@@ -24,9 +24,9 @@ import stat
 import uuid
 
 from ..errors import StoreError, StoreLockedError
-from ..fsutil import (fsync_dir, make_root, open_lock_file, open_subdir, remove_file, replace_file,
+from ..fsutil import (FILE_MODE, fsync_dir, make_root, open_lock_file, open_subdir, remove_file, replace_file,
                       subdir, write_new_file)
-from .base import Backend, ObjectStat, check_name, check_prefix
+from .base import Backend, ObjectStat, check_name, check_prefix, private_folder
 
 log = logging.getLogger("smsblock.store.local")
 INTERNAL = ("lock", "tmp", "cache")         # the backend's own, never objects
@@ -114,6 +114,15 @@ class LocalBackend(Backend):
                     subdir(self.root, *parts[:-1], create=True) as folder_fd:
                 if path is not None:
                     staged = self._staged_name(path)
+                    # whoever staged it: a regular file, owner-only, before it is visible
+                    fd = os.open(staged, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                                 dir_fd=tmp_fd)
+                    try:
+                        if not stat.S_ISREG(os.fstat(fd).st_mode):
+                            raise StoreError(f"{path}: not a regular file")
+                        os.fchmod(fd, FILE_MODE)
+                    finally:
+                        os.close(fd)
                     # renameat replaces a name, never writes through a link that was there
                     os.replace(staged, parts[-1], src_dir_fd=tmp_fd, dst_dir_fd=folder_fd)
                     fsync_dir(folder_fd)
@@ -255,17 +264,9 @@ class LocalBackend(Backend):
         except OSError as e:
             raise StoreError(f"{self._p('tmp', name)}: cannot remove leftover: {e.strerror}") from None
 
-    @contextlib.contextmanager
     def cache_dir(self):
         # inside the root: what a client knows of the objects travels with them
-        try:
-            fd = open_subdir(self.root, "cache", create=True)
-        except OSError as e:
-            raise StoreError(f"{_where(e, self._p('cache'))}: cannot open: {e.strerror}") from None
-        try:
-            yield fd
-        finally:
-            os.close(fd)
+        return private_folder(self.root, "cache")
 
     def holds_path(self, path) -> bool:
         root, target = os.path.realpath(self.root), os.path.realpath(path)

@@ -52,7 +52,7 @@ from urllib.parse import urlparse
 
 from ..errors import StoreError, StoreLockedError, TransientStoreError, UsageError
 from ..fsutil import make_root, open_subdir, remove_file
-from .base import Backend, ObjectStat, check_name, check_prefix
+from .base import Backend, ObjectStat, check_name, check_prefix, private_folder
 from .retry import RetryPolicy, error_code, http_status
 from .s3config import CloudSettings
 from .throttle import ThrottledBody, TokenBucket
@@ -416,19 +416,10 @@ class S3Backend(Backend):
                 out.append(os.path.join(self.staging_dir, name))
         return out
 
-    @contextlib.contextmanager
     def cache_dir(self):
         # beside the staging folder: this machine's, private, per store URL
         parent, name = os.path.split(self.index_cache_dir)
-        try:
-            make_root(parent)
-            fd = open_subdir(parent, name, create=True)
-        except OSError as e:
-            raise StoreError(f"{self.index_cache_dir}: cannot open: {e.strerror}") from None
-        try:
-            yield fd
-        finally:
-            os.close(fd)
+        return private_folder(parent, name, make_parent=True)
 
     # -- lock ----------------------------------------------------------------------------
     def _lock_body(self, purpose: str) -> bytes:

@@ -424,6 +424,13 @@ class Repository:
         """Publish a run's manifest in one atomic, durable step."""
         self.backend.put(self._manifest_rel(server_id, run_id), bytes(data), what="publish manifest")
 
+    def put_manifest_file(self, server_id: str, run_id: str, staged_path: str) -> None:
+        """Publish a run's manifest from a file built at :meth:`staging_path` (consumed):
+        a large manifest need not be held in memory.  Atomic and durable like
+        :meth:`put_manifest_bytes`."""
+        self.backend.put(self._manifest_rel(server_id, run_id), path=staged_path, replace=True,
+                         what="publish manifest")
+
     def delete_manifest(self, server_id: str, run_id: str) -> None:
         """Remove a run (missing is fine)."""
         self.backend.delete(self._manifest_rel(server_id, run_id), what="delete manifest")

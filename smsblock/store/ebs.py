@@ -124,6 +124,13 @@ class EbsStore(Repository):
         super().put_manifest_bytes(server_id, run_id, manifest.to_bytes())
         self.publisher.done(info)
 
+    def put_manifest_file(self, server_id: str, run_id: str, staged_path: str) -> None:
+        # the snapshot's record goes into the manifest: parsed, published, then committed
+        with open(staged_path, "rb") as f:
+            data = f.read()
+        self.put_manifest_bytes(server_id, run_id, data)
+        os.unlink(staged_path)
+
     def snapshot_run(self, server_id: str, run_id: str, manifest: Manifest) -> dict:
         """Turn a run into a completed EBS snapshot (see :meth:`EbsPublisher.publish`)."""
         return self.publisher.publish(server_id, run_id, manifest)
