@@ -61,3 +61,14 @@ def test_a_manifest_is_published_from_a_staged_file(tmp_path):
     assert oct(os.stat(tmp_path / "s" / "runs" / "x" / f"{run_id}.manifest").st_mode & 0o777) == "0o600"
     with pytest.raises(StoreError, match="not a file staged"):
         store.put_manifest_file("x", run_id, str(disk))
+
+
+def test_a_manifest_reads_in_ranges(tmp_path):
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(range(256)) * (2 * BS // 256))
+    store = open_store(tmp_path / "s")
+    store.initialise()
+    s = replicate(disk, store, "x", block_size=BS)
+    whole = store.get_manifest_bytes("x", s.run_id)
+    parts = [store.get_manifest_bytes("x", s.run_id, o, 100) for o in range(0, len(whole), 100)]
+    assert b"".join(parts) == whole and store.get_manifest_bytes("x", s.run_id, 10) == whole[10:]

@@ -413,9 +413,12 @@ class Repository:
                if n.endswith(MANIFEST_SUFFIX) and n.count("/") == 2)
         return sorted(i for i in ids if RUN_ID_RE.fullmatch(i))
 
-    def get_manifest_bytes(self, server_id: str, run_id: str) -> bytes:
-        """A run's manifest (RunNotFoundError when missing)."""
-        data = self.backend.get(self._manifest_rel(server_id, run_id), what="read manifest")
+    def get_manifest_bytes(self, server_id: str, run_id: str, offset: int = 0,
+                           length: int | None = None) -> bytes:
+        """A run's manifest, or ``length`` bytes of it from ``offset`` (a reader that
+        streams a large manifest); RunNotFoundError when missing."""
+        data = self.backend.get(self._manifest_rel(server_id, run_id), offset, length,
+                                what="read manifest")
         if data is None:
             raise RunNotFoundError(f"{self.url}: no run {run_id!r} of server {server_id!r}")
         return data

@@ -1,4 +1,6 @@
-"""Block stores behind one protocol: :func:`open_store` picks the backend from a URL.
+"""Block stores: :func:`open_store` picks the backend from a URL and returns the
+repository over it (:class:`~smsblock.repository.Repository`, also named ``Store``); the
+names embedders import live here.  Layers: docs/architecture.md, "The store's layers".
 
 * a local path or ``file:///path``: :class:`LocalStore` (the embedded default);
 * ``s3://BUCKET/PREFIX``: :class:`~smsblock.store.s3.S3Store` (settings: docs/cloud.md);
