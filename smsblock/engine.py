@@ -38,10 +38,12 @@ from .disk import Disk, open_disk
 from .errors import SmsBlockError, StoreError, UsageError
 from .manifest import DEFAULT_BLOCK_SIZE, BlockState, Manifest, check_block_size, diff
 from .progress import CancelToken, ProgressCallback, check_cancel, with_phase
-from .repository.prune import PruneReport, prune
+from .repository.fingerprints import check_changed_packs
+from .repository import prune as _prune, verify as _verify
+from .repository.prune import PruneReport
 from .repository.rundisk import RunDisk
-from .repository.verify import DeepVerifyReport, VerifyReport, verify, verify_run_against_disk
-from .repository.writer import _BlockStorer, _PackSink
+from .repository.verify import DeepVerifyReport, VerifyReport
+from .repository.writer import BlockStorer, PackSink
 from .scanner import check_changed_extents, scan
 from .store import open_store
 from .store.base import check_run_id, check_server_id
@@ -214,11 +216,14 @@ def _replicate_locked(disk, store, server_id, block_size, progress, cancel, thre
                     f"{previous.disk_size} bytes") + ": run once without them")
         changed_runs = check_changed_extents(changed_extents, disk.size, block_size)
     run_id = new_run_id(previous_id)
+    # packs changed since this client last saw them are read whole first: damage found
+    # is recorded before the index is built, so the run never builds on it
+    check_changed_packs(store, threads=threads, cancel=cancel)
     # blocks a damage record names are not in it: the run stores them again
     index = store.block_index(for_new_runs=True)
     n_blocks = (disk.size + block_size - 1) // block_size
-    sink = _PackSink(store, set(store.list_damage_records()))
-    storer = _BlockStorer(store, index, sink, n_blocks, cancel)
+    sink = PackSink(store, set(store.list_damage_records()))
+    storer = BlockStorer(store, index, sink, n_blocks, cancel)
     sealed = False
     try:
         manifest = scan(disk, block_size=block_size, previous=previous, on_changed=storer,
@@ -321,6 +326,7 @@ def _restore_raw(run: RunDisk, out_path: str, progress, cancel, mode) -> None:
 
 
 def _write_run(run: RunDisk, fd: int, out_path: str, progress, cancel, device: bool) -> None:
+    from .disk.writer import write_all
     m = run.manifest
     data_blocks = np.flatnonzero(m.states == BlockState.DATA)
     total = sum(m.block_range(int(i))[1] for i in data_blocks)
@@ -333,17 +339,12 @@ def _write_run(run: RunDisk, fd: int, out_path: str, progress, cancel, device: b
             zeros = bytes(bs)
             for i in np.flatnonzero(m.states != BlockState.DATA):
                 off, length = m.block_range(int(i))
-                os.pwrite(fd, zeros[:length], off)
+                write_all(fd, zeros[:length], off, out_path)
         for i in data_blocks:
             check_cancel(cancel)
             i = int(i)
             data = run.block(i)
-            off = i * bs
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(fd, view, off)
-                view = view[n:]
-                off += n
+            write_all(fd, data, i * bs, out_path)
             done += len(data)
             if progress is not None:
                 progress(done, total)
@@ -389,3 +390,23 @@ def restore(store, server_id: str, out_path, *, run_id: str | None = None, forma
             write_stream_optimized(run, out_path, progress=progress, cancel=cancel, mode=mode)
     return manifest
 
+
+# --- the repository's checks on a Store or a path/URL -------------------------------------
+
+def verify(store, **kw) -> VerifyReport:
+    """:func:`smsblock.repository.verify.verify` (read every pack, check every manifest)
+    on a Store or a store path/URL."""
+    return _verify.verify(open_store(store), **kw)
+
+
+def verify_run_against_disk(store, server_id: str, disk, run_id: str | None = None,
+                            **kw) -> DeepVerifyReport:
+    """:func:`smsblock.repository.verify.verify_run_against_disk` (re-read the whole disk
+    and compare it with a run) on a Store or a store path/URL."""
+    return _verify.verify_run_against_disk(open_store(store), server_id, disk, run_id, **kw)
+
+
+def prune(store, server_id: str, keep: int, **kw) -> PruneReport:
+    """:func:`smsblock.repository.prune.prune` (delete old runs and the blocks no run
+    references) on a Store or a store path/URL."""
+    return _prune.prune(open_store(store), server_id, keep, **kw)

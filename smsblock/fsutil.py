@@ -191,6 +191,41 @@ def replace_file(name, data: bytes, *, dir_fd: int | None = None, tmp_dir_fd: in
         fsync_dir(dir_fd if dir_fd is not None else (folder or "."))
 
 
+def append_file(name, data: bytes, *, dir_fd: int | None = None, mode: int = FILE_MODE) -> None:
+    """Append ``data`` to ``name`` (created ``mode`` when missing) in one ``write`` with
+    ``O_APPEND``: a short record (a journal line) lands whole even when several processes
+    append at once.  Never through a link; only a regular file is appended to."""
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | _CLOEXEC,
+                     mode, dir_fd=dir_fd)
+    except OSError as e:
+        raise _explain(e, name, dir_fd) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (not appended to)", os.fspath(name))
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_file_at(name, *, dir_fd: int | None = None) -> bytes | None:
+    """The bytes of a regular file smsblock made (``name`` relative to ``dir_fd``), read
+    without following a link or blocking on a FIFO; None when it does not exist."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise _explain(e, name, dir_fd) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(name))
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def read_small_file(path, limit: int) -> bytes:
     """The bytes of a small regular file a user names (a password file, a JSON option):
     opened without blocking (a FIFO could hang the caller), refused unless it is a

@@ -117,7 +117,9 @@ def _worker_pipeline(fn: Callable, items: Iterable, threads: int, cancel: Cancel
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _write_all(fd: int, data, offset: int, path: str) -> None:
+def write_all(fd: int, data, offset: int, path: str) -> None:
+    """The one raw write of the project: all of ``data`` at ``offset`` of ``fd`` (a file
+    or a device), ``pwrite`` until done; DiskIOError naming ``path`` and the offset."""
     view = memoryview(data).cast("B")
     done = 0
     while done < len(view):
@@ -369,13 +371,13 @@ class _StreamWriter:
         if start + n // SECTOR > MAX_FILE_SECTORS:
             raise DiskError("streamOptimized output would pass 2 TiB (32-bit sector "
                             "offsets)", self.path, start * SECTOR)
-        _write_all(self.fd, data, start * SECTOR, self.path)
+        write_all(self.fd, data, start * SECTOR, self.path)
         self.pos += n // SECTOR
         return start
 
     def pad_to(self, sector: int) -> None:
         if sector > self.pos:
-            _write_all(self.fd, bytes((sector - self.pos) * SECTOR), self.pos * SECTOR, self.path)
+            write_all(self.fd, bytes((sector - self.pos) * SECTOR), self.pos * SECTOR, self.path)
             self.pos = sector
 
     def grains(self, first_grain: int, records, sizes: np.ndarray) -> None:
@@ -540,7 +542,7 @@ def write_raw(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
         view = buf[:length]
         _read_exact(disk, start, view)
         for s, t in nonzero_runs(view, RAW_HOLE_BLOCK):
-            _write_all(part.fd, view[s:t], start + s, part.part)
+            write_all(part.fd, view[s:t], start + s, part.part)
         return start, length
 
     with PartialFile(out_path, mode) as part:

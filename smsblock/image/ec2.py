@@ -8,21 +8,17 @@ architecture inspection found.  The endpoint is configurable (``endpoint_url``),
 EC2/EBS-compatible service, or moto's server in the tests, can stand in for AWS.
 
 This makes a full snapshot of one run.  Incremental snapshots (a run as a child of the
-previous run's snapshot, ParentSnapshotId) belong to the EBS snapshot store.
+previous run's snapshot, ParentSnapshotId) belong to the EBS publisher.  Both send blocks
+through the one EBS uploader (:class:`smsblock.publish.ebs.EbsUploader`): one retry
+policy, one bandwidth cap, one checksum code; its settings are the ``[ebs]`` ones
+(docs/cloud.md).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import time
-
-from .._deflate import is_zero
-from ..errors import ImageError
-from ..progress import check_cancel, with_phase
-
-EBS_BLOCK = 512 * 1024
-GIB = 1 << 30
+from ..errors import ImageError, StoreError
+from ..progress import with_phase
+from ..publish.ebs import EBS_BLOCK, GIB, EbsUploader
 ARCHITECTURES = {"x86_64": "x86_64", "i386": "i386", "aarch64": "arm64"}
 
 
@@ -39,17 +35,19 @@ def _data_blocks(disk):
         last = max(last, end - 1)
 
 
-def _clients(endpoint_url, region):
+def _settings(endpoint_url, region):
     try:
         import boto3
-        from botocore.config import Config
     except ImportError:
         raise ImageError("--target ec2 needs boto3 (pip install smsblock[cloud])") from None
-    cfg = Config(retries={"mode": "standard"})     # attempts: AWS_MAX_ATTEMPTS, else 3
-    session = boto3.session.Session()
-    region = region or session.region_name or "us-east-1"
-    return (session.client("ebs", endpoint_url=endpoint_url, region_name=region, config=cfg),
-            session.client("ec2", endpoint_url=endpoint_url, region_name=region, config=cfg))
+    from ..backend.s3config import CloudSettings
+    region = region or boto3.session.Session().region_name or "us-east-1"
+    return CloudSettings.load(section="ebs", endpoint_url=endpoint_url, region=region)
+
+
+def _clients(endpoint_url, region):
+    settings = _settings(endpoint_url, region)
+    return settings.client("ebs", max_pool=settings.parallel), settings.client("ec2")
 
 
 def register_ec2(disk, *, name: str, description: str, architecture: str,
@@ -63,65 +61,47 @@ def register_ec2(disk, *, name: str, description: str, architecture: str,
     if arch is None:
         raise ImageError(f"EC2 images cannot have architecture {architecture!r}")
     ebs, ec2 = _clients(endpoint_url, region)
+    up = EbsUploader(_settings(endpoint_url, region), ebs=ebs, ec2=ec2)
     size_gib = max(1, -(-disk.size // GIB))
     snapshot_id = None
-    try:
-        snap = ebs.start_snapshot(VolumeSize=size_gib, Description=description[:255],
-                                  Tags=[{"Key": k, "Value": str(v)} for k, v in (tags or {}).items()])
-        snapshot_id = snap["SnapshotId"]
+
+    def read(index: int) -> bytes:
         buf = bytearray(EBS_BLOCK)
-        sent = 0
-        for index in _data_blocks(disk):       # a generator: memory stays flat on huge disks
-            check_cancel(cancel)
-            n = disk.readinto(index * EBS_BLOCK, buf)
-            if n < EBS_BLOCK:
-                buf[n:] = bytes(EBS_BLOCK - n)
-            if not is_zero(buf):   # an all-zero block reads as zeros without being sent
-                data = bytes(buf)
-                checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
-                ebs.put_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index, BlockData=data,
-                                       DataLength=EBS_BLOCK, Checksum=checksum,
-                                       ChecksumAlgorithm="SHA256")
-                sent += 1
-            if progress is not None:
-                progress(min((index + 1) * EBS_BLOCK, disk.size), disk.size)
+        n = disk.readinto(index * EBS_BLOCK, buf)
+        if n < EBS_BLOCK:
+            buf[n:] = bytes(EBS_BLOCK - n)
+        return bytes(buf)
+
+    def done(index: int) -> None:
+        if progress is not None:
+            progress(min((index + 1) * EBS_BLOCK, disk.size), disk.size)
+    try:
+        snapshot_id = up.start(volume_gib=size_gib, description=description, tags=tags or {})
+        # a generator of indexes: memory stays flat on huge disks; all-zero blocks read as
+        # zeros without being sent
+        sent = len(up.put_blocks(snapshot_id, _data_blocks(disk), read, skip_zero=True,
+                                 cancel=cancel, on_block=done))
         if progress is not None:
             progress(disk.size, disk.size)
-        ebs.complete_snapshot(SnapshotId=snapshot_id, ChangedBlocksCount=sent)
-        _wait_completed(ec2, snapshot_id, cancel)
-        image = ec2.register_image(
+        up.complete(snapshot_id, sent)
+        up.wait_completed(snapshot_id, cancel)
+        image = up.call(f"register image {name}", lambda: ec2.register_image(
             Name=name, Description=description[:255], Architecture=arch,
             RootDeviceName="/dev/sda1", VirtualizationType="hvm", BootMode="legacy-bios",
             BlockDeviceMappings=[{"DeviceName": "/dev/sda1",
-                                  "Ebs": {"SnapshotId": snapshot_id, "DeleteOnTermination": True}}])
+                                  "Ebs": {"SnapshotId": snapshot_id, "DeleteOnTermination": True}}]))
     except BaseException as e:       # cancelled, disk error or AWS error: drop the snapshot
         if snapshot_id is not None:
             try:
-                ec2.delete_snapshot(SnapshotId=snapshot_id)
-            except (ClientError, BotoCoreError):
+                up.delete_snapshot(snapshot_id)
+            except (ClientError, BotoCoreError, StoreError):
                 pass
-        if isinstance(e, (ClientError, BotoCoreError)):
+        if isinstance(e, (ClientError, BotoCoreError, StoreError)):
             raise ImageError(f"EC2 registration failed at {endpoint_url or 'the default endpoint'}: "
                              f"{e}") from None
         raise
     return {"ec2_image_id": image["ImageId"], "snapshot_id": snapshot_id, "blocks_sent": sent,
             "volume_size_gib": size_gib, "endpoint_url": endpoint_url}
-
-
-def _wait_completed(ec2, snapshot_id, cancel, timeout=600.0):
-    deadline = time.monotonic() + timeout
-    delay = 0.2
-    while True:
-        state = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0].get("State")
-        if state == "completed":
-            return
-        if state == "error":
-            raise ImageError(f"EBS snapshot {snapshot_id} ended in state error")
-        if time.monotonic() > deadline:
-            raise ImageError(f"EBS snapshot {snapshot_id} still {state} after {timeout:.0f} s")
-        check_cancel(cancel)
-        time.sleep(delay)
-        delay = min(delay * 2, 5.0)
 
 
 def _ec2_failure(what, endpoint_url, e) -> ImageError:

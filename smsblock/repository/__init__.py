@@ -1,17 +1,17 @@
-"""The repository: what a store holds on top of its objects (packs, the block index,
-manifests, damage records) and the store-side work of the engine: the pack writer of a
-run, reading a run back (:class:`RunDisk`), :func:`verify` and :func:`prune`.
+"""The repository: what a store holds on top of a backend's objects (packs, the block
+index, manifests, damage records, pack fingerprints) and the store-side work of the
+engine: the pack writer of a run (``writer``), reading a run back (``rundisk``),
+``verify`` and ``prune``.
 
-:mod:`smsblock.engine` re-exports the public names, so ``from smsblock.engine import
-verify`` keeps working.
+Layers: :mod:`smsblock.engine` -> :mod:`smsblock.repository` -> :mod:`smsblock.backend`;
+:mod:`smsblock.publish` (EBS) runs after a run's manifest is put.  :mod:`smsblock.store`
+keeps the names embedders import (``open_store``, ``Store``, ``LocalStore``...), and
+:mod:`smsblock.engine` the functions (``verify``, ``prune``) on a Store or a path/URL.
 """
 
 from __future__ import annotations
 
-from .prune import PruneReport, prune
+from .repository import Repository
 from .rundisk import RunDisk
-from .verify import DeepVerifyReport, VerifyReport, verify, verify_run_against_disk
-from .writer import QUEUE_DEPTH
 
-__all__ = ["RunDisk", "verify", "verify_run_against_disk", "prune", "VerifyReport",
-           "DeepVerifyReport", "PruneReport", "QUEUE_DEPTH"]
+__all__ = ["Repository", "RunDisk"]

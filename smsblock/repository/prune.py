@@ -13,8 +13,9 @@ from ..errors import StoreCorruptError, UsageError
 from ..manifest import BlockState
 from ..pack import BlockLocation, PackWriter, address_function
 from ..progress import ProgressCallback, with_phase
-from ..store import Store, open_store
-from ..store.base import check_server_id
+from .repository import Repository
+from .repository import check_server_id
+from .fingerprints import PackFingerprints, note_sealed
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _address_view(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).view(np.dtype((np.void, 32))).reshape(-1)
 
 
-def _live_addresses(store: Store, server_id: str, doomed: list[str]) -> np.ndarray:
+def _live_addresses(store: Repository, server_id: str, doomed: list[str]) -> np.ndarray:
     """The content addresses (unique, as ``_address_view`` items) every run but the doomed
     ones references.  Read before prune deletes anything: a manifest that does not load
     stops prune with nothing removed."""
@@ -55,7 +56,7 @@ def _live_addresses(store: Store, server_id: str, doomed: list[str]) -> np.ndarr
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.dtype((np.void, 32)))
 
 
-def _readable_packs(store: Store) -> tuple[list[tuple[str, int]], list[np.ndarray]]:
+def _readable_packs(store: Repository) -> tuple[list[tuple[str, int]], list[np.ndarray]]:
     """``([(pack_id, size)], [index])`` of the packs whose index reads; a damaged one is
     left alone for a human (verify reports it)."""
     packs, indexes = [], []
@@ -68,7 +69,7 @@ def _readable_packs(store: Store) -> tuple[list[tuple[str, int]], list[np.ndarra
     return packs, indexes
 
 
-def _entry_ranks(store: Store, packs: list[tuple[str, int]], indexes: list[np.ndarray]
+def _entry_ranks(store: Repository, packs: list[tuple[str, int]], indexes: list[np.ndarray]
                  ) -> tuple[np.ndarray, set[str]]:
     """Per index entry (in pack order) how good a copy of its block it is: 0 sound,
     1 in a pack damaged outside its frames (readable, used only when no sound copy
@@ -119,7 +120,7 @@ def _wanted_entries(indexes: list[np.ndarray], live: np.ndarray,
     return wanted & (ranks < 2) & np.isin(addrs, live)
 
 
-def _rewrite_pack(store: Store, pack_id: str, entries: np.ndarray) -> tuple[str, int]:
+def _rewrite_pack(store: Repository, pack_id: str, entries: np.ndarray) -> tuple[str, int]:
     """Put a new pack of ``entries`` of ``pack_id`` (frames copied as they are); return
     its id and size."""
     writer = PackWriter(store.staging_path(".pack.tmp"), store.config.address)
@@ -132,6 +133,7 @@ def _rewrite_pack(store: Store, pack_id: str, entries: np.ndarray) -> tuple[str,
         writer.discard()
         raise
     store.put_pack(new_id, writer.path)
+    note_sealed(store, PackFingerprints(store), new_id)
     return new_id, writer.sealed_size
 
 
@@ -146,12 +148,11 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
     no space keeps its pack whole (``packs_left`` counts them) instead of failing.
 
     Takes the store lock exclusively: fails with StoreLockedError while a run or a
-    :meth:`Store.run_disk` reader uses the store.  ``dry_run=True``
+    :meth:`Repository.run_disk` reader uses the store.  ``dry_run=True``
     changes nothing and returns what would be deleted (runs, whole packs and the blocks
     in them; blocks a rewrite would drop are counted too, their bytes are not).
     """
     progress = with_phase(progress, "pruning")
-    store = open_store(store)
     store.require()
     check_server_id(server_id)
     if not isinstance(keep, int) or keep < 0:
@@ -234,7 +235,7 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
     return report
 
 
-def _prune_dry_run(store: Store, doomed: list[str], live: np.ndarray,
+def _prune_dry_run(store: Repository, doomed: list[str], live: np.ndarray,
                    report: PruneReport) -> PruneReport:
     """What :func:`prune` would delete, computed without changing anything."""
     report.runs_deleted = list(doomed)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import xxhash
@@ -13,17 +13,19 @@ from ..disk.blocks import BlockDisk
 from ..errors import StoreCorruptError
 from ..manifest import BlockState, Manifest
 from ..pack import BlockIndex, address_function
-from ..store import Store
+
+if TYPE_CHECKING:       # the repository makes RunDisks; RunDisk only reads through it
+    from .repository import Repository
 
 class RunDisk(BlockDisk):
     """A read-only :class:`~smsblock.disk.Disk` over one run, reading blocks from the packs.
 
     DATA blocks are extents of kind DATA, ZERO blocks extents of kind ZERO, unallocated
     blocks are gaps.  Thread-safe; keeps a few inflated blocks cached.  ``hold`` (what
-    :meth:`Store.run_disk` passes: the store lock it took) is closed by :meth:`close`.
+    :meth:`Repository.run_disk` passes: the store lock it took) is closed by :meth:`close`.
     """
 
-    def __init__(self, store: Store, manifest: Manifest, index: BlockIndex | None = None,
+    def __init__(self, store: Repository, manifest: Manifest, index: BlockIndex | None = None,
                  hold: contextlib.ExitStack | None = None):
         super().__init__()
         self._hold = hold
@@ -89,7 +91,7 @@ class RunDisk(BlockDisk):
             yield Extent(lo, hi - lo, ExtentKind.DATA if state == BlockState.DATA else ExtentKind.ZERO)
 
     def close(self) -> None:
-        """Release what the disk holds (the store lock of :meth:`Store.run_disk`); idempotent."""
+        """Release what the disk holds (the store lock of :meth:`Repository.run_disk`); idempotent."""
         hold, self._hold = self._hold, None
         if hold is not None:
             hold.close()

@@ -4,7 +4,6 @@ packs) and :func:`verify_run_against_disk` (a run compared with the disk as it i
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -12,13 +11,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..disk import Disk, open_disk
-from ..errors import ManifestError, RunNotFoundError, StoreError
+from ..errors import ManifestError, RunNotFoundError
 from ..manifest import BlockState, Manifest
-from ..pack import BlockIndex, verify_pack
+from ..pack import BlockIndex
 from ..progress import CancelToken, ProgressCallback, check_cancel, with_phase
 from ..scanner import scan
-from ..store import Store, open_store
-from ..store.base import check_run_id, check_server_id
+from .repository import check_run_id, check_server_id
+from .checks import check_pack, record_check
+from .fingerprints import PackFingerprints
 
 
 class _CheckReport:
@@ -92,22 +92,22 @@ def verify(store, *, progress: ProgressCallback | None = None,
     ``progress`` counts pack bytes read.
     """
     progress = with_phase(progress, "verifying")
-    store = open_store(store)
     store.require()
     report = VerifyReport()
     with store.lock(exclusive=False, purpose="verify"):
         algorithm = store.config.address
-        packs = store.list_packs()
+        stats = store.list_pack_stats()      # fingerprints as they were before the reads
+        packs = {pid: st.size for pid, st in stats.items()}
         total = sum(packs.values())
         done = 0
         good_packs: dict[str, np.ndarray] = {}
         damage = store.damage()
+        records = PackFingerprints(store)
 
         def check(item):
             pack_id, size = item
             check_cancel(cancel)
-            return pack_id, size, verify_pack(lambda o, n: store.read_pack(pack_id, o, n), size,
-                                              store.pack_name(pack_id), algorithm)
+            return pack_id, size, check_pack(store, pack_id, size)
 
         # two packs at a time: inflating and hashing release the GIL
         with ThreadPoolExecutor(threads, thread_name_prefix="smsblock-verify") as pool:
@@ -118,8 +118,9 @@ def verify(store, *, progress: ProgressCallback | None = None,
                 if index is not None:
                     report.blocks_checked += len(index)
                     good_packs[pack_id] = index[good]
-                    _update_damage_record(store, pack_id, index, good, problems,
-                                          damage.get(pack_id))
+                if record_check(store, pack_id, index, good, problems, damage.get(pack_id)):
+                    # read whole and what it holds recorded: runs need not read it again
+                    records.note(pack_id, stats[pack_id].fingerprint)
                 report.bytes_checked += size
                 done += size
                 if progress is not None:
@@ -160,7 +161,6 @@ def verify_run_against_disk(store, server_id: str, disk, run_id: str | None = No
     check_server_id(server_id)
     if run_id is not None:
         check_run_id(run_id)
-    store = open_store(store)
     store.require()
     own_disk = not isinstance(disk, Disk)
     if own_disk:
@@ -198,22 +198,6 @@ def verify_run_against_disk(store, server_id: str, disk, run_id: str | None = No
     finally:
         if own_disk:
             disk.close()
-
-
-def _update_damage_record(store: Store, pack_id: str, index: np.ndarray, good: np.ndarray,
-                          problems: list[str], old) -> None:
-    """Make the pack's damage record say what verify just found (a read of every byte)."""
-    bad = index["address"][~good]
-    whole = len(problems) > len(bad)          # damage outside the frames
-    if not problems:
-        if old is not None:
-            with contextlib.suppress(StoreError):
-                store.delete_damage_record(pack_id)
-        return
-    found = {a.tobytes() for a in bad}
-    if old is not None and (old.addresses, old.pack) == (found, whole):
-        return
-    store.record_damage(pack_id, found, pack=whole, problems=problems, by="verify", replace=True)
 
 
 def _check_manifest(m: Manifest, server_id, run_id, algorithm, index: BlockIndex, where,

@@ -1,5 +1,5 @@
-"""The pack writer of a run: :class:`_PackSink` (a writer thread filling packs, a syncer
-thread putting each sealed pack under its id) and :class:`_BlockStorer` (a run's
+"""The pack writer of a run: :class:`PackSink` (a writer thread filling packs, a syncer
+thread putting each sealed pack under its id) and :class:`BlockStorer` (a run's
 ``on_changed``: address a block, skip it when the store holds it, compress it)."""
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ import zstandard
 from ..errors import Cancelled, SmsBlockError, StoreError
 from ..pack import BlockIndex, PackWriter, address_function
 from ..progress import CancelToken, check_cancel
-from ..store import Store
+from .repository import Repository
+from .fingerprints import PackFingerprints, note_sealed
 
 QUEUE_DEPTH = 16          # compressed blocks waiting for the pack writer (bounds memory)
 
 
 # --- the pack writer ----------------------------------------------------------------
 
-class _PackSink:
+class PackSink:
     """Owns the pack being filled.  A writer thread appends frames from a bounded queue
     and seals the pack each time it reaches the store's pack size; a syncer thread then
     fsyncs it and puts it under its id, while the writer already fills the next pack
@@ -28,7 +29,7 @@ class _PackSink:
 
     _STOP = object()
 
-    def __init__(self, store: Store, damaged: set[str] = frozenset()):
+    def __init__(self, store: Repository, damaged: set[str] = frozenset()):
         self.store = store
         self.damaged = set(damaged)     # ids of packs with a damage record
         self.pack_size = store.config.pack_size
@@ -37,6 +38,7 @@ class _PackSink:
         self.bytes_stored = 0
         self.bytes_uncompressed = 0
         self.packs_sealed = 0
+        self.fingerprints = PackFingerprints(store)
         self.error: BaseException | None = None
         self._closing = False
         self._writer: PackWriter | None = None
@@ -113,6 +115,8 @@ class _PackSink:
                         self.store.forget_pack(pack_id)
                     else:
                         self.store.put_pack(pack_id, writer.path)
+                    # sealed by this client: the next run need not read it to trust it
+                    note_sealed(self.store, self.fingerprints, pack_id)
                     # not added to the run's index: the run's claimed set already skips
                     # these blocks, and a dict entry per stored block would cost memory
                     self.packs_sealed += 1
@@ -144,11 +148,11 @@ class _PackSink:
             raise StoreError(f"pack writer failed: {err}") from err
 
 
-class _BlockStorer:
+class BlockStorer:
     """``on_changed`` of a run: address each changed block, store it unless the store
     already has it.  Called concurrently from the scan's worker threads."""
 
-    def __init__(self, store: Store, index: BlockIndex, sink: _PackSink, n_blocks: int,
+    def __init__(self, store: Repository, index: BlockIndex, sink: PackSink, n_blocks: int,
                  cancel: CancelToken | None):
         cfg = store.config
         self.address_of = address_function(cfg.address)

@@ -1,4 +1,6 @@
-"""Block stores behind one protocol: :func:`open_store` picks the backend from a URL.
+"""Block stores: :func:`open_store` picks the backend from a URL and returns the
+repository over it (:class:`~smsblock.repository.Repository`, also named ``Store``); the
+names embedders import live here.  Layers: docs/architecture.md, "The store's layers".
 
 * a local path or ``file:///path``: :class:`LocalStore` (the embedded default);
 * ``s3://BUCKET/PREFIX``: :class:`~smsblock.store.s3.S3Store` (settings: docs/cloud.md);
@@ -11,10 +13,10 @@ import os
 from urllib.parse import unquote, urlparse
 
 from ..errors import UsageError
-from .base import RunInfo, Store, StoreConfig, check_run_id, check_server_id
+from .base import PackStat, RunInfo, Store, StoreConfig, check_run_id, check_server_id
 from .local import LocalStore
 
-__all__ = ["open_store", "Store", "StoreConfig", "RunInfo", "LocalStore",
+__all__ = ["open_store", "Store", "StoreConfig", "RunInfo", "PackStat", "LocalStore",
            "check_server_id", "check_run_id"]
 
 
