@@ -469,29 +469,40 @@ class DiskIndex:
 
     # -- sync -----------------------------------------------------------------------------
     def sync(self, listed: dict[str, int], read_index: Callable[[str, int], np.ndarray | None]
-             ) -> list[Segment]:
+             ) -> tuple[list[Segment], list[str]]:
         """Bring the index up to date with ``listed`` (``{pack_id: size}``): index the
         packs it lacks (``read_index(pack_id, size)`` gives a pack's index, or None to
         leave the pack out), merge when there are too many segments or dead entries.
-        Returns the live segments (to look up in)."""
+        Returns ``(segments, lacking)``: the live segments to look up in, and the listed
+        packs they lack because the index could not be written (a full disk): the
+        caller holds those in memory for this process."""
         with self._lock:
             listed_keys = _pack_keys(listed)
             try:
-                with self._locked(exclusive=False) as dfd:
-                    gen, names = self._read_current(dfd)
-                    if gen != self.generation or set(names) != set(self.segments):
-                        segs, bad = self._load(dfd, names)
-                    else:
-                        segs, bad = self.segments, []
-                self.segments = segs        # checked: not checked again below
-                if not bad and not self._needs_work(segs, listed_keys):
-                    self.generation = gen
-                    return list(segs.values())
-            except IndexDamaged:
-                pass        # the exclusive pass below finds it again and rebuilds
-            with self._locked(exclusive=True) as dfd:
-                self._update(dfd, listed, listed_keys, read_index)
-            return list(self.segments.values())
+                try:
+                    with self._locked(exclusive=False) as dfd:
+                        gen, names = self._read_current(dfd)
+                        if gen != self.generation or set(names) != set(self.segments):
+                            segs, bad = self._load(dfd, names)
+                        else:
+                            segs, bad = self.segments, []
+                    self.segments = segs        # checked: not checked again below
+                    if not bad and not self._needs_work(segs, listed_keys):
+                        self.generation = gen
+                        return list(segs.values()), []
+                except IndexDamaged:
+                    pass        # the exclusive pass below finds it again and rebuilds
+                with self._locked(exclusive=True) as dfd:
+                    self._update(dfd, listed, listed_keys, read_index)
+                return list(self.segments.values()), []
+            except (OSError, StoreError) as e:
+                # the index is a cache of the packs: a run goes on without updating it
+                log.warning("%s: cannot update the block index (%s): the packs it lacks "
+                            "are held in memory by this process", self.path,
+                            e.strerror if isinstance(e, OSError) and e.strerror else e)
+                segs = list(self.segments.values())
+                lacking = ~np.isin(listed_keys, _indexed_keys(segs))
+                return segs, [pid for pid, lack in zip(listed, lacking.tolist()) if lack]
 
     def _needs_work(self, segs: dict[str, Segment], listed_keys: np.ndarray) -> bool:
         have = _indexed_keys(segs.values())
@@ -693,8 +704,10 @@ class BlockIndex:
         packs = packs or {}
         listed = {pid: sealed_size(index) for pid, index in packs.items()}
         di = DiskIndex(tmp)
-        segs = di.sync(listed, lambda pid, size: packs[pid])
+        segs, lacking = di.sync(listed, lambda pid, size: packs[pid])
         self._init(segs, listed, {}, False)
+        for pid in lacking:
+            self.add(pid, packs[pid])
 
     @classmethod
     def _view(cls, segments: list[Segment], listed: dict[str, int], damage: dict,
@@ -903,5 +916,15 @@ def store_block_index(store, *, for_new_runs: bool = False) -> BlockIndex:
             store.forget_pack(pid)      # indexed on disk now: not kept in memory too
 
     di = DiskIndex.for_dir(_usable_dir(index_dir_of(store)))
-    segments = di.sync(listed, read)
-    return BlockIndex._view(segments, listed, damage, for_new_runs)
+    segments, lacking = di.sync(listed, read)
+    view = BlockIndex._view(segments, listed, damage, for_new_runs)
+    for pid in lacking:         # the index could not be written: these in memory
+        record = damage.get(pid)
+        if record is not None and record.pack and for_new_runs:
+            continue
+        index = read(pid, listed[pid])
+        if index is not None and record is not None and record.addresses:
+            index = index[~record.holds(index["address"])]
+        if index is not None:
+            view.add(pid, index)
+    return view
