@@ -46,7 +46,6 @@ reads no pack index it has read before.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import errno
 import fcntl
@@ -68,6 +67,7 @@ import xxhash
 from .errors import StoreError
 from .fsutil import (create_file, fsync_dir, make_root, open_lock_file, open_subdir,
                      remove_file, replace_file)
+from . import _blockindex as _native
 from .pack import INDEX_DTYPE, BlockLocation, sealed_size
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,11 @@ assert PACK_DTYPE.itemsize == 48
 
 CURRENT = "CURRENT"
 CURRENT_FORMAT = "smsblock-block-index"
-MAX_SEGMENTS = 8            # more than this after an update: merge the small ones
+MAX_SEGMENTS = 4            # more than this after an update: merge the small ones
 DEAD_FRACTION = 0.25        # entries of packs gone above this share: merge everything
 BUILD_CHUNK = 256 << 10     # entries sorted in memory at once when indexing new packs
 MERGE_BUDGET = 256 << 10    # entries buffered in memory by a merge, all inputs together
+MERGE_MIN = 1024            # ... but at least this many per input
 WINDOW = FENCE_EVERY + 2    # records read per probe: the block and two more
 HASH_CHUNK = 8 << 20
 
@@ -218,45 +219,26 @@ class Segment:
         raw = _pread_exact(self.fd, count * REC, HEADER.size + start * REC, self.path)
         return np.frombuffer(raw, RECORD_DTYPE)
 
-    def _blocks(self, blocks: np.ndarray) -> np.ndarray:
-        """(len(blocks), WINDOW) records from the start of each fence block; records past
-        the end read as keys 0xff.. (never below a query)."""
-        length = WINDOW * REC
-        buf = bytearray(b"\xff" * (len(blocks) * length))
-        view = memoryview(buf)
-        end = HEADER.size + self.n * REC
-        for i, b in enumerate(blocks.tolist()):
-            off = HEADER.size + b * FENCE_EVERY * REC
-            want = min(length, end - off)
-            if os.preadv(self.fd, [view[i * length: i * length + want]], off) != want:
-                raise StoreError(f"{self.path}: short read (the block index file changed)")
-        return np.frombuffer(buf, RECORD_DTYPE).reshape(len(blocks), WINDOW)
-
     def probe(self, qk: np.ndarray, q: np.ndarray):
-        """Batch lookup: ``(hit, records, multi)`` per query; ``multi`` marks queries
-        whose key occurs more than once here (copies in several packs, or another address
-        with the same first 8 bytes): those need :meth:`matches`."""
-        m = len(qk)
-        if self.n == 0 or m == 0:
-            return np.zeros(m, bool), np.zeros(m, RECORD_DTYPE), np.zeros(m, bool)
-        b = np.searchsorted(self.fence, qk, "left").astype(np.int64) - 1
-        np.maximum(b, 0, out=b)
-        ub, inv = np.unique(b, return_inverse=True)
-        blocks = self._blocks(ub)
-        kb = blocks["key"][inv]                                  # (m, WINDOW)
-        cnt = (kb < qk[:, None]).sum(axis=1)                     # <= FENCE_EVERY
-        pos = b * FENCE_EVERY + cnt
-        rows = blocks[inv, cnt]
-        nxt = blocks[inv, cnt + 1]
-        inside = pos < self.n
-        hit = inside & (_addresses(rows) == q).all(axis=1)
-        multi = inside & (pos + 1 < self.n) & (nxt["key"] == qk)
-        return hit, rows, multi
+        """Batch lookup of (m, 32) addresses ``q`` (sorted by their keys ``qk``, so
+        queries in one fence block share its read): ``(hit, records, multi)`` per query;
+        ``multi`` marks queries whose key occurs more than once here (copies in several
+        packs, or another address with the same first 8 bytes): those need
+        :meth:`matches`."""
+        m = len(q)
+        out = np.zeros((m, REC), np.uint8)
+        flags = np.zeros(m, np.uint8)
+        try:
+            _native.probe(self.fd, self.fence, self.n, FENCE_EVERY, HEADER.size,
+                          np.ascontiguousarray(q, np.uint8), out, flags)
+        except OSError as e:
+            raise StoreError(f"{self.path}: {e.strerror}") from None
+        return (flags & 1).astype(bool), out.view(RECORD_DTYPE).reshape(m), (flags & 2).astype(bool)
 
     def first_at_or_after(self, key: int) -> int:
         """Position of the first record with key >= ``key``."""
         b = max(int(np.searchsorted(self.fence, np.uint64(key), "left")) - 1, 0)
-        block = self._blocks(np.array([b]))[0]
+        block = self.read(b * FENCE_EVERY, WINDOW)
         return b * FENCE_EVERY + int(np.count_nonzero(block["key"] < np.uint64(key)))
 
     def matches(self, address: bytes) -> list[np.void]:
@@ -274,29 +256,9 @@ class Segment:
         return out
 
     def find_one(self, address: bytes):
-        """The fast single lookup: ``(record or None, multi)`` as :meth:`probe`."""
-        if self.n == 0:
-            return None, False
-        key = int.from_bytes(address[:8], "big")
-        b = max(int(np.searchsorted(self.fence, np.uint64(key), "left")) - 1, 0)
-        off = HEADER.size + b * FENCE_EVERY * REC
-        k = min(WINDOW, self.n - b * FENCE_EVERY)
-        raw = os.pread(self.fd, k * REC, off)
-        if len(raw) != k * REC:
-            raise StoreError(f"{self.path}: short read (the block index file changed)")
-        # the first record whose key (big-endian: bytes compare as keys do) is >= ours;
-        # records of one key are in no particular order
-        key8 = address[:8]
-        i = bisect.bisect_left(range(k), key8, key=lambda j: raw[j * REC: j * REC + 8])
-        if i >= k or raw[i * REC: i * REC + 8] != key8:
-            return None, False
-        if i + 1 < k:
-            multi = raw[(i + 1) * REC: (i + 1) * REC + 8] == key8
-        else:       # the window ends here: more of this key may follow
-            multi = b * FENCE_EVERY + k < self.n
-        if raw[i * REC: i * REC + 32] != address:
-            return None, multi
-        return np.frombuffer(raw, RECORD_DTYPE, 1, i * REC)[0], multi
+        """The single lookup: ``(record or None, multi)`` as :meth:`probe`."""
+        hit, rows, multi = self.probe(None, np.frombuffer(address, np.uint8).reshape(1, 32))
+        return (rows[0] if hit[0] else None), bool(multi[0])
 
 
 class SegmentWriter:
@@ -650,7 +612,7 @@ def merge_segments(dfd: int, where: str, group: list[Segment], listed_keys: np.n
         maps.append(m)
     w = SegmentWriter(dfd, where)
     try:
-        chunk = max(1024, MERGE_BUDGET // max(len(group), 1))
+        chunk = max(MERGE_MIN, MERGE_BUDGET // max(len(group), 1))
         cursor = [0] * len(group)
         bufs: list[np.ndarray | None] = [None] * len(group)
         while True:
