@@ -96,7 +96,7 @@ BUILD_CHUNK = 256 << 10     # entries sorted in memory at once when indexing new
 MERGE_BUDGET = 256 << 10    # entries buffered in memory by a merge, all inputs together
 MERGE_MIN = 1024            # ... but at least this many per input
 WINDOW = FENCE_EVERY + 2    # records read per probe: the block and two more
-HASH_CHUNK = 8 << 20
+HASH_CHUNK = 1 << 20
 
 RANK_GOOD, RANK_SUSPECT, RANK_GONE = 0, 1, 2
 
@@ -487,6 +487,9 @@ class DiskIndex:
         lacking = ~np.isin(listed_keys, have)
         missing = [pid for pid, lack in zip(listed, lacking.tolist()) if lack]
         new = self._index_packs(dfd, sorted(missing), listed, read_index)
+        if len(new) > 1:        # many packs at once (a first open): one segment of them
+            merged = merge_segments(dfd, self.path, new, listed_keys)
+            new = [merged] if merged is not None else []
         changed = bool(new) or bool(bad) or set(names) != set(segs)
         for seg in new:
             segs[seg.name] = seg
