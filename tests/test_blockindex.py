@@ -368,10 +368,10 @@ MERGE_CHILD = textwrap.dedent("""
         idx["ulen"] = 4096
         packs[f"{i:064x}"] = idx
     listed = {p: sealed_size(i) for p, i in packs.items()}
-    B.MAX_SEGMENTS = 100            # build many segments first
-    B.BUILD_CHUNK = 40000
+    B.MAX_SEGMENTS = 100            # build many segments first: 12 opens, a pack each
     di = B.DiskIndex(folder)
-    di.sync(listed, lambda p, s: packs[p])
+    for n in range(1, 13):
+        di.sync(dict(list(listed.items())[:n]), lambda p, s: packs[p])
     print("built", flush=True)
     B.MAX_SEGMENTS = 2
     B.MERGE_BUDGET = 4096           # a slow, many-step merge
