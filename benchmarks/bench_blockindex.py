@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from smsblock import blockindex as B
-from smsblock.pack import INDEX_DTYPE, sealed_size
+
 
 ENTRIES = int(os.environ.get("SMSBLOCK_BENCH_INDEX_ENTRIES", 20_000_000))
 PER_PACK = 4096
@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # shared by this module and the child processes it starts
 COMMON = """
 import numpy as np
-from smsblock.pack import INDEX_DTYPE, sealed_size
+
 PER_PACK = %d
 
 def pack(i):

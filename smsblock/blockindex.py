@@ -65,10 +65,10 @@ import numpy as np
 import xxhash
 
 from .errors import StoreError
-from .fsutil import (create_file, fsync_dir, make_root, open_lock_file, open_subdir,
+from .fsutil import (create_file, fsync_dir, make_root, open_dir, open_lock_file, open_subdir,
                      remove_file, replace_file)
 from . import _blockindex as _native
-from .pack import INDEX_DTYPE, BlockLocation, sealed_size
+from .pack import BlockLocation, sealed_size
 
 log = logging.getLogger(__name__)
 
@@ -345,16 +345,22 @@ class DiskIndex:
     _open_lock = threading.Lock()
 
     @classmethod
-    def for_dir(cls, path: str) -> "DiskIndex":
-        path = os.path.abspath(path)
+    def for_dir(cls, root: str, *parts: str, create_root: bool = True) -> "DiskIndex":
+        path = os.path.join(os.path.abspath(root), *parts)
         with cls._open_lock:
             di = cls._open.get(path)
             if di is None:
-                di = cls._open[path] = cls(path)
+                di = cls._open[path] = cls(root, *parts, create_root=create_root)
             return di
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, root: str, *parts: str, create_root: bool = True):
+        """The index in ``root/parts...``: ``root`` (a folder the user named, or the
+        user's cache) is followed, and made when missing unless ``create_root`` is false
+        (a store's root: never made here); ``parts`` (``index`` inside a store) are
+        never followed: a link planted there is refused."""
+        self.root, self.parts = os.path.abspath(root), parts
+        self.create_root = create_root
+        self.path = os.path.join(self.root, *parts)
         self.segments: dict[str, Segment] = {}
         self.generation = -1
         self._lock = threading.Lock()
@@ -364,17 +370,9 @@ class DiskIndex:
     # -- locking and CURRENT --------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self, exclusive: bool):
+        dfd = _open_folder(self.root, self.parts, self.create_root)
         try:
-            make_root(self.path)
-            dfd = open_subdir(self.path)
-        except OSError as e:
-            raise StoreError(f"{self.path}: cannot open the block index folder: {e.strerror}") from None
-        try:
-            try:
-                lfd = open_lock_file("lock", dir_fd=dfd)
-            except OSError as e:
-                raise StoreError(f"{self.path}/lock: cannot open the block index lock: "
-                                 f"{e.strerror}") from None
+            lfd = open_lock_file("lock", dir_fd=dfd)
             try:
                 # held only while CURRENT is read or the index changed: waiting is short
                 # unless another process indexes many new packs, which this one needs too
@@ -457,11 +455,14 @@ class DiskIndex:
                 with self._locked(exclusive=True) as dfd:
                     self._update(dfd, listed, listed_keys, read_index)
                 return list(self.segments.values()), []
-            except (OSError, StoreError) as e:
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EPERM):
+                    # a link planted in a store, a lock file smsblock did not make
+                    raise StoreError(f"{e.filename or self.path}: {e.strerror} (the block "
+                                     "index is not used through it)") from None
                 # the index is a cache of the packs: a run goes on without updating it
                 log.warning("%s: cannot update the block index (%s): the packs it lacks "
-                            "are held in memory by this process", self.path,
-                            e.strerror if isinstance(e, OSError) and e.strerror else e)
+                            "are held in memory by this process", self.path, e.strerror or e)
                 segs = list(self.segments.values())
                 lacking = ~np.isin(listed_keys, _indexed_keys(segs))
                 return segs, [pid for pid, lack in zip(listed, lacking.tolist()) if lack]
@@ -823,9 +824,27 @@ class BlockIndex:
 _fallback_dirs: dict[str, str] = {}
 
 
-def index_dir_of(store) -> str:
-    """Where a store's index lives: ``STORE/index`` for a local store, next to the
-    pack-index cache for S3, the staging store's for EBS, else the user's cache."""
+def _open_folder(root: str, parts: tuple[str, ...], create_root: bool) -> int:
+    """A descriptor of ``root/parts...``, made 0700 where missing (``root`` only when
+    ``create_root``), no part followed through a link."""
+    if create_root:
+        make_root(root)
+    fd = open_subdir(root)
+    try:
+        for part in parts:
+            nxt = open_dir(part, dir_fd=fd, create=True)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def index_dir_of(store) -> tuple[str, tuple[str, ...], bool]:
+    """Where a store's index lives, as ``(root, parts, create_root)`` (see
+    :class:`DiskIndex`): ``STORE/index`` for a local store, next to the pack-index
+    cache for S3, the staging store's for EBS, else the user's cache."""
     own = getattr(store, "block_index_dir", None)
     if callable(own):
         return own()
@@ -834,34 +853,35 @@ def index_dir_of(store) -> str:
         return index_dir_of(staging)
     cache = getattr(store, "index_cache_dir", None)
     if isinstance(cache, str):                   # S3: .../index-cache/<url hash>
-        return os.path.join(cache, "blocks")
+        return cache, ("blocks",), True
     root = getattr(store, "root", None)
     if isinstance(root, str):
-        return os.path.join(root, "index")
+        return root, ("index",), False
     import hashlib
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return os.path.join(base, "smsblock", "block-index",
-                        hashlib.sha256(store.url.encode()).hexdigest()[:16])
+                        hashlib.sha256(store.url.encode()).hexdigest()[:16]), (), True
 
 
-def _usable_dir(path: str) -> str:
-    """``path``, or a private temporary folder when it cannot be written (a read-only
-    store): the index is then built for this process only, with a warning."""
+def _usable_dir(root: str, parts: tuple[str, ...], create_root: bool):
+    """``(root, parts, create_root)``, or a private temporary folder when it cannot be
+    written (a read-only store): the index is then built for this process only."""
+    path = os.path.join(root, *parts)
     try:
-        make_root(path)
-        os.close(open_subdir(path))
+        os.close(_open_folder(root, parts, create_root))
         if not os.access(path, os.W_OK):
             raise OSError(errno.EACCES, "not writable", path)
-        return path
+        return root, parts, create_root
     except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise StoreError(f"{path}: cannot keep the block index here: {e.strerror}") from None
+        if e.errno not in (errno.EACCES, errno.EROFS):
+            raise StoreError(f"{e.filename or path}: cannot keep the block index here: "
+                             f"{e.strerror}") from None
         tmp = _fallback_dirs.get(path)
         if tmp is None:
             log.warning("%s: cannot keep the block index here (%s): building it in a "
                         "temporary folder for this process", path, e.strerror)
             tmp = _fallback_dirs[path] = tempfile.mkdtemp(prefix="smsblock-index-")
-        return tmp
+        return tmp, (), False
 
 
 def store_block_index(store, *, for_new_runs: bool = False) -> BlockIndex:
@@ -880,7 +900,8 @@ def store_block_index(store, *, for_new_runs: bool = False) -> BlockIndex:
         finally:
             store.forget_pack(pid)      # indexed on disk now: not kept in memory too
 
-    di = DiskIndex.for_dir(_usable_dir(index_dir_of(store)))
+    root, parts, create_root = _usable_dir(*index_dir_of(store))
+    di = DiskIndex.for_dir(root, *parts, create_root=create_root)
     segments, lacking = di.sync(listed, read)
     view = BlockIndex._view(segments, listed, damage, for_new_runs)
     for pid in lacking:         # the index could not be written: these in memory

@@ -472,3 +472,30 @@ def test_a_second_run_against_s3_reads_no_pack_index(tmp_path, moto, bucket, fau
     assert fault_proxy.requests("GET", r"list-type=2|prefix="), "the packs were listed"
     assert not fault_proxy.requests("GET", r"/packs/"), "no pack (index) was read"
     check_store_index(S3Store(url, **FAST, endpoint_url=fault_proxy.url), sorted(run_addresses(second)))
+
+
+def test_a_link_planted_at_the_index_folder_is_refused(tmp_path):
+    from smsblock.errors import StoreError
+    store = LocalStore(tmp_path / "store")
+    store.initialise(StoreConfig(pack_size=256 << 10))
+    make_disk(tmp_path / "d.raw", 1)
+    replicate(tmp_path / "d.raw", store, "s", block_size=BS)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    index = tmp_path / "store" / "index"
+    for p in index.iterdir():
+        p.unlink()
+    index.rmdir()
+    index.symlink_to(elsewhere)
+    B.DiskIndex._open.clear()
+    with pytest.raises(StoreError, match="symbolic link"):
+        store.block_index()
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_an_index_is_never_made_for_a_store_that_is_not_there(tmp_path):
+    from smsblock.errors import StoreError
+    store = LocalStore(tmp_path / "nothing")
+    with pytest.raises(StoreError):
+        store.block_index()
+    assert not (tmp_path / "nothing").exists()
