@@ -769,45 +769,54 @@ class BlockIndex:
                 self._extra.setdefault(e["address"].tobytes(), BlockLocation(
                     pack_id, int(e["offset"]), int(e["clen"]), int(e["ulen"])))
 
-    def locate_many(self, addresses: np.ndarray):
-        """Batch lookup of an (n, 32) uint8 array: ``(found, pack_ids, offset, clen,
-        ulen)``, ``pack_ids`` a list (None where not found), the rest numpy arrays."""
-        addresses = np.ascontiguousarray(addresses, np.uint8).reshape(-1, 32)
+    def _lookup(self, addresses: np.ndarray):
+        """``(found, seg_of, recs, slow)`` per address; ``slow`` marks those answered
+        by :meth:`get` (a key that repeats in a segment, or blocks added here)."""
         n = len(addresses)
-        found = np.zeros(n, bool)
         seg_of = np.full(n, -1, np.int64)
         best = np.full(n, RANK_GONE, np.int8)
         recs = np.zeros(n, RECORD_DTYPE)
         slow = np.zeros(n, bool)
         if n and self._segments:
             qk = keys_of(addresses)
-            order = np.argsort(qk, kind="stable")
-            qk_s, q_s = qk[order], addresses[order]
+            todo = np.argsort(qk, kind="stable")        # sorted: one read per fence block
             for si, s in enumerate(self._segments):
-                hit, rows, multi = s.probe(qk_s, q_s)
-                ranks = np.full(n, RANK_GONE, np.int8)
+                if not len(todo):
+                    break
+                hit, rows, multi = s.probe(qk[todo], addresses[todo])
+                ranks = np.full(len(todo), RANK_GONE, np.int8)
                 if hit.any():
                     ranks[hit] = self._ranks[si][rows["pack"][hit].astype(np.int64)]
-                    named = [i for i in np.flatnonzero(hit & (ranks != RANK_GONE)).tolist()
-                             if (si, int(rows["pack"][i])) in self._named]
-                    for i in named:
-                        ranks[i] = self._rank(si, rows[i])
-                better = ranks < best[order]
+                    if self._named:
+                        for i in np.flatnonzero(hit & (ranks != RANK_GONE)).tolist():
+                            if (si, int(rows["pack"][i])) in self._named:
+                                ranks[i] = self._rank(si, rows[i])
+                better = ranks < best[todo]
                 if better.any():
-                    idx = order[better]
+                    idx = todo[better]
                     best[idx] = ranks[better]
                     seg_of[idx] = si
                     recs[idx] = rows[better]
-                slow[order[multi]] = True
-            found = best != RANK_GONE
+                slow[todo[multi]] = True
+                # a sound copy ends the search; repeated keys go the slow way
+                todo = todo[(best[todo] != RANK_GOOD) & ~multi]
+        found = best != RANK_GONE
+        if self._extra:
+            slow |= ~found
+        return found, seg_of, recs, slow
+
+    def locate_many(self, addresses: np.ndarray):
+        """Batch lookup of an (n, 32) uint8 array: ``(found, pack_ids, offset, clen,
+        ulen)``, ``pack_ids`` a list (None where not found), the rest numpy arrays."""
+        addresses = np.ascontiguousarray(addresses, np.uint8).reshape(-1, 32)
+        found, seg_of, recs, slow = self._lookup(addresses)
+        n = len(addresses)
         pack_ids: list[str | None] = [None] * n
         for i in np.flatnonzero(found & ~slow).tolist():
             pack_ids[i] = self._segments[int(seg_of[i])].pack_hex(int(recs["pack"][i]))
         offset, clen, ulen = (recs["offset"].astype(np.uint64), recs["clen"].astype(np.uint32),
                               recs["ulen"].astype(np.uint32))
-        # the rare rest one by one: keys that occur more than once, blocks added here
-        rest = np.flatnonzero(slow | (~found & bool(self._extra))).tolist()
-        for i in rest:
+        for i in np.flatnonzero(slow).tolist():          # the rare rest one by one
             loc = self.get(addresses[i].tobytes())
             found[i] = loc is not None
             pack_ids[i] = loc.pack_id if loc else None
@@ -816,7 +825,11 @@ class BlockIndex:
 
     def contains_all(self, addresses: np.ndarray) -> np.ndarray:
         """Vectorised membership for an (n, 32) address array: a bool array."""
-        return self.locate_many(addresses)[0]
+        addresses = np.ascontiguousarray(addresses, np.uint8).reshape(-1, 32)
+        found, _, _, slow = self._lookup(addresses)
+        for i in np.flatnonzero(slow).tolist():
+            found[i] = self.get(addresses[i].tobytes()) is not None
+        return found
 
 
 # --- a store's index ----------------------------------------------------------------------
