@@ -68,6 +68,7 @@ from .errors import StoreError
 from .fsutil import (create_file, fsync_dir, make_root, open_dir, open_lock_file, open_subdir,
                      remove_file, replace_file)
 from . import _blockindex as _native
+from ._deflate import start_writeback
 from .pack import BlockLocation, sealed_size
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ MERGE_BUDGET = 256 << 10    # entries buffered in memory by a merge, all inputs 
 MERGE_MIN = 1024            # ... but at least this many per input
 WINDOW = FENCE_EVERY + 2    # records read per probe: the block and two more
 HASH_CHUNK = 1 << 20
+WRITEBACK_CHUNK = 8 << 20
 
 RANK_GOOD, RANK_SUSPECT, RANK_GONE = 0, 1, 2
 
@@ -264,8 +266,12 @@ class Segment:
 class SegmentWriter:
     """Writes one segment from records given in key order (streamed: bounded memory)."""
 
-    def __init__(self, dir_fd: int, where: str):
+    def __init__(self, dir_fd: int, where: str, sync: bool = True):
+        """``sync=False``: an intermediate segment, merged before anything names it
+        (not worth an fsync)."""
         self.dir_fd = dir_fd
+        self.sync = sync
+        self._written_back = HEADER.size
         self.name = f"seg-{uuid.uuid4().hex}.sbi"
         self.tmp = f".{self.name}.tmp"
         self.where = where
@@ -295,6 +301,11 @@ class SegmentWriter:
         self.hash.update(data)
         _write_all(self.fd, data, HEADER.size + self.n * REC)
         self.n += len(rec)
+        end = HEADER.size + self.n * REC
+        if self.sync and end - self._written_back >= WRITEBACK_CHUNK:
+            # the disk writes start now, so the fsync at the end waits for the tail only
+            start_writeback(self.fd, self._written_back, end - self._written_back)
+            self._written_back = end
 
     def finish(self, packs: np.ndarray) -> str:
         """Write fence, pack table and header; fsync; publish under :attr:`name`."""
@@ -306,11 +317,13 @@ class SegmentWriter:
             head = HEADER.pack(MAGIC, VERSION, FENCE_EVERY, 0, self.n, len(packs), 0,
                                self.hash.digest(), b"")[:56]
             os.pwrite(self.fd, head + xxhash.xxh3_64_digest(head), 0)
-            os.fsync(self.fd)
+            if self.sync:
+                os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
             os.rename(self.tmp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
-            fsync_dir(self.dir_fd)
+            if self.sync:
+                fsync_dir(self.dir_fd)
         except BaseException:
             self.discard()
             raise
@@ -332,7 +345,8 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
 
 
 def _sort(rec: np.ndarray) -> np.ndarray:
-    return rec[np.argsort(rec["key"], kind="stable")]
+    # records of one key may come in any order: the quick sort, on native keys
+    return np.take(rec, np.argsort(rec["key"].astype(np.uint64)))
 
 
 # --- the index in one folder ------------------------------------------------------------
@@ -541,11 +555,13 @@ class DiskIndex:
         out: list[Segment] = []
         parts, rows, count = [], [], 0
 
-        def flush():
+        def flush(last: bool):
             nonlocal parts, rows, count
             if not rows:
                 return
-            w = SegmentWriter(dfd, self.path)
+            # chunks of a large addition are merged into one segment before CURRENT
+            # names anything: only a segment published as it is needs an fsync
+            w = SegmentWriter(dfd, self.path, sync=last and not out)
             try:
                 w.write(_sort(np.concatenate(parts)) if parts else np.zeros(0, RECORD_DTYPE))
                 w.finish(np.array(rows, PACK_DTYPE))
@@ -564,8 +580,8 @@ class DiskIndex:
             rows.append((np.frombuffer(bytes.fromhex(pid), np.uint8), size, len(index)))
             count += len(index)
             if count >= BUILD_CHUNK:
-                flush()
-        flush()
+                flush(False)
+        flush(True)
         return out
 
 
