@@ -390,7 +390,13 @@ class DiskIndex:
             try:
                 # held only while CURRENT is read or the index changed: waiting is short
                 # unless another process indexes many new packs, which this one needs too
-                fcntl.flock(lfd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+                try:
+                    fcntl.flock(lfd, mode | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    log.info("%s: waiting for another process to finish updating the block "
+                             "index", self.path)
+                    fcntl.flock(lfd, mode)
                 yield dfd
             finally:
                 os.close(lfd)
@@ -703,32 +709,37 @@ class BlockIndex:
         self._lock = threading.Lock()
         self._extra: dict[bytes, BlockLocation] = {}
         self._segments = list(segments)
-        listed_keys = _pack_keys(listed)
-        suspect = {pid for pid, r in damage.items() if r.pack}
-        named = {pid: r.addresses for pid, r in damage.items() if r.addresses}
         self._named: dict[tuple[int, int], set] = {}
         self._ranks: list[np.ndarray] = []
-        entries = 0
-        seen: set[bytes] = set()
-        for si, s in enumerate(self._segments):
+        listed_keys = _pack_keys(listed)
+        keys = [_row_keys(s.packs) for s in self._segments]
+        for s, k in zip(self._segments, keys):      # vectorised: a store has many packs
             rank = np.full(max(s.n_packs, 1), RANK_GONE, np.int8)
-            if s.n_packs:
-                present = np.isin(_row_keys(s.packs), listed_keys)
-                for r in np.flatnonzero(present).tolist():
-                    k = s.packs[r].tobytes()[:40]
-                    if k in seen:
-                        continue            # a pack indexed twice: its first copy serves
-                    seen.add(k)
-                    pid = s.pack_hex(r)
-                    rank[r] = RANK_GOOD
-                    if pid in suspect:
-                        rank[r] = RANK_GONE if for_new_runs else RANK_SUSPECT
-                    if rank[r] != RANK_GONE:
-                        entries += int(s.packs["entries"][r])
-                        if pid in named:
-                            self._named[(si, r)] = named[pid]
-                            entries -= len(named[pid])
+            rank[:s.n_packs][np.isin(k, listed_keys)] = RANK_GOOD
             self._ranks.append(rank)
+        every = np.concatenate(keys) if keys else np.zeros(0, np.dtype((np.void, 40)))
+        if len(np.unique(every)) != len(every):
+            seen: set[bytes] = set()                # a pack indexed twice (a lost race)
+            for s, k, rank in zip(self._segments, keys, self._ranks):
+                for r in range(s.n_packs):
+                    if k[r].tobytes() in seen:
+                        rank[r] = RANK_GONE         # its first copy serves
+                    seen.add(k[r].tobytes())
+        if damage:          # a few packs: found by id
+            wanted = np.array([np.void(bytes.fromhex(p)) for p in damage], np.dtype((np.void, 32)))
+            for si, s in enumerate(self._segments):
+                ids = np.ascontiguousarray(s.packs["id"]).view(np.dtype((np.void, 32))).reshape(-1)
+                for r in np.flatnonzero(np.isin(ids, wanted)).tolist():
+                    if self._ranks[si][r] == RANK_GONE:
+                        continue
+                    record = damage[s.pack_hex(r)]
+                    if record.pack:
+                        self._ranks[si][r] = RANK_GONE if for_new_runs else RANK_SUSPECT
+                    if record.addresses and self._ranks[si][r] != RANK_GONE:
+                        self._named[(si, r)] = record.addresses
+        entries = sum(int(s.packs["entries"][rank[:s.n_packs] != RANK_GONE].sum())
+                      for s, rank in zip(self._segments, self._ranks))
+        entries -= sum(len(a) for a in self._named.values())
         self._entries = max(entries, 0)
 
     @property
