@@ -27,7 +27,6 @@ import pytest
 
 from smsblock import blockindex as B
 
-
 ENTRIES = int(os.environ.get("SMSBLOCK_BENCH_INDEX_ENTRIES", 20_000_000))
 PER_PACK = 4096
 BATCH = 4096
@@ -38,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # shared by this module and the child processes it starts
 COMMON = """
 import numpy as np
-
+from smsblock.pack import INDEX_DTYPE, sealed_size
 PER_PACK = %d
 
 def pack(i):
