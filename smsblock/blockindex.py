@@ -97,6 +97,7 @@ BUILD_CHUNK = 256 << 10     # entries sorted in memory at once when indexing new
 MERGE_BUDGET = 256 << 10    # entries buffered in memory by a merge, all inputs together
 MERGE_MIN = 1024            # ... but at least this many per input
 WINDOW = FENCE_EVERY + 2    # records read per probe: the block and two more
+LOOKUP_CHUNK = 64 << 10     # addresses probed at once by a batch lookup (3.3 MiB of records)
 HASH_CHUNK = 1 << 20
 WRITEBACK_CHUNK = 8 << 20
 
@@ -796,38 +797,45 @@ class BlockIndex:
                 self._extra.setdefault(e["address"].tobytes(), BlockLocation(
                     pack_id, int(e["offset"]), int(e["clen"]), int(e["ulen"])))
 
-    def _lookup(self, addresses: np.ndarray):
-        """``(found, seg_of, recs, slow)`` per address; ``slow`` marks those answered
-        by :meth:`get` (a key that repeats in a segment, or blocks added here)."""
+    def _lookup(self, addresses: np.ndarray, keep: bool):
+        """``(found, seg_of, recs, slow)`` per address (``seg_of`` and ``recs``, the
+        record found, only with ``keep``); ``slow`` marks those :meth:`get` answers (a
+        key that repeats in a segment, or blocks added here).  The addresses are
+        sorted, then probed :data:`LOOKUP_CHUNK` at a time: memory stays bounded
+        however many the caller passes."""
         n = len(addresses)
-        seg_of = np.full(n, -1, np.int64)
-        best = np.full(n, RANK_GONE, np.int8)
-        recs = np.zeros(n, RECORD_DTYPE)
+        found = np.zeros(n, bool)
         slow = np.zeros(n, bool)
+        seg_of = np.full(n if keep else 0, -1, np.int64)
+        recs = np.zeros(n if keep else 0, RECORD_DTYPE)
         if n and self._segments:
             qk = keys_of(addresses)
-            todo = np.argsort(qk, kind="stable")        # sorted: one read per fence block
-            for si, s in enumerate(self._segments):
-                if not len(todo):
-                    break
-                hit, rows, multi = s.probe(qk[todo], addresses[todo])
-                ranks = np.full(len(todo), RANK_GONE, np.int8)
-                if hit.any():
-                    ranks[hit] = self._ranks[si][rows["pack"][hit].astype(np.int64)]
-                    if self._named:
-                        for i in np.flatnonzero(hit & (ranks != RANK_GONE)).tolist():
-                            if (si, int(rows["pack"][i])) in self._named:
-                                ranks[i] = self._rank(si, rows[i])
-                better = ranks < best[todo]
-                if better.any():
-                    idx = todo[better]
-                    best[idx] = ranks[better]
-                    seg_of[idx] = si
-                    recs[idx] = rows[better]
-                slow[todo[multi]] = True
-                # a sound copy ends the search; repeated keys go the slow way
-                todo = todo[(best[todo] != RANK_GOOD) & ~multi]
-        found = best != RANK_GONE
+            order = np.argsort(qk)             # sorted: one read per fence block
+            for c in range(0, n, LOOKUP_CHUNK):
+                todo = order[c:c + LOOKUP_CHUNK]
+                best = np.full(len(todo), RANK_GONE, np.int8)
+                pos = np.arange(len(todo))
+                for si, s in enumerate(self._segments):
+                    if not len(pos):
+                        break
+                    at = todo[pos]
+                    hit, rows, multi = s.probe(qk[at], addresses[at])
+                    ranks = np.full(len(pos), RANK_GONE, np.int8)
+                    if hit.any():
+                        ranks[hit] = self._ranks[si][rows["pack"][hit].astype(np.int64)]
+                        if self._named:
+                            for i in np.flatnonzero(hit & (ranks != RANK_GONE)).tolist():
+                                if (si, int(rows["pack"][i])) in self._named:
+                                    ranks[i] = self._rank(si, rows[i])
+                    better = ranks < best[pos]
+                    best[pos[better]] = ranks[better]
+                    if keep and better.any():
+                        seg_of[at[better]] = si
+                        recs[at[better]] = rows[better]
+                    slow[at[multi]] = True
+                    # a sound copy ends the search; repeated keys go the slow way
+                    pos = pos[(best[pos] != RANK_GOOD) & ~multi]
+                found[todo] = best != RANK_GONE
         if self._extra:
             slow |= ~found
         return found, seg_of, recs, slow
@@ -836,7 +844,7 @@ class BlockIndex:
         """Batch lookup of an (n, 32) uint8 array: ``(found, pack_ids, offset, clen,
         ulen)``, ``pack_ids`` a list (None where not found), the rest numpy arrays."""
         addresses = np.ascontiguousarray(addresses, np.uint8).reshape(-1, 32)
-        found, seg_of, recs, slow = self._lookup(addresses)
+        found, seg_of, recs, slow = self._lookup(addresses, True)
         n = len(addresses)
         pack_ids: list[str | None] = [None] * n
         for i in np.flatnonzero(found & ~slow).tolist():
@@ -853,7 +861,7 @@ class BlockIndex:
     def contains_all(self, addresses: np.ndarray) -> np.ndarray:
         """Vectorised membership for an (n, 32) address array: a bool array."""
         addresses = np.ascontiguousarray(addresses, np.uint8).reshape(-1, 32)
-        found, _, _, slow = self._lookup(addresses)
+        found, _, _, slow = self._lookup(addresses, False)
         for i in np.flatnonzero(slow).tolist():
             found[i] = self.get(addresses[i].tobytes()) is not None
         return found

@@ -59,6 +59,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(B, "BUILD_CHUNK", 16)
     monkeypatch.setattr(B, "MERGE_BUDGET", 8)
     monkeypatch.setattr(B, "MERGE_MIN", 3)
+    monkeypatch.setattr(B, "LOOKUP_CHUNK", 5)
 
 
 # --- against the Python meaning ----------------------------------------------------------
