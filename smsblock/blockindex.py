@@ -86,6 +86,8 @@ RECORD_DTYPE = np.dtype([("key", ">u8"), ("tail", "u1", (24,)), ("pack", "<u4"),
                          ("offset", "<u8"), ("clen", "<u4"), ("ulen", "<u4")])
 assert RECORD_DTYPE.itemsize == 52
 REC = RECORD_DTYPE.itemsize
+RECORD = struct.Struct("<32sIQII")          # the same record, for one at a time
+assert RECORD.size == REC
 #: a segment's pack table row: pack id (raw 32 bytes), pack size, entries
 PACK_DTYPE = np.dtype([("id", "u1", (32,)), ("size", "<u8"), ("entries", "<u8")])
 assert PACK_DTYPE.itemsize == 48
@@ -245,8 +247,8 @@ class Segment:
         block = self.read(b * FENCE_EVERY, WINDOW)
         return b * FENCE_EVERY + int(np.count_nonzero(block["key"] < np.uint64(key)))
 
-    def matches(self, address: bytes) -> list[np.void]:
-        """Every record of ``address`` here (copies in several packs)."""
+    def matches(self, address: bytes) -> list[bytes]:
+        """Every record of ``address`` here (copies in several packs), as bytes."""
         key = int.from_bytes(address[:8], "big")
         pos, out = self.first_at_or_after(key), []
         while pos < self.n:
@@ -254,15 +256,20 @@ class Segment:
             for r in chunk:
                 if int(r["key"]) != key:
                     return out
-                if r.tobytes()[:32] == address:
-                    out.append(r)
+                raw = r.tobytes()
+                if raw[:32] == address:
+                    out.append(raw)
             pos += len(chunk)
         return out
 
     def find_one(self, address: bytes):
-        """The single lookup: ``(record or None, multi)`` as :meth:`probe`."""
-        hit, rows, multi = self.probe(None, np.frombuffer(address, np.uint8).reshape(1, 32))
-        return (rows[0] if hit[0] else None), bool(multi[0])
+        """The single lookup: ``(record bytes or None, multi)`` as :meth:`probe`."""
+        try:
+            raw, multi = _native.probe_one(self.fd, self.fence, self.n, FENCE_EVERY,
+                                           HEADER.size, address)
+        except OSError as e:
+            raise StoreError(f"{self.path}: {e.strerror}") from None
+        return raw, multi
 
 
 class SegmentWriter:
@@ -760,37 +767,41 @@ class BlockIndex:
     def __len__(self) -> int:
         return self._entries + len(self._extra)
 
-    def _rank(self, si: int, rec) -> int:
-        row = int(rec["pack"])
+    def _rank(self, si: int, row: int, address: bytes) -> int:
         rank = int(self._ranks[si][row]) if row < len(self._ranks[si]) else RANK_GONE
-        if rank != RANK_GONE and (si, row) in self._named and \
-                rec.tobytes()[:32] in self._named[(si, row)]:
+        if rank != RANK_GONE and (si, row) in self._named and address in self._named[(si, row)]:
             return RANK_GONE
         return rank
 
-    def _location(self, si: int, rec) -> BlockLocation:
-        return BlockLocation(self._segments[si].pack_hex(int(rec["pack"])), int(rec["offset"]),
-                             int(rec["clen"]), int(rec["ulen"]))
+    def _best(self, address: bytes):
+        """``(segment, pack row, offset, clen, ulen)`` of the best copy, or None."""
+        best, best_rank = None, RANK_GONE
+        for si, s in enumerate(self._segments):
+            raw, multi = s.find_one(address)
+            for r in s.matches(address) if multi else ([raw] if raw is not None else []):
+                _, row, offset, clen, ulen = RECORD.unpack(r)
+                rank = self._rank(si, row, address)
+                if rank == RANK_GOOD:
+                    return si, row, offset, clen, ulen
+                if rank < best_rank:
+                    best, best_rank = (si, row, offset, clen, ulen), rank
+        return best
 
     def get(self, address: bytes) -> BlockLocation | None:
         address = bytes(address)
-        loc = self._extra.get(address) if self._extra else None
-        if loc is not None:
-            return loc
-        best, best_rank = None, RANK_GONE
-        for si, s in enumerate(self._segments):
-            rec, multi = s.find_one(address)
-            cands = s.matches(address) if multi else ([rec] if rec is not None else [])
-            for r in cands:
-                rank = self._rank(si, r)
-                if rank == RANK_GOOD:
-                    return self._location(si, r)
-                if rank < best_rank:
-                    best, best_rank = (si, r), rank
-        return self._location(*best) if best is not None else None
+        if self._extra:
+            loc = self._extra.get(address)
+            if loc is not None:
+                return loc
+        hit = self._best(address)
+        if hit is None:
+            return None
+        si, row, offset, clen, ulen = hit
+        return BlockLocation(self._segments[si].pack_hex(row), offset, clen, ulen)
 
     def __contains__(self, address: bytes) -> bool:
-        return self.get(address) is not None
+        address = bytes(address)
+        return (bool(self._extra) and address in self._extra) or self._best(address) is not None
 
     def add(self, pack_id: str, index: np.ndarray) -> None:
         with self._lock:
@@ -826,8 +837,9 @@ class BlockIndex:
                         ranks[hit] = self._ranks[si][rows["pack"][hit].astype(np.int64)]
                         if self._named:
                             for i in np.flatnonzero(hit & (ranks != RANK_GONE)).tolist():
-                                if (si, int(rows["pack"][i])) in self._named:
-                                    ranks[i] = self._rank(si, rows[i])
+                                row = int(rows["pack"][i])
+                                if (si, row) in self._named:
+                                    ranks[i] = self._rank(si, row, rows[i].tobytes()[:32])
                     better = ranks < best[pos]
                     best[pos[better]] = ranks[better]
                     if keep and better.any():
