@@ -207,16 +207,13 @@ class Segment:
         self.size = size
         if n_fence > 1 and (self.fence[1:] < self.fence[:-1]).any():
             raise IndexDamaged(f"{self.path}: fence out of order")
-        self._hex: dict[int, str] = {}
 
     def close(self) -> None:
         self._closer()
 
     def pack_hex(self, row: int) -> str:
-        h = self._hex.get(row)
-        if h is None:
-            h = self._hex[row] = self.packs["id"][row].tobytes().hex()
-        return h
+        # not cached: a long restore meets every pack of a large store
+        return self.packs["id"][row].tobytes().hex()
 
     # -- reading records ----------------------------------------------------------------
     def read(self, start: int, count: int) -> np.ndarray:
