@@ -13,12 +13,16 @@ too many segments, or too many entries of packs that are gone, segments are merg
 (streamed, in bounded memory) into one.  A file ``CURRENT`` names the live segments.
 
 Why this design (measured, see benchmarks/bench_blockindex.py): sorted fixed-width
-records are the pack indexes' own form, so building is a sort and a merge of numpy
-arrays at hundreds of MB/s, a batch of addresses is looked up with ``searchsorted`` on
-the fence and one read per block, and a segment is written once and never updated (an
-atomic rename publishes it).  Reading with ``pread`` rather than a memory map keeps the
-process's RSS at the size of one batch (a memory map would count every touched page,
-and the kernel maps 16 pages around each fault).  SQLite (in the standard library;
+records are the pack indexes' own form, so building is a sort and a streamed merge of
+numpy arrays, a batch of addresses is sorted and looked up by binary search in the fence
+and one ``pread`` per fence block it touches (smsblock/_blockindex.pyx, the GIL
+released), and a segment is written once and never updated (an atomic rename publishes
+it).  At 20 M entries: 52 bytes an entry on disk, opened in ~0.35 s (the checksums), a
+run's peak RSS 63 MiB where the in-memory index held 1.1 GiB (2.4 GiB peak while
+built).  Reading with ``pread`` rather than a memory map keeps the process's RSS at the
+size of one batch (a memory map counts every touched page, and the kernel maps 16
+pages around each fault: +33 MiB for one batch of 4096 in a measurement; gathering
+through it with numpy was no faster).  SQLite (in the standard library;
 lmdb would be a new native dependency) was measured against it at 2 M entries (a
 ``WITHOUT ROWID`` table keyed by address, batches as ``IN (...)`` queries of 500): 119
 bytes an entry on disk against 52, 13x slower to build and 5x slower batch lookups, with
@@ -47,6 +51,7 @@ reads no pack index it has read before.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
@@ -939,6 +944,7 @@ def _usable_dir(root: str, parts: tuple[str, ...], create_root: bool):
             log.warning("%s: cannot keep the block index here (%s): building it in a "
                         "temporary folder for this process", path, e.strerror)
             tmp = _fallback_dirs[path] = tempfile.mkdtemp(prefix="smsblock-index-")
+            atexit.register(shutil.rmtree, tmp, True)
         return tmp, (), False
 
 
