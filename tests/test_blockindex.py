@@ -500,3 +500,63 @@ def test_an_index_is_never_made_for_a_store_that_is_not_there(tmp_path):
     with pytest.raises(StoreError):
         store.block_index()
     assert not (tmp_path / "nothing").exists()
+
+
+WRITER_CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from smsblock import blockindex as B
+    from smsblock.pack import INDEX_DTYPE, sealed_size
+    folder, me = sys.argv[1], int(sys.argv[2])
+    B.MAX_SEGMENTS = 2              # merges all the time, racing the other writers
+    def pack(i):
+        rng = np.random.default_rng(i)
+        idx = np.zeros(500, INDEX_DTYPE)
+        idx["address"] = rng.integers(0, 256, (500, 32), dtype=np.uint8)
+        idx["offset"] = 16 + np.arange(500) * 10
+        idx["clen"] = 10
+        idx["ulen"] = 4096
+        return idx
+    size = sealed_size(pack(0))
+    mine = [me * 100 + k for k in range(12)]
+    others = [i for i in range(400) if i // 100 != me and i % 100 < 12]
+    for step in range(1, 13):
+        # my packs so far, plus whatever the others may have added (a listing later in time)
+        listed = {f"{i:064x}": size for i in mine[:step] + others[:step * 3]}
+        segs, lacking = B.DiskIndex(folder).sync(listed, lambda p, s: pack(int(p, 16)))
+        view = B.BlockIndex._view(segs, listed, {}, False)
+        assert not lacking
+        probe = np.concatenate([pack(i)["address"][::50] for i in mine[:step]])
+        assert view.contains_all(probe).all(), "a pack of mine is missing"
+    print("ok", flush=True)
+""")
+
+
+def test_writers_adding_packs_at_once_keep_the_index_whole(tmp_path):
+    """Four processes add packs and merge at the same time, each with its own listing:
+    each always finds its own packs, and the index ends holding every pack once."""
+    folder = tmp_path / "index"
+    kids = [subprocess.Popen([sys.executable, "-c", WRITER_CHILD, str(folder), str(me)],
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}) for me in range(4)]
+    outs = [k.communicate(timeout=120)[0] for k in kids]
+    assert [k.returncode for k in kids] == [0] * 4 and all(o.strip() == "ok" for o in outs)
+    every = [me * 100 + k for me in range(4) for k in range(12)]
+
+    def pack(i):
+        rng = np.random.default_rng(i)
+        idx = np.zeros(500, INDEX_DTYPE)
+        idx["address"] = rng.integers(0, 256, (500, 32), dtype=np.uint8)
+        idx["offset"] = 16 + np.arange(500) * 10
+        idx["clen"] = 10
+        idx["ulen"] = 4096
+        return idx
+    listed = {f"{i:064x}": sealed_size(pack(0)) for i in every}
+    segs, _ = B.DiskIndex(str(folder)).sync(listed, lambda p, s: pack(int(p, 16)))
+    view = BlockIndex._view(segs, listed, {}, False)
+    assert len(view) == 48 * 500
+    probe = np.concatenate([pack(i)["address"] for i in every])
+    found, pids, offset, _, _ = view.locate_many(probe)
+    assert found.all()
+    assert pids == [f"{i:064x}" for i in every for _ in range(500)]
+    assert (offset == np.tile(16 + np.arange(500) * 10, 48)).all()
