@@ -144,6 +144,15 @@ class Backend(abc.ABC):
         """A descriptor of this client's private folder for this backend (0700, created
         when missing, never a link), as a context manager."""
 
+    def block_index_dir(self) -> tuple[str, tuple[str, ...], bool]:
+        """Where this client keeps the on-disk block index of this backend, as
+        ``(root, parts, create_root)`` (see :class:`smsblock.blockindex.DiskIndex`):
+        by default the user's cache, per backend URL."""
+        import hashlib
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        return (os.path.join(base, "smsblock", "block-index",
+                             hashlib.sha256(self.url.encode()).hexdigest()[:16]), (), True)
+
     def where(self, name: str = "") -> str:
         """How an object is named in messages (a path or a URL)."""
         return f"{self.url}/{name}" if name else self.url

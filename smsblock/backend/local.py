@@ -264,6 +264,10 @@ class LocalBackend(Backend):
         except OSError as e:
             raise StoreError(f"{self._p('tmp', name)}: cannot remove leftover: {e.strerror}") from None
 
+    def block_index_dir(self):
+        # inside the store: the index travels with the packs it indexes
+        return self.root, ("index",), False
+
     def cache_dir(self):
         # inside the root: what a client knows of the objects travels with them
         return private_folder(self.root, "cache")

@@ -416,6 +416,10 @@ class S3Backend(Backend):
                 out.append(os.path.join(self.staging_dir, name))
         return out
 
+    def block_index_dir(self):
+        # beside the pack-index cache: a run against S3 reads no pack index twice
+        return self.index_cache_dir, ("blocks",), True
+
     def cache_dir(self):
         # beside the staging folder: this machine's, private, per store URL
         parent, name = os.path.split(self.index_cache_dir)

@@ -515,8 +515,14 @@ class Repository:
         with self._cache_lock:
             self._index_cache.pop(pack_id, None)
 
+    def block_index_dir(self) -> tuple[str, tuple[str, ...], bool]:
+        """Where the on-disk block index lives: the backend's choice (an EBS store
+        shares its staging store's backend, so its index too)."""
+        return self.backend.block_index_dir()
+
     def block_index(self, *, for_new_runs: bool = False) -> BlockIndex:
-        """The global block index, built from every sealed pack's index.
+        """The global block index: on disk (:mod:`smsblock.blockindex`), brought up to
+        date with the pack listing (packs it lacks are indexed from their indexes).
 
         A pack whose index is damaged is left out with a warning (``verify`` reports it):
         its blocks count as absent, so a run stores them again instead of failing.
@@ -525,25 +531,8 @@ class Repository:
         an undamaged copy first).  ``for_new_runs`` (a run's dedup index) leaves such
         packs out entirely: a run never builds on a damaged pack.
         """
-        damage = self.damage()
-        clean, suspect = {}, {}
-        for pid, size in sorted(self.list_packs().items()):
-            try:
-                index = self.pack_index(pid, size)
-            except StoreCorruptError as e:
-                log.warning("%s (left out of the block index; run verify)", e)
-                continue
-            record = damage.get(pid)
-            if record is None:
-                clean[pid] = index
-                continue
-            if record.addresses:
-                index = index[~record.holds(index["address"])]
-            if not record.pack:
-                clean[pid] = index
-            elif not for_new_runs:
-                suspect[pid] = index
-        return BlockIndex({**clean, **suspect})
+        from ..blockindex import store_block_index     # on disk, synced with the listing
+        return store_block_index(self, for_new_runs=for_new_runs)
 
     # -- damage records ------------------------------------------------------
     def damage(self) -> dict[str, "DamageRecord"]:
