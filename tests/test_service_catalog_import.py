@@ -115,6 +115,7 @@ def test_delete_during_an_import_wins_and_the_import_result_is_dropped(fifo_svc)
     assert not list(svc.state.dir.glob("catalog-import-*"))
 
 
+@pytest.mark.sqlite_only     # a subprocess opens the state directory itself
 def test_an_import_whose_process_is_killed_does_not_stay_importing(fifo_svc, tmp_path):
     svc, fifo = fifo_svc
     svc.import_server_catalog()

@@ -363,6 +363,7 @@ SLOW_CONNECTOR = textwrap.dedent("""
 """)
 
 
+@pytest.mark.sqlite_only     # a subprocess opens the state directory itself
 def test_kill9_of_the_connector_mid_run(tmp_path):
     svc, server, _ = setup(tmp_path, clock=time.time)
     job = job_for(svc, server)
@@ -418,6 +419,7 @@ KILLED_AFTER_REGISTERING = textwrap.dedent("""
 """)
 
 
+@pytest.mark.sqlite_only     # a subprocess opens the state directory itself
 def test_kill9_after_the_image_is_registered_completes_the_run_on_restart(tmp_path):
     """A real kill -9 of the connector between the image step's registration and the
     run's record: the restarted connector finds the image and completes the run with
@@ -443,6 +445,7 @@ def test_kill9_after_the_image_is_registered_completes_the_run_on_restart(tmp_pa
     assert j["latestAmiId"] == image and j["state"] == "ACTIVE"
 
 
+@pytest.mark.sqlite_only     # a subprocess opens the state directory itself
 def test_kill9_after_the_image_is_registered_of_a_deleted_job_leaves_no_image(tmp_path):
     """kill -9 between registering the image and recording the run, then the job is
     deleted before the connector comes back: the restarted connector finds the image,

@@ -216,8 +216,10 @@ def default_state_dir() -> Path:
 
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
-#: the one advisory lock every PostgreSQL write transaction takes first ("smsblock")
-WRITE_LOCK_KEY = 0x736D73626C6F636B
+#: the advisory lock every PostgreSQL write transaction takes first: ("smsb", the schema),
+#: so control planes in two schemas of one database do not wait for each other
+WRITE_LOCK_KEY = 0x736D7362
+WRITE_LOCK = f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY}, hashtext(current_schema()))"
 VERSION_TABLE = "smsblock_schema_version"
 LOCK_TIMEOUT_SECONDS = 30          # as SQLite's busy timeout: a writer waits this long
 IDLE_IN_TRANSACTION_SECONDS = 120  # a stalled process cannot hold the write lock forever
@@ -346,7 +348,7 @@ def _psycopg():
         import psycopg
     except ImportError:
         raise UsageError("a PostgreSQL state needs psycopg 3: pip install 'psycopg[binary]' "
-                         "(or the smsblock[service] extra)") from None
+                         "(the smsblock[postgresql] extra)") from None
     return psycopg
 
 
@@ -496,10 +498,10 @@ class State:
             self._db.execute("BEGIN IMMEDIATE")
             return
         self._pg_usable()
-        self._pg_execute("BEGIN")
         try:
-            # every writer takes this first: writers take turns, as BEGIN IMMEDIATE makes them
-            self._pg_execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+            # every writer takes this first: writers take turns, as BEGIN IMMEDIATE makes
+            # them (one round trip: a statement without parameters goes as a simple query)
+            self._pg_execute(f"BEGIN; {WRITE_LOCK}")
         except BaseException:
             self._rollback()
             raise
@@ -548,15 +550,15 @@ class State:
                     if version == SCHEMA_VERSION:
                         self._commit()
                         return
-                    for statement in MIGRATIONS[version]:
-                        self._execute(statement if self.dialect == "sqlite"
-                                      else pg_ddl(statement))
                     if self.dialect == "sqlite":
+                        for statement in MIGRATIONS[version]:
+                            self._db.execute(statement)
                         self._db.execute(f"PRAGMA user_version = {version + 1}")
-                    else:
-                        self._pg_execute(f"DELETE FROM {VERSION_TABLE}")
-                        self._pg_execute(f"INSERT INTO {VERSION_TABLE} (version) VALUES (?)",
-                                         (version + 1,))
+                    else:       # the step in one round trip (no parameters: a simple query)
+                        self._pg_execute("\n;\n".join(
+                            [*map(pg_ddl, MIGRATIONS[version]),
+                             f"DELETE FROM {VERSION_TABLE}",
+                             f"INSERT INTO {VERSION_TABLE} (version) VALUES ({version + 1})"]))
                     self._commit()
                 except BaseException:
                     self._rollback()
@@ -592,6 +594,16 @@ class State:
             if self.dialect == "postgresql" and not self._depth:
                 self._pg_usable()
             return self._execute(sql, params).fetchall()
+
+    def tables(self) -> list[str]:
+        """The names of the state's tables (not the schema's own bookkeeping), sorted."""
+        if self.dialect == "sqlite":
+            sql = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+        else:
+            sql = ("SELECT table_name AS name FROM information_schema.tables WHERE "
+                   "table_schema = current_schema() AND table_type = 'BASE TABLE' AND "
+                   f"table_name != '{VERSION_TABLE}' ORDER BY table_name")
+        return [r["name"] for r in self.query(sql)]
 
     def check(self) -> str:
         """The database's own check ("ok" when sound): SQLite's integrity check; on
