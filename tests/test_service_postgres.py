@@ -315,3 +315,20 @@ def test_a_state_on_postgresql_keeps_booleans_times_and_rows_as_sqlite_does(post
             assert json.dumps(dict(zip(got[0].keys(), got[0])))      # rows are mappings
     assert rows[0] == rows[1] == [("ami-2", 1_800_000_000.123456, "ami-2"),
                                   ("ami-1", 1_800_000_000.123456, "ami-1")]
+
+
+def test_a_lost_connection_is_replaced(postgres_server, tmp_path):
+    """The database server ending the session (restart, pg_terminate_backend, idle
+    timeout) costs no call: the next transaction or read reconnects."""
+    import psycopg
+    url = postgres_server.new_database()
+    with State(url, local_dir=tmp_path) as st:
+        for use in ("transaction", "query"):
+            pid = st.query("SELECT pg_backend_pid()")[0][0]
+            with psycopg.connect(url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            if use == "transaction":
+                with st.transaction() as db:
+                    db.execute("UPDATE catalog SET status = ? WHERE id = 1", ("X",))
+            assert st.query("SELECT status FROM catalog")[0]["status"] == "X"
+            assert st.query("SELECT pg_backend_pid()")[0][0] != pid

@@ -478,9 +478,17 @@ class State:
             self._db = None
             self._pg_connect()
 
-    def _pg_execute(self, sql: str, params=()) -> PgCursor:
+    def _pg_execute(self, sql: str, params=(), *, retry: bool = False) -> PgCursor:
+        """Run one statement; ``retry``: once more on a new connection if the old one
+        turns out to be lost (only for statements that change nothing when repeated)."""
         psycopg = _psycopg()
         with self._lock:
+            try:
+                return PgCursor(self._db.execute(pg_sql(sql), tuple(params) or None))
+            except psycopg.Error as e:
+                if not (retry and self._db.broken):
+                    raise self._pg_error(e) from None
+            self._pg_usable()        # the server restarted or ended the session: reconnect
             try:
                 return PgCursor(self._db.execute(pg_sql(sql), tuple(params) or None))
             except psycopg.Error as e:
@@ -501,7 +509,7 @@ class State:
         try:
             # every writer takes this first: writers take turns, as BEGIN IMMEDIATE makes
             # them (one round trip: a statement without parameters goes as a simple query)
-            self._pg_execute(f"BEGIN; {WRITE_LOCK}")
+            self._pg_execute(f"BEGIN; {WRITE_LOCK}", retry=True)
         except BaseException:
             self._rollback()
             raise
@@ -591,9 +599,14 @@ class State:
     def query(self, sql: str, params=()) -> list:
         """The rows of one statement (its own transaction unless inside one)."""
         with self._lock:
-            if self.dialect == "postgresql" and not self._depth:
-                self._pg_usable()
-            return self._execute(sql, params).fetchall()
+            if self.dialect == "sqlite":
+                return self._db.execute(sql, params).fetchall()
+            if self._depth:
+                return self._pg_execute(sql, params).fetchall()
+            self._pg_usable()
+            # a read is repeated on a new connection when the old one was lost
+            reads = re.match(r"\s*SELECT\b", sql, re.IGNORECASE) is not None
+            return self._pg_execute(sql, params, retry=reads).fetchall()
 
     def tables(self) -> list[str]:
         """The names of the state's tables (not the schema's own bookkeeping), sorted."""
