@@ -332,3 +332,48 @@ def test_a_lost_connection_is_replaced(postgres_server, tmp_path):
                     db.execute("UPDATE catalog SET status = ? WHERE id = 1", ("X",))
             assert st.query("SELECT status FROM catalog")[0]["status"] == "X"
             assert st.query("SELECT pg_backend_pid()")[0][0] != pid
+
+
+IMPORTER = """
+import sys, time
+from smsblock.service import catalog
+from smsblock.service.state import State
+state = State(sys.argv[1], local_dir=sys.argv[2])
+job = catalog.begin_import(state, time.time())
+print(job.import_id, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_catalog_import_is_seen_alive_from_another_host_until_its_process_dies(
+        postgres_server, tmp_path):
+    """Two `serve` processes on one database need not share a directory: an import
+    under way in one (a process with its own local directory, as on another host) stays
+    IMPORTING for the other, and goes back to its previous status once it is killed."""
+    url = postgres_server.new_database()
+    local, servers = catalog_of(tmp_path, url, 2)
+    proc = subprocess.Popen([sys.executable, "-c", IMPORTER, url, str(tmp_path / "host2")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    try:
+        import_id = proc.stdout.readline().strip()
+        assert import_id, proc.stderr.read()
+        with SmsService(state=State(url, local_dir=local)) as svc:
+            for _ in range(3):
+                assert svc.get_servers()["serverCatalogStatus"] == "IMPORTING"
+            with pytest.raises(ServiceError, match="still under way"):
+                svc.import_server_catalog()
+            proc.kill()
+            proc.wait(10)
+            deadline = time.monotonic() + 10     # the server notices the closed socket
+            while svc.get_servers()["serverCatalogStatus"] == "IMPORTING":
+                assert time.monotonic() < deadline, "the dead import stays IMPORTING"
+                time.sleep(0.05)
+            assert svc.get_servers()["serverCatalogStatus"] == "AVAILABLE"
+            assert len(svc.get_servers()["serverList"]) == 2
+            assert "killed" in svc.state.query("SELECT import_outcome FROM catalog")[0][0]
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()

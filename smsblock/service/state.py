@@ -221,6 +221,8 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 WRITE_LOCK_KEY = 0x736D7362
 WRITE_LOCK = f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY}, hashtext(current_schema()))"
 VERSION_TABLE = "smsblock_schema_version"
+#: the advisory locks of SessionLock ("smsc"; keyed by schema and name as well)
+SESSION_LOCK_KEY = 0x736D7363
 LOCK_TIMEOUT_SECONDS = 30          # as SQLite's busy timeout: a writer waits this long
 IDLE_IN_TRANSACTION_SECONDS = 120  # a stalled process cannot hold the write lock forever
 CONNECT_TIMEOUT_SECONDS = 10
@@ -330,10 +332,15 @@ class PgCursor:
 
 
 class PgConnection:
-    """What :meth:`State.transaction` yields on PostgreSQL: ``execute`` as sqlite3's."""
+    """What :meth:`State.transaction` yields on PostgreSQL: ``execute`` as sqlite3's;
+    ``state`` is the :class:`State` it belongs to."""
 
     def __init__(self, state: "State"):
         self._state = state
+
+    @property
+    def state(self) -> "State":
+        return self._state
 
     def execute(self, sql: str, params=()) -> PgCursor:
         return self._state._pg_execute(sql, params)
@@ -341,6 +348,10 @@ class PgConnection:
     def executemany(self, sql: str, seq) -> None:
         for params in seq:
             self._state._pg_execute(sql, params)
+
+
+def _bad_name(name: str):
+    raise ValueError(f"lock names are letters, digits and _.- (at most 200), got {name[:80]!r}")
 
 
 def _psycopg():
@@ -364,6 +375,21 @@ def _bool_dumper():
         def dump(self, obj):
             return b"1" if obj else b"0"
     return BoolAsInt
+
+
+class SessionLock:
+    """A PostgreSQL advisory lock held by a connection of its own, so that it lives as
+    long as its holder: :meth:`release` it, or the process's death (its connection
+    closes) frees it.  What a lock file with ``flock`` is on one machine, for all."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def release(self) -> None:
+        with contextlib.suppress(Exception):
+            self._conn.close()
+
+    close = release
 
 
 class State:
@@ -493,6 +519,39 @@ class State:
                 return PgCursor(self._db.execute(pg_sql(sql), tuple(params) or None))
             except psycopg.Error as e:
                 raise self._pg_error(e) from None
+
+    def _session_key(self, name: str) -> str:
+        return (f"{SESSION_LOCK_KEY}, hashtext(current_schema() || ':' || "
+                f"'{name}')") if re.fullmatch(r"[\w.-]{1,200}", name) else _bad_name(name)
+
+    def try_session_lock(self, name: str) -> SessionLock | None:
+        """PostgreSQL: take the lock ``name`` (letters, digits, ``_.-``) on a new
+        connection, held until released or until this process dies; None when another
+        session holds it."""
+        psycopg = _psycopg()
+        try:
+            conn = psycopg.connect(self._url, autocommit=True, **self._connect_kw)
+        except psycopg.Error as e:
+            raise self._pg_error(e, "cannot connect: ") from None
+        try:
+            got = conn.execute(f"SELECT pg_try_advisory_lock({self._session_key(name)})"
+                               ).fetchone()[0]
+        except psycopg.Error as e:
+            conn.close()
+            raise self._pg_error(e) from None
+        if not got:
+            conn.close()
+            return None
+        return SessionLock(conn)
+
+    def session_lock_held(self, name: str) -> bool:
+        """PostgreSQL: does a live session (of any process, on any host) hold ``name``?"""
+        with self._lock:
+            key = self._session_key(name)
+            if not self._pg_execute(f"SELECT pg_try_advisory_lock({key})").fetchone()[0]:
+                return True
+            self._pg_execute(f"SELECT pg_advisory_unlock({key})")
+            return False
 
     # --- both ------------------------------------------------------------------------------
 
