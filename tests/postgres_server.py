@@ -44,7 +44,7 @@ def postgres_binaries() -> Path:
         return Path(which).parent
     message = (f"PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/postgres); "
                f"install Debian's {PACKAGE} package (scripts/setup.sh --debug does)")
-    if os.environ.get("CI"):
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
 

@@ -377,3 +377,15 @@ def test_a_catalog_import_is_seen_alive_from_another_host_until_its_process_dies
         proc.wait(10)
         proc.stdout.close()
         proc.stderr.close()
+
+
+@pytest.mark.parametrize("ci,outcome", [("true", "fail"), ("", "skip")])
+def test_missing_postgresql_binaries_fail_in_ci_and_skip_elsewhere(monkeypatch, ci, outcome):
+    import postgres_server
+    monkeypatch.setattr(postgres_server.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(postgres_server.shutil, "which", lambda name: None)
+    monkeypatch.delenv("SMSBLOCK_PG_BIN", raising=False)
+    monkeypatch.setenv("CI", ci)
+    expected = pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception
+    with pytest.raises(expected, match="install Debian's postgresql package"):
+        postgres_server.postgres_binaries()
