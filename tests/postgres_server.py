@@ -149,3 +149,12 @@ class PostgresServer:
         if getattr(self, "log", None) is not None:
             self.log.close()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def state_target(state) -> tuple[str, dict[str, str]]:
+    """What a subprocess gives as ``--state`` (or ``SmsService(...)``) to open the same
+    state as ``state`` (a :class:`smsblock.service.state.State`), and the environment it
+    needs: the directory, or the database URL with the local directory."""
+    if state.dialect == "sqlite":
+        return str(state.dir), {}
+    return state._url, {"SMSBLOCK_HOME": str(state.dir)}

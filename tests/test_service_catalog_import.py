@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import fifo_source
+from postgres_server import state_target
 from smsblock.errors import ServiceError
 from smsblock.service import FakeClock, ServiceConfig, SmsService
 from smsblock.service.server import make_server
@@ -115,7 +116,6 @@ def test_delete_during_an_import_wins_and_the_import_result_is_dropped(fifo_svc)
     assert not list(svc.state.dir.glob("catalog-import-*"))
 
 
-@pytest.mark.sqlite_only     # a subprocess opens the state directory itself
 def test_an_import_whose_process_is_killed_does_not_stay_importing(fifo_svc, tmp_path):
     svc, fifo = fifo_svc
     svc.import_server_catalog()
@@ -128,7 +128,8 @@ def test_an_import_whose_process_is_killed_does_not_stay_importing(fifo_svc, tmp
          "import fifo_source; from smsblock.service import SmsService; "
          "svc = SmsService(sys.argv[2]); svc.import_wait_seconds = 0.1; "
          "svc.import_server_catalog(); print('importing', flush=True); time.sleep(600)",
-         str(TESTS), str(svc.state.dir)], stdout=subprocess.PIPE, text=True)
+         str(TESTS), state_target(svc.state)[0]], stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, **state_target(svc.state)[1]))
     try:
         line = []
         reader = threading.Thread(target=lambda: line.append(child.stdout.readline()), daemon=True)
