@@ -287,6 +287,8 @@ def test_pg_ddl_keeps_sqlite_widths_and_insertion_order():
     assert pg_ddl("ALTER TABLE t ADD COLUMN c REAL") == \
         "ALTER TABLE t ADD COLUMN c DOUBLE PRECISION"
     assert pg_ddl("INSERT INTO t (a) VALUES ('REAL')") == "INSERT INTO t (a) VALUES ('REAL')"
+    assert pg_ddl("CREATE TABLE IF NOT EXISTS u (b BLOB)") == \
+        "CREATE TABLE IF NOT EXISTS u (rowid BIGSERIAL NOT NULL, b BYTEA)"
 
 
 def test_redact_hides_url_passwords():

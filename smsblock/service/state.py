@@ -56,8 +56,12 @@ DB_NAME = "state.db"
 CONFIG_NAME = "config.toml"
 
 # Each entry moves the schema one version up; never edit a released entry, append one.
-# Write them in the SQL both SQLite and PostgreSQL take (TEXT, INTEGER, REAL; ON CONFLICT,
-# not INSERT OR ...; no PRAGMA); pg_ddl() translates the column types.
+# Write them in the SQL both SQLite and PostgreSQL take: TEXT, INTEGER, REAL, BLOB columns
+# (pg_ddl() translates the types and adds a rowid to each new table), CREATE [UNIQUE]
+# INDEX (partial ones too), ALTER TABLE ... ADD COLUMN, INSERT/UPDATE with ON CONFLICT
+# (not INSERT OR ...), no PRAGMA, no AUTOINCREMENT; the statements of an entry must not
+# take parameters.  The same holds for the service's statements, with ``?`` parameters;
+# ``rowcount`` and ``RETURNING`` work on both, ``lastrowid`` only on SQLite.
 MIGRATIONS: list[list[str]] = [
     # 1: connectors, catalog, servers, jobs, runs, images
     [
@@ -295,12 +299,15 @@ _CREATE_TABLE = re.compile(r"\s*CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?\w+\s*
 
 def pg_ddl(statement: str) -> str:
     """A migration statement for PostgreSQL: REAL is DOUBLE PRECISION (SQLite's REAL is
-    8 bytes, PostgreSQL's 4), INTEGER is BIGINT (SQLite's are 64-bit), and every new
-    table gets a ``rowid BIGSERIAL`` so ``ORDER BY rowid`` means insertion order on both."""
+    8 bytes, PostgreSQL's 4), INTEGER is BIGINT (SQLite's are 64-bit), BLOB is BYTEA, and
+    every new table gets a ``rowid BIGSERIAL`` so ``ORDER BY rowid`` means insertion
+    order on both.  (An ``INTEGER PRIMARY KEY`` is no automatic id on PostgreSQL: give
+    ids yourself, or use the ``rowid``.)"""
     if not re.match(r"\s*(CREATE|ALTER)\b", statement, re.IGNORECASE):
         return statement
     statement = re.sub(r"\bREAL\b", "DOUBLE PRECISION", statement)
     statement = re.sub(r"\bINTEGER\b", "BIGINT", statement)
+    statement = re.sub(r"\bBLOB\b", "BYTEA", statement)
     m = _CREATE_TABLE.match(statement)
     if m:
         statement = f"{statement[:m.end()]}rowid BIGSERIAL NOT NULL, {statement[m.end():]}"
