@@ -24,8 +24,10 @@ EXIT_SERVICE_ERROR = 255   # what aws (v1) exits with on a service error
 
 
 def _add_state(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state", metavar="DIR", default=None,
-                   help="state directory (default: $SMSBLOCK_HOME or ~/.smsblock)")
+    p.add_argument("--state", metavar="DIR|URL", default=None,
+                   help="state directory (default: $SMSBLOCK_HOME or ~/.smsblock), or a "
+                        "PostgreSQL database postgresql://USER@HOST:PORT/DB (its local "
+                        "files then go to $SMSBLOCK_HOME or ~/.smsblock)")
 
 
 def _service(args):
@@ -310,7 +312,7 @@ def _serve(args) -> int:
     from ..service.server import make_server
     with _service(args) as svc:
         server = make_server(svc, args.host, args.port, region=args.region)
-        print(f"smsblock serve: listening on {server.url} (state {svc.state.dir}, "
+        print(f"smsblock serve: listening on {server.url} (state {svc.state.location}, "
               f"region {args.region})", flush=True)
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
