@@ -118,8 +118,8 @@ class RemoteControlPlane:
     def close(self) -> None:
         self._session.close()
 
-    def call(self, operation: str, **params) -> dict:
-        """One fleet operation; raises ServiceError with the server's code and message,
+    def call(self, operation: str, *, prefix: str = TARGET_PREFIX, **params) -> dict:
+        """One fleet operation (``prefix``: of another API); raises ServiceError with the server's code and message,
         ConnectorError when the control plane cannot be reached."""
         from botocore.auth import SigV4Auth
         from botocore.awsrequest import AWSRequest
@@ -130,7 +130,7 @@ class RemoteControlPlane:
         for attempt in range(RETRIES):
             req = AWSRequest(method="POST", url=self.endpoint + "/", data=body,
                              headers={"Content-Type": CONTENT_TYPE,
-                                      "X-Amz-Target": TARGET_PREFIX + operation})
+                                      "X-Amz-Target": prefix + operation})
             SigV4Auth(Credentials(*self._key), SERVICE_NAME, self.region).add_auth(req)
             try:
                 resp = self._session.send(req.prepare())

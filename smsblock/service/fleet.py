@@ -193,7 +193,10 @@ class Fleet:
             raise not_permitted(f"{operation}: this credential belongs to connector {principal}, "
                                 f"not {params['connectorId']}")
         method, convert = _METHODS[operation]
-        return convert(getattr(self, method)(**{_PY.get(k, k): v for k, v in params.items()}))
+        try:
+            return convert(getattr(self, method)(**{_PY.get(k, k): v for k, v in params.items()}))
+        except ValueError as e:     # e.g. an unknown vmManagerType
+            raise ServiceError(f"{operation}: {str(e)[:200]}", "InvalidParameterException") from None
 
     # --- registration, heartbeat, catalog -----------------------------------------------
 
