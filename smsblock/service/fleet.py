@@ -50,7 +50,7 @@ from .. import __version__
 from ..errors import ServiceError
 from ..source import VmRecord
 from .jobs import record_run_failure
-from .models import (CONNECTOR_ID, ConnectorCapability, LIVE_JOB_STATES, MAX_FAILURE_REASON,
+from .models import (CONNECTOR_ID, JOB_ID, RUN_ID, ConnectorCapability, LIVE_JOB_STATES, MAX_FAILURE_REASON,
                      ReplicationJobState, ReplicationRunState, VmManagerType, bounded_message,
                      new_connector_id)
 from .records import connector_from_row
@@ -67,8 +67,6 @@ UPLOADED_KIND = "uploaded"
 MAX_CATALOG_VMS = 2000           # per upload (an upload is one request body: Limits.max_body)
 MAX_PROBLEMS = 1000
 MAX_SUMMARY = 256 * 1024         # characters of a run's JSON record
-RUN_ID = re.compile(r"sms-run-[0-9a-f]{17}")
-JOB_ID = re.compile(r"sms-job-[0-9a-f]{17}")
 AMI_ID = re.compile(r"ami-[0-9a-f]{8,17}")
 
 _PENDING = ReplicationRunState.PENDING.value
@@ -214,8 +212,9 @@ class Fleet:
                 raise not_permitted(f"connector {connector_id} has no valid credential")
             row = db.execute("SELECT disassociated_on FROM connectors WHERE connector_id = ?",
                              (connector_id,)).fetchone()
-            config = json.dumps({"kind": source_kind, "uploadedOn": None, "vms": [],
-                                 "problems": []})
+            config = json.dumps({"kind": source_kind, "managerName": vm_manager_name,
+                                 "managerType": vm_manager_type, "managerId": vm_manager_id,
+                                 "uploadedOn": None, "vms": [], "problems": []})
             caps = json.dumps([ConnectorCapability.VSPHERE.value,
                                ConnectorCapability.SMS_OPTIMIZED.value])
             if row is None:
@@ -584,16 +583,16 @@ class UploadedCatalog:
     kind = UPLOADED_KIND
 
     def __init__(self, config: dict):
-        vms = config.get("vms") or []
-        if not vms:
-            raise ServiceError("a remote connector has not uploaded its catalog yet (it does "
-                               "when `smsblock connector run` starts)", "NoConnectorsAvailableException")
-        first = vms[0]
-        self.manager_type = first["vmManagerType"]
-        self.manager_name = first["vmManagerName"]
-        self.manager_id = first["vmManagerId"]
-        self._vms = [_vm_record(v) for v in vms]
+        self.manager_type = config.get("managerType") or "VSPHERE"
+        self.manager_name = config.get("managerName") or ""
+        self.manager_id = config.get("managerId") or ""
+        self._vms = [_vm_record(v) for v in config.get("vms") or []]
         self.list_problems = list(config.get("problems") or [])
+        if config.get("uploadedOn") is None:
+            # not an error of the whole import: the other connectors' VMs still count
+            self.list_problems.append({"location": self.manager_name, "reason":
+                                       "this remote connector has not uploaded its VM list "
+                                       "yet (it does when `smsblock connector run` starts)"})
 
     def list_vms(self) -> list[VmRecord]:
         return list(self._vms)
