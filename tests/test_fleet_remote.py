@@ -205,3 +205,158 @@ def test_remote_connector_over_https_replicates_into_s3(tmp_path, aws_env, bucke
         assert out.read_bytes() == image.read_bytes()
     finally:
         fleet.close()
+
+
+# --- a connector killed mid-run, a connector that comes back ----------------------------
+
+RANDOM_DISK = 4 << 20
+
+
+def two_connectors(tmp_path, aws_env, bucket):
+    """A fleet whose heartbeat timeout is 2 s, two connectors (A, B) on one datastore, a
+    VM (bootable disk + 4 MiB of random data) and a due run; the S3 store is created
+    with small packs so that a run seals packs as it goes."""
+    from smsblock.store import open_store
+    from smsblock.store.base import StoreConfig
+    from conftest import qemu_img
+    image = bootable_image(tmp_path / "img")
+    ds = tmp_path / "ds"
+    make_vm(ds, "DC1/db01", "db01", image=image, disks=(("scsi0:0", 0), ("scsi0:1", RANDOM_DISK)))
+    raw = tmp_path / "random.raw"
+    raw.write_bytes(os.urandom(RANDOM_DISK))
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", raw, ds / "DC1/db01/db01_1.vmdk")
+    fleet = Fleet(tmp_path, aws_env, bucket, config="heartbeat_timeout_seconds = 2\n")
+    open_store(fleet.store).initialise(StoreConfig(pack_size=4096))
+    for name in ("conn-a", "conn-b"):
+        fleet.register(name, ds, "--ca-bundle", fleet.ca)
+        fleet.run_once(name)           # uploads its catalog
+    return fleet
+
+
+def packs(store_url) -> tuple[int, int]:
+    """(blocks in all sealed packs, distinct block addresses among them)."""
+    from smsblock.store import open_store
+    store = open_store(store_url)
+    addresses = [bytes(a) for pid, size in store.list_packs().items()
+                 for a in store.pack_index(pid, size)["address"]]
+    return len(addresses), len(set(addresses))
+
+
+def run_row(fleet, run) -> dict:
+    import sqlite3
+    db = sqlite3.connect(fleet.state / "state.db")
+    db.row_factory = sqlite3.Row
+    try:
+        return dict(db.execute("SELECT * FROM runs WHERE run_id = ?", (run,)).fetchone())
+    finally:
+        db.close()
+
+
+def start_slow(fleet, name):
+    """Connector ``name`` running, its uploads capped at 1 MiB/s (its own staging area)."""
+    env = dict(fleet.env, SMSBLOCK_S3_BANDWIDTH="1M",
+               SMSBLOCK_S3_STAGING_DIR=str(fleet.tmp / f"staging-{name}"))
+    log = open(fleet.tmp / f"{name}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "smsblock", "connector", "run",
+                             "--connector-dir", str(fleet.tmp / name), "--poll-interval", "0.3",
+                             "--heartbeat-interval", "0.3"],
+                            stdout=subprocess.DEVNULL, stderr=log, env=env)
+
+
+def wait_until_uploading(fleet, run, proc, min_blocks=2, timeout=60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, fleet.log("conn-a")
+        row = run_row(fleet, run)
+        if row["state"] == "ACTIVE" and row["stage"] == "uploading" and \
+                packs(fleet.store)[0] >= min_blocks:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the run did not get to uploading: {run_row(fleet, run)}")
+
+
+def test_a_connector_killed_mid_run_is_resumed_by_another_sending_nothing_twice(
+        tmp_path, aws_env, bucket):
+    """kill -9 of connector A while it uploads: after the heartbeat timeout connector B
+    claims the run again (fence 2) and completes it; what A had sealed in the store is
+    not sent again (B stores only the rest, and no block is in the store twice)."""
+    fleet = two_connectors(tmp_path, aws_env, bucket)
+    a = None
+    try:
+        server, job, run = fleet.job_with_run()
+        a = start_slow(fleet, "conn-a")
+        wait_until_uploading(fleet, run, a)
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait(10)
+        sealed_by_a, _ = packs(fleet.store)
+        row = run_row(fleet, run)
+        assert (row["state"], row["fence"]) == ("ACTIVE", 1)
+        # not claimable before the lease runs out ...
+        assert json.loads(fleet.run_once("conn-b").stdout)["completed"] == []
+        time.sleep(2.2)
+        # ... then B resumes it
+        b = fleet.run_once("conn-b")
+        assert json.loads(b.stdout)["completed"] == [run], b.stderr
+        assert "resumed: claim 2" in b.stderr, b.stderr
+        row = run_row(fleet, run)
+        b_id = json.loads((tmp_path / "conn-b" / "connector.json").read_text())["connectorId"]
+        assert (row["state"], row["fence"], row["claimed_by"]) == ("COMPLETED", 2, b_id)
+        summary = json.loads(row["summary"])
+        stored_by_b = sum(d["blocks_stored"] for d in summary["disks"])
+        data_blocks = sum(d["blocks_data"] for d in summary["disks"])
+        total, distinct = packs(fleet.store)
+        assert 0 < sealed_by_a < total            # A was killed mid-run
+        assert total == distinct                   # no block is in the store twice
+        assert stored_by_b == total - sealed_by_a  # B sent only what A had not sealed
+        assert stored_by_b < data_blocks
+        (r,) = fleet.runs(job)
+        assert r["state"] == "COMPLETED" and r["amiId"].startswith("ami-")
+        # the data is whole
+        out = tmp_path / "disk1.raw"
+        smsblock(fleet.env, "restore", "--store", fleet.store, "--server", f"{server}-disk1",
+                 "-o", out)
+        assert out.read_bytes() == (tmp_path / "random.raw").read_bytes()
+    finally:
+        if a is not None and a.poll() is None:
+            a.kill()
+        fleet.close()
+
+
+def test_a_connector_back_after_its_run_was_reassigned_commits_nothing(
+        tmp_path, aws_env, bucket):
+    """Connector A is frozen (SIGSTOP) mid-run past the heartbeat timeout; B takes the
+    run over and completes it; when A wakes up, the control plane refuses its stale
+    claim: A stops the run, says so in its log, and commits no second result."""
+    fleet = two_connectors(tmp_path, aws_env, bucket)
+    a = None
+    try:
+        server, job, run = fleet.job_with_run()
+        a = start_slow(fleet, "conn-a")
+        wait_until_uploading(fleet, run, a)
+        os.kill(a.pid, signal.SIGSTOP)
+        time.sleep(2.2)
+        b = fleet.run_once("conn-b")
+        assert json.loads(b.stdout)["completed"] == [run], b.stderr
+        completed_b = run_row(fleet, run)
+        os.kill(a.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while "was reassigned" not in fleet.log("conn-a") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        log = fleet.log("conn-a")
+        assert "was reassigned to another connector" in log and "discarded" in log, log
+        assert a.poll() is None               # A goes on serving
+        time.sleep(1)
+        row = run_row(fleet, run)
+        assert row == completed_b             # B's result, untouched
+        (r,) = fleet.runs(job)
+        assert r["state"] == "COMPLETED"
+        import sqlite3
+        db = sqlite3.connect(fleet.state / "state.db")
+        assert db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 1
+        db.close()
+    finally:
+        if a is not None and a.poll() is None:
+            os.kill(a.pid, signal.SIGCONT)
+            a.terminate()
+            a.wait(10)
+        fleet.close()
