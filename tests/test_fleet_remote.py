@@ -360,3 +360,84 @@ def test_a_connector_back_after_its_run_was_reassigned_commits_nothing(
             a.terminate()
             a.wait(10)
         fleet.close()
+
+
+# --- TLS and proxies, in-process ------------------------------------------------------------
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """`serve --tls-cert --tls-key` in a thread, with one connector credential."""
+    from smsblock.service.fleet import Fleet as FleetOps
+    from test_service_server import serving
+    ca, cert, key = make_ca_and_cert(tmp_path / "tls")
+    with serving(tmp_path, tls_cert=str(cert), tls_key=str(key)) as srv:
+        cred = FleetOps(srv.service.state, srv.service.clock).create_credential(
+            str(tmp_path / "store"))
+        yield srv, ca, cred
+
+
+def control_plane(srv, cred, **kw):
+    from smsblock.service.controlplane import RemoteControlPlane
+    from test_service_server import REGION
+    return RemoteControlPlane(srv.url, cred["accessKeyId"], cred["secretAccessKey"],
+                              cred["connectorId"], region=REGION, source_kind="datastore", **kw)
+
+
+def test_https_is_tls_1_2_or_later_and_a_stalled_handshake_holds_up_no_one(tls_server):
+    import socket
+    import ssl
+    srv, ca, cred = tls_server
+    assert srv.url.startswith("https://")
+    host, port = srv.server_address[:2]
+    stalled = socket.create_connection((host, port))        # never says hello
+    try:
+        cp = control_plane(srv, cred, ca_bundle=str(ca))
+        answer = cp.call("RegisterConnector", sourceKind="datastore", vmManagerName="ds",
+                         vmManagerType="VSPHERE", vmManagerId="ds-1")
+        assert answer["connector"]["connectorId"] == cred["connectorId"]
+        ctx = ssl.create_default_context(cafile=str(ca))
+        with ctx.wrap_socket(socket.create_connection((host, port)),
+                             server_hostname="127.0.0.1") as s:
+            assert s.version() in ("TLSv1.2", "TLSv1.3")
+        old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        old.load_verify_locations(str(ca))
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+        old.set_ciphers("DEFAULT:@SECLEVEL=0")
+        with pytest.raises(ssl.SSLError):
+            old.wrap_socket(socket.create_connection((host, port)), server_hostname="127.0.0.1")
+        # an unverified certificate: refused (system CAs), unless --insecure
+        from smsblock.errors import ConnectorError
+        with pytest.raises(ConnectorError, match="certificate verify failed"):
+            control_plane(srv, cred).heartbeat({})
+        assert control_plane(srv, cred, insecure=True).heartbeat({})["associated"]
+    finally:
+        stalled.close()
+
+
+def test_the_proxy_settings_apply_to_the_control_plane(tls_server, monkeypatch):
+    from smsblock.errors import ConnectorError
+    srv, ca, cred = tls_server
+    for k in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")       # nothing listens there
+    with pytest.raises(ConnectorError, match="cannot be reached"):
+        control_plane(srv, cred, ca_bundle=str(ca)).heartbeat({})
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert control_plane(srv, cred, ca_bundle=str(ca)).heartbeat({}) == \
+        {"associated": False, "lost": []}
+
+
+def test_serve_tls_options_are_checked(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SMSBLOCK_ACCESS_KEY_ID=AKID,
+               SMSBLOCK_SECRET_ACCESS_KEY=SECRET)
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    for args, says in ((["--tls-cert", tmp_path / "junk.pem"], "go together"),
+                       (["--tls-cert", tmp_path / "junk.pem", "--tls-key", tmp_path / "junk.pem"],
+                        "not a certificate chain"),
+                       (["--tls-cert", tmp_path / "nope.pem", "--tls-key", tmp_path / "nope.pem"],
+                        "no such file")):
+        out = smsblock(env, "serve", "--state", tmp_path / "state", "--port", "0", *args,
+                       check=False, timeout=60)
+        assert out.returncode != 0 and says in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
