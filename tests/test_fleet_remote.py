@@ -406,6 +406,10 @@ def test_https_is_tls_1_2_or_later_and_a_stalled_handshake_holds_up_no_one(tls_s
         old.set_ciphers("DEFAULT:@SECLEVEL=0")
         with pytest.raises(ssl.SSLError):
             old.wrap_socket(socket.create_connection((host, port)), server_hostname="127.0.0.1")
+        # the web console is served over the same HTTPS
+        import urllib.request
+        page = urllib.request.urlopen(srv.url + "/", context=ctx, timeout=10)
+        assert page.status == 200 and b"<html" in page.read().lower()
         # an unverified certificate: refused (system CAs), unless --insecure
         from smsblock.errors import ConnectorError
         with pytest.raises(ConnectorError, match="certificate verify failed"):

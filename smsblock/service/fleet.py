@@ -354,6 +354,10 @@ class Fleet:
             if cur.rowcount != 1:
                 return None
             run = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if run["fence"] > 1:     # an earlier holder stopped heartbeating: say so
+                db.execute("UPDATE runs SET status_message = ? WHERE run_id = ?",
+                           (f"resumed by connector {connector_id} (claim {run['fence']}): the "
+                            "connector that held the run stopped heartbeating", run_id))
             job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (run["job_id"],)).fetchone()
             server = db.execute("SELECT * FROM servers WHERE server_id = ?",
                                 (job["server_id"],)).fetchone()
