@@ -308,3 +308,60 @@ def test_connector_processes_racing_for_runs_execute_each_once(tmp_path):
     by = {r["status_message"] for r in rows}
     svc.close()
     assert len(by) >= 1
+
+
+def test_connector_operations_refuse_bad_input_with_one_line_errors(tmp_path):
+    """Whatever a connector's request holds, the answer is a declared-style error in one
+    bounded line (never a 500), and nothing changes."""
+    with serving(tmp_path) as srv:
+        fleet = Fleet(srv.service.state, srv.service.clock)
+        cred = fleet.create_credential(str(tmp_path / "store"))
+        cp = remote(srv, cred)
+        register(cp)
+        c = cred["connectorId"]
+        bad = [
+            ("Heartbeat", {"connectorId": c, "runs": {"not-a-run": 1}}),
+            ("Heartbeat", {"connectorId": c, "runs": {"sms-run-0123abcd": "1"}}),
+            ("Heartbeat", {"connectorId": c, "extra": 1}),
+            ("Heartbeat", {}),
+            ("ClaimRun", {"connectorId": c, "runId": "sms-run-0123abcd' OR 1=1"}),
+            ("ReportRun", {"connectorId": c, "runId": "sms-run-0123abcd", "fence": True}),
+            ("ReportRun", {"connectorId": c, "runId": "sms-run-0123abcd", "fence": 1,
+                           "summary": {"x": "y" * 300_000}}),
+            ("CompleteRun", {"connectorId": c, "runId": "sms-run-0123abcd", "fence": 1,
+                             "summary": {"disks": "x"}, "message": "m"}),
+            ("CompleteRun", {"connectorId": c, "runId": "sms-run-0123abcd", "fence": 1,
+                             "summary": {"disks": []}, "message": "m", "amiId": "ami-zz"}),
+            ("UploadCatalog", {"connectorId": c, "vms": [{"vmId": "x"}]}),
+            ("UploadCatalog", {"connectorId": c, "vms": [], "problems": [1]}),
+            ("UploadCatalog", {"connectorId": c, "vms": "x"}),
+            ("RegisterConnector", {"sourceKind": "datastore", "vmManagerName": "m",
+                                   "vmManagerType": "HYPERV-NOT", "vmManagerId": "ds-" + c}),
+            ("RegisterConnector", {"sourceKind": "datastore", "vmManagerName": "m",
+                                   "vmManagerType": "VSPHERE", "vmManagerId": "another-vcenter"}),
+            ("NoSuchOperation", {"connectorId": c}),
+        ]
+        before = srv.service.state.query("SELECT * FROM connectors")
+        for op, params in bad:
+            with pytest.raises(ServiceError) as e:
+                cp.call(op, **params)
+            assert e.value.code in ("InvalidParameterException", "MissingRequiredParameterException",
+                                    "AccessDeniedException", "UnknownOperationException",
+                                    "SerializationException"), (op, e.value.code, str(e.value))
+            assert "\n" not in str(e.value) and len(str(e.value)) <= 1024
+        assert [dict(r) for r in srv.service.state.query("SELECT * FROM connectors")] == \
+            [dict(r) for r in before]
+
+
+def test_a_completion_sent_again_after_a_lost_answer_is_not_refused(tmp_path):
+    svc, clock, conns, runs = fleet_state(tmp_path, 1, 1)
+    fleet = Fleet(svc.state, clock)
+    got = fleet.claim(conns[0], runs[0])
+    first = fleet.complete(conns[0], runs[0], got["fence"], {"disks": []}, "done")
+    again = fleet.complete(conns[0], runs[0], got["fence"], {"disks": []}, "done")
+    assert first["state"] == again["state"] == "COMPLETED"
+    with pytest.raises(ServiceError) as e:           # but not a failure after it
+        fleet.fail(conns[0], runs[0], got["fence"], "late")
+    assert e.value.code == STALE_CLAIM
+    assert run_states(svc)[runs[0]][0] == "COMPLETED"
+    svc.close()

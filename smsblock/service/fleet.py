@@ -230,6 +230,14 @@ class Fleet:
                 raise not_permitted(f"connector {connector_id} was disassociated; create a new "
                                     "credential to register a new connector")
             else:
+                old = db.execute("SELECT vm_manager_id FROM connectors WHERE connector_id = ?",
+                                 (connector_id,)).fetchone()
+                if old["vm_manager_id"] != vm_manager_id:
+                    # the vm manager decides which runs the connector may claim: it is
+                    # fixed at the first registration
+                    raise not_permitted(f"connector {connector_id} is registered with vm "
+                                        f"manager {old['vm_manager_id']}, not {vm_manager_id[:80]}; "
+                                        "create a new credential for another one")
                 db.execute("UPDATE connectors SET version = ?, vm_manager_name = ?, "
                            "vm_manager_type = ?, vm_manager_id = ?, ip_address = ?, "
                            "mac_address = ?, last_heartbeat = ? WHERE connector_id = ?",
@@ -291,9 +299,13 @@ class Fleet:
                 raise ServiceError(f"the catalog upload lists VMs of another vm manager than "
                                    f"the connector's ({foreign[0][:80]})", "InvalidParameterException")
             config = json.loads(row["source_config"])
-            config.update(uploadedOn=self.clock(), vms=checked,
-                          problems=[{k: str(v)[:1000] for k, v in p.items()}
-                                    for p in (problems or [])[:MAX_PROBLEMS]])
+            kept = []
+            for p in (problems or [])[:MAX_PROBLEMS]:
+                if not isinstance(p, dict) or len(p) > 8:
+                    raise ServiceError("UploadCatalog: problems must be objects like "
+                                       "{location, reason}", "InvalidParameterException")
+                kept.append({str(k)[:64]: str(v)[:1000] for k, v in p.items()})
+            config.update(uploadedOn=self.clock(), vms=checked, problems=kept)
             db.execute("UPDATE connectors SET source_config = ? WHERE connector_id = ?",
                        (json.dumps(config), connector_id))
         return {"vms": len(checked)}
@@ -384,12 +396,18 @@ class Fleet:
             claim["sourceConfig"] = json.loads(owner["source_config"])
         return claim
 
-    def _held(self, db, connector_id: str, run_id: str, fence: int):
+    def _held(self, db, connector_id: str, run_id: str, fence: int, *,
+              ended_as: str | None = None):
         """The run's row, if ``connector_id`` still holds it with ``fence``; else the
-        claim is stale and nothing it says is recorded."""
+        claim is stale and nothing it says is recorded.  With ``ended_as``: None when
+        this very claim already ended the run so (a completion or failure sent again
+        because its answer was lost)."""
         row = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             raise ServiceError(f"run {run_id} does not exist", "InvalidParameterException")
+        if ended_as is not None and (row["state"], row["fence"], row["claimed_by"]) == \
+                (ended_as, fence, connector_id):
+            return None
         if row["fence"] != fence or row["claimed_by"] != connector_id or row["state"] != _ACTIVE:
             raise stale(f"run {run_id}: claim {fence} of connector {connector_id} is stale "
                         f"(the run is {row['state']}, claim {row['fence']} of connector "
@@ -443,7 +461,10 @@ class Fleet:
         reason = bounded_message(reason, MAX_FAILURE_REASON)
         now = self.clock()
         with self.state.transaction() as db:
-            row = self._held(db, connector_id, run_id, fence)
+            row = self._held(db, connector_id, run_id, fence,
+                             ended_as=ReplicationRunState.FAILED.value)
+            if row is None:
+                return {"state": ReplicationRunState.FAILED.value}
             if job_deleted(db, row["job_id"]):
                 end_deleted(db, run_id, now, "" if cancelled_by_deletion
                             else f" (the run had stopped: {reason})")
@@ -461,10 +482,18 @@ class Fleet:
         (numberOfRecentAmisToKeep).  When the job was deleted meanwhile the run stays
         ACTIVE and the answer is ``orphan``: the connector deregisters that image, then
         calls :meth:`end_deleted`."""
+        disks = summary.get("disks")
+        if not isinstance(disks, list) or not all(isinstance(d, dict) for d in disks) or \
+                not all(isinstance(d.get("run_id"), (str, type(None))) for d in disks):
+            raise ServiceError("CompleteRun: summary.disks must be a list of the disks' "
+                               "engine summaries", "InvalidParameterException")
         now = self.clock()
         doomed: list[str] = []
         with self.state.transaction() as db:
-            row = self._held(db, connector_id, run_id, fence)
+            row = self._held(db, connector_id, run_id, fence,
+                             ended_as=ReplicationRunState.COMPLETED.value)
+            if row is None:
+                return {"state": ReplicationRunState.COMPLETED.value, "deregister": []}
             job_id = row["job_id"]
             if job_deleted(db, job_id):
                 if ami_id is None:

@@ -18,6 +18,13 @@ Authorization format, key id, scope, date and signed header list) and the Conten
 (``application/x-amz-json-1.1``) are checked before any of the body is read; a request
 that fails authentication is answered and its connection closed.
 
+A connector's own credential (:mod:`smsblock.service.fleet`, looked up on every request
+so a revoked one is refused at once) signs the same way; it may call only the connector
+operations (``X-Amz-Target: SmsBlockFleet_20261201.<Op>``, for its own connector id),
+and the operator's credential may call none of them.  With ``tls_cert``/``tls_key``
+(``serve --tls-cert --tls-key``) every connection is TLS 1.2 or later, its handshake done
+in the connection's own thread under the head deadline.
+
 The HTTP/1.1 layer is written here rather than taken from :mod:`http.server`, because
 that one has no total deadline per request, keeps up to 100 header lines of 64 KiB,
 reads the whole body into memory before anything is authenticated, and ignores
