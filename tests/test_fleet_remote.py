@@ -275,6 +275,11 @@ def wait_until_uploading(fleet, run, proc, min_blocks=2, timeout=60) -> None:
     raise AssertionError(f"the run did not get to uploading: {run_row(fleet, run)}")
 
 
+def wait_for_lease(row) -> None:
+    """Until the lease of the run ``row`` (its state row) has run out."""
+    time.sleep(max(0.0, row["lease_until"] - time.time()) + 0.2)
+
+
 def test_a_connector_killed_mid_run_is_resumed_by_another_sending_nothing_twice(
         tmp_path, aws_env, bucket):
     """kill -9 of connector A while it uploads: after the heartbeat timeout connector B
@@ -292,14 +297,19 @@ def test_a_connector_killed_mid_run_is_resumed_by_another_sending_nothing_twice(
         row = run_row(fleet, run)
         assert (row["state"], row["fence"]) == ("ACTIVE", 1)
         # not claimable before the lease runs out ...
-        assert json.loads(fleet.run_once("conn-b").stdout)["completed"] == []
-        time.sleep(2.2)
+        b_id = json.loads((tmp_path / "conn-b" / "connector.json").read_text())["connectorId"]
+        from smsblock.service.fleet import Fleet as FleetOps
+        from smsblock.service.state import State
+        with State(fleet.state) as state:
+            due = FleetOps(state, time.time).due_runs(b_id)
+            if time.time() < row["lease_until"]:
+                assert run not in due
+        wait_for_lease(row)
         # ... then B resumes it
         b = fleet.run_once("conn-b")
         assert json.loads(b.stdout)["completed"] == [run], b.stderr
         assert "resumed: claim 2" in b.stderr, b.stderr
         row = run_row(fleet, run)
-        b_id = json.loads((tmp_path / "conn-b" / "connector.json").read_text())["connectorId"]
         assert (row["state"], row["fence"], row["claimed_by"]) == ("COMPLETED", 2, b_id)
         summary = json.loads(row["summary"])
         stored_by_b = sum(d["blocks_stored"] for d in summary["disks"])
@@ -334,7 +344,8 @@ def test_a_connector_back_after_its_run_was_reassigned_commits_nothing(
         a = start_slow(fleet, "conn-a")
         wait_until_uploading(fleet, run, a)
         os.kill(a.pid, signal.SIGSTOP)
-        time.sleep(2.2)
+        time.sleep(0.5)             # a request A had under way is answered
+        wait_for_lease(run_row(fleet, run))
         b = fleet.run_once("conn-b")
         assert json.loads(b.stdout)["completed"] == [run], b.stderr
         completed_b = run_row(fleet, run)
