@@ -365,3 +365,40 @@ def test_a_completion_sent_again_after_a_lost_answer_is_not_refused(tmp_path):
     assert e.value.code == STALE_CLAIM
     assert run_states(svc)[runs[0]][0] == "COMPLETED"
     svc.close()
+
+
+SERVE_WITHOUT_BOTOCORE = textwrap.dedent("""
+    import sys
+    sys.modules["botocore"] = None      # any import of it fails: serve must not need it
+    sys.modules["boto3"] = None
+    from smsblock.service import SmsService
+    from smsblock.service.fleet import Fleet
+    from smsblock.service.server import ServerCredentials, make_server
+    import json
+    svc = SmsService(sys.argv[1])
+    cred = Fleet(svc.state, svc.clock).create_credential(sys.argv[1] + "/store")
+    srv = make_server(svc, "127.0.0.1", 0, ServerCredentials("AKIDOP", "secret"),
+                      region="us-west-2")
+    print(json.dumps({"url": srv.url, "cred": cred}), flush=True)
+    srv.serve_forever(poll_interval=0.05)
+""")
+
+
+def test_serve_answers_connectors_without_botocore(tmp_path):
+    script = tmp_path / "serve.py"
+    script.write_text(SERVE_WITHOUT_BOTOCORE)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "state")],
+                            stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        started = json.loads(proc.stdout.readline())
+
+        class Srv:
+            url = started["url"]
+        cp = remote(Srv, started["cred"])
+        assert register(cp)["connector"]["connectorId"] == started["cred"]["connectorId"]
+        assert cp.heartbeat({}) == {"associated": True, "lost": []}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
