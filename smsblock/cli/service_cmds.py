@@ -174,7 +174,8 @@ def _connector_register(args) -> int:
 
 def _connector_run(args) -> int:
     from ..service.connector import ConnectorLoop
-    connector_dir = _connector_dir(args)
+    # $SMSBLOCK_CONNECTOR_HOME stands for --connector-dir unless --state names a local one
+    connector_dir = _connector_dir(args) if args.connector_dir or args.state is None else None
     if connector_dir is not None:
         if args.state is not None or args.connector_id is not None:
             raise UsageError("--connector-dir runs a remote connector: --state and "
@@ -592,8 +593,8 @@ def register(subparsers) -> None:
                           "--endpoint, the control plane's)")
     reg.add_argument("--insecure", action="store_true",
                      help="ignore hostname mismatch and expiration errors for vCenter and "
-                          "ESXi certificates (the chain is still verified); with --endpoint "
-                          "and no --vcenter: do not verify the control plane's certificate")
+                          "ESXi certificates (the chain is still verified); with --endpoint: "
+                          "do not verify the control plane's certificate at all")
     reg.add_argument("--source-kind", metavar="KIND",
                      help="another source kind: one a plugin declares (entry point group "
                           "smsblock.sources)")
