@@ -456,3 +456,41 @@ def test_serve_tls_options_are_checked(tmp_path):
                        check=False, timeout=60)
         assert out.returncode != 0 and says in out.stderr, out.stderr
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_remote_connectors_of_one_datastore_share_its_runs_each_run_once(
+        tmp_path, aws_env, bucket):
+    """Three remote connectors on one datastore, started at once over HTTPS against six
+    due runs: every run is executed by exactly one of them (claim 1 of each run, each
+    run in exactly one connector's output)."""
+    ds = tmp_path / "ds"
+    for i in range(6):
+        make_vm(ds, f"vm{i}", f"vm{i}", disks=(("scsi0:0", 65536),))
+    fleet = Fleet(tmp_path, aws_env, bucket)
+    names = ["conn-a", "conn-b", "conn-c"]
+    try:
+        for name in names:
+            fleet.register(name, ds, "--ca-bundle", fleet.ca)
+            fleet.run_once(name)                       # uploads its catalog
+        fleet.sms("import-server-catalog")
+        runs = []
+        for server in fleet.sms("get-servers")["serverList"]:
+            job = fleet.sms("create-replication-job", "--server-id", server["serverId"],
+                            "--seed-replication-time", str(int(time.time()) + 10 * 86400),
+                            "--frequency", "12")["replicationJobId"]
+            runs.append(fleet.sms("start-on-demand-replication-run", "--replication-job-id",
+                                  job)["replicationRunId"])
+        assert len(runs) == 6
+        procs = [subprocess.Popen([sys.executable, "-m", "smsblock", "connector", "run",
+                                   "--connector-dir", str(tmp_path / n), "--once"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                  env=fleet.env) for n in names]
+        outputs = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+        executed = [r for out in outputs for key in ("completed", "failed")
+                    for r in out[key]]
+        assert sorted(executed) == sorted(runs), outputs     # each once, none left
+        for run in runs:
+            row = run_row(fleet, run)
+            assert row["fence"] == 1 and row["state"] in ("COMPLETED", "FAILED"), row
+    finally:
+        fleet.close()
