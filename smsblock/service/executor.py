@@ -19,12 +19,20 @@ recorded, so a deleted job never gets a new image.  The job's state is read in t
 same transaction that would record the image: a deletion is either before it (no image)
 or after it (the image belongs to the job, and images are kept).
 
-Every state change is one transaction.  A process killed while a run is ACTIVE leaves
-it ACTIVE; :meth:`RunExecutor.recover_orphaned_runs` (called when the connector comes
-back) marks it FAILED with the reason (DELETED if its job was deleted), and the next
-run resumes from the blocks already stored.  Before the image step starts, the run records the stored run the image is made
-from, so a process killed between registering the image and recording the run leaves a
-run that the restart completes with that image instead of an image nothing points to.
+Every state change is one transaction of the control plane, made through a
+``control_plane`` (:mod:`smsblock.service.controlplane`): the state in this process, or
+a remote ``smsblock serve`` over HTTP(S).  A run is executed under a claim (a lease and a
+fence, :mod:`smsblock.service.fleet`): every report, completion or failure names the
+claim, and one the run was taken away from (its lease ran out and another connector
+claimed it) is refused; the run then stops and :meth:`RunExecutor.execute` answers
+``LOST``, recording nothing.  A process killed while a run is ACTIVE leaves it ACTIVE;
+another connector of the same vm manager resumes it once its lease runs out, and in
+local mode :meth:`RunExecutor.recover_orphaned_runs` (called when the connector comes
+back) marks it FAILED with the reason (DELETED if its job was deleted); the next run
+resumes from the blocks already stored.  Before the image step starts, the run records
+the stored run the image is made from, so a process killed between registering the
+image and recording the run leaves a run that the restart completes with that image
+instead of an image nothing points to.
 
 With changed block tracking (vSphere), the source gets the previous run's record (its
 change ids) and the previous run's disks from the store: it reads only the changed areas
