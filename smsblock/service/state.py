@@ -165,6 +165,25 @@ MIGRATIONS: list[list[str]] = [
     # records are left out: a run-once job given a new slot may meet its missed one.
     ["CREATE UNIQUE INDEX runs_slot ON runs(job_id, scheduled_start) "
      "WHERE type = 'AUTOMATIC' AND state != 'MISSED'"],
+    # 5: fleets (smsblock/service/fleet.py): connectors' own credentials (a SigV4 key bound
+    # to one connector id, revocable; the store the control plane names for it), and run
+    # claims: who holds an ACTIVE run, until when (lease), and a fence token incremented
+    # on every claim so a connector whose run was reassigned cannot commit a result
+    [
+        """CREATE TABLE connector_credentials (
+            access_key_id TEXT PRIMARY KEY,
+            secret_access_key TEXT NOT NULL,     -- the state is owner-only; SigV4 needs it
+            connector_id TEXT NOT NULL,
+            store TEXT NOT NULL,
+            description TEXT,
+            created REAL NOT NULL,
+            revoked REAL                         -- NULL while valid
+        )""",
+        "CREATE INDEX connector_credentials_connector ON connector_credentials(connector_id)",
+        "ALTER TABLE runs ADD COLUMN claimed_by TEXT",
+        "ALTER TABLE runs ADD COLUMN lease_until REAL",
+        "ALTER TABLE runs ADD COLUMN fence INTEGER NOT NULL DEFAULT 0",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
