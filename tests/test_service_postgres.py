@@ -222,7 +222,7 @@ def test_schema_is_versioned_and_a_newer_one_is_refused(postgres_server, tmp_pat
     url = postgres_server.new_database()
     with State(url, local_dir=tmp_path) as st:
         assert st.version == SCHEMA_VERSION
-        assert st.tables() == ["catalog", "connectors", "images", "jobs", "runs", "servers"]
+        assert st.tables() == ["catalog", "connector_credentials", "connectors", "images", "jobs", "runs", "servers"]
         assert st.check() == "ok"
     with State(url, local_dir=tmp_path) as st:      # reopening migrates nothing
         assert st.version == SCHEMA_VERSION
