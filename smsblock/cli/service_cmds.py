@@ -345,7 +345,15 @@ class _RemoteEventLog:
     def __init__(self, loop, stream=None):
         self.loop, self.stream = loop, stream or sys.stderr
         executor = loop.executor
-        execute, upload = executor.execute, loop.upload_catalog
+        execute, upload, claim = executor.execute, loop.upload_catalog, executor.cp.claim
+
+        def logged_claim(run_id):
+            got = claim(run_id)
+            if got is not None:
+                resumed = f", resuming it: claim {got['fence']}" if got.get("resumed") else ""
+                self.say(f"run {run_id} started (job {got['job']['job_id']}, server "
+                         f"{got['server']['server_id']}, {got['run']['type']}{resumed})")
+            return got
 
         def logged_execute(run_id):
             outcome = execute(run_id)
@@ -371,6 +379,7 @@ class _RemoteEventLog:
             return n
 
         executor.execute, loop.upload_catalog = logged_execute, logged_upload
+        executor.cp.claim = logged_claim
 
     def say(self, text: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
