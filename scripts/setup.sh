@@ -42,6 +42,8 @@ TEST_DEB_PACKAGES=(
   chromium chromium-driver
   # the boot tests run real kernels under QEMU, with a busybox initramfs
   qemu-system-x86 busybox-static
+  # the service tests run the control plane on a real PostgreSQL too (tests/postgres_server.py)
+  postgresql
 )
 [ $FULL = 1 ] && DEB_PACKAGES+=("${TEST_DEB_PACKAGES[@]}")
 
@@ -85,7 +87,7 @@ pip_install "cython>=3.0" "setuptools>=64" wheel
 # a separate build_ext would compile them a second time).
 export SMSBLOCK_DEBUG=$DEBUG
 if [ $FULL = 1 ]; then
-  pip_install --no-build-isolation -e ".[test,cloud,vsphere,image]"
+  pip_install --no-build-isolation -e ".[test,cloud,vsphere,image,postgresql]"
 else
   pip_install --no-build-isolation -e ".[image]"
 fi

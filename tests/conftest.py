@@ -69,3 +69,64 @@ def _tools_present():
     missing = [t for t in ("qemu-img",) if shutil.which(t) is None]
     if missing:
         pytest.fail(f"required tools missing: {missing}; run scripts/setup.sh")
+
+
+# --- the control plane's state on SQLite and on PostgreSQL ------------------------------
+#
+# The service test modules below run each test twice: on a SQLite state directory and on
+# a PostgreSQL database (a real server, tests/postgres_server.py, one schema per state
+# directory a test opens).  `--state-backend sqlite|postgresql|both` (default both, or
+# SMSBLOCK_TEST_STATE) picks.  Tests that read the SQLite file itself, or run a
+# subprocess on a state directory, are marked sqlite_only.
+STATE_MODULES = {
+    "test_service_jobs", "test_service_scheduler", "test_service_catalog_import",
+    "test_service_executor", "test_service_review_jobs", "test_service_review_api",
+    "test_service_server",
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--state-backend", choices=("sqlite", "postgresql", "both"),
+                     default=os.environ.get("SMSBLOCK_TEST_STATE", "both"),
+                     help="the state databases the service tests run on (default: both)")
+
+
+def pytest_generate_tests(metafunc):
+    if "state_backend" not in metafunc.fixturenames:
+        return
+    if metafunc.module.__name__.rpartition(".")[2] not in STATE_MODULES:
+        return
+    choice = metafunc.config.getoption("--state-backend")
+    backends = ["sqlite", "postgresql"] if choice == "both" else [choice]
+    if metafunc.definition.get_closest_marker("sqlite_only"):
+        backends = ["sqlite"]
+    metafunc.parametrize("state_backend", backends, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server for the session (FAILS in CI when the binaries are missing)."""
+    from postgres_server import PostgresServer, postgres_binaries
+    server = PostgresServer(postgres_binaries())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def state_backend(request, monkeypatch):
+    """"sqlite", or "postgresql": then every SmsService opened on a directory keeps its
+    state in a fresh PostgreSQL schema (the directory keeps the local files)."""
+    backend = getattr(request, "param", "sqlite")
+    if backend == "postgresql":
+        from smsblock.service import api, state as state_mod
+        server = request.getfixturevalue("postgres_server")
+        databases: dict[Path, str] = {}
+
+        def pg_state(state_dir=None):
+            local = Path(state_dir if state_dir is not None
+                         else state_mod.default_state_dir()).absolute()
+            if local not in databases:
+                databases[local] = server.new_schema()
+            return state_mod.State(databases[local], local_dir=local)
+        monkeypatch.setattr(api, "State", pg_state)
+    return backend

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import fifo_source
+from postgres_server import state_target
 from smsblock.errors import ServiceError
 from smsblock.service import FakeClock, ServiceConfig, SmsService
 from smsblock.service.server import make_server
@@ -127,7 +128,8 @@ def test_an_import_whose_process_is_killed_does_not_stay_importing(fifo_svc, tmp
          "import fifo_source; from smsblock.service import SmsService; "
          "svc = SmsService(sys.argv[2]); svc.import_wait_seconds = 0.1; "
          "svc.import_server_catalog(); print('importing', flush=True); time.sleep(600)",
-         str(TESTS), str(svc.state.dir)], stdout=subprocess.PIPE, text=True)
+         str(TESTS), state_target(svc.state)[0]], stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, **state_target(svc.state)[1]))
     try:
         line = []
         reader = threading.Thread(target=lambda: line.append(child.stdout.readline()), daemon=True)
@@ -158,8 +160,11 @@ def test_a_killed_import_with_no_catalog_before_returns_to_not_imported(tmp_path
     svc.register_connector("datastore", {"path": str(make_datastore(tmp_path / "ds", 1))})
     # what a process killed after writing IMPORTING leaves: its lock file, no holder
     job = __import__("smsblock.service.catalog", fromlist=["x"]).begin_import(svc.state, 1.0)
-    os.close(job.lock_fd)
-    assert (svc.state.dir / f"catalog-import-{job.import_id}.lock").exists()
+    if svc.state.dialect == "sqlite":
+        os.close(job.lock_fd)
+        assert (svc.state.dir / f"catalog-import-{job.import_id}.lock").exists()
+    else:                   # PostgreSQL: the lock's connection ends, as with the process
+        job.lock_fd.release()
     assert status(svc) == "NOT_IMPORTED"
     assert not list(svc.state.dir.glob("catalog-import-*"))
     svc.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import qemu_raw_bytes
+from postgres_server import state_target
 from smsblock.errors import ConnectorError, StoreError
 from smsblock.progress import check_cancel
 from smsblock.service import FakeClock, SmsService
@@ -369,8 +370,10 @@ def test_kill9_of_the_connector_mid_run(tmp_path):
     run = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
     script = tmp_path / "slow_connector.py"
     script.write_text(SLOW_CONNECTOR)
-    proc = subprocess.Popen([sys.executable, str(script), str(svc.state.dir)],
-                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+    target, env = state_target(svc.state)
+    proc = subprocess.Popen([sys.executable, str(script), target],
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent),
+                                     **env))
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -391,8 +394,10 @@ def test_kill9_of_the_connector_mid_run(tmp_path):
     assert svc.state.check() == "ok"
     assert svc.state.query("SELECT state FROM runs WHERE run_id = ?", (run,))[0][0] == "ACTIVE"
     # the connector comes back (the real command)
+    target, env = state_target(svc.state)
     out = subprocess.run([sys.executable, "-m", "smsblock", "connector", "run", "--state",
-                          str(svc.state.dir), "--once"], capture_output=True, text=True, timeout=120)
+                          target, "--once"], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, **env))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["recovered"] == [run]
     r = svc.get_replication_runs(replicationJobId=job)["replicationRunList"][0]
@@ -428,13 +433,17 @@ def test_kill9_after_the_image_is_registered_completes_the_run_on_restart(tmp_pa
     run = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
     script = tmp_path / "killed_connector.py"
     script.write_text(KILLED_AFTER_REGISTERING)
-    proc = subprocess.run([sys.executable, str(script), str(svc.state.dir)], timeout=120,
-                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+    target, env = state_target(svc.state)
+    proc = subprocess.run([sys.executable, str(script), target], timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent),
+                                   **env))
     assert proc.returncode == -signal.SIGKILL
     [image] = [d.name for d in (svc.state.dir / "images").iterdir() if d.name.startswith("ami-")]
     assert svc.state.query("SELECT state FROM runs WHERE run_id = ?", (run,))[0][0] == "ACTIVE"
+    target, env = state_target(svc.state)
     out = subprocess.run([sys.executable, "-m", "smsblock", "connector", "run", "--state",
-                          str(svc.state.dir), "--once"], capture_output=True, text=True, timeout=120)
+                          target, "--once"], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, **env))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["recovered"] == [run]
     r = svc.get_replication_runs(replicationJobId=job)["replicationRunList"][0]
@@ -453,13 +462,17 @@ def test_kill9_after_the_image_is_registered_of_a_deleted_job_leaves_no_image(tm
     run = svc.start_on_demand_replication_run(replicationJobId=job)["replicationRunId"]
     script = tmp_path / "killed_connector.py"
     script.write_text(KILLED_AFTER_REGISTERING)
-    proc = subprocess.run([sys.executable, str(script), str(svc.state.dir)], timeout=120,
-                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+    target, env = state_target(svc.state)
+    proc = subprocess.run([sys.executable, str(script), target], timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent),
+                                   **env))
     assert proc.returncode == -signal.SIGKILL
     [image] = [d.name for d in (svc.state.dir / "images").iterdir() if d.name.startswith("ami-")]
     svc.delete_replication_job(replicationJobId=job)
+    target, env = state_target(svc.state)
     out = subprocess.run([sys.executable, "-m", "smsblock", "connector", "run", "--state",
-                          str(svc.state.dir), "--once"], capture_output=True, text=True, timeout=120)
+                          target, "--once"], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, **env))
     assert out.returncode == 0, out.stderr
     did = json.loads(out.stdout)
     assert did["recovered"] == [run] and did["deleted_jobs"] == [job]

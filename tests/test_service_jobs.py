@@ -37,10 +37,8 @@ def env(tmp_path):
 
 def dump(svc: SmsService) -> dict:
     """Every row of every table, for "a refusal changes nothing" checks."""
-    tables = [r["name"] for r in svc.state.query(
-        "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
     return {t: [tuple(r) for r in svc.state.query(f"SELECT * FROM {t} ORDER BY rowid")]
-            for t in tables}
+            for t in svc.state.tables()}
 
 
 def refused(svc, code, fn, *args, **kw):

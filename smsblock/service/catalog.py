@@ -14,7 +14,9 @@ Anyone reading the catalog (:func:`refresh_status`, in a transaction) who finds 
 while that lock is free knows the importing process died (``kill -9``): the catalog goes
 back to the status it had before.  A second import while one lives is refused
 (OperationNotPermittedException); DeleteServerCatalog during one wins (the import's result
-is dropped).
+is dropped).  On PostgreSQL the lock is a session advisory lock instead
+(:meth:`State.try_session_lock`), held on a connection of the importing process: `serve`
+processes on other hosts see it too, and the process's death frees it.
 
 A VM already known (same vmManagerId and vmId, or a new vmId with the instance UUID of a
 known VM that is not listed any more: a VM moved by vMotion) keeps its serverId; a new one
@@ -72,7 +74,20 @@ def _lock_path(state_dir: Path, import_id: str) -> Path:
     return Path(state_dir) / f"{LOCK_PREFIX}{import_id}.lock"
 
 
-def _take_lock(state_dir: Path, import_id: str) -> int:
+def _pg_state(db) -> State | None:
+    """The PostgreSQL state a transaction's connection belongs to (None on SQLite): there
+    the import's lock is a SessionLock, which processes on other hosts see too."""
+    state = getattr(db, "state", None)
+    return state if isinstance(state, State) and state.dialect == "postgresql" else None
+
+
+def _take_lock(state_dir: Path, import_id: str, db=None):
+    pg = _pg_state(db)
+    if pg is not None:
+        lock = pg.try_session_lock(LOCK_PREFIX + import_id)
+        if lock is None:     # (a fresh random id: nobody else holds it)
+            raise OSError(errno.EAGAIN, "the import's lock is held by another session")
+        return lock
     path = _lock_path(state_dir, import_id)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
                  getattr(os, "O_CLOEXEC", 0), 0o600)
@@ -86,7 +101,10 @@ def _take_lock(state_dir: Path, import_id: str) -> int:
     return fd
 
 
-def _release_lock(state_dir: Path, import_id: str, fd: int) -> None:
+def _release_lock(state_dir: Path, import_id: str, fd) -> None:
+    if not isinstance(fd, int):      # a SessionLock (PostgreSQL)
+        fd.release()
+        return
     try:
         os.unlink(_lock_path(state_dir, import_id))   # while still held: nobody takes it over
     except FileNotFoundError:
@@ -95,10 +113,13 @@ def _release_lock(state_dir: Path, import_id: str, fd: int) -> None:
         os.close(fd)
 
 
-def _import_alive(state_dir: Path, import_id: str | None) -> bool:
+def _import_alive(state_dir: Path, import_id: str | None, db=None) -> bool:
     """Does a process still hold the lock of ``import_id``?  (A free lock is removed.)"""
     if not import_id or not _IMPORT_ID.fullmatch(import_id):
         return False
+    pg = _pg_state(db)
+    if pg is not None:
+        return pg.session_lock_held(LOCK_PREFIX + import_id)
     path = _lock_path(state_dir, import_id)
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
@@ -135,7 +156,7 @@ def refresh_status(db: sqlite3.Connection, state_dir: Path, now: float,
     """The catalog row, after recovering an import whose process died and expiring a
     catalog whose connectors are gone; call inside a transaction."""
     cat = db.execute("SELECT * FROM catalog WHERE id = 1").fetchone()
-    if cat["status"] == IMPORTING and not _import_alive(state_dir, cat["import_id"]):
+    if cat["status"] == IMPORTING and not _import_alive(state_dir, cat["import_id"], db):
         _restore(db, cat, "the process importing the server catalog stopped before it "
                           "finished (killed?)")
         cat = db.execute("SELECT * FROM catalog WHERE id = 1").fetchone()
@@ -208,7 +229,7 @@ class CatalogImport:
     import_id: str
     state_dir: Path
     connectors: list[sqlite3.Row]
-    lock_fd: int
+    lock_fd: object         # the lock file's descriptor, or a SessionLock (PostgreSQL)
     started: float
     cancel: CancelToken = field(default_factory=CancelToken)
     done: threading.Event = field(default_factory=threading.Event)
@@ -230,9 +251,10 @@ def begin_import(state: State, now: float, config: ServiceConfig | None = None) 
             raise ServiceError(f"a server catalog import (started at {cat['import_started']}) "
                                "is still under way; GetServers shows AVAILABLE when it is done",
                                "OperationNotPermittedException")
-        _sweep_locks(state.dir, None)
+        if _pg_state(db) is None:
+            _sweep_locks(state.dir, None)
         try:
-            fd = _take_lock(state.dir, import_id)
+            fd = _take_lock(state.dir, import_id, db)
         except OSError as e:
             raise ServiceError(f"cannot create the import's lock file in {state.dir}: "
                                f"{e.strerror}", "InternalError") from None

@@ -19,12 +19,20 @@ recorded, so a deleted job never gets a new image.  The job's state is read in t
 same transaction that would record the image: a deletion is either before it (no image)
 or after it (the image belongs to the job, and images are kept).
 
-Every state change is one transaction.  A process killed while a run is ACTIVE leaves
-it ACTIVE; :meth:`RunExecutor.recover_orphaned_runs` (called when the connector comes
-back) marks it FAILED with the reason (DELETED if its job was deleted), and the next
-run resumes from the blocks already stored.  Before the image step starts, the run records the stored run the image is made
-from, so a process killed between registering the image and recording the run leaves a
-run that the restart completes with that image instead of an image nothing points to.
+Every state change is one transaction of the control plane, made through a
+``control_plane`` (:mod:`smsblock.service.controlplane`): the state in this process, or
+a remote ``smsblock serve`` over HTTP(S).  A run is executed under a claim (a lease and a
+fence, :mod:`smsblock.service.fleet`): every report, completion or failure names the
+claim, and one the run was taken away from (its lease ran out and another connector
+claimed it) is refused; the run then stops and :meth:`RunExecutor.execute` answers
+``LOST``, recording nothing.  A process killed while a run is ACTIVE leaves it ACTIVE;
+another connector of the same vm manager resumes it once its lease runs out, and in
+local mode :meth:`RunExecutor.recover_orphaned_runs` (called when the connector comes
+back) marks it FAILED with the reason (DELETED if its job was deleted); the next run
+resumes from the blocks already stored.  Before the image step starts, the run records
+the stored run the image is made from, so a process killed between registering the
+image and recording the run leaves a run that the restart completes with that image
+instead of an image nothing points to.
 
 With changed block tracking (vSphere), the source gets the previous run's record (its
 change ids) and the previous run's disks from the store: it reads only the changed areas
@@ -44,11 +52,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from ..errors import Cancelled, ImageNotFoundError, SmsBlockError
+from ..errors import Cancelled, ConnectorError, ImageNotFoundError, ServiceError, SmsBlockError
 from ..progress import CancelToken
+from . import fleet
+from .controlplane import LocalControlPlane, is_stale
+from .fleet import Fleet, stale
 from .jobs import record_run_failure
-from .models import (LIVE_JOB_STATES, MAX_FAILURE_REASON, ReplicationJobState,
-                     ReplicationRunState, bounded_message)
+from .models import MAX_FAILURE_REASON, ReplicationRunState, bounded_message
 from .sources import one_line, open_source
 from .state import ServiceConfig, State
 
@@ -56,6 +66,8 @@ log = logging.getLogger(__name__)
 
 #: how often (seconds) progress is written to the state database and cancellation polled
 PROGRESS_INTERVAL = 1.0
+#: what :meth:`RunExecutor.execute` returns for a run reassigned while it executed
+LOST = "LOST"
 
 
 class ImageStep(Protocol):
@@ -125,32 +137,28 @@ def disk_store_key(server_id: str, index: int) -> str:
 
 @dataclass
 class RunContext:
+    """A claimed run: the records it is executed from (dicts), the connector's source
+    and store, and the claim (``fence``, the connector holding it)."""
+
     run: Any
     job: Any
     server: Any
-    connector: Any
+    connector: Any           # {"store", "source_kind", "source_config"}
+    claim: dict
+    cancel: CancelToken | None = None
+    lost: str | None = None  # why the claim was lost (reassigned), when it was
 
 
-_GONE = (ReplicationJobState.DELETING.value, ReplicationJobState.DELETED.value)
-DELETED_MESSAGE = "replication job deleted"
-
-
-def job_deleted(db, job_id: str) -> bool:
-    """Whether the job is being deleted or is deleted (its runs end DELETED)."""
-    row = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-    return row is None or row["state"] in _GONE
-
-
-def _end_deleted(db, run_id: str, now: float, detail: str = "") -> None:
-    db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ? WHERE run_id = ?",
-               (ReplicationRunState.DELETED.value,
-                f"{DELETED_MESSAGE} during the run{detail}"[:1000], now, run_id))
+DELETED_MESSAGE = fleet.DELETED_MESSAGE
+job_deleted = fleet.job_deleted
+_end_deleted = fleet.end_deleted
 
 
 def fail_orphaned_runs(state: State, connector_id: str, now: float,
                        config: ServiceConfig | None = None) -> list[str]:
     """Mark FAILED every run left ACTIVE by a dead process of this connector (DELETED
-    when its job was deleted meanwhile).
+    when its job was deleted meanwhile): the runs it claimed, and those of its servers
+    claimed before claims were recorded.
 
     Call only while holding the connector's process lock: then no live process of this
     connector can own an ACTIVE run.
@@ -160,118 +168,108 @@ def fail_orphaned_runs(state: State, connector_id: str, now: float,
         rows = db.execute(
             "SELECT r.run_id, r.job_id FROM runs r JOIN jobs j ON j.job_id = r.job_id "
             "JOIN servers s ON s.server_id = j.server_id "
-            "WHERE s.connector_id = ? AND r.state = ?",
-            (connector_id, ReplicationRunState.ACTIVE.value)).fetchall()
+            "WHERE r.state = ? AND (r.claimed_by = ? OR "
+            "(r.claimed_by IS NULL AND s.connector_id = ?))",
+            (ReplicationRunState.ACTIVE.value, connector_id, connector_id)).fetchall()
         for r in rows:
             if job_deleted(db, r["job_id"]):
                 _end_deleted(db, r["run_id"], now, " (the connector had stopped)")
                 continue
             reason = ("the connector stopped while the run was active (killed or crashed); "
                       "the next run resumes from the blocks already stored")
-            db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ? "
-                       "WHERE run_id = ?",
+            db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ?, "
+                       "lease_until = NULL WHERE run_id = ?",
                        (ReplicationRunState.FAILED.value, f"FAILED: {reason}", now, r["run_id"]))
             record_run_failure(db, r["job_id"], r["run_id"], reason, config)
     return [r["run_id"] for r in rows]
 
 
 class RunExecutor:
-    """Executes runs of one connector; ``replicate`` and ``image_step`` are injectable."""
+    """Executes runs of one connector; ``replicate`` and ``image_step`` are injectable.
 
-    def __init__(self, state: State, clock: Callable[[], float], *,
+    ``control_plane`` is what the runs are claimed from and reported to: by default the
+    state in this process (:class:`~.controlplane.LocalControlPlane`); a remote
+    connector passes a :class:`~.controlplane.RemoteControlPlane` (``state`` None)."""
+
+    def __init__(self, state: State | None, clock: Callable[[], float], *,
                  replicate: Callable | None = None, image_step: ImageStep | None = None,
                  use_default_image_step: bool = True, stop: CancelToken | None = None,
-                 config: ServiceConfig | None = None):
+                 config: ServiceConfig | None = None, control_plane=None):
         self.state = state
         self.clock = clock
-        self.config = config or ServiceConfig.load(state.dir)
+        if control_plane is None:
+            self.config = config or ServiceConfig.load(state.dir)
+            control_plane = LocalControlPlane(Fleet(state, clock, self.config))
+        else:
+            self.config = config
+        self.cp = control_plane
         self._replicate = replicate
         self.image_step = image_step
-        if image_step is None and use_default_image_step:
+        if image_step is None and use_default_image_step and state is not None:
             self.image_step = default_image_step(state.dir)
         self.stop = stop
+        #: the run being executed now ({run_id: RunContext}); the connector's heartbeat
+        #: renews their leases and learns of the ones it lost
+        self.held: dict[str, RunContext] = {}
+        #: what the last :meth:`execute` did (for the connector's log)
+        self.last: dict | None = None
 
-    # --- state changes (each one transaction) --------------------------------------
+    # --- state changes (each one transaction of the control plane) -----------------
 
-    def _update_run(self, run_id: str, **cols) -> None:
-        sets = ", ".join(f"{k} = ?" for k in cols)
-        with self.state.transaction() as db:
-            db.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", (*cols.values(), run_id))
+    def _update_run(self, ctx: RunContext, **cols) -> None:
+        cancel = self.cp.report(ctx.claim, **cols)
+        if cancel and ctx.cancel is not None:
+            ctx.cancel.cancel(cancel)
 
     def _claim(self, run_id: str) -> RunContext | None:
-        """PENDING → ACTIVE; None when the run is no longer pending (deleted, taken)."""
-        now = self.clock()
-        with self.state.transaction() as db:
-            run = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-            if run is None or run["state"] != ReplicationRunState.PENDING.value:
-                return None
-            job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (run["job_id"],)).fetchone()
-            server = db.execute("SELECT * FROM servers WHERE server_id = ?",
-                                (job["server_id"],)).fetchone()
-            db.execute("UPDATE runs SET state = ?, started = ?, stage = ?, stage_progress = ?, "
-                       "status_message = ? WHERE run_id = ?",
-                       (ReplicationRunState.ACTIVE.value, now, "preparing", "0%",
-                        "taking a snapshot of the VM's disks", run_id))
-            if job["state"] == ReplicationJobState.PENDING.value:
-                db.execute("UPDATE jobs SET state = ? WHERE job_id = ?",
-                           (ReplicationJobState.ACTIVE.value, job["job_id"]))
-            if server["first_run_time"] is None:   # the replication window starts now
-                db.execute("UPDATE servers SET first_run_time = ? WHERE server_id = ?",
-                           (now, server["server_id"]))
-        return self._context(run_id)
+        """PENDING (or ACTIVE with its lease run out) → ACTIVE, claimed by this
+        connector; None when the run is not claimable (deleted, taken, ended)."""
+        claim = self.cp.claim(run_id)
+        if claim is None:
+            return None
+        return RunContext(claim["run"], claim["job"], claim["server"],
+                          {"store": claim["store"], "source_kind": claim["sourceKind"],
+                           "source_config": claim["sourceConfig"]}, claim)
+
+    def lost(self, run_id: str, reason: str) -> None:
+        """The control plane says this connector no longer holds ``run_id``: stop it."""
+        ctx = self.held.get(run_id)
+        if ctx is not None:
+            ctx.lost = reason
+            if ctx.cancel is not None:
+                ctx.cancel.cancel(reason)
 
     def _fail(self, ctx: RunContext, reason: str) -> str:
         """The run ends FAILED, or DELETED when its job was deleted; returns the state."""
         # the reason may quote .vmx content or paths: statusMessage stays short
         reason = bounded_message(reason, MAX_FAILURE_REASON)
-        now = self.clock()
-        with self.state.transaction() as db:
-            if job_deleted(db, ctx.job["job_id"]):
-                cancelled = _DELETED_CANCEL in reason
-                _end_deleted(db, ctx.run["run_id"], now,
-                             "" if cancelled else f" (the run had stopped: {reason})")
-                return ReplicationRunState.DELETED.value
-            db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ? "
-                       "WHERE run_id = ?",
-                       (ReplicationRunState.FAILED.value, f"FAILED: {reason}", now,
-                        ctx.run["run_id"]))
-            record_run_failure(db, ctx.job["job_id"], ctx.run["run_id"], reason, self.config)
-        return ReplicationRunState.FAILED.value
+        return self.cp.fail(ctx.claim, reason, _DELETED_CANCEL in reason)
 
     def _complete(self, ctx: RunContext, ami_id: str | None, summary: dict, message: str) -> str:
         """Record the run COMPLETED with its image, or - when the job was deleted - end it
         DELETED and deregister the image it made; returns the run's state."""
-        now = self.clock()
-        run_id, job_id = ctx.run["run_id"], ctx.job["job_id"]
-        doomed: list[str] = []
-        orphan = None
-        # the job's state is read in the transaction that records the image: a deletion
-        # committed before it means no image, one after it finds the image recorded
-        with self.state.transaction() as db:
-            if job_deleted(db, job_id):
-                if ami_id is None:
-                    _end_deleted(db, run_id, now)
-                    return ReplicationRunState.DELETED.value
-                # the run stays ACTIVE (with its store_run_id) until the image is gone:
-                # a crash in between is settled by recover_orphaned_runs, which finds the
-                # image and comes back here
-                orphan = ami_id
-            else:
-                doomed = self._record_completed(db, ctx, ami_id, summary, message, now)
-        if orphan is not None:
-            return self._drop_image_of_deleted_job(ctx, orphan)
-        for ami in doomed:     # outside the transaction: the image step may be slow
+        # the control plane reads the job's state in the transaction that records the
+        # image: a deletion committed before it means no image, one after it finds the
+        # image recorded
+        answer = self.cp.complete(ctx.claim, ami_id, summary, message)
+        if answer.get("orphan"):
+            # the run stays ACTIVE until the image is gone: a crash in between is settled
+            # by recover_orphaned_runs, which finds the image and comes back here
+            return self._drop_image_of_deleted_job(ctx, answer["orphan"])
+        done = []
+        for ami in answer.get("deregister") or []:   # outside the transaction: may be slow
             try:
                 self.image_step.deregister(ami)
             except ImageNotFoundError:
                 pass   # already gone (deleted by hand): record it as deregistered
             except SmsBlockError as e:   # tried again when the next image is registered
-                log.warning("could not deregister old image %s of job %s: %s", ami, job_id, e)
+                log.warning("could not deregister old image %s of job %s: %s", ami,
+                            ctx.job["job_id"], e)
                 continue
-            with self.state.transaction() as db:
-                db.execute("UPDATE images SET deregistered = ? WHERE ami_id = ?",
-                           (self.clock(), ami))
-        return ReplicationRunState.COMPLETED.value
+            done.append(ami)
+        if done:
+            self.cp.images_deregistered(ctx.claim, done)
+        return answer["state"]
 
     def _drop_image_of_deleted_job(self, ctx: RunContext, ami_id: str) -> str:
         run_id = ctx.run["run_id"]
@@ -284,44 +282,7 @@ class RunExecutor:
             log.warning("run %s: could not deregister image %s of deleted job %s: %s",
                         run_id, ami_id, ctx.job["job_id"], e)
             detail = f"; its image {ami_id} could not be deregistered: {one_line(e)}"
-        with self.state.transaction() as db:
-            _end_deleted(db, run_id, self.clock(), detail)
-        return ReplicationRunState.DELETED.value
-
-    def _record_completed(self, db, ctx: RunContext, ami_id: str | None, summary: dict,
-                          message: str, now: float) -> list[str]:
-        """Inside the caller's transaction: the run COMPLETED, its image recorded, the job
-        moved on; returns the job's images to deregister (numberOfRecentAmisToKeep)."""
-        run_id, job_id = ctx.run["run_id"], ctx.job["job_id"]
-        doomed: list[str] = []
-        db.execute("UPDATE runs SET state = ?, status_message = ?, completed = ?, ami_id = ?, "
-                   "stage = NULL, stage_progress = NULL, store_run_id = ?, summary = ? "
-                   "WHERE run_id = ?",
-                   (ReplicationRunState.COMPLETED.value, message, now, ami_id,
-                    summary.get("disks", [{}])[0].get("run_id"), json.dumps(summary), run_id))
-        job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        sets = {"status_message": f"run {run_id} completed"
-                + (f": image {ami_id}" if ami_id else "")}
-        if ami_id:
-            sets["latest_ami_id"] = ami_id
-            db.execute("INSERT INTO images (ami_id, job_id, run_id, created) VALUES (?,?,?,?)",
-                       (ami_id, job_id, run_id, now))
-            keep = job["amis_to_keep"]
-            if keep > 0:
-                live = db.execute("SELECT ami_id FROM images WHERE job_id = ? AND "
-                                  "deregistered IS NULL ORDER BY created DESC, rowid DESC",
-                                  (job_id,)).fetchall()
-                doomed = [r["ami_id"] for r in live[keep:]]
-        if ReplicationJobState(job["state"]) in LIVE_JOB_STATES:
-            # a completed run ends FAILING / PAUSED_ON_FAILURE; run-once jobs are done
-            if job["run_once"]:
-                sets["state"] = ReplicationJobState.COMPLETED.value
-                sets["next_run_time"] = None
-            else:
-                sets["state"] = ReplicationJobState.ACTIVE.value
-        cols = ", ".join(f"{k} = ?" for k in sets)
-        db.execute(f"UPDATE jobs SET {cols} WHERE job_id = ?", (*sets.values(), job_id))
-        return doomed
+        return self.cp.end_deleted(ctx.claim, detail)
 
     # --- restart --------------------------------------------------------------------
 
@@ -335,7 +296,7 @@ class RunExecutor:
         find = getattr(self.image_step, "find", None)
         rows = self.state.query(
             "SELECT r.run_id FROM runs r JOIN jobs j ON j.job_id = r.job_id "
-            "JOIN servers s ON s.server_id = j.server_id WHERE s.connector_id = ? "
+            "JOIN servers s ON s.server_id = j.server_id WHERE r.claimed_by = ? "
             "AND r.state = ? AND r.store_run_id IS NOT NULL",
             (connector_id, ReplicationRunState.ACTIVE.value)) if find else []
         recovered = []
@@ -356,34 +317,69 @@ class RunExecutor:
         return recovered + failed
 
     def _context(self, run_id: str) -> RunContext:
+        """The context of a run this connector holds already (local state only)."""
         with self.state.transaction() as db:
-            run = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-            job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (run["job_id"],)).fetchone()
-            server = db.execute("SELECT * FROM servers WHERE server_id = ?",
-                                (job["server_id"],)).fetchone()
-            connector = db.execute("SELECT * FROM connectors WHERE connector_id = ?",
-                                   (server["connector_id"],)).fetchone()
-        return RunContext(run, job, server, connector)
+            run = dict(db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone())
+            job = dict(db.execute("SELECT * FROM jobs WHERE job_id = ?",
+                                  (run["job_id"],)).fetchone())
+            server = dict(db.execute("SELECT * FROM servers WHERE server_id = ?",
+                                     (job["server_id"],)).fetchone())
+            connector = dict(db.execute("SELECT * FROM connectors WHERE connector_id = ?",
+                                        (server["connector_id"],)).fetchone())
+        claim = {"run": run, "fence": run["fence"], "claimedBy": run["claimed_by"]}
+        return RunContext(run, job, server, connector, claim)
 
     # --- one run --------------------------------------------------------------------
 
     def execute(self, run_id: str) -> str | None:
-        """Run ``run_id`` if it is still PENDING; return its final state (None if not run)."""
+        """Run ``run_id`` if this connector can claim it (PENDING, or ACTIVE with its lease
+        run out: then it resumes); return its final state (None if not run, ``LOST``
+        when the run was reassigned meanwhile: nothing of it was recorded)."""
         ctx = self._claim(run_id)
+        self.last = None
         if ctx is None:
             return None
-        cancel = CancelToken()
+        ctx.cancel = cancel = CancelToken()
+        self.held[run_id] = ctx
+        self.last = {"run_id": run_id, "job_id": ctx.job["job_id"],
+                     "server_id": ctx.server["server_id"], "type": ctx.run["type"],
+                     "resumed": bool(ctx.claim.get("resumed")), "fence": ctx.claim["fence"]}
+        try:
+            state = self._execute(ctx, cancel)
+        except ServiceError as e:
+            if not is_stale(e):
+                raise
+            ctx.lost = str(e)
+            state = LOST
+        finally:
+            self.held.pop(run_id, None)
+        if state == LOST:
+            log.warning("run %s: %s", run_id, ctx.lost)
+        self.last["state"] = state
+        return state
+
+    def _execute(self, ctx: RunContext, cancel: CancelToken) -> str:
+        run_id = ctx.run["run_id"]
         watcher = _Watcher(self, ctx, cancel)
         try:
             ami_id, summary, message = self._work(ctx, cancel, watcher)
         except Cancelled as e:
+            if ctx.lost:
+                return LOST
             return self._fail(ctx, f"cancelled: {e}")
+        except ServiceError as e:
+            if is_stale(e):
+                raise
+            log.warning("run %s failed: %s", run_id, e)
+            return self._fail(ctx, one_line(e))
         except (SmsBlockError, OSError) as e:
             log.warning("run %s failed: %s", run_id, e)
             return self._fail(ctx, one_line(e))
         except Exception as e:   # a bug must not leave the run ACTIVE forever
             log.exception("run %s failed unexpectedly", run_id)
             return self._fail(ctx, f"internal error: {type(e).__name__}: {one_line(e)}")
+        if ctx.lost:
+            raise stale(ctx.lost)
         return self._complete(ctx, ami_id, summary, message)
 
     def _work(self, ctx: RunContext, cancel: CancelToken, watcher: "_Watcher"):
@@ -391,11 +387,13 @@ class RunExecutor:
         server, connector = ctx.server, ctx.connector
         server_id = server["server_id"]
         vm = json.loads(server["vm_record"])
-        previous = self._previous_summary(ctx.job["job_id"])
+        previous = ctx.claim.get("previous")
         summary: dict[str, Any] = {"disks": []}
         with contextlib.ExitStack() as stack:
             previous_disks = _previous_disks(stack, connector["store"], previous)
-            source = open_source(connector["source_kind"], json.loads(connector["source_config"]))
+            config = connector["source_config"]
+            source = open_source(connector["source_kind"],
+                                 json.loads(config) if isinstance(config, str) else config)
             stack.callback(source.close)
             snap = stack.enter_context(source.open_run(
                 vm, previous=(previous or {}).get("source"), previous_disks=previous_disks,
@@ -405,7 +403,7 @@ class RunExecutor:
             self._adopt_move(ctx, snap.moved_to)
             total = sum(d.disk.size for d in snap.disks) or 1
             done_before = 0
-            self._update_run(ctx.run["run_id"], stage="uploading", stage_progress="0%",
+            self._update_run(ctx, stage="uploading", stage_progress="0%",
                              status_message=f"replicating {len(snap.disks)} disk(s), "
                                             f"{total} bytes")
             for i, sdisk in enumerate(snap.disks):
@@ -434,8 +432,8 @@ class RunExecutor:
         if self.image_step is not None:
             # what the image will be made from, before it exists: a connector killed
             # during registration finds the image again by it (recover_orphaned_runs)
-            self._update_run(ctx.run["run_id"], store_run_id=boot["run_id"],
-                             summary=json.dumps(summary), stage="converting", stage_progress="0%",
+            self._update_run(ctx, store_run_id=boot["run_id"],
+                             summary=summary, stage="converting", stage_progress="0%",
                              status_message="building and registering the image of the boot disk")
             ami_id = self.image_step.register(
                 connector["store"], server_id, boot["run_id"],
@@ -460,7 +458,7 @@ class RunExecutor:
         if tester is None:
             summary["bootTest"] = {"ok": None, "message": "not available with this image step"}
             return "boot test not available with this image step"
-        self._update_run(ctx.run["run_id"], status_message=f"boot-testing image {ami_id}")
+        self._update_run(ctx, status_message=f"boot-testing image {ami_id}")
         try:
             ok, text = tester(ami_id, cancel=cancel)
         except Cancelled:
@@ -470,35 +468,11 @@ class RunExecutor:
         summary["bootTest"] = {"ok": ok, "message": text}
         return text
 
-    def _previous_summary(self, job_id: str) -> dict | None:
-        """The record of the job's last completed run (its source's change ids, its disks)."""
-        rows = self.state.query("SELECT summary FROM runs WHERE job_id = ? AND state = ? "
-                                "ORDER BY completed DESC LIMIT 1",
-                                (job_id, ReplicationRunState.COMPLETED.value))
-        if not rows or rows[0]["summary"] is None:
-            return None
-        return json.loads(rows[0]["summary"])
-
     def _adopt_move(self, ctx: RunContext, moved_to: dict | None) -> None:
         """The source found the VM at a new place (vMotion, re-registration): the catalog
         follows it, so the next import and run look for it there."""
-        if not moved_to:
-            return
-        server_id = ctx.server["server_id"]
-        with self.state.transaction() as db:
-            taken = db.execute("SELECT server_id FROM servers WHERE vm_manager_id = ? AND "
-                               "vm_id = ? AND server_id != ?",
-                               (moved_to["vmManagerId"], moved_to["vmId"], server_id)).fetchone()
-            if taken is not None:    # a re-import already catalogued it under another id
-                log.warning("%s: VM moved to %s, which the catalog knows as %s; not adopted",
-                            server_id, moved_to["vmId"], taken["server_id"])
-                return
-            db.execute("UPDATE servers SET vm_id = ?, vm_manager_id = ?, vm_name = ?, "
-                       "vm_path = ?, vm_record = ? WHERE server_id = ?",
-                       (moved_to["vmId"], moved_to["vmManagerId"], moved_to["vmName"],
-                        moved_to["vmPath"], json.dumps(moved_to), server_id))
-        log.info("%s: the catalog follows the VM to %s (%s)", server_id, moved_to["vmId"],
-                 moved_to["vmPath"])
+        if moved_to:
+            self._update_run(ctx, moved_to=moved_to)
 
 
 class _Watcher:
@@ -512,16 +486,17 @@ class _Watcher:
         self._last = 0.0
         self._lock = threading.Lock()
 
-    def check(self) -> None:
+    def _stopping(self) -> None:
         stop = self.executor.stop
         if stop is not None and stop.cancelled:
             self.cancel.cancel(f"the connector is stopping ({stop.reason})")
-        else:
-            rows = self.executor.state.query("SELECT state FROM jobs WHERE job_id = ?",
-                                             (self.ctx.job["job_id"],))
-            if rows and rows[0]["state"] in (ReplicationJobState.DELETING.value,
-                                             ReplicationJobState.DELETED.value):
-                self.cancel.cancel(_DELETED_CANCEL)
+
+    def check(self) -> None:
+        """Stop if the connector stops, the job is deleted or the run was reassigned (the
+        control plane answers the last two to a report, which also renews the lease)."""
+        self._stopping()
+        if not self.cancel.cancelled:
+            self.executor._update_run(self.ctx)
         self.cancel.check()
 
     def progress(self, stage: str, fraction: float) -> None:
@@ -532,16 +507,19 @@ class _Watcher:
         try:
             self._last = now
             pct = max(0, min(100, int(fraction * 100)))
-            self.executor._update_run(self.ctx.run["run_id"], stage=stage,
-                                      stage_progress=f"{pct}%")
-            self.check()
-        except Cancelled:
-            pass   # the engine sees the token at its next check
+            self._stopping()
+            self.executor._update_run(self.ctx, stage=stage, stage_progress=f"{pct}%")
+        except ServiceError as e:
+            if not is_stale(e):
+                raise
+            self.executor.lost(self.ctx.run["run_id"], str(e))   # the engine stops
+        except ConnectorError as e:     # the control plane briefly unreachable: go on
+            log.warning("run %s: progress not reported: %s", self.ctx.run["run_id"], e)
         finally:
             self._lock.release()
 
 
-_DELETED_CANCEL = "the replication job was deleted"
+_DELETED_CANCEL = fleet.DELETED_CANCEL
 
 _METHOD_WORDS = {"cbt": "changes found by changed block tracking",
                  "hash": "changes found by the hashing diff",

@@ -18,6 +18,13 @@ Authorization format, key id, scope, date and signed header list) and the Conten
 (``application/x-amz-json-1.1``) are checked before any of the body is read; a request
 that fails authentication is answered and its connection closed.
 
+A connector's own credential (:mod:`smsblock.service.fleet`, looked up on every request
+so a revoked one is refused at once) signs the same way; it may call only the connector
+operations (``X-Amz-Target: SmsBlockFleet_20261201.<Op>``, for its own connector id),
+and the operator's credential may call none of them.  With ``tls_cert``/``tls_key``
+(``serve --tls-cert --tls-key``) every connection is TLS 1.2 or later, its handshake done
+in the connection's own thread under the head deadline.
+
 The HTTP/1.1 layer is written here rather than taken from :mod:`http.server`, because
 that one has no total deadline per request, keeps up to 100 header lines of 64 KiB,
 reads the whole body into memory before anything is authenticated, and ignores
@@ -44,6 +51,7 @@ import os
 import re
 import socket
 import socketserver
+import ssl
 import tempfile
 import threading
 import time
@@ -53,9 +61,11 @@ from email.utils import formatdate
 from http import HTTPStatus
 
 from ..errors import ServiceError, SmsBlockError, UsageError
+from . import fleet
 from .api import SmsService, declared_error
 # no answer echoes more than MAX_MESSAGE characters of what a request sent
 from .models import bounded_message as bounded
+from .sources import one_line
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +121,8 @@ _CONTENT_LENGTH = re.compile(r"[0-9]{1,16}")
 class ServerCredentials:
     access_key_id: str
     secret_access_key: str
+    #: set for a connector's own credential (smsblock.service.fleet): who it acts for
+    connector_id: str | None = None
 
     def __repr__(self) -> str:   # never print the secret
         return f"ServerCredentials(access_key_id={self.access_key_id!r})"
@@ -137,12 +149,18 @@ def _hmac(key: bytes, msg: str) -> bytes:
     return hmac.new(key, msg.encode(), hashlib.sha256).digest()
 
 
-def check_auth_header(headers, creds: ServerCredentials, *, region: str = DEFAULT_REGION,
+def check_auth_header(headers, creds, *, region: str = DEFAULT_REGION,
                       service: str = SERVICE_NAME, now: datetime | None = None):
     """What can be checked of a SigV4 signature before the body is read: the
     Authorization format, the key id, the credential scope, X-Amz-Date within
-    ±MAX_SKEW_SECONDS of ``now``, and the signed header list.  Raises AuthError;
-    returns ``(date, amz_date, names, signed, signature)``."""
+    ±MAX_SKEW_SECONDS of ``now``, and the signed header list.  ``creds`` is one
+    :class:`ServerCredentials` or a lookup ``f(access_key_id) -> ServerCredentials |
+    None``.  Raises AuthError; returns ``(date, amz_date, names, signed, signature)``."""
+    return _check_head(headers, creds, region=region, service=service, now=now)[1:]
+
+
+def _check_head(headers, creds, *, region: str, service: str, now: datetime | None):
+    """:func:`check_auth_header`, with the credentials the key id named first."""
     header = headers.get("authorization")
     if not header:
         raise _auth_error("Missing Authentication Token", "MissingAuthenticationTokenException")
@@ -151,7 +169,9 @@ def check_auth_header(headers, creds: ServerCredentials, *, region: str = DEFAUL
         raise _auth_error("the Authorization header is not an AWS4-HMAC-SHA256 signature",
                           "IncompleteSignatureException")
     akid, date, scope_region, scope_service, signed, signature = m.groups()
-    if not hmac.compare_digest(akid.encode(), creds.access_key_id.encode()):
+    if callable(creds):     # the operator's key, or a connector's (looked up each request:
+        creds = creds(akid)  # a revoked one is refused at once)
+    if creds is None or not hmac.compare_digest(akid.encode(), creds.access_key_id.encode()):
         raise _auth_error("The security token included in the request is invalid.",
                           "UnrecognizedClientException")
     if scope_service != service:
@@ -183,19 +203,21 @@ def check_auth_header(headers, creds: ServerCredentials, *, region: str = DEFAUL
     if missing:
         raise _auth_error(f"the signature must cover the headers {', '.join(missing)} "
                           f"(it covers {', '.join(names)[:200]})", "IncompleteSignatureException")
-    return date, amz_date, names, signed, signature
+    return creds, date, amz_date, names, signed, signature
 
 
-def verify_sigv4(method: str, path: str, headers, payload_sha256: str, creds: ServerCredentials,
+def verify_sigv4(method: str, path: str, headers, payload_sha256: str, creds,
                  *, region: str = DEFAULT_REGION, service: str = SERVICE_NAME,
-                 now: datetime | None = None) -> None:
-    """Raise AuthError unless the request is signed with ``creds`` (SigV4, header form).
+                 now: datetime | None = None) -> ServerCredentials:
+    """Raise AuthError unless the request is signed with ``creds`` (SigV4, header form;
+    ``creds`` may be a lookup, as for :func:`check_auth_header`); returns the credentials
+    that signed it.
 
     ``headers`` maps lower-case names to values (one value each); ``path`` is the request
     target, which must be canonical already (no query, no escapes: ``/``);
     ``payload_sha256`` is the hex SHA-256 of the body as received.
     """
-    date, amz_date, names, signed, signature = check_auth_header(
+    creds, date, amz_date, names, signed, signature = _check_head(
         headers, creds, region=region, service=service, now=now)
     claimed = headers.get("x-amz-content-sha256")
     if claimed is not None and claimed != payload_sha256:
@@ -219,6 +241,7 @@ def verify_sigv4(method: str, path: str, headers, payload_sha256: str, creds: Se
     if not hmac.compare_digest(expected, signature):
         raise _auth_error("The request signature we calculated does not match the signature "
                           "you provided. Check your AWS Secret Access Key and signing method.")
+    return creds
 
 
 def decode_json_body(body: bytes):
@@ -448,7 +471,24 @@ class SmsRequestHandler(socketserver.BaseRequestHandler):
         except OSError:
             pass
 
+    def _handshake(self) -> bool:
+        """TLS (serve --tls-cert): the handshake, in this connection's thread (never in
+        the accept loop) and under the head deadline; False when it fails."""
+        ctx = self.server.ssl_context
+        if ctx is None:
+            return True
+        try:
+            self.sock.settimeout(self.server.limits.head_timeout)
+            self.sock = ctx.wrap_socket(self.sock, server_side=True)
+            self.request = self.sock
+            return True
+        except (OSError, ssl.SSLError) as e:
+            log.info("%s: TLS handshake failed: %s", self.client_address[0], e)
+            return False
+
     def handle(self) -> None:
+        if not self._handshake():
+            return
         limits = self.server.limits
         wire = _Wire(self.sock, limits)
         while True:
@@ -487,7 +527,7 @@ class SmsRequestHandler(socketserver.BaseRequestHandler):
         try:
             # nothing of an unauthenticated body is read: what can be checked of the
             # signature without the body is checked first, and a refusal closes
-            check_auth_header(req.headers, srv.credentials, region=srv.region)
+            check_auth_header(req.headers, srv.lookup, region=srv.region)
         except AuthError as e:
             raise _HttpError(e.http_status, e.code, str(e)) from None
         ctype = req.headers.get("content-type", "")
@@ -546,16 +586,23 @@ class SmsRequestHandler(socketserver.BaseRequestHandler):
         srv = self.server
         operation = None
         try:
-            verify_sigv4("POST", "/", req.headers, payload_sha256, srv.credentials,
-                         region=srv.region)
+            principal = verify_sigv4("POST", "/", req.headers, payload_sha256, srv.lookup,
+                                     region=srv.region)
             target = req.headers["x-amz-target"]
-            if not target.startswith(TARGET_PREFIX):
+            fleet_op = target.startswith(fleet.TARGET_PREFIX)
+            if not fleet_op and not target.startswith(TARGET_PREFIX):
                 raise ServiceError(f"X-Amz-Target {target[:80]!r} is not an SMS operation",
                                    "UnknownOperationException")
-            operation = target[len(TARGET_PREFIX):]
+            operation = target[len(fleet.TARGET_PREFIX if fleet_op else TARGET_PREFIX):]
+            if not fleet_op and principal.connector_id is not None:
+                raise ServiceError(f"{operation[:80]}: a connector's credential may call only "
+                                   "the connector operations", "AccessDeniedException")
             spool.seek(0)
             params = decode_json_body(spool.read())   # authenticated: may be max_body bytes
-            result = srv.service.call(operation, params)
+            if fleet_op:    # smsblock's own connector operations (smsblock.service.fleet)
+                result = srv.fleet.call(operation, params, principal.connector_id)
+            else:
+                result = srv.service.call(operation, params)
             log.info("%s %s 200", self.client_address[0], operation)
             return 200, result, True
         except AuthError as e:
@@ -619,9 +666,12 @@ class SmsHttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def __init__(self, address: tuple[str, int], service: SmsService,
                  credentials: ServerCredentials, *, region: str = DEFAULT_REGION,
-                 limits: Limits | None = None, console: bool = True):
+                 limits: Limits | None = None, console: bool = True,
+                 ssl_context: ssl.SSLContext | None = None):
         self.limits = limits or Limits()
         self.service = service
+        self.fleet = fleet.Fleet(service.state, service.clock, service.config)
+        self.ssl_context = ssl_context
         self.console = None
         if console:     # the web console on the same port (smsblock.console)
             from ..console import Console
@@ -640,6 +690,15 @@ class SmsHttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         if service.import_wait_seconds is None:
             service.import_wait_seconds = IMPORT_WAIT_SECONDS
         super().__init__(address, SmsRequestHandler)
+
+    def lookup(self, access_key_id: str) -> ServerCredentials | None:
+        """The credentials of a key id: the operator's, or a connector's valid one."""
+        if hmac.compare_digest(access_key_id.encode(), self.credentials.access_key_id.encode()):
+            return self.credentials
+        found = self.fleet.lookup(access_key_id)
+        if found is None:
+            return None
+        return ServerCredentials(access_key_id, found[0], connector_id=found[1])
 
     def _claim(self, host: str) -> bool:
         with self._per_client_lock:
@@ -694,20 +753,39 @@ class SmsHttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.ssl_context else 'http'}://{host}:{port}"
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """The server side of ``serve --tls-cert FILE --tls-key FILE``: TLS 1.2 or later."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except FileNotFoundError as e:
+        raise UsageError(f"--tls-cert/--tls-key: {e.filename}: no such file") from None
+    except (ssl.SSLError, OSError) as e:
+        raise UsageError(f"--tls-cert {cert} / --tls-key {key}: not a certificate chain and "
+                         f"its private key in PEM ({one_line(e)})") from None
+    return ctx
 
 
 def make_server(service: SmsService, host: str = "127.0.0.1", port: int = 8080,
                 credentials: ServerCredentials | None = None, *, region: str = DEFAULT_REGION,
-                limits: Limits | None = None, console: bool = True) -> SmsHttpServer:
+                limits: Limits | None = None, console: bool = True,
+                tls_cert: str | None = None, tls_key: str | None = None) -> SmsHttpServer:
     """A ready (not yet serving) HTTP server; ``port=0`` picks a free port.  Requests
     must be signed for ``region`` and the service ``sms``; ``console`` serves the web
-    console (:mod:`smsblock.console`) on the same port."""
+    console (:mod:`smsblock.console`) on the same port; ``tls_cert``/``tls_key`` (PEM)
+    make it HTTPS."""
     credentials = credentials or ServerCredentials.from_environment()
     if not REGION.fullmatch(region):
         raise UsageError(f"--region {region[:64]!r} is not a region name (like us-east-1)")
+    if (tls_cert is None) != (tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    context = tls_context(tls_cert, tls_key) if tls_cert else None
     try:
         return SmsHttpServer((host, port), service, credentials, region=region, limits=limits,
-                             console=console)
+                             console=console, ssl_context=context)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None

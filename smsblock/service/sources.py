@@ -626,5 +626,11 @@ def _open_vsphere(config: dict) -> Source:
     return VSphereSource.from_config(config)
 
 
+def _open_uploaded(config: dict) -> Source:
+    from .fleet import UploadedCatalog           # a remote connector's uploaded VM list
+    return UploadedCatalog(config)
+
+
 register_source_kind(DatastoreSource.kind, DatastoreSource.from_config)
 register_source_kind("vsphere", _open_vsphere)
+register_source_kind("uploaded", _open_uploaded)

@@ -1,14 +1,35 @@
-"""The control plane's persistent state: one SQLite database under the state directory.
+"""The control plane's persistent state: SQLite under a state directory, or PostgreSQL.
 
-Why SQLite: every change the service makes (a job created, a run moved to ACTIVE, a
-catalog imported) is one transaction, so a ``kill -9`` of the server or the connector at
-any moment leaves either the old or the new state, never half of one.  The database runs
-in WAL mode with ``synchronous=FULL`` and every write goes through
-:meth:`State.transaction` (``BEGIN IMMEDIATE`` ... ``COMMIT``).
+Why a transactional database: every change the service makes (a job created, a run moved
+to ACTIVE, a catalog imported) is one transaction, so a ``kill -9`` of the server or the
+connector at any moment leaves either the old or the new state, never half of one.
 
-The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS` lists the steps
-from an empty file to the current version, each applied in its own transaction.  A
-database written by a newer smsblock (a higher version) is refused, not guessed at.
+**SQLite** (the default: ``State(DIR)``): ``DIR/state.db`` in WAL mode with
+``synchronous=FULL``; every write goes through :meth:`State.transaction` (``BEGIN
+IMMEDIATE`` ... ``COMMIT``), so writers take turns.
+
+**PostgreSQL** (``State("postgresql://USER@HOST:PORT/DB")``, through psycopg 3): several
+processes (two ``smsblock serve``, connectors) share one database.  Each write
+transaction first takes one transaction-scoped advisory lock
+(``pg_advisory_xact_lock``), so writers take turns exactly as on SQLite and every rule
+that reads then writes (the 50-job limit, the on-demand quota, the scheduler's slots)
+holds across processes: under READ COMMITTED each statement after the lock sees every
+transaction committed before it.  (SERIALIZABLE would need every transaction body to be
+retried, and bodies have effects outside the database: lock files, stores.)  The files
+that are not state (``config.toml``, lock files, the default block store, logs) stay in a
+local directory: ``local_dir``, or ``$SMSBLOCK_HOME`` / ``~/.smsblock``.
+
+One SQL dialect for both: the service's statements use ``?`` placeholders (translated to
+``$1, $2 ...`` for PostgreSQL), rows are read by column name or index
+(:class:`sqlite3.Row` or :class:`Row`), and ``rowid`` orders rows by insertion on both
+(on PostgreSQL every table gets a ``rowid BIGSERIAL`` column).  :data:`MIGRATIONS` is
+written in that common SQL; its DDL is translated for PostgreSQL by :func:`pg_ddl`
+(``REAL`` is ``DOUBLE PRECISION``, ``INTEGER`` is ``BIGINT``).
+
+The schema is versioned (SQLite: ``PRAGMA user_version``; PostgreSQL: the table
+``smsblock_schema_version``); :data:`MIGRATIONS` lists the steps from an empty database
+to the current version, each applied in its own (write-locked) transaction.  A database
+written by a newer smsblock (a higher version) is refused, not guessed at.
 
 The state directory also holds ``config.toml`` (limits, see :class:`ServiceConfig`) and,
 by default, each connector's block store under ``store/``.
@@ -17,21 +38,30 @@ by default, each connector's block store under ``store/``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import sqlite3
 import threading
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from ..errors import ServiceError, UsageError
 from ..fsutil import create_file, is_link, link_error, make_root, subdir
+from .sources import one_line
 
 DB_NAME = "state.db"
 CONFIG_NAME = "config.toml"
 
 # Each entry moves the schema one version up; never edit a released entry, append one.
+# Write them in the SQL both SQLite and PostgreSQL take: TEXT, INTEGER, REAL, BLOB columns
+# (pg_ddl() translates the types and adds a rowid to each new table), CREATE [UNIQUE]
+# INDEX (partial ones too), ALTER TABLE ... ADD COLUMN, INSERT/UPDATE with ON CONFLICT
+# (not INSERT OR ...), no PRAGMA, no AUTOINCREMENT; the statements of an entry must not
+# take parameters.  The same holds for the service's statements, with ``?`` parameters;
+# ``rowcount`` and ``RETURNING`` work on both, ``lastrowid`` only on SQLite.
 MIGRATIONS: list[list[str]] = [
     # 1: connectors, catalog, servers, jobs, runs, images
     [
@@ -130,6 +160,30 @@ MIGRATIONS: list[list[str]] = [
     ],
     # 3: a replication job can ask for a boot test of each new image (bootTest)
     ["ALTER TABLE jobs ADD COLUMN boot_test INTEGER NOT NULL DEFAULT 0"],
+    # 4: one scheduled run per slot of a job, whatever process ticks (the write lock
+    # already serialises the scheduler; this is the second line of defence).  MISSED
+    # records are left out: a run-once job given a new slot may meet its missed one.
+    ["CREATE UNIQUE INDEX runs_slot ON runs(job_id, scheduled_start) "
+     "WHERE type = 'AUTOMATIC' AND state != 'MISSED'"],
+    # 5: fleets (smsblock/service/fleet.py): connectors' own credentials (a SigV4 key bound
+    # to one connector id, revocable; the store the control plane names for it), and run
+    # claims: who holds an ACTIVE run, until when (lease), and a fence token incremented
+    # on every claim so a connector whose run was reassigned cannot commit a result
+    [
+        """CREATE TABLE connector_credentials (
+            access_key_id TEXT PRIMARY KEY,
+            secret_access_key TEXT NOT NULL,     -- the state is owner-only; SigV4 needs it
+            connector_id TEXT NOT NULL,
+            store TEXT NOT NULL,
+            description TEXT,
+            created REAL NOT NULL,
+            revoked REAL                         -- NULL while valid
+        )""",
+        "CREATE INDEX connector_credentials_connector ON connector_credentials(connector_id)",
+        "ALTER TABLE runs ADD COLUMN claimed_by TEXT",
+        "ALTER TABLE runs ADD COLUMN lease_until REAL",
+        "ALTER TABLE runs ADD COLUMN fence INTEGER NOT NULL DEFAULT 0",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -184,15 +238,232 @@ def default_state_dir() -> Path:
     return Path(env) if env else Path.home() / ".smsblock"
 
 
-class State:
-    """The state database of one state directory; thread-safe, one writer at a time."""
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+#: the advisory lock every PostgreSQL write transaction takes first: ("smsb", the schema),
+#: so control planes in two schemas of one database do not wait for each other
+WRITE_LOCK_KEY = 0x736D7362
+WRITE_LOCK = f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY}, hashtext(current_schema()))"
+VERSION_TABLE = "smsblock_schema_version"
+#: the advisory locks of SessionLock ("smsc"; keyed by schema and name as well)
+SESSION_LOCK_KEY = 0x736D7363
+LOCK_TIMEOUT_SECONDS = 30          # as SQLite's busy timeout: a writer waits this long
+IDLE_IN_TRANSACTION_SECONDS = 120  # a stalled process cannot hold the write lock forever
+CONNECT_TIMEOUT_SECONDS = 10
 
-    def __init__(self, state_dir: str | os.PathLike | None = None):
+
+def is_database_url(target) -> bool:
+    """Does ``--state`` name a PostgreSQL database rather than a directory?"""
+    return isinstance(target, str) and target.lower().startswith(POSTGRES_SCHEMES)
+
+
+_URL_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:@/\s]*):[^@\s]*@", re.IGNORECASE)
+
+
+def redact(text: str, secret: str | None = None) -> str:
+    """``text`` with the password of every connection URL in it (and ``secret``) hidden."""
+    text = _URL_PASSWORD.sub(r"\1:***@", text)
+    if secret and len(secret) >= 3:
+        text = text.replace(secret, "***")
+    return text
+
+
+class Row(tuple):
+    """A PostgreSQL result row read as :class:`sqlite3.Row` is: by index or column name."""
+
+    def __new__(cls, values, index: dict[str, int]):
+        row = super().__new__(cls, values)
+        row._index = index
+        return row
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            try:
+                key = self._index[key.lower()]
+            except KeyError:
+                raise IndexError(f"no such column: {key}") from None
+        return super().__getitem__(key)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+
+def _row_factory(cursor):
+    index: dict[str, int] = {}
+    for i, column in enumerate(cursor.description or ()):
+        index.setdefault(column.name.lower(), i)     # the first of equal names, as sqlite3
+    return lambda values: Row(values, index)
+
+
+_QMARK = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|\?""")
+
+
+@functools.lru_cache(maxsize=2048)
+def pg_sql(sql: str) -> str:
+    """A statement with ``?`` placeholders as PostgreSQL takes it (``$1``, ``$2`` ...);
+    quoted text and comments are left alone."""
+    n = 0
+
+    def number(m: re.Match) -> str:
+        nonlocal n
+        if m.group() != "?":
+            return m.group()
+        n += 1
+        return f"${n}"
+    return _QMARK.sub(number, sql)
+
+
+_CREATE_TABLE = re.compile(r"\s*CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?\w+\s*\(",
+                           re.IGNORECASE)
+
+
+def pg_ddl(statement: str) -> str:
+    """A migration statement for PostgreSQL: REAL is DOUBLE PRECISION (SQLite's REAL is
+    8 bytes, PostgreSQL's 4), INTEGER is BIGINT (SQLite's are 64-bit), BLOB is BYTEA, and
+    every new table gets a ``rowid BIGSERIAL`` so ``ORDER BY rowid`` means insertion
+    order on both.  (An ``INTEGER PRIMARY KEY`` is no automatic id on PostgreSQL: give
+    ids yourself, or use the ``rowid``.)"""
+    if not re.match(r"\s*(CREATE|ALTER)\b", statement, re.IGNORECASE):
+        return statement
+    statement = re.sub(r"\bREAL\b", "DOUBLE PRECISION", statement)
+    statement = re.sub(r"\bINTEGER\b", "BIGINT", statement)
+    statement = re.sub(r"\bBLOB\b", "BYTEA", statement)
+    m = _CREATE_TABLE.match(statement)
+    if m:
+        statement = f"{statement[:m.end()]}rowid BIGSERIAL NOT NULL, {statement[m.end():]}"
+    return statement
+
+
+class PgCursor:
+    """A statement's result, read as a :class:`sqlite3.Cursor` is (no rows: None / [])."""
+
+    def __init__(self, cursor):
+        self._cursor = cursor
+
+    def fetchone(self):
+        return self._cursor.fetchone() if self._cursor.description is not None else None
+
+    def fetchall(self) -> list:
+        return self._cursor.fetchall() if self._cursor.description is not None else []
+
+    def __iter__(self):
+        return iter(self.fetchall())
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    @property
+    def description(self):
+        return self._cursor.description
+
+
+class PgConnection:
+    """What :meth:`State.transaction` yields on PostgreSQL: ``execute`` as sqlite3's;
+    ``state`` is the :class:`State` it belongs to."""
+
+    def __init__(self, state: "State"):
+        self._state = state
+
+    @property
+    def state(self) -> "State":
+        return self._state
+
+    def execute(self, sql: str, params=()) -> PgCursor:
+        return self._state._pg_execute(sql, params)
+
+    def executemany(self, sql: str, seq) -> None:
+        for params in seq:
+            self._state._pg_execute(sql, params)
+
+
+def _bad_name(name: str):
+    raise ValueError(f"lock names are letters, digits and _.- (at most 200), got {name[:80]!r}")
+
+
+def _psycopg():
+    try:
+        import psycopg
+    except ImportError:
+        raise UsageError("a PostgreSQL state needs psycopg 3: pip install 'psycopg[binary]' "
+                         "(the smsblock[postgresql] extra)") from None
+    return psycopg
+
+
+@functools.cache
+def _bool_dumper():
+    """Python booleans go in as 0/1, as sqlite3 stores them (the columns are integers)."""
+    psycopg = _psycopg()
+    from psycopg.adapt import Dumper
+
+    class BoolAsInt(Dumper):
+        oid = psycopg.postgres.types["int8"].oid
+
+        def dump(self, obj):
+            return b"1" if obj else b"0"
+    return BoolAsInt
+
+
+class SessionLock:
+    """A PostgreSQL advisory lock held by a connection of its own, so that it lives as
+    long as its holder: :meth:`release` it, or the process's death (its connection
+    closes) frees it.  What a lock file with ``flock`` is on one machine, for all."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def release(self) -> None:
+        with contextlib.suppress(Exception):
+            self._conn.close()
+
+    close = release
+
+
+class State:
+    """The state of the control plane: a SQLite state directory (the default) or a
+    PostgreSQL database named by a ``postgresql://`` URL; thread-safe, one writer at a time
+    (across processes too).
+
+    ``local_dir`` (PostgreSQL only) holds the files beside the database (``config.toml``,
+    lock files, the default block store); default ``$SMSBLOCK_HOME`` or ``~/.smsblock``.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike | None = None, *,
+                 local_dir: str | os.PathLike | None = None):
+        self.dialect = "postgresql" if is_database_url(state_dir) else "sqlite"
+        if self.dialect == "postgresql":
+            directory = local_dir if local_dir is not None else default_state_dir()
+        else:
+            if local_dir is not None:
+                raise UsageError("local_dir goes with a PostgreSQL state; a SQLite state "
+                                 "keeps its files in its own directory")
+            directory = state_dir if state_dir is not None else default_state_dir()
         # absolute: connectors store paths under it (STATE/store) that other cwds must find
-        self.dir = (Path(state_dir) if state_dir is not None else default_state_dir()).absolute()
-        self.path = self.dir / DB_NAME
+        self.dir = Path(directory).absolute()
+        self.path: Path | None = self.dir / DB_NAME if self.dialect == "sqlite" else None
+        #: where the state is, fit to show (a URL without its password)
+        self.location = str(self.dir)
+        self._make_dir()
+        self._lock = threading.RLock()
+        self._depth = 0
+        if self.dialect == "postgresql":
+            self._pg_open(str(state_dir))
+            return
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30,
+                                       check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise ServiceError(f"state database {self.path}: {e}", "InternalError") from None
+
+    def _make_dir(self) -> None:
         try:
             make_root(self.dir)                 # 0700
+            if self.dialect != "sqlite":
+                return
             with subdir(self.dir) as dir_fd:
                 # SQLite follows links and gives its -wal/-shm files the database's mode:
                 # refuse links, and create the database 0600 (O_EXCL) so all three are private
@@ -205,81 +476,249 @@ class State:
             name = os.path.basename(e.filename) if e.filename else ""
             inside = f" {name}" if name and name != self.dir.name else ""
             raise UsageError(f"state directory {self.dir}:{inside} {e.strerror}") from None
-        self._lock = threading.RLock()
+
+    # --- PostgreSQL ----------------------------------------------------------------------
+
+    def _pg_open(self, url: str) -> None:
+        psycopg = _psycopg()
+        from psycopg.conninfo import conninfo_to_dict
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30,
-                                       check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
-        except sqlite3.DatabaseError as e:
-            raise ServiceError(f"state database {self.path}: {e}", "InternalError") from None
-        self._depth = 0
+            info = conninfo_to_dict(url)
+        except psycopg.Error as e:
+            raise UsageError(f"state database {redact(url)}: not a valid connection URL: "
+                             f"{redact(one_line(e))}") from None
+        self._password = info.get("password")
+        user = info.get("user") or ""
+        host = info.get("host") or info.get("hostaddr") or "localhost"
+        self.location = (f"postgresql://{user + '@' if user else ''}{host}:"
+                         f"{info.get('port') or 5432}/{info.get('dbname') or user}")
+        self._url = url
+        self._connect_kw = {} if "connect_timeout" in info else {
+            "connect_timeout": CONNECT_TIMEOUT_SECONDS}
+        self._db = None
+        self._conn = PgConnection(self)
+        self._pg_connect()
+        self._migrate()
+
+    def _pg_error(self, e: BaseException, doing: str = "") -> ServiceError:
+        text = redact(one_line(e, 500), self._password)
+        return ServiceError(f"state database {self.location}: {doing}{text}", "InternalError")
+
+    def _pg_connect(self) -> None:
+        psycopg = _psycopg()
+        try:
+            db = psycopg.connect(self._url, autocommit=True, cursor_factory=psycopg.RawCursor,
+                                 row_factory=_row_factory, **self._connect_kw)
+        except psycopg.Error as e:
+            raise self._pg_error(e, "cannot connect: ") from None
+        try:
+            db.adapters.register_dumper(bool, _bool_dumper())
+            db.execute(f"SET lock_timeout = '{LOCK_TIMEOUT_SECONDS}s'")
+            db.execute(f"SET idle_in_transaction_session_timeout = "
+                       f"'{IDLE_IN_TRANSACTION_SECONDS}s'")
+        except psycopg.Error as e:
+            db.close()
+            raise self._pg_error(e, "cannot connect: ") from None
+        self._db = db
+
+    def _pg_usable(self) -> None:
+        """Outside a transaction: reconnect if the connection was lost (server restart)."""
+        if self._db is None or self._db.closed or self._db.broken:
+            if self._db is not None:
+                with contextlib.suppress(Exception):
+                    self._db.close()
+            self._db = None
+            self._pg_connect()
+
+    def _pg_execute(self, sql: str, params=(), *, retry: bool = False) -> PgCursor:
+        """Run one statement; ``retry``: once more on a new connection if the old one
+        turns out to be lost (only for statements that change nothing when repeated)."""
+        psycopg = _psycopg()
+        with self._lock:
+            try:
+                return PgCursor(self._db.execute(pg_sql(sql), tuple(params) or None))
+            except psycopg.Error as e:
+                if not (retry and self._db.broken):
+                    raise self._pg_error(e) from None
+            self._pg_usable()        # the server restarted or ended the session: reconnect
+            try:
+                return PgCursor(self._db.execute(pg_sql(sql), tuple(params) or None))
+            except psycopg.Error as e:
+                raise self._pg_error(e) from None
+
+    def _session_key(self, name: str) -> str:
+        return (f"{SESSION_LOCK_KEY}, hashtext(current_schema() || ':' || "
+                f"'{name}')") if re.fullmatch(r"[\w.-]{1,200}", name) else _bad_name(name)
+
+    def try_session_lock(self, name: str) -> SessionLock | None:
+        """PostgreSQL: take the lock ``name`` (letters, digits, ``_.-``) on a new
+        connection, held until released or until this process dies; None when another
+        session holds it."""
+        psycopg = _psycopg()
+        try:
+            conn = psycopg.connect(self._url, autocommit=True, **self._connect_kw)
+        except psycopg.Error as e:
+            raise self._pg_error(e, "cannot connect: ") from None
+        try:
+            got = conn.execute(f"SELECT pg_try_advisory_lock({self._session_key(name)})"
+                               ).fetchone()[0]
+        except psycopg.Error as e:
+            conn.close()
+            raise self._pg_error(e) from None
+        if not got:
+            conn.close()
+            return None
+        return SessionLock(conn)
+
+    def session_lock_held(self, name: str) -> bool:
+        """PostgreSQL: does a live session (of any process, on any host) hold ``name``?"""
+        with self._lock:
+            key = self._session_key(name)
+            if not self._pg_execute(f"SELECT pg_try_advisory_lock({key})").fetchone()[0]:
+                return True
+            self._pg_execute(f"SELECT pg_advisory_unlock({key})")
+            return False
+
+    # --- both ------------------------------------------------------------------------------
+
+    def _execute(self, sql: str, params=()):
+        if self.dialect == "sqlite":
+            return self._db.execute(sql, params)
+        return self._pg_execute(sql, params)
+
+    def _begin(self) -> None:
+        if self.dialect == "sqlite":
+            self._db.execute("BEGIN IMMEDIATE")
+            return
+        self._pg_usable()
+        try:
+            # every writer takes this first: writers take turns, as BEGIN IMMEDIATE makes
+            # them (one round trip: a statement without parameters goes as a simple query)
+            self._pg_execute(f"BEGIN; {WRITE_LOCK}", retry=True)
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _commit(self) -> None:
+        self._execute("COMMIT")
+
+    def _rollback(self) -> None:
+        if self.dialect == "sqlite":
+            self._db.execute("ROLLBACK")
+            return
+        if self._db.closed or self._db.broken:
+            return     # the server ended the transaction with the connection
+        with contextlib.suppress(ServiceError):
+            self._pg_execute("ROLLBACK")
+
+    def _read_version(self) -> int:
+        if self.dialect == "sqlite":
+            return self._db.execute("PRAGMA user_version").fetchone()[0]
+        row = self._pg_execute(f"SELECT version FROM {VERSION_TABLE}").fetchone()
+        return row[0] if row is not None else 0
 
     @property
     def version(self) -> int:
-        return self._db.execute("PRAGMA user_version").fetchone()[0]
+        with self._lock:
+            if self.dialect == "postgresql":
+                self._pg_usable()
+            return self._read_version()
 
     def _migrate(self) -> None:
         with self._lock:
             while True:
                 # Read the version inside the write lock: two processes opening a fresh
-                # directory at once must not both apply migration 1.
-                self._db.execute("BEGIN IMMEDIATE")
+                # database at once must not both apply migration 1.
+                self._begin()
                 try:
-                    version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                    if self.dialect == "postgresql":
+                        self._pg_execute(f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} "
+                                         "(version BIGINT NOT NULL)")
+                    version = self._read_version()
                     if version > SCHEMA_VERSION:
                         raise ServiceError(
-                            f"state database {self.path} has schema version {version}, newer "
-                            f"than this smsblock ({SCHEMA_VERSION}); upgrade smsblock",
-                            "InternalError")
+                            f"state database {self.path or self.location} has schema version "
+                            f"{version}, newer than this smsblock ({SCHEMA_VERSION}); "
+                            "upgrade smsblock", "InternalError")
                     if version == SCHEMA_VERSION:
-                        self._db.execute("COMMIT")
+                        self._commit()
                         return
-                    for statement in MIGRATIONS[version]:
-                        self._db.execute(statement)
-                    self._db.execute(f"PRAGMA user_version = {version + 1}")
-                    self._db.execute("COMMIT")
+                    if self.dialect == "sqlite":
+                        for statement in MIGRATIONS[version]:
+                            self._db.execute(statement)
+                        self._db.execute(f"PRAGMA user_version = {version + 1}")
+                    else:       # the step in one round trip (no parameters: a simple query)
+                        self._pg_execute("\n;\n".join(
+                            [*map(pg_ddl, MIGRATIONS[version]),
+                             f"DELETE FROM {VERSION_TABLE}",
+                             f"INSERT INTO {VERSION_TABLE} (version) VALUES ({version + 1})"]))
+                    self._commit()
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    self._rollback()
                     raise
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic unit of change; nested uses join the outer transaction."""
+    def transaction(self) -> Iterator[Any]:
+        """One atomic unit of change; nested uses join the outer transaction.  Yields the
+        connection: ``execute(sql, params)`` with ``?`` placeholders, rows by name."""
         with self._lock:
+            conn = self._db if self.dialect == "sqlite" else self._conn
             if self._depth:
                 self._depth += 1
                 try:
-                    yield self._db
+                    yield conn
                 finally:
                     self._depth -= 1
                 return
-            self._db.execute("BEGIN IMMEDIATE")
+            self._begin()
             self._depth = 1
             try:
-                yield self._db
+                yield conn
             except BaseException:
                 self._depth = 0
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
             self._depth = 0
-            self._db.execute("COMMIT")
+            self._commit()
 
-    def query(self, sql: str, params=()) -> list[sqlite3.Row]:
+    def query(self, sql: str, params=()) -> list:
+        """The rows of one statement (its own transaction unless inside one)."""
         with self._lock:
-            return self._db.execute(sql, params).fetchall()
+            if self.dialect == "sqlite":
+                return self._db.execute(sql, params).fetchall()
+            if self._depth:
+                return self._pg_execute(sql, params).fetchall()
+            self._pg_usable()
+            # a read is repeated on a new connection when the old one was lost
+            reads = re.match(r"\s*SELECT\b", sql, re.IGNORECASE) is not None
+            return self._pg_execute(sql, params, retry=reads).fetchall()
+
+    def tables(self) -> list[str]:
+        """The names of the state's tables (not the schema's own bookkeeping), sorted."""
+        if self.dialect == "sqlite":
+            sql = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+        else:
+            sql = ("SELECT table_name AS name FROM information_schema.tables WHERE "
+                   "table_schema = current_schema() AND table_type = 'BASE TABLE' AND "
+                   f"table_name != '{VERSION_TABLE}' ORDER BY table_name")
+        return [r["name"] for r in self.query(sql)]
 
     def check(self) -> str:
-        """SQLite's own integrity check ("ok" when the file is sound)."""
+        """The database's own check ("ok" when sound): SQLite's integrity check; on
+        PostgreSQL, that the server answers."""
         with self._lock:
-            return self._db.execute("PRAGMA integrity_check").fetchone()[0]
+            if self.dialect == "sqlite":
+                return self._db.execute("PRAGMA integrity_check").fetchone()[0]
+            self._pg_usable()
+            return "ok" if self._pg_execute("SELECT 1").fetchone()[0] == 1 else "not ok"
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
+
+    def __repr__(self) -> str:
+        return f"State({self.location!r})"
 
     def __enter__(self) -> "State":
         return self
