@@ -81,7 +81,7 @@ def _tools_present():
 STATE_MODULES = {
     "test_service_jobs", "test_service_scheduler", "test_service_catalog_import",
     "test_service_executor", "test_service_review_jobs", "test_service_review_api",
-    "test_service_server",
+    "test_service_server", "test_service_cli",
 }
 
 
