@@ -402,3 +402,9 @@ def test_session_lock_names_are_checked(postgres_server, tmp_path):
         assert st.try_session_lock("catalog-import-0123456789abcdef") is None
         lock.release()
         assert not st.session_lock_held("catalog-import-0123456789abcdef")
+
+
+def test_without_psycopg_a_database_url_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "psycopg", None)      # as if not installed
+    with pytest.raises(UsageError, match=r"pip install 'psycopg\[binary\]'"):
+        State("postgresql://u:pw@db.example.com/sms", local_dir=tmp_path)
