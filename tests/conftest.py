@@ -77,11 +77,13 @@ def _tools_present():
 # a PostgreSQL database (a real server, tests/postgres_server.py, one schema per state
 # directory a test opens).  `--state-backend sqlite|postgresql|both` (default both, or
 # SMSBLOCK_TEST_STATE) picks.  Tests that read the SQLite file itself, or run a
-# subprocess on a state directory, are marked sqlite_only.
+# subprocess on a state directory, are marked sqlite_only (or give the subprocess
+# postgres_server.state_target(svc.state)).  tests/test_service_postgres.py has the
+# multi-process tests (two `serve`, two schedulers) on PostgreSQL.
 STATE_MODULES = {
     "test_service_jobs", "test_service_scheduler", "test_service_catalog_import",
     "test_service_executor", "test_service_review_jobs", "test_service_review_api",
-    "test_service_server",
+    "test_service_server", "test_service_cli",
 }
 
 

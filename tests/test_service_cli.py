@@ -56,6 +56,7 @@ def test_register_needs_exactly_one_source(tmp_path, capsys):
     assert ok(capsys, "sms", "get-connectors", "--state", tmp_path)["connectorList"] == []
 
 
+@pytest.mark.sqlite_only     # the default state directory's own database file
 def test_state_from_smsblock_home(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SMSBLOCK_HOME", str(tmp_path / "home"))
     ds = make_datastore(tmp_path / "ds", 1)
@@ -145,6 +146,7 @@ def test_connector_run_once_prints_what_it_did(state, capsys):
     assert r["type"] == "AUTOMATIC" and r["state"] == "FAILED" and "validation" in r["statusMessage"]
 
 
+@pytest.mark.sqlite_only     # the connector process opens the state directory itself
 def test_connector_run_loop_executes_due_runs_into_the_given_store(tmp_path, capsys):
     """The long-running connector (a real process): picks the seed run, stops on SIGTERM."""
     import os

@@ -391,3 +391,20 @@ def test_missing_postgresql_binaries_fail_in_ci_and_skip_elsewhere(monkeypatch, 
     expected = pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception
     with pytest.raises(expected, match="install Debian's postgresql package"):
         postgres_server.postgres_binaries()
+
+
+def test_session_lock_names_are_checked(postgres_server, tmp_path):
+    with State(postgres_server.new_database(), local_dir=tmp_path) as st:
+        with pytest.raises(ValueError, match="lock names"):
+            st.try_session_lock("x'); SELECT 1; --")
+        lock = st.try_session_lock("catalog-import-0123456789abcdef")
+        assert st.session_lock_held("catalog-import-0123456789abcdef")
+        assert st.try_session_lock("catalog-import-0123456789abcdef") is None
+        lock.release()
+        assert not st.session_lock_held("catalog-import-0123456789abcdef")
+
+
+def test_without_psycopg_a_database_url_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "psycopg", None)      # as if not installed
+    with pytest.raises(UsageError, match=r"pip install 'psycopg\[binary\]'"):
+        State("postgresql://u:pw@db.example.com/sms", local_dir=tmp_path)

@@ -547,8 +547,9 @@ class State:
                 raise self._pg_error(e) from None
 
     def _session_key(self, name: str) -> str:
-        return (f"{SESSION_LOCK_KEY}, hashtext(current_schema() || ':' || "
-                f"'{name}')") if re.fullmatch(r"[\w.-]{1,200}", name) else _bad_name(name)
+        if not re.fullmatch(r"[\w.-]{1,200}", name, re.ASCII):   # quoted in the SQL below
+            _bad_name(name)
+        return f"{SESSION_LOCK_KEY}, hashtext(current_schema() || ':' || '{name}')"
 
     def try_session_lock(self, name: str) -> SessionLock | None:
         """PostgreSQL: take the lock ``name`` (letters, digits, ``_.-``) on a new
@@ -560,6 +561,10 @@ class State:
         except psycopg.Error as e:
             raise self._pg_error(e, "cannot connect: ") from None
         try:
+            # a holder on a host that vanished (no FIN) is found dead in about a minute,
+            # not after the kernel's two-hour keepalive default
+            conn.execute("SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; "
+                         "SET tcp_keepalives_count = 3")
             got = conn.execute(f"SELECT pg_try_advisory_lock({self._session_key(name)})"
                                ).fetchone()[0]
         except psycopg.Error as e:
