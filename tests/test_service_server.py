@@ -358,3 +358,38 @@ def test_refused_requests_get_the_sms_error_and_change_nothing(live, op, params,
     assert code in DECLARED_ERRORS[op] | COMMON_ERRORS
     assert doc["message"] and "\n" not in doc["message"]
     assert dump(svc) == before, "a refused request changed the state"
+
+
+def test_a_connection_slot_is_released_once_when_thread_start_is_interrupted(tmp_path, monkeypatch,
+                                                                            caplog):
+    """A signal (SIGTERM in `serve`) can interrupt Thread.start() after the connection's
+    thread began: the slot is then released by that thread only, never twice (which
+    raised 'Semaphore released too many times' and printed a traceback)."""
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
+    real_start = threading.Thread.start
+
+    def start_then_interrupted(self):
+        real_start(self)
+        if getattr(self, "_target", None) is not None and \
+                getattr(self._target, "__name__", "") == "process_request_thread":
+            self.join(5)      # the connection's thread has run and released its slot
+            raise RuntimeError("interrupted after the thread began")
+
+    with serving(tmp_path) as srv:
+        monkeypatch.setattr(threading.Thread, "start", start_then_interrupted)
+        try:
+            urllib.request.urlopen(srv.url + "/login", timeout=5).read()
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        assert urllib.request.urlopen(srv.url + "/login", timeout=5).status == 200
+        import time
+        deadline = time.monotonic() + 10      # the last connection's thread ends by itself
+        while (srv._slots._value, srv._per_client) != (srv.limits.max_connections, {}) \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert srv._slots._value == srv.limits.max_connections and not srv._per_client
+    errors = [r.getMessage() + str(r.exc_info) for r in caplog.records if r.exc_info]
+    assert not any("released too many times" in e for e in errors), errors
+    assert not any("released too many times" in str(e) for e in seen), seen

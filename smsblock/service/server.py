@@ -684,6 +684,7 @@ class SmsHttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         # and at most max_connections_per_client of them from one address
         self._per_client: dict[str, int] = {}
         self._per_client_lock = threading.Lock()
+        self._holding: set[int] = set()     # id() of the connections holding a slot
         # No lock around the calls: each operation is one transaction of the state (which
         # serialises them), and ImportServerCatalog reads the sources in a background
         # thread outside any lock, answering after at most IMPORT_WAIT_SECONDS.
@@ -700,7 +701,7 @@ class SmsHttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             return None
         return ServerCredentials(access_key_id, found[0], connector_id=found[1])
 
-    def _claim(self, host: str) -> bool:
+    def _claim(self, request, host: str) -> bool:
         with self._per_client_lock:
             held = self._per_client.get(host, 0)
             if held >= self.limits.max_connections_per_client:
@@ -708,10 +709,16 @@ class SmsHttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             if not self._slots.acquire(blocking=False):
                 return False
             self._per_client[host] = held + 1
+            self._holding.add(id(request))
             return True
 
-    def _release(self, host: str) -> None:
+    def _release(self, request, host: str) -> None:
+        # once per connection: both the connection's thread and process_request (when
+        # Thread.start() is interrupted, e.g. by SIGTERM, after the thread began) may try
         with self._per_client_lock:
+            if id(request) not in self._holding:
+                return
+            self._holding.discard(id(request))
             held = self._per_client.pop(host, 1) - 1
             if held > 0:
                 self._per_client[host] = held
@@ -719,20 +726,20 @@ class SmsHttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def process_request(self, request, client_address):
         host = client_address[0]
-        if not self._claim(host):
+        if not self._claim(request, host):
             self._refuse_busy(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._release(host)
+            self._release(request, host)
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._release(client_address[0])
+            self._release(request, client_address[0])
 
     def _refuse_busy(self, request) -> None:
         limits = self.limits
