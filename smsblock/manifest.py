@@ -1019,7 +1019,8 @@ class ManifestWriter:
 class ManifestReader:
     """A manifest file (any version) read in windows, never whole.
 
-    ``source`` is a path or the file's bytes.  Opening checks the whole file in one
+    ``source`` is a path, the file's bytes, or an open file descriptor (which the reader
+    then owns and closes).  Opening checks the whole file in one
     sequential pass in bounded memory (sizes, trailer checksum, every frame, the digest)
     and keeps a table of its frames (24 bytes a frame); then :meth:`runs`,
     :meth:`window` and :meth:`entry` decode only the frames they need (a few decoded
@@ -1034,7 +1035,16 @@ class ManifestReader:
 
     def __init__(self, source, where=None):
         self._fd = None
-        if isinstance(source, (str, os.PathLike)):
+        if isinstance(source, int) and not isinstance(source, bool):   # an open fd: ours now
+            self._fd = source
+            self.where = f"<fd {source}>" if where is None else where
+            try:
+                self._size = os.fstat(self._fd).st_size
+            except OSError as e:
+                self.close()
+                raise ManifestError(f"cannot read: {e.strerror}", self.where) from None
+            self._view = None
+        elif isinstance(source, (str, os.PathLike)):
             self.where = os.fspath(source) if where is None else where
             try:
                 self._fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)

@@ -26,6 +26,7 @@ import contextlib
 import json
 from datetime import datetime, timezone
 import logging
+import os
 import re
 import threading
 from dataclasses import dataclass, field, asdict
@@ -248,6 +249,24 @@ class Store(abc.ABC):
     def put_manifest_bytes(self, server_id: str, run_id: str, data: bytes) -> None:
         """Publish a run's manifest in one atomic, durable step."""
 
+    def put_manifest_file(self, server_id: str, run_id: str, staged_path: str) -> None:
+        """Publish a run's manifest from a file made at :meth:`staging_path` (consumed),
+        as :meth:`put_manifest_bytes` does; a backend that can send a file without
+        reading it whole overrides this."""
+        try:
+            with open(staged_path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise StoreError(f"{staged_path}: cannot read the staged manifest: {e.strerror}") from None
+        self.put_manifest_bytes(server_id, run_id, data)
+        with contextlib.suppress(OSError):
+            os.unlink(staged_path)
+
+    def _manifest_source(self, server_id: str, run_id: str):
+        """What :meth:`open_manifest` reads: the manifest's bytes, or a backend's
+        read-only file descriptor of it."""
+        return self.get_manifest_bytes(server_id, run_id)
+
     @abc.abstractmethod
     def delete_manifest(self, server_id: str, run_id: str) -> None:
         """Remove a run (missing is fine)."""
@@ -401,6 +420,21 @@ class Store(abc.ABC):
         check_run_id(run_id)
         data = self.get_manifest_bytes(server_id, run_id)
         return Manifest.from_bytes(bytearray(data), f"{self.url}: {server_id}/{run_id}")
+
+    def open_manifest(self, server_id: str, run_id: str | None = None):
+        """A run's manifest as a :class:`~smsblock.manifest.ManifestReader` (checked whole
+        when opened, then read in windows: memory does not follow the disk's size);
+        ``run_id=None`` is the server's latest run.  Close it when done."""
+        from ..manifest import ManifestReader
+        check_server_id(server_id)
+        if run_id is None:
+            ids = self.list_run_ids(server_id)
+            if not ids:
+                raise RunNotFoundError(f"{self.url}: no runs of server {server_id!r}")
+            run_id = ids[-1]
+        check_run_id(run_id)
+        return ManifestReader(self._manifest_source(server_id, run_id),
+                              f"{self.url}: {server_id}/{run_id}")
 
     def latest_run_id(self, server_id: str) -> str | None:
         ids = self.list_run_ids(check_server_id(server_id))

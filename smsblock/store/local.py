@@ -270,6 +270,29 @@ class LocalStore(Store):
         except OSError as e:
             raise StoreError(f"{_where(e, path)}: cannot write manifest: {e.strerror}") from None
 
+    def put_manifest_file(self, server_id: str, run_id: str, staged_path: str) -> None:
+        path = self._manifest_path(server_id, run_id)
+        name = self._staged_name(staged_path)
+        try:
+            with subdir(self.root, "tmp") as tmp_fd, \
+                    subdir(self.root, "runs", server_id, create=True) as folder_fd:
+                # renameat replaces a name, never writes through a link that was there
+                os.replace(name, os.path.basename(path), src_dir_fd=tmp_fd, dst_dir_fd=folder_fd)
+                fsync_dir(folder_fd)
+        except OSError as e:
+            raise StoreError(f"{_where(e, path)}: cannot write manifest: {e.strerror}") from None
+
+    def _manifest_source(self, server_id: str, run_id: str):
+        path = self._manifest_path(server_id, run_id)
+        try:
+            with subdir(self.root, "runs", server_id) as folder_fd:
+                return os.open(os.path.basename(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               dir_fd=folder_fd)
+        except FileNotFoundError:
+            raise RunNotFoundError(f"{self.root}: no run {run_id!r} of server {server_id!r}") from None
+        except OSError as e:
+            raise StoreError(f"{path}: cannot read manifest: {e.strerror}") from None
+
     def delete_manifest(self, server_id: str, run_id: str) -> None:
         path = self._manifest_path(server_id, run_id)
         try:
