@@ -38,7 +38,7 @@ from .errors import ManifestError, UsageError
 from .fsutil import replace_file
 
 __all__ = ["BlockState", "Manifest", "ManifestReader", "ManifestWriter", "diff", "iter_diff",
-           "diff_count", "open_manifest", "check_block_size", "WINDOW_BLOCKS",
+           "diff_count", "open_manifest", "entry_batches", "check_block_size", "WINDOW_BLOCKS",
            "DEFAULT_BLOCK_SIZE", "MIN_BLOCK_SIZE", "MAX_BLOCK_SIZE"]
 
 DEFAULT_BLOCK_SIZE = 512 * 1024        # the EBS direct API block size
@@ -1391,3 +1391,30 @@ def _uniform(m, start: int, end: int):
 def diff_count(old, new) -> int:
     """How many blocks :func:`diff` would list, in windows."""
     return sum(len(c) for *_, c in iter_diff(old, new))
+
+
+def entry_batches(m, start: int = 0, end: int | None = None, batch: int = WINDOW_BLOCKS,
+                  data_only: bool = True):
+    """The blocks of ``m`` (a :class:`Manifest` or :class:`ManifestReader`) that carry
+    entries, in batches of about ``batch``: ``(indices int64, states, hashes,
+    addresses)``.  ``data_only``: only DATA blocks.  Memory: one batch."""
+    parts: list = []
+    have = 0
+    for state, s, count, h, a in m.runs(start, end):
+        if h is None or (data_only and state != BlockState.DATA):
+            continue
+        parts.append((state, s, count, h, a))
+        have += count
+        if have >= batch:
+            yield _join_entries(parts)
+            parts, have = [], 0
+    if parts:
+        yield _join_entries(parts)
+
+
+def _join_entries(parts):
+    idx = np.concatenate([np.arange(s, s + c, dtype=np.int64) for _st, s, c, _h, _a in parts])
+    states = np.concatenate([np.full(c, st, np.uint8) for st, _s, c, _h, _a in parts])
+    hashes = np.concatenate([h for *_, h, _a in parts]) if len(parts) > 1 else parts[0][3]
+    addresses = np.concatenate([a for *_, a in parts]) if len(parts) > 1 else parts[0][4]
+    return idx, states, hashes, addresses

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import struct
 
 import numpy as np
 import pytest
