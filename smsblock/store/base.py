@@ -458,7 +458,7 @@ class Store(abc.ABC):
         prune cannot delete or rewrite the packs it reads: prune fails with
         StoreLockedError meanwhile, as while a run goes on.
         """
-        from ..engine import RunDisk
+        from ..repository.rundisk import RunDisk
         held = contextlib.ExitStack()
         held.enter_context(self.lock(exclusive=False, purpose="read a run"))
         try:    # the manifest and the pack indexes are read under the lock
@@ -471,7 +471,7 @@ class Store(abc.ABC):
         """The Disk a restore of this run reads (the caller holds the lock): the run's
         blocks in the packs here; a store that keeps runs elsewhere (EBS snapshots)
         reads them from there.  It has ``manifest`` and ``block(i)`` like RunDisk."""
-        from ..engine import RunDisk
+        from ..repository.rundisk import RunDisk
         return RunDisk(self, manifest)
 
     def iter_manifests(self) -> Iterator[tuple[str, str]]:

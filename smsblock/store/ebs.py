@@ -348,7 +348,7 @@ class EbsStore(Store):
                 "changed_blocks": int(len(todo)), "checksum": checksum}
 
     def _put_blocks(self, snap: str, manifest: Manifest, todo: np.ndarray) -> dict[int, bytes]:
-        from ..engine import RunDisk
+        from ..repository.rundisk import RunDisk
         run = RunDisk(self.staging, manifest)
         digests: dict[int, bytes] = {}
         lock = threading.Lock()

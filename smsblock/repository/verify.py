@@ -1,0 +1,251 @@
+"""Checking a store: :func:`verify` (every pack read, every manifest checked against the
+packs) and :func:`verify_run_against_disk` (a run compared with the disk as it is now)."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..disk import Disk, open_disk
+from ..errors import ManifestError, RunNotFoundError, StoreError
+from ..manifest import BlockState, Manifest
+from ..pack import BlockIndex, verify_pack
+from ..progress import CancelToken, ProgressCallback, check_cancel, with_phase
+from ..scanner import scan
+from ..store import Store, open_store
+from ..store.base import check_run_id, check_server_id
+
+
+class _CheckReport:
+    """What a check found: ``ok`` when ``problems`` is empty; ``to_dict`` says it too."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+@dataclass
+class VerifyReport(_CheckReport):
+    """What :func:`verify` checked and found; ``ok`` when ``problems`` is empty."""
+
+    packs_checked: int = 0
+    blocks_checked: int = 0
+    bytes_checked: int = 0
+    runs_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    unreferenced_packs: int = 0       # packs no run uses (left by a killed run; prune removes)
+    damaged_packs: int = 0            # packs with damage recorded (new runs store those blocks again)
+    leftovers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DeepVerifyReport(_CheckReport):
+    """What :func:`verify_run_against_disk` found: the blocks whose content in the run
+    differs from the disk's now (``differing_blocks``: the first
+    :data:`MAX_LISTED_BLOCKS` indexes; ``blocks_differing`` counts them all)."""
+
+    server_id: str
+    run_id: str
+    disk_size: int
+    block_size: int
+    blocks_checked: int = 0
+    blocks_differing: int = 0
+    differing_blocks: list[int] = field(default_factory=list)
+    bytes_read: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+MAX_LISTED_BLOCKS = 1000     # differing block indexes a deep verify report lists
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn, items, window: int):
+    """``pool.map`` in order with at most ``window`` items in flight (bounded memory)."""
+    pending: collections.deque = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+
+
+def verify(store, *, progress: ProgressCallback | None = None,
+           cancel: CancelToken | None = None, threads: int = 2) -> VerifyReport:
+    """Read every pack and check every block against its content address; load every
+    manifest (its own checksums) and check every block it references is in the store.
+
+    Problems are collected in the report, not raised; ``report.ok`` tells.
+    ``progress`` counts pack bytes read.
+    """
+    progress = with_phase(progress, "verifying")
+    store = open_store(store)
+    store.require()
+    report = VerifyReport()
+    with store.lock(exclusive=False, purpose="verify"):
+        algorithm = store.config.address
+        packs = store.list_packs()
+        total = sum(packs.values())
+        done = 0
+        good_packs: dict[str, np.ndarray] = {}
+        damage = store.damage()
+
+        def check(item):
+            pack_id, size = item
+            check_cancel(cancel)
+            return pack_id, size, verify_pack(lambda o, n: store.read_pack(pack_id, o, n), size,
+                                              store.pack_name(pack_id), algorithm)
+
+        # two packs at a time: inflating and hashing release the GIL
+        with ThreadPoolExecutor(threads, thread_name_prefix="smsblock-verify") as pool:
+            results = _bounded_map(pool, check, sorted(packs.items()), threads * 2)
+            for pack_id, size, (index, good, problems) in results:
+                report.packs_checked += 1
+                report.problems.extend(problems)
+                if index is not None:
+                    report.blocks_checked += len(index)
+                    good_packs[pack_id] = index[good]
+                    _update_damage_record(store, pack_id, index, good, problems,
+                                          damage.get(pack_id))
+                report.bytes_checked += size
+                done += size
+                if progress is not None:
+                    progress(done, total)
+        good_index = BlockIndex(good_packs)
+        referenced: set[str] = set()
+        for server_id, run_id in store.iter_manifests():
+            check_cancel(cancel)
+            report.runs_checked += 1
+            where = f"{store.url}: run {server_id}/{run_id}"
+            try:
+                m = store.load_manifest(server_id, run_id)
+            except (ManifestError, RunNotFoundError) as e:
+                report.problems.append(f"{where}: {e}")
+                continue
+            report.problems.extend(_check_manifest(m, server_id, run_id, algorithm,
+                                                   good_index, where, referenced))
+        report.unreferenced_packs = sum(1 for p in good_packs if p not in referenced)
+        report.damaged_packs = sum(1 for p in store.list_damage_records() if p in packs)
+        report.leftovers = store.list_leftovers()
+    return report
+
+
+def verify_run_against_disk(store, server_id: str, disk, run_id: str | None = None, *,
+                            progress: ProgressCallback | None = None,
+                            cancel: CancelToken | None = None,
+                            threads: int = 2) -> DeepVerifyReport:
+    """Re-read the whole ``disk`` (a Disk or a path) and compare it with a run's manifest
+    (``run_id``; None: the server's latest run), block by block: proves that a run made
+    from a change list equals a full scan of the disk as it is now.
+
+    A block differs when its content does: a DATA block whose xxh3-128 differs, or that
+    is DATA on one side and zeros (ZERO or UNALLOCATED, both restored as zeros) on the
+    other.  Differences are collected in the report (``report.ok``), not raised; a disk
+    of another size than the run's is one problem.  ``progress`` counts bytes read.
+    """
+    progress = with_phase(progress, "verifying")
+    check_server_id(server_id)
+    if run_id is not None:
+        check_run_id(run_id)
+    store = open_store(store)
+    store.require()
+    own_disk = not isinstance(disk, Disk)
+    if own_disk:
+        disk = open_disk(disk)
+    try:
+        with store.lock(exclusive=False, purpose="verify"):
+            if run_id is None:
+                run_id = store.latest_run_id(server_id)
+                if run_id is None:
+                    raise RunNotFoundError(f"{store.url}: no runs of server {server_id!r}")
+            m = store.load_manifest(server_id, run_id)
+        report = DeepVerifyReport(server_id=server_id, run_id=run_id, disk_size=m.disk_size,
+                                  block_size=m.block_size)
+        if disk.size != m.disk_size:
+            report.problems.append(f"{disk.path}: the disk is {disk.size} bytes, run "
+                                   f"{server_id}/{run_id} {m.disk_size} bytes")
+            return report
+        now = scan(disk, block_size=m.block_size, threads=threads, progress=progress,
+                   cancel=cancel)
+        data_run, data_now = m.states == BlockState.DATA, now.states == BlockState.DATA
+        differ = (data_run != data_now) | (
+            data_run & data_now & (m.hashes != now.hashes).any(axis=1))
+        idx = np.flatnonzero(differ)
+        report.blocks_checked = now.n_blocks
+        report.bytes_read = now.meta["scan"]["bytes_read"]
+        report.blocks_differing = len(idx)
+        report.differing_blocks = idx[:MAX_LISTED_BLOCKS].tolist()
+        if len(idx):
+            shown = ", ".join(map(str, report.differing_blocks[:10]))
+            more = f" and {len(idx) - 10} more" if len(idx) > 10 else ""
+            report.problems.append(
+                f"run {server_id}/{run_id}: {len(idx)} of {now.n_blocks} blocks differ from "
+                f"{disk.path} (blocks {shown}{more}; {m.block_size}-byte blocks)")
+        return report
+    finally:
+        if own_disk:
+            disk.close()
+
+
+def _update_damage_record(store: Store, pack_id: str, index: np.ndarray, good: np.ndarray,
+                          problems: list[str], old) -> None:
+    """Make the pack's damage record say what verify just found (a read of every byte)."""
+    bad = index["address"][~good]
+    whole = len(problems) > len(bad)          # damage outside the frames
+    if not problems:
+        if old is not None:
+            with contextlib.suppress(StoreError):
+                store.delete_damage_record(pack_id)
+        return
+    found = {a.tobytes() for a in bad}
+    if old is not None and (old.addresses, old.pack) == (found, whole):
+        return
+    store.record_damage(pack_id, found, pack=whole, problems=problems, by="verify", replace=True)
+
+
+def _check_manifest(m: Manifest, server_id, run_id, algorithm, index: BlockIndex, where,
+                    referenced: set[str]) -> list[str]:
+    problems = []
+    if m.meta.get("server_id") != server_id or m.meta.get("run_id") != run_id:
+        problems.append(f"{where}: manifest says it is run {m.meta.get('server_id')}/"
+                        f"{m.meta.get('run_id')}")
+    data = m.states == BlockState.DATA
+    if data.any() and m.address_algorithm != algorithm:
+        problems.append(f"{where}: addresses are {m.address_algorithm}, the store uses {algorithm}")
+        return problems
+    no_addr = data & (m.addresses == 0).all(axis=1)
+    if no_addr.any():
+        problems.append(f"{where}: {int(no_addr.sum())} data blocks have no address "
+                        f"(first: block {int(np.flatnonzero(no_addr)[0])})")
+    stray = ~data & (m.addresses != 0).any(axis=1)
+    if stray.any():
+        problems.append(f"{where}: {int(stray.sum())} non-data blocks carry an address "
+                        f"(first: block {int(np.flatnonzero(stray)[0])})")
+    rows = np.flatnonzero(data & ~no_addr)
+    present = index.contains_all(m.addresses[rows])
+    if not present.all():
+        first = int(rows[np.flatnonzero(~present)[0]])
+        problems.append(f"{where}: {int((~present).sum())} referenced blocks are missing or "
+                        f"damaged in the store (first: block {first})")
+    for r in rows[present]:
+        loc = index.get(m.addresses[r].tobytes())
+        referenced.add(loc.pack_id)
+        if loc.ulen != m.block_range(int(r))[1]:
+            problems.append(f"{where}: block {int(r)} is stored with {loc.ulen} bytes, "
+                            f"expected {m.block_range(int(r))[1]}")
+            break
+    return problems
+
