@@ -462,7 +462,9 @@ class Store(abc.ABC):
         held = contextlib.ExitStack()
         held.enter_context(self.lock(exclusive=False, purpose="read a run"))
         try:    # the manifest and the pack indexes are read under the lock
-            return RunDisk(self, self.load_manifest(server_id, run_id), hold=held)
+            manifest = self.open_manifest(server_id, run_id)
+            held.callback(manifest.close)
+            return RunDisk(self, manifest, hold=held)
         except BaseException:
             held.close()
             raise
