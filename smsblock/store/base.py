@@ -444,10 +444,11 @@ class Store(abc.ABC):
         """The server's completed runs, oldest first."""
         out = []
         for run_id in self.list_run_ids(check_server_id(server_id)):
-            m = self.load_manifest(server_id, run_id)
-            user = m.meta.get("user")
-            out.append(RunInfo(server_id, run_id, m.meta.get("created", ""),
-                               dict(m.meta.get("summary", {})),
+            with self.open_manifest(server_id, run_id) as m:   # its meta: never the table
+                meta = m.meta
+            user = meta.get("user")
+            out.append(RunInfo(server_id, run_id, meta.get("created", ""),
+                               dict(meta.get("summary", {})),
                                dict(user) if isinstance(user, dict) else {}))
         return out
 
