@@ -43,7 +43,7 @@ from .repository.prune import PruneReport, prune
 from .repository.rundisk import RunDisk
 from .repository.verify import DeepVerifyReport, VerifyReport, verify, verify_run_against_disk
 from .repository.writer import _BlockStorer, _PackSink
-from .scanner import Gap, _scan_meta, check_changed_extents, scan_stream
+from .scanner import Gap, scan_meta, check_changed_extents, scan_stream
 from .store import open_store
 from .store.base import check_run_id, check_server_id
 
@@ -232,7 +232,7 @@ def _run(disk, store, server_id, block_size, progress, cancel, threads, source, 
     # the blocks changed since the previous run (diff's meaning), counted window by window
     diffed = previous if previous is not None and previous.block_size == block_size else None
     counter = _ChangeCounter(diffed)
-    run_meta = _scan_meta(disk)
+    run_meta = scan_meta(disk)
     staged = store.staging_path(".manifest.tmp")
     writer = ManifestWriter(staged, disk.size, block_size, cfg.address)
     published = False

@@ -10,12 +10,23 @@ A :class:`Manifest` cuts a disk into ``n_blocks`` fixed blocks of ``block_size``
   store keeps the block, for DATA blocks, zeros otherwise.
 
 The binary formats are documented field by field in ``docs/formats.md``.
-:meth:`to_bytes` writes version 2: runs of equal state as 24-byte records and only the
-entries (hash, address) of the blocks that have them, in zstd frames of at most 1 MiB
-decoded, so a file's size follows the data on the disk, not its size.  The lower-level
-:func:`_encode_v2` takes that sparse description directly and :func:`_runs_v2` reads it
-back run by run in memory bounded by one frame (what a streaming table will use).
-:meth:`from_bytes` reads versions 1 (per-block sections, still in older stores) and 2.
+Version 3 (what everything writes) stores runs of equal state as 24-byte records and only
+the entries (hash, address) of the blocks that have them, in zstd frames of at most 1 MiB
+decoded, so a file's size follows the data on the disk, not its size; its digest is over
+the runs, so computing it costs what the file costs.  Versions 1 (per-block sections) and
+2 (version 3's layout, a per-block digest) still load.
+
+Two ways to hold a table:
+
+* :class:`Manifest`: the whole table as arrays (49 bytes a block), for small disks and
+  API users: :meth:`Manifest.to_bytes`, :meth:`Manifest.from_bytes`, :func:`diff`;
+* streaming, in memory that does not follow the disk's size (what the engine uses):
+  :class:`ManifestWriter` writes a file a run or a window of blocks at a time,
+  :class:`ManifestReader` reads one by windows (:meth:`~ManifestReader.window`), runs
+  (:meth:`~ManifestReader.runs`) or single blocks (:meth:`~ManifestReader.entry`, a
+  frame table and a few cached frames), and :func:`iter_diff` / :func:`diff_count`
+  compare two tables a window at a time.  A Manifest has the same read methods, so code
+  written for a reader takes either.
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ from .errors import ManifestError, UsageError
 from .fsutil import replace_file
 
 __all__ = ["BlockState", "Manifest", "ManifestReader", "ManifestWriter", "diff", "iter_diff",
-           "diff_count", "open_manifest", "entry_batches", "check_block_size", "WINDOW_BLOCKS",
+           "diff_count", "entry_batches", "check_block_size", "WINDOW_BLOCKS",
            "DEFAULT_BLOCK_SIZE", "MIN_BLOCK_SIZE", "MAX_BLOCK_SIZE"]
 
 DEFAULT_BLOCK_SIZE = 512 * 1024        # the EBS direct API block size
@@ -109,6 +120,13 @@ def check_block_size(block_size: int) -> int:
         raise UsageError(f"block size {block_size!r} is not a power of two from "
                          f"{MIN_BLOCK_SIZE} (64 KiB) to {MAX_BLOCK_SIZE} (4 MiB)")
     return int(block_size)
+
+
+def _check_algorithm(name) -> str:
+    raw = name.encode("ascii", "replace") if isinstance(name, str) else b""
+    if not raw or len(raw) > 16 or b"\0" in raw or not name.isprintable():
+        raise UsageError(f"address algorithm name {name!r} must be 1-16 printable ASCII characters")
+    return name
 
 
 def blocks_for(disk_size: int, block_size: int) -> int:
@@ -185,10 +203,7 @@ class Manifest:
 
     @address_algorithm.setter
     def address_algorithm(self, name: str) -> None:
-        raw = name.encode("ascii", "replace") if isinstance(name, str) else b""
-        if not raw or len(raw) > 16 or b"\0" in raw or not name.isprintable():
-            raise UsageError(f"address algorithm name {name!r} must be 1-16 printable ASCII characters")
-        self._address_algorithm = name
+        self._address_algorithm = _check_algorithm(name)
 
     # -- digest -----------------------------------------------------------
     @property
@@ -872,8 +887,7 @@ class ManifestWriter:
         self.n_blocks = blocks_for(self.disk_size, self.block_size)
         if self.n_blocks > MAX_BLOCKS:
             raise UsageError(f"{self.n_blocks} blocks exceed the format's {MAX_BLOCKS}")
-        Manifest(0, MIN_BLOCK_SIZE, address_algorithm=algorithm)     # checks the name
-        self.algorithm = algorithm
+        self.algorithm = _check_algorithm(algorithm)
         self.next_block = 0
         self.counts = [0, 0, 0]
         self.size = 0
@@ -959,6 +973,20 @@ class ManifestWriter:
         """The next ``len(states)`` blocks as per-block arrays (shapes (n,), (n, 16),
         (n, 32); hashes and addresses None when all zero)."""
         states = np.asarray(states, np.uint8)
+        n = len(states)
+        if n and not (states != states[0]).any():
+            # one state (a scan's windows mostly are): one run, no run detection
+            state = int(states[0])
+            if state == BlockState.DATA:
+                self.add_run(state, n,
+                             hashes if hashes is not None else np.zeros((n, HASH_SIZE), np.uint8),
+                             addresses if addresses is not None
+                             else np.zeros((n, ADDRESS_SIZE), np.uint8))
+                return
+            if not ((hashes is not None and hashes.any())
+                    or (addresses is not None and addresses.any())):
+                self.add_run(state, n)
+                return
         for state, start, count, carries in zip(*_window_runs(states, hashes, addresses)):
             if carries:
                 h = (hashes[start:start + count] if hashes is not None
@@ -1232,14 +1260,6 @@ class ManifestReader:
                 yield state, a, b - a, None, None
 
     # -- the read side -------------------------------------------------------------
-    @property
-    def address_algorithm(self) -> str:
-        return self._algorithm
-
-    @address_algorithm.setter
-    def address_algorithm(self, name: str) -> None:
-        self._algorithm = name
-
     def count(self, state: BlockState) -> int:
         return self._counts[int(state)]
 
@@ -1338,54 +1358,45 @@ def _feed_v1(h, state: int, count: int, hashes, addresses) -> None:
         h.update(rec.tobytes())
 
 
-def open_manifest(source, where=None):
-    """A reader over ``source``: a :class:`ManifestReader` or :class:`Manifest` is
-    returned as it is; a path or bytes is opened as a :class:`ManifestReader`."""
-    if isinstance(source, (Manifest, ManifestReader)):
-        return source
-    return ManifestReader(source, where)
-
-
 def iter_diff(old, new, window: int = WINDOW_BLOCKS):
     """The blocks that differ between two manifests (:class:`Manifest` or
-    :class:`ManifestReader`), streamed: ``(start, end, old_states, new_states,
-    changed)`` per stretch of blocks, ``changed`` the ascending block indices (int64)
-    that differ in it, by the rules of :func:`diff`.  Stretches without change may be
-    left out; blocks beyond the shorter disk come last, ``old_states`` or ``new_states``
-    None for the side that lacks them.  Memory: one window of each side."""
+    :class:`ManifestReader`), streamed by merging their runs: ``(start, end, old_state,
+    new_state, changed)`` per stretch of blocks in one state on each side, ``changed``
+    the ascending block indices (int64) that differ in it, by the rules of :func:`diff`.
+    Stretches without change are left out; blocks beyond the shorter disk come last, with
+    ``old_state`` or ``new_state`` None for the side that lacks them.  Work follows the
+    runs and entries, not the disks' sizes; memory is a frame or ``window`` blocks of
+    each side."""
     if old.block_size != new.block_size:
         raise UsageError(f"cannot diff manifests with block sizes {old.block_size} "
                          f"and {new.block_size}")
     n = min(old.n_blocks, new.n_blocks)
-    s = 0
-    while s < n:
+    for s in range(0, n, window):
         e = min(n, s + window)
-        uo, un = _uniform(old, s, e), _uniform(new, s, e)
-        if uo is not None and un is not None:
-            if uo != un:
-                yield (s, e, np.full(e - s, uo, np.uint8), np.full(e - s, un, np.uint8),
-                       np.arange(s, e, dtype=np.int64))
-            s = e
-            continue
-        os_, oh, _ = old.window(s, e)
-        ns, nh, _ = new.window(s, e)
-        changed = os_ != ns
-        both = (os_ == BlockState.DATA) & (ns == BlockState.DATA)
-        changed |= both & (oh != nh).any(axis=1)
-        idx = np.flatnonzero(changed)
-        if len(idx):
-            yield s, e, os_, ns, idx.astype(np.int64) + s
-        s = e
+        a_runs, b_runs = old.runs(s, e), new.runs(s, e)
+        a, b = next(a_runs, None), next(b_runs, None)
+        at = s
+        while a is not None and b is not None:
+            a_state, a_start, a_count, a_h, _ = a
+            b_state, b_start, b_count, b_h, _ = b
+            end = min(a_start + a_count, b_start + b_count)
+            if a_state != b_state:
+                yield at, end, a_state, b_state, np.arange(at, end, dtype=np.int64)
+            elif a_state == BlockState.DATA:
+                ha = a_h[at - a_start:end - a_start]
+                hb = b_h[at - b_start:end - b_start]
+                idx = np.flatnonzero((ha != hb).any(axis=1))
+                if len(idx):
+                    yield at, end, a_state, b_state, idx.astype(np.int64) + at
+            at = end
+            if at == a_start + a_count:
+                a = next(a_runs, None)
+            if at == b_start + b_count:
+                b = next(b_runs, None)
     longer = old if old.n_blocks > new.n_blocks else new
-    for s in range(n, longer.n_blocks, window):
-        e = min(longer.n_blocks, s + window)
-        states = longer.window(s, e)[0]
-        yield (s, e, states if longer is old else None, states if longer is new else None,
-               np.arange(s, e, dtype=np.int64))
-
-
-def _uniform(m, start: int, end: int):
-    return m.uniform(start, end)
+    for state, start, count, _h, _a in longer.runs(n, longer.n_blocks):
+        yield (start, start + count, state if longer is old else None,
+               state if longer is new else None, np.arange(start, start + count, dtype=np.int64))
 
 
 def diff_count(old, new) -> int:

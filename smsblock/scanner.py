@@ -9,8 +9,12 @@ blocks ZERO without hashing them, hashes the others with xxh3-128 and compares t
 the previous run's manifest.  Only then, and only for changed DATA blocks, does Python
 run again: ``on_changed(index, view)``.
 
-Memory is bounded by ``threads`` batch buffers (1 MiB each by default), plus the
-manifest's arrays (49 bytes per block) and 16 bytes per run of touched blocks.
+:func:`scan_stream` is the scan itself: it yields the disk in block order as
+:class:`Gap` ranges (nothing read there) and :class:`ScanWindow` windows (per-block
+arrays of at most ``window_blocks`` blocks, grouped around the blocks it reads), so memory
+is ``threads`` batch buffers (1 MiB each by default) and a few windows (49 bytes a block
+of a window), whatever the disk's size.  :func:`scan` collects the stream into a whole
+:class:`~smsblock.manifest.Manifest` (49 bytes a block of the disk) for small disks.
 """
 
 from __future__ import annotations
@@ -549,7 +553,7 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
     :func:`scan_stream` (or ``smsblock scan``, which writes the file window by window).
     """
     size = disk.size
-    manifest = Manifest(size, check_block_size(block_size), meta=_scan_meta(disk))
+    manifest = Manifest(size, check_block_size(block_size), meta=scan_meta(disk))
     callback = None
     if on_changed is not None:
         callback = lambda w, k, view: on_changed(w.start + k, view)   # noqa: E731
@@ -571,7 +575,8 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
     return manifest
 
 
-def _scan_meta(disk: Disk) -> dict:
+def scan_meta(disk: Disk) -> dict:
+    """The meta a scan's manifest starts with: where the disk is, its format, when."""
     return {
         "source": getattr(disk, "path", None),
         "format": getattr(getattr(disk, "info", None), "format", None),

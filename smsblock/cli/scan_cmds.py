@@ -52,29 +52,18 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_diff)
 
 
-def _counts(m) -> dict:
-    return {"blocks_total": m.n_blocks,
-            "blocks_data": m.count(BlockState.DATA),
-            "blocks_zero": m.count(BlockState.ZERO),
-            "blocks_unallocated": m.count(BlockState.UNALLOCATED)}
-
-
-def _open_reader(path) -> ManifestReader:
-    return ManifestReader(path)
-
-
 def cmd_scan(args) -> int:
     import os
     import uuid
 
     from ..disk import open_disk
     from ..progress import terminal_progress
-    from ..scanner import Gap, _scan_meta, scan_stream
+    from ..scanner import Gap, scan_meta, scan_stream
 
     block_size = parse_block_size(args.block_size)
     if args.threads < 1:
         raise UsageError(f"--threads must be at least 1, not {args.threads}")
-    previous = _open_reader(args.previous) if args.previous else None
+    previous = ManifestReader(args.previous) if args.previous else None
     # written window by window to a new private file beside the output, renamed over it
     # when complete: memory does not follow the disk's size, a failed scan leaves nothing
     folder = os.path.dirname(os.path.abspath(args.output))
@@ -86,9 +75,9 @@ def cmd_scan(args) -> int:
             try:
                 writer = ManifestWriter(tmp, disk.size, block_size)
             except OSError as e:
-                raise UsageError(f"{args.output}: cannot write: {e.strerror}") from None
+                raise UsageError(f"{args.output}: cannot write here: {e.strerror}") from None
             try:
-                meta = _scan_meta(disk)
+                meta = scan_meta(disk)
                 stream = scan_stream(disk, block_size=block_size, previous=previous,
                                      threads=args.threads, progress=bar)
                 for seg in stream:
@@ -97,13 +86,14 @@ def cmd_scan(args) -> int:
                     else:
                         writer.add_window(seg.states, seg.hashes)
                 meta["scan"] = dict(stream.stats)
-                digest = writer.finish(meta)
-                os.replace(tmp, args.output)
+                try:
+                    digest = writer.finish(meta)
+                    os.replace(tmp, args.output)
+                except OSError as e:
+                    raise UsageError(f"{args.output}: cannot write: {e.strerror}") from None
             except BaseException:
                 writer.abort()
                 raise
-    except OSError as e:
-        raise UsageError(f"{args.output}: cannot write: {e.strerror}") from None
     finally:
         if previous is not None:
             previous.close()
@@ -142,21 +132,20 @@ def _ranges(indices) -> str:
 
 
 def cmd_diff(args) -> int:
-    with _open_reader(args.old) as old, _open_reader(args.new) as new:
+    with ManifestReader(args.old) as old, ManifestReader(args.new) as new:
         kinds = dict.fromkeys(("data_modified", "became_data", "became_zero",
                                "became_unallocated", "size_changed"), 0)
         changed = []            # the output lists every changed block: it is what was asked
-        for start, _end, o, w, idx in iter_diff(old, new):
-            changed.append(idx)
+        for _start, _end, o, w, idx in iter_diff(old, new):
+            changed.append(idx)        # o and w: the one state of each side here
             if o is None or w is None:
                 kinds["size_changed"] += len(idx)
                 continue
-            o, w = o[idx - start], w[idx - start]
-            kinds["data_modified"] += int(np.count_nonzero((o == BlockState.DATA) & (w == BlockState.DATA)))
-            kinds["became_data"] += int(np.count_nonzero((o != BlockState.DATA) & (w == BlockState.DATA)))
-            kinds["became_zero"] += int(np.count_nonzero((o != BlockState.ZERO) & (w == BlockState.ZERO)))
-            kinds["became_unallocated"] += int(np.count_nonzero(
-                (o != BlockState.UNALLOCATED) & (w == BlockState.UNALLOCATED)))
+            data, zero, unalloc = BlockState.DATA, BlockState.ZERO, BlockState.UNALLOCATED
+            kinds["data_modified"] += len(idx) if o == data and w == data else 0
+            kinds["became_data"] += len(idx) if o != data and w == data else 0
+            kinds["became_zero"] += len(idx) if o != zero and w == zero else 0
+            kinds["became_unallocated"] += len(idx) if o != unalloc and w == unalloc else 0
         changed = np.concatenate(changed) if changed else np.zeros(0, np.int64)
         out = {"changed": changed.tolist(), "changed_count": int(len(changed)),
                "blocks_total": max(old.n_blocks, new.n_blocks), "block_size": new.block_size,
