@@ -35,7 +35,8 @@ from ._scan import scan_batch
 from .disk.base import Disk
 from .disk.raw import RawDisk
 from .errors import DiskIOError, UsageError
-from .manifest import WINDOW_BLOCKS, DEFAULT_BLOCK_SIZE, Manifest, check_block_size
+from .manifest import DEFAULT_BLOCK_SIZE, Manifest, check_block_size
+from .manifest import WINDOW_BLOCKS as WINDOW_BLOCKS     # blocks per window; tests lower it
 from .progress import CancelToken, ProgressCallback, ThreadSafeProgress, check_cancel, with_phase
 
 __all__ = ["scan", "scan_stream", "ScanStream", "ScanWindow", "Gap", "plan_reads", "check_changed_extents", "ChangedRuns", "DEFAULT_BATCH_BYTES",
@@ -333,10 +334,11 @@ def scan_stream(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous=No
                 on_changed=None, threads: int = 2, progress: ProgressCallback | None = None,
                 cancel: CancelToken | None = None, batch_bytes: int | None = None,
                 changed_runs=None, addresses: bool = False,
-                window_blocks: int = WINDOW_BLOCKS) -> ScanStream:
+                window_blocks: int | None = None) -> ScanStream:
     """Scan ``disk`` as :func:`scan` does, in windows: yields, in block order and
     covering every block, :class:`Gap` ranges and :class:`ScanWindow` windows of at
-    most ``window_blocks`` blocks.  Memory is a few windows whatever the disk's size.
+    most ``window_blocks`` blocks (default :data:`WINDOW_BLOCKS`).  Memory is a few
+    windows whatever the disk's size.
 
     ``previous`` is a :class:`~smsblock.manifest.Manifest` or
     :class:`~smsblock.manifest.ManifestReader`.  ``on_changed(window, k, view)`` is
@@ -352,6 +354,8 @@ def scan_stream(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous=No
         batch_bytes = DEFAULT_BATCH_BYTES
     if not isinstance(batch_bytes, int) or batch_bytes < 1:
         raise UsageError(f"batch_bytes must be positive, not {batch_bytes!r}")
+    if window_blocks is None:
+        window_blocks = WINDOW_BLOCKS
     if not isinstance(window_blocks, int) or window_blocks < 1:
         raise UsageError(f"window_blocks must be positive, not {window_blocks!r}")
     size = disk.size
@@ -385,7 +389,7 @@ def _scan_gen(disk, block_size, n, size, prev, on_changed, threads, progress, ca
     meter = ThreadSafeProgress(progress, total)
     file_length = _file_length(disk)
     blocks_per_batch = max(1, batch_bytes // block_size)
-    groups = _group(zones, window_blocks, WINDOW_GAP_BLOCKS)
+    groups = _group(zones, window_blocks, min(WINDOW_GAP_BLOCKS, window_blocks))
     cond = threading.Condition()
     queue: collections.deque = collections.deque()      # windows made, not yet yielded
     state = {"exhausted": False, "error": None, "current": None}
