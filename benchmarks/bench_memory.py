@@ -2,7 +2,8 @@
 size, and a sparse disk's run time against a dense disk holding the same bytes.
 
 Each command runs as the CLI (``python -m smsblock ...``) in its own child process; its
-peak RSS is the child's ``ru_maxrss`` from ``os.wait4`` (its VmHWM):
+peak RSS is the child's own VmHWM, read at its exit (``ru_maxrss`` from ``wait4`` would
+also count the parent's memory the child was spawned from):
 
 * (a) a sparse raw disk of 16 TiB - 4 KiB (ext4's largest file; ``SMSBLOCK_BENCH_SPARSE_TIB``
   changes it) holding 1 GiB of random data in 2048 extents of 512 KiB spread over it;
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -111,33 +113,33 @@ def dense() -> Path:
     return _make_once(BENCH_DIR / f"mem-dense-{DENSE_SIZE}.raw", _dense)
 
 
+#: runs the CLI and, at exit, writes its own peak RSS (VmHWM) to SMSBLOCK_HWM_FILE: a
+#: child's ru_maxrss from wait4 also counts the parent's memory it was spawned from
+CHILD = """
+import atexit, os, runpy, sys
+def _hwm():
+    with open("/proc/self/status") as f:
+        kib = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+    with open(os.environ["SMSBLOCK_HWM_FILE"], "w") as out:
+        out.write(str(kib * 1024))
+atexit.register(_hwm)
+sys.argv[0] = "smsblock"
+runpy.run_module("smsblock", run_name="__main__", alter_sys=True)
+"""
+
+
 def _cli_rss(*args: str) -> tuple[float, int, str]:
-    """Run the CLI in a child reaped with ``os.wait4``: (seconds, its own peak RSS in
-    bytes, its stdout)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out_r, out_w = os.pipe()
-    err_path = BENCH_DIR / f"mem-stderr-{os.getpid()}.txt"
+    """Run the CLI in a child: (seconds, its own peak RSS in bytes, its stdout)."""
+    hwm = BENCH_DIR / f"mem-hwm-{os.getpid()}.txt"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SMSBLOCK_HWM_FILE=str(hwm))
     t = time.perf_counter()
-    with open(err_path, "wb") as err:
-        pid = os.posix_spawn(sys.executable, [sys.executable, "-m", "smsblock", *args], env,
-                             file_actions=[(os.POSIX_SPAWN_DUP2, out_w, 1),
-                                           (os.POSIX_SPAWN_DUP2, err.fileno(), 2),
-                                           (os.POSIX_SPAWN_CLOSE, out_r)])
-    os.close(out_w)
-    chunks = []
-    while True:
-        b = os.read(out_r, 1 << 16)
-        if not b:
-            break
-        chunks.append(b)
-    os.close(out_r)
-    _, status, usage = os.wait4(pid, 0)
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True,
+                          env=env)
     seconds = time.perf_counter() - t
-    code = os.waitstatus_to_exitcode(status)
-    err_text = err_path.read_text(errors="replace")
-    err_path.unlink()
-    assert code == 0, (args, err_text[-2000:])
-    return seconds, usage.ru_maxrss * 1024, b"".join(chunks).decode()
+    assert proc.returncode == 0, (args, proc.stderr[-2000:])
+    rss = int(hwm.read_text())
+    hwm.unlink()
+    return seconds, rss, proc.stdout
 
 
 def _change_extents(path: Path, offsets, count: int = 16) -> None:
