@@ -43,6 +43,7 @@ DENSE_SIZE = int(float(os.environ.get("SMSBLOCK_BENCH_DENSE_GIB", "8")) * GIB)
 BENCH_DIR = Path(os.environ.get("SMSBLOCK_BENCH_DIR", "/var/tmp/smsblock-bench"))
 ROOT = Path(__file__).resolve().parent.parent
 RSS_TARGET = 128 * MIB
+pytestmark = pytest.mark.timeout(3600)     # making the 8 GiB disk and every command on it
 MANIFEST_TARGET = 256 * 1024
 
 
@@ -81,21 +82,28 @@ def _same_bytes_dense(tmp: Path) -> None:
 
 
 def _dense(tmp: Path) -> None:
-    """Disk-like blocks: a quarter random, the rest text-like and small-alphabet data,
-    an eighth written zeros (compresses like a used disk; cheap to make)."""
+    """Disk-like blocks: a quarter random, half text-like, an eighth small-alphabet data,
+    an eighth written zeros; every 512 KiB block unique (a counter in its first bytes).
+    Cut from two 64 MiB pools at random places: quick to make on a shared machine."""
     rng = np.random.default_rng(11)
     words = np.frombuffer(b"the kernel module config /usr/lib python3 return 0x7f3a error\n",
                           np.uint8)
+    pools = [np.frombuffer(rng.bytes(64 * MIB), np.uint8),
+             rng.choice(words, 64 * MIB).astype(np.uint8),
+             rng.choice(np.array([0, 0, 0, 1, 2, 255, 64], np.uint8), 64 * MIB)]
+    chunk = 8 * MIB
     with open(tmp, "wb") as f:
-        for i in range(DENSE_SIZE // (8 * MIB)):
+        for i in range(DENSE_SIZE // chunk):
             kind = i % 8
-            if kind < 2:
-                block = rng.bytes(8 * MIB)
-            elif kind == 7:
-                block = bytes(8 * MIB)
-            else:
-                block = rng.choice(words, 8 * MIB).tobytes()
-            f.write(block)
+            if kind == 7:
+                f.write(bytes(chunk))
+                continue
+            pool = pools[0] if kind < 2 else pools[1] if kind < 6 else pools[2]
+            at = int(rng.integers(0, len(pool) - chunk))
+            block = pool[at:at + chunk].copy().reshape(-1, CHUNK)
+            block[:, :8] = np.arange(i * len(block), (i + 1) * len(block),
+                                     dtype=">u8").view(np.uint8).reshape(-1, 8)
+            f.write(block.tobytes())
 
 
 @pytest.fixture(scope="module")
