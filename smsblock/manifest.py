@@ -838,6 +838,51 @@ class _RunDigest:
         if hashes is not None and count:
             self._h.update(np.concatenate([hashes, addresses], axis=1).tobytes())
 
+    def add_runs(self, states, counts, carries, entries) -> None:
+        """Many runs at once (what :meth:`add` does for each, vectorised): ``states``,
+        ``counts``, ``carries`` one per run; ``entries`` (m, 48) the hash || address rows
+        of the carrying runs' blocks, in order."""
+        states = np.asarray(states, np.uint8)
+        counts = np.asarray(counts, np.uint64)
+        carries = np.asarray(carries, bool)
+        k = len(states)
+        if k == 0:
+            return
+        keys = states.astype(np.int64) * 2 + carries
+        # merge neighbours of one key (equal keys are one maximal run)
+        starts = np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1])
+        keys, counts = keys[starts], np.add.reduceat(counts, starts)
+        first = (int(keys[0]) >> 1, bool(keys[0] & 1))
+        if first != self._key:
+            self._close()
+            self._key, self._count = first, 0
+        if len(keys) == 1:
+            self._count += int(counts[0])
+            if len(entries):
+                self._h.update(np.ascontiguousarray(entries).tobytes())
+            return
+        counts = counts.copy()
+        counts[0] += np.uint64(self._count)
+        # the byte stream: each run's entries then its tail, the last run's tail withheld
+        ent = np.where(keys & 1, counts, 0).astype(np.int64)
+        ent[0] -= self._count if self._key[1] else 0     # the open run's entries went already
+        tails = np.zeros(len(keys) - 1, self._TAIL_DTYPE)
+        tails["state"], tails["carries"] = keys[:-1] >> 1, keys[:-1] & 1
+        tails["count"] = counts[:-1]
+        tail_at = np.cumsum(ent[:-1] * ENTRY_SIZE) + np.arange(len(keys) - 1) * self._TAIL.size
+        total = int(ent.sum()) * ENTRY_SIZE + (len(keys) - 1) * self._TAIL.size
+        out = np.empty(total, np.uint8)
+        mask = np.zeros(total, bool)
+        idx = (tail_at[:, None] + np.arange(self._TAIL.size)).reshape(-1)
+        mask[idx] = True
+        out[idx] = tails.view(np.uint8)
+        out[~mask] = np.ascontiguousarray(entries, np.uint8).reshape(-1)
+        self._h.update(out.tobytes())
+        self._key = (int(keys[-1]) >> 1, bool(keys[-1] & 1))
+        self._count = int(counts[-1])
+
+    _TAIL_DTYPE = np.dtype([("state", "u1"), ("carries", "u1"), ("count", "<u8")])
+
     def _close(self) -> None:
         if self._key is not None and self._count:
             self._h.update(self._TAIL.pack(self._key[0], self._key[1], self._count))
@@ -916,7 +961,8 @@ class ManifestWriter:
         self._sha.update(data)
         self.size += len(data)
 
-    def add_run(self, state: int, count: int, hashes=None, addresses=None) -> None:
+    def add_run(self, state: int, count: int, hashes=None, addresses=None, *,
+                _digest: bool = True) -> None:
         """``count`` blocks in ``state``; ``hashes`` (count, 16) and ``addresses`` (count,
         32) give their entries (required for DATA, None for blocks without any)."""
         state, count = int(state), int(count)
@@ -936,7 +982,8 @@ class ManifestWriter:
                                  f"a run of {count} blocks")
         if count == 0:
             return
-        self._digest.add(state, count, hashes if carries else None, addresses)
+        if _digest:
+            self._digest.add(state, count, hashes if carries else None, addresses)
         self.counts[state] += count
         if not carries:
             last = self._recs[-1] if self._recs else None
@@ -987,15 +1034,28 @@ class ManifestWriter:
                     or (addresses is not None and addresses.any())):
                 self.add_run(state, n)
                 return
-        for state, start, count, carries in zip(*_window_runs(states, hashes, addresses)):
+        if hashes is None:
+            hashes = np.zeros((n, HASH_SIZE), np.uint8)
+        if addresses is None:
+            addresses = np.zeros((n, ADDRESS_SIZE), np.uint8)
+        runs = _window_runs(states, hashes, addresses)
+        if (runs[0] and (min(runs[0]) < BlockState.UNALLOCATED or max(runs[0]) > BlockState.DATA
+                         or any(st == BlockState.DATA and not c
+                                for st, c in zip(runs[0], runs[3])))):
+            raise UsageError(f"a window at block {self.next_block} has an invalid state")
+        if len(hashes) != n or len(addresses) != n:
+            raise UsageError(f"a window of {n} blocks with {len(hashes)} hashes and "
+                             f"{len(addresses)} addresses")
+        # the digest of the whole window at once (vectorised), then the frames run by run
+        carried = np.repeat(np.asarray(runs[3], bool), np.asarray(runs[2], np.int64))
+        self._digest.add_runs(runs[0], runs[2], runs[3],
+                              np.concatenate([hashes[carried], addresses[carried]], axis=1))
+        for state, start, count, carries in zip(*runs):
             if carries:
-                h = (hashes[start:start + count] if hashes is not None
-                     else np.zeros((count, HASH_SIZE), np.uint8))
-                a = (addresses[start:start + count] if addresses is not None
-                     else np.zeros((count, ADDRESS_SIZE), np.uint8))
-                self.add_run(state, count, h, a)
+                self.add_run(state, count, hashes[start:start + count],
+                             addresses[start:start + count], _digest=False)
             else:
-                self.add_run(state, count)
+                self.add_run(state, count, _digest=False)
 
     def _flush(self) -> None:
         if not self._recs:
@@ -1177,11 +1237,15 @@ class ManifestReader:
             self._positions.append(pos)
             self._fields.append(fields)
             self._firsts.append(fields[4])
-            for state, _start, count, hashes, addresses in self._frame_runs(i):
-                self._counts[state] += count
-                if self.version >= 3:
-                    d.add(state, count, hashes, addresses)
-                else:
+            if self.version >= 3:       # a frame's records at once (vectorised)
+                recs, hashes, addresses, _base = self._frame(i)
+                self._counts = [c + int(k) for c, k in zip(self._counts, np.bincount(
+                    recs["state"], weights=recs["count"].astype(np.float64), minlength=3))]
+                d.add_runs(recs["state"], recs["count"], (recs["flags"] & RECORD_ARRAYS) != 0,
+                           np.concatenate([hashes, addresses], axis=1))
+            else:
+                for state, _start, count, hashes, addresses in self._frame_runs(i):
+                    self._counts[state] += count
                     _feed_v1(d, state, count, hashes, addresses)
             block = fields[4] + fields[5]
             pos += FRAME_HEADER_SIZE + fields[0]
