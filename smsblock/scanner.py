@@ -372,10 +372,12 @@ def scan_stream(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous=No
     else:
         zones = lambda: plan_reads(disk, block_size)     # noqa: E731
         total_plan = plan_reads(disk, block_size)
-    # one pass over the extents for the progress total; nothing is kept
+    # one pass over the extents for the progress total (when someone watches); nothing
+    # is kept
     total = 0
-    for first, end in total_plan:
-        total += min(end * block_size, size) - first * block_size
+    if progress is not None:
+        for first, end in total_plan:
+            total += min(end * block_size, size) - first * block_size
     stats = {"blocks_changed": 0, "bytes_read": 0, "seconds": 0.0}
     return ScanStream(_scan_gen(disk, block_size, n, size, prev, on_changed, threads, progress,
                                 cancel, batch_bytes, changed_runs, addresses, window_blocks,
