@@ -36,7 +36,8 @@ import numpy as np
 
 from .disk import Disk, open_disk
 from .errors import SmsBlockError, StoreError, UsageError
-from .manifest import DEFAULT_BLOCK_SIZE, BlockState, Manifest, check_block_size, diff
+from .manifest import (DEFAULT_BLOCK_SIZE, BlockState, ManifestReader, ManifestWriter,
+                       check_block_size, entry_batches)
 from .progress import CancelToken, ProgressCallback, check_cancel, with_phase
 from .repository.fingerprints import check_changed_packs
 from .repository import prune as _prune, verify as _verify
@@ -44,7 +45,7 @@ from .repository.prune import PruneReport
 from .repository.rundisk import RunDisk
 from .repository.verify import DeepVerifyReport, VerifyReport
 from .repository.writer import BlockStorer, PackSink
-from .scanner import check_changed_extents, scan
+from .scanner import Gap, check_changed_extents, scan_meta, scan_stream
 from .store import open_store
 from .store.base import check_run_id, check_server_id
 
@@ -189,10 +190,21 @@ def check_run_meta(meta) -> dict:
 def _replicate_locked(disk, store, server_id, block_size, progress, cancel, threads,
                       source, meta=None, change_block_size=True,
                       changed_extents=None) -> RunSummary:
+    previous_id = store.latest_run_id(server_id)
+    # read in windows, never whole: memory does not follow the disk's size
+    previous = store.open_manifest(server_id, previous_id) if previous_id else None
+    try:
+        return _run(disk, store, server_id, block_size, progress, cancel, threads, source,
+                    meta, change_block_size, changed_extents, previous_id, previous)
+    finally:
+        if previous is not None:
+            previous.close()
+
+
+def _run(disk, store, server_id, block_size, progress, cancel, threads, source, meta,
+         change_block_size, changed_extents, previous_id, previous) -> RunSummary:
     t0 = time.monotonic()
     cfg = store.config
-    previous_id = store.latest_run_id(server_id)
-    previous = store.load_manifest(server_id, previous_id) if previous_id else None
     if block_size is None:
         block_size = previous.block_size if previous is not None else DEFAULT_BLOCK_SIZE
     check_block_size(block_size)
@@ -222,79 +234,175 @@ def _replicate_locked(disk, store, server_id, block_size, progress, cancel, thre
     # blocks a damage record names are not in it: the run stores them again
     index = store.block_index(for_new_runs=True)
     n_blocks = (disk.size + block_size - 1) // block_size
-    sink = PackSink(store, set(store.list_damage_records()))
-    storer = BlockStorer(store, index, sink, n_blocks, cancel)
-    sealed = False
+    # the blocks changed since the previous run (diff's meaning), counted window by window
+    diffed = previous if previous is not None and previous.block_size == block_size else None
+    counter = _ChangeCounter(diffed)
+    run_meta = scan_meta(disk)
+    staged = store.staging_path(".manifest.tmp")
+    writer = ManifestWriter(staged, disk.size, block_size, cfg.address)
+    published = False
     try:
-        manifest = scan(disk, block_size=block_size, previous=previous, on_changed=storer,
-                        threads=threads, progress=progress, cancel=cancel,
-                        changed_runs=changed_runs)
-        data = manifest.states == BlockState.DATA
-        carried = data & ~storer.changed
-        if carried.any():
-            if not comparable:
-                raise StoreError("scan reported unchanged blocks without a comparable previous run")
-            carried_addr = previous.addresses[carried]
-            missing = ~index.contains_all(carried_addr)
-            if missing.any():
-                # the previous run references blocks the store lost: store them again
-                for i in np.flatnonzero(carried)[missing]:
-                    check_cancel(cancel)
-                    off, length = manifest.block_range(int(i))
-                    buf = bytearray(length)
-                    disk.readinto(off, buf)
-                    storer(int(i), memoryview(buf))
-                carried[np.flatnonzero(carried)[missing]] = False
-            storer.addresses[carried] = previous.addresses[carried]
-        sealed = True
-        sink.close(seal=True)
-    except BaseException:
-        if not sealed:
-            # keep every complete block written so far: the next run finds it in the index
-            try:
-                sink.close(seal=True)
-            except SmsBlockError:
-                pass
-        raise
-    check_cancel(cancel)
+        sink = PackSink(store, set(store.list_damage_records()))
+        storer = BlockStorer(store, index, sink, cancel)
+        data_changed = 0
+        sealed = False
+        try:
+            stream = scan_stream(disk, block_size=block_size, previous=previous,
+                                 on_changed=storer, threads=threads, progress=progress,
+                                 cancel=cancel, changed_runs=changed_runs, addresses=True)
+            for seg in stream:
+                if isinstance(seg, Gap):
+                    if seg.carry:       # a change-list run: as in the previous run, unread
+                        _carry_runs(previous, seg, writer, index, storer, disk, cancel)
+                    else:
+                        writer.add_run(BlockState.UNALLOCATED, seg.end - seg.start)
+                        counter.gap(seg.start, seg.end)
+                    continue
+                data_changed += _fill_window(seg, comparable, index, storer, disk, cancel,
+                                             block_size)
+                writer.add_window(seg.states, seg.hashes, seg.addresses)
+                counter.window(seg)
+            sealed = True
+            sink.close(seal=True)
+        except BaseException:
+            if not sealed:
+                # keep every complete block written so far: the next run finds it in the index
+                try:
+                    sink.close(seal=True)
+                except SmsBlockError:
+                    pass
+            raise
+        check_cancel(cancel)
 
-    manifest.addresses[:] = storer.addresses
-    manifest.addresses[~data] = 0
-    manifest.address_algorithm = cfg.address
-    if (manifest.addresses[data] == 0).all(axis=1).any():
-        raise StoreError("internal error: a data block has no content address")
-
-    if previous is not None and previous.block_size == block_size:
-        blocks_changed = len(diff(previous, manifest))      # also across a size change
-    else:
-        blocks_changed = int(np.count_nonzero(manifest.states != BlockState.UNALLOCATED))
-    bytes_read = manifest.meta["scan"]["bytes_read"]
-    created = run_id[2:25]
-    summary = RunSummary(
-        run_id=run_id, server_id=server_id, disk_size=disk.size, block_size=block_size,
-        blocks_total=manifest.n_blocks, blocks_data=int(np.count_nonzero(data)),
-        blocks_zero=manifest.count(BlockState.ZERO),
-        blocks_unallocated=manifest.count(BlockState.UNALLOCATED),
-        blocks_changed=blocks_changed, blocks_data_changed=int(np.count_nonzero(storer.changed)),
-        blocks_stored=sink.blocks_stored, bytes_read=bytes_read, bytes_stored=sink.bytes_stored,
-        bytes_stored_uncompressed=sink.bytes_uncompressed, seconds=0.0,
-        previous_run_id=previous_id, address_algorithm=cfg.address)
-    summary.seconds = round(time.monotonic() - t0, 6)
-    manifest.meta.update({
-        "server_id": server_id, "run_id": run_id,
-        "created": datetime.strptime(created, _TS_FORMAT).replace(tzinfo=timezone.utc).isoformat(),
-        "source": source if source is not None else disk.path,
-        "previous_run_id": previous_id, "summary": summary.to_dict(),
-        "user": meta or {}})     # the embedder's, under its own key: it cannot clobber ours
-    # the blocks are sealed in the store; the run becomes visible with its manifest
-    storing = with_phase(progress, "storing")
-    if storing is not None:
-        storing(0, sink.bytes_stored)
-    store.put_manifest_bytes(server_id, run_id, manifest.to_bytes())
+        counts = writer.counts
+        if diffed is not None:
+            blocks_changed = counter.finish(n_blocks)       # also across a size change
+        else:
+            blocks_changed = n_blocks - counts[BlockState.UNALLOCATED]
+        run_meta["scan"] = dict(stream.stats)
+        if changed_runs is not None:
+            run_meta["scan"]["changed_list_blocks"] = changed_runs.blocks
+        bytes_read = stream.stats["bytes_read"]
+        created = run_id[2:25]
+        summary = RunSummary(
+            run_id=run_id, server_id=server_id, disk_size=disk.size, block_size=block_size,
+            blocks_total=n_blocks, blocks_data=counts[BlockState.DATA],
+            blocks_zero=counts[BlockState.ZERO],
+            blocks_unallocated=counts[BlockState.UNALLOCATED],
+            blocks_changed=blocks_changed, blocks_data_changed=data_changed,
+            blocks_stored=sink.blocks_stored, bytes_read=bytes_read, bytes_stored=sink.bytes_stored,
+            bytes_stored_uncompressed=sink.bytes_uncompressed, seconds=0.0,
+            previous_run_id=previous_id, address_algorithm=cfg.address)
+        summary.seconds = round(time.monotonic() - t0, 6)
+        run_meta.update({
+            "server_id": server_id, "run_id": run_id,
+            "created": datetime.strptime(created, _TS_FORMAT).replace(tzinfo=timezone.utc).isoformat(),
+            "source": source if source is not None else disk.path,
+            "previous_run_id": previous_id, "summary": summary.to_dict(),
+            "user": meta or {}})     # the embedder's, under its own key: it cannot clobber ours
+        # the blocks are sealed in the store; the run becomes visible with its manifest
+        storing = with_phase(progress, "storing")
+        if storing is not None:
+            storing(0, sink.bytes_stored)
+        writer.finish(run_meta)
+        store.put_manifest_file(server_id, run_id, staged)
+        published = True
+    finally:
+        if not published:
+            writer.abort()
     if storing is not None:
         storing(sink.bytes_stored, sink.bytes_stored)
     summary.seconds = round(time.monotonic() - t0, 6)
     return summary
+
+
+def _read_block(disk, index: int, block_size: int) -> memoryview:
+    off = index * block_size
+    buf = bytearray(min(block_size, disk.size - off))
+    disk.readinto(off, buf)
+    return memoryview(buf)
+
+
+def _fill_window(w, comparable: bool, index, storer, disk, cancel, block_size: int) -> int:
+    """Give the window's DATA blocks their content addresses: changed ones have theirs
+    from the storer; unchanged ones take the previous run's, stored again when the store
+    lost them.  Returns how many DATA blocks were changed (or stored again)."""
+    data = w.states == BlockState.DATA
+    changed = data & (w.changed != 0)
+    carried = np.flatnonzero(data & ~changed)
+    restored = 0
+    if len(carried):
+        if not comparable or w.prev_addresses is None:
+            raise StoreError("scan reported unchanged blocks without a comparable previous run")
+        w.addresses[carried] = w.prev_addresses[carried]
+        missing = carried[~index.contains_all(w.prev_addresses[carried])]
+        # the previous run references blocks the store lost: store them again
+        for k in missing.tolist():
+            check_cancel(cancel)
+            storer(w, k, _read_block(disk, w.start + k, block_size))
+        restored = len(missing)
+    w.addresses[~data] = 0
+    if (w.addresses[data] == 0).all(axis=1).any():
+        raise StoreError("internal error: a data block has no content address")
+    return int(np.count_nonzero(changed)) + restored
+
+
+def _carry_runs(previous, gap, writer, index, storer, disk, cancel) -> None:
+    """Blocks a change list leaves out: the previous run's, run by run; DATA blocks the
+    store lost are read and stored again."""
+    bs = previous.block_size
+    for state, start, count, hashes, addresses in previous.runs(gap.start, gap.end):
+        if hashes is None:
+            writer.add_run(state, count)
+            continue
+        if state == BlockState.DATA:
+            missing = np.flatnonzero(~index.contains_all(addresses))
+            if len(missing):
+                addresses = addresses.copy()
+                for k in missing.tolist():
+                    check_cancel(cancel)
+                    addresses[k] = np.frombuffer(
+                        storer.store_block(_read_block(disk, start + k, bs)), np.uint8)
+        writer.add_run(state, count, hashes, addresses)
+
+
+class _ChangeCounter:
+    """Counts the blocks :func:`~smsblock.manifest.diff` would list between the previous
+    run (same block size, any disk size) and the new one, fed in block order."""
+
+    def __init__(self, previous):
+        self.previous = previous
+        self.n = 0
+
+    def gap(self, start: int, end: int) -> None:
+        """Blocks now UNALLOCATED: changed where the previous run had them otherwise."""
+        p = self.previous
+        if p is None:
+            return
+        pe = min(end, p.n_blocks)
+        for state, _s, count, _h, _a in p.runs(start, pe):
+            if state != BlockState.UNALLOCATED:
+                self.n += count
+        self.n += max(0, end - max(start, p.n_blocks))
+
+    def window(self, w) -> None:
+        p = self.previous
+        if p is None:
+            return
+        pe = min(w.end, p.n_blocks)
+        if pe > w.start:
+            if w.prev_states is not None:
+                ps, ph = w.prev_states, w.prev_hashes
+            else:
+                ps, ph, _ = p.window(w.start, pe)
+            k = pe - w.start
+            s, h = w.states[:k], w.hashes[:k]
+            both = (s == BlockState.DATA) & (ps == BlockState.DATA)
+            self.n += int(np.count_nonzero((s != ps) | (both & (h != ph).any(axis=1))))
+        self.n += max(0, w.end - max(w.start, p.n_blocks))
+
+    def finish(self, n_blocks: int) -> int:
+        return self.n + max(0, self.previous.n_blocks - n_blocks)
 
 
 # --- restore ----------------------------------------------------------------------
@@ -328,26 +436,32 @@ def _restore_raw(run: RunDisk, out_path: str, progress, cancel, mode) -> None:
 def _write_run(run: RunDisk, fd: int, out_path: str, progress, cancel, device: bool) -> None:
     from .disk.writer import write_all
     m = run.manifest
-    data_blocks = np.flatnonzero(m.states == BlockState.DATA)
-    total = sum(m.block_range(int(i))[1] for i in data_blocks)
+    bs = m.block_size
+    last = m.n_blocks - 1
+    # bytes of the DATA blocks (the last block may be short)
+    total = m.count(BlockState.DATA) * bs
+    if last >= 0 and m.entry(last)[0] == BlockState.DATA:
+        total -= bs - m.block_range(last)[1]
     done = 0
     try:
         if not device:
             os.ftruncate(fd, m.disk_size)
-        bs = m.block_size
         if device:      # a block device keeps old bytes: write the zeros too
             zeros = bytes(bs)
-            for i in np.flatnonzero(m.states != BlockState.DATA):
-                off, length = m.block_range(int(i))
-                write_all(fd, zeros[:length], off, out_path)
-        for i in data_blocks:
-            check_cancel(cancel)
-            i = int(i)
-            data = run.block(i)
-            write_all(fd, data, i * bs, out_path)
-            done += len(data)
-            if progress is not None:
-                progress(done, total)
+            for state, start, count, _h, _a in m.runs():
+                if state == BlockState.DATA:
+                    continue
+                for i in range(start, start + count):
+                    off, length = m.block_range(i)
+                    write_all(fd, zeros[:length], off, out_path)
+        for indices, _s, _h, _a in entry_batches(m):     # the DATA blocks, a window at a time
+            for i in indices.tolist():
+                check_cancel(cancel)
+                data = run.block(i)
+                write_all(fd, data, i * bs, out_path)
+                done += len(data)
+                if progress is not None:
+                    progress(done, total)
         try:
             os.fsync(fd)
         except OSError as e:
@@ -361,13 +475,14 @@ def _write_run(run: RunDisk, fd: int, out_path: str, progress, cancel, device: b
 
 def restore(store, server_id: str, out_path, *, run_id: str | None = None, format: str = "raw",
             progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-            mode: int | None = None) -> Manifest:
+            mode: int | None = None) -> ManifestReader:
     """Write the disk exactly as it was at a run (default: the latest) to ``out_path``.
 
     ``format="raw"`` writes a sparse raw image (holes where the run has zero or
     unallocated blocks); ``format="vmdk"`` a streamOptimized VMDK.  A cancelled or failed
     raw restore leaves no partial file behind.  The output file is private (0600) unless
-    ``mode`` gives its permission bits.  Returns the run's manifest.
+    ``mode`` gives its permission bits.  Returns the run's manifest, a (closed)
+    :class:`~smsblock.manifest.ManifestReader`: its ``meta``, sizes and counts.
     """
     progress = with_phase(progress, "converting")
     from .disk.writer import check_mode
@@ -380,8 +495,8 @@ def restore(store, server_id: str, out_path, *, run_id: str | None = None, forma
     if store.holds_path(out_path):
         raise UsageError(f"{out_path}: the restore's output must not be inside the store "
                          f"({store.url})")
-    with store.lock(exclusive=False, purpose="restore"):
-        manifest = store.load_manifest(check_server_id(server_id), run_id)
+    with store.lock(exclusive=False, purpose="restore"), \
+            store.open_manifest(check_server_id(server_id), run_id) as manifest:
         run = store.restore_source(manifest)
         if format == "raw":
             _restore_raw(run, out_path, progress, cancel, mode)

@@ -348,7 +348,9 @@ def decompress_block(frame: bytes, ulen: int, name: str = "?", offset: int | Non
     return data
 
 
-VERIFY_CHUNK = 8 << 20
+#: bytes verify reads from a pack at once (per thread; with the frame being cut from the
+#: pieces, about twice this is held): 4 MiB keeps a verify of any store under 128 MiB
+VERIFY_CHUNK = 4 << 20
 
 
 def verify_pack(read_range: ReadRange, size: int, name: str, algorithm: str,

@@ -9,13 +9,18 @@ blocks ZERO without hashing them, hashes the others with xxh3-128 and compares t
 the previous run's manifest.  Only then, and only for changed DATA blocks, does Python
 run again: ``on_changed(index, view)``.
 
-Memory is bounded by ``threads`` batch buffers (1 MiB each by default), plus the
-manifest's arrays (49 bytes per block) and 16 bytes per run of touched blocks.
+:func:`scan_stream` is the scan itself: it yields the disk in block order as
+:class:`Gap` ranges (nothing read there) and :class:`ScanWindow` windows (per-block
+arrays of at most ``window_blocks`` blocks, grouped around the blocks it reads), so memory
+is ``threads`` batch buffers (1 MiB each by default) and a few windows (49 bytes a block
+of a window), whatever the disk's size.  :func:`scan` collects the stream into a whole
+:class:`~smsblock.manifest.Manifest` (49 bytes a block of the disk) for small disks.
 """
 
 from __future__ import annotations
 
 import array
+import collections
 import datetime
 import os
 import stat
@@ -31,9 +36,10 @@ from .disk.base import Disk
 from .disk.raw import RawDisk
 from .errors import DiskIOError, UsageError
 from .manifest import DEFAULT_BLOCK_SIZE, Manifest, check_block_size
+from .manifest import WINDOW_BLOCKS as WINDOW_BLOCKS     # blocks per window; tests lower it
 from .progress import CancelToken, ProgressCallback, ThreadSafeProgress, check_cancel, with_phase
 
-__all__ = ["scan", "plan_reads", "check_changed_extents", "ChangedRuns", "DEFAULT_BATCH_BYTES",
+__all__ = ["scan", "scan_stream", "ScanStream", "ScanWindow", "Gap", "plan_reads", "check_changed_extents", "ChangedRuns", "DEFAULT_BATCH_BYTES",
            "MAX_CHANGED_EXTENTS"]
 
 #: bytes per read+hash batch: big enough that syscalls and Python cost little, small
@@ -244,6 +250,284 @@ def _file_length(disk: Disk) -> int | None:
     return min(st.st_size, disk.size) if stat.S_ISREG(st.st_mode) else None
 
 
+#: largest gap (blocks) between two read runs that one window spans; longer gaps are
+#: passed on as ranges, never as per-block arrays
+WINDOW_GAP_BLOCKS = 1024
+#: windows read or waiting for the consumer at once (bounds memory to a few windows)
+WINDOWS_IN_FLIGHT = 3
+
+
+class Gap:
+    """Blocks ``start`` .. ``end`` that the scan did not look at: UNALLOCATED, or (in a
+    change-list scan, ``carry``) as in the previous manifest."""
+
+    __slots__ = ("start", "end", "carry")
+
+    def __init__(self, start: int, end: int, carry: bool):
+        self.start, self.end, self.carry = start, end, carry
+
+    def __repr__(self) -> str:
+        return f"Gap({self.start}, {self.end}, carry={self.carry})"
+
+
+class ScanWindow:
+    """Blocks ``start`` .. ``end`` as scanned: ``states``, ``hashes`` and ``changed``
+    (1 for DATA blocks whose hash or state differs from the previous run) indexed from
+    ``start``; ``prev_states``, ``prev_hashes``, ``prev_addresses`` the previous run's
+    (None without a comparable one); ``addresses`` zeros for the consumer to fill (when
+    the scan was asked for them)."""
+
+    __slots__ = ("start", "end", "states", "hashes", "changed", "prev_states", "prev_hashes",
+                 "prev_addresses", "addresses", "batches", "pending", "n_changed")
+
+    def __init__(self, start: int, end: int, addresses: bool):
+        n = end - start
+        self.start, self.end = start, end
+        self.states = np.zeros(n, np.uint8)
+        self.hashes = np.zeros((n, 16), np.uint8)
+        self.changed = np.zeros(n, np.uint8)
+        self.addresses = np.zeros((n, 32), np.uint8) if addresses else None
+        self.prev_states = self.prev_hashes = self.prev_addresses = None
+        self.batches: collections.deque = collections.deque()
+        self.pending = 0
+        self.n_changed = 0
+
+    def __repr__(self) -> str:
+        return f"ScanWindow({self.start}, {self.end})"
+
+
+def _group(zones, window_blocks: int, gap: int) -> Iterator[tuple[int, int, list]]:
+    """Group sorted ``(first, end)`` zones into windows ``(start, end, zones)`` at most
+    ``window_blocks`` long, no two zones in a window more than ``gap`` blocks apart."""
+    cur_s = cur_e = None
+    cur: list = []
+    for first, end in zones:
+        while first < end:
+            if cur and (first - cur_e > gap or first >= cur_s + window_blocks):
+                yield cur_s, cur_e, cur
+                cur = []
+            if not cur:
+                cur_s = first
+            piece_end = min(end, cur_s + window_blocks)
+            cur.append((first, piece_end))
+            cur_e = piece_end
+            first = piece_end
+    if cur:
+        yield cur_s, cur_e, cur
+
+
+class ScanStream:
+    """:func:`scan_stream`'s result: iterate it for the segments; ``stats`` (blocks
+    changed, bytes read, seconds) is complete once it is exhausted."""
+
+    def __init__(self, gen, stats: dict):
+        self._gen, self.stats = gen, stats
+
+    def __iter__(self):
+        return self._gen
+
+    def close(self) -> None:
+        self._gen.close()
+
+
+def scan_stream(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous=None,
+                on_changed=None, threads: int = 2, progress: ProgressCallback | None = None,
+                cancel: CancelToken | None = None, batch_bytes: int | None = None,
+                changed_runs=None, addresses: bool = False,
+                window_blocks: int | None = None) -> ScanStream:
+    """Scan ``disk`` as :func:`scan` does, in windows: yields, in block order and
+    covering every block, :class:`Gap` ranges and :class:`ScanWindow` windows of at
+    most ``window_blocks`` blocks (default :data:`WINDOW_BLOCKS`).  Memory is a few
+    windows whatever the disk's size.
+
+    ``previous`` is a :class:`~smsblock.manifest.Manifest` or
+    :class:`~smsblock.manifest.ManifestReader`.  ``on_changed(window, k, view)`` is
+    called from the worker threads for block ``window.start + k`` (a changed DATA
+    block) before its window is yielded; ``addresses=True`` gives each window a zeroed
+    ``addresses`` array for it to fill.
+    """
+    progress = with_phase(progress, "reading")
+    block_size = check_block_size(block_size)
+    if not isinstance(threads, int) or threads < 1:
+        raise UsageError(f"threads must be a positive integer, not {threads!r}")
+    if batch_bytes is None:
+        batch_bytes = DEFAULT_BATCH_BYTES
+    if not isinstance(batch_bytes, int) or batch_bytes < 1:
+        raise UsageError(f"batch_bytes must be positive, not {batch_bytes!r}")
+    if window_blocks is None:
+        window_blocks = WINDOW_BLOCKS
+    if not isinstance(window_blocks, int) or window_blocks < 1:
+        raise UsageError(f"window_blocks must be positive, not {window_blocks!r}")
+    size = disk.size
+    n = (size + block_size - 1) // block_size
+    prev = None
+    if previous is not None and previous.block_size == block_size and previous.disk_size == size:
+        prev = previous
+    if changed_runs is not None:
+        if prev is None:
+            raise UsageError("a change-list scan needs a previous manifest with the same "
+                             f"block size ({block_size}) and disk size ({size})")
+        zones = lambda: iter(changed_runs)       # noqa: E731
+        total_plan = _plan_in_runs(disk, block_size, changed_runs)
+    else:
+        zones = lambda: plan_reads(disk, block_size)     # noqa: E731
+        total_plan = plan_reads(disk, block_size)
+    # one pass over the extents for the progress total (when someone watches); nothing
+    # is kept
+    total = 0
+    if progress is not None:
+        for first, end in total_plan:
+            total += min(end * block_size, size) - first * block_size
+    stats = {"blocks_changed": 0, "bytes_read": 0, "seconds": 0.0}
+    return ScanStream(_scan_gen(disk, block_size, n, size, prev, on_changed, threads, progress,
+                                cancel, batch_bytes, changed_runs, addresses, window_blocks,
+                                zones(), total, stats), stats)
+
+
+def _scan_gen(disk, block_size, n, size, prev, on_changed, threads, progress, cancel,
+              batch_bytes, changed_runs, want_addresses, window_blocks, zones, total, stats):
+    started = time.monotonic()
+    carry = changed_runs is not None
+    meter = ThreadSafeProgress(progress, total)
+    file_length = _file_length(disk)
+    blocks_per_batch = max(1, batch_bytes // block_size)
+    groups = _group(zones, window_blocks, min(WINDOW_GAP_BLOCKS, window_blocks))
+    cond = threading.Condition()
+    queue: collections.deque = collections.deque()      # windows made, not yet yielded
+    state = {"exhausted": False, "error": None, "current": None}
+    failed = threading.Event()
+
+    def make_window():
+        """The next window with its batches (called under ``cond``), or None."""
+        group = next(groups, None)
+        if group is None:
+            return None
+        ws, we, zs = group
+        w = ScanWindow(ws, we, want_addresses)
+        if prev is not None:
+            w.prev_states, w.prev_hashes, w.prev_addresses = prev.window(ws, we)
+        if carry:
+            # blocks outside the list keep the previous run's; those in it start
+            # unallocated, then are read
+            w.states[:] = w.prev_states
+            w.hashes[:] = w.prev_hashes
+            for first, end in zs:
+                w.states[first - ws:end - ws] = 0
+                w.hashes[first - ws:end - ws] = 0
+            reads = _plan_in_runs(disk, block_size, zs)
+        else:
+            reads = zs
+        w.batches.extend(_batches(reads, blocks_per_batch))
+        w.pending = len(w.batches)
+        return w
+
+    def next_batch():
+        with cond:
+            while True:
+                if failed.is_set():
+                    return None
+                w = state["current"]
+                if w is not None and w.batches:
+                    return w, w.batches.popleft()
+                if state["exhausted"]:
+                    return None
+                if len(queue) >= WINDOWS_IN_FLIGHT:
+                    cond.wait()
+                    continue
+                w = make_window()
+                if w is None:
+                    state["exhausted"] = True
+                    cond.notify_all()
+                    return None
+                queue.append(w)
+                state["current"] = w
+                if not w.pending:
+                    cond.notify_all()
+
+    def worker() -> None:
+        reader = _BatchReader(disk, blocks_per_batch * block_size, file_length)
+        n_changed = bytes_read = 0
+        try:
+            while True:
+                item = next_batch()
+                if item is None:
+                    break
+                check_cancel(cancel)
+                w, (first, count) = item
+                offset = first * block_size
+                nbytes = min(count * block_size, size - offset)
+                data = reader.load(offset, nbytes)
+                try:
+                    bytes_read += nbytes
+                    k0 = first - w.start
+                    found = scan_batch(data, nbytes, block_size, k0, w.states, w.hashes,
+                                       w.prev_states, w.prev_hashes, w.changed)
+                    n_changed += found
+                    if found and on_changed is not None:
+                        for k in np.flatnonzero(w.changed[k0:k0 + count]).tolist():
+                            start = k * block_size
+                            view = data[start:min(start + block_size, nbytes)]
+                            try:
+                                on_changed(w, k0 + k, view)
+                            finally:
+                                _release(view)      # a kept view must not see later batches
+                finally:
+                    _release(data)
+                meter.add(nbytes)
+                with cond:
+                    w.pending -= 1
+                    if not w.pending:
+                        cond.notify_all()
+        except BaseException as e:
+            with cond:
+                if state["error"] is None:
+                    state["error"] = e
+                failed.set()
+                cond.notify_all()
+        finally:
+            with cond:
+                stats["blocks_changed"] += n_changed
+                stats["bytes_read"] += bytes_read
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="smsblock-scan")
+    futures = []
+    try:
+        futures = [pool.submit(worker) for _ in range(threads)]
+        done = 0
+        while True:
+            with cond:
+                while True:
+                    if state["error"] is not None:
+                        raise state["error"]
+                    if queue and not queue[0].pending and not queue[0].batches:
+                        w = queue.popleft()
+                        cond.notify_all()
+                        break
+                    if not queue and state["exhausted"]:
+                        w = None
+                        break
+                    cond.wait(0.1)
+            if w is None:
+                break
+            if w.start > done:
+                yield Gap(done, w.start, carry)
+            yield w
+            done = w.end
+        for f in futures:
+            f.result()
+        if state["error"] is not None:
+            raise state["error"]
+        check_cancel(cancel)
+        if done < n:
+            yield Gap(done, n, carry)
+        stats["seconds"] = round(time.monotonic() - started, 6)
+    finally:
+        failed.set()
+        with cond:
+            cond.notify_all()
+        pool.shutdown(wait=True)
+
+
 def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest | None = None,
          on_changed: OnChanged | None = None, threads: int = 2,
          progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
@@ -270,117 +554,37 @@ def scan(disk: Disk, *, block_size: int = DEFAULT_BLOCK_SIZE, previous: Manifest
     only the blocks of those runs are looked at (read where a DATA extent touches
     them, UNALLOCATED otherwise); every other block keeps ``previous``'s state and
     hash, unread.  ``previous`` must then have this block size and disk size.
+
+    The result holds the whole table in memory (49 bytes a block): for big disks use
+    :func:`scan_stream` (or ``smsblock scan``, which writes the file window by window).
     """
-    progress = with_phase(progress, "reading")
-    block_size = check_block_size(block_size)
-    if not isinstance(threads, int) or threads < 1:
-        raise UsageError(f"threads must be a positive integer, not {threads!r}")
-    if batch_bytes is None:
-        batch_bytes = DEFAULT_BATCH_BYTES
-    if not isinstance(batch_bytes, int) or batch_bytes < 1:
-        raise UsageError(f"batch_bytes must be positive, not {batch_bytes!r}")
-    started = time.monotonic()
     size = disk.size
-    manifest = Manifest(size, block_size, meta={
-        "source": getattr(disk, "path", None),
-        "format": getattr(getattr(disk, "info", None), "format", None),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    })
-    n = manifest.n_blocks
-    prev_states = prev_hashes = None
-    if previous is not None and previous.block_size == block_size and previous.disk_size == size:
-        prev_states, prev_hashes = previous.states, previous.hashes
-    changed = np.zeros(n, np.uint8)
-    if changed_runs is not None:
-        if prev_states is None:
-            raise UsageError("a change-list scan needs a previous manifest with the same "
-                             f"block size ({block_size}) and disk size ({size})")
-        # blocks outside the list carry over; those in it start unallocated, then are read
-        manifest.states[:] = prev_states
-        manifest.hashes[:] = prev_hashes
-        for first, end in changed_runs:
-            manifest.states[first:end] = 0
-            manifest.hashes[first:end] = 0
-        plan = _plan_in_runs(disk, block_size, changed_runs)
-    else:
-        plan = plan_reads(disk, block_size)
-
-    # Materialise the plan (one pair per run of touched blocks) so that progress knows
-    # its total before the first read.
-    run_firsts, run_ends = array.array("q"), array.array("q")    # 16 bytes a run
-    total = 0
-    for first, end in plan:
-        run_firsts.append(first)
-        run_ends.append(end)
-        total += min(end * block_size, size) - first * block_size
-    meter = ThreadSafeProgress(progress, total)
-    file_length = _file_length(disk)
-    blocks_per_batch = max(1, batch_bytes // block_size)
-    batches = _batches(zip(run_firsts, run_ends), blocks_per_batch)
-    lock = threading.Lock()
-    failed = threading.Event()
-    counters = {"changed": 0, "bytes_read": 0}
-
-    def next_batch():
-        with lock:
-            return next(batches, None)
-
-    def worker() -> None:
-        reader = _BatchReader(disk, blocks_per_batch * block_size, file_length)
-        n_changed = bytes_read = 0
-        try:
-            while not failed.is_set():
-                batch = next_batch()
-                if batch is None:
-                    break
-                check_cancel(cancel)
-                first, count = batch
-                offset = first * block_size
-                nbytes = min(count * block_size, size - offset)
-                data = reader.load(offset, nbytes)
-                try:
-                    bytes_read += nbytes
-                    found = scan_batch(data, nbytes, block_size, first, manifest.states,
-                                       manifest.hashes, prev_states, prev_hashes, changed)
-                    n_changed += found
-                    if found and on_changed is not None:
-                        for k in np.flatnonzero(changed[first:first + count]).tolist():
-                            start = k * block_size
-                            view = data[start:min(start + block_size, nbytes)]
-                            try:
-                                on_changed(first + k, view)
-                            finally:
-                                _release(view)      # a kept view must not see later batches
-                finally:
-                    _release(data)
-                meter.add(nbytes)
-        except BaseException:
-            failed.set()
-            raise
-        finally:
-            with lock:
-                counters["changed"] += n_changed
-                counters["bytes_read"] += bytes_read
-
-    if threads == 1:
-        worker()
-    else:
-        pool = ThreadPoolExecutor(threads, thread_name_prefix="smsblock-scan")
-        try:
-            futures = [pool.submit(worker) for _ in range(threads)]
-            for f in futures:   # siblings of a failed worker stop quietly: one error
-                f.result()
-        except BaseException:   # KeyboardInterrupt too: workers stop at their next batch
-            failed.set()
-            raise
-        finally:
-            pool.shutdown(wait=True)
-    check_cancel(cancel)
-    manifest.meta["scan"] = {
-        "blocks_changed": counters["changed"],
-        "bytes_read": counters["bytes_read"],
-        "seconds": round(time.monotonic() - started, 6),
-    }
+    manifest = Manifest(size, check_block_size(block_size), meta=scan_meta(disk))
+    callback = None
+    if on_changed is not None:
+        callback = lambda w, k, view: on_changed(w.start + k, view)   # noqa: E731
+    stream = scan_stream(disk, block_size=block_size, previous=previous, on_changed=callback,
+                         threads=threads, progress=progress, cancel=cancel,
+                         batch_bytes=batch_bytes, changed_runs=changed_runs)
+    for seg in stream:
+        if isinstance(seg, Gap):
+            if seg.carry:
+                states, hashes, _ = previous.window(seg.start, seg.end)
+                manifest.states[seg.start:seg.end] = states
+                manifest.hashes[seg.start:seg.end] = hashes
+            continue
+        manifest.states[seg.start:seg.end] = seg.states
+        manifest.hashes[seg.start:seg.end] = seg.hashes
+    manifest.meta["scan"] = dict(stream.stats)
     if changed_runs is not None:
         manifest.meta["scan"]["changed_list_blocks"] = changed_runs.blocks
     return manifest
+
+
+def scan_meta(disk: Disk) -> dict:
+    """The meta a scan's manifest starts with: where the disk is, its format, when."""
+    return {
+        "source": getattr(disk, "path", None),
+        "format": getattr(getattr(disk, "info", None), "format", None),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

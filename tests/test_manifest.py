@@ -17,8 +17,8 @@ from smsblock.cli import main
 from smsblock.errors import ManifestError, UsageError
 from smsblock.manifest import (HEADER_SIZE, BlockState, Manifest, check_block_size, diff)
 
-#: the two writers: the current one (version 2) and version 1's, kept for old files
-WRITERS = {"v2": Manifest.to_bytes, "v1": Manifest._to_bytes_v1}
+#: the writers: the current one (version 3) and versions 2 and 1's, kept for old files
+WRITERS = {"v3": Manifest.to_bytes, "v2": Manifest._to_bytes_v2, "v1": Manifest._to_bytes_v1}
 writers = pytest.mark.parametrize("write", WRITERS.values(), ids=WRITERS.keys())
 
 KIB = 1024
@@ -44,7 +44,28 @@ def manifests(draw, block_size=None, disk_size=None):
 
 
 def reference_digest(m: Manifest) -> bytes:
-    """The digest as docs/formats.md defines it, block by block."""
+    """The version 3 digest as docs/formats.md defines it, block by block: maximal runs
+    of equal (state, carries entries), each its entries then state, carries, count."""
+    h = hashlib.sha256(b"smsblock manifest digest v3\0")
+    h.update(struct.pack("<QI", m.disk_size, m.block_size))
+    key, count = None, 0
+    for i in range(m.n_blocks):
+        carries = m.states[i] == BlockState.DATA or m.hashes[i].any() or m.addresses[i].any()
+        k = (int(m.states[i]), bool(carries))
+        if k != key:
+            if key is not None:
+                h.update(struct.pack("<BBQ", key[0], key[1], count))
+            key, count = k, 0
+        count += 1
+        if carries:
+            h.update(m.hashes[i].tobytes() + m.addresses[i].tobytes())
+    if key is not None:
+        h.update(struct.pack("<BBQ", key[0], key[1], count))
+    return h.digest()
+
+
+def reference_digest_v1(m: Manifest) -> bytes:
+    """The digest versions 1 and 2 store, block by block."""
     h = hashlib.sha256(b"smsblock manifest digest v1\0")
     h.update(struct.pack("<QI", m.disk_size, m.block_size))
     for i in range(m.n_blocks):
@@ -69,12 +90,14 @@ def reference_diff(old: Manifest, new: Manifest) -> list[int]:
 @given(manifests())
 def test_round_trip(m):
     data = m.to_bytes()
-    assert data[8:12] == struct.pack("<I", 2)
+    assert data[8:12] == struct.pack("<I", 3)
     back = Manifest.from_bytes(data)
     assert back == m
     old = Manifest.from_bytes(m._to_bytes_v1())       # version 1 files still load
     assert old == m and old.digest == back.digest
     assert back.digest == m.digest == reference_digest(m)
+    assert m._digest_v1() == reference_digest_v1(m)
+    assert Manifest.from_bytes(m._to_bytes_v2()) == m
     assert back.n_blocks == m.n_blocks == -(-m.disk_size // m.block_size)
     assert back.states.dtype == np.uint8 and back.hashes.shape == (m.n_blocks, 16)
     assert back.addresses.shape == (m.n_blocks, 32)
@@ -86,7 +109,7 @@ def test_save_load_is_atomic_and_writable(tmp_path):
     m.hashes[0] = 1
     path = tmp_path / "run.manifest"
     m.save(path)
-    assert path.read_bytes() == m.to_bytes()            # save writes version 2
+    assert path.read_bytes() == m.to_bytes()            # save writes version 3
     m.meta["run_id"] = "r2"
     m.save(path)        # replaces
     assert sorted(os.listdir(tmp_path)) == ["run.manifest"]      # no temp file left
@@ -137,7 +160,7 @@ def _resealed(raw: bytes, offset: int, value: bytes) -> bytes:
 
 @pytest.mark.parametrize("offset, value, message", [
     (0, b"NOTMANIF", "bad magic"),
-    (8, struct.pack("<I", 3), "unsupported manifest version 3"),
+    (8, struct.pack("<I", 4), "unsupported manifest version 4"),
     (8, struct.pack("<I", 0), "unsupported manifest version 0"),
     (24, struct.pack("<I", 3 * 64 * KIB), "not a power of two"),
     (28, struct.pack("<Q", 99), "block count 99"),

@@ -39,9 +39,9 @@ RECORD = struct.Struct("<BB6sQQ")             # 24 bytes
 
 
 def doc_read(raw: bytes) -> dict:
-    """Parse a version 2 file as docs/formats.md describes it, block by block."""
+    """Parse a version 2 or 3 file as docs/formats.md describes it, block by block."""
     magic, version, hsize, disk_size, block_size, n, algo, flags, res = HEADER.unpack_from(raw)
-    assert (magic, version, hsize, flags, res) == (b"SMSBMANI", 2, 64, 0, bytes(8))
+    assert (magic, hsize, flags, res) == (b"SMSBMANI", 64, 0, bytes(8)) and version in (2, 3)
     tmagic, checksum = TRAILER.unpack_from(raw, len(raw) - 40)
     assert tmagic == b"SMSBEND\0" and checksum == hashlib.sha256(raw[:-40]).digest()
     fmagic, frame_count, body_len, meta_len, digest = FOOTER.unpack_from(raw, len(raw) - 104)
@@ -74,7 +74,8 @@ def doc_read(raw: bytes) -> dict:
     assert pos == 64 + body_len and block == n
     return {"disk_size": disk_size, "block_size": block_size, "states": bytes(states),
             "entries": entries, "algorithm": algo.rstrip(b"\0").decode(), "digest": digest,
-            "meta": json.loads(raw[pos:pos + meta_len]), "frames": frame_count}
+            "meta": json.loads(raw[pos:pos + meta_len]), "frames": frame_count,
+            "version": version}
 
 
 def doc_build(frames, *, n: int, block_size: int = 64 * KIB, disk_size: int | None = None,
@@ -108,12 +109,28 @@ def doc_build(frames, *, n: int, block_size: int = 64 * KIB, disk_size: int | No
 
 
 def digest_of(raw: bytes) -> bytes:
-    """The digest a well-formed crafted file must carry (docs: "Digest")."""
+    """The digest a well-formed crafted file must carry (docs: "Digest"): version 2 per
+    block, version 3 per maximal run of equal (state, carries entries)."""
     d = doc_read(raw)
-    h = hashlib.sha256(b"smsblock manifest digest v1\0" + struct.pack("<QI", d["disk_size"],
-                                                                       d["block_size"]))
+    size = struct.pack("<QI", d["disk_size"], d["block_size"])
+    if d["version"] == 2:
+        h = hashlib.sha256(b"smsblock manifest digest v1\0" + size)
+        for s, e in zip(d["states"], d["entries"]):
+            h.update(bytes([s]) + e)
+        return h.digest()
+    h = hashlib.sha256(b"smsblock manifest digest v3\0" + size)
+    key, count = None, 0
     for s, e in zip(d["states"], d["entries"]):
-        h.update(bytes([s]) + e)
+        k = (s, s == 2 or e != bytes(48))
+        if k != key:
+            if key is not None:
+                h.update(struct.pack("<BBQ", key[0], key[1], count))
+            key, count = k, 0
+        count += 1
+        if k[1]:
+            h.update(e)
+    if key is not None:
+        h.update(struct.pack("<BBQ", key[0], key[1], count))
     return h.digest()
 
 
@@ -156,6 +173,10 @@ def test_v2_round_trip_matches_the_documented_layout(m):
                             for i in range(m.n_blocks)]
     assert (d["disk_size"], d["block_size"], d["algorithm"], d["meta"], d["digest"]) == \
         (m.disk_size, m.block_size, m.address_algorithm, m.meta, m.digest)
+    assert d["version"] == 3 and digest_of(raw) == m.digest
+    v2 = m._to_bytes_v2()           # version 2 files (per-block digest) still load
+    assert doc_read(v2)["version"] == 2 and digest_of(v2) == doc_read(v2)["digest"]
+    assert Manifest.from_bytes(v2) == m
     # the streaming reader yields the same table, run by run
     at = 0
     for state, start, count, hashes, addresses in _runs_v2(memoryview(raw), "x"):

@@ -90,6 +90,12 @@ class Backend(abc.ABC):
     def prepare(self) -> None:
         """Make what a first put needs (a local root folder); nothing visible."""
 
+    def open_fd(self, name: str, *, what: str | None = None) -> int | None:
+        """A read-only descriptor of a regular-file object (the caller closes it), so a
+        large object can be read in pieces without a request each; None where objects
+        are not local files (then read with :meth:`get`)."""
+        return None
+
     @abc.abstractmethod
     def get(self, name: str, offset: int = 0, length: int | None = None, *,
             what: str | None = None) -> bytes | None:

@@ -8,7 +8,8 @@ import numpy as np
 
 from . import add_json_flag, print_json
 from ..errors import UsageError
-from ..manifest import DEFAULT_BLOCK_SIZE, BlockState, Manifest, check_block_size, diff
+from ..manifest import (DEFAULT_BLOCK_SIZE, BlockState, ManifestReader, ManifestWriter,
+                        check_block_size, iter_diff)
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -51,46 +52,75 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_diff)
 
 
-def _counts(m: Manifest) -> dict:
-    return {"blocks_total": m.n_blocks,
-            "blocks_data": m.count(BlockState.DATA),
-            "blocks_zero": m.count(BlockState.ZERO),
-            "blocks_unallocated": m.count(BlockState.UNALLOCATED)}
-
-
 def cmd_scan(args) -> int:
+    import os
+    import uuid
+
     from ..disk import open_disk
     from ..progress import terminal_progress
-    from ..scanner import scan
+    from ..scanner import Gap, scan_meta, scan_stream
 
     block_size = parse_block_size(args.block_size)
     if args.threads < 1:
         raise UsageError(f"--threads must be at least 1, not {args.threads}")
-    previous = Manifest.load(args.previous) if args.previous else None
-    with open_disk(args.disk, format=args.format) as disk, \
-            terminal_progress(f"scan {args.disk}: read and hash", enabled=None if not args.json else False) as bar:
-        manifest = scan(disk, block_size=block_size, previous=previous,
-                        threads=args.threads, progress=bar)
-    manifest.save(args.output)
-    stats = manifest.meta.get("scan", {})
-    out = {"manifest": args.output, "source": args.disk, "disk_size": manifest.disk_size,
-           "block_size": manifest.block_size, **_counts(manifest),
+    previous = ManifestReader(args.previous) if args.previous else None
+    # written window by window to a new private file beside the output, renamed over it
+    # when complete: memory does not follow the disk's size, a failed scan leaves nothing
+    folder = os.path.dirname(os.path.abspath(args.output))
+    tmp = os.path.join(folder, f".{uuid.uuid4().hex}.manifest.tmp")
+    try:
+        with open_disk(args.disk, format=args.format) as disk, \
+                terminal_progress(f"scan {args.disk}: read and hash",
+                                  enabled=None if not args.json else False) as bar:
+            try:
+                writer = ManifestWriter(tmp, disk.size, block_size)
+            except OSError as e:
+                raise UsageError(f"{args.output}: cannot write here: {e.strerror}") from None
+            try:
+                meta = scan_meta(disk)
+                stream = scan_stream(disk, block_size=block_size, previous=previous,
+                                     threads=args.threads, progress=bar)
+                for seg in stream:
+                    if isinstance(seg, Gap):
+                        writer.add_run(BlockState.UNALLOCATED, seg.end - seg.start)
+                    else:
+                        writer.add_window(seg.states, seg.hashes)
+                meta["scan"] = dict(stream.stats)
+                try:
+                    digest = writer.finish(meta)
+                    os.replace(tmp, args.output)
+                except OSError as e:
+                    raise UsageError(f"{args.output}: cannot write: {e.strerror}") from None
+            except BaseException:
+                writer.abort()
+                raise
+    finally:
+        if previous is not None:
+            previous.close()
+    stats = meta["scan"]
+    counts = {"blocks_total": writer.n_blocks,
+              "blocks_data": writer.counts[BlockState.DATA],
+              "blocks_zero": writer.counts[BlockState.ZERO],
+              "blocks_unallocated": writer.counts[BlockState.UNALLOCATED]}
+    out = {"manifest": args.output, "source": args.disk, "disk_size": writer.disk_size,
+           "block_size": block_size, **counts,
            "blocks_changed": stats.get("blocks_changed"),
            "bytes_read": stats.get("bytes_read"), "seconds": stats.get("seconds"),
-           "digest": manifest.digest.hex()}
+           "digest": digest.hex()}
     if args.json:
         print_json(out)
     else:
         changed = f", {out['blocks_changed']} changed" if previous is not None else ""
-        print(f"{args.disk}: {out['blocks_total']} blocks of {manifest.block_size} bytes: "
+        print(f"{args.disk}: {out['blocks_total']} blocks of {block_size} bytes: "
               f"{out['blocks_data']} data, {out['blocks_zero']} zero, "
               f"{out['blocks_unallocated']} unallocated{changed}; read {out['bytes_read']} bytes "
               f"in {out['seconds']:.3f} s -> {args.output}")
     return 0
 
 
-def _ranges(indices: np.ndarray) -> str:
+def _ranges(indices) -> str:
     """``[0,1,2,5,7,8]`` → ``0-2,5,7-8`` (diffs of big disks stay readable)."""
+    indices = np.asarray(indices, np.int64)
     if len(indices) == 0:
         return "-"
     breaks = np.flatnonzero(np.diff(indices) != 1) + 1
@@ -102,22 +132,24 @@ def _ranges(indices: np.ndarray) -> str:
 
 
 def cmd_diff(args) -> int:
-    old, new = Manifest.load(args.old), Manifest.load(args.new)
-    changed = diff(old, new)
-    n = min(old.n_blocks, new.n_blocks)
-    inside = changed[changed < n]
-    o, w = old.states[inside], new.states[inside]
-    kinds = {
-        "data_modified": int(np.count_nonzero((o == BlockState.DATA) & (w == BlockState.DATA))),
-        "became_data": int(np.count_nonzero((o != BlockState.DATA) & (w == BlockState.DATA))),
-        "became_zero": int(np.count_nonzero((o != BlockState.ZERO) & (w == BlockState.ZERO))),
-        "became_unallocated": int(np.count_nonzero(
-            (o != BlockState.UNALLOCATED) & (w == BlockState.UNALLOCATED))),
-        "size_changed": int(len(changed) - len(inside)),
-    }
-    out = {"changed": changed.tolist(), "changed_count": int(len(changed)),
-           "blocks_total": max(old.n_blocks, new.n_blocks), "block_size": new.block_size,
-           "old_disk_size": old.disk_size, "new_disk_size": new.disk_size, **kinds}
+    with ManifestReader(args.old) as old, ManifestReader(args.new) as new:
+        kinds = dict.fromkeys(("data_modified", "became_data", "became_zero",
+                               "became_unallocated", "size_changed"), 0)
+        changed = []            # the output lists every changed block: it is what was asked
+        for _start, _end, o, w, idx in iter_diff(old, new):
+            changed.append(idx)        # o and w: the one state of each side here
+            if o is None or w is None:
+                kinds["size_changed"] += len(idx)
+                continue
+            data, zero, unalloc = BlockState.DATA, BlockState.ZERO, BlockState.UNALLOCATED
+            kinds["data_modified"] += len(idx) if o == data and w == data else 0
+            kinds["became_data"] += len(idx) if o != data and w == data else 0
+            kinds["became_zero"] += len(idx) if o != zero and w == zero else 0
+            kinds["became_unallocated"] += len(idx) if o != unalloc and w == unalloc else 0
+        changed = np.concatenate(changed) if changed else np.zeros(0, np.int64)
+        out = {"changed": changed.tolist(), "changed_count": int(len(changed)),
+               "blocks_total": max(old.n_blocks, new.n_blocks), "block_size": new.block_size,
+               "old_disk_size": old.disk_size, "new_disk_size": new.disk_size, **kinds}
     if args.json:
         print_json(out)
     else:

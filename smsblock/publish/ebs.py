@@ -371,7 +371,7 @@ class SnapshotDisk(BlockDisk):
         chain never had it (reads as zeros)."""
         where = self._where.get(i)
         if where is None:
-            if self.manifest is not None and self.manifest.states[i] == BlockState.DATA:
+            if self.manifest is not None and self.manifest.entry(i)[0] == BlockState.DATA:
                 raise StoreCorruptError(f"block {i} is data in the run but in no snapshot of "
                                         f"{self.chain}", self.path, i * EBS_BLOCK)
             return None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import StoreCorruptError, UsageError
-from ..manifest import BlockState
+from ..manifest import entry_batches
 from ..pack import BlockLocation, PackWriter, address_function
 from ..progress import ProgressCallback, with_phase
 from .repository import Repository
@@ -43,17 +43,38 @@ def _address_view(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).view(np.dtype((np.void, 32))).reshape(-1)
 
 
-def _live_addresses(store: Repository, server_id: str, doomed: list[str]) -> np.ndarray:
-    """The content addresses (unique, as ``_address_view`` items) every run but the doomed
-    ones references.  Read before prune deletes anything: a manifest that does not load
-    stops prune with nothing removed."""
-    parts = []
+def _live_entries(store: Repository, server_id: str, doomed: list[str],
+                  indexes: list[np.ndarray]) -> np.ndarray:
+    """One flag per index entry (in pack order): some run but the doomed ones references
+    its address.  The manifests are streamed a window of entries at a time and looked up
+    in the sorted index addresses, so memory is a flag per entry, not the runs' addresses
+    (which grow with every run kept).  Read before prune deletes anything: a manifest that
+    does not load stops prune with nothing removed."""
+    addrs = _address_view(np.concatenate([ix["address"] for ix in indexes])
+                          if indexes else np.zeros((0, 32), np.uint8))
+    order = np.argsort(addrs, kind="stable")
+    sorted_addrs = addrs[order]
+    live_sorted = np.zeros(len(addrs), bool)
     for sid, rid in store.iter_manifests():
         if sid == server_id and rid in doomed:
             continue
-        m = store.load_manifest(sid, rid)
-        parts.append(_address_view(m.addresses[m.states == BlockState.DATA]))
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.dtype((np.void, 32)))
+        with store.open_manifest(sid, rid) as m:
+            for _idx, _states, _hashes, addresses in entry_batches(m):
+                wanted = _address_view(addresses)
+                pos = np.searchsorted(sorted_addrs, wanted)
+                hit = pos < len(sorted_addrs)
+                hit[hit] = sorted_addrs[pos[hit]] == wanted[hit]
+                live_sorted[pos[hit]] = True        # the first copy of each address
+    if len(addrs) > 1:
+        # every copy of a live address is live (the best copy is chosen later)
+        same = sorted_addrs[1:] == sorted_addrs[:-1]
+        group = np.concatenate([[0], np.cumsum(~same)])
+        live_group = np.zeros(int(group[-1]) + 1, bool)
+        live_group[group[live_sorted]] = True
+        live_sorted = live_group[group]
+    live = np.zeros(len(addrs), bool)
+    live[order] = live_sorted
+    return live
 
 
 def _readable_packs(store: Repository) -> tuple[list[tuple[str, int]], list[np.ndarray]]:
@@ -102,6 +123,7 @@ def _entry_ranks(store: Repository, packs: list[tuple[str, int]], indexes: list[
 
 def _wanted_entries(indexes: list[np.ndarray], live: np.ndarray,
                     ranks: np.ndarray | None = None) -> np.ndarray:
+    """``live``: one flag per index entry (:func:`_live_entries`)."""
     """One flag per index entry, in pack order: a run uses the entry's block and it is the
     best copy of its address (the first sound one; copies come from concurrent runs, an
     interrupted prune, or a run that stored a damaged block again)."""
@@ -117,7 +139,7 @@ def _wanted_entries(indexes: list[np.ndarray], live: np.ndarray,
     first[1:] = sorted_addrs[1:] != sorted_addrs[:-1]
     wanted = np.zeros(len(addrs), bool)
     wanted[order[first]] = True
-    return wanted & (ranks < 2) & np.isin(addrs, live)
+    return wanted & (ranks < 2) & live
 
 
 def _rewrite_pack(store: Repository, pack_id: str, entries: np.ndarray) -> tuple[str, int]:
@@ -162,9 +184,11 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
         ids = store.list_run_ids(server_id)
         doomed = ids[:max(0, len(ids) - keep)]
         report.runs_kept = ids[len(doomed):]
-        live = _live_addresses(store, server_id, doomed)
+        # the exclusive lock holds packs still: their indexes are read once, first
+        packs, indexes = _readable_packs(store)
+        live = _live_entries(store, server_id, doomed, indexes)
         if dry_run:
-            return _prune_dry_run(store, doomed, live, report)
+            return _prune_dry_run(store, doomed, live, report, packs, indexes)
         for run_id in doomed:        # oldest first: a crash midway still keeps the newest
             store.delete_manifest(server_id, run_id)
             report.runs_deleted.append(run_id)
@@ -176,7 +200,6 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
             report.bytes_freed += store.remove_leftover(name)
             report.leftovers_removed += 1
 
-        packs, indexes = _readable_packs(store)
         ranks, recorded = _entry_ranks(store, packs, indexes)
         wanted_all = _wanted_entries(indexes, live, ranks)
         done, total, start = 0, sum(size for _, size in packs), 0
@@ -235,11 +258,10 @@ def prune(store, server_id: str, keep: int, *, progress: ProgressCallback | None
     return report
 
 
-def _prune_dry_run(store: Repository, doomed: list[str], live: np.ndarray,
-                   report: PruneReport) -> PruneReport:
+def _prune_dry_run(store: Repository, doomed: list[str], live: np.ndarray, report: PruneReport,
+                   packs, indexes) -> PruneReport:
     """What :func:`prune` would delete, computed without changing anything."""
     report.runs_deleted = list(doomed)
-    packs, indexes = _readable_packs(store)
     wanted_all = _wanted_entries(indexes, live)
     start = 0
     for (_pack_id, size), index in zip(packs, indexes):

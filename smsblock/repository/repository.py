@@ -581,6 +581,25 @@ class Repository:
         data = self.get_manifest_bytes(server_id, run_id)
         return Manifest.from_bytes(bytearray(data), f"{self.url}: {server_id}/{run_id}")
 
+    def open_manifest(self, server_id: str, run_id: str | None = None):
+        """A run's manifest as a :class:`~smsblock.manifest.ManifestReader` (checked whole
+        when opened, then read in windows: memory does not follow the disk's size);
+        ``run_id=None`` is the server's latest run.  Close it when done."""
+        from ..manifest import ManifestReader
+        check_server_id(server_id)
+        if run_id is None:
+            ids = self.list_run_ids(server_id)
+            if not ids:
+                raise RunNotFoundError(f"{self.url}: no runs of server {server_id!r}")
+            run_id = ids[-1]
+        check_run_id(run_id)
+        where = f"{self.url}: {server_id}/{run_id}"
+        if run_id not in self.list_run_ids(server_id):
+            raise RunNotFoundError(f"{self.url}: no run {run_id!r} of server {server_id!r}")
+        fd = self.backend.open_fd(self._manifest_rel(server_id, run_id), what="read manifest")
+        source = fd if fd is not None else self.get_manifest_bytes(server_id, run_id)
+        return ManifestReader(source, where)
+
     def latest_run_id(self, server_id: str) -> str | None:
         ids = self.list_run_ids(check_server_id(server_id))
         return ids[-1] if ids else None
@@ -589,10 +608,11 @@ class Repository:
         """The server's completed runs, oldest first."""
         out = []
         for run_id in self.list_run_ids(check_server_id(server_id)):
-            m = self.load_manifest(server_id, run_id)
-            user = m.meta.get("user")
-            out.append(RunInfo(server_id, run_id, m.meta.get("created", ""),
-                               dict(m.meta.get("summary", {})),
+            with self.open_manifest(server_id, run_id) as m:   # its meta: never the table
+                meta = m.meta
+            user = meta.get("user")
+            out.append(RunInfo(server_id, run_id, meta.get("created", ""),
+                               dict(meta.get("summary", {})),
                                dict(user) if isinstance(user, dict) else {}))
         return out
 
@@ -607,7 +627,9 @@ class Repository:
         held = contextlib.ExitStack()
         held.enter_context(self.lock(exclusive=False, purpose="read a run"))
         try:    # the manifest and the pack indexes are read under the lock
-            return RunDisk(self, self.load_manifest(server_id, run_id), hold=held)
+            manifest = self.open_manifest(server_id, run_id)
+            held.callback(manifest.close)
+            return RunDisk(self, manifest, hold=held)
         except BaseException:
             held.close()
             raise

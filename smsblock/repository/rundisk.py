@@ -5,27 +5,31 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Iterator
 
-import numpy as np
 import xxhash
 
 from ..disk import DiskInfo, Extent, ExtentKind
 from ..disk.blocks import BlockDisk
 from ..errors import StoreCorruptError
-from ..manifest import BlockState, Manifest
+from ..manifest import BlockState, Manifest, ManifestReader
 from ..pack import BlockIndex, address_function
 
 if TYPE_CHECKING:       # the repository makes RunDisks; RunDisk only reads through it
     from .repository import Repository
 
+_KIND = {BlockState.DATA: ExtentKind.DATA, BlockState.ZERO: ExtentKind.ZERO}
+
+
 class RunDisk(BlockDisk):
     """A read-only :class:`~smsblock.disk.Disk` over one run, reading blocks from the packs.
 
     DATA blocks are extents of kind DATA, ZERO blocks extents of kind ZERO, unallocated
-    blocks are gaps.  Thread-safe; keeps a few inflated blocks cached.  ``hold`` (what
+    blocks are gaps.  ``manifest`` is a :class:`~smsblock.manifest.ManifestReader` (read
+    a frame at a time: memory does not follow the disk's size) or a whole Manifest.
+    Thread-safe; keeps a few inflated blocks cached.  ``hold`` (what
     :meth:`Repository.run_disk` passes: the store lock it took) is closed by :meth:`close`.
     """
 
-    def __init__(self, store: Repository, manifest: Manifest, index: BlockIndex | None = None,
+    def __init__(self, store: Repository, manifest: Manifest | ManifestReader, index: BlockIndex | None = None,
                  hold: contextlib.ExitStack | None = None):
         super().__init__()
         self._hold = hold
@@ -39,9 +43,10 @@ class RunDisk(BlockDisk):
         self._index = index if index is not None else store.block_index()
 
     def fetch_block(self, i: int) -> bytes | None:
-        if self.manifest.states[i] != BlockState.DATA:
+        # one block's entry: a ManifestReader decodes (and caches) only its frame
+        state, block_hash, address = self.manifest.entry(i)
+        if state != BlockState.DATA:
             return None
-        address = self.manifest.addresses[i].tobytes()
         loc = self._index.get(address)
         if loc is None:
             raise StoreCorruptError(f"block {i} ({address.hex()[:16]}...) is not in the store",
@@ -57,7 +62,7 @@ class RunDisk(BlockDisk):
                                     self.path, i * self.block_size)
         # the run's own change hash (xxh3-128, ~10 GB/s) catches a block damaged in the
         # store, so a restore never writes wrong bytes silently
-        if xxhash.xxh3_128_digest(data) != self.manifest.hashes[i].tobytes():
+        if xxhash.xxh3_128_digest(data) != block_hash:
             if address_function(self.store.config.address)(data) != address:
                 self._record_damage(loc.pack_id, address)
             raise StoreCorruptError(f"stored block {i} ({address.hex()[:16]}...) does not match "
@@ -76,19 +81,21 @@ class RunDisk(BlockDisk):
         if start >= end:
             return
         bs = self.manifest.block_size
-        states = self.manifest.states
         first, last = start // bs, (end - 1) // bs + 1
-        s = states[first:last]
-        # runs of equal state: boundaries where the state changes
-        cuts = np.flatnonzero(s[1:] != s[:-1]) + 1
-        bounds = np.concatenate([[0], cuts, [len(s)]])
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            state = s[a]
+        # the manifest's runs, neighbours of one kind merged; unallocated runs are gaps
+        cur_state = cur_lo = cur_hi = None
+        for state, a, count, _h, _a in self.manifest.runs(first, last):
             if state == BlockState.UNALLOCATED:
                 continue
-            lo = max(start, (first + int(a)) * bs)
-            hi = min(end, (first + int(b)) * bs)
-            yield Extent(lo, hi - lo, ExtentKind.DATA if state == BlockState.DATA else ExtentKind.ZERO)
+            lo, hi = max(start, a * bs), min(end, (a + count) * bs)
+            if state == cur_state and lo == cur_hi:
+                cur_hi = hi
+                continue
+            if cur_state is not None:
+                yield Extent(cur_lo, cur_hi - cur_lo, _KIND[cur_state])
+            cur_state, cur_lo, cur_hi = state, lo, hi
+        if cur_state is not None:
+            yield Extent(cur_lo, cur_hi - cur_lo, _KIND[cur_state])
 
     def close(self) -> None:
         """Release what the disk holds (the store lock of :meth:`Repository.run_disk`); idempotent."""

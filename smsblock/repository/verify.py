@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..disk import Disk, open_disk
-from ..errors import ManifestError, RunNotFoundError
-from ..manifest import BlockState, Manifest
+from ..errors import ManifestError, RunNotFoundError, StoreError
+from ..manifest import BlockState, entry_batches
 from ..pack import BlockIndex
 from ..progress import CancelToken, ProgressCallback, check_cancel, with_phase
-from ..scanner import scan
+from ..scanner import Gap, scan_stream
 from .repository import check_run_id, check_server_id
 from .checks import check_pack, record_check
 from .fingerprints import PackFingerprints
@@ -132,12 +132,13 @@ def verify(store, *, progress: ProgressCallback | None = None,
             report.runs_checked += 1
             where = f"{store.url}: run {server_id}/{run_id}"
             try:
-                m = store.load_manifest(server_id, run_id)
+                m = store.open_manifest(server_id, run_id)
             except (ManifestError, RunNotFoundError) as e:
                 report.problems.append(f"{where}: {e}")
                 continue
-            report.problems.extend(_check_manifest(m, server_id, run_id, algorithm,
-                                                   good_index, where, referenced))
+            with m:
+                report.problems.extend(_check_manifest(m, server_id, run_id, algorithm,
+                                                       good_index, where, referenced))
         report.unreferenced_packs = sum(1 for p in good_packs if p not in referenced)
         report.damaged_packs = sum(1 for p in store.list_damage_records() if p in packs)
         report.leftovers = store.list_leftovers()
@@ -171,65 +172,99 @@ def verify_run_against_disk(store, server_id: str, disk, run_id: str | None = No
                 run_id = store.latest_run_id(server_id)
                 if run_id is None:
                     raise RunNotFoundError(f"{store.url}: no runs of server {server_id!r}")
-            m = store.load_manifest(server_id, run_id)
-        report = DeepVerifyReport(server_id=server_id, run_id=run_id, disk_size=m.disk_size,
-                                  block_size=m.block_size)
-        if disk.size != m.disk_size:
-            report.problems.append(f"{disk.path}: the disk is {disk.size} bytes, run "
-                                   f"{server_id}/{run_id} {m.disk_size} bytes")
-            return report
-        now = scan(disk, block_size=m.block_size, threads=threads, progress=progress,
-                   cancel=cancel)
-        data_run, data_now = m.states == BlockState.DATA, now.states == BlockState.DATA
-        differ = (data_run != data_now) | (
-            data_run & data_now & (m.hashes != now.hashes).any(axis=1))
-        idx = np.flatnonzero(differ)
-        report.blocks_checked = now.n_blocks
-        report.bytes_read = now.meta["scan"]["bytes_read"]
-        report.blocks_differing = len(idx)
-        report.differing_blocks = idx[:MAX_LISTED_BLOCKS].tolist()
-        if len(idx):
-            shown = ", ".join(map(str, report.differing_blocks[:10]))
-            more = f" and {len(idx) - 10} more" if len(idx) > 10 else ""
-            report.problems.append(
-                f"run {server_id}/{run_id}: {len(idx)} of {now.n_blocks} blocks differ from "
-                f"{disk.path} (blocks {shown}{more}; {m.block_size}-byte blocks)")
-        return report
+            m = store.open_manifest(server_id, run_id)
+        with m:
+            return _deep_compare(m, disk, server_id, run_id, threads, progress, cancel)
     finally:
         if own_disk:
             disk.close()
 
 
-def _check_manifest(m: Manifest, server_id, run_id, algorithm, index: BlockIndex, where,
+def _deep_compare(m, disk, server_id, run_id, threads, progress, cancel) -> DeepVerifyReport:
+    """Scan ``disk`` a window at a time against the run's manifest ``m``."""
+    report = DeepVerifyReport(server_id=server_id, run_id=run_id, disk_size=m.disk_size,
+                              block_size=m.block_size)
+    if disk.size != m.disk_size:
+        report.problems.append(f"{disk.path}: the disk is {disk.size} bytes, run "
+                               f"{server_id}/{run_id} {m.disk_size} bytes")
+        return report
+    listed: list[int] = []
+    count = 0
+    stream = scan_stream(disk, block_size=m.block_size, threads=threads, progress=progress,
+                         cancel=cancel)
+    for seg in stream:
+        if isinstance(seg, Gap):            # zeros now: differs where the run has data
+            for state, start, n, _h, _a in m.runs(seg.start, seg.end):
+                if state == BlockState.DATA:
+                    count += n
+                    listed.extend(range(start, start + min(n, MAX_LISTED_BLOCKS - len(listed))))
+            continue
+        states, hashes, _ = m.window(seg.start, seg.end)
+        data_run, data_now = states == BlockState.DATA, seg.states == BlockState.DATA
+        differ = (data_run != data_now) | (
+            data_run & data_now & (hashes != seg.hashes).any(axis=1))
+        idx = np.flatnonzero(differ)
+        count += len(idx)
+        listed.extend((idx[:max(0, MAX_LISTED_BLOCKS - len(listed))] + seg.start).tolist())
+    report.blocks_checked = m.n_blocks
+    report.bytes_read = stream.stats["bytes_read"]
+    report.blocks_differing = count
+    report.differing_blocks = listed
+    if count:
+        shown = ", ".join(map(str, listed[:10]))
+        more = f" and {count - 10} more" if count > 10 else ""
+        report.problems.append(
+            f"run {server_id}/{run_id}: {count} of {m.n_blocks} blocks differ from "
+            f"{disk.path} (blocks {shown}{more}; {m.block_size}-byte blocks)")
+    return report
+
+
+def _check_manifest(m, server_id, run_id, algorithm, index: BlockIndex, where,
                     referenced: set[str]) -> list[str]:
+    """The problems of one run's manifest (a ManifestReader or Manifest), checked a window
+    of entries at a time: memory does not follow the disk's size."""
     problems = []
     if m.meta.get("server_id") != server_id or m.meta.get("run_id") != run_id:
         problems.append(f"{where}: manifest says it is run {m.meta.get('server_id')}/"
                         f"{m.meta.get('run_id')}")
-    data = m.states == BlockState.DATA
-    if data.any() and m.address_algorithm != algorithm:
+    if m.count(BlockState.DATA) and m.address_algorithm != algorithm:
         problems.append(f"{where}: addresses are {m.address_algorithm}, the store uses {algorithm}")
         return problems
-    no_addr = data & (m.addresses == 0).all(axis=1)
-    if no_addr.any():
-        problems.append(f"{where}: {int(no_addr.sum())} data blocks have no address "
-                        f"(first: block {int(np.flatnonzero(no_addr)[0])})")
-    stray = ~data & (m.addresses != 0).any(axis=1)
-    if stray.any():
-        problems.append(f"{where}: {int(stray.sum())} non-data blocks carry an address "
-                        f"(first: block {int(np.flatnonzero(stray)[0])})")
-    rows = np.flatnonzero(data & ~no_addr)
-    present = index.contains_all(m.addresses[rows])
-    if not present.all():
-        first = int(rows[np.flatnonzero(~present)[0]])
-        problems.append(f"{where}: {int((~present).sum())} referenced blocks are missing or "
-                        f"damaged in the store (first: block {first})")
-    for r in rows[present]:
-        loc = index.get(m.addresses[r].tobytes())
-        referenced.add(loc.pack_id)
-        if loc.ulen != m.block_range(int(r))[1]:
-            problems.append(f"{where}: block {int(r)} is stored with {loc.ulen} bytes, "
-                            f"expected {m.block_range(int(r))[1]}")
-            break
-    return problems
+    found = {"no_addr": [0, None], "stray": [0, None], "missing": [0, None]}
 
+    def note(kind: str, blocks) -> None:
+        if len(blocks):
+            found[kind][0] += len(blocks)
+            if found[kind][1] is None:
+                found[kind][1] = int(blocks[0])
+
+    size_problem = None
+    for idx, states, _hashes, addresses in entry_batches(m, data_only=False):
+        data = states == BlockState.DATA
+        zero_addr = (addresses == 0).all(axis=1)
+        note("no_addr", idx[data & zero_addr])
+        note("stray", idx[~data & ~zero_addr])
+        rows = np.flatnonzero(data & ~zero_addr)
+        present = index.contains_all(addresses[rows])
+        note("missing", idx[rows[~present]])
+        for r in rows[present].tolist():
+            loc = index.get(addresses[r].tobytes())
+            referenced.add(loc.pack_id)
+            expected = m.block_range(int(idx[r]))[1]
+            if loc.ulen != expected and size_problem is None:
+                size_problem = (f"{where}: block {int(idx[r])} is stored with {loc.ulen} bytes, "
+                                f"expected {expected}")
+    count, first = found["no_addr"]
+    if count:
+        problems.append(f"{where}: {count} data blocks have no address (first: block {first})")
+    count, first = found["stray"]
+    if count:
+        problems.append(f"{where}: {count} non-data blocks carry an address "
+                        f"(first: block {first})")
+    count, first = found["missing"]
+    if count:
+        problems.append(f"{where}: {count} referenced blocks are missing or "
+                        f"damaged in the store (first: block {first})")
+    if size_problem is not None:
+        problems.append(size_problem)
+    return problems

@@ -150,9 +150,10 @@ class PackSink:
 
 class BlockStorer:
     """``on_changed`` of a run: address each changed block, store it unless the store
-    already has it.  Called concurrently from the scan's worker threads."""
+    already has it.  Called concurrently from the scan's worker threads; the address
+    goes into the scan window's ``addresses``."""
 
-    def __init__(self, store: Repository, index: BlockIndex, sink: PackSink, n_blocks: int,
+    def __init__(self, store: Repository, index: BlockIndex, sink: PackSink,
                  cancel: CancelToken | None):
         cfg = store.config
         self.address_of = address_function(cfg.address)
@@ -160,8 +161,6 @@ class BlockStorer:
         self.index = index
         self.sink = sink
         self.cancel = cancel
-        self.addresses = np.zeros((n_blocks, 32), np.uint8)
-        self.changed = np.zeros(n_blocks, bool)
         self._claimed: set[bytes] = set()
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -172,17 +171,20 @@ class BlockStorer:
             c = self._local.c = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
         return c
 
-    def __call__(self, index: int, view) -> None:
+    def __call__(self, window, k: int, view) -> None:
+        window.addresses[k] = np.frombuffer(self.store_block(view), np.uint8)
+
+    def store_block(self, view) -> bytes:
+        """Store one block unless the store (or this run) has it; return its address."""
         check_cancel(self.cancel)
         address = self.address_of(view)
-        self.addresses[index] = np.frombuffer(address, np.uint8)
-        self.changed[index] = True
         with self._lock:
             if address in self._claimed:
-                return
+                return address
             self._claimed.add(address)
         if address in self.index:
-            return
+            return address
         frame = self._compressor().compress(view)
         self.sink.submit(address, frame, len(view))
+        return address
 
