@@ -145,6 +145,8 @@ def test_an_import_whose_process_is_killed_does_not_stay_importing(fifo_svc, tmp
             child.kill()
             child.wait(10)
         child.stdout.close()
+    if svc.state.dialect == "postgresql":   # the lock goes when the server sees the session end
+        wait_for(lambda: status(svc) != "IMPORTING", what="the dead import's session to end")
     after = svc.get_servers()
     assert after == before          # back to AVAILABLE, same servers, same lastModifiedOn
     assert "stopped before it finished" in svc.last_catalog_import()["error"]

@@ -208,14 +208,20 @@ def test_the_slot_is_unique_on_both_dialects(postgres_server, tmp_path, dialect)
                   "encrypted) VALUES (?, ?, ?, ?, 10, 10, 0)")
         with svc.state.transaction() as db:
             db.execute(insert, ("r1", job, "AUTOMATIC", "PENDING"))
-            # a MISSED record of the slot and an on-demand run at its time are fine
+            # a MISSED record of the slot, a run of it that ended (the job was given the
+            # same instant again) and an on-demand run at its time are fine
             db.execute(insert, ("r2", job, "AUTOMATIC", "MISSED"))
-            db.execute(insert, ("r3", job, "ON_DEMAND", "PENDING"))
+            db.execute(insert, ("r3", job, "AUTOMATIC", "FAILED"))
+            db.execute(insert, ("r4", job, "ON_DEMAND", "PENDING"))
+        for state in ("PENDING", "ACTIVE"):     # a second live run of the slot is not
+            with pytest.raises(Exception, match="(?i)unique"):
+                with svc.state.transaction() as db:
+                    db.execute(insert, ("r5", job, "AUTOMATIC", state))
         with pytest.raises(Exception, match="(?i)unique"):
-            with svc.state.transaction() as db:
-                db.execute(insert, ("r4", job, "AUTOMATIC", "COMPLETED"))
+            with svc.state.transaction() as db:   # nor one made live again
+                db.execute("UPDATE runs SET state = 'ACTIVE' WHERE run_id = 'r3'")
         assert [r[0] for r in svc.state.query("SELECT run_id FROM runs ORDER BY rowid")] == \
-            ["r1", "r2", "r3"]
+            ["r1", "r2", "r3", "r4"]
 
 
 def test_schema_is_versioned_and_a_newer_one_is_refused(postgres_server, tmp_path):
@@ -408,3 +414,29 @@ def test_without_psycopg_a_database_url_says_what_to_install(monkeypatch, tmp_pa
     monkeypatch.setitem(sys.modules, "psycopg", None)      # as if not installed
     with pytest.raises(UsageError, match=r"pip install 'psycopg\[binary\]'"):
         State("postgresql://u:pw@db.example.com/sms", local_dir=tmp_path)
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_job_given_the_instant_of_its_ended_slot_again_gets_a_run(postgres_server,
+                                                                     tmp_path, dialect):
+    """The slot index leaves ended runs out: a run that failed at its slot's instant,
+    then UpdateReplicationJob putting the next slot on that same instant (the grace
+    makes it "now"), makes a second run of the slot, as the scheduler's rules say."""
+    from smsblock.service import FakeClock
+    url = postgres_server.new_database() if dialect == "postgresql" else None
+    local, servers = catalog_of(tmp_path, url, 1)
+    clock = FakeClock(float(int(time.time())))     # whole seconds: timestamps keep them
+    with SmsService(state=State(url, local_dir=local) if url else State(local),
+                    clock=clock) as svc:
+        job = svc.create_replication_job(serverId=servers[0], seedReplicationTime=clock(),
+                                         frequency=12)["replicationJobId"]
+        [first] = svc.tick()
+        with svc.state.transaction() as db:
+            db.execute("UPDATE runs SET state = 'FAILED', completed = ? WHERE run_id = ?",
+                       (clock(), first))
+        svc.update_replication_job(replicationJobId=job, nextReplicationRunStartTime=clock())
+        [second] = svc.tick()
+        runs = svc.state.query("SELECT run_id, scheduled_start, state FROM runs "
+                               "ORDER BY rowid")
+        assert [(r[0], r[2]) for r in runs] == [(first, "FAILED"), (second, "PENDING")]
+        assert runs[0][1] == runs[1][1]

@@ -160,11 +160,12 @@ MIGRATIONS: list[list[str]] = [
     ],
     # 3: a replication job can ask for a boot test of each new image (bootTest)
     ["ALTER TABLE jobs ADD COLUMN boot_test INTEGER NOT NULL DEFAULT 0"],
-    # 4: one scheduled run per slot of a job, whatever process ticks (the write lock
-    # already serialises the scheduler; this is the second line of defence).  MISSED
-    # records are left out: a run-once job given a new slot may meet its missed one.
+    # 4: one live scheduled run per slot of a job, whatever process ticks (the write
+    # lock already serialises the schedulers; this is the second line of defence).  Only
+    # PENDING and ACTIVE runs count: a MISSED record, or a run that ended, may share its
+    # slot with a run made after UpdateReplicationJob put the next slot on that instant.
     ["CREATE UNIQUE INDEX runs_slot ON runs(job_id, scheduled_start) "
-     "WHERE type = 'AUTOMATIC' AND state != 'MISSED'"],
+     "WHERE type = 'AUTOMATIC' AND state IN ('PENDING', 'ACTIVE')"],
     # 5: fleets (smsblock/service/fleet.py): connectors' own credentials (a SigV4 key bound
     # to one connector id, revocable; the store the control plane names for it), and run
     # claims: who holds an ACTIVE run, until when (lease), and a fence token incremented
@@ -412,6 +413,10 @@ class SessionLock:
         self._conn = conn
 
     def release(self) -> None:
+        with contextlib.suppress(Exception):
+            # unlocked before the close returns (the server ends a closed session a
+            # moment later), so the next look at the lock finds it free
+            self._conn.execute("SELECT pg_advisory_unlock_all()")
         with contextlib.suppress(Exception):
             self._conn.close()
 
