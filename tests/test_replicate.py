@@ -621,3 +621,32 @@ def test_restore_refuses_damaged_blocks_and_output_inside_the_store(tmp_path):
     with pytest.raises(StoreCorruptError, match="does not match the run's hash"):
         restore(store, "s1", tmp_path / "out.raw")
     assert not (tmp_path / "out.raw").exists() and not (tmp_path / "out.raw.part").exists()
+
+
+def test_a_runs_own_dedup_memory_is_bounded_and_costs_only_space(tmp_path, monkeypatch):
+    """A run dedups its own new blocks exactly for the last CLAIMED_MAX of them, in bounded
+    memory: a copy further back is stored twice (space, not correctness), and the run
+    still restores byte for byte."""
+    from smsblock.repository.writer import BlockStorer
+    monkeypatch.setattr(BlockStorer, "CLAIMED_MAX", 4)
+    seen = []
+    real = BlockStorer.store_block
+
+    def watched(self, view):
+        out = real(self, view)
+        seen.append(len(self._claimed))
+        return out
+    monkeypatch.setattr(BlockStorer, "store_block", watched)
+    bs = 64 << 10
+    rng = np.random.default_rng(7)
+    blocks = [rng.integers(0, 256, bs, dtype=np.uint8).tobytes() for _ in range(8)]
+    # block 0 again right after itself (deduped) and after 7 others (further back than 4)
+    layout = [0, 0, 1, 2, 3, 4, 5, 6, 7, 0]
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"".join(blocks[i] for i in layout))
+    store = tmp_path / "store"
+    s = replicate(str(disk), str(store), "srv", block_size=bs)
+    assert max(seen) <= 4
+    assert s.blocks_stored == 9          # 8 distinct blocks, block 0 once more (evicted)
+    restore(str(store), "srv", tmp_path / "out.raw")
+    assert (tmp_path / "out.raw").read_bytes() == disk.read_bytes()

@@ -4,6 +4,7 @@ thread putting each sealed pack under its id) and :class:`BlockStorer` (a run's
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 
@@ -153,6 +154,8 @@ class BlockStorer:
     already has it.  Called concurrently from the scan's worker threads; the address
     goes into the scan window's ``addresses``."""
 
+    CLAIMED_MAX = 1 << 18
+
     def __init__(self, store: Repository, index: BlockIndex, sink: PackSink,
                  cancel: CancelToken | None):
         cfg = store.config
@@ -161,7 +164,10 @@ class BlockStorer:
         self.index = index
         self.sink = sink
         self.cancel = cancel
-        self._claimed: set[bytes] = set()
+        # addresses this run has stored, newest last: exact dedup within a run for the last
+        # CLAIMED_MAX new blocks (128 GiB of 512 KiB blocks), in bounded memory (~100 bytes
+        # each); a copy further back than that is stored twice, which costs space only
+        self._claimed: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -181,7 +187,9 @@ class BlockStorer:
         with self._lock:
             if address in self._claimed:
                 return address
-            self._claimed.add(address)
+            self._claimed[address] = None
+            if len(self._claimed) > self.CLAIMED_MAX:
+                self._claimed.popitem(last=False)
         if address in self.index:
             return address
         frame = self._compressor().compress(view)
