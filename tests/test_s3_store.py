@@ -787,3 +787,29 @@ def test_bad_settings_are_one_line(tmp_path, env):
                        capture_output=True, text=True, env=full, timeout=60)
     assert p.returncode != 0
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_a_large_remote_manifest_is_read_from_a_private_file_not_memory(tmp_path, moto, bucket,
+                                                                        monkeypatch):
+    """A manifest over MANIFEST_IN_MEMORY (a dense multi-TiB disk's is GBs) is fetched in
+    ranged pieces into an unlinked 0600 file and read from there; restore is byte-exact."""
+    from smsblock.repository.repository import Repository
+    store = new_store(f"s3://{bucket}/stores/bigman")
+    store.initialise(StoreConfig(pack_size=PACK_SIZE))
+    disk = tmp_path / "disk.raw"
+    raw = make_disk(disk, 3)
+    replicate(disk, store, "web-1", block_size=BS)
+    monkeypatch.setattr(Repository, "MANIFEST_IN_MEMORY", 64)
+    monkeypatch.setattr(Repository, "MANIFEST_PIECE", 100)
+    pieces = []
+    real = Repository.get_manifest_bytes
+
+    def counted(self, server_id, run_id, offset=0, length=None):
+        pieces.append(length)
+        return real(self, server_id, run_id, offset, length)
+    monkeypatch.setattr(Repository, "get_manifest_bytes", counted)
+    with store.open_manifest("web-1") as m:
+        assert m.meta["server_id"] == "web-1"
+    assert len(pieces) > 2 and all(p is not None and p <= 100 for p in pieces)
+    restore(store, "web-1", tmp_path / "out.raw")
+    assert (tmp_path / "out.raw").read_bytes() == raw

@@ -596,9 +596,40 @@ class Repository:
         where = f"{self.url}: {server_id}/{run_id}"
         if run_id not in self.list_run_ids(server_id):
             raise RunNotFoundError(f"{self.url}: no run {run_id!r} of server {server_id!r}")
-        fd = self.backend.open_fd(self._manifest_rel(server_id, run_id), what="read manifest")
+        name = self._manifest_rel(server_id, run_id)
+        fd = self.backend.open_fd(name, what="read manifest")
+        if fd is None:
+            fd = self._fetch_large_manifest(server_id, run_id, name)
         source = fd if fd is not None else self.get_manifest_bytes(server_id, run_id)
         return ManifestReader(source, where)
+
+    #: a remote manifest larger than this is fetched in pieces into a private temporary
+    #: file (a dense multi-TiB disk's is GBs), not into memory
+    MANIFEST_IN_MEMORY = 64 << 20
+    MANIFEST_PIECE = 8 << 20
+
+    def _fetch_large_manifest(self, server_id: str, run_id: str, name: str) -> int | None:
+        found = self.backend.stat(name)
+        if found is None:
+            raise RunNotFoundError(f"{self.url}: no run {run_id!r} of server {server_id!r}")
+        if found.size <= self.MANIFEST_IN_MEMORY:
+            return None
+        import tempfile
+        staged = self.staging_path(".manifest.get")
+        folder = os.path.dirname(staged)
+        f = tempfile.TemporaryFile(dir=folder)      # 0600, unlinked: gone with the fd
+        try:
+            for offset in range(0, found.size, self.MANIFEST_PIECE):
+                piece = self.get_manifest_bytes(server_id, run_id, offset,
+                                                min(self.MANIFEST_PIECE, found.size - offset))
+                f.write(piece)
+            f.flush()
+            return os.dup(f.fileno())
+        except OSError as e:
+            raise StoreError(f"{folder}: cannot stage manifest {server_id}/{run_id}: "
+                             f"{e.strerror}") from None
+        finally:
+            f.close()
 
     def latest_run_id(self, server_id: str) -> str | None:
         ids = self.list_run_ids(check_server_id(server_id))
