@@ -608,6 +608,67 @@ def test_migrations_upgrade_an_existing_database_in_order(tmp_path, monkeypatch)
     db.close()
 
 
+def counting_statements(svc, monkeypatch):
+    """A function that calls ``fn`` and returns how many statements its transactions ran."""
+    import contextlib
+    real = svc.state.transaction
+
+    class Counting:
+        def __init__(self, db, counted):
+            self.db, self.counted = db, counted
+
+        def execute(self, *args):
+            self.counted.append(args[0])
+            return self.db.execute(*args)
+
+    def statements(fn) -> int:
+        counted: list = []
+
+        @contextlib.contextmanager
+        def transaction():
+            with real() as db:
+                yield Counting(db, counted)
+        monkeypatch.setattr(svc.state, "transaction", transaction)
+        try:
+            fn()
+        finally:
+            monkeypatch.setattr(svc.state, "transaction", real)
+        return len(counted)
+    return statements
+
+
+def test_get_servers_costs_the_same_queries_for_a_page_of_one_server_or_many(
+        tmp_path, monkeypatch):
+    """GetServers finds the job each server of its page shows (its live job, else its
+    latest: a deleted one) in one statement, not one or two per server; the answer says
+    which job as before."""
+    ds = make_datastore(tmp_path / "ds", 5)
+    clock = FakeClock(T0)
+    svc = SmsService(tmp_path / "state", clock=clock)
+    try:
+        svc.register_connector("datastore", {"path": str(ds)})
+        svc.import_server_catalog()
+        statements = counting_statements(svc, monkeypatch)
+        servers = [s["serverId"] for s in svc.get_servers()["serverList"]]
+        one = statements(lambda: svc.get_servers(maxResults=1))
+        assert statements(svc.get_servers) == one
+        deleted = new_job(svc, servers[0], seedReplicationTime=T0 + DAY)
+        svc.delete_replication_job(replicationJobId=deleted)
+        live = new_job(svc, servers[1], seedReplicationTime=T0 + DAY)
+        gone = new_job(svc, servers[2], seedReplicationTime=T0 + DAY)
+        svc.delete_replication_job(replicationJobId=gone)
+        again = new_job(svc, servers[2], seedReplicationTime=T0 + DAY)
+        assert statements(svc.get_servers) == one
+        shown = {s["serverId"]: (s.get("replicationJobId"), s.get("replicationJobTerminated"))
+                 for s in svc.get_servers()["serverList"]}
+        assert shown[servers[0]] == (deleted, True)
+        assert shown[servers[1]] == (live, False)
+        assert shown[servers[2]] == (again, False)
+        assert shown[servers[3]] == shown[servers[4]] == (None, None)
+    finally:
+        svc.close()
+
+
 def test_get_replication_jobs_costs_the_same_queries_for_one_job_or_many(tmp_path, monkeypatch):
     """GetReplicationJobs reads a page of jobs, their servers and their latest runs in a
     fixed number of statements (on PostgreSQL each is a round trip: two per job made the

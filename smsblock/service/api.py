@@ -395,8 +395,8 @@ class SmsService:
             if wanted is not None:      # set lookups: linear in servers + addresses
                 rows = [r for r in rows if wanted(r["vm_manager_id"], r["vm_id"])]
             page, token = _paginate("GetServers", rows, nextToken, maxResults)
-            servers = [server_from_row(r, jobs.live_job_for_server(db, r["server_id"]) or
-                                       _latest_job(db, r["server_id"])).to_api() for r in page]
+            job_of = _jobs_of_servers(db, [r["server_id"] for r in page])
+            servers = [server_from_row(r, job_of.get(r["server_id"])).to_api() for r in page]
         out = {"serverCatalogStatus": ServerCatalogStatus(cat["status"]).value,
                "serverList": servers}
         if cat["last_modified_on"] is not None:
@@ -533,9 +533,20 @@ def _address_filter(addresses: list[dict]):
     return lambda m, v: everything or m in managers or v in vms or (m, v) in both
 
 
-def _latest_job(db, server_id: str):
-    return db.execute("SELECT * FROM jobs WHERE server_id = ? ORDER BY created DESC, rowid DESC LIMIT 1",
-                      (server_id,)).fetchone()
+def _jobs_of_servers(db, server_ids: list[str]) -> dict:
+    """The job each server shows (its live job, else its latest), for a page of servers
+    in one statement (not one or two per server: a round trip each on PostgreSQL)."""
+    if not server_ids:
+        return {}
+    live: dict = {}
+    latest: dict = {}
+    for job in db.execute(
+            f"SELECT * FROM jobs WHERE server_id IN ({', '.join('?' * len(server_ids))}) "
+            "ORDER BY created DESC, rowid DESC", server_ids).fetchall():
+        latest.setdefault(job["server_id"], job)
+        if job["state"] != "DELETED":
+            live.setdefault(job["server_id"], job)
+    return {**latest, **live}
 
 
 def _paginate(op: str, rows: list, token: str | None, max_results: int | None):
