@@ -609,9 +609,10 @@ def test_migrations_upgrade_an_existing_database_in_order(tmp_path, monkeypatch)
 
 
 def counting_statements(svc, monkeypatch):
-    """A function that calls ``fn`` and returns how many statements its transactions ran."""
+    """A function that calls ``fn`` and returns how many statements its transactions and
+    snapshots ran (at least one: a count of nothing proves nothing)."""
     import contextlib
-    real = svc.state.transaction
+    real = {name: getattr(svc.state, name) for name in ("transaction", "snapshot")}
 
     class Counting:
         def __init__(self, db, counted):
@@ -624,15 +625,20 @@ def counting_statements(svc, monkeypatch):
     def statements(fn) -> int:
         counted: list = []
 
-        @contextlib.contextmanager
-        def transaction():
-            with real() as db:
-                yield Counting(db, counted)
-        monkeypatch.setattr(svc.state, "transaction", transaction)
+        def wrapped(open_):
+            @contextlib.contextmanager
+            def opened():
+                with open_() as db:
+                    yield Counting(db, counted)
+            return opened
+        for name, open_ in real.items():
+            monkeypatch.setattr(svc.state, name, wrapped(open_))
         try:
             fn()
         finally:
-            monkeypatch.setattr(svc.state, "transaction", real)
+            for name, open_ in real.items():
+                monkeypatch.setattr(svc.state, name, open_)
+        assert counted, "no statement was counted"
         return len(counted)
     return statements
 
@@ -683,7 +689,7 @@ def test_get_replication_jobs_costs_the_same_queries_for_one_job_or_many(tmp_pat
         svc.import_server_catalog()
         servers = [s["serverId"] for s in svc.get_servers()["serverList"]]
         counted = []
-        real = svc.state.transaction
+        real = svc.state.snapshot        # GetReplicationJobs reads in a snapshot
 
         class Counting:
             def __init__(self, db):
@@ -700,11 +706,11 @@ def test_get_replication_jobs_costs_the_same_queries_for_one_job_or_many(tmp_pat
 
         def statements() -> int:
             counted.clear()
-            monkeypatch.setattr(svc.state, "transaction", transaction)
+            monkeypatch.setattr(svc.state, "snapshot", transaction)
             try:
                 svc.get_replication_jobs()
             finally:
-                monkeypatch.setattr(svc.state, "transaction", real)
+                monkeypatch.setattr(svc.state, "snapshot", real)
             return len(counted)
 
         jobs_made = [new_job(svc, servers[0], seedReplicationTime=T0 + DAY)]
@@ -731,3 +737,40 @@ def test_get_replication_jobs_costs_the_same_queries_for_one_job_or_many(tmp_pat
         assert runs[0]["scheduledStartTime"] > runs[1]["scheduledStartTime"]
     finally:
         svc.close()
+
+
+def test_get_operations_read_while_another_process_holds_the_write_lock(env):
+    """GetReplicationJobs, GetReplicationRuns and GetServers are reads in a snapshot: they
+    answer at once while a writer elsewhere (another `serve`, a connector) holds the write
+    lock, and a write waits for it as before."""
+    import threading
+    import time
+    from smsblock.service.state import State
+    svc, clock, servers, conn, ds = env
+    job = new_job(svc, servers[0])
+    target, extra = __import__("postgres_server").state_target(svc.state)
+    other = State(target, local_dir=extra["SMSBLOCK_HOME"]) if extra else State(target)
+    holding, release = threading.Event(), threading.Event()
+
+    def writer():
+        with other.transaction() as db:
+            db.execute("UPDATE jobs SET description = ? WHERE job_id = ?", ("held", job))
+            holding.set()
+            release.wait(20)
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert holding.wait(10)
+        t0 = time.monotonic()
+        assert [j["replicationJobId"] for j in
+                svc.get_replication_jobs()["replicationJobList"]] == [job]
+        svc.get_replication_runs(replicationJobId=job)
+        assert len(svc.get_servers()["serverList"]) == len(servers)
+        assert time.monotonic() - t0 < 2, "a read waited for the writer"
+        # the writer's change is not seen before it commits
+        assert svc.get_replication_jobs()["replicationJobList"][0].get("description") != "held"
+    finally:
+        release.set()
+        t.join(20)
+        other.close()
+    assert svc.get_replication_jobs()["replicationJobList"][0]["description"] == "held"

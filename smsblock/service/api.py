@@ -388,8 +388,13 @@ class SmsService:
     def get_servers(self, nextToken: str | None = None, maxResults: int | None = None,
                     vmServerAddressList: list[dict] | None = None) -> dict:
         wanted = _address_filter(vmServerAddressList) if vmServerAddressList else None
-        with self.state.transaction() as db:
-            cat = catalog.refresh_status(db, self.state.dir, self.clock(), self.config)
+        now = self.clock()
+        with self.state.snapshot() as db:
+            settled = not catalog.status_may_change(db, now, self.config)
+        # a read, unless the catalog's status is due to change (an import's process died,
+        # or its connectors are gone past the expiry): then the write transaction does it
+        with (self.state.snapshot() if settled else self.state.transaction()) as db:
+            cat = catalog.refresh_status(db, self.state.dir, now, self.config)
             rows = db.execute("SELECT * FROM servers WHERE in_catalog = 1 "
                               "ORDER BY vm_path, server_id").fetchall()
             if wanted is not None:      # set lookups: linear in servers + addresses
@@ -437,7 +442,7 @@ class SmsService:
 
     def get_replication_jobs(self, replicationJobId: str | None = None,
                              nextToken: str | None = None, maxResults: int | None = None) -> dict:
-        with self.state.transaction() as db:
+        with self.state.snapshot() as db:      # a read: waits for no writer
             # deleted jobs stay listed, in state DELETED (as SMS lists them)
             if replicationJobId is not None:
                 rows = [jobs.get_job(db, replicationJobId, deleted=True)]
@@ -453,7 +458,7 @@ class SmsService:
                              nextToken: str | None = None, maxResults: int | None = None) -> dict:
         if replicationJobId is None:
             raise ServiceError("replicationJobId is required", "MissingRequiredParameterException")
-        with self.state.transaction() as db:
+        with self.state.snapshot() as db:      # a read: waits for no writer
             job = jobs.get_job(db, replicationJobId, deleted=True)
             runs = db.execute("SELECT * FROM runs WHERE job_id = ? ORDER BY created DESC, rowid DESC",
                               (replicationJobId,)).fetchall()

@@ -171,6 +171,19 @@ def refresh_status(db: sqlite3.Connection, state_dir: Path, now: float,
     return cat
 
 
+def status_may_change(db, now: float, config: ServiceConfig) -> bool:
+    """Whether :func:`refresh_status` might write: an import is under way (its process
+    may have died) or the catalog is past its expiry.  Read-only, so a caller can
+    read the catalog in a snapshot when it is False."""
+    cat = db.execute("SELECT * FROM catalog WHERE id = 1").fetchone()
+    if cat["status"] == IMPORTING:
+        return True
+    if cat["status"] == ServerCatalogStatus.AVAILABLE.value and config.catalog_expiry_seconds > 0:
+        expired_at = _expiry(db, cat, config.catalog_expiry_seconds)
+        return expired_at is not None and now > expired_at
+    return False
+
+
 def _expiry(db: sqlite3.Connection, cat: sqlite3.Row, age: float) -> float | None:
     """When the catalog expires: ``age`` after its last connector was last seen."""
     outcome = json.loads(cat["import_outcome"] or "{}")

@@ -691,6 +691,37 @@ class State:
             self._depth = 0
             self._commit()
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Any]:
+        """A consistent read of several statements that waits for no writer and makes none
+        wait: SQLite's deferred transaction (a WAL snapshot), PostgreSQL's REPEATABLE READ
+        READ ONLY transaction without the write lock.  Only reads may run in it; inside a
+        :meth:`transaction` it joins that one."""
+        with self._lock:
+            conn = self._db if self.dialect == "sqlite" else self._conn
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield conn
+                finally:
+                    self._depth -= 1
+                return
+            if self.dialect == "sqlite":
+                self._db.execute("BEGIN")
+            else:
+                self._pg_usable()
+                try:
+                    self._pg_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", retry=True)
+                except BaseException:
+                    self._rollback()
+                    raise
+            self._depth = 1
+            try:
+                yield conn
+            finally:
+                self._depth = 0
+                self._rollback()      # nothing to keep: a read
+
     def query(self, sql: str, params=()) -> list:
         """The rows of one statement (its own transaction unless inside one)."""
         with self._lock:
