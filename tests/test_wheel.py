@@ -117,8 +117,10 @@ def test_the_wheel_installs_and_runs_in_a_clean_venv(built, tmp_path, vmdk_sampl
         url = line.split("listening on ")[1].split()[0]
         import boto3
         monkeypatch.setenv("AWS_DATA_PATH", str(aws_models))
-        client = boto3.client("sms", endpoint_url=url, region_name="us-east-1",
-                              aws_access_key_id="AKIDWHEEL", aws_secret_access_key="wheel-secret")
+        # a new session: boto3's default one may predate AWS_DATA_PATH (its loader caches)
+        client = boto3.session.Session().client(
+            "sms", endpoint_url=url, region_name="us-east-1",
+            aws_access_key_id="AKIDWHEEL", aws_secret_access_key="wheel-secret")
         assert client.get_connectors()["connectorList"] == []
     finally:
         serve.terminate()
