@@ -113,7 +113,8 @@ def test_delete_during_an_import_wins_and_the_import_result_is_dropped(fifo_svc)
     assert fifo_source.feed(fifo, ["web"])
     wait_for(lambda: status(svc) == "AVAILABLE", what="AVAILABLE")
     assert [s["vmServer"]["vmName"] for s in svc.get_servers()["serverList"]] == ["web"]
-    assert not list(svc.state.dir.glob("catalog-import-*"))
+    # the import's lock goes just after its result is committed (a read may come between)
+    wait_for(lambda: not list(svc.state.dir.glob("catalog-import-*")), what="the lock removed")
 
 
 def test_an_import_whose_process_is_killed_does_not_stay_importing(fifo_svc, tmp_path):
