@@ -93,7 +93,8 @@ class Backend(abc.ABC):
     def open_fd(self, name: str, *, what: str | None = None) -> int | None:
         """A read-only descriptor of a regular-file object (the caller closes it), so a
         large object can be read in pieces without a request each; None where objects
-        are not local files (then read with :meth:`get`)."""
+        are not local files, or when it is missing (then read with :meth:`get`, which
+        tells the two apart)."""
         return None
 
     @abc.abstractmethod

@@ -76,23 +76,7 @@ class LocalBackend(Backend):
 
     # -- objects -------------------------------------------------------------------
     def open_fd(self, name: str, *, what: str | None = None) -> int | None:
-        parts = self._parts(name)
-        path = self.where(name)
-        try:
-            with subdir(self.root, *parts[:-1]) as folder_fd:
-                fd = os.open(parts[-1], os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
-                             dir_fd=folder_fd)
-        except FileNotFoundError:
-            raise StoreError(f"{path}: cannot {what or 'open'}: no such object") from None
-        except OSError as e:
-            raise StoreError(f"{_where(e, path)}: cannot {what or 'open'}: {e.strerror}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise StoreError(f"{path}: not a regular file")
-        return fd
-
-    def get(self, name: str, offset: int = 0, length: int | None = None, *,
-            what: str | None = None) -> bytes | None:
+        # None when missing too: the caller's get() then says so in its own terms
         parts = self._parts(name)
         path = self.where(name)
         try:
@@ -103,9 +87,18 @@ class LocalBackend(Backend):
             return None
         except OSError as e:
             raise StoreError(f"{_where(e, path)}: cannot {what or 'open'}: {e.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StoreError(f"{path}: not a regular file")
+        return fd
+
+    def get(self, name: str, offset: int = 0, length: int | None = None, *,
+            what: str | None = None) -> bytes | None:
+        path = self.where(name)
+        fd = self.open_fd(name, what=what)
+        if fd is None:
+            return None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise StoreError(f"{path}: not a regular file")
             if length is None:
                 length = max(0, os.fstat(fd).st_size - offset)
             out = bytearray()

@@ -594,35 +594,32 @@ class Repository:
             run_id = ids[-1]
         check_run_id(run_id)
         where = f"{self.url}: {server_id}/{run_id}"
-        if run_id not in self.list_run_ids(server_id):
-            raise RunNotFoundError(f"{self.url}: no run {run_id!r} of server {server_id!r}")
-        name = self._manifest_rel(server_id, run_id)
-        fd = self.backend.open_fd(name, what="read manifest")
-        if fd is None:
-            fd = self._fetch_large_manifest(server_id, run_id, name)
-        source = fd if fd is not None else self.get_manifest_bytes(server_id, run_id)
-        return ManifestReader(source, where)
+        fd = self.backend.open_fd(self._manifest_rel(server_id, run_id), what="read manifest")
+        return ManifestReader(fd if fd is not None else self._fetch_manifest(server_id, run_id),
+                              where)
 
     #: a remote manifest larger than this is fetched in pieces into a private temporary
     #: file (a dense multi-TiB disk's is GBs), not into memory
     MANIFEST_IN_MEMORY = 64 << 20
     MANIFEST_PIECE = 8 << 20
 
-    def _fetch_large_manifest(self, server_id: str, run_id: str, name: str) -> int | None:
-        found = self.backend.stat(name)
+    def _fetch_manifest(self, server_id: str, run_id: str):
+        """A remote manifest: its bytes when it is small (one request, as before), else a
+        descriptor of an unlinked private file it was fetched into piece by piece."""
+        head = self.get_manifest_bytes(server_id, run_id, 0, self.MANIFEST_IN_MEMORY + 1)
+        if len(head) <= self.MANIFEST_IN_MEMORY:
+            return head
+        import tempfile
+        folder = os.path.dirname(self.staging_path(".manifest.get"))
+        f = tempfile.TemporaryFile(dir=folder)      # 0600, unlinked: gone with the fd
+        found = self.backend.stat(self._manifest_rel(server_id, run_id))
         if found is None:
             raise RunNotFoundError(f"{self.url}: no run {run_id!r} of server {server_id!r}")
-        if found.size <= self.MANIFEST_IN_MEMORY:
-            return None
-        import tempfile
-        staged = self.staging_path(".manifest.get")
-        folder = os.path.dirname(staged)
-        f = tempfile.TemporaryFile(dir=folder)      # 0600, unlinked: gone with the fd
         try:
-            for offset in range(0, found.size, self.MANIFEST_PIECE):
-                piece = self.get_manifest_bytes(server_id, run_id, offset,
-                                                min(self.MANIFEST_PIECE, found.size - offset))
-                f.write(piece)
+            f.write(head)
+            for offset in range(len(head), found.size, self.MANIFEST_PIECE):
+                f.write(self.get_manifest_bytes(server_id, run_id, offset,
+                                                min(self.MANIFEST_PIECE, found.size - offset)))
             f.flush()
             return os.dup(f.fileno())
         except OSError as e:
