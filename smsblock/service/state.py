@@ -667,10 +667,33 @@ class State:
                     self._rollback()
                     raise
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[Any]:
+    def transaction(self) -> contextlib.AbstractContextManager[Any]:
         """One atomic unit of change; nested uses join the outer transaction.  Yields the
         connection: ``execute(sql, params)`` with ``?`` placeholders, rows by name."""
+        return self._unit(self._begin, keep=True)
+
+    def snapshot(self) -> contextlib.AbstractContextManager[Any]:
+        """A consistent read of several statements that waits for no writer and makes none
+        wait: SQLite's deferred transaction (a WAL snapshot), PostgreSQL's REPEATABLE READ
+        READ ONLY transaction without the write lock.  Only reads may run in it; inside a
+        :meth:`transaction` it joins that one."""
+        return self._unit(self._begin_read, keep=False)
+
+    def _begin_read(self) -> None:
+        if self.dialect == "sqlite":
+            self._db.execute("BEGIN")
+            return
+        self._pg_usable()
+        try:
+            self._pg_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", retry=True)
+        except BaseException:
+            self._rollback()
+            raise
+
+    @contextlib.contextmanager
+    def _unit(self, begin, keep: bool) -> Iterator[Any]:
+        """A transaction begun by ``begin``, committed at the end if ``keep`` (else rolled
+        back: a read), rolled back on error; a nested one joins the outer."""
         with self._lock:
             conn = self._db if self.dialect == "sqlite" else self._conn
             if self._depth:
@@ -680,7 +703,7 @@ class State:
                 finally:
                     self._depth -= 1
                 return
-            self._begin()
+            begin()
             self._depth = 1
             try:
                 yield conn
@@ -689,38 +712,10 @@ class State:
                 self._rollback()
                 raise
             self._depth = 0
-            self._commit()
-
-    @contextlib.contextmanager
-    def snapshot(self) -> Iterator[Any]:
-        """A consistent read of several statements that waits for no writer and makes none
-        wait: SQLite's deferred transaction (a WAL snapshot), PostgreSQL's REPEATABLE READ
-        READ ONLY transaction without the write lock.  Only reads may run in it; inside a
-        :meth:`transaction` it joins that one."""
-        with self._lock:
-            conn = self._db if self.dialect == "sqlite" else self._conn
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield conn
-                finally:
-                    self._depth -= 1
-                return
-            if self.dialect == "sqlite":
-                self._db.execute("BEGIN")
+            if keep:
+                self._commit()
             else:
-                self._pg_usable()
-                try:
-                    self._pg_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", retry=True)
-                except BaseException:
-                    self._rollback()
-                    raise
-            self._depth = 1
-            try:
-                yield conn
-            finally:
-                self._depth = 0
-                self._rollback()      # nothing to keep: a read
+                self._rollback()
 
     def query(self, sql: str, params=()) -> list:
         """The rows of one statement (its own transaction unless inside one)."""
