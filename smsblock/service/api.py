@@ -389,19 +389,26 @@ class SmsService:
                     vmServerAddressList: list[dict] | None = None) -> dict:
         wanted = _address_filter(vmServerAddressList) if vmServerAddressList else None
         now = self.clock()
-        with self.state.snapshot() as db:
-            settled = not catalog.status_may_change(db, now, self.config)
-        # a read, unless the catalog's status is due to change (an import's process died,
-        # or its connectors are gone past the expiry): then the write transaction does it
-        with (self.state.snapshot() if settled else self.state.transaction()) as db:
+
+        def page(db):
             cat = catalog.refresh_status(db, self.state.dir, now, self.config)
             rows = db.execute("SELECT * FROM servers WHERE in_catalog = 1 "
                               "ORDER BY vm_path, server_id").fetchall()
             if wanted is not None:      # set lookups: linear in servers + addresses
                 rows = [r for r in rows if wanted(r["vm_manager_id"], r["vm_id"])]
-            page, token = _paginate("GetServers", rows, nextToken, maxResults)
-            job_of = _jobs_of_servers(db, [r["server_id"] for r in page])
-            servers = [server_from_row(r, job_of.get(r["server_id"])).to_api() for r in page]
+            shown, token = _paginate("GetServers", rows, nextToken, maxResults)
+            job_of = _jobs_of_servers(db, [r["server_id"] for r in shown])
+            return cat, [server_from_row(r, job_of.get(r["server_id"])).to_api()
+                         for r in shown], token
+        # a read in one snapshot, unless the catalog's status is due to change there (an
+        # import's process died, or its connectors are gone past the expiry): then the
+        # write transaction does it
+        with self.state.snapshot() as db:
+            answer = None if catalog.status_may_change(db, now, self.config) else page(db)
+        if answer is None:
+            with self.state.transaction() as db:
+                answer = page(db)
+        cat, servers, token = answer
         out = {"serverCatalogStatus": ServerCatalogStatus(cat["status"]).value,
                "serverList": servers}
         if cat["last_modified_on"] is not None:
