@@ -180,14 +180,7 @@ class Manifest:
     def runs(self, start: int = 0, end: int | None = None):
         """Runs ``(state, start, count, hashes, addresses)`` as :meth:`ManifestReader.runs`."""
         end = self.n_blocks if end is None else min(end, self.n_blocks)
-        for s in range(max(0, start), end, WINDOW_BLOCKS):
-            e = min(end, s + WINDOW_BLOCKS)
-            states, hashes, addresses = self.window(s, e)
-            for state, a, count, carries in zip(*_window_runs(states, hashes, addresses)):
-                if carries:
-                    yield state, s + a, count, hashes[a:a + count], addresses[a:a + count]
-                else:
-                    yield state, s + a, count, None, None
+        yield from _runs_by_window(self.window, max(0, start), end)
 
     def entry(self, index: int) -> tuple[int, bytes, bytes]:
         """Block ``index``'s ``(state, xxh3-128, address)``."""
@@ -893,6 +886,18 @@ class _RunDigest:
         return self._h.digest()
 
 
+def _runs_by_window(window, start: int, end: int):
+    """Runs ``(state, start, count, hashes, addresses)`` of blocks [start, end) of a table
+    read ``window(s, e)`` a window at a time (hashes/addresses only for runs that carry them)."""
+    for s in range(start, end, WINDOW_BLOCKS):
+        states, hashes, addresses = window(s, min(end, s + WINDOW_BLOCKS))
+        for state, a, count, carries in zip(*_window_runs(states, hashes, addresses)):
+            if carries:
+                yield state, s + a, count, hashes[a:a + count], addresses[a:a + count]
+            else:
+                yield state, s + a, count, None, None
+
+
 def _window_runs(states, hashes, addresses):
     """Runs of a window of per-block arrays: ``(state, start, count, carries)`` lists
     (``start`` relative to the window), a run carrying entries when it is DATA or any of
@@ -1340,14 +1345,7 @@ class ManifestReader:
         if start >= end:
             return
         if self.version == 1:
-            for s in range(start, end, WINDOW_BLOCKS):
-                e = min(end, s + WINDOW_BLOCKS)
-                states, hashes, addresses = self._window_v1(s, e)
-                for state, a, count, carries in zip(*_window_runs(states, hashes, addresses)):
-                    if carries:
-                        yield state, s + a, count, hashes[a:a + count], addresses[a:a + count]
-                    else:
-                        yield state, s + a, count, None, None
+            yield from _runs_by_window(self._window_v1, start, end)
             return
         i = bisect.bisect_right(self._firsts, start) - 1
         while i < len(self._firsts) and self._firsts[i] < end:

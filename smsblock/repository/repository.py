@@ -569,15 +569,19 @@ class Repository:
         return decompress_block(frame, location.ulen, self.pack_name(location.pack_id), location.offset)
 
     # -- runs ------------------------------------------------------------
-    def load_manifest(self, server_id: str, run_id: str | None = None) -> Manifest:
-        """A run's manifest; ``run_id=None`` is the server's latest run."""
+    def _run_of(self, server_id: str, run_id: str | None) -> str:
+        """``run_id`` checked, or the server's latest run (RunNotFoundError: none)."""
         check_server_id(server_id)
         if run_id is None:
             ids = self.list_run_ids(server_id)
             if not ids:
                 raise RunNotFoundError(f"{self.url}: no runs of server {server_id!r}")
             run_id = ids[-1]
-        check_run_id(run_id)
+        return check_run_id(run_id)
+
+    def load_manifest(self, server_id: str, run_id: str | None = None) -> Manifest:
+        """A run's manifest; ``run_id=None`` is the server's latest run."""
+        run_id = self._run_of(server_id, run_id)
         data = self.get_manifest_bytes(server_id, run_id)
         return Manifest.from_bytes(bytearray(data), f"{self.url}: {server_id}/{run_id}")
 
@@ -586,13 +590,7 @@ class Repository:
         when opened, then read in windows: memory does not follow the disk's size);
         ``run_id=None`` is the server's latest run.  Close it when done."""
         from ..manifest import ManifestReader
-        check_server_id(server_id)
-        if run_id is None:
-            ids = self.list_run_ids(server_id)
-            if not ids:
-                raise RunNotFoundError(f"{self.url}: no runs of server {server_id!r}")
-            run_id = ids[-1]
-        check_run_id(run_id)
+        run_id = self._run_of(server_id, run_id)
         where = f"{self.url}: {server_id}/{run_id}"
         fd = self.backend.open_fd(self._manifest_rel(server_id, run_id), what="read manifest")
         return ManifestReader(fd if fd is not None else self._fetch_manifest(server_id, run_id),
