@@ -1457,8 +1457,26 @@ def iter_diff(old, new, window: int = WINDOW_BLOCKS):
                 b = next(b_runs, None)
     longer = old if old.n_blocks > new.n_blocks else new
     for state, start, count, _h, _a in longer.runs(n, longer.n_blocks):
-        yield (start, start + count, state if longer is old else None,
-               state if longer is new else None, np.arange(start, start + count, dtype=np.int64))
+        # a tail run may span TiBs: its indices go out ``window`` at a time
+        for s in range(start, start + count, window):
+            e = min(start + count, s + window)
+            yield (s, e, state if longer is old else None, state if longer is new else None,
+                   np.arange(s, e, dtype=np.int64))
+
+
+def copy_manifest(source, file, meta: dict) -> bytes:
+    """Write ``source``'s blocks (a :class:`Manifest` or :class:`ManifestReader`, any
+    version) as a version 3 manifest with ``meta`` in place of its own, to ``file`` (a
+    path or a binary file, as :class:`ManifestWriter` takes); return the digest.  A
+    frame at a time: what a publisher uses to add its record to a committed run."""
+    writer = ManifestWriter(file, source.disk_size, source.block_size, source.address_algorithm)
+    try:
+        for state, _start, count, hashes, addresses in source.runs():
+            writer.add_run(state, count, hashes, addresses)
+        return writer.finish(meta)
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def diff_count(old, new) -> int:

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 
 from smsblock.disk import open_disk
 from smsblock.errors import ManifestError, UsageError
-from smsblock.manifest import (BlockState, Manifest, ManifestReader, ManifestWriter, diff,
-                               diff_count, iter_diff)
+from smsblock.manifest import (BlockState, Manifest, ManifestReader, ManifestWriter,
+                               copy_manifest, diff, diff_count, iter_diff)
 from smsblock.scanner import Gap, check_changed_extents, scan, scan_stream
 
 KIB = 1024
@@ -113,9 +113,26 @@ def test_windowed_diff_equals_the_whole_diff(a, b, window):
     ra, rb = ManifestReader(a.to_bytes()), ManifestReader(b.to_bytes())
     for old, new in ((ra, rb), (a, rb), (ra, b)):
         got = [idx for *_, idx in iter_diff(old, new, window)]
+        assert all(len(idx) <= window for idx in got)       # memory: a window, tails too
         got = np.concatenate(got) if got else np.zeros(0, np.int64)
         assert got.tolist() == want.tolist()
         assert diff_count(old, new) == len(want)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts())
+def test_copy_with_new_meta_keeps_every_block(m):
+    """copy_manifest (what a publisher uses to add its record to a run): from any
+    version, the same blocks, the new meta, and version 3's digest."""
+    for blob in (m.to_bytes(), m._to_bytes_v2(), m._to_bytes_v1()):
+        out = io.BytesIO()
+        digest = copy_manifest(ManifestReader(blob, "x"), out, {"ebs": {"snapshot_id": "snap-1"}})
+        copy = ManifestReader(out.getvalue(), "copy")
+        assert copy.version == 3 and digest == copy.digest == m.digest
+        assert copy.meta == {"ebs": {"snapshot_id": "snap-1"}}
+        got = copy.to_manifest()
+        got.meta = m.meta
+        assert got == m
 
 
 def test_windowed_diff_refuses_other_block_sizes():
