@@ -31,8 +31,8 @@ import pytest
 from cloud_fixtures import *  # noqa: F401,F403  (fixtures)
 from fault_proxy import FaultProxy, Rule
 
-from smsblock.manifest import BlockState
-from smsblock.engine import prune, replicate, verify
+from smsblock.manifest import BlockState, ManifestReader
+from smsblock.engine import prune, replicate, restore, verify
 from smsblock.store import StoreConfig, open_store
 from smsblock.store.ebs import EBS_BLOCK, EbsStore, linear_checksum
 
@@ -355,5 +355,84 @@ def test_blocks_to_write_against_a_reference():
             elif old.states[i] != new.states[i] or (
                     new.states[i] == BlockState.DATA and (old.hashes[i] != new.hashes[i]).any()):
                 want.append(i)
+        first = np.flatnonzero(new.states == BlockState.DATA).tolist()
         assert blocks_to_write(old, new).tolist() == want
-        assert blocks_to_write(None, new).tolist() == np.flatnonzero(new.states == BlockState.DATA).tolist()
+        assert blocks_to_write(None, new).tolist() == first
+        # read a window at a time from files, as a publish does
+        r_old, r_new = ManifestReader(old.to_bytes()), ManifestReader(new.to_bytes())
+        assert blocks_to_write(r_old, r_new).tolist() == want
+        assert blocks_to_write(None, r_new).tolist() == first
+
+
+def test_sent_blocks_keep_the_aggregate_in_index_order():
+    """The LINEAR aggregate is built as blocks go, so they must go in ascending order."""
+    from smsblock.errors import UsageError
+    from smsblock.publish.ebs import SentBlocks
+    digests = {i: hashlib.sha256(bytes([i])).digest() for i in (2, 5, 9)}
+    sent = SentBlocks()
+    for i in sorted(digests):
+        sent.add(i, digests[i])
+    assert sent.count == 3 and sent.checksum == linear_checksum(digests[i] for i in (2, 5, 9))
+    with pytest.raises(UsageError, match="ascending"):
+        sent.add(5, digests[5])
+
+
+def test_snapshot_tokens_are_listed_a_window_at_a_time(tmp_path, moto, capture, monkeypatch):
+    """A restore from EBS lists block tokens per window (StartingBlockIndex), never the
+    whole chain up front, and is byte-exact across window edges and the chain."""
+    import smsblock.publish.ebs as publish_ebs
+    monkeypatch.setattr(publish_ebs, "LOOKUP_WINDOW", 2)
+    store = ebs_store(tmp_path, capture.url)
+    disk = tmp_path / "disk.raw"
+    first = make_disk(disk, 5)
+    replicate(disk, store, "win")
+    second = make_disk(disk, 5, first)
+    replicate(disk, store, "win")
+    capture.clear()
+    out = tmp_path / "out.raw"
+    restore(store, "win", out)
+    assert out.read_bytes() == second
+    lists = [r.path for r in capture.requests("GET", r"/snapshots/snap-[^/]+/blocks(\?|$)")]
+    starts = sorted({int(q.split("startingBlockIndex=")[1].split("&")[0])
+                     for q in lists if "startingBlockIndex=" in q})
+    assert starts == [2, 4], lists          # windows 1 and 2; window 0 starts at 0
+    assert all("maxResults=" in q for q in lists)
+
+
+def test_memory_does_not_follow_the_disk_size(tmp_path, moto, aws_env):
+    """Issue 11: an ebs:// store publishes (diff, snapshot, manifest rewrite) and restores
+    a window at a time.  The CLI on a 64 GiB and on a 1 TiB sparse disk holding the same
+    8 MiB has the same peak RSS; a whole manifest of the 1 TiB disk is 96 MiB more."""
+    from test_memory_bounded import SLACK, make_disk as sparse_disk, run_cli
+    rss = {}
+    for size in (64 << 30, 1 << 40):
+        work = tmp_path / str(size)
+        work.mkdir()
+        url = f"ebs://us-east-1?store={work / 'staging'}"
+        disk = work / "disk.raw"
+        offsets = sparse_disk(disk, size)
+        first, out = run_cli("replicate", str(disk), "--store", url, "--server", "vm",
+                             "--create", "--json", cwd=work)
+        assert json.loads(out)["blocks_data"] == 16
+        with open(disk, "r+b") as f:
+            f.seek(offsets[3])
+            f.write(b"\x55" * 4096)
+        second, out = run_cli("replicate", str(disk), "--store", url, "--server", "vm",
+                              "--json", cwd=work)
+        assert json.loads(out)["blocks_changed"] == 1
+        restored, _ = run_cli("restore", "--store", url, "--server", "vm", "-o",
+                              str(work / "out.raw"), cwd=work)
+        with open(disk, "rb") as a, open(work / "out.raw", "rb") as b:
+            for off in offsets:             # the data (the holes are holes on both sides)
+                a.seek(off)
+                b.seek(off)
+                assert a.read(512 << 10) == b.read(512 << 10)
+        assert os.path.getsize(work / "out.raw") == size
+        store = open_store(url)
+        info = store.load_manifest("vm").meta["ebs"] if size < 1 << 40 else \
+            store.open_manifest("vm").meta["ebs"]
+        assert info["changed_blocks"] == 1 and len(info["chain"]) == 2
+        rss[size] = {"first": first, "incremental": second, "restore": restored}
+    small, big = rss[64 << 30], rss[1 << 40]
+    for what in small:
+        assert big[what] - small[what] < SLACK, (what, small, big)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from .base import Disk
@@ -12,15 +13,23 @@ class BlockDisk(Disk):
 
     ``readinto`` walks the blocks a range covers; a small cache keeps the last few
     blocks, because readers that ask for less than a block (the image step, restores in
-    small chunks) ask for the same block again and again.  Thread-safe.
+    small chunks) ask for the same block again and again.  Thread-safe.  ``hold`` (what
+    the disk's maker took for it: a lock, an open manifest) is closed by :meth:`close`.
     """
 
     CACHE_BLOCKS = 4
     block_size: int
 
-    def __init__(self) -> None:
+    def __init__(self, hold: contextlib.ExitStack | None = None) -> None:
         self._cache: dict[int, bytes] = {}
         self._cache_lock = threading.Lock()
+        self._hold = hold
+
+    def close(self) -> None:
+        """Release what the disk holds; idempotent."""
+        hold, self._hold = self._hold, None
+        if hold is not None:
+            hold.close()
 
     def fetch_block(self, i: int) -> bytes | None:
         """Block ``i``'s bytes (the last block cut to the disk's end), or None when it

@@ -79,11 +79,11 @@ def register_ec2(disk, *, name: str, description: str, architecture: str,
         snapshot_id = up.start(volume_gib=size_gib, description=description, tags=tags or {})
         # a generator of indexes: memory stays flat on huge disks; all-zero blocks read as
         # zeros without being sent
-        sent = len(up.put_blocks(snapshot_id, _data_blocks(disk), read, skip_zero=True,
-                                 cancel=cancel, on_block=done))
+        sent = up.put_blocks(snapshot_id, _data_blocks(disk), read, skip_zero=True,
+                             cancel=cancel, on_block=done)
         if progress is not None:
             progress(disk.size, disk.size)
-        up.complete(snapshot_id, sent)
+        up.complete(snapshot_id, sent.count, sent.checksum)
         up.wait_completed(snapshot_id, cancel)
         image = up.call(f"register image {name}", lambda: ec2.register_image(
             Name=name, Description=description[:255], Architecture=arch,
@@ -100,7 +100,7 @@ def register_ec2(disk, *, name: str, description: str, architecture: str,
             raise ImageError(f"EC2 registration failed at {endpoint_url or 'the default endpoint'}: "
                              f"{e}") from None
         raise
-    return {"ec2_image_id": image["ImageId"], "snapshot_id": snapshot_id, "blocks_sent": sent,
+    return {"ec2_image_id": image["ImageId"], "snapshot_id": snapshot_id, "blocks_sent": sent.count,
             "volume_size_gib": size_gib, "endpoint_url": endpoint_url}
 
 

@@ -29,6 +29,7 @@ Snapshots need 512 KiB blocks (the engine's default block size).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -46,8 +47,8 @@ from ..backend.s3config import CloudSettings
 from ..backend.throttle import ThrottledBody, TokenBucket
 from ..disk import DiskInfo, Extent, ExtentKind
 from ..disk.blocks import BlockDisk
-from ..errors import StoreCorruptError, StoreError
-from ..manifest import BlockState, Manifest, diff
+from ..errors import StoreCorruptError, StoreError, UsageError
+from ..manifest import BlockState, Manifest, ManifestReader, entry_batches, iter_diff
 from ..progress import check_cancel
 from ..repository.repository import Repository
 from ..repository.rundisk import RunDisk
@@ -58,6 +59,8 @@ EBS_BLOCK = 512 << 10
 GIB = 1 << 30
 PENDING_DIR = "ebs-pending"
 SNAPSHOT_ID = re.compile(r"snap-[0-9a-f]{8,32}")
+LIST_PAGE = 10000               # ListSnapshotBlocks' largest page
+LOOKUP_WINDOW = 8192            # blocks (4 GiB) whose tokens a SnapshotDisk holds at once
 
 
 def block_checksum(data) -> bytes:
@@ -74,18 +77,28 @@ def linear_checksum(digests_in_index_order) -> str:
     return base64.b64encode(h.digest()).decode()
 
 
-def blocks_to_write(previous: Manifest | None, manifest: Manifest) -> np.ndarray:
-    """Block indices a snapshot with ``previous``'s snapshot as parent must be given:
-    every changed block (zeroed ones included); for a first snapshot, the data blocks."""
+def iter_blocks_to_write(previous, manifest):
+    """Block indices a snapshot with ``previous``'s snapshot as parent must be given, in
+    ascending order, as int64 arrays of at most a window each: every changed block
+    (zeroed ones included); for a first snapshot, the data blocks.  ``previous`` and
+    ``manifest`` are :class:`Manifest` or :class:`ManifestReader`: memory is a window
+    whatever the disks' sizes."""
     if previous is None:
-        return np.flatnonzero(manifest.states == BlockState.DATA).astype(np.int64)
-    changed = np.asarray(diff(previous, manifest), np.int64)
-    # diff counts every block past the shorter disk as changed: past the new disk's end
-    # there is nothing to write, and past the parent's end (a grown disk) the volume
-    # reads zeros already, so only data blocks need writing there
-    changed = changed[changed < manifest.n_blocks]
-    tail = changed >= previous.n_blocks
-    return changed[~tail | (manifest.states[changed] == BlockState.DATA)]
+        for indices, *_ in entry_batches(manifest):
+            yield indices
+        return
+    for _start, _end, _old_state, new_state, changed in iter_diff(previous, manifest):
+        # past the new disk's end there is nothing to write; past the parent's end (a
+        # grown disk) the volume reads zeros already, so only data blocks need writing
+        if new_state is None or (_old_state is None and new_state != BlockState.DATA):
+            continue
+        yield changed
+
+
+def blocks_to_write(previous, manifest) -> np.ndarray:
+    """:func:`iter_blocks_to_write` in one array (small manifests, tests)."""
+    parts = list(iter_blocks_to_write(previous, manifest))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def check_snapshot_id(snapshot_id) -> str:
@@ -93,6 +106,28 @@ def check_snapshot_id(snapshot_id) -> str:
     if not isinstance(snapshot_id, str) or not SNAPSHOT_ID.fullmatch(snapshot_id):
         raise StoreError(f"EBS returned a malformed snapshot id {snapshot_id!r}")
     return snapshot_id
+
+
+class SentBlocks:
+    """The blocks a snapshot was given, in ascending index order: their ``count`` and
+    the LINEAR aggregate ``checksum`` (:func:`linear_checksum`), kept as they go."""
+
+    def __init__(self):
+        self.count = 0
+        self.last = -1
+        self._sha = hashlib.sha256()
+
+    def add(self, index: int, digest: bytes) -> None:
+        if index <= self.last:      # the aggregate is defined in ascending index order
+            raise UsageError(f"block {index} sent after block {self.last}: blocks go in "
+                             "ascending order")
+        self.last = index
+        self.count += 1
+        self._sha.update(digest)
+
+    @property
+    def checksum(self) -> str:
+        return base64.b64encode(self._sha.digest()).decode()
 
 
 # --- the one EBS uploader ----------------------------------------------------------------
@@ -145,25 +180,24 @@ class EbsUploader:
 
     def put_blocks(self, snap: str, indexes, read_block: Callable[[int], bytes | None], *,
                    skip_zero: bool = False, cancel=None,
-                   on_block: Callable[[int], None] | None = None) -> dict[int, bytes]:
-        """Send blocks ``indexes`` (any iterable, consumed as it goes; ``read_block(i)``:
-        bytes, None for zeros), ``parallel`` at a time with a window of futures (at most
-        ~2 * parallel blocks in memory); ``skip_zero``: an all-zero block is not sent (a
-        new snapshot reads it as zeros).  ``on_block(i)`` runs in this thread after each
-        block, in order.  Returns ``{index: digest}`` of the blocks sent."""
+                   on_block: Callable[[int], None] | None = None) -> "SentBlocks":
+        """Send blocks ``indexes`` (ascending; any iterable, consumed as it goes;
+        ``read_block(i)``: bytes, None for zeros), ``parallel`` at a time with a window
+        of futures (at most ~2 * parallel blocks in memory); ``skip_zero``: an all-zero
+        block is not sent (a new snapshot reads it as zeros).  ``on_block(i)`` runs in
+        this thread after each block, in order.  Returns what was sent: its count and
+        the linear aggregate checksum, built as the blocks go (memory does not follow
+        their number)."""
         from .._deflate import is_zero
-        digests: dict[int, bytes] = {}
-        lock = threading.Lock()
         zeros = bytes(EBS_BLOCK)
+        sent = SentBlocks()
 
-        def put(i: int) -> None:
+        def put(i: int) -> bytes | None:
             check_cancel(cancel)
             data = read_block(i)
             if skip_zero and (data is None or is_zero(data)):
-                return
-            digest = self.put_block(snap, i, zeros if data is None else data)
-            with lock:
-                digests[i] = digest
+                return None
+            return self.put_block(snap, i, zeros if data is None else data)
 
         window = 2 * self.settings.parallel
         it = iter(indexes)
@@ -171,11 +205,13 @@ class EbsUploader:
             while True:
                 batch = [int(i) for _, i in zip(range(window), it)]
                 if not batch:
-                    return digests
+                    return sent
                 futures = [(i, pool.submit(put, i)) for i in batch]
                 try:
                     for i, fut in futures:
-                        fut.result()
+                        digest = fut.result()
+                        if digest is not None:
+                            sent.add(i, digest)
                         check_cancel(cancel)        # cancelled by the last on_block, say
                         if on_block is not None:
                             on_block(i)
@@ -184,16 +220,14 @@ class EbsUploader:
                         fut.cancel()
                     raise
 
-    def complete(self, snap: str, changed: int, digests: dict[int, bytes] | None = None) -> str | None:
-        """CompleteSnapshot; with ``digests``, the linear aggregate checksum (returned)."""
+    def complete(self, snap: str, changed: int, checksum: str | None = None) -> None:
+        """CompleteSnapshot; with ``checksum`` (:attr:`SentBlocks.checksum`), the linear
+        aggregate EBS checks the blocks against."""
         kw = dict(SnapshotId=snap, ChangedBlocksCount=changed)
-        checksum = None
-        if digests is not None:
-            checksum = linear_checksum(digests[i] for i in sorted(digests))
+        if checksum is not None:
             kw.update(Checksum=checksum, ChecksumAlgorithm="SHA256",
                       ChecksumAggregationMethod="LINEAR")
         self.call(f"complete snapshot {snap}", lambda: self.ebs.complete_snapshot(**kw))
-        return checksum
 
     def wait_completed(self, snap: str, cancel=None, timeout: float = 600.0) -> None:
         deadline = time.monotonic() + timeout
@@ -221,16 +255,27 @@ class EbsUploader:
                     raise
         self.call(f"delete snapshot {snap}", delete)
 
-    def list_blocks(self, snap: str) -> Iterator[tuple[int, str]]:
-        kw = {"SnapshotId": snap}
+    def list_block_pages(self, snap: str, start: int = 0) -> Iterator[list[tuple[int, str]]]:
+        """Pages of ``(index, token)`` of a snapshot's blocks from block ``start`` on,
+        each sorted.  AWS sorts across pages too; an endpoint that ignores
+        ``StartingBlockIndex`` and order (moto) gives everything in one page, from which
+        the blocks below ``start`` are dropped here."""
+        kw = {"SnapshotId": snap, "MaxResults": LIST_PAGE}
+        if start:
+            kw["StartingBlockIndex"] = int(start)
         while True:
             r = self.call(f"list blocks of snapshot {snap}",
                           lambda kw=dict(kw): self.ebs.list_snapshot_blocks(**kw))
-            for b in r.get("Blocks", []):
-                yield int(b["BlockIndex"]), b["BlockToken"]
+            yield sorted((int(b["BlockIndex"]), b["BlockToken"]) for b in r.get("Blocks", [])
+                         if int(b["BlockIndex"]) >= start)
             if not r.get("NextToken"):
                 return
             kw["NextToken"] = r["NextToken"]
+
+    def list_blocks(self, snap: str, start: int = 0) -> Iterator[tuple[int, str]]:
+        """``(index, token)`` of a snapshot's blocks from block ``start`` on, ascending."""
+        for page in self.list_block_pages(snap, start):
+            yield from page
 
     def get_block(self, snap: str, i: int, token: str, where: str) -> bytes:
         """A block of a snapshot, checked against its SHA-256 checksum."""
@@ -284,14 +329,15 @@ class EbsPublisher:
         self.url = url
         self.journal = Journal(repository)
 
-    def _previous(self, server_id: str, run_id: str) -> Manifest | None:
+    def _previous(self, server_id: str, run_id: str) -> ManifestReader | None:
         earlier = [r for r in self.repository.list_run_ids(server_id) if r < run_id]
-        return self.repository.load_manifest(server_id, earlier[-1]) if earlier else None
+        return self.repository.open_manifest(server_id, earlier[-1]) if earlier else None
 
-    def publish(self, server_id: str, run_id: str, manifest: Manifest) -> dict:
+    def publish(self, server_id: str, run_id: str, manifest: Manifest | ManifestReader) -> dict:
         """Turn a run (its manifest, blocks in the repository) into a completed EBS
         snapshot; return what goes into ``meta["ebs"]``.  The snapshot stays in the
-        journal until :meth:`done` (after the manifest is put)."""
+        journal until :meth:`done` (after the manifest is put).  Both manifests are read
+        a window at a time: memory does not follow the disk's size."""
         if manifest.block_size != EBS_BLOCK:
             raise StoreError(f"{self.url}: EBS snapshots need 512 KiB blocks; this run has "
                              f"{manifest.block_size} (replicate with --block-size 512K)")
@@ -300,29 +346,36 @@ class EbsPublisher:
                 log.warning("%s: snapshot %s of an unfinished run %s of %s is still pending "
                             "(prune deletes it)", self.url, snap, rec.get("run_id"), server_id)
         previous = self._previous(server_id, run_id)
+        try:
+            return self._publish(server_id, run_id, manifest, previous)
+        finally:
+            if previous is not None:
+                previous.close()
+
+    def _publish(self, server_id: str, run_id: str, manifest, previous) -> dict:
         prev_ebs = (previous.meta.get("ebs") or {}) if previous is not None else {}
         parent = prev_ebs.get("snapshot_id")
         if parent and (previous.block_size != manifest.block_size
                        or previous.disk_size > manifest.disk_size):
             parent = None           # a volume cannot shrink: start a new lineage
-        if parent is None:
-            previous = None
         volume_gib = max(1, -(-manifest.disk_size // GIB))
-        todo = blocks_to_write(previous, manifest)
         snap = self.uploader.start(
             volume_gib=volume_gib, description=f"smsblock run {run_id} of {server_id}",
             tags={"smsblock:server": server_id, "smsblock:run": run_id}, parent=parent,
             client_token=hashlib.sha256(f"{server_id}/{run_id}".encode()).hexdigest())
         self.journal.put(snap, {"server_id": server_id, "run_id": run_id, "parent": parent,
                                 "started": datetime.now(timezone.utc).isoformat()})
-        log.info("%s: snapshot %s (parent %s): %d blocks to write", self.url, snap, parent, len(todo))
+        log.info("%s: snapshot %s (parent %s) of %s/%s", self.url, snap, parent, server_id, run_id)
+        todo = (int(i) for indices in iter_blocks_to_write(previous if parent else None, manifest)
+                for i in indices.tolist())
         run = RunDisk(self.repository, manifest)
-        digests = self.uploader.put_blocks(snap, todo, run.block)
-        checksum = self.uploader.complete(snap, len(todo), digests)
+        sent = self.uploader.put_blocks(snap, todo, run.block)
+        self.uploader.complete(snap, sent.count, sent.checksum)
+        log.info("%s: snapshot %s: %d blocks written", self.url, snap, sent.count)
         chain = [snap] + list(prev_ebs.get("chain", [])) if parent else [snap]
         return {"snapshot_id": snap, "parent_snapshot_id": parent, "chain": chain,
                 "region": self.region, "volume_size_gib": volume_gib,
-                "changed_blocks": int(len(todo)), "checksum": checksum}
+                "changed_blocks": sent.count, "checksum": sent.checksum}
 
     def done(self, info: dict) -> None:
         """The run's manifest is in: its snapshot is no longer pending."""
@@ -336,24 +389,34 @@ class EbsPublisher:
         self.uploader.delete_snapshot(check_snapshot_id(snap))
         self.journal.remove(snap)
 
-    def snapshot_disk(self, manifest: Manifest) -> "SnapshotDisk":
+    def snapshot_disk(self, manifest: Manifest | ManifestReader,
+                      hold: contextlib.ExitStack | None = None) -> "SnapshotDisk":
+        """A Disk over the run's snapshot; ``hold`` is closed with it."""
         info = manifest.meta.get("ebs")
         if not info:
             raise StoreError(f"{self.url}: run {manifest.meta.get('server_id')}/"
                              f"{manifest.meta.get('run_id')} has no snapshot")
         return SnapshotDisk(self.uploader, list(info["chain"]), manifest.disk_size,
-                            f"{self.url}/{info['snapshot_id']}", manifest)
+                            f"{self.url}/{info['snapshot_id']}", manifest, hold)
 
 
 class SnapshotDisk(BlockDisk):
     """A read-only Disk over an EBS snapshot chain (newest first): a block is read from
     the newest snapshot in the chain whose ``ListSnapshotBlocks`` lists it (AWS lists a
     child's inherited blocks too; moto lists only blocks written to that snapshot, so
-    the parents are asked as well)."""
+    the parents are asked as well).
+
+    Block tokens are listed a window of :data:`LOOKUP_WINDOW` blocks at a time
+    (``StartingBlockIndex``), the last two windows kept: memory does not follow the
+    disk's size.  With the run's ``manifest`` (a :class:`Manifest` or
+    :class:`ManifestReader`), only its DATA blocks are asked for (the others read as
+    zeros: the snapshot has them as zeros or not at all), older snapshots are listed only
+    for DATA blocks the newer ones lack, and the extents are the manifest's."""
 
     def __init__(self, uploader: EbsUploader, chain: list[str], size: int, path: str,
-                 manifest: Manifest | None = None):
-        super().__init__()
+                 manifest: Manifest | ManifestReader | None = None,
+                 hold: contextlib.ExitStack | None = None):
+        super().__init__(hold)
         self.block_size = EBS_BLOCK
         self.uploader = uploader
         self.manifest = manifest
@@ -361,17 +424,52 @@ class SnapshotDisk(BlockDisk):
         self.path = path
         self.size = size
         self.info = DiskInfo(path=path, format="ebs-snapshot", virtual_size=size)
-        self._where: dict[int, tuple[str, str]] = {}
-        for snap in reversed(chain):            # older first: newer entries override
-            for index, token in uploader.list_blocks(snap):
-                self._where[index] = (snap, token)
+        self._windows: dict[int, dict[int, tuple[str, str]]] = {}
+        self._lock = threading.Lock()
+
+    def _data_blocks(self, lo: int, hi: int) -> set[int] | None:
+        """The manifest's DATA blocks in [lo, hi) (None without a manifest)."""
+        if self.manifest is None:
+            return None
+        out: set[int] = set()
+        for indices, *_ in entry_batches(self.manifest, lo, hi):
+            out.update(indices.tolist())
+        return out
+
+    def _window(self, w: int) -> dict[int, tuple[str, str]]:
+        """``{index: (snapshot, token)}`` for the blocks of window ``w``."""
+        with self._lock:
+            found = self._windows.get(w)
+            if found is not None:
+                return found
+            lo, hi = w * LOOKUP_WINDOW, (w + 1) * LOOKUP_WINDOW
+            wanted = self._data_blocks(lo, hi)
+            found = {}
+            for snap in self.chain:                 # newest first: the first to list it wins
+                if wanted is not None and wanted.issubset(found):
+                    break
+                for page in self.uploader.list_block_pages(snap, lo):
+                    for index, token in page:
+                        if index < hi:
+                            found.setdefault(index, (snap, token))
+                    if page and page[-1][0] >= hi:      # the window is listed
+                        break
+            if len(self._windows) >= 2:
+                self._windows.pop(next(iter(self._windows)))
+            self._windows[w] = found
+            return found
 
     def fetch_block(self, i: int) -> bytes | None:
-        """Block ``i`` from the newest snapshot that has it; None when the snapshot
-        chain never had it (reads as zeros)."""
-        where = self._where.get(i)
+        """Block ``i`` from the newest snapshot that has it; None when it reads as zeros
+        (not DATA in the run, or never in the snapshot chain)."""
+        data_in_run = None
+        if self.manifest is not None:
+            data_in_run = self.manifest.entry(i)[0] == BlockState.DATA
+            if not data_in_run:
+                return None
+        where = self._window(i // LOOKUP_WINDOW).get(i)
         if where is None:
-            if self.manifest is not None and self.manifest.entry(i)[0] == BlockState.DATA:
+            if data_in_run:
                 raise StoreCorruptError(f"block {i} is data in the run but in no snapshot of "
                                         f"{self.chain}", self.path, i * EBS_BLOCK)
             return None
@@ -381,10 +479,19 @@ class SnapshotDisk(BlockDisk):
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
         start, end = self._clip(start, end)
-        run = None                                   # merged [lo, hi) of listed blocks
-        for i in sorted(self._where):
-            lo, hi = max(start, i * EBS_BLOCK), min(end, (i + 1) * EBS_BLOCK, self.size)
+        if self.manifest is not None:
+            blocks = self.manifest.runs(start // EBS_BLOCK, -(-end // EBS_BLOCK))
+            listed = ((a, a + count) for state, a, count, _h, _a in blocks
+                      if state == BlockState.DATA)
+        else:                                       # every block any snapshot lists
+            listed = ((i, i + 1) for i, _ in _merged(
+                [self.uploader.list_blocks(s, start // EBS_BLOCK) for s in self.chain]))
+        run = None                                  # merged [lo, hi) in bytes
+        for a, b in listed:
+            lo, hi = max(start, a * EBS_BLOCK), min(end, b * EBS_BLOCK, self.size)
             if lo >= hi:
+                if a * EBS_BLOCK >= end:
+                    break
                 continue
             if run is not None and run[1] == lo:
                 run[1] = hi
@@ -394,3 +501,13 @@ class SnapshotDisk(BlockDisk):
             run = [lo, hi]
         if run is not None:
             yield Extent(run[0], run[1] - run[0], ExtentKind.DATA)
+
+
+def _merged(listings):
+    """Ascending ``(index, token)`` of several ascending listings, each index once."""
+    import heapq
+    last = None
+    for index, token in heapq.merge(*listings, key=lambda b: b[0]):
+        if index != last:
+            last = index
+            yield index, token

@@ -31,8 +31,7 @@ class RunDisk(BlockDisk):
 
     def __init__(self, store: Repository, manifest: Manifest | ManifestReader, index: BlockIndex | None = None,
                  hold: contextlib.ExitStack | None = None):
-        super().__init__()
-        self._hold = hold
+        super().__init__(hold)
         self.store = store
         self.manifest = manifest
         meta = manifest.meta
@@ -96,10 +95,3 @@ class RunDisk(BlockDisk):
             cur_state, cur_lo, cur_hi = state, lo, hi
         if cur_state is not None:
             yield Extent(cur_lo, cur_hi - cur_lo, _KIND[cur_state])
-
-    def close(self) -> None:
-        """Release what the disk holds (the store lock of :meth:`Repository.run_disk`); idempotent."""
-        hold, self._hold = self._hold, None
-        if hold is not None:
-            hold.close()
-

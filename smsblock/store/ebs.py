@@ -39,13 +39,14 @@ Snapshots need 512 KiB blocks (the engine's default block size).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from urllib.parse import parse_qsl, urlencode, urlparse
 
 from ..backend.s3config import CloudSettings, config_file_path
 from ..errors import UsageError
-from ..manifest import Manifest
+from ..manifest import ManifestReader, copy_manifest
 from ..publish.ebs import (EBS_BLOCK, GIB, PENDING_DIR, EbsPublisher, EbsUploader,  # noqa: F401
                            SnapshotDisk, block_checksum, blocks_to_write, linear_checksum)
 from ..repository.repository import Repository
@@ -116,22 +117,32 @@ class EbsStore(Repository):
 
     # -- publishing a run = completing its snapshot, then committing its manifest -------
     def put_manifest_bytes(self, server_id: str, run_id: str, data: bytes) -> None:
-        manifest = Manifest.from_bytes(bytearray(data), f"{self.url}: {server_id}/{run_id}")
-        info = manifest.meta["ebs"] = self.publisher.publish(server_id, run_id, manifest)
-        summary = manifest.meta.get("summary")
-        if isinstance(summary, dict):        # so `smsblock runs` shows it too
-            summary["snapshot_id"] = info["snapshot_id"]
-        super().put_manifest_bytes(server_id, run_id, manifest.to_bytes())
-        self.publisher.done(info)
+        self._publish(server_id, run_id, ManifestReader(bytes(data), f"{self.url}: {server_id}/{run_id}"))
 
     def put_manifest_file(self, server_id: str, run_id: str, staged_path: str) -> None:
-        # the snapshot's record goes into the manifest: parsed, published, then committed
-        with open(staged_path, "rb") as f:
-            data = f.read()
-        self.put_manifest_bytes(server_id, run_id, data)
+        # read a window at a time, never whole (a dense 16 TiB disk's manifest is GBs)
+        self._publish(server_id, run_id, ManifestReader(staged_path))
         os.unlink(staged_path)
 
-    def snapshot_run(self, server_id: str, run_id: str, manifest: Manifest) -> dict:
+    def _publish(self, server_id: str, run_id: str, manifest: ManifestReader) -> None:
+        """Snapshot the run, then commit its manifest with the snapshot's record in
+        ``meta["ebs"]``: copied a frame at a time into a new staged file."""
+        with manifest:
+            meta = dict(manifest.meta)
+            info = meta["ebs"] = self.publisher.publish(server_id, run_id, manifest)
+            summary = meta.get("summary")
+            if isinstance(summary, dict):        # so `smsblock runs` shows it too
+                meta["summary"] = dict(summary, snapshot_id=info["snapshot_id"])
+            staged = self.staging_path(".manifest")
+            copy_manifest(manifest, staged, meta)
+        try:
+            super().put_manifest_file(server_id, run_id, staged)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged)
+        self.publisher.done(info)
+
+    def snapshot_run(self, server_id: str, run_id: str, manifest) -> dict:
         """Turn a run into a completed EBS snapshot (see :meth:`EbsPublisher.publish`)."""
         return self.publisher.publish(server_id, run_id, manifest)
 
@@ -151,10 +162,17 @@ class EbsStore(Repository):
 
     # -- reading snapshots back ----------------------------------------------------------------
     def snapshot_disk(self, server_id: str, run_id: str | None = None) -> SnapshotDisk:
-        """A Disk over a run's EBS snapshot, read with GetSnapshotBlock."""
-        return self.restore_source(self.load_manifest(server_id, run_id))
+        """A Disk over a run's EBS snapshot, read with GetSnapshotBlock (close it: it
+        holds the run's manifest open)."""
+        held = contextlib.ExitStack()
+        try:
+            manifest = held.enter_context(self.open_manifest(server_id, run_id))
+            return self.publisher.snapshot_disk(manifest, held)
+        except BaseException:
+            held.close()
+            raise
 
-    def restore_source(self, manifest: Manifest) -> SnapshotDisk:
+    def restore_source(self, manifest) -> SnapshotDisk:
         """The disk a restore of this run reads: its snapshot (GetSnapshotBlock), not the
         staged packs.  It has RunDisk's ``manifest`` and ``block(i)`` too."""
         return self.publisher.snapshot_disk(manifest)
