@@ -22,12 +22,10 @@ it exclusive, so prune never deletes a pack a running replicate is about to refe
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import os
 import secrets
-import stat
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -37,7 +35,7 @@ import numpy as np
 from .disk import Disk, open_disk
 from .errors import SmsBlockError, StoreError, UsageError
 from .manifest import (DEFAULT_BLOCK_SIZE, BlockState, ManifestReader, ManifestWriter,
-                       check_block_size, entry_batches)
+                       check_block_size)
 from .progress import CancelToken, ProgressCallback, check_cancel, with_phase
 from .repository.fingerprints import check_changed_packs
 from .repository import prune as _prune, verify as _verify
@@ -407,72 +405,6 @@ class _ChangeCounter:
 
 # --- restore ----------------------------------------------------------------------
 
-def _restore_raw(run: RunDisk, out_path: str, progress, cancel, mode) -> None:
-    from .disk.writer import PartialFile, output_path
-    try:    # followed: a device is often named by a link (/dev/disk/by-id/...)
-        st = os.stat(out_path)
-    except OSError:
-        st = None
-    if st is not None and (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
-        try:
-            fd = os.open(out_path, os.O_WRONLY | os.O_CLOEXEC)
-            kind = os.fstat(fd).st_mode
-        except OSError as e:
-            raise StoreError(f"{out_path}: cannot open: {e.strerror}") from None
-        try:
-            if not (stat.S_ISBLK(kind) or stat.S_ISCHR(kind)):     # swapped since the stat
-                raise UsageError(f"{out_path}: changed while opening; not a device any more")
-            _write_run(run, fd, out_path, progress, cancel, device=True)
-        finally:
-            os.close(fd)
-        return
-    # a file: written as OUT.part (new, O_EXCL | O_NOFOLLOW, 0600 or ``mode``), renamed
-    # over OUT when complete, removed on failure
-    with PartialFile(output_path(out_path), mode) as part:
-        _write_run(run, part.fd, out_path, progress, cancel, device=False)
-        part.commit()
-
-
-def _write_run(run: RunDisk, fd: int, out_path: str, progress, cancel, device: bool) -> None:
-    from .disk.writer import write_all
-    m = run.manifest
-    bs = m.block_size
-    last = m.n_blocks - 1
-    # bytes of the DATA blocks (the last block may be short)
-    total = m.count(BlockState.DATA) * bs
-    if last >= 0 and m.entry(last)[0] == BlockState.DATA:
-        total -= bs - m.block_range(last)[1]
-    done = 0
-    try:
-        if not device:
-            os.ftruncate(fd, m.disk_size)
-        if device:      # a block device keeps old bytes: write the zeros too
-            zeros = bytes(bs)
-            for state, start, count, _h, _a in m.runs():
-                if state == BlockState.DATA:
-                    continue
-                for i in range(start, start + count):
-                    off, length = m.block_range(i)
-                    write_all(fd, zeros[:length], off, out_path)
-        for indices, _s, _h, _a in entry_batches(m):     # the DATA blocks, a window at a time
-            for i in indices.tolist():
-                check_cancel(cancel)
-                data = run.block(i)
-                write_all(fd, data, i * bs, out_path)
-                done += len(data)
-                if progress is not None:
-                    progress(done, total)
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            if not device or e.errno != errno.EINVAL:   # character devices cannot fsync
-                raise
-    except OSError as e:
-        raise StoreError(f"{out_path}: write failed: {e.strerror}") from None
-    if progress is not None:
-        progress(total, total)
-
-
 def restore(store, server_id: str, out_path, *, run_id: str | None = None, format: str = "raw",
             progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
             mode: int | None = None) -> ManifestReader:
@@ -498,10 +430,13 @@ def restore(store, server_id: str, out_path, *, run_id: str | None = None, forma
     with store.lock(exclusive=False, purpose="restore"), \
             store.open_manifest(check_server_id(server_id), run_id) as manifest:
         run = store.restore_source(manifest)
+        # the one raw-disk writer: a file written as OUT.part and renamed when complete,
+        # or a device written in place (zeros too)
+        from .disk.writer import write_raw, write_stream_optimized
         if format == "raw":
-            _restore_raw(run, out_path, progress, cancel, mode)
+            write_raw(run, out_path, progress=progress, cancel=cancel, mode=mode,
+                      allow_device=True)
         else:
-            from .disk.writer import write_stream_optimized
             write_stream_optimized(run, out_path, progress=progress, cancel=cancel, mode=mode)
     return manifest
 

@@ -335,7 +335,9 @@ def test_progress_reaches_total(tmp_path):
     assert seen and seen[-1][0] == seen[-1][1] > 0
     out = []
     restore(tmp_path / "s", "srv", tmp_path / "o.raw", progress=lambda d, t: out.append((d, t)))
-    assert out[-1] == (3 * BS, 3 * BS)
+    # the raw writer's (as convert's and a VMDK restore's): how far through the disk
+    assert out[-1] == (4 * BS, 4 * BS)
+    assert [d for d, _ in out] == sorted(d for d, _ in out)
 
 
 def test_prune_is_refused_while_a_run_holds_the_lock(tmp_path):
@@ -556,6 +558,41 @@ def test_restore_to_a_device_writes_through(tmp_path):
     replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
     restore(store, "srv", "/dev/null")
     assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A loop device over a 1 MiB file full of 0xAA (old bytes a restore must overwrite)."""
+    backing = tmp_path / "loop.img"
+    backing.write_bytes(b"\xaa" * (1 << 20))
+    p = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"no loop device here: {p.stderr.strip()}")
+    dev = p.stdout.strip()
+    try:
+        yield dev, backing
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_restore_onto_a_block_device_writes_every_byte(tmp_path, loop_device):
+    """A block device keeps its old bytes: the restore writes the run's zeros and holes
+    as zeros, in place, and leaves the bytes past the disk alone; a device smaller than
+    the disk is refused before anything is written."""
+    dev, backing = loop_device
+    size = 5 * BS - 512
+    want = write_disk(tmp_path / "d.raw", [1, 0, None, 2, None], size)
+    store = new_store(tmp_path / "s")
+    replicate(tmp_path / "d.raw", store, "srv", block_size=BS)
+    restore(store, "srv", dev)
+    got = backing.read_bytes()
+    assert got[:size] == want and got[size:] == b"\xaa" * ((1 << 20) - size)
+
+    write_disk(tmp_path / "big.raw", [3] * 17, 17 * BS)        # 1 MiB + 64 KiB
+    replicate(tmp_path / "big.raw", store, "big", block_size=BS)
+    with pytest.raises(UsageError, match=f"{dev}: the device holds {1 << 20} bytes"):
+        restore(store, "big", dev)
+    assert backing.read_bytes() == got
 
 
 def test_verify_and_restore_can_be_cancelled(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -505,8 +506,9 @@ def write_stream_optimized(disk: Disk, out_path, *, progress: ProgressCallback |
 
 def write_raw(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
               cancel: CancelToken | None = None, threads: int = 2, fsync: bool = True,
-              mode: int | None = None) -> None:
-    """Write ``disk``'s bytes to a raw image, byte for byte, sparse.
+              mode: int | None = None, allow_device: bool = False) -> None:
+    """Write ``disk``'s bytes to a raw image, byte for byte, sparse: the one raw-disk
+    writer (convert, restore, an EBS snapshot read back).
 
     The output is truncated to the disk's size and only DATA extents are read; inside
     them, 4 KiB blocks that are all zeros are not written either, so unallocated and
@@ -514,19 +516,45 @@ def write_raw(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
     parallel, a bounded number ahead of the progress report.  With ``fsync`` (the
     default) the file is on disk when this returns; ``fsync=False`` leaves the writing
     to the kernel (faster for scratch copies).
+
+    ``allow_device``: an ``out_path`` that is a block or character device (a restore
+    onto a volume) is written in place, every byte, zeros included (a device keeps its
+    old bytes; it cannot be truncated or renamed); a block device smaller than the disk
+    is refused before anything is written.  Otherwise a device is refused.
     """
     progress = with_phase(progress, "converting")
-    from .._deflate import nonzero_runs
-
-    out_path = output_path(out_path)
-    _check_not_source(disk, out_path)
     if threads < 1:
         raise UsageError(f"threads must be at least 1, not {threads}")
+    if allow_device and _is_device(out_path):
+        with _DeviceOutput(os.fspath(out_path), disk.size) as device:
+            _copy_raw(disk, device.fd, device.path, progress, cancel, threads, fsync,
+                      whole=True)
+            device.finish(fsync)
+        return
+    out_path = output_path(out_path)
+    _check_not_source(disk, out_path)
+    with PartialFile(out_path, mode) as part:
+        try:
+            os.ftruncate(part.fd, disk.size)
+        except OSError as e:
+            raise DiskIOError(f"cannot set size {disk.size}: {e.strerror}", part.part) from None
+        _copy_raw(disk, part.fd, part.part, progress, cancel, threads, fsync, whole=False)
+        part.commit(fsync)
+    if progress:
+        progress(disk.size, disk.size)
+
+
+def _copy_raw(disk: Disk, fd: int, where: str, progress, cancel, threads: int, fsync: bool,
+              whole: bool) -> None:
+    """Copy ``disk`` to ``fd`` in chunks on ``threads`` workers: its DATA extents with
+    zero blocks left as holes, or (``whole``) every byte."""
+    from .._deflate import nonzero_runs
     size = disk.size
     local = threading.local()
 
     def chunks() -> Iterator[tuple[int, int]]:
-        for first, end in _data_grain_runs(disk, RAW_CHUNK):
+        runs = [(0, -(-size // RAW_CHUNK))] if whole else _data_grain_runs(disk, RAW_CHUNK)
+        for first, end in runs:
             for c in range(first, end):
                 start = c * RAW_CHUNK
                 yield start, min(RAW_CHUNK, size - start)
@@ -541,27 +569,69 @@ def write_raw(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
             buf = local.buf = memoryview(bytearray(RAW_CHUNK))
         view = buf[:length]
         _read_exact(disk, start, view)
-        for s, t in nonzero_runs(view, RAW_HOLE_BLOCK):
-            write_all(part.fd, view[s:t], start + s, part.part)
+        if whole:
+            write_all(fd, view, start, where)
+        else:
+            for s, t in nonzero_runs(view, RAW_HOLE_BLOCK):
+                write_all(fd, view[s:t], start + s, where)
         return start, length
 
-    with PartialFile(out_path, mode) as part:
-        try:
-            os.ftruncate(part.fd, size)
-        except OSError as e:
-            raise DiskIOError(f"cannot set size {size}: {e.strerror}", part.part) from None
-        if progress:
-            progress(0, size)
-        writeback = _Writeback(part.fd, fsync)
-        with _worker_pipeline(copy_chunk, chunks(), threads, cancel, "raw-copy") as results:
-            for start, length in results:      # in order: all below start + length is written
-                writeback.written_up_to(start + length)
-                if progress:
-                    progress(start + length, size)
-        check_cancel(cancel)
-        part.commit(fsync)
     if progress:
-        progress(size, size)
+        progress(0, size)
+    writeback = _Writeback(fd, fsync)
+    with _worker_pipeline(copy_chunk, chunks(), threads, cancel, "raw-copy") as results:
+        for start, length in results:      # in order: all below start + length is written
+            writeback.written_up_to(start + length)
+            if progress:
+                progress(start + length, size)
+    check_cancel(cancel)
+
+
+def _is_device(path) -> bool:
+    try:        # followed: a device is often named by a link (/dev/disk/by-id/...)
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)
+
+
+class _DeviceOutput:
+    """A device opened for writing in place (see :func:`write_raw`)."""
+
+    def __init__(self, path: str, size: int):
+        self.path, self.size, self.fd = path, size, -1
+
+    def __enter__(self) -> "_DeviceOutput":
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+            kind = os.fstat(self.fd).st_mode
+        except OSError as e:
+            self.__exit__()
+            raise DiskIOError(f"cannot open: {e.strerror}", self.path) from None
+        if not (stat.S_ISBLK(kind) or stat.S_ISCHR(kind)):      # swapped since the stat
+            self.__exit__()
+            raise UsageError(f"{self.path}: changed while opening; not a device any more")
+        if stat.S_ISBLK(kind):
+            capacity = os.lseek(self.fd, 0, os.SEEK_END)
+            if capacity < self.size:
+                self.__exit__()
+                raise UsageError(f"{self.path}: the device holds {capacity} bytes, the disk "
+                                 f"{self.size}")
+        return self
+
+    def finish(self, fsync: bool) -> None:
+        if not fsync:
+            return
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            if e.errno != errno.EINVAL:         # character devices cannot fsync
+                raise DiskIOError(f"cannot finish: {e.strerror}", self.path) from None
+
+    def __exit__(self, *exc) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 # --- convert --------------------------------------------------------------------
