@@ -72,6 +72,18 @@ def ebs_store(tmp_path, endpoint, **kw) -> EbsStore:
     return store
 
 
+def two_runs(tmp_path, endpoint, server: str, seed: int):
+    """An EBS store with two runs of a disk (the second changes blocks 2, 3 and 5):
+    ``(store, first bytes, second bytes)``."""
+    store = ebs_store(tmp_path, endpoint)
+    disk = tmp_path / "disk.raw"
+    first = make_disk(disk, seed)
+    replicate(disk, store, server)
+    second = make_disk(disk, seed, first)
+    replicate(disk, store, server)
+    return store, first, second
+
+
 def block_puts(proxy, snap):
     return {int(r.path.rsplit("/", 1)[-1]): r for r in proxy.requests("PUT", f"/snapshots/{snap}/blocks/")}
 
@@ -314,13 +326,7 @@ def test_s3_staging_store_and_a_snapshot_that_never_completes(tmp_path, moto, bu
 def test_restore_reads_the_snapshot_not_the_staged_packs(tmp_path, moto, capture):
     """The engine's restore (API and CLI) of an ebs:// run reads its EBS snapshot with
     GetSnapshotBlock: after the staged packs are deleted, every run still restores exactly."""
-    from smsblock.engine import restore
-    store = ebs_store(tmp_path, capture.url)
-    disk = tmp_path / "disk.raw"
-    first = make_disk(disk, 7)
-    replicate(disk, store, "rd")
-    second = make_disk(disk, 7, first)
-    replicate(disk, store, "rd")
+    store, first, second = two_runs(tmp_path, capture.url, "rd", 7)
     for pack_id in list(store.staging.list_packs()):     # EBS is now the only copy
         store.staging.delete_pack(pack_id)
     capture.clear()
@@ -382,12 +388,7 @@ def test_snapshot_tokens_are_listed_a_window_at_a_time(tmp_path, moto, capture, 
     whole chain up front, and is byte-exact across window edges and the chain."""
     import smsblock.publish.ebs as publish_ebs
     monkeypatch.setattr(publish_ebs, "LOOKUP_WINDOW", 2)
-    store = ebs_store(tmp_path, capture.url)
-    disk = tmp_path / "disk.raw"
-    first = make_disk(disk, 5)
-    replicate(disk, store, "win")
-    second = make_disk(disk, 5, first)
-    replicate(disk, store, "win")
+    store, _first, second = two_runs(tmp_path, capture.url, "win", 5)
     capture.clear()
     out = tmp_path / "out.raw"
     restore(store, "win", out)
