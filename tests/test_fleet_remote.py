@@ -19,6 +19,7 @@ import pytest
 
 from cloud_fixtures import *  # noqa: F401,F403 - moto, aws_env, bucket
 from test_service_sources import bootable_image, make_vm
+from smsblock.backend.retry import RetryPolicy
 
 ROOT = Path(__file__).parent.parent
 AKID = "AKIDFLEETOPERATOR"
@@ -437,10 +438,39 @@ def test_the_proxy_settings_apply_to_the_control_plane(tls_server, monkeypatch):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")       # nothing listens there
     with pytest.raises(ConnectorError, match="cannot be reached"):
-        control_plane(srv, cred, ca_bundle=str(ca)).heartbeat({})
+        control_plane(srv, cred, ca_bundle=str(ca), retry=RetryPolicy(2, 1.0)).heartbeat({})
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     assert control_plane(srv, cred, ca_bundle=str(ca)).heartbeat({}) == \
         {"associated": False, "lost": []}
+
+
+def test_a_busy_control_plane_is_asked_again_not_failed(tmp_path):
+    """503 and 429 (a control plane at its connection limit, a burst) are retried with
+    backoff: the connector's call succeeds once the control plane answers, and a control
+    plane that stays busy past the retry budget is one clear ConnectorError."""
+    from fault_proxy import FaultProxy, Rule
+    from smsblock.errors import ConnectorError
+    from smsblock.service.fleet import Fleet as FleetOps
+    from test_service_server import serving
+    with serving(tmp_path) as srv:
+        cred = FleetOps(srv.service.state, srv.service.clock).create_credential(
+            str(tmp_path / "store"))
+        proxy = FaultProxy(srv.server_address[:2]).start()
+        try:
+            via_proxy = type("Via", (), {"url": proxy.url})
+            cp = control_plane(via_proxy, cred,
+                               retry=RetryPolicy(8, 30.0, base_delay=0.05, max_delay=0.2))
+            proxy.rules = [Rule("status", status=503, times=3), Rule("status", status=429, times=2)]
+            assert cp.heartbeat({}) == {"associated": False, "lost": []}
+            assert [r.status for r in proxy.log] == [503] * 3 + [429] * 2 + [200]
+            assert cp.retry.retries == 5
+            proxy.rules = [Rule("status", status=503, times=-1)]
+            cp = control_plane(via_proxy, cred,
+                               retry=RetryPolicy(3, 30.0, base_delay=0.05, max_delay=0.2))
+            with pytest.raises(ConnectorError, match=r"gave up after 3 attempts.*busy"):
+                cp.heartbeat({})
+        finally:
+            proxy.stop()
 
 
 def test_serve_tls_options_are_checked(tmp_path):

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
-from ..errors import ConnectorError, ServiceError
+from ..backend.retry import RetryPolicy
+from ..errors import ConnectorError, ServiceError, TransientStoreError
 from .fleet import STALE_CLAIM, TARGET_PREFIX, Fleet
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,13 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "application/x-amz-json-1.1"
 SERVICE_NAME = "sms"
 MAX_ANSWER = 8 << 20        # bytes of one answer read at most
-RETRIES = 3                 # attempts of a request whose connection failed
+#: a busy (503, 429) or unreachable control plane is asked again with backoff for up to
+#: a minute: a fleet's connectors must ride out a restart or a burst, not fail their runs
+RETRY = dict(attempts=10, seconds=60.0, base_delay=0.2, max_delay=8.0)
+
+
+class _Busy(ConnectionError):
+    """The control plane answered 503 or 429 (transient for the retry policy)."""
 
 
 def is_stale(error: BaseException) -> bool:
@@ -97,7 +103,8 @@ class RemoteControlPlane:
     def __init__(self, endpoint: str, access_key_id: str, secret_access_key: str,
                  connector_id: str, *, region: str = "us-east-1", ca_bundle: str | None = None,
                  insecure: bool = False, timeout: float = 30.0,
-                 source_kind: str | None = None, source_config: dict | None = None):
+                 source_kind: str | None = None, source_config: dict | None = None,
+                 retry: RetryPolicy | None = None):
         from botocore.httpsession import URLLib3Session
         from botocore.utils import get_environ_proxies
         if not endpoint.startswith(("https://", "http://")):
@@ -111,6 +118,7 @@ class RemoteControlPlane:
         # HTTPS_PROXY / NO_PROXY as every AWS client reads them
         self._session = URLLib3Session(verify=verify, proxies=get_environ_proxies(self.endpoint),
                                        timeout=timeout)
+        self.retry = retry if retry is not None else RetryPolicy(**RETRY)
 
     def __repr__(self) -> str:     # never the secret
         return f"RemoteControlPlane({self.endpoint!r}, connector {self.connector_id})"
@@ -119,15 +127,17 @@ class RemoteControlPlane:
         self._session.close()
 
     def call(self, operation: str, *, prefix: str = TARGET_PREFIX, **params) -> dict:
-        """One fleet operation (``prefix``: of another API); raises ServiceError with the server's code and message,
-        ConnectorError when the control plane cannot be reached."""
+        """One fleet operation (``prefix``: of another API); raises ServiceError with the
+        server's code and message, ConnectorError when the control plane cannot be
+        reached or stays busy (connection failures, 503 and 429 are retried under
+        :attr:`retry`: exponential backoff with jitter, a minute by default)."""
         from botocore.auth import SigV4Auth
         from botocore.awsrequest import AWSRequest
         from botocore.credentials import Credentials
-        from botocore.exceptions import BotoCoreError, SSLError
+        from botocore.exceptions import SSLError
         body = json.dumps({k: v for k, v in params.items() if v is not None}).encode()
-        last: Exception | None = None
-        for attempt in range(RETRIES):
+
+        def send() -> dict:
             req = AWSRequest(method="POST", url=self.endpoint + "/", data=body,
                              headers={"Content-Type": CONTENT_TYPE,
                                       "X-Amz-Target": prefix + operation})
@@ -137,10 +147,6 @@ class RemoteControlPlane:
             except SSLError as e:
                 raise ConnectorError(f"control plane {self.endpoint}: TLS failed: {e} (give its CA "
                                      "with --ca-bundle)") from None
-            except BotoCoreError as e:
-                last = e
-                time.sleep(0.2 * (attempt + 1))
-                continue
             content = resp.content[:MAX_ANSWER]
             try:
                 answer = json.loads(content) if content else {}
@@ -148,14 +154,16 @@ class RemoteControlPlane:
                 answer = None
             if resp.status_code == 200 and isinstance(answer, dict):
                 return answer
-            if resp.status_code == 503 and attempt + 1 < RETRIES:    # busy: try again
-                time.sleep(0.5 * (attempt + 1))
-                continue
+            if resp.status_code in (429, 503):
+                raise _Busy(f"{operation} answered HTTP {resp.status_code} (busy)")
             if isinstance(answer, dict) and "__type" in answer:
                 raise ServiceError(str(answer.get("message", ""))[:1000], str(answer["__type"]))
             raise ConnectorError(f"control plane {self.endpoint}: {operation} answered HTTP "
                                  f"{resp.status_code} without an SMS error")
-        raise ConnectorError(f"control plane {self.endpoint} cannot be reached: {last}")
+        try:
+            return self.retry.call(f"control plane {self.endpoint}: {operation}", send)
+        except TransientStoreError as e:
+            raise ConnectorError(f"{e} (the control plane cannot be reached or is busy)") from None
 
     # --- the connector's operations -------------------------------------------------
 
