@@ -87,10 +87,10 @@ def iter_blocks_to_write(previous, manifest):
         for indices, *_ in entry_batches(manifest):
             yield indices
         return
-    for _start, _end, _old_state, new_state, changed in iter_diff(previous, manifest):
+    for _start, _end, old_state, new_state, changed in iter_diff(previous, manifest):
         # past the new disk's end there is nothing to write; past the parent's end (a
         # grown disk) the volume reads zeros already, so only data blocks need writing
-        if new_state is None or (_old_state is None and new_state != BlockState.DATA):
+        if new_state is None or (old_state is None and new_state != BlockState.DATA):
             continue
         yield changed
 
