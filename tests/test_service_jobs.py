@@ -643,6 +643,77 @@ def counting_statements(svc, monkeypatch):
     return statements
 
 
+def test_a_page_reads_a_page_of_rows_whatever_the_catalog_size(tmp_path, monkeypatch):
+    """GetServers, GetReplicationJobs and GetReplicationRuns cut their pages in the
+    database (LIMIT/OFFSET): the rows a page of 2 reads do not grow with the catalog
+    (they used to read every row, so paging through N servers read N^2/2 rows)."""
+    import contextlib
+
+    def rows_read(svc, fn) -> int:
+        real = {name: getattr(svc.state, name) for name in ("transaction", "snapshot")}
+        counted = [0]
+
+        class Cursor:
+            def __init__(self, cur):
+                self.cur = cur
+
+            def fetchall(self):
+                out = self.cur.fetchall()
+                counted[0] += len(out)
+                return out
+
+            def fetchone(self):
+                out = self.cur.fetchone()
+                counted[0] += out is not None
+                return out
+
+        class Counting:
+            def __init__(self, db):
+                self.db = db
+
+            def execute(self, *args):
+                return Cursor(self.db.execute(*args))
+
+        def wrapped(open_):
+            @contextlib.contextmanager
+            def opened():
+                with open_() as db:
+                    yield Counting(db)
+            return opened
+        for name, open_ in real.items():
+            monkeypatch.setattr(svc.state, name, wrapped(open_))
+        try:
+            fn()
+        finally:
+            for name, open_ in real.items():
+                monkeypatch.setattr(svc.state, name, open_)
+        assert counted[0], "no row was counted"
+        return counted[0]
+
+    read = {}
+    for n in (8, 24):
+        ds = make_datastore(tmp_path / f"ds{n}", n)
+        clock = FakeClock(T0)
+        svc = SmsService(tmp_path / f"state{n}", clock=clock)
+        try:
+            svc.register_connector("datastore", {"path": str(ds)})
+            svc.import_server_catalog()
+            servers = [s["serverId"] for s in svc.get_servers(maxResults=100)["serverList"]]
+            assert len(servers) == n
+            jobs_made = [new_job(svc, srv, seedReplicationTime=T0 + DAY) for srv in servers]
+            page = svc.get_servers(maxResults=2)
+            second = svc.get_servers(maxResults=2, nextToken=page["nextToken"])
+            assert [s["serverId"] for s in page["serverList"] + second["serverList"]] == servers[:4]
+            read[n] = (rows_read(svc, lambda: svc.get_servers(maxResults=2)),
+                       rows_read(svc, lambda: svc.get_servers(maxResults=2,
+                                                              nextToken=page["nextToken"])),
+                       rows_read(svc, lambda: svc.get_replication_jobs(maxResults=2)))
+            assert len(jobs_made) == n
+        finally:
+            svc.close()
+    assert read[8] == read[24], read
+
+
 def test_get_servers_costs_the_same_queries_for_a_page_of_one_server_or_many(
         tmp_path, monkeypatch):
     """GetServers finds the job each server of its page shows (its live job, else its

@@ -314,9 +314,9 @@ class SmsService:
 
     def get_connectors(self, nextToken: str | None = None, maxResults: int | None = None) -> dict:
         now = self.clock()
-        rows = self.state.query("SELECT * FROM connectors WHERE disassociated_on IS NULL "
-                                "ORDER BY associated_on, rowid")
-        page, token = _paginate("GetConnectors", rows, nextToken, maxResults)
+        page, token = _paged_query(self.state.query, "GetConnectors",
+                                   "SELECT * FROM connectors WHERE disassociated_on IS NULL "
+                                   "ORDER BY associated_on, rowid", (), nextToken, maxResults)
         out = {"connectorList": [connector_from_row(r, now, self.config.heartbeat_timeout_seconds)
                                  .to_api() for r in page]}
         if token:
@@ -392,11 +392,14 @@ class SmsService:
 
         def page(db):
             cat = catalog.refresh_status(db, self.state.dir, now, self.config)
-            rows = db.execute("SELECT * FROM servers WHERE in_catalog = 1 "
-                              "ORDER BY vm_path, server_id").fetchall()
+            listed = "SELECT * FROM servers WHERE in_catalog = 1 ORDER BY vm_path, server_id"
             if wanted is not None:      # set lookups: linear in servers + addresses
-                rows = [r for r in rows if wanted(r["vm_manager_id"], r["vm_id"])]
-            shown, token = _paginate("GetServers", rows, nextToken, maxResults)
+                rows = [r for r in db.execute(listed).fetchall()
+                        if wanted(r["vm_manager_id"], r["vm_id"])]
+                shown, token = _paginate("GetServers", rows, nextToken, maxResults)
+            else:
+                shown, token = _paged_query(lambda q, p: db.execute(q, p).fetchall(), "GetServers",
+                                            listed, (), nextToken, maxResults)
             job_of = _jobs_of_servers(db, [r["server_id"] for r in shown])
             return cat, [server_from_row(r, job_of.get(r["server_id"])).to_api()
                          for r in shown], token
@@ -453,9 +456,12 @@ class SmsService:
             # deleted jobs stay listed, in state DELETED (as SMS lists them)
             if replicationJobId is not None:
                 rows = [jobs.get_job(db, replicationJobId, deleted=True)]
+                page, token = _paginate("GetReplicationJobs", rows, nextToken, maxResults)
             else:
-                rows = db.execute("SELECT * FROM jobs ORDER BY created, rowid").fetchall()
-            page, token = _paginate("GetReplicationJobs", rows, nextToken, maxResults)
+                page, token = _paged_query(lambda q, p: db.execute(q, p).fetchall(),
+                                           "GetReplicationJobs",
+                                           "SELECT * FROM jobs ORDER BY created, rowid", (),
+                                           nextToken, maxResults)
             out = {"replicationJobList": self._jobs(db, page, JOB_RUNS_SHOWN)}
         if token:
             out["nextToken"] = token
@@ -467,9 +473,11 @@ class SmsService:
             raise ServiceError("replicationJobId is required", "MissingRequiredParameterException")
         with self.state.snapshot() as db:      # a read: waits for no writer
             job = jobs.get_job(db, replicationJobId, deleted=True)
-            runs = db.execute("SELECT * FROM runs WHERE job_id = ? ORDER BY created DESC, rowid DESC",
-                              (replicationJobId,)).fetchall()
-            page, token = _paginate("GetReplicationRuns", runs, nextToken, maxResults)
+            page, token = _paged_query(lambda q, p: db.execute(q, p).fetchall(),
+                                       "GetReplicationRuns",
+                                       "SELECT * FROM runs WHERE job_id = ? "
+                                       "ORDER BY created DESC, rowid DESC", (replicationJobId,),
+                                       nextToken, maxResults)
             out = {"replicationJob": self._job(db, job, 0),
                    "replicationRunList": [run_from_row(r).to_api() for r in page]}
         if token:
@@ -561,8 +569,8 @@ def _jobs_of_servers(db, server_ids: list[str]) -> dict:
     return {**latest, **live}
 
 
-def _paginate(op: str, rows: list, token: str | None, max_results: int | None):
-    """One page of ``rows`` and the token of the next (None at the end)."""
+def _page_start(op: str, token: str | None, max_results: int | None) -> tuple[int, int]:
+    """``(offset, page size)`` of the page ``token`` names (0 without one)."""
     if max_results is None:
         max_results = DEFAULT_MAX_RESULTS
     if not 1 <= max_results <= MAX_MAX_RESULTS:
@@ -583,11 +591,27 @@ def _paginate(op: str, rows: list, token: str | None, max_results: int | None):
             # RecursionError: a token of deeply nested JSON
             raise jobs.invalid(f"nextToken {token[:40]!r} is not a token this operation "
                                "gave") from None
-    end = start + max_results
-    next_token = None
-    if end < len(rows):
-        next_token = base64.urlsafe_b64encode(json.dumps({"op": op, "offset": end}).encode()).decode()
-    return rows[start:end], next_token
+    return start, max_results
+
+
+def _next_token(op: str, offset: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"op": op, "offset": offset}).encode()).decode()
+
+
+def _paginate(op: str, rows: list, token: str | None, max_results: int | None):
+    """One page of ``rows`` (filtered in Python) and the token of the next (None at the end)."""
+    start, n = _page_start(op, token, max_results)
+    return rows[start:start + n], (_next_token(op, start + n) if start + n < len(rows) else None)
+
+
+def _paged_query(run, op: str, sql: str, params: tuple, token: str | None,
+                 max_results: int | None):
+    """One page of a query's rows, cut by the database (``LIMIT``/``OFFSET``: a page
+    costs a page whatever the table's size), and the token of the next.  ``run(sql,
+    params)`` returns the rows."""
+    start, n = _page_start(op, token, max_results)
+    rows = run(f"{sql} LIMIT ? OFFSET ?", (*params, n + 1, start))
+    return rows[:n], (_next_token(op, start + n) if len(rows) > n else None)
 
 
 def _local_ip() -> str:
