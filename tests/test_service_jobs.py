@@ -608,12 +608,29 @@ def test_migrations_upgrade_an_existing_database_in_order(tmp_path, monkeypatch)
     db.close()
 
 
-def counting_statements(svc, monkeypatch):
-    """A function that calls ``fn`` and returns how many statements its transactions and
-    snapshots ran (at least one: a count of nothing proves nothing)."""
+def with_wrapped_db(svc, monkeypatch, wrap, fn) -> None:
+    """Call ``fn`` with every transaction and snapshot of ``svc`` handing out ``wrap(db)``."""
     import contextlib
     real = {name: getattr(svc.state, name) for name in ("transaction", "snapshot")}
 
+    def wrapped(open_):
+        @contextlib.contextmanager
+        def opened():
+            with open_() as db:
+                yield wrap(db)
+        return opened
+    for name, open_ in real.items():
+        monkeypatch.setattr(svc.state, name, wrapped(open_))
+    try:
+        fn()
+    finally:
+        for name, open_ in real.items():
+            monkeypatch.setattr(svc.state, name, open_)
+
+
+def counting_statements(svc, monkeypatch):
+    """A function that calls ``fn`` and returns how many statements its transactions and
+    snapshots ran (at least one: a count of nothing proves nothing)."""
     class Counting:
         def __init__(self, db, counted):
             self.db, self.counted = db, counted
@@ -624,20 +641,7 @@ def counting_statements(svc, monkeypatch):
 
     def statements(fn) -> int:
         counted: list = []
-
-        def wrapped(open_):
-            @contextlib.contextmanager
-            def opened():
-                with open_() as db:
-                    yield Counting(db, counted)
-            return opened
-        for name, open_ in real.items():
-            monkeypatch.setattr(svc.state, name, wrapped(open_))
-        try:
-            fn()
-        finally:
-            for name, open_ in real.items():
-                monkeypatch.setattr(svc.state, name, open_)
+        with_wrapped_db(svc, monkeypatch, lambda db: Counting(db, counted), fn)
         assert counted, "no statement was counted"
         return len(counted)
     return statements
@@ -647,10 +651,7 @@ def test_a_page_reads_a_page_of_rows_whatever_the_catalog_size(tmp_path, monkeyp
     """GetServers, GetReplicationJobs and GetReplicationRuns cut their pages in the
     database (LIMIT/OFFSET): the rows a page of 2 reads do not grow with the catalog
     (they used to read every row, so paging through N servers read N^2/2 rows)."""
-    import contextlib
-
     def rows_read(svc, fn) -> int:
-        real = {name: getattr(svc.state, name) for name in ("transaction", "snapshot")}
         counted = [0]
 
         class Cursor:
@@ -673,20 +674,7 @@ def test_a_page_reads_a_page_of_rows_whatever_the_catalog_size(tmp_path, monkeyp
 
             def execute(self, *args):
                 return Cursor(self.db.execute(*args))
-
-        def wrapped(open_):
-            @contextlib.contextmanager
-            def opened():
-                with open_() as db:
-                    yield Counting(db)
-            return opened
-        for name, open_ in real.items():
-            monkeypatch.setattr(svc.state, name, wrapped(open_))
-        try:
-            fn()
-        finally:
-            for name, open_ in real.items():
-                monkeypatch.setattr(svc.state, name, open_)
+        with_wrapped_db(svc, monkeypatch, Counting, fn)
         assert counted[0], "no row was counted"
         return counted[0]
 
