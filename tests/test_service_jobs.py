@@ -217,6 +217,13 @@ def test_seed_time_window(env):
     assert svc.get_replication_jobs(replicationJobId=job)["replicationJobList"][0][
         "seedReplicationTime"] == now
     new_job(svc, servers[1], seedReplicationTime=now + 30 * DAY)
+    # the limit itself from a clock with a sub-microsecond fraction: the wire's whole
+    # microseconds round it 0.5 us past the limit (found by test_scheduling_rules)
+    clock.advance(3.6437245952672877 * 3600)
+    now = clock()
+    svc.update_replication_job(replicationJobId=job, nextReplicationRunStartTime=now + 30 * DAY)
+    assert svc.get_replication_jobs(replicationJobId=job)["replicationJobList"][0][
+        "nextReplicationRunStartTime"] == pytest.approx(now + 30 * DAY)
 
 
 @pytest.mark.parametrize("params,code", [

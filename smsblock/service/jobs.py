@@ -40,14 +40,20 @@ def _in(values: tuple[str, ...]) -> str:
 
 # --- parameter checks -------------------------------------------------------------
 
+TIME_SLACK = 1e-3          # seconds: far more than a microsecond's rounding
+
+
 def check_start_time(when: float, now: float, config: ServiceConfig, name: str) -> float:
     """A seed/next run time: now (a little in the past counts as now) up to N days ahead."""
     if when < now - config.seed_grace_seconds:
         raise invalid(f"{name} is in the past; give a time from now up to "
                       f"{config.max_seed_days_ahead} days ahead")
-    if when > now + config.max_seed_days_ahead * DAY:
+    latest = now + config.max_seed_days_ahead * DAY
+    # a time on the wire has whole microseconds: the limit itself, given as a float epoch,
+    # may come back a fraction of one over it (and is then the limit)
+    if when > latest + TIME_SLACK:
         raise invalid(f"{name} is more than {config.max_seed_days_ahead} days ahead")
-    return max(when, now)
+    return min(max(when, now), latest)
 
 
 def check_frequency(frequency, config: ServiceConfig) -> int:
