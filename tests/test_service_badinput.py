@@ -175,8 +175,9 @@ _STRINGS = {
 
 @pytest.mark.parametrize("op,member,base", [(op, m, b) for op, members in _STRINGS.items()
                                             for m, b in members.items()])
-@pytest.mark.parametrize("bad", ["\ud800", "ok\udfff", "\udcff\udcfe", "a\ud83d"])
-def test_lone_surrogates_in_every_string_are_client_errors(live, op, member, base, bad):
+@pytest.mark.parametrize("bad", ["\ud800", "ok\udfff", "\udcff\udcfe", "a\ud83d",
+                                 "\x00", "ok\x00"])      # NUL: PostgreSQL's text refuses it
+def test_lone_surrogates_and_nul_in_every_string_are_client_errors(live, op, member, base, bad):
     doc = _call(live, op, {**base, member: bad})
     assert member in doc["message"] or "nextToken" in doc["message"], doc
 

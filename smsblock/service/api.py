@@ -159,6 +159,9 @@ def _check_text(op: str, name: str, value: str) -> str:
         raise ServiceError(f"{op}: {name} is not valid Unicode text (character "
                            f"{e.start} is a lone surrogate or an undecodable byte)",
                            "InvalidParameterException") from None
+    if "\x00" in value:    # a PostgreSQL text cannot hold it: refused whatever the backend
+        raise ServiceError(f"{op}: {name} may not contain NUL characters (character "
+                           f"{value.index(chr(0))})", "InvalidParameterException")
     return value
 
 

@@ -105,6 +105,8 @@ def check_role(value) -> str:
 def check_description(value) -> str:
     if not isinstance(value, str) or len(value) > MAX_DESCRIPTION:
         raise invalid(f"description must be text of at most {MAX_DESCRIPTION} characters")
+    if "\x00" in value:        # PostgreSQL's text cannot hold it: refused on both backends
+        raise invalid("description may not contain NUL characters")
     return value
 
 
