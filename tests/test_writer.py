@@ -696,3 +696,33 @@ def test_convert_flattens_a_snapshot_chain(tmp_path):
     assert "Images are identical" in qemu_img("compare", want, out_vmdk).stdout
     with smsblock.open_disk(out_vmdk) as d:
         assert d.info.parent is None and d.info.parent_cid == 0xFFFFFFFF
+
+
+def test_raw_copy_reads_as_many_blocks_at_once_as_the_disk_says(tmp_path):
+    """A disk whose reads wait on a network (an EBS snapshot: one GetSnapshotBlock per
+    block) says how many readers pay off; write_raw runs that many: here every block
+    read waits until 4 are in flight at once, which 2 readers would never reach."""
+    from smsblock.disk.blocks import BlockDisk
+    bs = 1 << 20                                    # one block per raw chunk
+    blocks = [bytes([i + 1]) * bs for i in range(8)]
+
+    class Remote(BlockDisk):
+        read_parallelism = 4
+
+        def __init__(self):
+            super().__init__()
+            self.block_size, self.size, self.path = bs, len(blocks) * bs, "remote"
+            self.info = DiskInfo(path="remote", format="raw", virtual_size=self.size)
+            self.together = threading.Barrier(4, timeout=10)
+
+        def fetch_block(self, i):
+            self.together.wait()
+            return blocks[i]
+
+        def extents(self, start=0, end=None):
+            start, end = self._clip(start, end)
+            yield Extent(start, end - start, ExtentKind.DATA)
+
+    out = tmp_path / "out.raw"
+    write_raw(Remote(), out)
+    assert out.read_bytes() == b"".join(blocks)

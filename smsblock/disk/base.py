@@ -110,6 +110,10 @@ class Disk:
     path: str
     size: int
     info: DiskInfo
+    #: readers that pay off at once when copying the disk whole (write_raw's threads):
+    #: local files keep 2 cores busy with 2; a disk read over a network service, whose
+    #: time is latency (an EBS snapshot), says more
+    read_parallelism: int = 2
 
     # -- to implement -----------------------------------------------------
     def readinto(self, offset: int, buf) -> int:

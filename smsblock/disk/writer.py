@@ -505,15 +505,16 @@ def write_stream_optimized(disk: Disk, out_path, *, progress: ProgressCallback |
 # --- raw ------------------------------------------------------------------------
 
 def write_raw(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
-              cancel: CancelToken | None = None, threads: int = 2, fsync: bool = True,
+              cancel: CancelToken | None = None, threads: int | None = None, fsync: bool = True,
               mode: int | None = None, allow_device: bool = False) -> None:
     """Write ``disk``'s bytes to a raw image, byte for byte, sparse: the one raw-disk
     writer (convert, restore, an EBS snapshot read back).
 
     The output is truncated to the disk's size and only DATA extents are read; inside
     them, 4 KiB blocks that are all zeros are not written either, so unallocated and
-    zero ranges stay holes.  ``threads`` worker threads read and write chunks in
-    parallel, a bounded number ahead of the progress report.  With ``fsync`` (the
+    zero ranges stay holes.  ``threads`` worker threads (default: the disk's
+    ``read_parallelism``) read and write chunks in parallel, a bounded number ahead of
+    the progress report.  With ``fsync`` (the
     default) the file is on disk when this returns; ``fsync=False`` leaves the writing
     to the kernel (faster for scratch copies).
 
@@ -523,6 +524,8 @@ def write_raw(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
     is refused before anything is written.  Otherwise a device is refused.
     """
     progress = with_phase(progress, "converting")
+    if threads is None:
+        threads = max(1, int(getattr(disk, "read_parallelism", 2)))
     if threads < 1:
         raise UsageError(f"threads must be at least 1, not {threads}")
     if allow_device and _is_device(out_path):

@@ -419,6 +419,9 @@ class SnapshotDisk(BlockDisk):
         super().__init__(hold)
         self.block_size = EBS_BLOCK
         self.uploader = uploader
+        # each block is one GetSnapshotBlock: reads wait on the network, so a copy reads
+        # as many at once as the store puts
+        self.read_parallelism = max(2, uploader.settings.parallel)
         self.manifest = manifest
         self.chain = chain
         self.path = path
