@@ -933,11 +933,14 @@ def _usable_dir(root: str, parts: tuple[str, ...], create_root: bool):
         return tmp, (), False
 
 
-def store_block_index(store, *, for_new_runs: bool = False) -> BlockIndex:
-    """:meth:`Store.block_index`: sync the store's on-disk index with its pack listing,
-    then a view that leaves out (or ranks last) what the damage records name."""
+def store_block_index(store, *, for_new_runs: bool = False,
+                      listed: dict[str, int] | None = None) -> BlockIndex:
+    """:meth:`Store.block_index`: sync the store's on-disk index with its pack listing
+    (``listed``, ``{pack_id: size}``, or the store's own), then a view that leaves out
+    (or ranks last) what the damage records name."""
     from .errors import StoreCorruptError
-    listed = store.list_packs()
+    if listed is None:
+        listed = store.list_packs()
     damage = store.damage()
 
     def read(pid: str, size: int):

@@ -39,12 +39,11 @@ from .errors import SmsBlockError, StoreError, UsageError
 from .manifest import (DEFAULT_BLOCK_SIZE, BlockState, ManifestReader, ManifestWriter,
                        check_block_size, entry_batches)
 from .progress import CancelToken, ProgressCallback, check_cancel, with_phase
-from .repository.fingerprints import check_changed_packs
 from .repository import prune as _prune, verify as _verify
 from .repository.prune import PruneReport
 from .repository.rundisk import RunDisk
 from .repository.verify import DeepVerifyReport, VerifyReport
-from .repository.writer import BlockStorer, PackSink
+from .repository.writer import BlockStorer, PackSink, start_run
 from .scanner import Gap, check_changed_extents, scan_meta, scan_stream
 from .store import open_store
 from .store.base import check_run_id, check_server_id
@@ -228,11 +227,21 @@ def _run(disk, store, server_id, block_size, progress, cancel, threads, source, 
                     f"{previous.disk_size} bytes") + ": run once without them")
         changed_runs = check_changed_extents(changed_extents, disk.size, block_size)
     run_id = new_run_id(previous_id)
-    # packs changed since this client last saw them are read whole first: damage found
-    # is recorded before the index is built, so the run never builds on it
-    check_changed_packs(store, threads=threads, cancel=cancel)
-    # blocks a damage record names are not in it: the run stores them again
-    index = store.block_index(for_new_runs=True)
+    # changed packs checked, then the block index (without damaged packs: the run
+    # stores their blocks again), on a thread of its own while the scan starts
+    start = start_run(store, threads=threads, cancel=cancel)
+    try:
+        return _run_started(disk, store, server_id, block_size, progress, cancel, threads,
+                            source, meta, changed_runs, previous_id, previous, comparable,
+                            run_id, start, t0)
+    finally:
+        start.wait()        # nothing of this run goes on after it returns
+
+
+def _run_started(disk, store, server_id, block_size, progress, cancel, threads, source, meta,
+                 changed_runs, previous_id, previous, comparable, run_id, start,
+                 t0) -> RunSummary:
+    cfg = store.config
     n_blocks = (disk.size + block_size - 1) // block_size
     # the blocks changed since the previous run (diff's meaning), counted window by window
     diffed = previous if previous is not None and previous.block_size == block_size else None
@@ -242,8 +251,8 @@ def _run(disk, store, server_id, block_size, progress, cancel, threads, source, 
     writer = ManifestWriter(staged, disk.size, block_size, cfg.address)
     published = False
     try:
-        sink = PackSink(store, set(store.list_damage_records()))
-        storer = BlockStorer(store, index, sink, cancel)
+        sink = PackSink(store, start=start)
+        storer = BlockStorer(store, start, sink, cancel)
         data_changed = 0
         sealed = False
         try:
@@ -253,15 +262,17 @@ def _run(disk, store, server_id, block_size, progress, cancel, threads, source, 
             for seg in stream:
                 if isinstance(seg, Gap):
                     if seg.carry:       # a change-list run: as in the previous run, unread
-                        _carry_runs(previous, seg, writer, index, storer, disk, cancel)
+                        _carry_runs(previous, seg, writer, start.get().index, storer, disk,
+                                    cancel)
                     else:
                         writer.add_run(BlockState.UNALLOCATED, seg.end - seg.start)
                         counter.gap(seg.start, seg.end)
                     continue
-                data_changed += _fill_window(seg, comparable, index, storer, disk, cancel,
+                data_changed += _fill_window(seg, comparable, start, storer, disk, cancel,
                                              block_size)
                 writer.add_window(seg.states, seg.hashes, seg.addresses)
                 counter.window(seg)
+            start.get()         # its error, if no block needed it
             sealed = True
             sink.close(seal=True)
         except BaseException:
@@ -323,7 +334,7 @@ def _read_block(disk, index: int, block_size: int) -> memoryview:
     return memoryview(buf)
 
 
-def _fill_window(w, comparable: bool, index, storer, disk, cancel, block_size: int) -> int:
+def _fill_window(w, comparable: bool, start, storer, disk, cancel, block_size: int) -> int:
     """Give the window's DATA blocks their content addresses: changed ones have theirs
     from the storer; unchanged ones take the previous run's, stored again when the store
     lost them.  Returns how many DATA blocks were changed (or stored again)."""
@@ -335,7 +346,7 @@ def _fill_window(w, comparable: bool, index, storer, disk, cancel, block_size: i
         if not comparable or w.prev_addresses is None:
             raise StoreError("scan reported unchanged blocks without a comparable previous run")
         w.addresses[carried] = w.prev_addresses[carried]
-        missing = carried[~index.contains_all(w.prev_addresses[carried])]
+        missing = carried[~start.get().index.contains_all(w.prev_addresses[carried])]
         # the previous run references blocks the store lost: store them again
         for k in missing.tolist():
             check_cancel(cancel)
