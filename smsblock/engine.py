@@ -203,7 +203,6 @@ def _replicate_locked(disk, store, server_id, block_size, progress, cancel, thre
 def _run(disk, store, server_id, block_size, progress, cancel, threads, source, meta,
          change_block_size, changed_extents, previous_id, previous) -> RunSummary:
     t0 = time.monotonic()
-    cfg = store.config
     if block_size is None:
         block_size = previous.block_size if previous is not None else DEFAULT_BLOCK_SIZE
     check_block_size(block_size)
