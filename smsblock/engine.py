@@ -273,48 +273,30 @@ def _run_started(disk, store, server_id, block_size, progress, cancel, threads, 
                 counter.window(seg)
             start.get()         # its error, if no block needed it
             sealed = True
-            sink.close(seal=True)
+            # the last pack reaches the disk while the manifest is finished (below)
+            sink.close(seal=True, wait=False)
         except BaseException:
-            if not sealed:
-                # keep every complete block written so far: the next run finds it in the index
-                try:
+            # keep every complete block written so far: the next run finds it in the index
+            try:
+                if sealed:
+                    sink.wait()
+                else:
                     sink.close(seal=True)
-                except SmsBlockError:
-                    pass
+            except SmsBlockError:
+                pass
             raise
-        check_cancel(cancel)
-
-        counts = writer.counts
-        if diffed is not None:
-            blocks_changed = counter.finish(n_blocks)       # also across a size change
-        else:
-            blocks_changed = n_blocks - counts[BlockState.UNALLOCATED]
-        run_meta["scan"] = dict(stream.stats)
-        if changed_runs is not None:
-            run_meta["scan"]["changed_list_blocks"] = changed_runs.blocks
-        bytes_read = stream.stats["bytes_read"]
-        created = run_id[2:25]
-        summary = RunSummary(
-            run_id=run_id, server_id=server_id, disk_size=disk.size, block_size=block_size,
-            blocks_total=n_blocks, blocks_data=counts[BlockState.DATA],
-            blocks_zero=counts[BlockState.ZERO],
-            blocks_unallocated=counts[BlockState.UNALLOCATED],
-            blocks_changed=blocks_changed, blocks_data_changed=data_changed,
-            blocks_stored=sink.blocks_stored, bytes_read=bytes_read, bytes_stored=sink.bytes_stored,
-            bytes_stored_uncompressed=sink.bytes_uncompressed, seconds=0.0,
-            previous_run_id=previous_id, address_algorithm=cfg.address)
-        summary.seconds = round(time.monotonic() - t0, 6)
-        run_meta.update({
-            "server_id": server_id, "run_id": run_id,
-            "created": datetime.strptime(created, _TS_FORMAT).replace(tzinfo=timezone.utc).isoformat(),
-            "source": source if source is not None else disk.path,
-            "previous_run_id": previous_id, "summary": summary.to_dict(),
-            "user": meta or {}})     # the embedder's, under its own key: it cannot clobber ours
-        # the blocks are sealed in the store; the run becomes visible with its manifest
-        storing = with_phase(progress, "storing")
-        if storing is not None:
-            storing(0, sink.bytes_stored)
-        writer.finish(run_meta)
+        try:
+            summary, storing = _finish_manifest(
+                disk, store, server_id, block_size, progress, cancel, source, meta, changed_runs,
+                previous_id, run_id, t0, n_blocks, diffed, counter, run_meta, writer, sink,
+                stream, data_changed)
+        except BaseException:
+            try:
+                sink.wait()
+            except SmsBlockError:
+                pass
+            raise
+        sink.wait()         # every pack durable and visible before the manifest names it
         store.put_manifest_file(server_id, run_id, staged)
         published = True
     finally:
@@ -324,6 +306,46 @@ def _run_started(disk, store, server_id, block_size, progress, cancel, threads, 
         storing(sink.bytes_stored, sink.bytes_stored)
     summary.seconds = round(time.monotonic() - t0, 6)
     return summary
+
+
+def _finish_manifest(disk, store, server_id, block_size, progress, cancel, source, meta,
+                     changed_runs, previous_id, run_id, t0, n_blocks, diffed, counter,
+                     run_meta, writer, sink, stream, data_changed):
+    """The run's summary and meta, written with the manifest's end (not published yet)."""
+    check_cancel(cancel)
+    cfg = store.config
+    counts = writer.counts
+    if diffed is not None:
+        blocks_changed = counter.finish(n_blocks)       # also across a size change
+    else:
+        blocks_changed = n_blocks - counts[BlockState.UNALLOCATED]
+    run_meta["scan"] = dict(stream.stats)
+    if changed_runs is not None:
+        run_meta["scan"]["changed_list_blocks"] = changed_runs.blocks
+    bytes_read = stream.stats["bytes_read"]
+    created = run_id[2:25]
+    summary = RunSummary(
+        run_id=run_id, server_id=server_id, disk_size=disk.size, block_size=block_size,
+        blocks_total=n_blocks, blocks_data=counts[BlockState.DATA],
+        blocks_zero=counts[BlockState.ZERO],
+        blocks_unallocated=counts[BlockState.UNALLOCATED],
+        blocks_changed=blocks_changed, blocks_data_changed=data_changed,
+        blocks_stored=sink.blocks_stored, bytes_read=bytes_read, bytes_stored=sink.bytes_stored,
+        bytes_stored_uncompressed=sink.bytes_uncompressed, seconds=0.0,
+        previous_run_id=previous_id, address_algorithm=cfg.address)
+    summary.seconds = round(time.monotonic() - t0, 6)
+    run_meta.update({
+        "server_id": server_id, "run_id": run_id,
+        "created": datetime.strptime(created, _TS_FORMAT).replace(tzinfo=timezone.utc).isoformat(),
+        "source": source if source is not None else disk.path,
+        "previous_run_id": previous_id, "summary": summary.to_dict(),
+        "user": meta or {}})     # the embedder's, under its own key: it cannot clobber ours
+    # the blocks are sealed in the store; the run becomes visible with its manifest
+    storing = with_phase(progress, "storing")
+    if storing is not None:
+        storing(0, sink.bytes_stored)
+    writer.finish(run_meta)
+    return summary, storing
 
 
 def _read_block(disk, index: int, block_size: int) -> memoryview:

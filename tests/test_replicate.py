@@ -776,3 +776,39 @@ def test_a_failed_start_fails_the_run_with_its_own_error(tmp_path, monkeypatch, 
     prune(store, "srv", keep=1)                         # the exclusive lock is free
     s = replicate(disk, store, "srv", block_size=BS)
     assert s.blocks_stored == 6
+
+
+def test_the_manifest_names_only_durable_visible_packs(tmp_path, monkeypatch):
+    """The last pack is made durable while the manifest is finished, but the manifest is
+    published only after it is visible; a failure to put it fails the run, unpublished."""
+    import time as _time
+    from smsblock.errors import StoreError
+    from smsblock.repository.repository import Repository
+    disk = tmp_path / "d.raw"
+    _mixed_disk(disk, 6, 5)
+    store = new_store(tmp_path / "s", pack_size=1 << 30)      # one pack, sealed at the end
+    real_put, real_publish = Repository.put_pack, Repository.put_manifest_file
+    seen = []
+
+    def slow_put(self, pack_id, path, **kw):
+        _time.sleep(0.3)
+        real_put(self, pack_id, path, **kw)
+        seen.append(("pack", pack_id))
+
+    def publish(self, server_id, run_id, staged):
+        seen.append(("manifest", sorted(self.list_packs())))
+        return real_publish(self, server_id, run_id, staged)
+    monkeypatch.setattr(Repository, "put_pack", slow_put)
+    monkeypatch.setattr(Repository, "put_manifest_file", publish)
+    replicate(disk, store, "srv", block_size=BS)
+    assert [k for k, _ in seen] == ["pack", "manifest"] and seen[0][1] in seen[1][1]
+
+    def failing_put(self, pack_id, path, **kw):
+        raise StoreError("cannot put the pack: injected")
+    monkeypatch.setattr(Repository, "put_pack", failing_put)
+    runs = [r.run_id for r in store.runs("srv")]
+    _mixed_disk(disk, 6, 6)
+    with pytest.raises(StoreError, match="injected"):
+        replicate(disk, store, "srv", block_size=BS)
+    assert [r.run_id for r in store.runs("srv")] == runs
+    assert not list((tmp_path / "s" / "tmp").glob("*.manifest.tmp"))

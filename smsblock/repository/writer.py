@@ -261,9 +261,11 @@ class PackSink:
                 self.error = e
             writer.discard()
 
-    def close(self, seal: bool = True) -> None:
+    def close(self, seal: bool = True, wait: bool = True) -> None:
         """Stop the threads; seal the partial pack (``seal``) or discard it.  Every pack
-        sealed before this returns is durable and visible."""
+        sealed before this returns is durable and visible.  ``wait=False`` returns once
+        the last pack is sealed (the counts are final) while the syncer still makes it
+        durable and visible: call :meth:`wait` before anything names its blocks."""
         self._closing = True
         self._queue.put(self._STOP)
         self._thread.join()
@@ -276,7 +278,15 @@ class PackSink:
                     self._writer = None
         finally:
             self._sealed.put(self._STOP)
-            self._syncer.join()
+            if wait:
+                self._syncer.join()
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        """After :meth:`close`: wait until every sealed pack is durable and visible;
+        raise the writer's or syncer's error."""
+        self._syncer.join()
         if self.error is not None:
             err = self.error
             if isinstance(err, SmsBlockError):
