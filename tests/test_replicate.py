@@ -812,3 +812,28 @@ def test_the_manifest_names_only_durable_visible_packs(tmp_path, monkeypatch):
         replicate(disk, store, "srv", block_size=BS)
     assert [r.run_id for r in store.runs("srv")] == runs
     assert not list((tmp_path / "s" / "tmp").glob("*.manifest.tmp"))
+
+
+def test_a_run_that_stores_nothing_starts_no_pack_writer(tmp_path, monkeypatch):
+    """The pack writer's threads start on first use: an unchanged run starts neither (the
+    scan does not wait for thread starts), a run that stores starts them and ends them."""
+    import threading
+    disk = tmp_path / "d.raw"
+    _mixed_disk(disk, 6, 7)
+    store = new_store(tmp_path / "s", pack_size=1 << 20)
+    replicate(disk, store, "srv", block_size=BS)
+    started = []
+    real = threading.Thread.start
+
+    def start(self):
+        started.append(self.name)
+        return real(self)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    s = replicate(disk, store, "srv", block_size=BS)
+    assert s.blocks_stored == 0
+    assert not [n for n in started if n.startswith("smsblock-pack")], started
+    _mixed_disk(disk, 6, 8)
+    s = replicate(disk, store, "srv", block_size=BS)
+    assert s.blocks_stored == 6
+    assert {"smsblock-pack-writer", "smsblock-pack-sync"} <= set(started)
+    assert not [t for t in threading.enumerate() if t.name.startswith("smsblock-")]

@@ -153,10 +153,21 @@ class PackSink:
         self._writer: PackWriter | None = None
         self._queue: queue.Queue = queue.Queue(QUEUE_DEPTH)
         self._sealed: queue.Queue = queue.Queue(2)      # packs written, waiting for fsync
+        # started on first use: the scan does not wait for them, and a run that stores
+        # nothing starts neither
         self._thread = threading.Thread(target=self._run, name="smsblock-pack-writer", daemon=True)
         self._syncer = threading.Thread(target=self._sync_loop, name="smsblock-pack-sync", daemon=True)
-        self._thread.start()
-        self._syncer.start()
+        self._started_threads: set[threading.Thread] = set()
+        self._threads_lock = threading.Lock()
+
+    def _ensure(self, thread: threading.Thread) -> None:
+        if thread not in self._started_threads:
+            with self._threads_lock:
+                if self._closing and thread is self._thread:
+                    raise Cancelled("the run was stopped")
+                if thread not in self._started_threads:
+                    thread.start()
+                    self._started_threads.add(thread)
 
     def submit(self, address: bytes, frame, ulen: int, check: bool = False,
                buffer: bytearray | None = None) -> None:
@@ -170,6 +181,7 @@ class PackSink:
                 raise StoreError(f"pack writer failed: {self.error}")
             if self._closing:       # a scan thread still running after the run stopped
                 raise Cancelled("the run was stopped")
+            self._ensure(self._thread)
             try:
                 self._queue.put((address, frame, ulen, check, buffer), timeout=0.2)
                 return
@@ -225,6 +237,7 @@ class PackSink:
         self._put_sealed((writer, pack_id, idx))
 
     def _put_sealed(self, item) -> None:
+        self._ensure(self._syncer)
         while True:
             if self.error is not None:
                 raise StoreError(f"pack sync failed: {self.error}")
@@ -266,9 +279,11 @@ class PackSink:
         sealed before this returns is durable and visible.  ``wait=False`` returns once
         the last pack is sealed (the counts are final) while the syncer still makes it
         durable and visible: call :meth:`wait` before anything names its blocks."""
-        self._closing = True
-        self._queue.put(self._STOP)
-        self._thread.join()
+        with self._threads_lock:
+            self._closing = True        # no writer thread starts after this
+        if self._thread in self._started_threads:
+            self._queue.put(self._STOP)
+            self._thread.join()
         try:
             if self._writer is not None:
                 if seal and self.error is None and self._writer.count:
@@ -277,16 +292,18 @@ class PackSink:
                     self._writer.discard()
                     self._writer = None
         finally:
-            self._sealed.put(self._STOP)
-            if wait:
-                self._syncer.join()
+            if self._syncer in self._started_threads:
+                self._sealed.put(self._STOP)
+                if wait:
+                    self._syncer.join()
         if wait:
             self.wait()
 
     def wait(self) -> None:
         """After :meth:`close`: wait until every sealed pack is durable and visible;
         raise the writer's or syncer's error."""
-        self._syncer.join()
+        if self._syncer in self._started_threads:
+            self._syncer.join()
         if self.error is not None:
             err = self.error
             if isinstance(err, SmsBlockError):
