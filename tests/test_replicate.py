@@ -729,6 +729,7 @@ def test_a_slow_start_still_dedups_exactly(tmp_path, monkeypatch):
         _time.sleep(0.5)            # the scan has queued every block by then
         return real(*a, **k)
     monkeypatch.setattr(W, "check_changed_packs", slow)
+    monkeypatch.setattr(W, "BACKGROUND_START", True)       # as for a remote store
     real_submit = W.PackSink.submit
 
     def submit(self, address, frame, ulen, check=False, buffer=None):
@@ -744,8 +745,10 @@ def test_a_slow_start_still_dedups_exactly(tmp_path, monkeypatch):
     assert (tmp_path / "o.raw").read_bytes() == disk.read_bytes()
 
 
+@pytest.mark.parametrize("background", [True, False])
 @pytest.mark.parametrize("where", ["check_changed_packs", "block_index"])
-def test_a_failed_start_fails_the_run_with_its_own_error(tmp_path, monkeypatch, where):
+def test_a_failed_start_fails_the_run_with_its_own_error(tmp_path, monkeypatch, where,
+                                                         background):
     """An error of the start-up work, which runs beside the scan, ends the run with that
     error (not a wrapped one), publishes no run, leaves no thread behind and releases the
     store lock; the next run works."""
@@ -763,6 +766,7 @@ def test_a_failed_start_fails_the_run_with_its_own_error(tmp_path, monkeypatch, 
     def broken(*a, **k):
         _time.sleep(0.2)            # the scan is under way, blocks are queued
         raise StoreError("listing the packs failed: injected")
+    monkeypatch.setattr(W, "BACKGROUND_START", background)
     if where == "check_changed_packs":
         monkeypatch.setattr(W, "check_changed_packs", broken)
     else:
