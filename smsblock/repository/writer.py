@@ -30,22 +30,18 @@ class Deferred(Generic[T]):
     """A value made on a thread of its own while the caller goes on; :meth:`get` waits
     for it and raises the error that made it fail, in whichever thread asks."""
 
-    def __init__(self, fn: Callable[[], T] | None, name: str = "smsblock-deferred"):
-        self._value: T | None = None
+    def __init__(self, fn: Callable[[], T] | None, name: str = "smsblock-deferred", *,
+                 value: T | None = None):
+        """``fn=None``: ``value``, already made (no thread)."""
+        self._value: T | None = value
         self._error: BaseException | None = None
         self._done = threading.Event()
         self._thread = None
-        if fn is not None:
+        if fn is None:
+            self._done.set()
+        else:
             self._thread = threading.Thread(target=self._work, args=(fn,), name=name, daemon=True)
             self._thread.start()
-
-    @classmethod
-    def done(cls, value: T) -> "Deferred[T]":
-        """One already made (no thread)."""
-        d = cls(None)
-        d._value = value
-        d._done.set()
-        return d
 
     def _work(self, fn) -> None:
         try:
@@ -110,7 +106,7 @@ def start_run(store: Repository, *, threads: int = 2,
     if background is None:
         background = store.backend.remote
     if not background:
-        return Deferred.done(work())
+        return Deferred(None, value=work())
     return Deferred(work, "smsblock-run-start")
 
 QUEUE_DEPTH = 16          # compressed blocks waiting for the pack writer (bounds memory)
@@ -256,9 +252,11 @@ class PackSink:
             while self._queue.get() is not self._STOP:
                 pass
 
-    def _seal(self) -> None:
+    def _seal(self, here: bool = True) -> None:
+        """Hand the pack being filled to the syncer, sealed here or (``here=False``: the
+        last pack, while the run finishes its manifest) by the syncer."""
         writer, self._writer = self._writer, None
-        pack_id, idx = writer.seal(sync=False)
+        pack_id, idx = writer.seal(sync=False) if here else (None, None)
         self._put_sealed((writer, pack_id, idx))
 
     def _put_sealed(self, item) -> None:
@@ -280,6 +278,8 @@ class PackSink:
             writer, pack_id, idx = item
             try:
                 if self.error is None:
+                    if pack_id is None:
+                        pack_id, idx = writer.seal(sync=False)
                     writer.sync()
                     if pack_id in self.damaged:
                         # the same blocks stored again under the damaged pack's id: a sound
@@ -312,7 +312,7 @@ class PackSink:
         try:
             if self._writer is not None:
                 if seal and self.error is None and self._writer.count:
-                    self._seal()
+                    self._seal(here=False)
                 else:
                     self._writer.discard()
                     self._writer = None
