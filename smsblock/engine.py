@@ -37,12 +37,11 @@ from .errors import SmsBlockError, StoreError, UsageError
 from .manifest import (DEFAULT_BLOCK_SIZE, BlockState, ManifestReader, ManifestWriter,
                        check_block_size)
 from .progress import CancelToken, ProgressCallback, check_cancel, with_phase
-from .repository.fingerprints import check_changed_packs
 from .repository import prune as _prune, verify as _verify
 from .repository.prune import PruneReport
 from .repository.rundisk import RunDisk
 from .repository.verify import DeepVerifyReport, VerifyReport
-from .repository.writer import BlockStorer, PackSink
+from .repository.writer import BlockStorer, PackSink, start_run
 from .scanner import Gap, check_changed_extents, scan_meta, scan_stream
 from .store import open_store
 from .store.base import check_run_id, check_server_id
@@ -202,7 +201,6 @@ def _replicate_locked(disk, store, server_id, block_size, progress, cancel, thre
 def _run(disk, store, server_id, block_size, progress, cancel, threads, source, meta,
          change_block_size, changed_extents, previous_id, previous) -> RunSummary:
     t0 = time.monotonic()
-    cfg = store.config
     if block_size is None:
         block_size = previous.block_size if previous is not None else DEFAULT_BLOCK_SIZE
     check_block_size(block_size)
@@ -226,11 +224,21 @@ def _run(disk, store, server_id, block_size, progress, cancel, threads, source, 
                     f"{previous.disk_size} bytes") + ": run once without them")
         changed_runs = check_changed_extents(changed_extents, disk.size, block_size)
     run_id = new_run_id(previous_id)
-    # packs changed since this client last saw them are read whole first: damage found
-    # is recorded before the index is built, so the run never builds on it
-    check_changed_packs(store, threads=threads, cancel=cancel)
-    # blocks a damage record names are not in it: the run stores them again
-    index = store.block_index(for_new_runs=True)
+    # changed packs checked, then the block index (without damaged packs: the run
+    # stores their blocks again), on a thread of its own while the scan starts
+    start = start_run(store, threads=threads, cancel=cancel)
+    try:
+        return _run_started(disk, store, server_id, block_size, progress, cancel, threads,
+                            source, meta, changed_runs, previous_id, previous, comparable,
+                            run_id, start, t0)
+    finally:
+        start.wait()        # nothing of this run goes on after it returns
+
+
+def _run_started(disk, store, server_id, block_size, progress, cancel, threads, source, meta,
+                 changed_runs, previous_id, previous, comparable, run_id, start,
+                 t0) -> RunSummary:
+    cfg = store.config
     n_blocks = (disk.size + block_size - 1) // block_size
     # the blocks changed since the previous run (diff's meaning), counted window by window
     diffed = previous if previous is not None and previous.block_size == block_size else None
@@ -240,8 +248,8 @@ def _run(disk, store, server_id, block_size, progress, cancel, threads, source, 
     writer = ManifestWriter(staged, disk.size, block_size, cfg.address)
     published = False
     try:
-        sink = PackSink(store, set(store.list_damage_records()))
-        storer = BlockStorer(store, index, sink, cancel)
+        sink = PackSink(store, start=start)
+        storer = BlockStorer(store, start, sink, cancel)
         data_changed = 0
         sealed = False
         try:
@@ -251,58 +259,42 @@ def _run(disk, store, server_id, block_size, progress, cancel, threads, source, 
             for seg in stream:
                 if isinstance(seg, Gap):
                     if seg.carry:       # a change-list run: as in the previous run, unread
-                        _carry_runs(previous, seg, writer, index, storer, disk, cancel)
+                        _carry_runs(previous, seg, writer, start.get().index, storer, disk,
+                                    cancel)
                     else:
                         writer.add_run(BlockState.UNALLOCATED, seg.end - seg.start)
                         counter.gap(seg.start, seg.end)
                     continue
-                data_changed += _fill_window(seg, comparable, index, storer, disk, cancel,
+                data_changed += _fill_window(seg, comparable, start, storer, disk, cancel,
                                              block_size)
                 writer.add_window(seg.states, seg.hashes, seg.addresses)
                 counter.window(seg)
+            start.get()         # its error, if no block needed it
             sealed = True
-            sink.close(seal=True)
+            # the last pack reaches the disk while the manifest is finished (below)
+            sink.close(seal=True, wait=False)
         except BaseException:
-            if not sealed:
-                # keep every complete block written so far: the next run finds it in the index
-                try:
+            # keep every complete block written so far: the next run finds it in the index
+            try:
+                if sealed:
+                    sink.wait()
+                else:
                     sink.close(seal=True)
-                except SmsBlockError:
-                    pass
+            except SmsBlockError:
+                pass
             raise
-        check_cancel(cancel)
-
-        counts = writer.counts
-        if diffed is not None:
-            blocks_changed = counter.finish(n_blocks)       # also across a size change
-        else:
-            blocks_changed = n_blocks - counts[BlockState.UNALLOCATED]
-        run_meta["scan"] = dict(stream.stats)
-        if changed_runs is not None:
-            run_meta["scan"]["changed_list_blocks"] = changed_runs.blocks
-        bytes_read = stream.stats["bytes_read"]
-        created = run_id[2:25]
-        summary = RunSummary(
-            run_id=run_id, server_id=server_id, disk_size=disk.size, block_size=block_size,
-            blocks_total=n_blocks, blocks_data=counts[BlockState.DATA],
-            blocks_zero=counts[BlockState.ZERO],
-            blocks_unallocated=counts[BlockState.UNALLOCATED],
-            blocks_changed=blocks_changed, blocks_data_changed=data_changed,
-            blocks_stored=sink.blocks_stored, bytes_read=bytes_read, bytes_stored=sink.bytes_stored,
-            bytes_stored_uncompressed=sink.bytes_uncompressed, seconds=0.0,
-            previous_run_id=previous_id, address_algorithm=cfg.address)
-        summary.seconds = round(time.monotonic() - t0, 6)
-        run_meta.update({
-            "server_id": server_id, "run_id": run_id,
-            "created": datetime.strptime(created, _TS_FORMAT).replace(tzinfo=timezone.utc).isoformat(),
-            "source": source if source is not None else disk.path,
-            "previous_run_id": previous_id, "summary": summary.to_dict(),
-            "user": meta or {}})     # the embedder's, under its own key: it cannot clobber ours
-        # the blocks are sealed in the store; the run becomes visible with its manifest
-        storing = with_phase(progress, "storing")
-        if storing is not None:
-            storing(0, sink.bytes_stored)
-        writer.finish(run_meta)
+        try:
+            summary, storing = _finish_manifest(
+                disk, store, server_id, block_size, progress, cancel, source, meta, changed_runs,
+                previous_id, run_id, t0, n_blocks, diffed, counter, run_meta, writer, sink,
+                stream, data_changed)
+        except BaseException:
+            try:
+                sink.wait()
+            except SmsBlockError:
+                pass
+            raise
+        sink.wait()         # every pack durable and visible before the manifest names it
         store.put_manifest_file(server_id, run_id, staged)
         published = True
     finally:
@@ -314,6 +306,46 @@ def _run(disk, store, server_id, block_size, progress, cancel, threads, source, 
     return summary
 
 
+def _finish_manifest(disk, store, server_id, block_size, progress, cancel, source, meta,
+                     changed_runs, previous_id, run_id, t0, n_blocks, diffed, counter,
+                     run_meta, writer, sink, stream, data_changed):
+    """The run's summary and meta, written with the manifest's end (not published yet)."""
+    check_cancel(cancel)
+    cfg = store.config
+    counts = writer.counts
+    if diffed is not None:
+        blocks_changed = counter.finish(n_blocks)       # also across a size change
+    else:
+        blocks_changed = n_blocks - counts[BlockState.UNALLOCATED]
+    run_meta["scan"] = dict(stream.stats)
+    if changed_runs is not None:
+        run_meta["scan"]["changed_list_blocks"] = changed_runs.blocks
+    bytes_read = stream.stats["bytes_read"]
+    created = run_id[2:25]
+    summary = RunSummary(
+        run_id=run_id, server_id=server_id, disk_size=disk.size, block_size=block_size,
+        blocks_total=n_blocks, blocks_data=counts[BlockState.DATA],
+        blocks_zero=counts[BlockState.ZERO],
+        blocks_unallocated=counts[BlockState.UNALLOCATED],
+        blocks_changed=blocks_changed, blocks_data_changed=data_changed,
+        blocks_stored=sink.blocks_stored, bytes_read=bytes_read, bytes_stored=sink.bytes_stored,
+        bytes_stored_uncompressed=sink.bytes_uncompressed, seconds=0.0,
+        previous_run_id=previous_id, address_algorithm=cfg.address)
+    summary.seconds = round(time.monotonic() - t0, 6)
+    run_meta.update({
+        "server_id": server_id, "run_id": run_id,
+        "created": datetime.strptime(created, _TS_FORMAT).replace(tzinfo=timezone.utc).isoformat(),
+        "source": source if source is not None else disk.path,
+        "previous_run_id": previous_id, "summary": summary.to_dict(),
+        "user": meta or {}})     # the embedder's, under its own key: it cannot clobber ours
+    # the blocks are sealed in the store; the run becomes visible with its manifest
+    storing = with_phase(progress, "storing")
+    if storing is not None:
+        storing(0, sink.bytes_stored)
+    writer.finish(run_meta)
+    return summary, storing
+
+
 def _read_block(disk, index: int, block_size: int) -> memoryview:
     off = index * block_size
     buf = bytearray(min(block_size, disk.size - off))
@@ -321,7 +353,7 @@ def _read_block(disk, index: int, block_size: int) -> memoryview:
     return memoryview(buf)
 
 
-def _fill_window(w, comparable: bool, index, storer, disk, cancel, block_size: int) -> int:
+def _fill_window(w, comparable: bool, start, storer, disk, cancel, block_size: int) -> int:
     """Give the window's DATA blocks their content addresses: changed ones have theirs
     from the storer; unchanged ones take the previous run's, stored again when the store
     lost them.  Returns how many DATA blocks were changed (or stored again)."""
@@ -333,7 +365,7 @@ def _fill_window(w, comparable: bool, index, storer, disk, cancel, block_size: i
         if not comparable or w.prev_addresses is None:
             raise StoreError("scan reported unchanged blocks without a comparable previous run")
         w.addresses[carried] = w.prev_addresses[carried]
-        missing = carried[~index.contains_all(w.prev_addresses[carried])]
+        missing = carried[~start.get().index.contains_all(w.prev_addresses[carried])]
         # the previous run references blocks the store lost: store them again
         for k in missing.tolist():
             check_cancel(cancel)

@@ -295,7 +295,9 @@ def test_store_index_follows_writers_and_prune(tmp_path):
     assert not [n for n in names if n.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "extend", "current", "missing"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend", "current", "missing",
+                                    # what a machine crash leaves of files never fsynced
+                                    "zeros", "empty", "current-empty", "current-zeros"])
 def test_a_damaged_index_file_is_rebuilt_from_the_packs(tmp_path, caplog, damage):
     store = LocalStore(tmp_path / "store")
     store.initialise(StoreConfig(pack_size=256 << 10))
@@ -315,6 +317,14 @@ def test_a_damaged_index_file_is_rebuilt_from_the_packs(tmp_path, caplog, damage
         seg.write_bytes(raw + b"\0")
     elif damage == "current":
         (folder / "CURRENT").write_bytes(b"{not json")
+    elif damage == "zeros":
+        seg.write_bytes(bytes(len(raw)))
+    elif damage == "empty":
+        seg.write_bytes(b"")
+    elif damage == "current-empty":
+        (folder / "CURRENT").write_bytes(b"")
+    elif damage == "current-zeros":
+        (folder / "CURRENT").write_bytes(bytes(len((folder / "CURRENT").read_bytes())))
     else:
         seg.unlink()
     B.DiskIndex._open.clear()           # as a new process
@@ -322,13 +332,39 @@ def test_a_damaged_index_file_is_rebuilt_from_the_packs(tmp_path, caplog, damage
         check_store_index(store, probes)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "\n" not in warnings[0] and "rebuilding" in warnings[0], warnings
-    assert ("CURRENT" if damage == "current" else seg.name) in warnings[0]
-    assert not seg.exists() or damage == "current"
+    on_current = damage.startswith("current")
+    assert ("CURRENT" if on_current else seg.name) in warnings[0]
+    assert not seg.exists() or on_current
     B.DiskIndex._open.clear()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="smsblock.blockindex"):
         check_store_index(store, probes)
     assert not caplog.records, "rebuilt once, sound since"
+
+
+def test_the_index_costs_a_run_no_fsync(tmp_path, monkeypatch):
+    """The index is a cache of the packs: a run's update of it (a new segment, CURRENT,
+    a merge) fsyncs nothing; what a crash can leave of it is rebuilt (the test above)."""
+    store = LocalStore(tmp_path / "store")
+    store.initialise(StoreConfig(pack_size=256 << 10))
+    make_disk(tmp_path / "d.raw", 1)
+    replicate(tmp_path / "d.raw", store, "s", block_size=BS)
+    folder = os.path.realpath(tmp_path / "store" / "index")
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(B, "MAX_SEGMENTS", 1)           # every run merges too
+    for seed in (2, 3):
+        make_disk(tmp_path / "d.raw", seed)
+        replicate(tmp_path / "d.raw", store, "s", block_size=BS)
+    assert synced, "the run's packs and manifest are fsynced"
+    assert not [p for p in synced if p == folder or p.startswith(folder + "/")], synced
+    B.DiskIndex._open.clear()
+    check_store_index(store, sorted(run_addresses(store)))
 
 
 def test_a_full_disk_leaves_lookups_right(tmp_path, caplog):

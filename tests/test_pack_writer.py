@@ -10,9 +10,11 @@ import errno
 import hashlib
 import mmap
 import os
+import subprocess
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from smsblock import pack
 from smsblock.pack import (FOOTER, FOOTER_MAGIC, HEADER, INDEX_DTYPE, PACK_MAGIC, PACK_VERSION,
@@ -120,3 +122,69 @@ def test_a_device_refusing_the_alignment_gets_the_page_cache(tmp_path, monkeypat
 def fcntl_flags(fd: int) -> int:
     import fcntl
     return fcntl.fcntl(fd, fcntl.F_GETFL)
+
+
+# --- raw frames: blocks that do not compress --------------------------------------------
+
+RAW_SIZES = [1, 4095, pack.RAW_BLOCK_MAX - 1, pack.RAW_BLOCK_MAX, pack.RAW_BLOCK_MAX + 1,
+             512 << 10, 3 * pack.RAW_BLOCK_MAX + 7, pack.MAX_BLOCK]
+
+
+def raw_frame(data: bytes) -> bytes:
+    out = bytearray(pack.raw_frame_size(len(data)) + 5)      # room to spare: length returned
+    n = pack.write_raw_frame(out, data)
+    assert n == pack.raw_frame_size(len(data))
+    return bytes(out[:n])
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(min_size=1, max_size=300_000))
+def test_a_raw_frame_is_zstd_that_zstandard_reads(data):
+    import zstandard
+    frame = raw_frame(data)
+    assert zstandard.get_frame_parameters(frame).content_size == len(data)
+    assert zstandard.ZstdDecompressor().decompress(frame) == data
+    assert pack.decompress_block(frame, len(data)) == data
+
+
+@pytest.mark.parametrize("size", RAW_SIZES)
+def test_a_raw_frame_is_zstd_that_the_zstd_cli_reads(tmp_path, size):
+    data = np.random.default_rng(size).bytes(size)
+    path = tmp_path / "b.zst"
+    path.write_bytes(raw_frame(data))
+    subprocess.run(["zstd", "-q", "-t", str(path)], check=True)
+    out = subprocess.run(["zstd", "-q", "-d", "-c", str(path)], check=True, capture_output=True)
+    assert out.stdout == data
+    listed = subprocess.run(["zstd", "-l", "-v", str(path)], check=True, capture_output=True,
+                            text=True).stdout
+    assert f"({size} B)" in listed.replace(",", "") or f"{size} B" in listed.replace(",", "")
+
+
+def test_only_what_does_not_compress_is_judged_incompressible():
+    import zstandard
+    c = zstandard.ZstdCompressor(level=1)
+    rng = np.random.default_rng(3)
+    bs = 512 << 10
+    words = [b"kernel ", b"the ", b"config ", b"0x7f3a ", b"/usr/lib ", b"\n"]
+    text = b"".join(rng.choice(words, bs // 4).tolist())[:bs]
+    assert pack.looks_incompressible(rng.bytes(bs), c)
+    assert pack.looks_incompressible(rng.bytes(pack.SAMPLE_MIN), c)
+    compressible = {
+        "text": rng.bytes(16) + text[16:],
+        "small alphabet": rng.choice(np.array([0, 1, 2, 0xFF, 0x40], np.uint8), bs).tobytes(),
+        "zeros": bytes(bs),
+        "half random, half zeros": rng.bytes(bs // 2) + bytes(bs // 2),
+        "random, zeros every other 64 KiB": b"".join(
+            rng.bytes(64 << 10) + bytes(64 << 10) for _ in range(bs // (128 << 10))),
+        "zeros, random every other 64 KiB": b"".join(
+            bytes(64 << 10) + rng.bytes(64 << 10) for _ in range(bs // (128 << 10))),
+        "random, zeros every other 4 KiB": b"".join(
+            rng.bytes(4096) + bytes(4096) for _ in range(bs // 8192)),
+        "random first half": rng.bytes(bs // 2) + text[:bs // 2],
+        "random last half": text[:bs // 2] + rng.bytes(bs // 2),
+    }
+    for name, block in compressible.items():
+        assert len(c.compress(block)) < 0.9 * len(block), name
+        assert not pack.looks_incompressible(block, c), name
+    # small blocks are always given to zstd
+    assert not pack.looks_incompressible(rng.bytes(pack.SAMPLE_MIN - 1), c)

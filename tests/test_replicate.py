@@ -687,3 +687,194 @@ def test_a_runs_own_dedup_memory_is_bounded_and_costs_only_space(tmp_path, monke
     assert s.blocks_stored == 9          # 8 distinct blocks, block 0 once more (evicted)
     restore(str(store), "srv", tmp_path / "out.raw")
     assert (tmp_path / "out.raw").read_bytes() == disk.read_bytes()
+
+
+# --- a run's start-up work overlaps the scan; blocks that do not compress are stored raw ----
+
+def _mixed_disk(path, n: int, seed: int) -> bytes:
+    """n 64 KiB blocks: even ones random (incompressible), odd ones compressible."""
+    rng = np.random.default_rng(seed)
+    content = b"".join(rng.bytes(BS) if i % 2 == 0 else pattern(seed * 100 + i, BS)
+                       for i in range(n))
+    path.write_bytes(content)
+    return content
+
+
+def test_blocks_that_do_not_compress_are_stored_raw_and_read_back(tmp_path, monkeypatch):
+    """A random block costs no zstd pass over its bytes (a sample says it would not
+    shrink): it is stored as a zstd frame of raw blocks, which restore and verify read;
+    compressible blocks are still compressed."""
+    import zstandard
+    from smsblock.pack import raw_frame_size
+    from smsblock.repository.writer import BlockStorer
+    compressed = []
+    real = BlockStorer._compressor
+
+    class Watched:
+        def __init__(self, c):
+            self.c = c
+
+        def compress(self, data):
+            compressed.append(len(data))
+            return self.c.compress(data)
+    monkeypatch.setattr(BlockStorer, "_compressor", lambda self: Watched(real(self)))
+    disk = tmp_path / "d.raw"
+    content = _mixed_disk(disk, 8, 1)
+    store = new_store(tmp_path / "s", pack_size=1 << 20)
+    s = replicate(disk, store, "srv", block_size=BS)
+    assert s.blocks_stored == 8
+    assert compressed.count(BS) == 4, "only the compressible blocks go to zstd whole"
+    by_address = {}
+    for pid, size in store.list_packs().items():
+        raw = open(store.pack_name(pid), "rb").read()
+        for e in store.pack_index(pid, size):
+            by_address[bytes(e["address"])] = raw[int(e["offset"]):int(e["offset"]) + int(e["clen"])]
+    for i, block in enumerate(blocks_of(content)):
+        frame = by_address[sha(block)]
+        assert zstandard.ZstdDecompressor().decompress(frame) == block
+        if i % 2 == 0:
+            assert len(frame) == raw_frame_size(BS) and frame[4] == 0xA0
+        else:
+            assert len(frame) < 0.6 * BS          # 16 symbols: about half
+    assert verify(store).ok
+    restore(store, "srv", tmp_path / "o.raw")
+    assert (tmp_path / "o.raw").read_bytes() == content
+
+
+def test_a_slow_start_still_dedups_exactly(tmp_path, monkeypatch):
+    """While the run's start-up work (pack checks, block index) is not done, changed
+    blocks are addressed and compressed and the pack writer looks them up once the index
+    is there: blocks the store holds are not stored again."""
+    import threading
+    import time as _time
+    from smsblock.repository import writer as W
+    disk = tmp_path / "d.raw"
+    content = _mixed_disk(disk, 12, 2)
+    store = new_store(tmp_path / "s", pack_size=1 << 20)
+    replicate(disk, store, "a", block_size=BS)          # every block of the disk is stored
+    # server b: the same blocks, in another order, and two new ones
+    blocks = blocks_of(content)
+    rng = np.random.default_rng(9)
+    layout = [blocks[i] for i in rng.permutation(len(blocks))] + [rng.bytes(BS), rng.bytes(BS)]
+    disk.write_bytes(b"".join(layout))
+    real = W.check_changed_packs
+    started = threading.Event()
+    checked = []
+
+    def slow(*a, **k):
+        started.set()
+        _time.sleep(0.5)            # the scan has queued every block by then
+        return real(*a, **k)
+    monkeypatch.setattr(W, "check_changed_packs", slow)
+    monkeypatch.setattr(W, "BACKGROUND_START", True)       # as for a remote store
+    real_submit = W.PackSink.submit
+
+    def submit(self, address, frame, ulen, check=False, buffer=None):
+        checked.append(check)
+        return real_submit(self, address, frame, ulen, check, buffer)
+    monkeypatch.setattr(W.PackSink, "submit", submit)
+    s = replicate(disk, store, "b", block_size=BS)
+    assert started.is_set() and checked and all(checked), "blocks went to the writer unchecked"
+    assert s.blocks_stored == 2 and s.blocks_data == 14
+    assert len(stored_addresses(store)) == 14
+    assert sum(len(store.pack_index(p, n)) for p, n in store.list_packs().items()) == 14
+    restore(store, "b", tmp_path / "o.raw")
+    assert (tmp_path / "o.raw").read_bytes() == disk.read_bytes()
+
+
+@pytest.mark.parametrize("background", [True, False])
+@pytest.mark.parametrize("where", ["check_changed_packs", "block_index"])
+def test_a_failed_start_fails_the_run_with_its_own_error(tmp_path, monkeypatch, where,
+                                                         background):
+    """An error of the start-up work, which runs beside the scan, ends the run with that
+    error (not a wrapped one), publishes no run, leaves no thread behind and releases the
+    store lock; the next run works."""
+    import threading
+    import time as _time
+    from smsblock.errors import StoreError
+    from smsblock.repository import writer as W
+    from smsblock.repository.repository import Repository
+    disk = tmp_path / "d.raw"
+    _mixed_disk(disk, 6, 3)
+    store = new_store(tmp_path / "s", pack_size=1 << 20)
+    replicate(disk, store, "srv", block_size=BS)
+    _mixed_disk(disk, 6, 4)                             # every block changed
+
+    def broken(*a, **k):
+        _time.sleep(0.2)            # the scan is under way, blocks are queued
+        raise StoreError("listing the packs failed: injected")
+    monkeypatch.setattr(W, "BACKGROUND_START", background)
+    if where == "check_changed_packs":
+        monkeypatch.setattr(W, "check_changed_packs", broken)
+    else:
+        monkeypatch.setattr(Repository, "block_index", broken)
+    runs = [r.run_id for r in store.runs("srv")]
+    with pytest.raises(StoreError, match="^listing the packs failed: injected$"):
+        replicate(disk, store, "srv", block_size=BS)
+    assert not [t for t in threading.enumerate() if t.name.startswith("smsblock-")]
+    assert [r.run_id for r in store.runs("srv")] == runs
+    monkeypatch.undo()
+    prune(store, "srv", keep=1)                         # the exclusive lock is free
+    s = replicate(disk, store, "srv", block_size=BS)
+    assert s.blocks_stored == 6
+
+
+def test_the_manifest_names_only_durable_visible_packs(tmp_path, monkeypatch):
+    """The last pack is made durable while the manifest is finished, but the manifest is
+    published only after it is visible; a failure to put it fails the run, unpublished."""
+    import time as _time
+    from smsblock.errors import StoreError
+    from smsblock.repository.repository import Repository
+    disk = tmp_path / "d.raw"
+    _mixed_disk(disk, 6, 5)
+    store = new_store(tmp_path / "s", pack_size=1 << 30)      # one pack, sealed at the end
+    real_put, real_publish = Repository.put_pack, Repository.put_manifest_file
+    seen = []
+
+    def slow_put(self, pack_id, path, **kw):
+        _time.sleep(0.3)
+        real_put(self, pack_id, path, **kw)
+        seen.append(("pack", pack_id))
+
+    def publish(self, server_id, run_id, staged):
+        seen.append(("manifest", sorted(self.list_packs())))
+        return real_publish(self, server_id, run_id, staged)
+    monkeypatch.setattr(Repository, "put_pack", slow_put)
+    monkeypatch.setattr(Repository, "put_manifest_file", publish)
+    replicate(disk, store, "srv", block_size=BS)
+    assert [k for k, _ in seen] == ["pack", "manifest"] and seen[0][1] in seen[1][1]
+
+    def failing_put(self, pack_id, path, **kw):
+        raise StoreError("cannot put the pack: injected")
+    monkeypatch.setattr(Repository, "put_pack", failing_put)
+    runs = [r.run_id for r in store.runs("srv")]
+    _mixed_disk(disk, 6, 6)
+    with pytest.raises(StoreError, match="injected"):
+        replicate(disk, store, "srv", block_size=BS)
+    assert [r.run_id for r in store.runs("srv")] == runs
+    assert not list((tmp_path / "s" / "tmp").glob("*.manifest.tmp"))
+
+
+def test_a_run_that_stores_nothing_starts_no_pack_writer(tmp_path, monkeypatch):
+    """The pack writer's threads start on first use: an unchanged run starts neither (the
+    scan does not wait for thread starts), a run that stores starts them and ends them."""
+    import threading
+    disk = tmp_path / "d.raw"
+    _mixed_disk(disk, 6, 7)
+    store = new_store(tmp_path / "s", pack_size=1 << 20)
+    replicate(disk, store, "srv", block_size=BS)
+    started = []
+    real = threading.Thread.start
+
+    def start(self):
+        started.append(self.name)
+        return real(self)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    s = replicate(disk, store, "srv", block_size=BS)
+    assert s.blocks_stored == 0
+    assert not [n for n in started if n.startswith("smsblock-pack")], started
+    _mixed_disk(disk, 6, 8)
+    s = replicate(disk, store, "srv", block_size=BS)
+    assert s.blocks_stored == 6
+    assert {"smsblock-pack-writer", "smsblock-pack-sync"} <= set(started)
+    assert not [t for t in threading.enumerate() if t.name.startswith("smsblock-")]

@@ -97,12 +97,14 @@ def note_sealed(store: Repository, records: PackFingerprints, pack_id: str) -> N
 
 
 def check_changed_packs(store: Repository, *, threads: int = 2,
-                        cancel: CancelToken | None = None) -> list[str]:
+                        cancel: CancelToken | None = None, stats=None) -> list[str]:
     """Verify (read whole) every listed pack whose fingerprint is new or differs from its
     record, recording what is damaged (so no run builds on it) and the fingerprint of
     each pack checked.  Returns the ids of the packs read.  Run it before the block
-    index of a run is built; the caller holds the store lock."""
-    stats = store.list_pack_stats()
+    index of a run is built; the caller holds the store lock.  ``stats``: the store's
+    :meth:`~Repository.list_pack_stats`, when the caller has it already."""
+    if stats is None:
+        stats = store.list_pack_stats()
     records = PackFingerprints(store)
     known, lines = records.load()
     todo = [(pid, st) for pid, st in sorted(stats.items())

@@ -520,7 +520,8 @@ class Repository:
         shares its staging store's backend, so its index too)."""
         return self.backend.block_index_dir()
 
-    def block_index(self, *, for_new_runs: bool = False) -> BlockIndex:
+    def block_index(self, *, for_new_runs: bool = False,
+                    listed: dict[str, int] | None = None) -> BlockIndex:
         """The global block index: on disk (:mod:`smsblock.blockindex`), brought up to
         date with the pack listing (packs it lacks are indexed from their indexes).
 
@@ -529,10 +530,11 @@ class Repository:
         Blocks a damage record names are left out too; the other blocks of a pack whose
         record marks it damaged as a whole come after every other copy (a reader finds
         an undamaged copy first).  ``for_new_runs`` (a run's dedup index) leaves such
-        packs out entirely: a run never builds on a damaged pack.
+        packs out entirely: a run never builds on a damaged pack.  ``listed``: the
+        store's :meth:`list_packs`, when the caller has it already.
         """
         from ..blockindex import store_block_index     # on disk, synced with the listing
-        return store_block_index(self, for_new_runs=for_new_runs)
+        return store_block_index(self, for_new_runs=for_new_runs, listed=listed)
 
     # -- damage records ------------------------------------------------------
     def damage(self) -> dict[str, "DamageRecord"]:
