@@ -27,6 +27,7 @@ import logging
 import os
 import secrets
 import time
+from concurrent import futures
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -232,7 +233,7 @@ def _run(disk, store, server_id, block_size, progress, cancel, threads, source, 
                             source, meta, changed_runs, previous_id, previous, comparable,
                             run_id, start, t0)
     finally:
-        start.wait()        # nothing of this run goes on after it returns
+        futures.wait([start])       # nothing of this run goes on after it returns
 
 
 def _run_started(disk, store, server_id, block_size, progress, cancel, threads, source, meta,
@@ -251,7 +252,6 @@ def _run_started(disk, store, server_id, block_size, progress, cancel, threads, 
         sink = PackSink(store, start=start)
         storer = BlockStorer(store, start, sink, cancel)
         data_changed = 0
-        sealed = False
         try:
             stream = scan_stream(disk, block_size=block_size, previous=previous,
                                  on_changed=storer, threads=threads, progress=progress,
@@ -259,7 +259,7 @@ def _run_started(disk, store, server_id, block_size, progress, cancel, threads, 
             for seg in stream:
                 if isinstance(seg, Gap):
                     if seg.carry:       # a change-list run: as in the previous run, unread
-                        _carry_runs(previous, seg, writer, start.get().index, storer, disk,
+                        _carry_runs(previous, seg, writer, start.result().index, storer, disk,
                                     cancel)
                     else:
                         writer.add_run(BlockState.UNALLOCATED, seg.end - seg.start)
@@ -269,30 +269,20 @@ def _run_started(disk, store, server_id, block_size, progress, cancel, threads, 
                                              block_size)
                 writer.add_window(seg.states, seg.hashes, seg.addresses)
                 counter.window(seg)
-            start.get()         # its error, if no block needed it
-            sealed = True
-            # the last pack reaches the disk while the manifest is finished (below)
-            sink.close(seal=True, wait=False)
+            start.result()      # its error, if no block needed it
         except BaseException:
             # keep every complete block written so far: the next run finds it in the index
-            try:
-                if sealed:
-                    sink.wait()
-                else:
-                    sink.close(seal=True)
-            except SmsBlockError:
-                pass
+            _quietly(lambda: sink.close(seal=True))
             raise
         try:
+            # the last pack reaches the disk while the manifest is finished
+            sink.close(seal=True, wait=False)
             summary, storing = _finish_manifest(
                 disk, store, server_id, block_size, progress, cancel, source, meta, changed_runs,
                 previous_id, run_id, t0, n_blocks, diffed, counter, run_meta, writer, sink,
                 stream, data_changed)
         except BaseException:
-            try:
-                sink.wait()
-            except SmsBlockError:
-                pass
+            _quietly(sink.wait)
             raise
         sink.wait()         # every pack durable and visible before the manifest names it
         store.put_manifest_file(server_id, run_id, staged)
@@ -304,6 +294,14 @@ def _run_started(disk, store, server_id, block_size, progress, cancel, threads, 
         storing(sink.bytes_stored, sink.bytes_stored)
     summary.seconds = round(time.monotonic() - t0, 6)
     return summary
+
+
+def _quietly(fn) -> None:
+    """``fn()`` on a path that already fails: the first error is the one to report."""
+    try:
+        fn()
+    except SmsBlockError:
+        pass
 
 
 def _finish_manifest(disk, store, server_id, block_size, progress, cancel, source, meta,
@@ -365,7 +363,7 @@ def _fill_window(w, comparable: bool, start, storer, disk, cancel, block_size: i
         if not comparable or w.prev_addresses is None:
             raise StoreError("scan reported unchanged blocks without a comparable previous run")
         w.addresses[carried] = w.prev_addresses[carried]
-        missing = carried[~start.get().index.contains_all(w.prev_addresses[carried])]
+        missing = carried[~start.result().index.contains_all(w.prev_addresses[carried])]
         # the previous run references blocks the store lost: store them again
         for k in missing.tolist():
             check_cancel(cancel)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Generic, TypeVar
 
 import numpy as np
 import zstandard
@@ -21,53 +21,7 @@ from ..progress import CancelToken, check_cancel
 from .repository import Repository
 from .fingerprints import PackFingerprints, check_changed_packs, note_sealed
 
-T = TypeVar("T")
-
-
-# --- a run's start-up work, in the background ---------------------------------------
-
-class Deferred(Generic[T]):
-    """A value made on a thread of its own while the caller goes on; :meth:`get` waits
-    for it and raises the error that made it fail, in whichever thread asks."""
-
-    def __init__(self, fn: Callable[[], T] | None, name: str = "smsblock-deferred", *,
-                 value: T | None = None):
-        """``fn=None``: ``value``, already made (no thread)."""
-        self._value: T | None = value
-        self._error: BaseException | None = None
-        self._done = threading.Event()
-        self._thread = None
-        if fn is None:
-            self._done.set()
-        else:
-            self._thread = threading.Thread(target=self._work, args=(fn,), name=name, daemon=True)
-            self._thread.start()
-
-    def _work(self, fn) -> None:
-        try:
-            self._value = fn()
-        except BaseException as e:      # raised again by get(), in the threads that ask
-            self._error = e
-        finally:
-            self._done.set()
-
-    def ready(self) -> bool:
-        return self._done.is_set()
-
-    def failed(self) -> bool:
-        return self._done.is_set() and self._error is not None
-
-    def get(self) -> T:
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-    def wait(self) -> None:
-        """Wait for the work to end, whatever its outcome."""
-        if self._thread is not None:
-            self._thread.join()
-
+# --- a run's start-up work, maybe in the background -----------------------------------
 
 @dataclass
 class RunStart:
@@ -83,7 +37,7 @@ BACKGROUND_START: bool | None = None
 
 
 def start_run(store: Repository, *, threads: int = 2,
-              cancel: CancelToken | None = None) -> Deferred[RunStart]:
+              cancel: CancelToken | None = None) -> "Future[RunStart]":
     """The store's side of a run's start: packs changed since this client last saw them
     are read whole first, so damage found is recorded before the index is built and the
     run never builds on it; then the block index brought up to date with the listing,
@@ -95,7 +49,7 @@ def start_run(store: Repository, *, threads: int = 2,
     it is a few ms of CPU, and beside a scan that keeps both cores busy it cost the run
     more CPU than it hid time (2 cores, 1 GiB, 2 % changed, three in-process A/Bs of 24-30
     rounds: 4-10 ms more CPU a run, wall time within noise).  The caller holds the store
-    lock until :meth:`Deferred.wait` returns."""
+    lock until the future is done (``concurrent.futures.wait``)."""
     def work() -> RunStart:
         stats = store.list_pack_stats()     # one listing for both
         check_changed_packs(store, threads=threads, cancel=cancel, stats=stats)
@@ -105,9 +59,18 @@ def start_run(store: Repository, *, threads: int = 2,
     background = BACKGROUND_START
     if background is None:
         background = store.backend.remote
+    made: Future = Future()
     if not background:
-        return Deferred(None, value=work())
-    return Deferred(work, "smsblock-run-start")
+        made.set_result(work())         # its error is raised here, before the scan
+        return made
+
+    def make() -> None:
+        try:
+            made.set_result(work())
+        except BaseException as e:      # raised again by result(), in the threads that ask
+            made.set_exception(e)
+    threading.Thread(target=make, name="smsblock-run-start", daemon=True).start()
+    return made
 
 QUEUE_DEPTH = 16          # compressed blocks waiting for the pack writer (bounds memory)
 
@@ -153,7 +116,7 @@ class PackSink:
     _STOP = object()
 
     def __init__(self, store: Repository, damaged: set[str] = frozenset(),
-                 start: Deferred[RunStart] | None = None):
+                 start: "Future[RunStart] | None" = None):
         """``start`` (:func:`start_run`, maybe still running): blocks submitted with
         ``check`` are looked up in its index before they are written, and its damaged
         packs join ``damaged``; the writer waits for it before its first block."""
@@ -214,7 +177,7 @@ class PackSink:
         if self._start is None or self._index is not None:
             return
         try:
-            start = self._start.get()
+            start = self._start.result()
         except BaseException:
             self._start_failed = True
             raise
@@ -343,7 +306,7 @@ class BlockStorer:
 
     CLAIMED_MAX = 1 << 18
 
-    def __init__(self, store: Repository, index: BlockIndex | Deferred[RunStart], sink: PackSink,
+    def __init__(self, store: Repository, index: "BlockIndex | Future[RunStart]", sink: PackSink,
                  cancel: CancelToken | None):
         """``index``: the block index, or the run's start (:func:`start_run`) that makes
         it; while that is not ready, blocks are compressed and handed to ``sink`` (built
@@ -351,7 +314,7 @@ class BlockStorer:
         cfg = store.config
         self.address_of = address_function(cfg.address)
         self.level = cfg.zstd_level
-        self._start = index if isinstance(index, Deferred) else None
+        self._start = index if isinstance(index, Future) else None
         self._index = None if self._start is not None else index
         self.sink = sink
         self.cancel = cancel
@@ -382,8 +345,8 @@ class BlockStorer:
             if len(self._claimed) > self.CLAIMED_MAX:
                 self._claimed.popitem(last=False)
         index = self._index
-        if index is None and self._start.ready():
-            index = self._index = self._start.get().index     # raises the start's error
+        if index is None and self._start.done():
+            index = self._index = self._start.result().index  # raises the start's error
         if index is not None and address in index:
             return address
         compressor = self._compressor()
