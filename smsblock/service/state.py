@@ -597,14 +597,18 @@ class State:
         return self._pg_execute(sql, params)
 
     def _begin(self) -> None:
+        # every PostgreSQL writer takes the write lock first: writers take turns, as BEGIN
+        # IMMEDIATE makes them (one round trip: a statement without parameters goes as a
+        # simple query)
+        self._begin_with("BEGIN IMMEDIATE", f"BEGIN; {WRITE_LOCK}")
+
+    def _begin_with(self, sqlite_sql: str, pg_sql: str) -> None:
         if self.dialect == "sqlite":
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(sqlite_sql)
             return
         self._pg_usable()
         try:
-            # every writer takes this first: writers take turns, as BEGIN IMMEDIATE makes
-            # them (one round trip: a statement without parameters goes as a simple query)
-            self._pg_execute(f"BEGIN; {WRITE_LOCK}", retry=True)
+            self._pg_execute(pg_sql, retry=True)
         except BaseException:
             self._rollback()
             raise
@@ -680,15 +684,7 @@ class State:
         return self._unit(self._begin_read, keep=False)
 
     def _begin_read(self) -> None:
-        if self.dialect == "sqlite":
-            self._db.execute("BEGIN")
-            return
-        self._pg_usable()
-        try:
-            self._pg_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", retry=True)
-        except BaseException:
-            self._rollback()
-            raise
+        self._begin_with("BEGIN", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
 
     @contextlib.contextmanager
     def _unit(self, begin, keep: bool) -> Iterator[Any]:
