@@ -42,6 +42,9 @@ SPARSE_SIZE = int(float(os.environ.get("SMSBLOCK_BENCH_SPARSE_TIB", "16")) * TIB
 DENSE_SIZE = int(float(os.environ.get("SMSBLOCK_BENCH_DENSE_GIB", "8")) * GIB)
 BENCH_DIR = Path(os.environ.get("SMSBLOCK_BENCH_DIR", "/var/tmp/smsblock-bench"))
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+# the child that runs the CLI and reports its own peak RSS, as the CI test measures it
+from test_memory_bounded import CHILD  # noqa: E402
 RSS_TARGET = 128 * MIB
 pytestmark = pytest.mark.timeout(3600)     # making the 8 GiB disk and every command on it
 MANIFEST_TARGET = 256 * 1024
@@ -119,21 +122,6 @@ def same_bytes_dense() -> Path:
 @pytest.fixture(scope="module")
 def dense() -> Path:
     return _make_once(BENCH_DIR / f"mem-dense-{DENSE_SIZE}.raw", _dense)
-
-
-#: runs the CLI and, at exit, writes its own peak RSS (VmHWM) to SMSBLOCK_HWM_FILE: a
-#: child's ru_maxrss from wait4 also counts the parent's memory it was spawned from
-CHILD = """
-import atexit, os, runpy, sys
-def _hwm():
-    with open("/proc/self/status") as f:
-        kib = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
-    with open(os.environ["SMSBLOCK_HWM_FILE"], "w") as out:
-        out.write(str(kib * 1024))
-atexit.register(_hwm)
-sys.argv[0] = "smsblock"
-runpy.run_module("smsblock", run_name="__main__", alter_sys=True)
-"""
 
 
 def _cli_rss(*args: str, env: dict | None = None) -> tuple[float, int, str]:
@@ -238,7 +226,6 @@ def test_sparse_16tib_into_an_ebs_store(benchmark, sparse, tmp_path):
     also becomes an EBS snapshot (windowed diff, manifest copied frame by frame), and
     the restore reads the snapshot back.  moto holds the snapshot blocks (1 GiB) in its
     own process, not ours."""
-    sys.path.insert(0, str(ROOT / "tests"))
     from moto_server import MotoServer
     moto = MotoServer().start()
     try:

@@ -538,13 +538,11 @@ def test_an_index_is_never_made_for_a_store_that_is_not_there(tmp_path):
     assert not (tmp_path / "nothing").exists()
 
 
-WRITER_CHILD = textwrap.dedent("""
-    import sys
+#: pack(i): the index of a pack of 500 random entries made from its number, the same in
+#: the writers below and in the test that checks what they left
+PACK_OF_NUMBER = textwrap.dedent("""
     import numpy as np
-    from smsblock import blockindex as B
-    from smsblock.pack import INDEX_DTYPE, sealed_size
-    folder, me = sys.argv[1], int(sys.argv[2])
-    B.MAX_SEGMENTS = 2              # merges all the time, racing the other writers
+    from smsblock.pack import INDEX_DTYPE
     def pack(i):
         rng = np.random.default_rng(i)
         idx = np.zeros(500, INDEX_DTYPE)
@@ -553,6 +551,14 @@ WRITER_CHILD = textwrap.dedent("""
         idx["clen"] = 10
         idx["ulen"] = 4096
         return idx
+""")
+
+WRITER_CHILD = PACK_OF_NUMBER + textwrap.dedent("""
+    import sys
+    from smsblock import blockindex as B
+    from smsblock.pack import sealed_size
+    folder, me = sys.argv[1], int(sys.argv[2])
+    B.MAX_SEGMENTS = 2              # merges all the time, racing the other writers
     size = sealed_size(pack(0))
     mine = [me * 100 + k for k in range(12)]
     others = [i for i in range(400) if i // 100 != me and i % 100 < 12]
@@ -578,15 +584,9 @@ def test_writers_adding_packs_at_once_keep_the_index_whole(tmp_path):
     outs = [k.communicate(timeout=120)[0] for k in kids]
     assert [k.returncode for k in kids] == [0] * 4 and all(o.strip() == "ok" for o in outs)
     every = [me * 100 + k for me in range(4) for k in range(12)]
-
-    def pack(i):
-        rng = np.random.default_rng(i)
-        idx = np.zeros(500, INDEX_DTYPE)
-        idx["address"] = rng.integers(0, 256, (500, 32), dtype=np.uint8)
-        idx["offset"] = 16 + np.arange(500) * 10
-        idx["clen"] = 10
-        idx["ulen"] = 4096
-        return idx
+    made: dict = {}
+    exec(PACK_OF_NUMBER, made)
+    pack = made["pack"]
     listed = {f"{i:064x}": sealed_size(pack(0)) for i in every}
     segs, _ = B.DiskIndex(str(folder)).sync(listed, lambda p, s: pack(int(p, 16)))
     view = BlockIndex._view(segs, listed, {}, False)

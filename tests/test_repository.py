@@ -44,12 +44,17 @@ def test_object_names_never_leave_the_backend(tmp_path, name):
     assert sorted(os.listdir(tmp_path / "s")) == ["tmp"]
 
 
-def test_a_manifest_is_published_from_a_staged_file(tmp_path):
+def one_run(tmp_path):
+    """A local store with one run of a small disk: ``(disk path, store, summary)``."""
     disk = tmp_path / "d.raw"
     disk.write_bytes(bytes(range(256)) * (2 * BS // 256))
     store = open_store(tmp_path / "s")
     store.initialise()
-    s = replicate(disk, store, "x", block_size=BS)
+    return disk, store, replicate(disk, store, "x", block_size=BS)
+
+
+def test_a_manifest_is_published_from_a_staged_file(tmp_path):
+    disk, store, s = one_run(tmp_path)
     data = store.get_manifest_bytes("x", s.run_id)
     staged = store.staging_path(".manifest.tmp")
     with open(staged, "xb") as f:
@@ -64,11 +69,7 @@ def test_a_manifest_is_published_from_a_staged_file(tmp_path):
 
 
 def test_a_manifest_reads_in_ranges(tmp_path):
-    disk = tmp_path / "d.raw"
-    disk.write_bytes(bytes(range(256)) * (2 * BS // 256))
-    store = open_store(tmp_path / "s")
-    store.initialise()
-    s = replicate(disk, store, "x", block_size=BS)
+    _disk, store, s = one_run(tmp_path)
     whole = store.get_manifest_bytes("x", s.run_id)
     parts = [store.get_manifest_bytes("x", s.run_id, o, 100) for o in range(0, len(whole), 100)]
     assert b"".join(parts) == whole and store.get_manifest_bytes("x", s.run_id, 10) == whole[10:]

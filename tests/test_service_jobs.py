@@ -746,7 +746,6 @@ def test_get_replication_jobs_costs_the_same_queries_for_one_job_or_many(tmp_pat
     fixed number of statements (on PostgreSQL each is a round trip: two per job made the
     fleet benchmark's listing of 50 jobs take ~300 ms), and its answer is each job's own
     (GetReplicationJobs of that one job): server, and its latest runs newest first."""
-    import contextlib
     ds = make_datastore(tmp_path / "ds", 5)
     clock = FakeClock(T0)
     svc = SmsService(tmp_path / "state", clock=clock)
@@ -754,33 +753,9 @@ def test_get_replication_jobs_costs_the_same_queries_for_one_job_or_many(tmp_pat
         svc.register_connector("datastore", {"path": str(ds)})
         svc.import_server_catalog()
         servers = [s["serverId"] for s in svc.get_servers()["serverList"]]
-        counted = []
-        real = svc.state.snapshot        # GetReplicationJobs reads in a snapshot
-
-        class Counting:
-            def __init__(self, db):
-                self.db = db
-
-            def execute(self, *args):
-                counted.append(args[0])
-                return self.db.execute(*args)
-
-        @contextlib.contextmanager
-        def transaction():
-            with real() as db:
-                yield Counting(db)
-
-        def statements() -> int:
-            counted.clear()
-            monkeypatch.setattr(svc.state, "snapshot", transaction)
-            try:
-                svc.get_replication_jobs()
-            finally:
-                monkeypatch.setattr(svc.state, "snapshot", real)
-            return len(counted)
-
+        statements = counting_statements(svc, monkeypatch)
         jobs_made = [new_job(svc, servers[0], seedReplicationTime=T0 + DAY)]
-        one = statements()
+        one = statements(svc.get_replication_jobs)
         for server in servers[1:]:
             jobs_made.append(new_job(svc, server, seedReplicationTime=T0 + DAY))
         for i, job in enumerate(jobs_made[:3]):         # runs for some: 0, 1 or 2 each
@@ -789,7 +764,7 @@ def test_get_replication_jobs_costs_the_same_queries_for_one_job_or_many(tmp_pat
                 svc.state.query("UPDATE runs SET state = 'COMPLETED', completed = ? "
                                 "WHERE run_id = ?", (clock(), run["replicationRunId"]))
                 clock.advance(60)
-        assert statements() == one == 3
+        assert statements(svc.get_replication_jobs) == one == 3
         listed = svc.get_replication_jobs()["replicationJobList"]
         assert [j["replicationJobId"] for j in listed] == jobs_made
         for job in listed:       # as GetReplicationRuns shows the job and its runs

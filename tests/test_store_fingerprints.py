@@ -199,15 +199,21 @@ def test_a_link_at_the_records_is_refused_and_costs_only_reads(tmp_path):
 
 # --- S3 ------------------------------------------------------------------------------------
 
-def test_a_pack_overwritten_in_s3_is_stored_again_by_the_next_run(tmp_path, moto, bucket):
-    """The index cache on this machine still matches the pack's id and size: only the
-    changed ETag/LastModified tells the object is not what was sealed."""
-    url = f"s3://{bucket}/fp"
+def s3_run(tmp_path, bucket: str, prefix: str, seed: int):
+    """An S3 store with one run of a disk: ``(url, store, disk path, disk bytes)``."""
+    url = f"s3://{bucket}/{prefix}"
     store = S3Store(url, **FAST)
     store.initialise(StoreConfig(pack_size=100 << 10))
     disk = tmp_path / "d.raw"
-    content = make_disk(disk, 5)
+    content = make_disk(disk, seed)
     replicate(disk, store, "x", block_size=BS)
+    return url, store, disk, content
+
+
+def test_a_pack_overwritten_in_s3_is_stored_again_by_the_next_run(tmp_path, moto, bucket):
+    """The index cache on this machine still matches the pack's id and size: only the
+    changed ETag/LastModified tells the object is not what was sealed."""
+    url, store, disk, content = s3_run(tmp_path, bucket, "fp", 5)
     s3 = moto.boto3_client("s3")
     victim = sorted(store.list_packs())[1]
     key = f"fp/packs/{victim[:2]}/{victim}.pack"
@@ -225,12 +231,7 @@ def test_a_pack_overwritten_in_s3_is_stored_again_by_the_next_run(tmp_path, moto
 
 
 def test_a_pack_deleted_in_s3_is_stored_again_by_the_next_run(tmp_path, moto, bucket):
-    url = f"s3://{bucket}/gone"
-    store = S3Store(url, **FAST)
-    store.initialise(StoreConfig(pack_size=100 << 10))
-    disk = tmp_path / "d.raw"
-    content = make_disk(disk, 6)
-    replicate(disk, store, "x", block_size=BS)
+    url, store, disk, content = s3_run(tmp_path, bucket, "gone", 6)
     victim = sorted(store.list_packs())[0]
     n = len(store.pack_index(victim, store.list_packs()[victim]))
     moto.boto3_client("s3").delete_object(Bucket=bucket, Key=f"gone/packs/{victim[:2]}/{victim}.pack")
