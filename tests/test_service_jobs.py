@@ -6,8 +6,10 @@ leaving the state database unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
@@ -615,9 +617,24 @@ def test_migrations_upgrade_an_existing_database_in_order(tmp_path, monkeypatch)
     db.close()
 
 
+@contextlib.contextmanager
+def catalog_of(folder: Path, n: int):
+    """A service over a datastore of ``n`` VMs, its catalog imported: ``(svc, clock,
+    server ids)``; closed after."""
+    folder.mkdir(exist_ok=True)
+    ds = make_datastore(folder / "ds", n)
+    clock = FakeClock(T0)
+    svc = SmsService(folder / "state", clock=clock)
+    try:
+        svc.register_connector("datastore", {"path": str(ds)})
+        svc.import_server_catalog()
+        yield svc, clock, [s["serverId"] for s in svc.get_servers(maxResults=100)["serverList"]]
+    finally:
+        svc.close()
+
+
 def with_wrapped_db(svc, monkeypatch, wrap, fn) -> None:
     """Call ``fn`` with every transaction and snapshot of ``svc`` handing out ``wrap(db)``."""
-    import contextlib
     real = {name: getattr(svc.state, name) for name in ("transaction", "snapshot")}
 
     def wrapped(open_):
@@ -687,13 +704,7 @@ def test_a_page_reads_a_page_of_rows_whatever_the_catalog_size(tmp_path, monkeyp
 
     read = {}
     for n in (8, 24):
-        ds = make_datastore(tmp_path / f"ds{n}", n)
-        clock = FakeClock(T0)
-        svc = SmsService(tmp_path / f"state{n}", clock=clock)
-        try:
-            svc.register_connector("datastore", {"path": str(ds)})
-            svc.import_server_catalog()
-            servers = [s["serverId"] for s in svc.get_servers(maxResults=100)["serverList"]]
+        with catalog_of(tmp_path / str(n), n) as (svc, _clock, servers):
             assert len(servers) == n
             jobs_made = [new_job(svc, srv, seedReplicationTime=T0 + DAY) for srv in servers]
             page = svc.get_servers(maxResults=2)
@@ -704,8 +715,6 @@ def test_a_page_reads_a_page_of_rows_whatever_the_catalog_size(tmp_path, monkeyp
                                                               nextToken=page["nextToken"])),
                        rows_read(svc, lambda: svc.get_replication_jobs(maxResults=2)))
             assert len(jobs_made) == n
-        finally:
-            svc.close()
     assert read[8] == read[24], read
 
 
@@ -714,14 +723,8 @@ def test_get_servers_costs_the_same_queries_for_a_page_of_one_server_or_many(
     """GetServers finds the job each server of its page shows (its live job, else its
     latest: a deleted one) in one statement, not one or two per server; the answer says
     which job as before."""
-    ds = make_datastore(tmp_path / "ds", 5)
-    clock = FakeClock(T0)
-    svc = SmsService(tmp_path / "state", clock=clock)
-    try:
-        svc.register_connector("datastore", {"path": str(ds)})
-        svc.import_server_catalog()
+    with catalog_of(tmp_path, 5) as (svc, _clock, servers):
         statements = counting_statements(svc, monkeypatch)
-        servers = [s["serverId"] for s in svc.get_servers()["serverList"]]
         one = statements(lambda: svc.get_servers(maxResults=1))
         assert statements(svc.get_servers) == one
         deleted = new_job(svc, servers[0], seedReplicationTime=T0 + DAY)
@@ -737,8 +740,6 @@ def test_get_servers_costs_the_same_queries_for_a_page_of_one_server_or_many(
         assert shown[servers[1]] == (live, False)
         assert shown[servers[2]] == (again, False)
         assert shown[servers[3]] == shown[servers[4]] == (None, None)
-    finally:
-        svc.close()
 
 
 def test_get_replication_jobs_costs_the_same_queries_for_one_job_or_many(tmp_path, monkeypatch):
@@ -746,13 +747,7 @@ def test_get_replication_jobs_costs_the_same_queries_for_one_job_or_many(tmp_pat
     fixed number of statements (on PostgreSQL each is a round trip: two per job made the
     fleet benchmark's listing of 50 jobs take ~300 ms), and its answer is each job's own
     (GetReplicationJobs of that one job): server, and its latest runs newest first."""
-    ds = make_datastore(tmp_path / "ds", 5)
-    clock = FakeClock(T0)
-    svc = SmsService(tmp_path / "state", clock=clock)
-    try:
-        svc.register_connector("datastore", {"path": str(ds)})
-        svc.import_server_catalog()
-        servers = [s["serverId"] for s in svc.get_servers()["serverList"]]
+    with catalog_of(tmp_path, 5) as (svc, clock, servers):
         statements = counting_statements(svc, monkeypatch)
         jobs_made = [new_job(svc, servers[0], seedReplicationTime=T0 + DAY)]
         one = statements(svc.get_replication_jobs)
@@ -776,8 +771,6 @@ def test_get_replication_jobs_costs_the_same_queries_for_one_job_or_many(tmp_pat
         assert [len(j.get("replicationRunList", [])) for j in listed] == [0, 1, 2, 0, 0]
         runs = listed[2]["replicationRunList"]
         assert runs[0]["scheduledStartTime"] > runs[1]["scheduledStartTime"]
-    finally:
-        svc.close()
 
 
 def test_get_operations_read_while_another_process_holds_the_write_lock(env):
