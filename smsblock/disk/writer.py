@@ -525,7 +525,7 @@ def write_raw(disk: Disk, out_path, *, progress: ProgressCallback | None = None,
     """
     progress = with_phase(progress, "converting")
     if threads is None:
-        threads = max(1, int(getattr(disk, "read_parallelism", 2)))
+        threads = disk.read_parallelism
     if threads < 1:
         raise UsageError(f"threads must be at least 1, not {threads}")
     if allow_device and _is_device(out_path):
