@@ -45,7 +45,6 @@ import re
 import socket
 import threading
 import uuid
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from urllib.parse import urlparse
@@ -53,6 +52,7 @@ from urllib.parse import urlparse
 from ..errors import StoreError, StoreLockedError, TransientStoreError, UsageError
 from ..fsutil import make_root, open_subdir, remove_file
 from .base import Backend, ObjectStat, check_name, check_prefix, private_folder
+from .readahead import Readahead
 from .retry import RetryPolicy, error_code, http_status
 from .s3config import CloudSettings
 from .throttle import ThrottledBody, TokenBucket
@@ -147,9 +147,7 @@ class S3Backend(Backend):
         self.retry = RetryPolicy(self.settings.retry_attempts, self.settings.retry_seconds)
         self._bucket_limit = TokenBucket(self.settings.bandwidth) if self.settings.bandwidth else None
         self._pool: ThreadPoolExecutor | None = None
-        self._ra_lock = threading.Lock()
-        self._ra_windows: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self._ra_last: dict[str, int] = {}
+        self._readahead = Readahead(self._read_range, self.settings.readahead)
         self._pool_lock = threading.Lock()
         self.stats = {"requests": 0, "bytes_sent": 0}
         self._stats_lock = threading.Lock()
@@ -373,10 +371,7 @@ class S3Backend(Backend):
         return out
 
     def _forget_reads(self, rel: str) -> None:
-        with self._ra_lock:
-            for k in [k for k in self._ra_windows if k[0] == rel]:
-                del self._ra_windows[k]
-            self._ra_last.pop(rel, None)
+        self._readahead.forget(rel)
 
     # -- staging and cache -------------------------------------------------------------------
     def _staging_fd(self, create: bool = False) -> int:
@@ -720,35 +715,9 @@ class S3Backend(Backend):
         self._call(f"complete multipart upload of {where}", go)
 
     def _read(self, rel: str, offset: int, length: int) -> bytes:
-        """Bytes of an object by ranged GET.  Reads that continue where the previous read of
-        the same object ended (a restore walking a pack) fetch ``readahead`` bytes at once
-        and serve the following reads from them; other reads fetch exactly what they ask."""
-        if length <= 0:
-            return b""
-        ahead = self.settings.readahead
-        if not ahead or length >= ahead:
-            return self._read_range(rel, offset, length)
-        with self._ra_lock:
-            for (pid, start), window in self._ra_windows.items():
-                if pid == rel and start <= offset and offset + length <= start + len(window):
-                    self._ra_windows.move_to_end((pid, start))
-                    self._ra_last[rel] = offset + length
-                    return window[offset - start:offset - start + length]
-                if pid == rel and start <= offset < start + len(window) and len(window) < ahead:
-                    # the window reached the pack's end: this read is short there
-                    self._ra_last[rel] = start + len(window)
-                    return window[offset - start:]
-            last = self._ra_last.get(rel)
-            sequential = last is not None and last <= offset <= last + ahead // 4
-            self._ra_last[rel] = offset + length
-        if not sequential:
-            return self._read_range(rel, offset, length)
-        window = self._read_range(rel, offset, ahead)
-        with self._ra_lock:
-            self._ra_windows[(rel, offset)] = window
-            while len(self._ra_windows) > 4:          # memory: at most 4 windows
-                self._ra_windows.popitem(last=False)
-        return window[:length]
+        """Bytes of an object by ranged GET; reads near other recent reads of the same
+        object (a restore walking a pack) come from ``readahead`` windows (readahead.py)."""
+        return self._readahead.read(rel, offset, length)
 
     def _read_range(self, rel: str, offset: int, length: int) -> bytes:
 
