@@ -902,20 +902,26 @@ def _window_runs(states, hashes, addresses):
     """Runs of a window of per-block arrays: ``(state, start, count, carries)`` lists
     (``start`` relative to the window), a run carrying entries when it is DATA or any of
     its blocks has a non-zero hash or address (what version 2 and 3 files keep)."""
+    st, starts, counts, carries = _window_run_arrays(states, hashes, addresses)
+    return st.tolist(), starts.tolist(), counts.tolist(), carries.tolist()
+
+
+def _window_run_arrays(states, hashes, addresses):
+    """:func:`_window_runs` as numpy arrays (uint8, int64, int64, bool)."""
     n = len(states)
     if n == 0:
-        return [], [], [], []
+        return (np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                np.zeros(0, bool))
     carries = states == BlockState.DATA
     if hashes is not None:
         carries = carries | hashes.any(axis=1)
     if addresses is not None:
         carries = carries | addresses.any(axis=1)
     keys = states.astype(np.uint8) * np.uint8(2) + carries
-    starts = np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1])
+    starts = np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1]).astype(np.int64)
     counts = np.diff(np.append(starts, n))
     run_keys = keys[starts]
-    return ((run_keys >> 1).tolist(), starts.tolist(), counts.tolist(),
-            (run_keys & 1).astype(bool).tolist())
+    return run_keys >> 1, starts, counts, (run_keys & 1).astype(bool)
 
 
 class ManifestWriter:
@@ -952,7 +958,10 @@ class ManifestWriter:
         self._sha = hashlib.sha256()
         self._digest = _RunDigest(self.disk_size, self.block_size)
         self._cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
-        self._recs: list[list] = []             # [state, carries, start, count]
+        # the pending frame's records: [state, carries, start, count] rows and, from
+        # add_window, record arrays (one per window: no Python object per run)
+        self._recs: list = []
+        self._n_recs = 0
         self._hashes: list[np.ndarray] = []
         self._addresses: list[np.ndarray] = []
         self._raw = 0                           # decoded bytes of the pending frame
@@ -991,35 +1000,53 @@ class ManifestWriter:
             self._digest.add(state, count, hashes if carries else None, addresses)
         self.counts[state] += count
         if not carries:
-            last = self._recs[-1] if self._recs else None
-            if last is not None and last[0] == state and not last[1]:
-                last[3] += count
+            if self._last_is(state, False):
+                self._grow_last(count)
             else:
                 if self._raw + RECORD_HEADER_SIZE > FRAME_RAW_MAX:
                     self._flush()
-                self._recs.append([state, False, self.next_block, count])
-                self._raw += RECORD_HEADER_SIZE
+                self._add_row(state, False, count)
             self.next_block += count
             return
         done = 0
         while done < count:
-            last = self._recs[-1] if self._recs else None
-            extend = last is not None and last[0] == state and last[1]
+            extend = self._last_is(state, True)
             room = (FRAME_RAW_MAX - self._raw - (0 if extend else RECORD_HEADER_SIZE)) // ENTRY_SIZE
             if room < 1:
                 self._flush()
                 continue
             take = min(room, count - done)
             if extend:
-                last[3] += take
+                self._grow_last(take)
             else:
-                self._recs.append([state, True, self.next_block, take])
-                self._raw += RECORD_HEADER_SIZE
+                self._add_row(state, True, take)
             self._hashes.append(hashes[done:done + take])
             self._addresses.append(addresses[done:done + take])
             self._raw += take * ENTRY_SIZE
             self.next_block += take
             done += take
+
+    def _last_is(self, state: int, carries: bool) -> bool:
+        """Whether the pending frame's last record is a run of ``state``/``carries`` (a
+        run continuing it extends it)."""
+        if not self._recs:
+            return False
+        last = self._recs[-1]
+        if isinstance(last, list):
+            return last[0] == state and last[1] == carries
+        return int(last["state"][-1]) == state and bool(last["flags"][-1] & RECORD_ARRAYS) == carries
+
+    def _grow_last(self, count: int) -> None:
+        last = self._recs[-1]
+        if isinstance(last, list):
+            last[3] += count
+        else:
+            last["count"][-1] += count
+
+    def _add_row(self, state: int, carries: bool, count: int) -> None:
+        self._recs.append([state, carries, self.next_block, count])
+        self._n_recs += 1
+        self._raw += RECORD_HEADER_SIZE
 
     def add_window(self, states, hashes=None, addresses=None) -> None:
         """The next ``len(states)`` blocks as per-block arrays (shapes (n,), (n, 16),
@@ -1043,43 +1070,83 @@ class ManifestWriter:
             hashes = np.zeros((n, HASH_SIZE), np.uint8)
         if addresses is None:
             addresses = np.zeros((n, ADDRESS_SIZE), np.uint8)
-        runs = _window_runs(states, hashes, addresses)
-        if (runs[0] and (min(runs[0]) < BlockState.UNALLOCATED or max(runs[0]) > BlockState.DATA
-                         or any(st == BlockState.DATA and not c
-                                for st, c in zip(runs[0], runs[3])))):
-            raise UsageError(f"a window at block {self.next_block} has an invalid state")
         if len(hashes) != n or len(addresses) != n:
             raise UsageError(f"a window of {n} blocks with {len(hashes)} hashes and "
                              f"{len(addresses)} addresses")
-        # the digest of the whole window at once (vectorised), then the frames run by run
-        carried = np.repeat(np.asarray(runs[3], bool), np.asarray(runs[2], np.int64))
-        self._digest.add_runs(runs[0], runs[2], runs[3],
+        st, starts, counts, carries = _window_run_arrays(states, hashes, addresses)
+        if len(st) and (st.max() > BlockState.DATA or (~carries & (st == BlockState.DATA)).any()):
+            raise UsageError(f"a window at block {self.next_block} has an invalid state")
+        # the digest of the whole window at once (vectorised), then the frames
+        carried = np.repeat(carries, counts)
+        self._digest.add_runs(st, counts, carries,
                               np.concatenate([hashes[carried], addresses[carried]], axis=1))
-        for state, start, count, carries in zip(*runs):
-            if carries:
-                self.add_run(state, count, hashes[start:start + count],
-                             addresses[start:start + count], _digest=False)
-            else:
-                self.add_run(state, count, _digest=False)
+        if len(st) and self._last_is(int(st[0]), bool(carries[0])):
+            # the first run continues the frame's last record: that one merges by itself
+            a, c, carry = int(starts[0]), int(counts[0]), bool(carries[0])
+            self.add_run(int(st[0]), c, *((hashes[a:a + c], addresses[a:a + c])
+                                          if carry else ()), _digest=False)
+            st, starts, counts, carries = st[1:], starts[1:], counts[1:], carries[1:]
+            if not len(st):
+                return
+            n_carried = int(np.count_nonzero(carried)) - (c if carry else 0)
+            first = a + c
+        else:
+            n_carried, first = int(np.count_nonzero(carried)), 0
+        need = len(st) * RECORD_HEADER_SIZE + n_carried * ENTRY_SIZE
+        if self._raw + need > FRAME_RAW_MAX:
+            # frames fill up inside the window: run by run, splitting where a frame is full
+            for state, start, count, carry in zip(st.tolist(), starts.tolist(),
+                                                  counts.tolist(), carries.tolist()):
+                if carry:
+                    self.add_run(state, count, hashes[start:start + count],
+                                 addresses[start:start + count], _digest=False)
+                else:
+                    self.add_run(state, count, _digest=False)
+            return
+        # the whole rest of the window fits the pending frame: one record array
+        recs = np.zeros(len(st), _RECORD)
+        recs["state"], recs["flags"] = st, carries.astype(np.uint8) * RECORD_ARRAYS
+        recs["start"], recs["count"] = starts + self.next_block - first, counts
+        self._recs.append(recs)
+        self._n_recs += len(recs)
+        if n_carried:
+            rest = carried[first:]
+            self._hashes.append(hashes[first:][rest])
+            self._addresses.append(addresses[first:][rest])
+        for state, total in enumerate(np.bincount(st, weights=counts, minlength=3).tolist()):
+            self.counts[state] += int(total)
+        self._raw += need
+        self.next_block += n - first
 
     def _flush(self) -> None:
         if not self._recs:
             return
-        recs = np.zeros(len(self._recs), _RECORD)
-        cols = list(zip(*self._recs))
-        recs["state"], recs["flags"] = cols[0], np.asarray(cols[1], np.uint8) * RECORD_ARRAYS
-        recs["start"], recs["count"] = cols[2], cols[3]
+        parts, rows = [], []
+        for item in self._recs + [None]:
+            if isinstance(item, list):
+                rows.append(item)
+                continue
+            if rows:
+                recs = np.zeros(len(rows), _RECORD)
+                cols = list(zip(*rows))
+                recs["state"], recs["flags"] = cols[0], np.asarray(cols[1], np.uint8) * RECORD_ARRAYS
+                recs["start"], recs["count"] = cols[2], cols[3]
+                parts.append(recs)
+                rows = []
+            if item is not None:
+                parts.append(item)
+        recs = np.concatenate(parts) if len(parts) > 1 else parts[0]
         raw = b"".join([recs.tobytes(), *(np.ascontiguousarray(h).tobytes() for h in self._hashes),
                         *(np.ascontiguousarray(a).tobytes() for a in self._addresses)])
         packed = self._cctx.compress(raw)
         # compress only where that helps (hashes and addresses are random bytes)
         encoding, body = (FRAME_ZSTD, packed) if len(packed) < len(raw) else (FRAME_STORED, raw)
-        first = self._recs[0][2]
-        self._write(_FRAME.pack(len(body), len(raw), encoding, bytes(3), len(self._recs), first,
+        first = int(recs["start"][0])
+        self._write(_FRAME.pack(len(body), len(raw), encoding, bytes(3), len(recs), first,
                                 self.next_block - first))
         self._write(body)
         self._frames += 1
-        self._recs, self._hashes, self._addresses, self._raw = [], [], [], 0
+        self._recs, self._hashes, self._addresses, self._raw, self._n_recs = [], [], [], 0, 0
 
     def finish(self, meta: dict | None = None) -> bytes:
         """Write the rest (every block must have been added); return the digest.  A

@@ -106,6 +106,21 @@ def test_writer_and_reader_equal_the_whole_manifest(m, cuts, as_runs, window, da
                                   m.addresses[i].tobytes())
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts(), st.lists(st.integers(0, 10_000), max_size=6),
+       st.sampled_from([200, 1000, 5000, 1 << 20]))
+def test_windows_write_the_bytes_runs_write(m, cuts, frame_max):
+    """add_window (records of a window as one array) writes, byte for byte, what add_run
+    writes run by run, also where frames fill up inside a window (small frames here)."""
+    import smsblock.manifest as manifest_module
+    saved = manifest_module.FRAME_RAW_MAX
+    manifest_module.FRAME_RAW_MAX = frame_max
+    try:
+        assert write_in_pieces(m, cuts, False) == write_in_pieces(m, cuts, True)
+    finally:
+        manifest_module.FRAME_RAW_MAX = saved
+
+
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layouts(), layouts(), st.integers(1, 500))
 def test_windowed_diff_equals_the_whole_diff(a, b, window):
