@@ -1428,12 +1428,40 @@ class ManifestReader:
         states = np.zeros(n, np.uint8)
         hashes = np.zeros((n, HASH_SIZE), np.uint8)
         addresses = np.zeros((n, ADDRESS_SIZE), np.uint8)
-        for state, a, count, h, ad in self.runs(start, end):
-            states[a - start:a - start + count] = state
-            if h is not None:
-                hashes[a - start:a - start + count] = h
-                addresses[a - start:a - start + count] = ad
+        if not n:
+            return states, hashes, addresses
+        i = bisect.bisect_right(self._firsts, start) - 1
+        while i < len(self._firsts) and self._firsts[i] < end:
+            self._frame_into_window(i, start, end, states, hashes, addresses)
+            i += 1
         return states, hashes, addresses
+
+    def _frame_into_window(self, i: int, start: int, end: int, states, hashes, addresses) -> None:
+        """Frame ``i``'s part of blocks ``start`` .. ``end`` into the window's arrays, all
+        its records at once (a window of short runs is thousands of them)."""
+        recs, f_hashes, f_addresses, base = self._frame(i)
+        rec_starts = recs["start"].astype(np.int64)
+        rec_ends = rec_starts + recs["count"].astype(np.int64)
+        lo = np.maximum(rec_starts, start)          # each record clipped to the window
+        hi = np.minimum(rec_ends, end)
+        keep = hi > lo
+        if not keep.any():
+            return
+        lo, hi, rec_starts = lo[keep], hi[keep], rec_starts[keep]
+        lengths = hi - lo
+        first = int(lo[0]) - start                  # the clipped records are contiguous
+        covered = slice(first, first + int(lengths.sum()))
+        states[covered] = np.repeat(recs["state"][keep], lengths)
+        carries = (recs["flags"][keep] & RECORD_ARRAYS) != 0
+        if not carries.any():
+            return
+        # entry rows of the carrying records' clipped parts, in block order
+        c_len = lengths[carries]
+        c_first = base[keep][carries] + (lo[carries] - rec_starts[carries])
+        rows = np.arange(int(c_len.sum())) + np.repeat(c_first - (np.cumsum(c_len) - c_len), c_len)
+        at = np.flatnonzero(np.repeat(carries, lengths)) + first
+        hashes[at] = f_hashes[rows]
+        addresses[at] = f_addresses[rows]
 
     def _window_v1(self, start: int, end: int):
         n = max(0, end - start)

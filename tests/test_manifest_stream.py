@@ -111,12 +111,22 @@ def test_writer_and_reader_equal_the_whole_manifest(m, cuts, as_runs, window, da
        st.sampled_from([200, 1000, 5000, 1 << 20]))
 def test_windows_write_the_bytes_runs_write(m, cuts, frame_max):
     """add_window (records of a window as one array) writes, byte for byte, what add_run
-    writes run by run, also where frames fill up inside a window (small frames here)."""
+    writes run by run, also where frames fill up inside a window (small frames here); the
+    reader's windows (all of a frame's records at once) read it back across frames."""
     import smsblock.manifest as manifest_module
     saved = manifest_module.FRAME_RAW_MAX
     manifest_module.FRAME_RAW_MAX = frame_max
     try:
-        assert write_in_pieces(m, cuts, False) == write_in_pieces(m, cuts, True)
+        raw = write_in_pieces(m, cuts, False)
+        assert raw == write_in_pieces(m, cuts, True)
+        # and windows read back across many frames, cut anywhere, are the table's
+        r = ManifestReader(raw, "x")
+        edges = sorted({0, m.n_blocks, *(c % (m.n_blocks + 1) for c in cuts)})
+        for s, e in [*zip(edges[:-1], edges[1:]), (0, m.n_blocks), (1, m.n_blocks + 5)]:
+            states, hashes, addresses = r.window(s, e)
+            e = min(e, m.n_blocks)
+            assert (states == m.states[s:e]).all() and (hashes == m.hashes[s:e]).all()
+            assert (addresses == m.addresses[s:e]).all()
     finally:
         manifest_module.FRAME_RAW_MAX = saved
 
