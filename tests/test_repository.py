@@ -44,6 +44,23 @@ def test_object_names_never_leave_the_backend(tmp_path, name):
     assert sorted(os.listdir(tmp_path / "s")) == ["tmp"]
 
 
+def test_names_are_what_a_listing_names(tmp_path):
+    """``names`` (the directory's entry types, no stat per object) lists what ``list``
+    lists: nested objects, never links, folders or internal files."""
+    b = LocalBackend(tmp_path / "s")
+    b.prepare()
+    for name in ("runs/a/r-1.manifest", "runs/a/r-2.manifest", "runs/b/r-1.manifest",
+                 "packs/00/p", "top"):
+        b.put(name, b"x")
+    (tmp_path / "s" / "runs" / "a" / "planted").symlink_to(tmp_path / "s" / "top")
+    (tmp_path / "s" / "runs" / "empty").mkdir()
+    os.mkfifo(tmp_path / "s" / "runs" / "b" / "fifo")
+    for prefix in ("", "runs/", "runs/a/", "packs/", "none/"):
+        assert sorted(b.names(prefix)) == sorted(b.list(prefix))
+    assert sorted(b.names("runs/")) == ["runs/a/r-1.manifest", "runs/a/r-2.manifest",
+                                        "runs/b/r-1.manifest"]
+
+
 def one_run(tmp_path):
     """A local store with one run of a small disk: ``(disk path, store, summary)``."""
     disk = tmp_path / "d.raw"

@@ -121,6 +121,11 @@ class Backend(abc.ABC):
     def list(self, prefix: str = "", *, what: str | None = None) -> dict[str, ObjectStat]:
         """Every object whose name starts with the folder ``prefix``, at any depth."""
 
+    def names(self, prefix: str = "", *, what: str | None = None) -> list[str]:
+        """The names :meth:`list` gives, without sizes or fingerprints (a backend that
+        can list names more cheaply says so)."""
+        return list(self.list(prefix, what=what))
+
     @abc.abstractmethod
     def stat(self, name: str) -> ObjectStat | None:
         """The object's size and fingerprint now, None when missing."""

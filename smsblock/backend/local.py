@@ -176,8 +176,16 @@ class LocalBackend(Backend):
         return ObjectStat(st.st_size, _fingerprint(st)) if stat.S_ISREG(st.st_mode) else None
 
     def list(self, prefix: str = "", *, what: str | None = None) -> dict[str, ObjectStat]:
+        return self._list(prefix, what, True)
+
+    def names(self, prefix: str = "", *, what: str | None = None) -> list[str]:
+        # the entries' types from the directory itself: no stat per object (a run looks
+        # up its server's latest run among all of them)
+        return list(self._list(prefix, what, False))
+
+    def _list(self, prefix: str, what: str | None, with_stats: bool) -> dict:
         parts = check_prefix(prefix, self.root)
-        out: dict[str, ObjectStat] = {}
+        out: dict = {}
         try:
             fd = open_subdir(self.root, *parts)
         except FileNotFoundError:
@@ -186,34 +194,41 @@ class LocalBackend(Backend):
             raise StoreError(f"{_where(e, self._p(*parts))}: cannot {what or 'list'}: "
                              f"{e.strerror}") from None
         try:
-            self._walk(fd, parts, out)
+            self._walk(fd, parts, out, with_stats)
         finally:
             os.close(fd)
         return out
 
-    def _walk(self, fd: int, parts: list[str], out: dict) -> None:
+    def _walk(self, fd: int, parts: list[str], out: dict, with_stats: bool = True) -> None:
         with os.scandir(fd) as entries:
             found = list(entries)
         for e in found:
             if not parts and e.name in INTERNAL:
                 continue
             try:
-                st = e.stat(follow_symlinks=False)
+                if with_stats:
+                    st = e.stat(follow_symlinks=False)
+                    mode = st.st_mode
+                else:       # d_type; DirEntry stats only where the file system lacks it
+                    mode = (stat.S_IFREG if e.is_file(follow_symlinks=False) else
+                            stat.S_IFDIR if e.is_dir(follow_symlinks=False) else
+                            stat.S_IFLNK if e.is_symlink() else 0)
             except FileNotFoundError:
                 continue
-            if stat.S_ISREG(st.st_mode):
-                out["/".join(parts + [e.name])] = ObjectStat(st.st_size, _fingerprint(st))
-            elif stat.S_ISDIR(st.st_mode) and len(parts) + 1 < 4:
+            if stat.S_ISREG(mode):
+                out["/".join(parts + [e.name])] = (ObjectStat(st.st_size, _fingerprint(st))
+                                                   if with_stats else None)
+            elif stat.S_ISDIR(mode) and len(parts) + 1 < 4:
                 try:
                     sub = os.open(e.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                                   dir_fd=fd)
                 except OSError:
                     continue        # gone, or swapped for a link since the scan
                 try:
-                    self._walk(sub, parts + [e.name], out)
+                    self._walk(sub, parts + [e.name], out, with_stats)
                 finally:
                     os.close(sub)
-            elif stat.S_ISLNK(st.st_mode):      # not this backend's objects
+            elif stat.S_ISLNK(mode):      # not this backend's objects
                 log.warning("%s: is a symbolic link; left out", self._p(*parts, e.name))
 
     # -- lock -------------------------------------------------------------------------

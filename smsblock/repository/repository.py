@@ -229,7 +229,7 @@ class Repository:
         self.backend.prepare()
         if self.exists():
             return
-        strangers = sorted(self.backend.list("", what="check the prefix is free"))
+        strangers = sorted(self.backend.names("", what="check the prefix is free"))
         # a racing first run may have created the store since: its config is the first
         # object it puts, so objects beside the config mean the store exists now
         if strangers and not self.exists():
@@ -397,7 +397,7 @@ class Repository:
     def list_servers(self) -> list[str]:
         """Server ids with at least one run."""
         out = set()
-        for name in self.backend.list("runs/", what="list servers"):
+        for name in self.backend.names("runs/", what="list servers"):
             parts = name.split("/")
             # other names (.DS_Store, lost+found...) are not servers: skipped, not an error
             if len(parts) == 3 and SERVER_ID_RE.fullmatch(parts[1]) \
@@ -409,7 +409,7 @@ class Repository:
     def list_run_ids(self, server_id: str) -> list[str]:
         """Run ids of a server, sorted (= oldest first)."""
         prefix = f"runs/{check_server_id(server_id)}/"
-        ids = (n[len(prefix):-len(MANIFEST_SUFFIX)] for n in self.backend.list(prefix, what="list runs")
+        ids = (n[len(prefix):-len(MANIFEST_SUFFIX)] for n in self.backend.names(prefix, what="list runs")
                if n.endswith(MANIFEST_SUFFIX) and n.count("/") == 2)
         return sorted(i for i in ids if RUN_ID_RE.fullmatch(i))
 
