@@ -78,6 +78,7 @@ import numpy as np
 import xxhash
 
 from .errors import StoreError
+from .keyset import isin, sorted_unique
 from .fsutil import (create_file, make_root, open_dir, open_lock_file, open_subdir,
                      remove_file, replace_file)
 from . import _blockindex as _native
@@ -488,12 +489,12 @@ class DiskIndex:
                 log.warning("%s: cannot update the block index (%s): the packs it lacks "
                             "are held in memory by this process", self.path, e.strerror or e)
                 segs = list(self.segments.values())
-                lacking = ~np.isin(listed_keys, _indexed_keys(segs))
+                lacking = ~isin(listed_keys, _indexed_keys(segs))
                 return segs, [pid for pid, lack in zip(listed, lacking.tolist()) if lack]
 
     def _needs_work(self, segs: dict[str, Segment], listed_keys: np.ndarray) -> bool:
         have = _indexed_keys(segs.values())
-        if len(np.setdiff1d(listed_keys, have, assume_unique=False)):
+        if not isin(listed_keys, have).all():
             return True
         total, dead = _dead_entries(segs.values(), listed_keys)
         return len(segs) > MAX_SEGMENTS or (total and dead > DEAD_FRACTION * total)
@@ -509,7 +510,7 @@ class DiskIndex:
             log.warning("%s: rebuilding its part of the block index from the packs", problem)
         self._collect_garbage(dfd, set(segs))
         have = _indexed_keys(segs.values())
-        lacking = ~np.isin(listed_keys, have)
+        lacking = ~isin(listed_keys, have)
         missing = [pid for pid, lack in zip(listed, lacking.tolist()) if lack]
         new = self._index_packs(dfd, sorted(missing), listed, read_index)
         if len(new) > 1:        # many packs at once (a first open): one segment of them
@@ -609,7 +610,7 @@ def _row_keys(packs: np.ndarray) -> np.ndarray:
 
 def _indexed_keys(segs: Iterable[Segment]) -> np.ndarray:
     parts = [_row_keys(s.packs) for s in segs if s.n_packs]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.dtype((np.void, 40)))
+    return sorted_unique(np.concatenate(parts)) if parts else np.zeros(0, np.dtype((np.void, 40)))
 
 
 def _dead_entries(segs: Iterable[Segment], listed_keys: np.ndarray) -> tuple[int, int]:
@@ -617,7 +618,7 @@ def _dead_entries(segs: Iterable[Segment], listed_keys: np.ndarray) -> tuple[int
     for s in segs:
         total += s.n
         if s.n_packs:
-            gone = ~np.isin(_row_keys(s.packs), listed_keys)
+            gone = ~isin(_row_keys(s.packs), listed_keys)
             dead += int(s.packs["entries"][gone].sum())
     return total, dead
 
@@ -629,7 +630,7 @@ def merge_segments(dfd: int, where: str, group: list[Segment], listed_keys: np.n
     # the merged pack table; per input a map from its rows to the new ones (-1: dropped)
     rows, seen, maps = [], {}, []
     for s in group:
-        keep = np.isin(_row_keys(s.packs), listed_keys)
+        keep = isin(_row_keys(s.packs), listed_keys)
         m = np.full(max(s.n_packs, 1), -1, np.int64)
         for r in np.flatnonzero(keep).tolist():
             k = s.packs[r].tobytes()[:40]
@@ -717,10 +718,10 @@ class BlockIndex:
         keys = [_row_keys(s.packs) for s in self._segments]
         for s, k in zip(self._segments, keys):      # vectorised: a store has many packs
             rank = np.full(max(s.n_packs, 1), RANK_GONE, np.int8)
-            rank[:s.n_packs][np.isin(k, listed_keys)] = RANK_GOOD
+            rank[:s.n_packs][isin(k, listed_keys)] = RANK_GOOD
             self._ranks.append(rank)
         every = np.concatenate(keys) if keys else np.zeros(0, np.dtype((np.void, 40)))
-        if len(np.unique(every)) != len(every):
+        if len(sorted_unique(every)) != len(every):
             seen: set[bytes] = set()                # a pack indexed twice (a lost race)
             for s, k, rank in zip(self._segments, keys, self._ranks):
                 for r in range(s.n_packs):
@@ -731,7 +732,7 @@ class BlockIndex:
             wanted = np.array([np.void(bytes.fromhex(p)) for p in damage], np.dtype((np.void, 32)))
             for si, s in enumerate(self._segments):
                 ids = np.ascontiguousarray(s.packs["id"]).view(np.dtype((np.void, 32))).reshape(-1)
-                for r in np.flatnonzero(np.isin(ids, wanted)).tolist():
+                for r in np.flatnonzero(isin(ids, wanted)).tolist():
                     if self._ranks[si][r] == RANK_GONE:
                         continue
                     record = damage[s.pack_hex(r)]

@@ -35,6 +35,7 @@ import numpy as np
 from ..backend.base import Backend, ObjectStat
 from ..errors import RunNotFoundError, StoreCorruptError, StoreError, UsageError
 from ..fsutil import open_dir, read_file_at, remove_file, replace_file
+from ..keyset import isin
 from ..manifest import Manifest
 from ..pack import (ALGORITHMS, INDEX_DTYPE, BlockIndex, BlockLocation, decompress_block, is_pack_id,
                     pack_id_of, read_index, sealed_size, verify_pack)
@@ -135,7 +136,7 @@ class DamageRecord:
             return np.zeros(len(addresses), bool)
         rows = np.ascontiguousarray(addresses).view(np.dtype((np.void, 32))).reshape(-1)
         named = np.array([np.void(a) for a in self.addresses], np.dtype((np.void, 32)))
-        return np.isin(rows, named)
+        return isin(rows, named)
 
     def to_bytes(self) -> bytes:
         addresses, pack = sorted(a.hex() for a in self.addresses), self.pack
