@@ -41,6 +41,7 @@ import numpy as np
 import xxhash
 import zstandard
 
+from . import _frames
 from ._deflate import start_writeback
 from .errors import StoreCorruptError, UsageError
 from .fsutil import create_file, remove_file
@@ -113,23 +114,13 @@ def write_raw_frame(out, data) -> int:
     one zstd frame holding ``data`` uncompressed, with its content size; return its
     length.  The frame is valid zstd (RFC 8878): magic, a single-segment frame header
     with a 4-byte content size, then raw blocks of at most 128 KiB, each after a 3-byte
-    header (last-block bit, type 0 = raw, size)."""
+    header (last-block bit, type 0 = raw, size).  Native (``_frames``): the copy runs
+    without the GIL."""
     src = memoryview(data).cast("B")
-    n = len(src)
-    if n >= 1 << 32:
-        raise UsageError(f"a block of {n} bytes is too large for a frame")
+    if len(src) >= 1 << 32:
+        raise UsageError(f"a block of {len(src)} bytes is too large for a frame")
     with memoryview(out).cast("B") as dst:
-        _RAW_FRAME_HEADER.pack_into(dst, 0, ZSTD_MAGIC, 0xA0, n)
-        at, start = _RAW_FRAME_HEADER.size, 0
-        while True:
-            k = min(RAW_BLOCK_MAX, n - start)
-            last = start + k >= n
-            dst[at:at + 3] = ((k << 3) | last).to_bytes(3, "little")
-            dst[at + 3:at + 3 + k] = src[start:start + k]
-            at += 3 + k
-            start += k
-            if last:
-                return at
+        return _frames.write_raw_frame(dst, src)
 
 
 def looks_incompressible(data, compressor) -> bool:
@@ -233,10 +224,10 @@ class PackWriter:
         return self._offset
 
     def _put(self, data) -> None:
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
         while view:
             n = min(len(view), WRITE_CHUNK - self._fill)
-            self._buf[self._fill:self._fill + n] = view[:n]
+            _frames.copy_into(self._buf, self._fill, view[:n])      # without the GIL
             self._fill += n
             view = view[n:]
             if self._fill == WRITE_CHUNK:

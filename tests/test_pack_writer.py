@@ -10,6 +10,7 @@ import errno
 import hashlib
 import mmap
 import os
+import struct
 import subprocess
 
 import numpy as np
@@ -145,6 +146,42 @@ def test_a_raw_frame_is_zstd_that_zstandard_reads(data):
     assert zstandard.get_frame_parameters(frame).content_size == len(data)
     assert zstandard.ZstdDecompressor().decompress(frame) == data
     assert pack.decompress_block(frame, len(data)) == data
+
+
+def raw_frame_by_hand(data: bytes) -> bytes:
+    """The frame format written out in Python (RFC 8878): what the native writer means."""
+    out = struct.pack("<IBI", 0xFD2FB528, 0xA0, len(data))
+    pieces = [data[i:i + pack.RAW_BLOCK_MAX] for i in range(0, len(data), pack.RAW_BLOCK_MAX)] or [b""]
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        out += ((len(piece) << 3) | last).to_bytes(3, "little") + piece
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(size=st.sampled_from([0, 1, 7, *RAW_SIZES[:-1]]) | st.integers(0, 600_000),
+       spare=st.integers(0, 9))
+def test_the_native_frame_writer_writes_the_format_byte_for_byte(size, spare):
+    data = np.random.default_rng(size).bytes(size)
+    out = bytearray(b"\xee" * (pack.raw_frame_size(size) + spare))
+    n = pack.write_raw_frame(out, data)
+    assert bytes(out[:n]) == raw_frame_by_hand(data) and n == pack.raw_frame_size(size)
+    assert out[n:] == b"\xee" * spare                        # nothing written past it
+    with pytest.raises(ValueError):
+        pack.write_raw_frame(bytearray(pack.raw_frame_size(size) - 1), data)
+
+
+def test_copy_into_copies_there_and_refuses_what_does_not_fit():
+    from smsblock._frames import copy_into
+    dst = bytearray(10)
+    copy_into(dst, 3, b"abcd")
+    assert dst == b"\0\0\0abcd\0\0\0"
+    copy_into(dst, 10, b"")
+    for at, src in ((7, b"abcd"), (-1, b"a"), (11, b"")):
+        with pytest.raises(ValueError):
+            copy_into(dst, at, src)
+    with pytest.raises((TypeError, ValueError, BufferError)):
+        copy_into(b"read-only", 0, b"a")
 
 
 @pytest.mark.parametrize("size", RAW_SIZES)
