@@ -671,37 +671,39 @@ def counting_statements(svc, monkeypatch):
     return statements
 
 
+def rows_read(svc, monkeypatch, fn) -> int:
+    """Rows ``fn`` fetches from the service's database."""
+    counted = [0]
+
+    class Cursor:
+        def __init__(self, cur):
+            self.cur = cur
+
+        def fetchall(self):
+            out = self.cur.fetchall()
+            counted[0] += len(out)
+            return out
+
+        def fetchone(self):
+            out = self.cur.fetchone()
+            counted[0] += out is not None
+            return out
+
+    class Counting:
+        def __init__(self, db):
+            self.db = db
+
+        def execute(self, *args):
+            return Cursor(self.db.execute(*args))
+    with_wrapped_db(svc, monkeypatch, Counting, fn)
+    assert counted[0], "no row was counted"
+    return counted[0]
+
+
 def test_a_page_reads_a_page_of_rows_whatever_the_catalog_size(tmp_path, monkeypatch):
     """GetServers, GetReplicationJobs and GetReplicationRuns cut their pages in the
     database (LIMIT/OFFSET): the rows a page of 2 reads do not grow with the catalog
     (they used to read every row, so paging through N servers read N^2/2 rows)."""
-    def rows_read(svc, fn) -> int:
-        counted = [0]
-
-        class Cursor:
-            def __init__(self, cur):
-                self.cur = cur
-
-            def fetchall(self):
-                out = self.cur.fetchall()
-                counted[0] += len(out)
-                return out
-
-            def fetchone(self):
-                out = self.cur.fetchone()
-                counted[0] += out is not None
-                return out
-
-        class Counting:
-            def __init__(self, db):
-                self.db = db
-
-            def execute(self, *args):
-                return Cursor(self.db.execute(*args))
-        with_wrapped_db(svc, monkeypatch, Counting, fn)
-        assert counted[0], "no row was counted"
-        return counted[0]
-
     read = {}
     for n in (8, 24):
         with catalog_of(tmp_path / str(n), n) as (svc, _clock, servers):
@@ -710,11 +712,48 @@ def test_a_page_reads_a_page_of_rows_whatever_the_catalog_size(tmp_path, monkeyp
             page = svc.get_servers(maxResults=2)
             second = svc.get_servers(maxResults=2, nextToken=page["nextToken"])
             assert [s["serverId"] for s in page["serverList"] + second["serverList"]] == servers[:4]
-            read[n] = (rows_read(svc, lambda: svc.get_servers(maxResults=2)),
-                       rows_read(svc, lambda: svc.get_servers(maxResults=2,
-                                                              nextToken=page["nextToken"])),
-                       rows_read(svc, lambda: svc.get_replication_jobs(maxResults=2)))
+            read[n] = (rows_read(svc, monkeypatch, lambda: svc.get_servers(maxResults=2)),
+                       rows_read(svc, monkeypatch, lambda: svc.get_servers(
+                           maxResults=2, nextToken=page["nextToken"])),
+                       rows_read(svc, monkeypatch, lambda: svc.get_replication_jobs(maxResults=2)))
             assert len(jobs_made) == n
+    assert read[8] == read[24], read
+
+
+def test_an_address_filter_is_applied_by_the_database(tmp_path, monkeypatch):
+    """GetServers' vmServerAddressList keeps its meaning (an address matches the servers
+    equal in the members it gives; one giving none matches all), and the database applies
+    it: a filtered page reads a page of rows whatever the catalog size (it used to read
+    the whole catalog and filter in Python)."""
+    read = {}
+    for n in (8, 24):
+        with catalog_of(tmp_path / str(n), n) as (svc, _clock, servers):
+            listed = svc.get_servers(maxResults=100)["serverList"]
+            addr = {s["serverId"]: s["vmServer"]["vmServerAddress"] for s in listed}
+            one, two, three = servers[1], servers[4], servers[6]
+            manager = addr[one]["vmManagerId"]
+            filters = [
+                [addr[one]],
+                [{"vmId": addr[two]["vmId"]}, {"vmManagerId": "nobody", "vmId": addr[three]["vmId"]}],
+                [{"vmManagerId": manager}],
+                [{"vmManagerId": "other"}, addr[three], addr[three], {"vmId": "nope"}],
+                [{}, {"vmId": "nope"}],
+                [{"vmManagerId": manager, "vmId": "nope"}],
+            ]
+            for f in filters:
+                want = [sid for sid in servers if any(
+                    all(addr[sid][k] == v for k, v in a.items()) for a in f)]
+                got, token = [], None
+                while True:         # paged: the filter holds on every page
+                    page = svc.get_servers(maxResults=2, vmServerAddressList=f,
+                                           **({"nextToken": token} if token else {}))
+                    got += [s["serverId"] for s in page["serverList"]]
+                    token = page.get("nextToken")
+                    if not token:
+                        break
+                assert got == want, f
+            read[n] = rows_read(svc, monkeypatch, lambda: svc.get_servers(
+                maxResults=2, vmServerAddressList=[addr[one], addr[two], addr[three]]))
     assert read[8] == read[24], read
 
 

@@ -390,19 +390,17 @@ class SmsService:
 
     def get_servers(self, nextToken: str | None = None, maxResults: int | None = None,
                     vmServerAddressList: list[dict] | None = None) -> dict:
-        wanted = _address_filter(vmServerAddressList) if vmServerAddressList else None
+        wanted = _address_filter(vmServerAddressList) if vmServerAddressList else ("", ())
         now = self.clock()
 
         def page(db):
             cat = catalog.refresh_status(db, self.state.dir, now, self.config)
-            listed = "SELECT * FROM servers WHERE in_catalog = 1 ORDER BY vm_path, server_id"
-            if wanted is not None:      # set lookups: linear in servers + addresses
-                rows = [r for r in db.execute(listed).fetchall()
-                        if wanted(r["vm_manager_id"], r["vm_id"])]
-                shown, token = _paginate("GetServers", rows, nextToken, maxResults)
-            else:
-                shown, token = _paged_query(lambda q, p: db.execute(q, p).fetchall(), "GetServers",
-                                            listed, (), nextToken, maxResults)
+            # the filter too is the database's: a page reads a page of rows
+            where, params = wanted
+            shown, token = _paged_query(
+                lambda q, p: db.execute(q, p).fetchall(), "GetServers",
+                f"SELECT * FROM servers WHERE in_catalog = 1{where} ORDER BY vm_path, server_id",
+                params, nextToken, maxResults)
             job_of = _jobs_of_servers(db, [r["server_id"] for r in shown])
             return cat, [server_from_row(r, job_of.get(r["server_id"])).to_api()
                          for r in shown], token
@@ -538,11 +536,12 @@ class SmsService:
         return scheduler.tick(self.state, self.clock(), self.config)
 
 
-def _address_filter(addresses: list[dict]):
-    """A test ``(vm_manager_id, vm_id) -> bool``: whether a server matches one of
-    ``addresses`` (each matches the servers equal in the members it gives), built in
-    one pass so the filtering costs servers + addresses, not their product."""
-    both, managers, vms, everything = set(), set(), set(), False
+def _address_filter(addresses: list[dict]) -> tuple[str, tuple]:
+    """The SQL condition (`` AND (...)``, or nothing) and its parameters that keep the
+    servers matching one of ``addresses``: each matches the servers equal in the members
+    it gives (one that gives none matches every server).  Equal addresses are asked
+    once; the database looks the sets up, so the cost is not servers x addresses."""
+    both, managers, vms = set(), set(), set()
     for addr in addresses:
         m, v = addr.get("vmManagerId"), addr.get("vmId")
         if m is not None and v is not None:
@@ -552,8 +551,18 @@ def _address_filter(addresses: list[dict]):
         elif v is not None:
             vms.add(v)
         else:
-            everything = True
-    return lambda m, v: everything or m in managers or v in vms or (m, v) in both
+            return "", ()
+    terms, params = [], []
+    if managers:
+        terms.append(f"vm_manager_id IN ({', '.join('?' * len(managers))})")
+        params += sorted(managers)
+    if vms:
+        terms.append(f"vm_id IN ({', '.join('?' * len(vms))})")
+        params += sorted(vms)
+    if both:
+        terms.append(f"(vm_manager_id, vm_id) IN (VALUES {', '.join(['(?, ?)'] * len(both))})")
+        params += [x for pair in sorted(both) for x in pair]
+    return f" AND ({' OR '.join(terms)})", tuple(params)
 
 
 def _jobs_of_servers(db, server_ids: list[str]) -> dict:
