@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -48,7 +47,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -198,6 +196,7 @@ class LoadGenerator:
         self.results: list[tuple[str, float, float, str | None]] = []   # op, latency, service, error
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._schedule, daemon=True)
+        self.submitted: list = []          # futures of the requests offered
 
     def _client(self, endpoint: str):
         clients = getattr(self.local, "clients", None)
@@ -228,7 +227,7 @@ class LoadGenerator:
             delay = due - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            self.pool.submit(self._one, n, due)
+            self.submitted.append(self.pool.submit(self._one, n, due))
             n += 1
         self.offered_seconds = time.monotonic() - t0
 
@@ -250,9 +249,10 @@ class LoadGenerator:
     def finish(self) -> float:
         self.stop.set()
         self.thread.join()
-        # requests still queued (the servers could not keep up) are not sent: counted
-        self.unsent = self.pool._work_queue.qsize()
+        # requests still queued (the servers could not keep up) are not sent: cancelled
+        # here, and counted
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.unsent = sum(f.cancelled() for f in self.submitted)
         return self.offered_seconds
 
 

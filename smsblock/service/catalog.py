@@ -160,14 +160,13 @@ def refresh_status(db: sqlite3.Connection, state_dir: Path, now: float,
         _restore(db, cat, "the process importing the server catalog stopped before it "
                           "finished (killed?)")
         cat = db.execute("SELECT * FROM catalog WHERE id = 1").fetchone()
-    if cat["status"] == ServerCatalogStatus.AVAILABLE.value and config.catalog_expiry_seconds > 0:
-        expired_at = _expiry(db, cat, config.catalog_expiry_seconds)
-        if expired_at is not None and now > expired_at:
-            log.warning("the server catalog has expired: its connectors have been gone for "
-                        "more than %s seconds; import it again", config.catalog_expiry_seconds)
-            db.execute("UPDATE catalog SET status = ?, last_modified_on = ? WHERE id = 1",
-                       (ServerCatalogStatus.EXPIRED.value, expired_at))
-            cat = db.execute("SELECT * FROM catalog WHERE id = 1").fetchone()
+    expired_at = _expired_at(db, cat, now, config)
+    if expired_at is not None:
+        log.warning("the server catalog has expired: its connectors have been gone for "
+                    "more than %s seconds; import it again", config.catalog_expiry_seconds)
+        db.execute("UPDATE catalog SET status = ?, last_modified_on = ? WHERE id = 1",
+                   (ServerCatalogStatus.EXPIRED.value, expired_at))
+        cat = db.execute("SELECT * FROM catalog WHERE id = 1").fetchone()
     return cat
 
 
@@ -176,12 +175,16 @@ def status_may_change(db, now: float, config: ServiceConfig) -> bool:
     may have died) or the catalog is past its expiry.  Read-only, so a caller can
     read the catalog in a snapshot when it is False."""
     cat = db.execute("SELECT * FROM catalog WHERE id = 1").fetchone()
-    if cat["status"] == IMPORTING:
-        return True
-    if cat["status"] == ServerCatalogStatus.AVAILABLE.value and config.catalog_expiry_seconds > 0:
-        expired_at = _expiry(db, cat, config.catalog_expiry_seconds)
-        return expired_at is not None and now > expired_at
-    return False
+    return cat["status"] == IMPORTING or _expired_at(db, cat, now, config) is not None
+
+
+def _expired_at(db, cat, now: float, config: ServiceConfig) -> float | None:
+    """When an AVAILABLE catalog expired, if it has by ``now`` (None otherwise, and
+    when catalogs do not expire)."""
+    if cat["status"] != ServerCatalogStatus.AVAILABLE.value or config.catalog_expiry_seconds <= 0:
+        return None
+    expired_at = _expiry(db, cat, config.catalog_expiry_seconds)
+    return expired_at if expired_at is not None and now > expired_at else None
 
 
 def _expiry(db: sqlite3.Connection, cat: sqlite3.Row, age: float) -> float | None:
