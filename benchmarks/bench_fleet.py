@@ -56,6 +56,7 @@ from postgres_server import PostgresServer, postgres_binaries  # noqa: E402
 SERVERS = int(os.environ.get("SMSBLOCK_BENCH_FLEET_SERVERS", "500"))
 JOBS = 50
 SECOND_RUNS = 10        # jobs that get a second (incremental, on-demand) run
+RACE_EXTRA = 4          # bootable VMs beyond JOBS: the last 2 jobs are raced for by 6 VMs
 CONNECTORS = 4
 RPS = float(os.environ.get("SMSBLOCK_BENCH_FLEET_RPS", "50"))
 LOAD_SECONDS = float(os.environ.get("SMSBLOCK_BENCH_FLEET_LOAD_SECONDS", "60"))
@@ -97,15 +98,15 @@ def write_vm(folder: Path, name: str, disk: bytes | None, size: int, rng: random
 
 
 def make_datastores(tmp: Path, boot: bytes) -> tuple[list[Path], list[str]]:
-    """Two datastore folders of SERVERS/2 VMs; the first JOBS/2 of each (named job-*)
-    have a bootable disk (so the image step succeeds), each made distinct by 256 KiB of
-    random data after its partition; the others a 256 KiB raw disk."""
+    """Two datastore folders of SERVERS/2 VMs; the first (JOBS + RACE_EXTRA)/2 of each
+    (named job-*) have a bootable disk (so the image step succeeds), each made distinct by
+    256 KiB of random data after its partition; the others a 256 KiB raw disk."""
     rng = random.Random(14)
     stores, job_vms = [], []
     for d in range(2):
         ds = tmp / f"ds{d}"
         for i in range(SERVERS // 2):
-            if i < JOBS // 2:
+            if i < (JOBS + RACE_EXTRA) // 2:
                 name = f"job-{d}-{i:03d}"
                 disk = bytearray(boot)
                 disk[-(512 * KIB):-(256 * KIB)] = rng.randbytes(256 * KIB)
@@ -335,7 +336,7 @@ def run_fleet(tmp: Path, info: dict) -> None:
         # 50 jobs: half scheduled a few seconds ahead, half with an on-demand run now
         by_name = {s["vmServer"]["vmName"]: s["serverId"] for s in servers}
         job_servers = sorted(v for k, v in by_name.items() if k.startswith("job-"))
-        assert len(job_servers) == JOBS, len(job_servers)
+        assert len(job_servers) == JOBS + RACE_EXTRA, len(job_servers)
         spare = sorted(v for k, v in by_name.items() if not k.startswith("job-"))
         jobs: dict[str, str] = {}        # job id -> how its first run came
         now = time.time()
@@ -345,8 +346,10 @@ def run_fleet(tmp: Path, info: dict) -> None:
             job = ops[i % 2].create_replication_job(
                 serverId=server, seedReplicationTime=seed, frequency=12)["replicationJobId"]
             jobs[job] = "scheduled" if scheduled else "on-demand"
-        # the last ones race: 2 + 4 creates at once on both processes, 2 may succeed
-        racers = job_servers[JOBS - 2:] + spare[:4]
+        # the last ones race: 6 creates at once on both processes, 2 may succeed; every
+        # racer is bootable, since any two may win and their runs make images (a raw
+        # spare winning failed its run's image step: the benchmark failed by chance)
+        racers = job_servers[JOBS - 2:]
         with ThreadPoolExecutor(len(racers)) as pool:
             outcomes = list(pool.map(lambda a: try_call(
                 ops[a[0] % 2].create_replication_job, serverId=a[1],
