@@ -4,6 +4,7 @@ streams fetched a window at a time and lone reads fetched exactly."""
 
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -88,21 +89,47 @@ def test_a_window_being_fetched_is_waited_for_not_fetched_again():
 
 
 def test_a_failed_window_fails_its_waiters_and_is_asked_again():
+    """The thread fetching a window fails: a thread waiting for that window gets the
+    error too (never waits forever), and the next read fetches the window again."""
     data = os.urandom(2 * MiB)
     objs = Objects(pack=data)
+    started, release = threading.Event(), threading.Event()
     fail = [True]
 
     def flaky(name, offset, length):
         if length == MiB and fail[0]:
+            started.set()
+            assert release.wait(10)
             fail[0] = False
             raise OSError("connection reset")
         return objs.fetch(name, offset, length)
 
     ra = Readahead(flaky, MiB)
     ra.read("pack", 0, 100)
-    with pytest.raises(OSError, match="reset"):
-        ra.read("pack", 100, 100)
-    assert ra.read("pack", 200, 100) == data[200:300]               # fetched again, not stuck
+    with ThreadPoolExecutor(2) as pool:
+        owner = pool.submit(ra.read, "pack", 100, 100)          # fetches window 0
+        assert started.wait(10)
+        waiter = pool.submit(ra.read, "pack", 200, 100)         # waits for it
+        time.sleep(0.2)
+        assert not waiter.done()
+        release.set()
+        for f in (owner, waiter):
+            with pytest.raises(OSError, match="reset"):
+                f.result(timeout=10)
+    assert ra.read("pack", 300, 100) == data[300:400]           # fetched again, not stuck
+    assert objs.fetches[-1] == ("pack", 0, MiB)
+
+
+def test_a_pack_index_read_before_its_footer_is_fetched_exactly():
+    """A pack's footer is read, then its index just before it: reading backward is not
+    a stream, so neither pulls in a window (a small last pack would cost 4 MiB a read)."""
+    data = os.urandom(3 * MiB + 5000)
+    objs = Objects(pack=data)
+    ra = Readahead(objs.fetch, 4 * MiB)
+    size = len(data)
+    assert ra.read("pack", size - 64, 64) == data[-64:]
+    assert ra.read("pack", size - 64 - 60_000, 60_000) == data[-60_064:-64]
+    assert [f[1:] for f in objs.fetches] == [(size - 64, 64), (size - 60_064, 60_000)]
 
 
 def test_reads_across_windows_and_past_the_end_are_those_of_the_object():

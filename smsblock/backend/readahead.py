@@ -2,7 +2,7 @@
 
 A restore reads a pack block by block, on several threads at once, each thread walking its
 own part of the disk, so the reads of one object arrive a little out of order and from
-several places.  Reads that land near a recent read of the same object are a stream: they
+several places.  Reads that land a little forward of a recent read of the same object are a stream: they
 are served from aligned windows of ``ahead`` bytes, each fetched once (a thread that needs a
 window another thread is fetching waits for it).  A read near no other read (a block
 deduplicated from an old pack) fetches exactly its bytes, so random reads are never
@@ -79,10 +79,12 @@ class Readahead:
 
     # -- under the lock ------------------------------------------------------------------------
     def _near(self, name: str, offset: int) -> bool:
-        # Half a window either way: parallel readers of one stream are that close, and a
-        # wrong guess costs at most one window.
+        # Forward of a recent read's end, by at most half a window: each reader thread
+        # walks forward from its own last read (their ends are all kept), and a wrong
+        # guess costs at most a window.  Never backward: a pack's index is read just
+        # before its footer, and must not pull in a window.
         reach = self.ahead // 2
-        return any(abs(offset - end) <= reach for end in self._ends.get(name, ()))
+        return any(end <= offset <= end + reach for end in self._ends.get(name, ()))
 
     def _note(self, name: str, end: int) -> None:
         ends = self._ends.pop(name, [])
