@@ -961,7 +961,6 @@ class ManifestWriter:
         # the pending frame's records: [state, carries, start, count] rows and, from
         # add_window, record arrays (one per window: no Python object per run)
         self._recs: list = []
-        self._n_recs = 0
         self._hashes: list[np.ndarray] = []
         self._addresses: list[np.ndarray] = []
         self._raw = 0                           # decoded bytes of the pending frame
@@ -1045,7 +1044,6 @@ class ManifestWriter:
 
     def _add_row(self, state: int, carries: bool, count: int) -> None:
         self._recs.append([state, carries, self.next_block, count])
-        self._n_recs += 1
         self._raw += RECORD_HEADER_SIZE
 
     def add_window(self, states, hashes=None, addresses=None) -> None:
@@ -1053,7 +1051,12 @@ class ManifestWriter:
         (n, 32); hashes and addresses None when all zero)."""
         states = np.asarray(states, np.uint8)
         n = len(states)
-        if n and not (states != states[0]).any():
+        if n > self.n_blocks - self.next_block:
+            raise UsageError(f"a window of {n} blocks at block {self.next_block} is outside "
+                             f"the {self.n_blocks} blocks")
+        if not n:
+            return
+        if not (states != states[0]).any():
             # one state (a scan's windows mostly are): one run, no run detection
             state = int(states[0])
             if state == BlockState.DATA:
@@ -1108,7 +1111,6 @@ class ManifestWriter:
         recs["state"], recs["flags"] = st, carries.astype(np.uint8) * RECORD_ARRAYS
         recs["start"], recs["count"] = starts + self.next_block - first, counts
         self._recs.append(recs)
-        self._n_recs += len(recs)
         if n_carried:
             rest = carried[first:]
             self._hashes.append(hashes[first:][rest])
@@ -1146,7 +1148,7 @@ class ManifestWriter:
                                 self.next_block - first))
         self._write(body)
         self._frames += 1
-        self._recs, self._hashes, self._addresses, self._raw, self._n_recs = [], [], [], 0, 0
+        self._recs, self._hashes, self._addresses, self._raw = [], [], [], 0
 
     def finish(self, meta: dict | None = None) -> bytes:
         """Write the rest (every block must have been added); return the digest.  A
@@ -1422,6 +1424,7 @@ class ManifestReader:
     def window(self, start: int, end: int):
         """Blocks ``start`` .. ``end`` as new arrays ``(states, hashes, addresses)``."""
         end = min(end, self.n_blocks)
+        start = max(0, start)
         if self.version == 1:
             return self._window_v1(start, end)
         n = max(0, end - start)

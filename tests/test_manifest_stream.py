@@ -165,6 +165,31 @@ def test_windowed_diff_refuses_other_block_sizes():
         list(iter_diff(Manifest(BS, BS), Manifest(2 * BS, 2 * BS)))
 
 
+def test_an_empty_window_is_nothing_and_a_window_past_the_disk_is_refused_at_once():
+    w = ManifestWriter(io.BytesIO(), 4 * BS, BS, "blake3")
+    w.add_window(np.zeros(0, np.uint8))                       # nothing added
+    w.add_window(np.full(2, BlockState.ZERO, np.uint8))
+    w.add_window(np.zeros(0, np.uint8), np.zeros((0, 16), np.uint8), np.zeros((0, 32), np.uint8))
+    with pytest.raises(UsageError, match="outside"):
+        w.add_window(np.array([0, 1, 0], np.uint8))           # 3 blocks where 2 are left
+    assert w.next_block == 2
+    w.add_run(BlockState.UNALLOCATED, 2)
+    w.finish()
+    m = Manifest(4 * BS, BS, address_algorithm="blake3")
+    m.states[:2] = BlockState.ZERO
+    assert w.digest == m.digest
+
+
+def test_a_window_is_clamped_at_block_zero():
+    m = Manifest(6 * BS, BS, address_algorithm="blake3")
+    m.states[:] = [2, 1, 0, 2, 2, 1]
+    m.hashes[m.states == 2] = 7
+    m.addresses[m.states == 2] = 9
+    r = ManifestReader(m.to_bytes(), "x")
+    states, hashes, addresses = r.window(-3, 4)
+    assert (states == m.states[:4]).all() and (hashes == m.hashes[:4]).all()
+
+
 def test_writer_refuses_what_is_not_a_table():
     w = ManifestWriter(io.BytesIO(), 10 * BS, BS)
     with pytest.raises(UsageError, match="without hashes"):
