@@ -69,7 +69,7 @@ def write_raw_frame(uint8_t[::1] out not None, const uint8_t[::1] data not None)
 def copy_into(uint8_t[::1] dst not None, Py_ssize_t at, const uint8_t[::1] src not None):
     """``dst[at:at + len(src)] = src``; ValueError when it does not fit."""
     cdef Py_ssize_t n = src.shape[0]
-    if at < 0 or at + n > dst.shape[0]:
+    if at < 0 or at > dst.shape[0] or n > dst.shape[0] - at:     # no overflow in at + n
         raise ValueError(f"{n} bytes at {at} do not fit {dst.shape[0]}")
     if n:
         with nogil:

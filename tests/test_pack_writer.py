@@ -177,7 +177,7 @@ def test_copy_into_copies_there_and_refuses_what_does_not_fit():
     copy_into(dst, 3, b"abcd")
     assert dst == b"\0\0\0abcd\0\0\0"
     copy_into(dst, 10, b"")
-    for at, src in ((7, b"abcd"), (-1, b"a"), (11, b"")):
+    for at, src in ((7, b"abcd"), (-1, b"a"), (11, b""), (2**63 - 2, b"abc")):
         with pytest.raises(ValueError):
             copy_into(dst, at, src)
     with pytest.raises((TypeError, ValueError, BufferError)):
