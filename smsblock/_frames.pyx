@@ -17,6 +17,9 @@ cdef enum:
     HEADER_SIZE = 9                     # magic, descriptor, 4-byte content size
 
 
+BLOCK_MAX = RAW_BLOCK_MAX       # for Python: pack.RAW_BLOCK_MAX
+
+
 cdef inline void put_le24(uint8_t *p, uint32_t v) noexcept nogil:
     p[0] = v & 0xFF
     p[1] = (v >> 8) & 0xFF

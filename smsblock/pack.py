@@ -93,20 +93,15 @@ def is_pack_id(name: str) -> bool:
 # A block that does not compress is stored as a zstd frame of raw (stored) blocks: any
 # zstd decoder reads it, and making it costs a copy where zstd's attempt costs ~140 us a
 # 512 KiB block at level 1 and a fresh output buffer (a page fault per 4 KiB filled).
-ZSTD_MAGIC = 0xFD2FB528
-RAW_BLOCK_MAX = 128 << 10           # zstd's largest block
-# magic, frame header descriptor 0xA0 (a single segment, a 4-byte content size, no
-# checksum, no dictionary), content size
-_RAW_FRAME_HEADER = struct.Struct("<IBI")
+RAW_BLOCK_MAX = _frames.BLOCK_MAX      # zstd's largest block: a raw frame's pieces
 SAMPLE_MIN = 64 << 10               # smaller blocks are simply compressed
 SAMPLE_PIECES = 8                   # pieces a block is sampled with, from start to end ...
 SAMPLE_PIECE = 1024                 # ... of this many bytes each
 INCOMPRESSIBLE = 0.97               # a sample that zstd shrinks by less: stored raw
 
-
-def raw_frame_size(n: int) -> int:
-    """Bytes of the raw zstd frame of ``n`` bytes (:func:`write_raw_frame`)."""
-    return _RAW_FRAME_HEADER.size + 3 * max(1, -(-n // RAW_BLOCK_MAX)) + n
+#: bytes of the raw zstd frame of ``n`` bytes (:func:`write_raw_frame`); the format is
+#: written down once, in ``_frames.pyx``
+raw_frame_size = _frames.raw_frame_size
 
 
 def write_raw_frame(out, data) -> int:
