@@ -267,6 +267,10 @@ def _run_started(disk, store, server_id, block_size, progress, cancel, threads, 
                     continue
                 data_changed += _fill_window(seg, comparable, start, storer, disk, cancel,
                                              block_size)
+                if seg.last and changed_runs is None:
+                    # nothing is stored after the last window: the last pack is sealed
+                    # while the window's records are written (the run's critical path)
+                    sink.close(seal=True, wait=False)
                 writer.add_window(seg.states, seg.hashes, seg.addresses)
                 counter.window(seg)
             start.result()      # its error, if no block needed it

@@ -278,7 +278,7 @@ class ScanWindow:
     the scan was asked for them)."""
 
     __slots__ = ("start", "end", "states", "hashes", "changed", "prev_states", "prev_hashes",
-                 "prev_addresses", "addresses", "batches", "pending", "n_changed")
+                 "prev_addresses", "addresses", "batches", "pending", "n_changed", "last")
 
     def __init__(self, start: int, end: int, addresses: bool):
         n = end - start
@@ -291,6 +291,7 @@ class ScanWindow:
         self.batches: collections.deque = collections.deque()
         self.pending = 0
         self.n_changed = 0
+        self.last = False       # the scan reads nothing after this window
 
     def __repr__(self) -> str:
         return f"ScanWindow({self.start}, {self.end})"
@@ -392,6 +393,7 @@ def _scan_gen(disk, block_size, n, size, prev, on_changed, threads, progress, ca
     file_length = _file_length(disk)
     blocks_per_batch = max(1, batch_bytes // block_size)
     groups = _group(zones, window_blocks, min(WINDOW_GAP_BLOCKS, window_blocks))
+    upcoming: list = []     # the group after the newest window's: is that window the last?
     cond = threading.Condition()
     queue: collections.deque = collections.deque()      # windows made, not yet yielded
     state = {"exhausted": False, "error": None, "current": None}
@@ -399,11 +401,13 @@ def _scan_gen(disk, block_size, n, size, prev, on_changed, threads, progress, ca
 
     def make_window():
         """The next window with its batches (called under ``cond``), or None."""
-        group = next(groups, None)
+        group = upcoming.pop() if upcoming else next(groups, None)
         if group is None:
             return None
+        upcoming.append(next(groups, None))
         ws, we, zs = group
         w = ScanWindow(ws, we, want_addresses)
+        w.last = upcoming[0] is None
         if prev is not None:
             w.prev_states, w.prev_hashes, w.prev_addresses = prev.window(ws, we)
         if carry:

@@ -246,6 +246,69 @@ def check_store_index(store, probes):
     assert len(index) == sum(len(v) for v in want.values())
 
 
+def test_added_packs_are_found_and_spare_the_next_sync_its_reads(tmp_path):
+    """``DiskIndex.add_packs`` (a run's pack writer, from the indexes it holds): the
+    packs become one segment that lookups find; a second add, or a sync listing them,
+    reads and writes nothing; a damaged CURRENT is left for sync to rebuild."""
+    rng = np.random.default_rng(4)
+    a = [rng.bytes(32) for _ in range(120)]
+    p1, p2, p3 = make_pack(a[:50]), make_pack(a[40:90]), make_pack(a[90:])
+    packs = {pack_id(p): (sealed_size(p), p) for p in (p1, p2)}
+    listed = {pid: size for pid, (size, _p) in packs.items()}
+    di = B.DiskIndex(str(tmp_path / "ix"))
+    reads = []
+
+    def read(pid, size):
+        reads.append(pid)
+        return {pack_id(p3): p3}[pid]
+    assert di.sync({}, read) == ([], [])
+    assert di.add_packs(packs)
+    assert len(di.segments) == 1
+    assert not di.add_packs(packs)
+    segs, lacking = di.sync(listed, read)
+    assert reads == [] and not lacking and len(segs) == 1
+    check_view(BlockIndex._view(segs, listed, {}, True), {pid: p for pid, (_s, p) in packs.items()},
+               listed, {}, True, a + [rng.bytes(32)])
+    # a pack the add did not bring is indexed from the listing, as before
+    listed3 = {**listed, pack_id(p3): sealed_size(p3)}
+    segs, _ = di.sync(listed3, read)
+    assert reads == [pack_id(p3)]
+    check_view(BlockIndex._view(segs, listed3, {}, False),
+               {pack_id(p): p for p in (p1, p2, p3)}, listed3, {}, False, a)
+    # a damaged CURRENT: nothing added, the next sync rebuilds from the packs
+    (tmp_path / "ix" / "CURRENT").write_bytes(b"{not json")
+    p4 = make_pack([rng.bytes(32)])
+    assert not di.add_packs({pack_id(p4): (sealed_size(p4), p4)})
+    assert (tmp_path / "ix" / "CURRENT").read_bytes() == b"{not json"
+
+
+def test_a_run_puts_its_packs_in_the_index_only_while_it_is_open(tmp_path, monkeypatch):
+    """The run that puts packs adds them to the store's index (the next run starts with
+    nothing to read); without an open index in the process, nothing is opened for it."""
+    from smsblock.repository.repository import Repository
+    store = LocalStore(tmp_path / "store")
+    store.initialise(StoreConfig(pack_size=256 << 10))
+    make_disk(tmp_path / "d.raw", 1)
+    replicate(tmp_path / "d.raw", store, "s", block_size=BS)
+    B.DiskIndex._open.clear()           # as a new process
+    reads = []
+    real = Repository.pack_index
+    monkeypatch.setattr(Repository, "pack_index",
+                        lambda self, pid, size: reads.append(pid) or real(self, pid, size))
+    view = store.block_index(for_new_runs=True)
+    assert reads == [] and len(view) == len(oracle(store)) > 0
+    reads.clear()
+    check_store_index(store, sorted(run_addresses(store)))
+    # nothing open for this store in the process: the add is skipped, not paid for
+    view.close()
+    del view
+    B.DiskIndex._open.clear()
+    p = make_pack([b"\x01" * 32])
+    before = sorted(os.listdir(tmp_path / "store" / "index"))
+    assert not B.index_new_packs(store, {pack_id(p): (sealed_size(p), p)})
+    assert sorted(os.listdir(tmp_path / "store" / "index")) == before
+
+
 def child_replicate(store: Path, disk: Path, server: str) -> subprocess.Popen:
     code = (f"from smsblock.engine import replicate; "
             f"replicate({str(disk)!r}, {str(store)!r}, {server!r}, block_size={BS})")

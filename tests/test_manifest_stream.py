@@ -314,6 +314,7 @@ def test_windowed_scan_equals_the_whole_scan(tmp_path, spots, window, threads, d
         got_s = np.zeros_like(states)
         got_h = np.zeros_like(hashes)
         at = 0
+        lasts = []
         for seg in stream:
             assert seg.start == at and seg.end > seg.start
             if isinstance(seg, Gap):
@@ -322,8 +323,13 @@ def test_windowed_scan_equals_the_whole_scan(tmp_path, spots, window, threads, d
                 assert seg.end - seg.start <= window
                 got_s[seg.start:seg.end] = seg.states
                 got_h[seg.start:seg.end] = seg.hashes
+                # the scan reads nothing after its last window (the engine seals then)
+                lasts.append(seg.last)
+                assert len(seen) == len(set(seen)) and (not seg.last or sorted(seen) ==
+                        np.flatnonzero(states == BlockState.DATA).tolist())
             at = seg.end
         assert at == len(states)
+        assert lasts == [False] * (len(lasts) - 1) + [True] * bool(lasts)
         assert (got_s == states).all() and (got_h == hashes).all()
         assert sorted(seen) == np.flatnonzero(states == BlockState.DATA).tolist()
         whole = scan(disk, block_size=BS)

@@ -878,3 +878,41 @@ def test_a_run_that_stores_nothing_starts_no_pack_writer(tmp_path, monkeypatch):
     assert s.blocks_stored == 6
     assert {"smsblock-pack-writer", "smsblock-pack-sync"} <= set(started)
     assert not [t for t in threading.enumerate() if t.name.startswith("smsblock-")]
+
+
+def test_the_last_pack_is_sealed_as_soon_as_the_last_window_is_in(tmp_path, monkeypatch):
+    """A run without a change list stores nothing after the scan's last window, so it
+    closes its pack writer then: the last pack is sealed and synced while the window's
+    records and the manifest are written.  A change-list run keeps it open (blocks it
+    carries may need storing again).  A second close only waits."""
+    from smsblock import manifest as M, scanner
+    from smsblock.repository import writer as W
+    sinks, closed_at_window = [], []
+    real_init, real_add = W.PackSink.__init__, M.ManifestWriter.add_window
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        sinks.append(self)
+
+    def add_window(self, *a, **k):
+        closed_at_window.append(sinks[-1]._closed)
+        return real_add(self, *a, **k)
+    monkeypatch.setattr(W.PackSink, "__init__", init)
+    monkeypatch.setattr(M.ManifestWriter, "add_window", add_window)
+    monkeypatch.setattr(scanner, "WINDOW_BLOCKS", 4)
+    disk = tmp_path / "d.raw"
+    _mixed_disk(disk, 12, 1)
+    store = new_store(tmp_path / "s", pack_size=1 << 20)
+    assert replicate(disk, store, "srv", block_size=BS).blocks_stored == 12
+    assert closed_at_window == [False, False, True]
+    content = _mixed_disk(disk, 12, 2)
+    closed_at_window.clear()
+    s = replicate(disk, store, "srv", changed_extents=[(0, 12 * BS)])
+    assert s.blocks_stored == 12 and closed_at_window == [False, False, False]
+    restore(store, "srv", tmp_path / "o.raw")
+    assert (tmp_path / "o.raw").read_bytes() == content
+    # close, then close again: the second call waits for the syncer, nothing more
+    sink = sinks[-1]
+    sink.close(wait=False)
+    sink.close()
+    assert sink.packs_sealed == 1 and sink.error is None

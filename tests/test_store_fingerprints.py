@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -152,6 +153,13 @@ def test_a_run_on_an_unchanged_store_reads_no_pack_data(tmp_path):
     counter = CountingReads(store)
     s = replicate(disk, store, "x")
     assert s.blocks_stored == 0
+    # not even the packs' indexes: the run that sealed them put them in the block index
+    assert counter.reads == []
+    # without that index, the packs' indexes are read again, and still no frame
+    shutil.rmtree(store_dir / "index")
+    store = open_store(store_dir)
+    counter = CountingReads(store)
+    assert replicate(disk, store, "x").blocks_stored == 0
     assert counter.reads, "the block index reads the packs' indexes"
     assert counter.frame_reads(store) == []
 

@@ -24,8 +24,9 @@ def record_check(store: Repository, pack_id: str, index: np.ndarray | None, good
                  old) -> bool:
     """Make the pack's damage record say what a read of every byte just found (``old``:
     its record before).  True when the store now says so (no damage, or the damage is
-    recorded); False when the index does not read (the pack is left out of every block
-    index anyway) or the record could not be written."""
+    recorded); False when the index does not read (no record can name its blocks; a run
+    leaves the pack out of its block index: see ``check_changed_packs``) or the record
+    could not be written."""
     if index is None:
         return False
     _update_damage_record(store, pack_id, index, good, problems, old)

@@ -9,7 +9,10 @@ found sound (or whose damage it recorded); at the start of each run
 (:func:`check_changed_packs`) every listed pack whose fingerprint differs from its record,
 or has none (written by another writer, or before records existed), is read whole and
 verified before the run dedups against it.  Damage found goes to the damage records, so
-the run stores those blocks again.  A run on an unchanged store reads no pack data.
+the run stores those blocks again; a pack whose own index no longer reads (its footer or
+index damaged) gets no record, and the run leaves it out of its block index (the index
+may hold its entries already: the run that sealed it added them from memory).  A run on
+an unchanged store reads no pack data.
 
 What this does not see: bytes that change with no metadata change (media rot, a write
 below the file system); ``verify`` reads every byte and finds those.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 from ..errors import StoreError
 from ..fsutil import append_file, read_file_at, replace_file
@@ -96,19 +100,29 @@ def note_sealed(store: Repository, records: PackFingerprints, pack_id: str) -> N
         log.warning("%s: cannot fingerprint pack %s: %s", store.url, pack_id, e)
 
 
+class CheckedPacks(NamedTuple):
+    """What :func:`check_changed_packs` did: the ids of the packs it read whole, and of
+    those whose own index does not read (no run may dedup against them)."""
+
+    read: list[str]
+    unreadable: set[str]
+
+
 def check_changed_packs(store: Repository, *, threads: int = 2,
-                        cancel: CancelToken | None = None, stats=None) -> list[str]:
+                        cancel: CancelToken | None = None, stats=None) -> CheckedPacks:
     """Verify (read whole) every listed pack whose fingerprint is new or differs from its
     record, recording what is damaged (so no run builds on it) and the fingerprint of
-    each pack checked.  Returns the ids of the packs read.  Run it before the block
-    index of a run is built; the caller holds the store lock.  ``stats``: the store's
-    :meth:`~Repository.list_pack_stats`, when the caller has it already."""
+    each pack checked.  Run it before the block index of a run is built, and leave the
+    packs it finds ``unreadable`` out of that index; the caller holds the store lock.
+    ``stats``: the store's :meth:`~Repository.list_pack_stats`, when the caller has it
+    already."""
     if stats is None:
         stats = store.list_pack_stats()
     records = PackFingerprints(store)
     known, lines = records.load()
     todo = [(pid, st) for pid, st in sorted(stats.items())
             if st.fingerprint is None or known.get(pid) != st.fingerprint]
+    unreadable: set[str] = set()
     if todo:
         damage = store.damage()
         log.info("%s: %d pack(s) new or changed since this client last saw them: verifying "
@@ -120,7 +134,11 @@ def check_changed_packs(store: Repository, *, threads: int = 2,
                 store.forget_pack(pid)      # a cached index may describe the old bytes
                 return pid, st, check_pack(store, pid, st.size)
             for pid, st, (index, good, problems) in pool.map(one, todo):
-                if problems:
+                if index is None:       # its blocks cannot be found: the run stores them
+                    unreadable.add(pid)
+                    log.warning("%s: pack changed and damaged (left out of the block index; "
+                                "run verify): %s", store.url, problems[0] if problems else pid)
+                elif problems:
                     log.warning("%s: pack changed and damaged: %s", store.url, problems[0])
                 if record_check(store, pid, index, good, problems, damage.get(pid)):
                     records.note(pid, st.fingerprint)
@@ -128,4 +146,4 @@ def check_changed_packs(store: Repository, *, threads: int = 2,
     live = {pid: fp for pid, fp in known.items() if pid in stats}
     if lines > 2 * len(live) + 64:       # mostly lines of gone or superseded packs
         records.rewrite(live)
-    return [pid for pid, _ in todo]
+    return CheckedPacks([pid for pid, _ in todo], unreadable)

@@ -537,6 +537,13 @@ class Repository:
         from ..blockindex import store_block_index     # on disk, synced with the listing
         return store_block_index(self, for_new_runs=for_new_runs, listed=listed)
 
+    def index_new_packs(self, packs: dict[str, tuple[int, np.ndarray]]) -> bool:
+        """Add packs this process has just put (``{pack_id: (size, index)}``, the indexes
+        their writer holds) to the on-disk block index; best effort (see
+        :func:`smsblock.blockindex.index_new_packs`)."""
+        from ..blockindex import index_new_packs
+        return index_new_packs(self, packs)
+
     # -- damage records ------------------------------------------------------
     def damage(self) -> dict[str, "DamageRecord"]:
         """The damage records, parsed; one that does not parse marks its whole pack."""

@@ -52,9 +52,11 @@ def start_run(store: Repository, *, threads: int = 2,
     lock until the future is done (``concurrent.futures.wait``)."""
     def work() -> RunStart:
         stats = store.list_pack_stats()     # one listing for both
-        check_changed_packs(store, threads=threads, cancel=cancel, stats=stats)
+        checked = check_changed_packs(store, threads=threads, cancel=cancel, stats=stats)
+        # a pack whose index no longer reads counts as absent (as if not listed)
         index = store.block_index(for_new_runs=True,
-                                  listed={pid: st.size for pid, st in stats.items()})
+                                  listed={pid: st.size for pid, st in stats.items()
+                                          if pid not in checked.unreadable})
         return RunStart(index, set(store.list_damage_records()))
     background = BACKGROUND_START
     if background is None:
@@ -73,6 +75,7 @@ def start_run(store: Repository, *, threads: int = 2,
     return made
 
 QUEUE_DEPTH = 16          # compressed blocks waiting for the pack writer (bounds memory)
+INDEX_BATCH = 1 << 18     # index entries of put packs held for the block index (~12 MiB)
 
 
 class _FrameBuffers:
@@ -134,6 +137,7 @@ class PackSink:
         self.fingerprints = PackFingerprints(store)
         self.error: BaseException | None = None
         self._closing = False
+        self._closed = False
         self._writer: PackWriter | None = None
         self._queue: queue.Queue = queue.Queue(QUEUE_DEPTH)
         self._sealed: queue.Queue = queue.Queue(2)      # packs written, waiting for fsync
@@ -210,6 +214,7 @@ class PackSink:
                     _frame_buffers.give(buffer)
                 if self._writer.size >= self.pack_size:
                     self._seal()
+
         except BaseException as e:      # reported to the submitting threads and close()
             self.error = e
             while self._queue.get() is not self._STOP:
@@ -234,8 +239,14 @@ class PackSink:
                 continue
 
     def _sync_loop(self) -> None:
+        # packs put by this run, added to the on-disk block index in one segment at the
+        # end (or every INDEX_BATCH entries): the next run starts without indexing them
+        put: dict[str, tuple[int, "np.ndarray"]] = {}
         while True:
             item = self._sealed.get()
+            if item is self._STOP or sum(len(i) for _s, i in put.values()) >= INDEX_BATCH:
+                self.store.index_new_packs(put)
+                put = {}
             if item is self._STOP:
                 return
             writer, pack_id, idx = item
@@ -254,8 +265,8 @@ class PackSink:
                         self.store.put_pack(pack_id, writer.path)
                     # sealed by this client: the next run need not read it to trust it
                     note_sealed(self.store, self.fingerprints, pack_id)
-                    # not added to the run's index: the run's claimed set already skips
-                    # these blocks, and a dict entry per stored block would cost memory
+                    # not added to this run's view: its claimed set already skips them
+                    put[pack_id] = (writer.sealed_size, idx)
                     self.packs_sealed += 1
                     continue
             except BaseException as e:
@@ -266,7 +277,13 @@ class PackSink:
         """Stop the threads; seal the partial pack (``seal``) or discard it.  Every pack
         sealed before this returns is durable and visible.  ``wait=False`` returns once
         the last pack is sealed (the counts are final) while the syncer still makes it
-        durable and visible: call :meth:`wait` before anything names its blocks."""
+        durable and visible: call :meth:`wait` before anything names its blocks.  A second
+        call only waits (``wait``)."""
+        if self._closed:
+            if wait:
+                self.wait()
+            return
+        self._closed = True
         with self._threads_lock:
             self._closing = True        # no writer thread starts after this
         if self._thread in self._started_threads:
