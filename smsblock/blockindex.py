@@ -7,8 +7,10 @@ memory whatever the store's size.
 Layout.  The index is a small set of *segments*: each an immutable file of fixed-width
 records sorted by address (an LSM tree of one level).  Records are looked up with
 ``pread`` through a small in-memory *fence* (the key of every ``FENCE_EVERY``-th record,
-1/8 byte per entry): a lookup reads one ~3.4 KiB block of records per segment.  Packs
-added to the store since the index was last opened become a new segment; when there are
+1/8 byte per entry): a lookup reads one ~3.4 KiB block of records per segment.  A run
+adds the packs it puts as a new segment at its end (:func:`index_new_packs`, from the
+indexes its pack writer holds); other packs added to the store since the index was last
+opened become a new segment when it is next opened; when there are
 too many segments, or too many entries of packs that are gone, segments are merged
 (streamed, in bounded memory) into one.  A file ``CURRENT`` names the live segments.
 
