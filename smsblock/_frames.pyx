@@ -1,16 +1,44 @@
 # cython: language_level=3
-"""Native copies of a changed block on its way into a pack, with the GIL released.
+"""Native copies of a changed block on its way into a pack, and the pack's running
+checksum of its frames, with the GIL released.
 
 A run's changed blocks are copied twice on their way to disk: into a zstd frame (raw
 blocks, when the block does not compress) by a scan worker, then into the pack's write
 buffer by the pack writer.  Done by Python slice assignment, each 512 KiB copy held the
 GIL (15-80 us, more while the scan loads memory), stalling the scan workers' own Python
-between their batches.  smsblock/pack.py is the Python API; tests check these against
+between their batches.  The pack's frames checksum (XXH3-64) was python-xxhash's, which
+holds the GIL while it hashes: 20-75 us a block in the pack writer thread, during which
+neither scan worker could run its Python; at 8 GiB with 2 % changed, a run spent ~65 ms
+longer in its scan for it (in-process A/B).  smsblock/pack.py is the Python API; tests check these against
 zstandard and the frame format written out by hand.
 """
 
-from libc.stdint cimport uint8_t, uint32_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
+
+cdef extern from "xxhash.h" nogil:
+    ctypedef struct XXH3_state_t:
+        pass
+    ctypedef struct XXH64_canonical_t:
+        unsigned char digest[8]
+    XXH3_state_t *XXH3_createState()
+    int XXH3_freeState(XXH3_state_t *state)
+    int XXH3_64bits_reset(XXH3_state_t *state)
+    uint64_t XXH3_64bits_digest(const XXH3_state_t *state)
+    void XXH64_canonicalFromHash(XXH64_canonical_t *dst, uint64_t h)
+
+# Debian's libxxhash exports runtime-dispatched entry points (AVX2/AVX-512) on x86
+cdef extern from *:
+    """
+    #include <xxhash.h>
+    #if defined(__x86_64__) || defined(__i386__)
+    #include <xxh_x86dispatch.h>
+    #define smsblock_xxh3_64_update(s, p, n) XXH3_64bits_update_dispatch((s), (p), (n))
+    #else
+    #define smsblock_xxh3_64_update(s, p, n) XXH3_64bits_update((s), (p), (n))
+    #endif
+    """
+    int smsblock_xxh3_64_update(XXH3_state_t *state, const void *data, size_t length) nogil
 
 cdef enum:
     RAW_BLOCK_MAX = 128 * 1024          # zstd's largest block
@@ -77,3 +105,36 @@ def copy_into(uint8_t[::1] dst not None, Py_ssize_t at, const uint8_t[::1] src n
     if n:
         with nogil:
             memcpy(&dst[at], &src[0], <size_t>n)
+
+
+cdef class Xxh3Stream:
+    """XXH3-64 of bytes fed in pieces (what ``xxhash.xxh3_64`` computes), hashing without
+    the GIL.  ``digest()`` is the canonical (big-endian) 8 bytes.  One thread at a time
+    (a pack writer's, a verify's)."""
+
+    cdef XXH3_state_t *state
+
+    def __cinit__(self, const uint8_t[::1] data=None):
+        self.state = XXH3_createState()
+        if self.state == NULL:
+            raise MemoryError("cannot allocate an XXH3 state")
+        XXH3_64bits_reset(self.state)
+        if data is not None:
+            self.update(data)
+
+    def __dealloc__(self):
+        if self.state != NULL:
+            XXH3_freeState(self.state)
+
+    def update(self, const uint8_t[::1] data not None):
+        cdef Py_ssize_t n = data.shape[0]
+        if n == 0:
+            return
+        cdef const uint8_t *p = &data[0]
+        with nogil:
+            smsblock_xxh3_64_update(self.state, p, <size_t>n)
+
+    def digest(self):
+        cdef XXH64_canonical_t canon
+        XXH64_canonicalFromHash(&canon, XXH3_64bits_digest(self.state))
+        return bytes(canon.digest[:8])

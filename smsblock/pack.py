@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import xxhash
 import zstandard
 
 from . import _frames
@@ -205,7 +204,8 @@ class PackWriter:
         self._flushed = 0           # bytes of the file written (where the buffer starts)
         header = HEADER.pack(PACK_MAGIC, PACK_VERSION, self._alg_id, 0)
         self._put(header)
-        self._frames_hash = xxhash.xxh3_64(header)      # header + frames: the footer's checksum
+        # header + frames: the footer's checksum (hashed without the GIL)
+        self._frames_hash = _frames.Xxh3Stream(header)
         self._offset = HEADER.size
         self._entries: list[tuple[bytes, int, int, int]] = []
 
@@ -445,7 +445,7 @@ def verify_pack(read_range: ReadRange, size: int, name: str, algorithm: str,
     if len(gap) or (ends[-1] if len(index) else HEADER.size) != footer.index_offset:
         at = int(expect[gap[0]]) if len(gap) else int(ends[-1]) if len(index) else HEADER.size
         problems.append(f"{name}: offset {at}: bytes between the frames that no index entry covers")
-    hasher = xxhash.xxh3_64(header)
+    hasher = _frames.Xxh3Stream(header)
     addr = address_function(algorithm)
     # read the frame area front to back in large pieces: every byte is hashed once and
     # each frame is cut from the pieces (memory: one piece plus one frame)

@@ -184,6 +184,26 @@ def test_copy_into_copies_there_and_refuses_what_does_not_fit():
         copy_into(b"read-only", 0, b"a")
 
 
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(max_size=3000) | st.integers(0, 700_000).map(
+           lambda n: np.random.default_rng(n).bytes(n)),
+       cuts=st.lists(st.integers(0, 700_000), max_size=5), head=st.binary(max_size=40))
+def test_the_native_frames_checksum_is_xxh3_64_fed_in_any_pieces(data, cuts, head):
+    """The pack's running frames checksum (hashed without the GIL) against python-xxhash
+    over the same bytes, fed whole: pieces of any size, bytes, bytearray views, empty."""
+    import xxhash
+    from smsblock._frames import Xxh3Stream
+    h = Xxh3Stream(head) if head else Xxh3Stream()
+    at = 0
+    for i, cut in enumerate(sorted(min(c, len(data)) for c in cuts) + [len(data)]):
+        piece = data[at:cut]
+        h.update(piece if i % 2 else memoryview(bytearray(piece)))
+        at = cut
+    assert h.digest() == xxhash.xxh3_64(head + data).digest()
+    with pytest.raises(TypeError):
+        h.update(None)
+
+
 @pytest.mark.parametrize("size", RAW_SIZES)
 def test_a_raw_frame_is_zstd_that_the_zstd_cli_reads(tmp_path, size):
     data = np.random.default_rng(size).bytes(size)
