@@ -911,8 +911,69 @@ def test_the_last_pack_is_sealed_as_soon_as_the_last_window_is_in(tmp_path, monk
     assert s.blocks_stored == 12 and closed_at_window == [False, False, False]
     restore(store, "srv", tmp_path / "o.raw")
     assert (tmp_path / "o.raw").read_bytes() == content
-    # close, then close again: the second call waits for the syncer, nothing more
-    sink = sinks[-1]
-    sink.close(wait=False)
-    sink.close()
-    assert sink.packs_sealed == 1 and sink.error is None
+
+
+def test_a_close_interrupted_before_the_syncer_stops_is_finished_by_the_next(tmp_path):
+    """The engine's early close may be interrupted (Ctrl-C in a program that embeds
+    smsblock); the close on the run's error path must then do the rest (seal the partial
+    pack, stop the syncer), not wait forever for a syncer nobody stopped.  Found in
+    review."""
+    import threading
+    import time as _time
+    import zstandard
+    from smsblock.repository.writer import PackSink
+    store = new_store(tmp_path / "s", pack_size=64 << 10)
+    sink = PackSink(store)
+    rng = np.random.default_rng(1)
+    c = zstandard.ZstdCompressor()
+    for i in range(5):          # 40 KiB that do not compress: a pack every two blocks
+        block = rng.bytes(40 << 10)
+        sink.submit(bytes([i]) * 32, c.compress(block), len(block))
+    deadline = _time.monotonic() + 10
+    while sink._syncer not in sink._started_threads and _time.monotonic() < deadline:
+        _time.sleep(0.01)
+    real_join, fired = sink._thread.join, []
+
+    def interrupted_join(*a, **k):
+        real_join(*a, **k)
+        if not fired:
+            fired.append(1)
+            raise KeyboardInterrupt
+    sink._thread.join = interrupted_join
+    with pytest.raises(KeyboardInterrupt):
+        sink.close(seal=True, wait=False)
+    second = threading.Thread(target=lambda: sink.close(seal=True), daemon=True)
+    second.start()
+    second.join(10)
+    assert not second.is_alive(), "the second close waits for a syncer nobody stopped"
+    assert sink._writer is None and sink.error is None
+    assert sink.packs_sealed == 3 == len(store.list_packs())
+    sink.close()                # once stopped, a close only waits
+
+
+def test_a_failure_to_index_the_new_packs_costs_the_run_nothing(tmp_path, monkeypatch, caplog):
+    """Adding the packs a run put to the block index is a cache update: an error there
+    (here mid-run, every pack) is logged, and the run ends, whole; the next run indexes
+    the packs from the listing.  Found in review: it killed the syncer and hung the run."""
+    import threading
+    from smsblock.repository import writer as W
+    from smsblock.repository.repository import Repository
+
+    def broken(self, packs):
+        raise RuntimeError("injected")
+    monkeypatch.setattr(W, "INDEX_BATCH", 1)
+    monkeypatch.setattr(Repository, "index_new_packs", broken)
+    disk = tmp_path / "d.raw"
+    content = _mixed_disk(disk, 12, 3)
+    store = new_store(tmp_path / "s", pack_size=64 << 10)
+    done = []
+    run = threading.Thread(target=lambda: done.append(replicate(disk, store, "srv", block_size=BS)),
+                           daemon=True)
+    run.start()
+    run.join(60)
+    assert done, "the run hung"
+    assert done[0].blocks_stored == 12 and "injected" in caplog.text
+    monkeypatch.undo()
+    assert replicate(disk, store, "srv").blocks_stored == 0
+    restore(store, "srv", tmp_path / "o.raw")
+    assert (tmp_path / "o.raw").read_bytes() == content

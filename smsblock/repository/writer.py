@@ -6,6 +6,7 @@ thread putting each sealed pack under its id), :class:`BlockStorer` (a run's
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import threading
 from concurrent.futures import Future
@@ -20,6 +21,8 @@ from ..pack import (BlockIndex, PackWriter, address_function, looks_incompressib
 from ..progress import CancelToken, check_cancel
 from .repository import Repository
 from .fingerprints import PackFingerprints, check_changed_packs, note_sealed
+
+log = logging.getLogger(__name__)
 
 # --- a run's start-up work, maybe in the background -----------------------------------
 
@@ -57,7 +60,9 @@ def start_run(store: Repository, *, threads: int = 2,
         index = store.block_index(for_new_runs=True,
                                   listed={pid: st.size for pid, st in stats.items()
                                           if pid not in checked.unreadable})
-        return RunStart(index, set(store.list_damage_records()))
+        # an unreadable pack counts as damaged: stored again under its id (the same blocks
+        # in the same order), it is put over the bad copy, never skipped as present
+        return RunStart(index, set(store.list_damage_records()) | checked.unreadable)
     background = BACKGROUND_START
     if background is None:
         background = store.backend.remote
@@ -245,7 +250,10 @@ class PackSink:
         while True:
             item = self._sealed.get()
             if item is self._STOP or sum(len(i) for _s, i in put.values()) >= INDEX_BATCH:
-                self.store.index_new_packs(put)
+                try:
+                    self.store.index_new_packs(put)
+                except Exception as e:      # a cache: the next run's sync indexes them
+                    log.warning("%s: new packs not added to the block index: %s", self.store.url, e)
                 put = {}
             if item is self._STOP:
                 return
@@ -278,12 +286,12 @@ class PackSink:
         sealed before this returns is durable and visible.  ``wait=False`` returns once
         the last pack is sealed (the counts are final) while the syncer still makes it
         durable and visible: call :meth:`wait` before anything names its blocks.  A second
-        call only waits (``wait``)."""
+        call, once one got as far as stopping the syncer, only waits (``wait``); after an
+        interrupted one it does the rest."""
         if self._closed:
             if wait:
                 self.wait()
             return
-        self._closed = True
         with self._threads_lock:
             self._closing = True        # no writer thread starts after this
         if self._thread in self._started_threads:
@@ -299,8 +307,9 @@ class PackSink:
         finally:
             if self._syncer in self._started_threads:
                 self._sealed.put(self._STOP)
-                if wait:
-                    self._syncer.join()
+            self._closed = True         # the rest is waiting
+            if wait and self._syncer in self._started_threads:
+                self._syncer.join()
         if wait:
             self.wait()
 
