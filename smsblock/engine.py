@@ -281,6 +281,7 @@ def _run_started(disk, store, server_id, block_size, progress, cancel, threads, 
         try:
             # the last pack reaches the disk while the manifest is finished
             sink.close(seal=True, wait=False)
+            sink.written()      # the counts the manifest's summary gives
             summary, storing = _finish_manifest(
                 disk, store, server_id, block_size, progress, cancel, source, meta, changed_runs,
                 previous_id, run_id, t0, n_blocks, diffed, counter, run_meta, writer, sink,

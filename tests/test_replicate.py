@@ -915,9 +915,9 @@ def test_the_last_pack_is_sealed_as_soon_as_the_last_window_is_in(tmp_path, monk
 
 def test_a_close_interrupted_before_the_syncer_stops_is_finished_by_the_next(tmp_path):
     """The engine's early close may be interrupted (Ctrl-C in a program that embeds
-    smsblock); the close on the run's error path must then do the rest (seal the partial
-    pack, stop the syncer), not wait forever for a syncer nobody stopped.  Found in
-    review."""
+    smsblock, while the writer's queue is full); the close on the run's error path must
+    then do the rest (stop the writer, which seals the partial pack and stops the
+    syncer), not wait forever for threads nobody stopped.  Found in review."""
     import threading
     import time as _time
     import zstandard
@@ -932,14 +932,14 @@ def test_a_close_interrupted_before_the_syncer_stops_is_finished_by_the_next(tmp
     deadline = _time.monotonic() + 10
     while sink._syncer not in sink._started_threads and _time.monotonic() < deadline:
         _time.sleep(0.01)
-    real_join, fired = sink._thread.join, []
+    real_put, fired = sink._queue.put, []
 
-    def interrupted_join(*a, **k):
-        real_join(*a, **k)
-        if not fired:
+    def interrupted_put(*a, **k):
+        if not fired:           # interrupted while the queue is full, before the put
             fired.append(1)
             raise KeyboardInterrupt
-    sink._thread.join = interrupted_join
+        return real_put(*a, **k)
+    sink._queue.put = interrupted_put
     with pytest.raises(KeyboardInterrupt):
         sink.close(seal=True, wait=False)
     second = threading.Thread(target=lambda: sink.close(seal=True), daemon=True)

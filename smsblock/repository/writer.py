@@ -119,7 +119,9 @@ class PackSink:
     """Owns the pack being filled.  A writer thread appends frames from a bounded queue
     and seals the pack each time it reaches the store's pack size; a syncer thread then
     fsyncs it and puts it under its id, while the writer already fills the next pack
-    (disk writes overlap compression)."""
+    (disk writes overlap compression).  At :meth:`close` the writer thread seals the
+    partial pack and adds the run's packs to the on-disk block index, beside the syncer,
+    while the run writes its manifest (these are the run's critical path)."""
 
     _STOP = object()
 
@@ -143,6 +145,8 @@ class PackSink:
         self.error: BaseException | None = None
         self._closing = False
         self._closed = False
+        self._seal_at_stop = True
+        self._written = threading.Event()     # the writer thread took its last block
         self._writer: PackWriter | None = None
         self._queue: queue.Queue = queue.Queue(QUEUE_DEPTH)
         self._sealed: queue.Queue = queue.Queue(2)      # packs written, waiting for fsync
@@ -194,11 +198,18 @@ class PackSink:
         self._index = start.index
 
     def _run(self) -> None:
+        # packs sealed here, added to the on-disk block index once the last is sealed (or
+        # every INDEX_BATCH entries), while the syncer still syncs and puts them: lookups
+        # count an entry only once its pack is listed, so the next run starts with
+        # nothing to index
+        sealed: dict[str, tuple[int, "np.ndarray"]] = {}
+        stopped = False
         try:
             while True:
                 item = self._queue.get()
                 if item is self._STOP:
-                    return
+                    stopped = True
+                    break
                 if self.error is not None:
                     continue            # drain: submitters raise the error
                 address, frame, ulen, check, buffer = item
@@ -218,19 +229,47 @@ class PackSink:
                     frame.release()
                     _frame_buffers.give(buffer)
                 if self._writer.size >= self.pack_size:
-                    self._seal()
-
+                    self._seal(sealed)
+                    if sum(len(i) for _s, i in sealed.values()) >= INDEX_BATCH:
+                        self._index_sealed(sealed)
+            # the run's last block is in: the partial pack is sealed here, while the run
+            # writes its manifest and the syncer syncs and puts the packs before it
+            if self._writer is not None:
+                if self._seal_at_stop and self.error is None and self._writer.count:
+                    self._seal(sealed)
+                else:
+                    self._discard_partial()
+            self._written.set()         # the counts are final: the manifest goes on
+            self._index_sealed(sealed)
         except BaseException as e:      # reported to the submitting threads and close()
             self.error = e
-            while self._queue.get() is not self._STOP:
-                pass
+            if not stopped:
+                while self._queue.get() is not self._STOP:
+                    pass
+            self._discard_partial()
+        finally:
+            self._written.set()
+            if self._syncer in self._started_threads:
+                self._sealed.put(self._STOP)
 
-    def _seal(self, here: bool = True) -> None:
-        """Hand the pack being filled to the syncer, sealed here or (``here=False``: the
-        last pack, while the run finishes its manifest) by the syncer."""
+    def _discard_partial(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.discard()
+
+    def _seal(self, sealed: dict) -> None:
+        """Seal the pack being filled and hand it to the syncer."""
         writer, self._writer = self._writer, None
-        pack_id, idx = writer.seal(sync=False) if here else (None, None)
+        pack_id, idx = writer.seal(sync=False)
+        sealed[pack_id] = (writer.sealed_size, idx)
         self._put_sealed((writer, pack_id, idx))
+
+    def _index_sealed(self, sealed: dict) -> None:
+        try:
+            self.store.index_new_packs(sealed)
+        except Exception as e:      # a cache: the next run's sync indexes them
+            log.warning("%s: new packs not added to the block index: %s", self.store.url, e)
+        sealed.clear()
 
     def _put_sealed(self, item) -> None:
         self._ensure(self._syncer)
@@ -244,24 +283,13 @@ class PackSink:
                 continue
 
     def _sync_loop(self) -> None:
-        # packs put by this run, added to the on-disk block index in one segment at the
-        # end (or every INDEX_BATCH entries): the next run starts without indexing them
-        put: dict[str, tuple[int, "np.ndarray"]] = {}
         while True:
             item = self._sealed.get()
-            if item is self._STOP or sum(len(i) for _s, i in put.values()) >= INDEX_BATCH:
-                try:
-                    self.store.index_new_packs(put)
-                except Exception as e:      # a cache: the next run's sync indexes them
-                    log.warning("%s: new packs not added to the block index: %s", self.store.url, e)
-                put = {}
             if item is self._STOP:
                 return
             writer, pack_id, idx = item
             try:
                 if self.error is None:
-                    if pack_id is None:
-                        pack_id, idx = writer.seal(sync=False)
                     writer.sync()
                     if pack_id in self.damaged:
                         # the same blocks stored again under the damaged pack's id: a sound
@@ -274,7 +302,6 @@ class PackSink:
                     # sealed by this client: the next run need not read it to trust it
                     note_sealed(self.store, self.fingerprints, pack_id)
                     # not added to this run's view: its claimed set already skips them
-                    put[pack_id] = (writer.sealed_size, idx)
                     self.packs_sealed += 1
                     continue
             except BaseException as e:
@@ -282,12 +309,12 @@ class PackSink:
             writer.discard()
 
     def close(self, seal: bool = True, wait: bool = True) -> None:
-        """Stop the threads; seal the partial pack (``seal``) or discard it.  Every pack
-        sealed before this returns is durable and visible.  ``wait=False`` returns once
-        the last pack is sealed (the counts are final) while the syncer still makes it
-        durable and visible: call :meth:`wait` before anything names its blocks.  A second
-        call, once one got as far as stopping the syncer, only waits (``wait``); after an
-        interrupted one it does the rest."""
+        """Stop taking blocks: the writer thread seals the partial pack (``seal``; else
+        discards it) after the blocks queued before, hands it to the syncer and stops.
+        With ``wait`` (the default), return once every pack is durable and visible;
+        ``wait=False`` returns at once: call :meth:`written` before reading the counts
+        and :meth:`wait` before anything names the blocks.  A second call only waits;
+        after an interrupted one it does the rest."""
         if self._closed:
             if wait:
                 self.wait()
@@ -295,29 +322,29 @@ class PackSink:
         with self._threads_lock:
             self._closing = True        # no writer thread starts after this
         if self._thread in self._started_threads:
+            self._seal_at_stop = seal
             self._queue.put(self._STOP)
-            self._thread.join()
-        try:
-            if self._writer is not None:
-                if seal and self.error is None and self._writer.count:
-                    self._seal(here=False)
-                else:
-                    self._writer.discard()
-                    self._writer = None
-        finally:
-            if self._syncer in self._started_threads:
-                self._sealed.put(self._STOP)
-            self._closed = True         # the rest is waiting
-            if wait and self._syncer in self._started_threads:
-                self._syncer.join()
+        self._closed = True
         if wait:
             self.wait()
+
+    def written(self) -> None:
+        """After :meth:`close`: wait until the writer thread has taken every block and
+        sealed the last pack (the counts are final); raise its error."""
+        if self._thread in self._started_threads:
+            self._written.wait()
+        self._raise_error()
 
     def wait(self) -> None:
         """After :meth:`close`: wait until every sealed pack is durable and visible;
         raise the writer's or syncer's error."""
+        if self._thread in self._started_threads:
+            self._thread.join()
         if self._syncer in self._started_threads:
             self._syncer.join()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
         if self.error is not None:
             err = self.error
             if isinstance(err, SmsBlockError):
