@@ -495,7 +495,7 @@ class DiskIndex:
                 return segs, [pid for pid, lack in zip(listed, lacking.tolist()) if lack]
 
     def add_packs(self, packs: dict[str, tuple[int, np.ndarray]]) -> bool:
-        """Index packs that were just put in the store, from the indexes their writer
+        """Index packs just sealed for the store, from the indexes their writer
         holds (``{pack_id: (size, index)}``), as one new segment (or a few, at
         :data:`BUILD_CHUNK` entries each), so the next :meth:`sync` has nothing to read.
         Packs indexed already are skipped; merging is left to :meth:`sync`.  Returns
@@ -957,8 +957,10 @@ def _usable_dir(root: str, parts: tuple[str, ...], create_root: bool):
 
 
 def index_new_packs(store, packs: dict[str, tuple[int, np.ndarray]]) -> bool:
-    """Add packs this process has just put in ``store`` (``{pack_id: (size, index)}``)
-    to the store's on-disk index, from the indexes their writer holds: the next run's
+    """Add packs this process has just sealed for ``store`` (``{pack_id: (size,
+    index)}``; put, or still being put: an entry counts only once its pack is listed
+    with that size) to the store's on-disk index, from the indexes their writer holds:
+    the next run's
     :func:`store_block_index` then reads no pack index and writes no segment before its
     scan starts (~2-3 ms a run on a local store, measured).  Only while this process has
     the index open (a run's index holds it: its segments are checked already, and

@@ -538,8 +538,8 @@ class Repository:
         return store_block_index(self, for_new_runs=for_new_runs, listed=listed)
 
     def index_new_packs(self, packs: dict[str, tuple[int, np.ndarray]]) -> bool:
-        """Add packs this process has just put (``{pack_id: (size, index)}``, the indexes
-        their writer holds) to the on-disk block index; best effort (see
+        """Add packs this process has just sealed (``{pack_id: (size, index)}``, the
+        indexes their writer holds) to the on-disk block index; best effort (see
         :func:`smsblock.blockindex.index_new_packs`)."""
         from ..blockindex import index_new_packs
         return index_new_packs(self, packs)
