@@ -215,8 +215,10 @@ class FaultProxy:
         response = self._forward(upstream, method, path, headers, body)
         record.status = _status_of(response)
         record.response_bytes = len(response)
-        sock.sendall(response)
+        # stamped before the client can have the answer: a slot's next request cannot
+        # start before this one is counted finished (max_concurrency never overcounts)
         record.finished = time.monotonic()
+        sock.sendall(response)
         return False                                  # one request per connection
 
     def _record(self, r: Record) -> None:
