@@ -86,6 +86,10 @@ class CancelToken:
         if self._event.is_set():
             raise Cancelled(self.reason)
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep until cancelled or ``timeout`` seconds passed; True when cancelled."""
+        return self._event.wait(timeout)
+
 
 def check_cancel(cancel: CancelToken | None) -> None:
     if cancel is not None:

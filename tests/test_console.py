@@ -648,3 +648,9 @@ def test_console_bodies_are_refused_before_they_are_read(live):
         with socket.create_connection((u.hostname, u.port), timeout=1) as s:
             s.sendall(f"POST /login HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Length: 100\r\n\r\n".encode())
             s.recv(4096)
+
+
+def test_an_error_page_is_titled_with_the_status_phrase_or_error():
+    from smsblock.console import _status_phrase
+    assert _status_phrase(404) == "Not Found" and _status_phrase(413) == "Request Entity Too Large"
+    assert _status_phrase(599) == "Error"

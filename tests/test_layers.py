@@ -97,8 +97,28 @@ def _private_accesses(path: Path) -> list[str]:
     return out
 
 
+# Underscore names read on something other than self that are not another class's
+# private members: (file, attribute) -> why
+NOT_ANOTHER_CLASS_PRIVATE = {
+    ("smsblock/source/vsphere.py", "_moId"): "pyVmomi's public managed-object id",
+    ("smsblock/source/vsphere.py", "_stub"): "pyVmomi's service instance has no public "
+                                             "accessor for its SOAP stub (session cookie)",
+    ("smsblock/manifest.py", "_digest_v1"): "the same class, on another instance",
+    ("smsblock/disk/vmdk.py", "_own_runs"): "the same class, on another instance",
+    ("smsblock/service/state.py", "_index"): "the same class, on another instance",
+    ("smsblock/progress.py", "_takes_phase"): "this module's own private class",
+    ("smsblock/blockindex.py", "_open_lock"): "this module's own classes, from its "
+                                              "module-level opener",
+    ("smsblock/blockindex.py", "_open"): "this module's own classes, from its opener",
+    ("smsblock/blockindex.py", "_view"): "this module's own classes, from its opener",
+    ("smsblock/blockindex.py", "_disk_index"): "this module's own classes, from its opener",
+}
+
+
 def test_no_reaching_into_another_objects_private_members():
-    files = (_files("backend") + _files("repository") + _files("store") + _files("publish")
-             + [PKG / "engine.py", PKG / "pack.py", PKG / "image" / "ec2.py"])
-    bad = [hit for f in files for hit in _private_accesses(f)]
+    """Across the whole package: what another class keeps private is not called or read
+    from outside it (the store's layers, the engine, the service, the sources alike)."""
+    files = sorted(PKG.rglob("*.py"))
+    bad = [hit for f in files for hit in _private_accesses(f)
+           if (hit.split(":")[0], hit.rsplit(".", 1)[-1]) not in NOT_ANOTHER_CLASS_PRIVATE]
     assert not bad, "\n".join(bad)

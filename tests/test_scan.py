@@ -551,3 +551,12 @@ def test_cli_scan_refuses_bad_block_size(tmp_path, capsys, size):
     assert main(["scan", str(disk), "-o", str(tmp_path / "m"), "--block-size", size]) == 2
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_a_cancel_token_wakes_a_waiter_at_once_and_times_out_otherwise():
+    token = CancelToken()
+    assert token.wait(0.01) is False and not token.cancelled
+    threading.Timer(0.05, token.cancel, ("stop",)).start()
+    assert token.wait(10) is True and token.reason == "stop"
+    with pytest.raises(Cancelled, match="stop"):
+        token.check()

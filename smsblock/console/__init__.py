@@ -56,6 +56,14 @@ STATIC = {"console.css": "text/css; charset=utf-8",
 _NEXT = re.compile(r"/[A-Za-z0-9/_\-.?=&%+]{0,300}")
 
 
+def _status_phrase(status: int) -> str:
+    """The reason phrase of an HTTP status code, "Error" for a code HTTPStatus lacks."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
 class HttpError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -304,7 +312,7 @@ class Console:
     # --- responses ----------------------------------------------------------------------
 
     def _error_page(self, req: Request, status: int, message: str) -> Response:
-        title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+        title = _status_phrase(status)
         body = html('<h1>{}</h1><p class="error" role="alert">{}</p><p><a href="/">Back to the '
                     'console</a></p>', title, message)
         return Response(status, self.pages.layout(req, title, body, nav=req.session is not None))

@@ -337,10 +337,10 @@ class SmsService:
                              "disassociated_on IS NULL", (connectorId,)).fetchone()
             if row is None:
                 raise jobs.invalid(f"connector {connectorId} is not associated")
-            needed = (*jobs._LIVE, ReplicationJobState.DELETING.value)
+            needed = (*jobs.LIVE, ReplicationJobState.DELETING.value)
             job = db.execute(
                 f"SELECT j.job_id, j.state FROM jobs j JOIN servers s ON s.server_id = j.server_id "
-                f"WHERE s.connector_id = ? AND j.state IN {jobs._in(needed)} LIMIT 1",
+                f"WHERE s.connector_id = ? AND j.state IN {jobs.sql_in(needed)} LIMIT 1",
                 (connectorId, *needed)).fetchone()
             if job is not None:
                 raise jobs.not_permitted(

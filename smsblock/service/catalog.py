@@ -49,7 +49,7 @@ from typing import Callable
 
 from ..errors import Cancelled, ConnectorError, ServiceError, SmsBlockError
 from ..progress import CancelToken
-from .jobs import _LIVE, _in
+from .jobs import LIVE, sql_in
 from .models import ServerCatalogStatus, new_server_id
 from ..source import VmRecord
 from .sources import open_source
@@ -429,8 +429,8 @@ def delete_catalog(state: State, now: float, config: ServiceConfig | None = None
     overtaken = None
     with state.transaction() as db:
         cat = refresh_status(db, state.dir, now, config or ServiceConfig())
-        live = db.execute(f"SELECT job_id FROM jobs WHERE state IN {_in(_LIVE)} LIMIT 1",
-                          _LIVE).fetchone()
+        live = db.execute(f"SELECT job_id FROM jobs WHERE state IN {sql_in(LIVE)} LIMIT 1",
+                          LIVE).fetchone()
         if live is not None:
             raise ServiceError(f"replication job {live['job_id']} still uses the catalog; "
                                "delete it first", "OperationNotPermittedException")

@@ -140,7 +140,7 @@ class ConnectorLoop:
         done: dict[str, list[str]] = {"recovered": [], "scheduled": [], "deleted_jobs": [],
                                       "completed": [], "failed": [], "deleted_runs": [],
                                       "lost": []}
-        if not self._beat()["associated"]:
+        if not self.beat()["associated"]:
             self.stop.cancel("disassociated")
             raise ConnectorError(f"connector {self.connector_id} was disassociated; "
                                  "register a new one")
@@ -179,9 +179,9 @@ class ConnectorLoop:
                 if self.stop.cancelled:
                     raise
                 log.warning("connector pass failed: %s", e)
-            self.stop._event.wait(poll_interval)
+            self.stop.wait(poll_interval)
 
-    def _beat(self) -> dict:
+    def beat(self) -> dict:
         """Heartbeat, renewing the leases of the runs being executed; a run the control
         plane says is no longer ours is stopped."""
         held = {run_id: ctx.claim["fence"] for run_id, ctx in list(self.executor.held.items())}
@@ -246,7 +246,7 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.loop.heartbeat_interval):
             try:
-                self.loop._beat()
+                self.loop.beat()
             except SmsBlockError as e:
                 log.warning("heartbeat failed: %s", e)
 

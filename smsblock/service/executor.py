@@ -216,7 +216,7 @@ class RunExecutor:
 
     # --- state changes (each one transaction of the control plane) -----------------
 
-    def _update_run(self, ctx: RunContext, **cols) -> None:
+    def update_run(self, ctx: RunContext, **cols) -> None:
         cancel = self.cp.report(ctx.claim, **cols)
         if cancel and ctx.cancel is not None:
             ctx.cancel.cancel(cancel)
@@ -403,7 +403,7 @@ class RunExecutor:
             self._adopt_move(ctx, snap.moved_to)
             total = sum(d.disk.size for d in snap.disks) or 1
             done_before = 0
-            self._update_run(ctx, stage="uploading", stage_progress="0%",
+            self.update_run(ctx, stage="uploading", stage_progress="0%",
                              status_message=f"replicating {len(snap.disks)} disk(s), "
                                             f"{total} bytes")
             for i, sdisk in enumerate(snap.disks):
@@ -432,7 +432,7 @@ class RunExecutor:
         if self.image_step is not None:
             # what the image will be made from, before it exists: a connector killed
             # during registration finds the image again by it (recover_orphaned_runs)
-            self._update_run(ctx, store_run_id=boot["run_id"],
+            self.update_run(ctx, store_run_id=boot["run_id"],
                              summary=summary, stage="converting", stage_progress="0%",
                              status_message="building and registering the image of the boot disk")
             ami_id = self.image_step.register(
@@ -458,7 +458,7 @@ class RunExecutor:
         if tester is None:
             summary["bootTest"] = {"ok": None, "message": "not available with this image step"}
             return "boot test not available with this image step"
-        self._update_run(ctx, status_message=f"boot-testing image {ami_id}")
+        self.update_run(ctx, status_message=f"boot-testing image {ami_id}")
         try:
             ok, text = tester(ami_id, cancel=cancel)
         except Cancelled:
@@ -472,7 +472,7 @@ class RunExecutor:
         """The source found the VM at a new place (vMotion, re-registration): the catalog
         follows it, so the next import and run look for it there."""
         if moved_to:
-            self._update_run(ctx, moved_to=moved_to)
+            self.update_run(ctx, moved_to=moved_to)
 
 
 class _Watcher:
@@ -496,7 +496,7 @@ class _Watcher:
         control plane answers the last two to a report, which also renews the lease)."""
         self._stopping()
         if not self.cancel.cancelled:
-            self.executor._update_run(self.ctx)
+            self.executor.update_run(self.ctx)
         self.cancel.check()
 
     def progress(self, stage: str, fraction: float) -> None:
@@ -508,7 +508,7 @@ class _Watcher:
             self._last = now
             pct = max(0, min(100, int(fraction * 100)))
             self._stopping()
-            self.executor._update_run(self.ctx, stage=stage, stage_progress=f"{pct}%")
+            self.executor.update_run(self.ctx, stage=stage, stage_progress=f"{pct}%")
         except ServiceError as e:
             if not is_stale(e):
                 raise

@@ -22,8 +22,9 @@ DAY = 86400.0
 
 MAX_DESCRIPTION = 255
 
-_LIVE = tuple(s.value for s in LIVE_JOB_STATES)
-_BUSY = tuple(s.value for s in BUSY_RUN_STATES)
+# the state values of live jobs and of busy runs, as SQL parameters (``IN {sql_in(LIVE)}``)
+LIVE = tuple(s.value for s in LIVE_JOB_STATES)
+BUSY = tuple(s.value for s in BUSY_RUN_STATES)
 
 
 def invalid(message: str) -> ServiceError:
@@ -34,7 +35,8 @@ def not_permitted(message: str) -> ServiceError:
     return ServiceError(message, "OperationNotPermittedException")
 
 
-def _in(values: tuple[str, ...]) -> str:
+def sql_in(values: tuple[str, ...]) -> str:
+    """``(?,?,...)``: the placeholders of an SQL ``IN`` list of ``values``."""
     return "(" + ",".join("?" * len(values)) + ")"
 
 
@@ -157,8 +159,8 @@ def live_job_for_server(db: sqlite3.Connection, server_id: str) -> sqlite3.Row |
 
 
 def busy_runs(db: sqlite3.Connection, job_id: str) -> list[sqlite3.Row]:
-    return db.execute(f"SELECT * FROM runs WHERE job_id = ? AND state IN {_in(_BUSY)} "
-                      "ORDER BY created", (job_id, *_BUSY)).fetchall()
+    return db.execute(f"SELECT * FROM runs WHERE job_id = ? AND state IN {sql_in(BUSY)} "
+                      "ORDER BY created", (job_id, *BUSY)).fetchall()
 
 
 def window_end(server: sqlite3.Row, config: ServiceConfig) -> float | None:
@@ -221,7 +223,7 @@ def create_job(db: sqlite3.Connection, params: dict, now: float, config: Service
             f"server {server_id} reached its {config.server_replication_days}-day replication "
             "limit (raise server_replication_days in config.toml to continue)",
             "ServerCannotBeReplicatedException")
-    active = db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN {_in(_LIVE)}", _LIVE).fetchone()[0]
+    active = db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN {sql_in(LIVE)}", LIVE).fetchone()[0]
     if active >= config.max_active_jobs:
         raise not_permitted(f"the limit of {config.max_active_jobs} active replication jobs is "
                             "reached (max_active_jobs in config.toml)")

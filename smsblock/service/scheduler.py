@@ -26,7 +26,7 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from .jobs import HOUR, _BUSY, _LIVE, _in, insert_run, window_closed
+from .jobs import HOUR, BUSY, LIVE, sql_in, insert_run, window_closed
 from .models import ReplicationJobState, ReplicationRunState, ReplicationRunType
 from .state import ServiceConfig, State
 
@@ -67,8 +67,8 @@ def tick(state: State, now: float, config: ServiceConfig) -> list[str]:
     made: list[str] = []
     with state.transaction() as db:
         jobs = db.execute(
-            f"SELECT * FROM jobs WHERE state IN {_in(_LIVE)} AND next_run_time IS NOT NULL "
-            "AND next_run_time <= ? ORDER BY next_run_time", (*_LIVE, now)).fetchall()
+            f"SELECT * FROM jobs WHERE state IN {sql_in(LIVE)} AND next_run_time IS NOT NULL "
+            "AND next_run_time <= ? ORDER BY next_run_time", (*LIVE, now)).fetchall()
         for job in jobs:
             made.extend(_tick_job(db, job, now, config))
     return made
@@ -78,9 +78,9 @@ def settle_due_slot(db: sqlite3.Connection, job_id: str, now: float,
                     config: ServiceConfig) -> list[str]:
     """Make the run of ``job_id``'s slot if it has come and no tick made it yet (inside the
     caller's transaction); the runs made, as :func:`tick` would make them."""
-    job = db.execute(f"SELECT * FROM jobs WHERE job_id = ? AND state IN {_in(_LIVE)} AND "
+    job = db.execute(f"SELECT * FROM jobs WHERE job_id = ? AND state IN {sql_in(LIVE)} AND "
                      "next_run_time IS NOT NULL AND next_run_time <= ?",
-                     (job_id, *_LIVE, now)).fetchone()
+                     (job_id, *LIVE, now)).fetchone()
     return [] if job is None else _tick_job(db, job, now, config)
 
 
@@ -89,8 +89,8 @@ def occupant_at(db: sqlite3.Connection, job_id: str, when: float) -> sqlite3.Row
     at or before it, and not yet ended then.  MISSED runs never occupy a job."""
     return db.execute(
         f"SELECT * FROM runs WHERE job_id = ? AND state != ? AND created <= ? "
-        f"AND (state IN {_in(_BUSY)} OR completed > ?) ORDER BY created, rowid LIMIT 1",
-        (job_id, ReplicationRunState.MISSED.value, when, *_BUSY, when)).fetchone()
+        f"AND (state IN {sql_in(BUSY)} OR completed > ?) ORDER BY created, rowid LIMIT 1",
+        (job_id, ReplicationRunState.MISSED.value, when, *BUSY, when)).fetchone()
 
 
 def _tick_job(db: sqlite3.Connection, job: sqlite3.Row, now: float, config: ServiceConfig) -> list[str]:

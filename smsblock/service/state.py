@@ -370,11 +370,11 @@ class PgConnection:
         return self._state
 
     def execute(self, sql: str, params=()) -> PgCursor:
-        return self._state._pg_execute(sql, params)
+        return self._state.pg_execute(sql, params)
 
     def executemany(self, sql: str, seq) -> None:
         for params in seq:
-            self._state._pg_execute(sql, params)
+            self._state.pg_execute(sql, params)
 
 
 def _bad_name(name: str):
@@ -535,7 +535,7 @@ class State:
             self._db = None
             self._pg_connect()
 
-    def _pg_execute(self, sql: str, params=(), *, retry: bool = False) -> PgCursor:
+    def pg_execute(self, sql: str, params=(), *, retry: bool = False) -> PgCursor:
         """Run one statement; ``retry``: once more on a new connection if the old one
         turns out to be lost (only for statements that change nothing when repeated)."""
         psycopg = _psycopg()
@@ -584,9 +584,9 @@ class State:
         """PostgreSQL: does a live session (of any process, on any host) hold ``name``?"""
         with self._lock:
             key = self._session_key(name)
-            if not self._pg_execute(f"SELECT pg_try_advisory_lock({key})").fetchone()[0]:
+            if not self.pg_execute(f"SELECT pg_try_advisory_lock({key})").fetchone()[0]:
                 return True
-            self._pg_execute(f"SELECT pg_advisory_unlock({key})")
+            self.pg_execute(f"SELECT pg_advisory_unlock({key})")
             return False
 
     # --- both ------------------------------------------------------------------------------
@@ -594,7 +594,7 @@ class State:
     def _execute(self, sql: str, params=()):
         if self.dialect == "sqlite":
             return self._db.execute(sql, params)
-        return self._pg_execute(sql, params)
+        return self.pg_execute(sql, params)
 
     def _begin(self) -> None:
         # every PostgreSQL writer takes the write lock first: writers take turns, as BEGIN
@@ -608,7 +608,7 @@ class State:
             return
         self._pg_usable()
         try:
-            self._pg_execute(pg_sql, retry=True)
+            self.pg_execute(pg_sql, retry=True)
         except BaseException:
             self._rollback()
             raise
@@ -623,12 +623,12 @@ class State:
         if self._db.closed or self._db.broken:
             return     # the server ended the transaction with the connection
         with contextlib.suppress(ServiceError):
-            self._pg_execute("ROLLBACK")
+            self.pg_execute("ROLLBACK")
 
     def _read_version(self) -> int:
         if self.dialect == "sqlite":
             return self._db.execute("PRAGMA user_version").fetchone()[0]
-        row = self._pg_execute(f"SELECT version FROM {VERSION_TABLE}").fetchone()
+        row = self.pg_execute(f"SELECT version FROM {VERSION_TABLE}").fetchone()
         return row[0] if row is not None else 0
 
     @property
@@ -646,7 +646,7 @@ class State:
                 self._begin()
                 try:
                     if self.dialect == "postgresql":
-                        self._pg_execute(f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} "
+                        self.pg_execute(f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} "
                                          "(version BIGINT NOT NULL)")
                     version = self._read_version()
                     if version > SCHEMA_VERSION:
@@ -662,7 +662,7 @@ class State:
                             self._db.execute(statement)
                         self._db.execute(f"PRAGMA user_version = {version + 1}")
                     else:       # the step in one round trip (no parameters: a simple query)
-                        self._pg_execute("\n;\n".join(
+                        self.pg_execute("\n;\n".join(
                             [*map(pg_ddl, MIGRATIONS[version]),
                              f"DELETE FROM {VERSION_TABLE}",
                              f"INSERT INTO {VERSION_TABLE} (version) VALUES ({version + 1})"]))
@@ -719,11 +719,11 @@ class State:
             if self.dialect == "sqlite":
                 return self._db.execute(sql, params).fetchall()
             if self._depth:
-                return self._pg_execute(sql, params).fetchall()
+                return self.pg_execute(sql, params).fetchall()
             self._pg_usable()
             # a read is repeated on a new connection when the old one was lost
             reads = re.match(r"\s*SELECT\b", sql, re.IGNORECASE) is not None
-            return self._pg_execute(sql, params, retry=reads).fetchall()
+            return self.pg_execute(sql, params, retry=reads).fetchall()
 
     def tables(self) -> list[str]:
         """The names of the state's tables (not the schema's own bookkeeping), sorted."""
@@ -742,7 +742,7 @@ class State:
             if self.dialect == "sqlite":
                 return self._db.execute("PRAGMA integrity_check").fetchone()[0]
             self._pg_usable()
-            return "ok" if self._pg_execute("SELECT 1").fetchone()[0] == 1 else "not ok"
+            return "ok" if self.pg_execute("SELECT 1").fetchone()[0] == 1 else "not ok"
 
     def close(self) -> None:
         with self._lock:

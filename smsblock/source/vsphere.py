@@ -379,7 +379,10 @@ class VSphereSource:
         log.info("session to %s renewed", self.settings.display)
         return self._cookie()
 
-    def _call(self, action: str, fn, *args, **kwargs):
+    def call(self, action: str, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` against vCenter with this source's session (logged in
+        again once when it ended) and its errors (VSphereError naming ``action``); what a
+        run on this source calls too."""
         try:
             return self.with_login(fn, *args, **kwargs)
         except (VSphereError, Cancelled):
@@ -426,7 +429,7 @@ class VSphereSource:
             parent = p.get("parent") or p.get("parentFolder") or p.get("parentVApp")
             tree[moid] = (p.get("name", moid), parent._moId if parent is not None else None)
         root = self.content.rootFolder
-        tree.setdefault(root._moId, (self._call("inventory", lambda: root.name), None))
+        tree.setdefault(root._moId, (self.call("inventory", lambda: root.name), None))
         return tree
 
     @staticmethod
@@ -463,7 +466,7 @@ class VSphereSource:
         def fetch():
             return self._paths(), self._retrieve([vim.VirtualMachine],
                                                  {vim.VirtualMachine: list(self._VM_PROPS)})
-        tree, vms = self._call("list virtual machines", fetch)
+        tree, vms = self.call("list virtual machines", fetch)
         records = [self._vm_record(moid, p, tree) for moid, (_, p) in vms.items()
                    if not p.get("config.template")]
         records.sort(key=lambda r: (r.vmPath, r.vmId))
@@ -471,7 +474,7 @@ class VSphereSource:
 
     def describe_vm(self, obj) -> VmRecord:
         """The catalog record of one VM object (where a moved VM is now)."""
-        return self._call("read VM", lambda: self._vm_record(
+        return self.call("read VM", lambda: self._vm_record(
             obj._moId, self.get(obj, *self._VM_PROPS), self._paths()))
 
     # -- finding a VM again -----------------------------------------------------------
@@ -501,7 +504,7 @@ class VSphereSource:
         for label, value, instance in (("instance UUID", inst, True), ("BIOS UUID", bios, False)):
             if not value:
                 continue
-            found = self._call("search VM by UUID", index.FindByUuid, None, value, True, instance)
+            found = self.call("search VM by UUID", index.FindByUuid, None, value, True, instance)
             if found is not None:
                 notes.append(f"VM {name} ({vm_id}) was moved (vMotion or re-registration): "
                              f"found again by its {label} as {found._moId}")
@@ -518,7 +521,7 @@ class VSphereSource:
         auth = self.content.authorizationManager
         if auth is None:
             return []
-        session = self._call("read session", lambda: self.content.sessionManager.currentSession)
+        session = self.call("read session", lambda: self.content.sessionManager.currentSession)
         checks = [(vm_obj, VM_PRIVILEGES)] + [(ds, DATASTORE_PRIVILEGES) for ds in datastores]
         missing = []
         for entity, privs in checks:
@@ -698,18 +701,18 @@ class VSphereRun:
             self.moved_to = src.describe_vm(self.vm).to_dict()
         check_cancel(self.cancel)
         self._remove_leftover_snapshots()
-        datastores = src._call("read VM datastores", lambda: list(self.vm.datastore))
+        datastores = src.call("read VM datastores", lambda: list(self.vm.datastore))
         missing = src.missing_privileges(self.vm, datastores)
         if missing:
             raise VSphereError(f"vCenter {src.settings.display}: the account "
                                f"{src.settings.username!r} lacks the privilege "
                                f"{', '.join(missing)}")
-        self.warnings += _device_warnings(src._call(
+        self.warnings += _device_warnings(src.call(
             "read VM devices", lambda: self.vm.config.hardware.device))
         check_cancel(self.cancel)
         self.snapshot = self._create_snapshot()
         check_cancel(self.cancel)
-        cbt = src._call("read VM config", lambda: bool(self.vm.config.changeTrackingEnabled))
+        cbt = src.call("read VM config", lambda: bool(self.vm.config.changeTrackingEnabled))
         for backing in self._snapshot_disks():
             check_cancel(self.cancel)
             self.disks.append(self._open_disk(backing, cbt))
@@ -718,7 +721,7 @@ class VSphereRun:
         """Wait for a task whose TaskInfo pyVmomi can read (not snapshot removal)."""
         deadline = time.monotonic() + self.task_timeout
         while True:
-            info = self.source._call(what, lambda: task.info)
+            info = self.source.call(what, lambda: task.info)
             if info.state == "success":
                 return info.result
             if info.state == "error":
@@ -730,7 +733,7 @@ class VSphereRun:
 
     def _create_snapshot(self):
         name = f"{SNAPSHOT_PREFIX}{self.run_id}"
-        task = self.source._call(
+        task = self.source.call(
             "create snapshot (needs VirtualMachine.State.CreateSnapshot)",
             self.vm.CreateSnapshot_Task, name=name,
             description="Taken by smsblock for a replication run; removed when the run ends.",
@@ -740,7 +743,7 @@ class VSphereRun:
         return snap
 
     def _snapshot_tree(self) -> Iterator[Any]:
-        info = self.source._call("read snapshots",
+        info = self.source.call("read snapshots",
                                  self.source.get, self.vm, "snapshot").get("snapshot")
         stack = list(info.rootSnapshotList) if info is not None else []
         while stack:
@@ -779,7 +782,7 @@ class VSphereRun:
         log.info("snapshot %s of %s removed", moid, self.vm._moId)
 
     def _snapshot_disks(self) -> list[_DiskBacking]:
-        config = self.source._call("read snapshot disks", lambda: self.snapshot.config)
+        config = self.source.call("read snapshot disks", lambda: self.snapshot.config)
         devices = list(config.hardware.device)
         out = []
         for d in _boot_order(devices, config.bootOptions):
@@ -806,13 +809,13 @@ class VSphereRun:
         from pyVmomi import vim
         parts, obj = [], ds
         while obj is not None and not isinstance(obj, vim.Datacenter):
-            obj = self.source._call("read inventory", lambda o=obj: o.parent)
+            obj = self.source.call("read inventory", lambda o=obj: o.parent)
         if obj is None:
             raise VSphereError(f"datastore {ds._moId} is not in a datacenter")
         root = self.source.content.rootFolder._moId
         while obj is not None and obj._moId != root:
-            parts.append(self.source._call("read inventory", lambda o=obj: o.name))
-            obj = self.source._call("read inventory", lambda o=obj: o.parent)
+            parts.append(self.source.call("read inventory", lambda o=obj: o.name))
+            obj = self.source.call("read inventory", lambda o=obj: o.parent)
         return "/".join(reversed(parts))
 
     def _open_disk(self, b: _DiskBacking, cbt: bool) -> SourceDisk:
@@ -880,7 +883,7 @@ class VSphereRun:
         areas, offset = [], 0
         while offset < size:
             check_cancel(self.cancel)
-            info = self.source._call("QueryChangedDiskAreas", self.vm.QueryChangedDiskAreas,
+            info = self.source.call("QueryChangedDiskAreas", self.vm.QueryChangedDiskAreas,
                                      snapshot=self.snapshot, deviceKey=device_key,
                                      startOffset=offset, changeId=since)
             areas += [(a.start, a.length) for a in (info.changedArea or [])]
