@@ -1,6 +1,8 @@
-"""EBS as a publisher: after a run's manifest is committed to the repository, the run also
-becomes an EBS snapshot (EBS direct APIs); and the one EBS uploader the image step's EC2
-target uses too.
+"""EBS as a publisher: when a run's manifest is complete (its blocks durable in the
+repository), the run also becomes an EBS snapshot (EBS direct APIs), and the manifest is
+committed with the snapshot's record once the snapshot is complete, so a run an
+``ebs://`` store lists always has its snapshot; and the one EBS uploader the image step's
+EC2 target uses too.
 
 :class:`EbsUploader` is the one place smsblock talks to the EBS direct APIs: one retry
 policy (:class:`~smsblock.backend.retry.RetryPolicy`, botocore's own retries off), one

@@ -4,7 +4,8 @@ engine: the pack writer of a run (``writer``), reading a run back (``rundisk``),
 ``verify`` and ``prune``.
 
 Layers: :mod:`smsblock.engine` -> :mod:`smsblock.repository` -> :mod:`smsblock.backend`;
-:mod:`smsblock.publish` (EBS) runs after a run's manifest is put.  :mod:`smsblock.store`
+:mod:`smsblock.publish` (EBS) runs when a run's manifest is complete, before the
+manifest is committed with the snapshot's record.  :mod:`smsblock.store`
 keeps the names embedders import (``open_store``, ``Store``, ``LocalStore``...), and
 :mod:`smsblock.engine` the functions (``verify``, ``prune``) on a Store or a path/URL.
 """

@@ -14,8 +14,10 @@ names, so one repository fits a local folder, S3 and the like (:mod:`smsblock.ba
   it stores the block again; readers prefer undamaged copies; prune drops damaged copies.
 
 Here live the dedup index, run listing, reading blocks back, the pack-index cache of remote
-backends and finishing the puts of packs a dead writer staged.  A publisher (EBS) may run
-after a run's manifest is put (:meth:`Repository.put_manifest_bytes` is where it hooks in).
+backends and finishing the puts of packs a dead writer staged.  A publisher (EBS) runs
+when a run's manifest is put (:meth:`Repository.put_manifest_file` and
+:meth:`Repository.put_manifest_bytes` are where it hooks in), before the manifest is
+committed with its record.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ among the leftovers (``ebs-pending:snap-...``), the next run warns about it, and
 deletes it (EC2 ``DeleteSnapshot``) and its journal entry.  It is reported, never lost.
 
 The snapshot work is :class:`smsblock.publish.ebs.EbsPublisher` (a publisher that runs
-after a run's manifest is committed) over the one EBS uploader the image step uses too.
+once a run's manifest is complete and before it is committed, so that the committed
+manifest names a complete snapshot) over the one EBS uploader the image step uses too.
 
 Reading back: :meth:`EbsStore.snapshot_disk` is a Disk over a run's snapshot that reads
 blocks with ``GetSnapshotBlock`` (checksums checked), following the chain of parents:
@@ -98,7 +99,7 @@ class EbsStore(Repository):
             raise UsageError(f"{url}: the staging store must be a local directory or s3:// "
                              f"(not {self.staging.url})")
         # the staging store's objects, this URL's name: runs, dedup, verify and prune work
-        # as everywhere; the publisher makes each run a snapshot after its manifest is in
+        # as everywhere; the publisher makes each run a snapshot before its manifest is in
         super().__init__(self.staging.backend)
         self.url = f"ebs://{self.region}"
         self.uploader = EbsUploader(self.settings)
