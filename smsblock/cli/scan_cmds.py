@@ -57,6 +57,7 @@ def cmd_scan(args) -> int:
     import uuid
 
     from ..disk import open_disk
+    from ..fsutil import fsync_dir
     from ..progress import terminal_progress
     from ..scanner import Gap, scan_meta, scan_stream
 
@@ -87,8 +88,9 @@ def cmd_scan(args) -> int:
                         writer.add_window(seg.states, seg.hashes)
                 meta["scan"] = dict(stream.stats)
                 try:
-                    digest = writer.finish(meta)
+                    digest = writer.finish(meta)        # fsynced
                     os.replace(tmp, args.output)
+                    fsync_dir(folder)                   # the rename too
                 except OSError as e:
                     raise UsageError(f"{args.output}: cannot write: {e.strerror}") from None
             except BaseException:
