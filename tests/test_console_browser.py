@@ -102,13 +102,25 @@ def setup(tmp_path_factory):
 
 # --- helpers ------------------------------------------------------------------------------
 
+def _replaced(e) -> bool:
+    """Chrome's words for an element the page replaced between finding and reading it:
+    a stale reference, or (Chrome 156, seen in CI) an inspector error about the node."""
+    from selenium.common.exceptions import (NoSuchElementException,
+                                            StaleElementReferenceException, WebDriverException)
+    if isinstance(e, (StaleElementReferenceException, NoSuchElementException)):
+        return True
+    return isinstance(e, WebDriverException) and "does not belong to the document" in str(e)
+
+
 def wait_for(fn, timeout=60.0, what="condition"):
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.common.exceptions import WebDriverException
     deadline = time.time() + timeout
     while True:
         try:
             value = fn()
-        except (StaleElementReferenceException, NoSuchElementException):
+        except WebDriverException as e:
+            if not _replaced(e):
+                raise
             value = None      # the page is being replaced by its live reload
         if value:
             return value
