@@ -414,14 +414,18 @@ def test_launch_ec2_runs_and_terminates_the_registered_ami(lab, moto_ec2, tmp_pa
     assert json.loads(out)["state"] in ("shutting-down", "terminated")
     state = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]["State"]
     assert state["Name"] in ("shutting-down", "terminated")
-    # an endpoint that answers nothing: one line naming the call, and no launch recorded
+    # an endpoint that answers nothing: retried under the one retry policy (a warning
+    # each), then one line naming the call, and no launch recorded
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     status, _, err = cli("image", "launch", ami, "--target", "ec2", "--endpoint-url", dead,
-                         "--catalog", catalog, env={**os.environ, "AWS_MAX_ATTEMPTS": "1"})
-    assert status != 0 and f"RunInstances of {ami} failed at {dead}" in err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+                         "--catalog", catalog,
+                         env={**os.environ, "SMSBLOCK_S3_RETRY_ATTEMPTS": "2"})
+    lines = err.strip().splitlines()
+    assert status != 0 and f"RunInstances of {ami} failed at {dead}" in lines[-1]
+    assert "gave up after 2 attempts" in lines[-1] and "Traceback" not in err
+    assert len(lines) == 2 and "retry 1 of 1" in lines[0]
     assert [p.name for p in (catalog / "launches").iterdir()] == [iid]
     with pytest.raises(ImageError):
         boot_test(ami, catalog=catalog)    # not in the local catalog: nothing to boot here

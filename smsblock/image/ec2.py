@@ -16,6 +16,8 @@ policy, one bandwidth cap, one checksum code; its settings are the ``[ebs]`` one
 
 from __future__ import annotations
 
+import uuid
+
 from ..errors import ImageError, StoreError
 from ..progress import with_phase
 from ..publish.ebs import EBS_BLOCK, GIB, EbsUploader
@@ -48,6 +50,12 @@ def _settings(endpoint_url, region):
 def _clients(endpoint_url, region):
     settings = _settings(endpoint_url, region)
     return settings.client("ebs", max_pool=settings.parallel), settings.client("ec2")
+
+
+def _uploader(endpoint_url, region) -> EbsUploader:
+    """The one EBS/EC2 client with the one retry policy, for the EC2 calls of a launch."""
+    ebs, ec2 = _clients(endpoint_url, region)
+    return EbsUploader(_settings(endpoint_url, region), ebs=ebs, ec2=ec2)
 
 
 def register_ec2(disk, *, name: str, description: str, architecture: str,
@@ -113,13 +121,17 @@ def run_instance(image_id: str, *, instance_type: str = "t3.micro",
     """RunInstances with one registered AMI; returns the instance id, state and region."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    _, ec2 = _clients(endpoint_url, region)
+    up = _uploader(endpoint_url, region)
+    ec2 = up.ec2
+    # one client token for every attempt: a retried RunInstances launches one instance
+    token = uuid.uuid4().hex
     try:
-        reply = ec2.run_instances(
+        reply = up.call(f"RunInstances of {image_id}", lambda: ec2.run_instances(
             ImageId=image_id, InstanceType=instance_type, MinCount=1, MaxCount=1,
+            ClientToken=token,
             TagSpecifications=[{"ResourceType": "instance",
-                                "Tags": [{"Key": "smsblock:image", "Value": image_id}]}])
-    except (ClientError, BotoCoreError) as e:
+                                "Tags": [{"Key": "smsblock:image", "Value": image_id}]}]))
+    except (ClientError, BotoCoreError, StoreError) as e:
         raise _ec2_failure(f"RunInstances of {image_id}", endpoint_url, e) from None
     instance = reply["Instances"][0]
     return {"instance_id": instance["InstanceId"],
@@ -132,10 +144,12 @@ def terminate_ec2_instance(instance_id: str, *, endpoint_url: str | None = None,
     """TerminateInstances; returns the instance's new state (``shutting-down``...)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    _, ec2 = _clients(endpoint_url, region)
+    up = _uploader(endpoint_url, region)
     try:
-        reply = ec2.terminate_instances(InstanceIds=[instance_id])
-    except (ClientError, BotoCoreError) as e:
+        # terminating twice is harmless: retried under the one policy
+        reply = up.call(f"TerminateInstances of {instance_id}",
+                        lambda: up.ec2.terminate_instances(InstanceIds=[instance_id]))
+    except (ClientError, BotoCoreError, StoreError) as e:
         raise _ec2_failure(f"TerminateInstances of {instance_id}", endpoint_url, e) from None
     changes = reply.get("TerminatingInstances") or [{}]
     return changes[0].get("CurrentState", {}).get("Name", "shutting-down")

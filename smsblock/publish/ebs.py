@@ -72,11 +72,12 @@ def block_checksum(data) -> bytes:
 
 def linear_checksum(digests_in_index_order) -> str:
     """CompleteSnapshot's LINEAR aggregate: base64 SHA-256 over the per-block SHA-256
-    digests concatenated in ascending block-index order."""
-    h = hashlib.sha256()
-    for d in digests_in_index_order:
-        h.update(d)
-    return base64.b64encode(h.digest()).decode()
+    digests concatenated in ascending block-index order (computed by :class:`SentBlocks`,
+    the one place that code lives)."""
+    sent = SentBlocks()
+    for i, digest in enumerate(digests_in_index_order):
+        sent.add(i, digest)
+    return sent.checksum
 
 
 def iter_blocks_to_write(previous, manifest):
