@@ -138,6 +138,8 @@ def fleet_state(tmp_path, n_servers: int, n_connectors: int, timeout: int = 60):
     key = (n_servers, n_connectors, timeout)
     if key not in _TEMPLATES:
         base = Path(__import__("tempfile").mkdtemp(prefix="fleet-template-"))
+        # built once per test process and kept for it: removed when the process ends
+        __import__("atexit").register(shutil.rmtree, base, True)
         (base / "state").mkdir(mode=0o700)
         (base / "state" / "config.toml").write_text(f"heartbeat_timeout_seconds = {timeout}\n")
         svc = SmsService(base / "state", clock=FakeClock(T0))
