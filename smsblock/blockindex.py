@@ -374,6 +374,13 @@ class DiskIndex:
                 di = cls._open[path] = cls(root, *parts, create_root=create_root)
             return di
 
+    @classmethod
+    def opened(cls, root: str, *parts: str) -> "DiskIndex | None":
+        """The index in that folder if this process has it open (:meth:`for_dir`), else
+        None."""
+        with cls._open_lock:
+            return cls._open.get(os.path.join(os.path.abspath(root), *parts))
+
     def __init__(self, root: str, *parts: str, create_root: bool = True):
         """The index in ``root/parts...``: ``root`` (a folder the user named, or the
         user's cache) is followed, and made when missing unless ``create_root`` is false
@@ -733,9 +740,10 @@ class BlockIndex:
 
     @classmethod
     def _view(cls, segments: list[Segment], listed: dict[str, int], damage: dict,
-              for_new_runs: bool) -> "BlockIndex":
+              for_new_runs: bool, disk_index: "DiskIndex | None" = None) -> "BlockIndex":
         self = cls.__new__(cls)
         self._tmp = None
+        self._disk_index = disk_index   # kept open while the view lives (index_new_packs)
         self._init(segments, listed, damage, for_new_runs)
         return self
 
@@ -968,9 +976,7 @@ def index_new_packs(store, packs: dict[str, tuple[int, np.ndarray]]) -> bool:
     index is a cache, and a pack left out is indexed from the listing by the next sync.
     Returns whether they were added."""
     root, parts, _create_root = index_dir_of(store)
-    path = os.path.join(os.path.abspath(root), *parts)
-    with DiskIndex._open_lock:
-        di = DiskIndex._open.get(path)
+    di = DiskIndex.opened(root, *parts)
     if di is None or not packs:
         return False
     try:
@@ -1003,8 +1009,7 @@ def store_block_index(store, *, for_new_runs: bool = False,
     root, parts, create_root = _usable_dir(*index_dir_of(store))
     di = DiskIndex.for_dir(root, *parts, create_root=create_root)
     segments, lacking = di.sync(listed, read)
-    view = BlockIndex._view(segments, listed, damage, for_new_runs)
-    view._disk_index = di       # kept open while the view lives (see index_new_packs)
+    view = BlockIndex._view(segments, listed, damage, for_new_runs, disk_index=di)
     for pid in lacking:         # the index could not be written: these in memory
         record = damage.get(pid)
         if record is not None and record.pack and for_new_runs:

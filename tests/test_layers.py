@@ -107,11 +107,7 @@ NOT_ANOTHER_CLASS_PRIVATE = {
     ("smsblock/disk/vmdk.py", "_own_runs"): "the same class, on another instance",
     ("smsblock/service/state.py", "_index"): "the same class, on another instance",
     ("smsblock/progress.py", "_takes_phase"): "this module's own private class",
-    ("smsblock/blockindex.py", "_open_lock"): "this module's own classes, from its "
-                                              "module-level opener",
-    ("smsblock/blockindex.py", "_open"): "this module's own classes, from its opener",
-    ("smsblock/blockindex.py", "_view"): "this module's own classes, from its opener",
-    ("smsblock/blockindex.py", "_disk_index"): "this module's own classes, from its opener",
+    ("smsblock/blockindex.py", "_view"): "this module's own class, from its opener",
 }
 
 

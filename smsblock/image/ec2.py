@@ -68,8 +68,8 @@ def register_ec2(disk, *, name: str, description: str, architecture: str,
     arch = ARCHITECTURES.get(architecture)
     if arch is None:
         raise ImageError(f"EC2 images cannot have architecture {architecture!r}")
-    ebs, ec2 = _clients(endpoint_url, region)
-    up = EbsUploader(_settings(endpoint_url, region), ebs=ebs, ec2=ec2)
+    up = _uploader(endpoint_url, region)
+    ec2 = up.ec2
     size_gib = max(1, -(-disk.size // GIB))
     snapshot_id = None
 
