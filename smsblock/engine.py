@@ -34,7 +34,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 
 from .disk import Disk, open_disk
-from .errors import SmsBlockError, StoreError, UsageError
+from .errors import PublishError, SmsBlockError, StoreError, UsageError
 from .manifest import (DEFAULT_BLOCK_SIZE, BlockState, ManifestReader, ManifestWriter,
                        check_block_size)
 from .progress import CancelToken, ProgressCallback, check_cancel, with_phase
@@ -98,6 +98,9 @@ class RunSummary:
     seconds: float
     previous_run_id: str | None = None
     address_algorithm: str = "blake3"
+    #: what the store's publishers made of the run once it was committed:
+    #: ``{"ebs": {"snapshot_id": ...}}`` for an ``ebs://`` store, else empty
+    published: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -153,9 +156,17 @@ def replicate(disk, store, server_id: str, *, block_size: int | None = None,
                              f"{server_id}; there is no store at {store.url}")
         with store.lock(exclusive=False, purpose="replicate"):
             store.initialise()
-            return _replicate_locked(disk, store, server_id, block_size, progress, cancel,
-                                     threads, source, meta, change_block_size,
-                                     changed_extents)
+            summary = _replicate_locked(disk, store, server_id, block_size, progress, cancel,
+                                        threads, source, meta, change_block_size,
+                                        changed_extents)
+            if store.publishers:        # after the commit: the run exists whatever they do
+                try:
+                    summary.published = store.publish_run(server_id, summary.run_id,
+                                                          progress=progress, cancel=cancel)
+                except PublishError as e:
+                    e.summary = summary
+                    raise
+            return summary
     finally:
         if own_disk:
             disk.close()
@@ -205,6 +216,7 @@ def _run(disk, store, server_id, block_size, progress, cancel, threads, source, 
     if block_size is None:
         block_size = previous.block_size if previous is not None else DEFAULT_BLOCK_SIZE
     check_block_size(block_size)
+    store.check_publishable(block_size)
     if previous is not None and block_size != previous.block_size and not change_block_size:
         raise StoreError(
             f"{store.url}: server {server_id}'s runs use {previous.block_size}-byte blocks, not "

@@ -131,6 +131,20 @@ class PermanentStoreError(StoreError):
     """A remote store refused in a way retrying cannot fix (access, bucket, credentials)."""
 
 
+class PublishError(StoreError):
+    """A run is committed in the store, but a publisher (an ``ebs://`` store's EBS
+    snapshot) failed to publish it.  The run is kept: it restores from the store, and
+    publishing it again (``smsblock publish``, :meth:`Repository.publish_run`) or the next
+    run picks up from there.  ``server_id`` and ``run_id`` name the run; ``summary`` is
+    its :class:`~smsblock.engine.RunSummary` when a replicate raised it."""
+
+    def __init__(self, message: str, server_id: str, run_id: str):
+        super().__init__(message)
+        self.server_id = server_id
+        self.run_id = run_id
+        self.summary = None
+
+
 # --- images -----------------------------------------------------------------
 
 class ImageError(SmsBlockError):

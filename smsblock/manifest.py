@@ -1566,7 +1566,7 @@ def copy_manifest(source, file, meta: dict) -> bytes:
     """Write ``source``'s blocks (a :class:`Manifest` or :class:`ManifestReader`, any
     version) as a version 3 manifest with ``meta`` in place of its own, to ``file`` (a
     path or a binary file, as :class:`ManifestWriter` takes); return the digest.  A
-    frame at a time: what a publisher uses to add its record to a committed run."""
+    frame at a time, so a manifest of any size is rewritten in bounded memory."""
     writer = ManifestWriter(file, source.disk_size, source.block_size, source.address_algorithm)
     try:
         for state, _start, count, hashes, addresses in source.runs():

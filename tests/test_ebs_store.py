@@ -120,8 +120,11 @@ def test_runs_become_snapshot_chain_with_only_changed_blocks(tmp_path, moto, cap
     first = make_disk(disk, 1)
     s1 = replicate(disk, store, "vm")
     m1 = store.load_manifest("vm")
-    snap1 = m1.meta["ebs"]["snapshot_id"]
-    assert m1.meta["ebs"]["parent_snapshot_id"] is None and m1.meta["ebs"]["chain"] == [snap1]
+    rec1 = store.snapshot_record("vm")
+    snap1 = rec1["snapshot_id"]
+    assert s1.published == {"ebs": rec1}
+    assert rec1["parent_snapshot_id"] is None and rec1["chain"] == [snap1]
+    assert "ebs" not in m1.meta, "the committed manifest is never rewritten"
     data1 = [i for i in range(N_BLOCKS) if m1.states[i] == BlockState.DATA]
     assert data1 == [0, 2, 3, 4, 5]
     puts = check_wire_contract(capture, snap1, data1, None)
@@ -131,9 +134,9 @@ def test_runs_become_snapshot_chain_with_only_changed_blocks(tmp_path, moto, cap
     capture.clear()
     second = make_disk(disk, 1, first)
     replicate(disk, store, "vm")
-    m2 = store.load_manifest("vm")
-    snap2 = m2.meta["ebs"]["snapshot_id"]
-    assert m2.meta["ebs"]["parent_snapshot_id"] == snap1 and m2.meta["ebs"]["chain"] == [snap2, snap1]
+    rec2 = store.snapshot_record("vm")
+    snap2 = rec2["snapshot_id"]
+    assert rec2["parent_snapshot_id"] == snap1 and rec2["chain"] == [snap2, snap1]
     puts = check_wire_contract(capture, snap2, [2, 3, 5], snap1)
     assert puts[3].body == bytes(EBS_BLOCK), "a block that became zero is written as zeros"
 
@@ -194,14 +197,17 @@ def test_cli_every_command_with_ebs_store(tmp_path, moto, aws_env):
     assert json.loads(cli("verify", "--store", url, "--json"))["ok"]
     store = open_store(url)
     assert isinstance(store, EbsStore) and store.url == "ebs://us-east-1"
-    snap2 = store.load_manifest("app").meta["ebs"]["snapshot_id"]
+    snap2 = store.snapshot_record("app")["snapshot_id"]
+    assert s2["published"]["ebs"]["snapshot_id"] == snap2
     store.restore_snapshot("app", out)
     assert out.read_bytes() == second
     p = json.loads(cli("prune", "--store", url, "--server", "app", "--keep", "1", "--json"))
     assert p["runs_deleted"] == [s1["run_id"]]
     # the kept run still reads from EBS through its recorded chain
     store = open_store(url)
-    assert store.load_manifest("app").meta["ebs"]["snapshot_id"] == snap2
+    assert store.snapshot_record("app")["snapshot_id"] == snap2
+    assert not (tmp_path / "staging" / "ebs-snapshots" / "app" / f"{s1['run_id']}.json").exists(), \
+        "a pruned run's snapshot record goes with it"
     store.restore_snapshot("app", out)
     assert out.read_bytes() == second
 
@@ -229,14 +235,22 @@ def test_killed_run_leaves_a_pending_snapshot_that_is_reported_then_pruned(tmp_p
     pending = store.pending_snapshots()
     assert len(pending) == 1
     [(snap, record)] = pending.items()
-    assert record["server_id"] == "k" and store.list_run_ids("k") == []
+    # the run was committed before its snapshot started: it is a run, not published
+    [killed] = store.list_run_ids("k")
+    assert record["server_id"] == "k" and record["run_id"] == killed
+    assert store.snapshot_record("k") is None
     report = verify(store)
     assert report.ok and f"ebs-pending:{snap}" in report.leftovers
     with caplog.at_level(logging.WARNING, logger="smsblock.store.ebs"):
-        replicate(disk, store, "k")
-    assert f"snapshot {snap} of an unfinished run" in caplog.text
+        latest = replicate(disk, store, "k")
+    assert f"snapshot {snap} of run {killed} of k was never completed" in caplog.text
+    assert latest.published["ebs"]["parent_snapshot_id"] is None, "nothing published to build on"
     out = tmp_path / "out.raw"
     store.restore_snapshot("k", out)
+    assert out.read_bytes() == first
+    # the killed run is published after the fact, from its own blocks
+    assert store.publish_run("k", killed)["ebs"]["snapshot_id"] != snap
+    store.restore_snapshot("k", out, run_id=killed)
     assert out.read_bytes() == first
     pr = prune(store, "k", 1)
     assert pr.leftovers_removed >= 1
@@ -268,10 +282,10 @@ def test_ebs_needs_512k_blocks(tmp_path, moto, aws_env):
     store = ebs_store(tmp_path, moto.url)
     disk = tmp_path / "disk.raw"
     make_disk(disk, 5)
-    from smsblock.errors import StoreError
-    with pytest.raises(StoreError, match="512 KiB blocks"):
+    from smsblock.errors import UsageError
+    with pytest.raises(UsageError, match="512 KiB blocks"):     # refused before the run
         replicate(disk, store, "x", block_size=64 << 10)
-    assert store.list_run_ids("x") == []
+    assert store.list_run_ids("x") == [] and store.list_packs() == {}
 
 
 def test_linear_checksum_is_sha256_of_digests_in_index_order():
@@ -297,10 +311,12 @@ def test_staging_store_from_the_config_file(tmp_path, moto, aws_env, monkeypatch
 
 
 def test_s3_staging_store_and_a_snapshot_that_never_completes(tmp_path, moto, bucket, capture):
-    """Staging in S3 (packs, manifests and the pending-snapshot journal under its prefix);
-    a CompleteSnapshot refused for good leaves the snapshot pending: journalled in S3,
-    reported by verify, removed by prune."""
-    from smsblock.errors import PermanentStoreError
+    """Staging in S3 (packs, manifests, records and the pending-snapshot journal under its
+    prefix).  EBS publishes after the commit: a CompleteSnapshot refused for good fails
+    the publish, not the run.  The run is stored and restores from the packs, its
+    snapshot is pending (journalled in S3, reported by verify, removed by prune), and
+    publishing it again once EBS answers makes it a snapshot the next run builds on."""
+    from smsblock.errors import PermanentStoreError, PublishError
     from smsblock.store.s3 import S3Store
     staging = S3Store(f"s3://{bucket}/staging", endpoint_url=moto.url, part_size=64 << 10,
                       multipart_threshold=256 << 10)
@@ -309,14 +325,30 @@ def test_s3_staging_store_and_a_snapshot_that_never_completes(tmp_path, moto, bu
     disk = tmp_path / "disk.raw"
     first = make_disk(disk, 6)
     capture.add(Rule("status", method="POST", path=r"/completion/", status=403, code="AccessDeniedException"))
-    with pytest.raises(PermanentStoreError, match="AccessDeniedException"):
+    with pytest.raises(PublishError, match="AccessDeniedException") as failed:
         replicate(disk, store, "s3s")
+    assert isinstance(failed.value.__cause__, PermanentStoreError)
+    run1 = failed.value.run_id
+    assert failed.value.summary.run_id == run1 and f"--run {run1}" in str(failed.value)
     [snap] = store.pending_snapshots()
     assert moto.boto3_client("s3").get_object(Bucket=bucket, Key=f"staging/ebs-pending/{snap}.json")
-    assert f"ebs-pending:{snap}" in verify(store).leftovers and store.list_run_ids("s3s") == []
-    second = replicate(disk, store, "s3s")
-    assert second.blocks_stored == 0, "the failed run's blocks were staged already"
+    assert f"ebs-pending:{snap}" in verify(store).leftovers and store.list_run_ids("s3s") == [run1]
+    assert store.snapshot_record("s3s") is None
+    assert [r.summary["snapshot_id"] for r in store.runs("s3s")] == [None]
     out = tmp_path / "out.raw"
+    restore(store, "s3s", out)                  # not published: read from the staged packs
+    assert out.read_bytes() == first
+
+    capture.clear()                             # EBS answers again
+    record1 = store.publish_run("s3s", run1)["ebs"]
+    assert record1["parent_snapshot_id"] is None and record1["snapshot_id"] != snap
+    assert store.publish_run("s3s") == {"ebs": record1}, "a published run is not published again"
+    second = replicate(disk, store, "s3s")
+    assert second.blocks_stored == 0, "the first run's blocks were staged already"
+    record2 = second.published["ebs"]
+    assert record2["parent_snapshot_id"] == record1["snapshot_id"] and record2["changed_blocks"] == 0
+    assert moto.boto3_client("s3").get_object(
+        Bucket=bucket, Key=f"staging/ebs-snapshots/s3s/{second.run_id}.json")
     store.restore_snapshot("s3s", out)
     assert out.read_bytes() == first
     prune(store, "s3s", 1)
@@ -401,7 +433,7 @@ def test_snapshot_tokens_are_listed_a_window_at_a_time(tmp_path, moto, capture, 
 
 
 def test_memory_does_not_follow_the_disk_size(tmp_path, moto, aws_env):
-    """Issue 11: an ebs:// store publishes (diff, snapshot, manifest rewrite) and restores
+    """Issue 11: an ebs:// store publishes (diff, snapshot, record) and restores
     a window at a time.  The CLI on a 64 GiB and on a 1 TiB sparse disk holding the same
     8 MiB has the same peak RSS; a whole manifest of the 1 TiB disk is 96 MiB more."""
     from test_memory_bounded import SLACK, make_disk as sparse_disk, run_cli
@@ -430,10 +462,109 @@ def test_memory_does_not_follow_the_disk_size(tmp_path, moto, aws_env):
                 assert a.read(512 << 10) == b.read(512 << 10)
         assert os.path.getsize(work / "out.raw") == size
         store = open_store(url)
-        info = store.load_manifest("vm").meta["ebs"] if size < 1 << 40 else \
-            store.open_manifest("vm").meta["ebs"]
+        info = store.snapshot_record("vm")
         assert info["changed_blocks"] == 1 and len(info["chain"]) == 2
         rss[size] = {"first": first, "incremental": second, "restore": restored}
     small, big = rss[64 << 30], rss[1 << 40]
     for what in small:
         assert big[what] - small[what] < SLACK, (what, small, big)
+
+
+def test_the_manifest_is_committed_before_the_snapshot_starts(tmp_path, moto, aws_env, monkeypatch):
+    """Issue 11, outcome 1: EBS publishes after the run's manifest is committed."""
+    store = ebs_store(tmp_path, moto.url)
+    disk = tmp_path / "disk.raw"
+    make_disk(disk, 8)
+    seen = []
+    real_start = store.uploader.start
+
+    def start(**kw):
+        seen.append((store.list_run_ids("o"), kw["tags"]["smsblock:run"]))
+        return real_start(**kw)
+    monkeypatch.setattr(store.uploader, "start", start)
+    s = replicate(disk, store, "o")
+    assert seen == [([s.run_id], s.run_id)], "the run was listed when its snapshot started"
+
+
+def test_a_run_that_failed_to_publish_is_skipped_as_parent_and_published_later(tmp_path, moto, capture):
+    """Run 2's publish fails: run 3's snapshot builds on run 1's (the newest published),
+    with exactly the blocks that differ from run 1.  `smsblock publish` publishes run 2
+    later, also on run 1's snapshot.  Every snapshot restores byte for byte."""
+    from smsblock.errors import PublishError
+    store = ebs_store(tmp_path, capture.url)
+    disk = tmp_path / "disk.raw"
+    first = make_disk(disk, 9)
+    s1 = replicate(disk, store, "p")
+    snap1 = s1.published["ebs"]["snapshot_id"]
+    second = make_disk(disk, 9, first)               # blocks 2, 3 and 5 change
+    capture.add(Rule("status", method="POST", path=r"^/snapshots$", status=403,
+                     code="AccessDeniedException"))
+    with pytest.raises(PublishError) as failed:
+        replicate(disk, store, "p")
+    run2 = failed.value.run_id
+    assert store.snapshot_record("p", run2) is None
+    third = bytearray(second)
+    third[4 * EBS_BLOCK:4 * EBS_BLOCK + 10] = b"x" * 10      # block 4 changes too
+    disk.write_bytes(bytes(third))
+    capture.clear()
+    s3 = replicate(disk, store, "p")
+    rec3 = s3.published["ebs"]
+    assert rec3["parent_snapshot_id"] == snap1 and rec3["chain"] == [rec3["snapshot_id"], snap1]
+    check_wire_contract(capture, rec3["snapshot_id"], [2, 3, 4, 5], snap1)
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    url = f"ebs://us-east-1?store={tmp_path / 'staging'}"
+    p = subprocess.run([sys.executable, "-m", "smsblock", "publish", "--store", url, "--server", "p",
+                        "--run", run2, "--json"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rec2 = json.loads(p.stdout)["published"]["ebs"]
+    assert rec2["parent_snapshot_id"] == snap1 and rec2 == store.snapshot_record("p", run2)
+    p = subprocess.run([sys.executable, "-m", "smsblock", "runs", "--store", url, "--server", "p"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.count(", snapshot snap-") == 3, p.stdout + p.stderr
+    for run_id, want in ((s1.run_id, first), (run2, second), (s3.run_id, bytes(third))):
+        out = tmp_path / f"{run_id}.raw"
+        store.restore_snapshot("p", out, run_id=run_id)
+        assert out.read_bytes() == want, run_id
+
+
+def test_publish_needs_a_store_that_publishes(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    disk = tmp_path / "disk.raw"
+    make_disk(disk, 1)
+    local = tmp_path / "local"
+    replicate(disk, str(local), "l", create=True)
+    p = subprocess.run([sys.executable, "-m", "smsblock", "publish", "--store", str(local),
+                        "--server", "l"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and "nothing to publish runs to" in p.stderr, p.stderr
+
+
+def test_stores_that_kept_records_in_the_manifest_still_work(tmp_path, moto, capture):
+    """Stores written before records moved out of the manifest have each run's snapshot
+    in ``meta["ebs"]``: it is read from there, as the parent of the next run too."""
+    from smsblock.manifest import copy_manifest
+    store, first, second = two_runs(tmp_path, capture.url, "old", 10)
+    runs_dir = tmp_path / "staging" / "runs" / "old"
+    records = {}
+    for run_id in store.list_run_ids("old"):         # rewrite them as the old code did
+        records[run_id] = record = store.snapshot_record("old", run_id)
+        (tmp_path / "staging" / "ebs-snapshots" / "old" / f"{run_id}.json").unlink()
+        path = runs_dir / f"{run_id}.manifest"
+        with ManifestReader(str(path)) as m:
+            copy_manifest(m, str(path) + ".new", dict(m.meta, ebs=record))
+        os.replace(str(path) + ".new", path)
+    store = ebs_store(tmp_path, capture.url)
+    assert [store.snapshot_record("old", r) for r in records] == list(records.values())
+    assert [r.summary["snapshot_id"] for r in store.runs("old")] == \
+        [r["snapshot_id"] for r in records.values()]
+    capture.clear()
+    s3 = replicate(tmp_path / "disk.raw", store, "old")
+    latest = list(records.values())[-1]
+    assert s3.published["ebs"]["parent_snapshot_id"] == latest["snapshot_id"]
+    assert s3.published["ebs"]["changed_blocks"] == 0
+    out = tmp_path / "out.raw"
+    for run_id, want in zip(store.list_run_ids("old"), (first, second, second)):
+        store.restore_snapshot("old", out, run_id=run_id)
+        assert out.read_bytes() == want

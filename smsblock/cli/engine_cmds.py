@@ -1,5 +1,5 @@
-"""``smsblock init | replicate | servers | runs | restore | verify | prune``: the
-replication engine's commands."""
+"""``smsblock init | replicate | servers | runs | publish | restore | verify | prune``:
+the replication engine's commands."""
 
 from __future__ import annotations
 
@@ -88,6 +88,33 @@ def cmd_replicate(args) -> int:
               f"{s.blocks_unallocated} unallocated), {s.blocks_changed} changed, "
               f"{s.blocks_stored} stored ({human_size(s.bytes_stored)} compressed of "
               f"{human_size(s.bytes_stored_uncompressed)}), read {human_size(s.bytes_read)} in {s.seconds:.2f} s")
+        _print_published(s.published)
+    return 0
+
+
+def _print_published(published: dict) -> None:
+    ebs = published.get("ebs")
+    if ebs:
+        parent = ebs.get("parent_snapshot_id")
+        print(f"snapshot {ebs['snapshot_id']} ({ebs.get('changed_blocks', '?')} blocks written"
+              + (f", parent {parent})" if parent else ", no parent)"))
+
+
+def cmd_publish(args) -> int:
+    from ..store import open_store
+    store = open_store(args.store)
+    store.require()
+    if not store.publishers:
+        raise UsageError(f"{store.url}: this store has nothing to publish runs to (an "
+                         f"ebs:// store publishes each run as an EBS snapshot)")
+    with terminal_progress(f"publish {args.server}") as bar, cancel_on_interrupt() as token:
+        published = store.publish_run(args.server, args.run, progress=bar, cancel=token)
+    if args.json:
+        _print_json({"store": store.url, "server_id": args.server,
+                     "run_id": args.run or store.latest_run_id(args.server),
+                     "published": published})
+    else:
+        _print_published(published)
     return 0
 
 
@@ -149,8 +176,12 @@ def cmd_runs(args) -> int:
         print(f"no runs of server {args.server} in {store.url}")
     for r in runs:
         s = r.summary
+        snapshot = ""
+        if "snapshot_id" in s:          # an ebs:// store: None while not published
+            snapshot = f", snapshot {s['snapshot_id'] or 'not published'}"
         print(f"{r.run_id}  {r.created}  {s.get('blocks_total', '?')} blocks, "
-              f"{s.get('blocks_changed', '?')} changed, {s.get('blocks_stored', '?')} stored")
+              f"{s.get('blocks_changed', '?')} changed, {s.get('blocks_stored', '?')} stored"
+              f"{snapshot}")
     return 0
 
 
@@ -289,6 +320,16 @@ def register(sub) -> None:
     p.add_argument("--server", required=True)
     add_json_flag(p)
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("publish", help="publish a stored run again (ebs://: as an EBS snapshot)",
+                       description="Publish a run that is stored but whose publishing failed "
+                                   "(an ebs:// store makes each run an EBS snapshot after the "
+                                   "run is committed). A run already published is left as it is.")
+    add_store_option(p)
+    p.add_argument("--server", required=True)
+    p.add_argument("--run", help="run id (default: the latest)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("restore", help="write a disk as it was at a run")
     add_store_option(p)

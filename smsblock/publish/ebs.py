@@ -1,8 +1,6 @@
-"""EBS as a publisher: when a run's manifest is complete (its blocks durable in the
-repository), the run also becomes an EBS snapshot (EBS direct APIs), and the manifest is
-committed with the snapshot's record once the snapshot is complete, so a run an
-``ebs://`` store lists always has its snapshot; and the one EBS uploader the image step's
-EC2 target uses too.
+"""EBS as a publisher: once a run's manifest is committed (the run exists, its blocks
+durable in the repository), the run also becomes an EBS snapshot (EBS direct APIs),
+recorded beside the run; and the one EBS uploader the image step's EC2 target uses too.
 
 :class:`EbsUploader` is the one place smsblock talks to the EBS direct APIs: one retry
 policy (:class:`~smsblock.backend.retry.RetryPolicy`, botocore's own retries off), one
@@ -12,18 +10,25 @@ bandwidth cap (:class:`~smsblock.backend.throttle.TokenBucket`), one checksum co
 ``CompleteSnapshot``, ``ListSnapshotBlocks``/``GetSnapshotBlock`` (checksums checked),
 waiting for and deleting snapshots.
 
-:class:`EbsPublisher` turns a run into a snapshot (:meth:`EbsPublisher.publish`):
+:class:`EbsPublisher` publishes a committed run (:meth:`EbsPublisher.publish`, run by
+:meth:`Repository.publish_run <smsblock.repository.repository.Repository.publish_run>`):
 
-1. ``StartSnapshot`` with ``ParentSnapshotId`` = the previous run's snapshot (none for a
-   first run, or when block or disk size changed), tags ``smsblock:server``/``smsblock:run``;
-   the snapshot id goes into the repository's journal (``ebs-pending/``) at once;
-2. ``PutSnapshotBlock`` for exactly the blocks that changed since the previous run (the
-   manifest diff).  Blocks that became zero or unallocated are written as zeros, so the
-   parent's old data does not show through;
+1. ``StartSnapshot`` with ``ParentSnapshotId`` = the snapshot of the server's newest
+   earlier *published* run (none for a first run, when block size changed or the disk
+   shrank), tags ``smsblock:server``/``smsblock:run``; the snapshot id goes into the
+   repository's journal (``ebs-pending/``) at once;
+2. ``PutSnapshotBlock`` for exactly the blocks that changed since that run (the manifest
+   diff).  Blocks that became zero or unallocated are written as zeros, so the parent's
+   old data does not show through;
 3. ``CompleteSnapshot`` with ``ChangedBlocksCount`` and the linear aggregate checksum:
    SHA-256 over the concatenated per-block SHA-256 digests in block-index order, base64;
-4. the snapshot id, its parent and the chain of ancestors go into the manifest's
-   ``meta["ebs"]``; the caller puts the manifest and then clears the journal entry.
+4. the record (snapshot id, parent, the chain of ancestors) is written to
+   ``ebs-snapshots/<server_id>/<run_id>.json`` and the journal entry removed.
+
+A run whose publish failed or died stays a run (it restores from the packs); publishing
+it again, or the next run, starts from the last published run.  Stores written before
+records moved here keep them in the manifest's ``meta["ebs"]``; :meth:`EbsPublisher.record`
+reads both.
 
 Snapshots need 512 KiB blocks (the engine's default block size).
 """
@@ -36,6 +41,7 @@ import hashlib
 import json
 import logging
 import re
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -49,10 +55,10 @@ from ..backend.s3config import CloudSettings
 from ..backend.throttle import ThrottledBody, TokenBucket
 from ..disk import DiskInfo, Extent, ExtentKind
 from ..disk.blocks import BlockDisk
-from ..errors import StoreCorruptError, StoreError, UsageError
+from ..errors import RunNotFoundError, StoreCorruptError, StoreError, UsageError
 from ..manifest import BlockState, Manifest, ManifestReader, entry_batches, iter_diff
-from ..progress import check_cancel
-from ..repository.repository import Repository
+from ..progress import check_cancel, with_phase
+from ..repository.repository import Repository, check_run_id, check_server_id
 from ..repository.rundisk import RunDisk
 
 log = logging.getLogger("smsblock.store.ebs")
@@ -60,6 +66,8 @@ log = logging.getLogger("smsblock.store.ebs")
 EBS_BLOCK = 512 << 10
 GIB = 1 << 30
 PENDING_DIR = "ebs-pending"
+RECORDS_DIR = "ebs-snapshots"   # RECORDS_DIR/<server_id>/<run_id>.json: a published run
+MAX_RECORD = 1 << 20            # bytes of a record read back (a chain of ~20,000 snapshots)
 SNAPSHOT_ID = re.compile(r"snap-[0-9a-f]{8,32}")
 LIST_PAGE = 10000               # ListSnapshotBlocks' largest page
 LOOKUP_WINDOW = 8192            # blocks (4 GiB) whose tokens a SnapshotDisk holds at once
@@ -295,6 +303,22 @@ class EbsUploader:
 
 # --- the publisher -------------------------------------------------------------------------
 
+def _checked_record(raw: bytes, where: str) -> dict:
+    """A snapshot record read back, checked: its ids become API arguments."""
+    if len(raw) > MAX_RECORD:
+        raise StoreCorruptError(f"{where}: snapshot record larger than {MAX_RECORD} bytes", where)
+    try:
+        record = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise StoreCorruptError(f"{where}: snapshot record is not JSON", where) from None
+    chain = record.get("chain") if isinstance(record, dict) else None
+    if not isinstance(chain, list) or not chain \
+            or not all(isinstance(c, str) and SNAPSHOT_ID.fullmatch(c) for c in chain) \
+            or record.get("snapshot_id") != chain[0]:
+        raise StoreCorruptError(f"{where}: snapshot record without a valid snapshot chain", where)
+    return record
+
+
 class Journal:
     """Small JSON objects in the repository's backend, one per pending snapshot."""
 
@@ -325,6 +349,8 @@ class Journal:
 class EbsPublisher:
     """Publishes a repository's runs as EBS snapshots (see the module docstring)."""
 
+    name = "ebs"
+
     def __init__(self, repository: Repository, uploader: EbsUploader, region: str, url: str):
         self.repository = repository
         self.uploader = uploader
@@ -332,73 +358,130 @@ class EbsPublisher:
         self.url = url
         self.journal = Journal(repository)
 
-    def _previous(self, server_id: str, run_id: str) -> ManifestReader | None:
-        earlier = [r for r in self.repository.list_run_ids(server_id) if r < run_id]
-        return self.repository.open_manifest(server_id, earlier[-1]) if earlier else None
+    # -- records: what a published run's snapshot is --------------------------------------
+    def _record_rel(self, server_id: str, run_id: str) -> str:
+        return f"{RECORDS_DIR}/{check_server_id(server_id)}/{check_run_id(run_id)}.json"
 
-    def publish(self, server_id: str, run_id: str, manifest: Manifest | ManifestReader) -> dict:
-        """Turn a run (its manifest, blocks in the repository) into a completed EBS
-        snapshot; return what goes into ``meta["ebs"]``.  The snapshot stays in the
-        journal until :meth:`done` (after the manifest is put).  Both manifests are read
-        a window at a time: memory does not follow the disk's size."""
-        if manifest.block_size != EBS_BLOCK:
-            raise StoreError(f"{self.url}: EBS snapshots need 512 KiB blocks; this run has "
-                             f"{manifest.block_size} (replicate with --block-size 512K)")
+    def record(self, server_id: str, run_id: str) -> dict | None:
+        """The run's snapshot record (``snapshot_id``, ``parent_snapshot_id``, ``chain``
+        newest first, ``region``, ``volume_size_gib``, ``changed_blocks``, ``checksum``);
+        None while the run is not published.  Stores written before records moved out of
+        the manifest keep theirs in the manifest's ``meta["ebs"]``: read from there."""
+        name = self._record_rel(server_id, run_id)
+        raw = self.repository.backend.get(name, 0, MAX_RECORD + 1, what="read snapshot record")
+        if raw is not None:
+            return _checked_record(raw, f"{self.url}: {name}")
+        try:
+            with self.repository.open_manifest(server_id, run_id) as manifest:
+                legacy = manifest.meta.get("ebs")
+        except RunNotFoundError:
+            return None
+        return _checked_record(json.dumps(legacy).encode(), f"{self.url}: {server_id}/{run_id}") \
+            if legacy else None
+
+    def forget(self, server_id: str, run_id: str) -> None:
+        """The run was deleted: so is its record (its snapshot stays in EBS)."""
+        self.repository.backend.delete(self._record_rel(server_id, run_id),
+                                       what="delete snapshot record")
+
+    def _base(self, server_id: str, run_id: str) -> tuple[str, dict] | tuple[None, None]:
+        """The newest earlier run of the server that is published, and its record: the
+        new snapshot's parent (a run that failed to publish is skipped)."""
+        earlier = [r for r in self.repository.list_run_ids(server_id) if r < run_id]
+        for other in reversed(earlier):
+            record = self.record(server_id, other)
+            if record is not None:
+                return other, record
+        return None, None
+
+    # -- publishing ------------------------------------------------------------------------
+    def check_block_size(self, block_size: int) -> None:
+        if block_size != EBS_BLOCK:
+            raise UsageError(f"{self.url}: EBS snapshots need 512 KiB blocks, not {block_size} "
+                             f"(replicate with --block-size 512K)")
+
+    def publish(self, server_id: str, run_id: str, *, progress=None, cancel=None) -> dict:
+        """Turn a committed run (its manifest, blocks in the repository) into a
+        completed EBS snapshot and record it; return the record.  A published run
+        returns its record.  The snapshot is in the journal from its start until its
+        record is written.  Both manifests are read a window at a time: memory does not
+        follow the disk's size."""
+        known = self.record(server_id, run_id)
+        if known is not None:
+            return known
         for snap, rec in self.journal.records().items():
             if rec.get("server_id") == server_id:
-                log.warning("%s: snapshot %s of an unfinished run %s of %s is still pending "
-                            "(prune deletes it)", self.url, snap, rec.get("run_id"), server_id)
-        previous = self._previous(server_id, run_id)
-        try:
-            return self._publish(server_id, run_id, manifest, previous)
-        finally:
-            if previous is not None:
-                previous.close()
+                log.warning("%s: snapshot %s of run %s of %s was never completed (prune "
+                            "deletes it)", self.url, snap, rec.get("run_id"), server_id)
+        with contextlib.ExitStack() as held:
+            manifest = held.enter_context(self.repository.open_manifest(server_id, run_id))
+            if manifest.block_size != EBS_BLOCK:
+                raise StoreError(f"{self.url}: EBS snapshots need 512 KiB blocks; run {run_id} "
+                                 f"of {server_id} has {manifest.block_size} (replicate with "
+                                 f"--block-size 512K)")
+            base_id, base = self._base(server_id, run_id)
+            previous = None
+            if base_id is not None:
+                previous = held.enter_context(self.repository.open_manifest(server_id, base_id))
+                if previous.block_size != manifest.block_size \
+                        or previous.disk_size > manifest.disk_size:
+                    previous = base = None      # a volume cannot shrink: a new lineage
+            record = self._snapshot(server_id, run_id, manifest, previous, base, progress, cancel)
+        self.repository.backend.put(self._record_rel(server_id, run_id),
+                                    json.dumps(record, sort_keys=True).encode(),
+                                    what="write snapshot record")
+        self.journal.remove(record["snapshot_id"])
+        return record
 
-    def _publish(self, server_id: str, run_id: str, manifest, previous) -> dict:
-        prev_ebs = (previous.meta.get("ebs") or {}) if previous is not None else {}
-        parent = prev_ebs.get("snapshot_id")
-        if parent and (previous.block_size != manifest.block_size
-                       or previous.disk_size > manifest.disk_size):
-            parent = None           # a volume cannot shrink: start a new lineage
+    def _snapshot(self, server_id, run_id, manifest, previous, base, progress, cancel) -> dict:
+        parent = base["snapshot_id"] if base else None
         volume_gib = max(1, -(-manifest.disk_size // GIB))
+        # counted first (a manifest diff, a window at a time), so progress has a total
+        total = sum(len(i) for i in iter_blocks_to_write(previous, manifest)) * EBS_BLOCK
+        report = with_phase(progress, "uploading")
+        if report is not None:
+            report(0, total)
+        # one token per attempt: the retry policy's repeats start one snapshot, and
+        # publishing the run again never gets back a snapshot an earlier attempt completed
         snap = self.uploader.start(
             volume_gib=volume_gib, description=f"smsblock run {run_id} of {server_id}",
             tags={"smsblock:server": server_id, "smsblock:run": run_id}, parent=parent,
-            client_token=hashlib.sha256(f"{server_id}/{run_id}".encode()).hexdigest())
+            client_token=secrets.token_hex(32))
         self.journal.put(snap, {"server_id": server_id, "run_id": run_id, "parent": parent,
                                 "started": datetime.now(timezone.utc).isoformat()})
         log.info("%s: snapshot %s (parent %s) of %s/%s", self.url, snap, parent, server_id, run_id)
-        todo = (int(i) for indices in iter_blocks_to_write(previous if parent else None, manifest)
+        todo = (int(i) for indices in iter_blocks_to_write(previous, manifest)
                 for i in indices.tolist())
         run = RunDisk(self.repository, manifest)
-        sent = self.uploader.put_blocks(snap, todo, run.block)
+        done = 0
+
+        def on_block(_i: int) -> None:
+            nonlocal done
+            done += EBS_BLOCK
+            if report is not None:
+                report(done, total)
+        sent = self.uploader.put_blocks(snap, todo, run.block, cancel=cancel, on_block=on_block)
         self.uploader.complete(snap, sent.count, sent.checksum)
         log.info("%s: snapshot %s: %d blocks written", self.url, snap, sent.count)
-        chain = [snap] + list(prev_ebs.get("chain", [])) if parent else [snap]
+        chain = [snap] + list(base["chain"]) if parent else [snap]
         return {"snapshot_id": snap, "parent_snapshot_id": parent, "chain": chain,
                 "region": self.region, "volume_size_gib": volume_gib,
-                "changed_blocks": sent.count, "checksum": sent.checksum}
-
-    def done(self, info: dict) -> None:
-        """The run's manifest is in: its snapshot is no longer pending."""
-        self.journal.remove(info["snapshot_id"])
+                "changed_blocks": sent.count, "checksum": sent.checksum,
+                "published": datetime.now(timezone.utc).isoformat()}
 
     def pending(self) -> dict[str, dict]:
-        """Snapshots started by runs that never published: ``{snapshot_id: record}``."""
+        """Snapshots started and never recorded (the publish died or failed):
+        ``{snapshot_id: journal entry}``."""
         return self.journal.records()
 
     def delete_pending(self, snap: str) -> None:
         self.uploader.delete_snapshot(check_snapshot_id(snap))
         self.journal.remove(snap)
 
-    def snapshot_disk(self, manifest: Manifest | ManifestReader,
+    def snapshot_disk(self, info: dict, manifest: Manifest | ManifestReader,
                       hold: contextlib.ExitStack | None = None) -> "SnapshotDisk":
-        """A Disk over the run's snapshot; ``hold`` is closed with it."""
-        info = manifest.meta.get("ebs")
-        if not info:
-            raise StoreError(f"{self.url}: run {manifest.meta.get('server_id')}/"
-                             f"{manifest.meta.get('run_id')} has no snapshot")
+        """A Disk over the snapshot of a run (its :meth:`record` ``info`` and its
+        manifest); ``hold`` is closed with it."""
         return SnapshotDisk(self.uploader, list(info["chain"]), manifest.disk_size,
                             f"{self.url}/{info['snapshot_id']}", manifest, hold)
 

@@ -14,10 +14,13 @@ names, so one repository fits a local folder, S3 and the like (:mod:`smsblock.ba
   it stores the block again; readers prefer undamaged copies; prune drops damaged copies.
 
 Here live the dedup index, run listing, reading blocks back, the pack-index cache of remote
-backends and finishing the puts of packs a dead writer staged.  A publisher (EBS) runs
-when a run's manifest is put (:meth:`Repository.put_manifest_file` and
-:meth:`Repository.put_manifest_bytes` are where it hooks in), before the manifest is
-committed with its record.
+backends and finishing the puts of packs a dead writer staged.
+
+Publishers (:attr:`Repository.publishers`; an ``ebs://`` store's EBS snapshots) run after
+a run's manifest is committed (:meth:`Repository.publish_run`): a run exists, restores
+and dedups whatever a publisher does, and a publisher keeps its own records, outside the
+immutable manifest.  A failed publish is a :class:`~smsblock.errors.PublishError` naming
+the committed run, which can be published again.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from typing import Iterator
 import numpy as np
 
 from ..backend.base import Backend, ObjectStat
-from ..errors import RunNotFoundError, StoreCorruptError, StoreError, UsageError
+from ..errors import (Cancelled, PublishError, RunNotFoundError, SmsBlockError, StoreCorruptError,
+                      StoreError, UsageError)
 from ..fsutil import open_dir, read_file_at, remove_file, replace_file
 from ..keyset import isin
 from ..manifest import Manifest
@@ -197,6 +201,13 @@ class Repository:
         self._config_bytes: bytes | None = None
         self._index_cache: dict[str, np.ndarray] = {}
         self._cache_lock = threading.Lock()
+        #: what runs after a run is committed (:meth:`publish_run`): objects with a
+        #: ``name``, ``publish(server_id, run_id, *, progress, cancel) -> dict`` (its
+        #: record of the run; publishing a published run returns the record),
+        #: ``record(server_id, run_id) -> dict | None``, ``forget(server_id, run_id)``
+        #: (the run was deleted) and ``check_block_size(block_size)`` (UsageError before a
+        #: run it could never publish)
+        self.publishers: list = []
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"
@@ -427,19 +438,71 @@ class Repository:
         return data
 
     def put_manifest_bytes(self, server_id: str, run_id: str, data: bytes) -> None:
-        """Publish a run's manifest in one atomic, durable step."""
+        """Commit a run's manifest in one atomic, durable step (the run exists from
+        then on; :meth:`publish_run` comes after)."""
         self.backend.put(self._manifest_rel(server_id, run_id), bytes(data), what="publish manifest")
 
     def put_manifest_file(self, server_id: str, run_id: str, staged_path: str) -> None:
-        """Publish a run's manifest from a file built at :meth:`staging_path` (consumed):
+        """Commit a run's manifest from a file built at :meth:`staging_path` (consumed):
         a large manifest need not be held in memory.  Atomic and durable like
         :meth:`put_manifest_bytes`."""
         self.backend.put(self._manifest_rel(server_id, run_id), path=staged_path, replace=True,
                          what="publish manifest")
 
     def delete_manifest(self, server_id: str, run_id: str) -> None:
-        """Remove a run (missing is fine)."""
+        """Remove a run (missing is fine), then the publishers' records of it."""
         self.backend.delete(self._manifest_rel(server_id, run_id), what="delete manifest")
+        for publisher in self.publishers:
+            publisher.forget(server_id, run_id)
+
+    # == publishing a committed run ==========================================
+    def publish_run(self, server_id: str, run_id: str | None = None, *, progress=None,
+                    cancel=None) -> dict[str, dict]:
+        """Run every publisher on a committed run (default: the server's latest);
+        return ``{publisher name: its record}`` ({} for a store without publishers).
+        A run already published is not published again.  A publisher's failure is a
+        PublishError naming the run, which stays committed (Cancelled stays Cancelled)."""
+        if not self.publishers:
+            return {}
+        # shared, as a run's: prune cannot delete the packs a publisher reads
+        with self.lock(exclusive=False, purpose="publish a run"):
+            run_id = self._run_of(server_id, run_id)
+            if self.backend.stat(self._manifest_rel(server_id, run_id)) is None:
+                raise RunNotFoundError(f"{self.url}: no run {run_id!r} of server {server_id!r}")
+            return self._publish_locked(server_id, run_id, progress, cancel)
+
+    def _publish_locked(self, server_id, run_id, progress, cancel) -> dict[str, dict]:
+        out = {}
+        for publisher in self.publishers:
+            try:
+                out[publisher.name] = publisher.publish(server_id, run_id, progress=progress,
+                                                        cancel=cancel)
+            except Cancelled:
+                log.warning("%s: run %s of %s is stored; publishing it to %s was cancelled",
+                            self.url, run_id, server_id, publisher.name)
+                raise
+            except SmsBlockError as e:
+                raise PublishError(
+                    f"{self.url}: run {run_id} of server {server_id} is stored (it restores "
+                    f"from the store), but publishing it to {publisher.name} failed: {e} "
+                    f"(`smsblock publish --server {server_id} --run {run_id}` tries again)",
+                    server_id, run_id) from e
+        return out
+
+    def check_publishable(self, block_size: int) -> None:
+        """UsageError, before a run starts, when a publisher could not publish a run of
+        ``block_size``-byte blocks (EBS snapshots have 512 KiB blocks)."""
+        for publisher in self.publishers:
+            publisher.check_block_size(block_size)
+
+    def published(self, server_id: str, run_id: str) -> dict[str, dict]:
+        """``{publisher name: record}`` of the publishers that have published the run."""
+        out = {}
+        for publisher in self.publishers:
+            record = publisher.record(server_id, run_id)
+            if record is not None:
+                out[publisher.name] = record
+        return out
 
     # == damage records ======================================================
     def put_damage_record(self, pack_id: str, data: bytes) -> None:

@@ -5,35 +5,38 @@ the same.  It wraps a *staging store* that holds packs and manifests exactly lik
 store (a local directory by default, ``~/.smsblock/ebs/<region>``, or any store URL given
 as ``?store=s3://bucket/prefix``, ``$SMSBLOCK_EBS_STORE`` or ``store = ...`` under ``[ebs]``
 in the config file),
-so runs, dedup, verify and prune work as everywhere.  Publishing a run's manifest (the
-last step of a run) first turns the run into a snapshot:
+so runs, dedup, verify and prune work as everywhere.  Once a run's manifest is committed,
+its publisher (:class:`smsblock.publish.ebs.EbsPublisher`, over the one EBS uploader the
+image step uses too) turns the run into a snapshot:
 
-1. ``StartSnapshot`` with ``ParentSnapshotId`` = the previous run's snapshot (none for a
-   first run, or when block or disk size changed), tags ``smsblock:server``/``smsblock:run``;
-   the snapshot id goes into the staging store's journal (``ebs-pending/``) at once;
-2. ``PutSnapshotBlock`` for exactly the blocks that changed since the previous run (the
-   manifest diff), ``parallel`` at a time: 512 KiB each (the last block zero-padded),
-   base64 SHA-256 checksum, ``ChecksumAlgorithm=SHA256``.  Blocks that became zero or
+1. ``StartSnapshot`` with ``ParentSnapshotId`` = the snapshot of the server's newest
+   published run (none for a first run, or when block size changed or the disk shrank),
+   tags ``smsblock:server``/``smsblock:run``; the snapshot id goes into the staging
+   store's journal (``ebs-pending/``) at once;
+2. ``PutSnapshotBlock`` for exactly the blocks that changed since that run (the manifest
+   diff), ``parallel`` at a time: 512 KiB each (the last block zero-padded), base64
+   SHA-256 checksum, ``ChecksumAlgorithm=SHA256``.  Blocks that became zero or
    unallocated are written as zeros, so the parent's old data does not show through;
 3. ``CompleteSnapshot`` with ``ChangedBlocksCount`` and the linear aggregate checksum:
    SHA-256 over the concatenated per-block SHA-256 digests in block-index order, base64;
-4. the snapshot id, its parent and the chain of ancestors go into the manifest's
-   ``meta["ebs"]``, the manifest is published, and the journal entry is removed.
+4. the snapshot's record (id, parent, chain of ancestors) is written beside the run
+   (``ebs-snapshots/<server>/<run>.json``) and the journal entry removed.
 
-A run killed between 1 and 4 leaves a pending snapshot in the journal: ``verify`` lists it
-among the leftovers (``ebs-pending:snap-...``), the next run warns about it, and ``prune``
-deletes it (EC2 ``DeleteSnapshot``) and its journal entry.  It is reported, never lost.
-
-The snapshot work is :class:`smsblock.publish.ebs.EbsPublisher` (a publisher that runs
-once a run's manifest is complete and before it is committed, so that the committed
-manifest names a complete snapshot) over the one EBS uploader the image step uses too.
+A failed publish (EBS down, credentials) is a PublishError naming the run: the run is
+stored and restores from the packs; ``smsblock publish`` (or :meth:`publish_run`)
+publishes it again, and the next run builds on the newest published run.  A publish
+killed between 1 and 4 leaves a pending snapshot in the journal: ``verify`` lists it
+among the leftovers (``ebs-pending:snap-...``), the next publish warns about it, and
+``prune`` deletes it (EC2 ``DeleteSnapshot``) and its journal entry.  It is reported,
+never lost.
 
 Reading back: :meth:`EbsStore.snapshot_disk` is a Disk over a run's snapshot that reads
 blocks with ``GetSnapshotBlock`` (checksums checked), following the chain of parents:
 a block is read from the newest snapshot in the chain whose ``ListSnapshotBlocks``
 lists it (AWS lists a child's inherited blocks too; moto lists only blocks written to
 that snapshot, so the parents are asked as well).  :meth:`EbsStore.restore_snapshot`
-writes it to a raw file.  The engine's ``restore`` reads the staged packs.
+writes it to a raw file.  The engine's ``restore`` reads a published run from its
+snapshot, a run not published from the staged packs.
 
 Snapshots need 512 KiB blocks (the engine's default block size).
 """
@@ -41,17 +44,18 @@ Snapshots need 512 KiB blocks (the engine's default block size).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from urllib.parse import parse_qsl, urlencode, urlparse
 
 from ..backend.s3config import CloudSettings, config_file_path
-from ..errors import UsageError
-from ..manifest import ManifestReader, copy_manifest
+from ..errors import StoreError, UsageError
 from ..publish.ebs import (EBS_BLOCK, GIB, PENDING_DIR, EbsPublisher, EbsUploader,  # noqa: F401
                            SnapshotDisk, block_checksum, blocks_to_write, linear_checksum)
 from ..repository.repository import Repository
 
+log = logging.getLogger("smsblock.store.ebs")
 _REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 
 
@@ -99,11 +103,12 @@ class EbsStore(Repository):
             raise UsageError(f"{url}: the staging store must be a local directory or s3:// "
                              f"(not {self.staging.url})")
         # the staging store's objects, this URL's name: runs, dedup, verify and prune work
-        # as everywhere; the publisher makes each run a snapshot before its manifest is in
+        # as everywhere; the publisher makes each committed run a snapshot
         super().__init__(self.staging.backend)
         self.url = f"ebs://{self.region}"
         self.uploader = EbsUploader(self.settings)
         self.publisher = EbsPublisher(self, self.uploader, self.region, self.url)
+        self.publishers = [self.publisher]
 
     def __repr__(self) -> str:
         return f"<EbsStore {self.url} staging={self.staging.url}>"
@@ -116,36 +121,19 @@ class EbsStore(Repository):
     def close(self) -> None:
         self.staging.close()
 
-    # -- publishing a run = completing its snapshot, then committing its manifest -------
-    def put_manifest_bytes(self, server_id: str, run_id: str, data: bytes) -> None:
-        self._publish(server_id, run_id, ManifestReader(bytes(data), f"{self.url}: {server_id}/{run_id}"))
+    # -- runs and their snapshots ---------------------------------------------------------
+    def snapshot_record(self, server_id: str, run_id: str | None = None) -> dict | None:
+        """The snapshot record of a run (default: the latest); None while not published."""
+        return self.publisher.record(server_id, self._run_of(server_id, run_id))
 
-    def put_manifest_file(self, server_id: str, run_id: str, staged_path: str) -> None:
-        # read a window at a time, never whole (a dense 16 TiB disk's manifest is GBs)
-        self._publish(server_id, run_id, ManifestReader(staged_path))
-        os.unlink(staged_path)
-
-    def _publish(self, server_id: str, run_id: str, manifest: ManifestReader) -> None:
-        """Snapshot the run, then commit its manifest with the snapshot's record in
-        ``meta["ebs"]``: copied a frame at a time into a new staged file."""
-        with manifest:
-            meta = dict(manifest.meta)
-            info = meta["ebs"] = self.publisher.publish(server_id, run_id, manifest)
-            summary = meta.get("summary")
-            if isinstance(summary, dict):        # so `smsblock runs` shows it too
-                meta["summary"] = dict(summary, snapshot_id=info["snapshot_id"])
-            staged = self.staging_path(".manifest")
-            copy_manifest(manifest, staged, meta)
-        try:
-            super().put_manifest_file(server_id, run_id, staged)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(staged)
-        self.publisher.done(info)
-
-    def snapshot_run(self, server_id: str, run_id: str, manifest) -> dict:
-        """Turn a run into a completed EBS snapshot (see :meth:`EbsPublisher.publish`)."""
-        return self.publisher.publish(server_id, run_id, manifest)
+    def runs(self, server_id: str):
+        """As every store's, with each run's ``summary["snapshot_id"]`` (None: the run
+        is not published)."""
+        out = super().runs(server_id)
+        for info in out:
+            record = self.publisher.record(server_id, info.run_id)
+            info.summary["snapshot_id"] = record["snapshot_id"] if record else None
+        return out
 
     # -- pending snapshots: leftovers ------------------------------------------------------------
     def pending_snapshots(self) -> dict[str, dict]:
@@ -165,18 +153,30 @@ class EbsStore(Repository):
     def snapshot_disk(self, server_id: str, run_id: str | None = None) -> SnapshotDisk:
         """A Disk over a run's EBS snapshot, read with GetSnapshotBlock (close it: it
         holds the run's manifest open)."""
+        run_id = self._run_of(server_id, run_id)
         held = contextlib.ExitStack()
         try:
             manifest = held.enter_context(self.open_manifest(server_id, run_id))
-            return self.publisher.snapshot_disk(manifest, held)
+            record = self.publisher.record(server_id, run_id)
+            if record is None:
+                raise StoreError(f"{self.url}: run {run_id} of {server_id} is not published "
+                                 f"(no snapshot; `smsblock publish` publishes it)")
+            return self.publisher.snapshot_disk(record, manifest, held)
         except BaseException:
             held.close()
             raise
 
-    def restore_source(self, manifest) -> SnapshotDisk:
+    def restore_source(self, manifest):
         """The disk a restore of this run reads: its snapshot (GetSnapshotBlock), not the
-        staged packs.  It has RunDisk's ``manifest`` and ``block(i)`` too."""
-        return self.publisher.snapshot_disk(manifest)
+        staged packs; a run not published reads the packs.  Either has RunDisk's
+        ``manifest`` and ``block(i)``."""
+        server_id, run_id = manifest.meta.get("server_id"), manifest.meta.get("run_id")
+        record = self.publisher.record(server_id, run_id) if server_id and run_id else None
+        if record is None:
+            log.warning("%s: run %s of %s is not published: restoring it from the staged packs",
+                        self.url, run_id, server_id)
+            return super().restore_source(manifest)
+        return self.publisher.snapshot_disk(record, manifest)
 
     def restore_snapshot(self, server_id: str, out_path, *, run_id: str | None = None,
                          progress=None, cancel=None) -> str:
