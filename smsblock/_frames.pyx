@@ -107,6 +107,75 @@ def copy_into(uint8_t[::1] dst not None, Py_ssize_t at, const uint8_t[::1] src n
             memcpy(&dst[at], &src[0], <size_t>n)
 
 
+cdef enum:
+    HASH_CHUNK = 16 * 1024              # copied, then hashed while still in L1
+
+
+def copy_hashed_into(uint8_t[::1] dst not None, Py_ssize_t at, const uint8_t[::1] src not None,
+                     Xxh3Stream stream not None):
+    """``dst[at:at + len(src)] = src`` and ``stream.update(src)``, in one section
+    without the GIL: the copy goes in L1-sized pieces, each hashed from the copy while it
+    is still in the cache.  ValueError when it does not fit."""
+    cdef Py_ssize_t n = src.shape[0]
+    if at < 0 or at > dst.shape[0] or n > dst.shape[0] - at:     # no overflow in at + n
+        raise ValueError(f"{n} bytes at {at} do not fit {dst.shape[0]}")
+    if n == 0:
+        return
+    cdef uint8_t *d = &dst[at]
+    cdef const uint8_t *s = &src[0]
+    cdef Py_ssize_t off = 0, k
+    with nogil:
+        while off < n:
+            k = n - off
+            if k > HASH_CHUNK:
+                k = HASH_CHUNK
+            memcpy(d + off, s + off, <size_t>k)
+            smsblock_xxh3_64_update(stream.state, d + off, <size_t>k)
+            off += k
+
+
+def write_raw_frame_hashed(uint8_t[::1] out not None, Py_ssize_t at,
+                           const uint8_t[::1] data not None, Xxh3Stream stream not None):
+    """:func:`write_raw_frame` into ``out[at:]``, and ``stream.update(frame)``, in one
+    section without the GIL: each L1-sized piece is hashed from ``out`` just after it is
+    copied there.  Returns the frame's length; ValueError when it does not fit."""
+    cdef Py_ssize_t n = data.shape[0]
+    if n >= (<Py_ssize_t>1 << 32):
+        raise ValueError(f"a block of {n} bytes is too large for a frame")
+    cdef Py_ssize_t need = raw_frame_size(n)
+    if at < 0 or at > out.shape[0] or need > out.shape[0] - at:
+        raise ValueError(f"a frame of {need} bytes at {at} does not fit {out.shape[0]}")
+    cdef uint8_t *dst = &out[at]
+    cdef const uint8_t *src = &data[0] if n else NULL
+    cdef Py_ssize_t pos = HEADER_SIZE, start = 0, k, piece, hashed = 0
+    cdef bint last
+    with nogil:
+        dst[0] = 0x28; dst[1] = 0xB5; dst[2] = 0x2F; dst[3] = 0xFD      # 0xFD2FB528, LE
+        dst[4] = 0xA0
+        dst[5] = n & 0xFF; dst[6] = (n >> 8) & 0xFF
+        dst[7] = (n >> 16) & 0xFF; dst[8] = (n >> 24) & 0xFF
+        while True:
+            k = n - start
+            if k > RAW_BLOCK_MAX:
+                k = RAW_BLOCK_MAX
+            last = start + k >= n
+            put_le24(dst + pos, <uint32_t>((k << 3) | last))
+            pos += 3
+            while k:
+                piece = k if k < HASH_CHUNK else HASH_CHUNK
+                memcpy(dst + pos, src + start, <size_t>piece)
+                pos += piece
+                start += piece
+                k -= piece
+                smsblock_xxh3_64_update(stream.state, dst + hashed, <size_t>(pos - hashed))
+                hashed = pos
+            if last:
+                break
+        if hashed < pos:
+            smsblock_xxh3_64_update(stream.state, dst + hashed, <size_t>(pos - hashed))
+    return pos
+
+
 cdef class Xxh3Stream:
     """XXH3-64 of bytes fed in pieces (what ``xxhash.xxh3_64`` computes), hashing without
     the GIL.  ``digest()`` is the canonical (big-endian) 8 bytes.  One thread at a time

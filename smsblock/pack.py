@@ -146,7 +146,7 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 # (first touches of fresh memory are what a pack write through the page cache cost).
 _spare_buffers: list[mmap.mmap] = []
 _spare_lock = threading.Lock()
-MAX_SPARE_BUFFERS = 2       # a filling pack and one being sealed
+MAX_SPARE_BUFFERS = 4       # a filling pack, one being sealed, buffers being written
 
 
 def _take_buffer() -> mmap.mmap:
@@ -156,12 +156,26 @@ def _take_buffer() -> mmap.mmap:
     return mmap.mmap(-1, WRITE_CHUNK)       # page-aligned, as O_DIRECT needs
 
 
+_scratches = threading.local()
+
+
+def _scratch(size: int) -> bytearray:
+    """A per-thread buffer of at least ``size`` bytes, reused (no page faults each time)."""
+    buf = getattr(_scratches, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _scratches.buf = bytearray(size)
+    return buf
+
+
 def _give_buffer(buf: mmap.mmap) -> None:
     with _spare_lock:
         if len(_spare_buffers) < MAX_SPARE_BUFFERS:
             _spare_buffers.append(buf)
             return
     buf.close()
+
+
+give_buffer = _give_buffer     # for a PackWriter's ``flush``
 
 
 def _set_direct(fd: int, on: bool) -> bool:
@@ -192,8 +206,13 @@ class PackWriter:
     behind the writer so that the fsync waits only for the tail.
     """
 
-    def __init__(self, path, algorithm: str):
+    def __init__(self, path, algorithm: str, flush: Callable | None = None):
+        """``flush(writer, buf, offset, length)``, when given, takes each filled write
+        buffer instead of it being written here: it must call :meth:`write_at` (in
+        order, before :meth:`seal`) and hand the buffer back with :func:`give_buffer`.
+        The appending thread then never waits for the device."""
         self.path = os.fspath(path)
+        self._flush = flush
         self.algorithm = algorithm
         self._alg_id = ALGORITHMS[algorithm]
         # a new private file: never through a link, never over a file that was there
@@ -218,38 +237,73 @@ class PackWriter:
         """Bytes written so far (frames and header)."""
         return self._offset
 
-    def _put(self, data) -> None:
+    def _put(self, data, hashed: bool = False) -> None:
+        """Append ``data``; ``hashed``: frames, fed to the frames checksum as they are
+        copied (one pass over them, in the same section without the GIL)."""
         view = memoryview(data).cast("B")
         while view:
             n = min(len(view), WRITE_CHUNK - self._fill)
-            _frames.copy_into(self._buf, self._fill, view[:n])      # without the GIL
+            if hashed:
+                _frames.copy_hashed_into(self._buf, self._fill, view[:n], self._frames_hash)
+            else:
+                _frames.copy_into(self._buf, self._fill, view[:n])      # without the GIL
             self._fill += n
             view = view[n:]
             if self._fill == WRITE_CHUNK:
-                self._write_buffer(WRITE_CHUNK)
-                self._flushed += WRITE_CHUNK
-                self._fill = 0
+                self._buffer_full()
+
+    def _buffer_full(self) -> None:
+        if self._flush is None:
+            self.write_at(self._buf, self._flushed, WRITE_CHUNK)
+        else:
+            buf, self._buf = self._buf, _take_buffer()
+            self._flush(self, buf, self._flushed, WRITE_CHUNK)
+        self._flushed += WRITE_CHUNK
+        self._fill = 0
 
     def _write_buffer(self, length: int) -> None:
         """Write the buffer's first ``length`` bytes at the file's ``_flushed`` offset."""
-        with memoryview(self._buf) as whole, whole[:length] as view:
+        self.write_at(self._buf, self._flushed, length)
+
+    def write_at(self, buf, offset: int, length: int) -> None:
+        """Write ``buf[:length]`` at ``offset`` of the file (a filled write buffer)."""
+        with memoryview(buf) as whole, whole[:length] as view:
             done = 0
             while done < length:
                 try:
-                    done += os.pwrite(self._fd, view[done:], self._flushed + done)
+                    done += os.pwrite(self._fd, view[done:], offset + done)
                 except OSError as e:
                     if not (self.direct and e.errno == errno.EINVAL):
                         raise
                     # an alignment this device does not take: the page cache, then
                     self.direct = _set_direct(self._fd, False)
         if not self.direct:
-            start_writeback(self._fd, self._flushed, length)
+            start_writeback(self._fd, offset, length)
 
     def add(self, address: bytes, frame: bytes, ulen: int) -> None:
-        self._put(frame)
-        self._frames_hash.update(frame)
+        self._put(frame, hashed=True)
         self._entries.append((address, self._offset, len(frame), ulen))
         self._offset += len(frame)
+
+    def add_raw(self, address: bytes, data) -> int:
+        """Add ``data`` as a raw frame (:func:`write_raw_frame`), written straight into
+        the write buffer where it fits: one copy of the block on its way to the disk,
+        not two.  Returns the frame's length."""
+        src = memoryview(data).cast("B")
+        need = raw_frame_size(len(src))
+        if need <= WRITE_CHUNK - self._fill:
+            n = _frames.write_raw_frame_hashed(self._buf, self._fill, src, self._frames_hash)
+            self._fill += n
+            if self._fill == WRITE_CHUNK:
+                self._buffer_full()
+        else:       # across the end of the buffer: framed aside, then copied in
+            scratch = _scratch(need)
+            n = write_raw_frame(scratch, src)
+            with memoryview(scratch)[:n] as frame:
+                self._put(frame, hashed=True)
+        self._entries.append((address, self._offset, n, len(src)))
+        self._offset += n
+        return n
 
     def seal(self, sync: bool = True) -> tuple[str, np.ndarray]:
         """Write the index and footer, fsync, close; return ``(pack_id, index)``.
@@ -257,6 +311,7 @@ class PackWriter:
         With ``sync=False`` the file stays open and unsynced: call :meth:`sync` (from
         another thread, say, so the next pack fills while this one reaches the disk).
         """
+        self._flush = None      # the tail is written here, after the buffers handed out
         index = np.zeros(len(self._entries), INDEX_DTYPE)
         if self._entries:       # by column: a structured row at a time is slow
             cols = list(zip(*self._entries))

@@ -39,14 +39,15 @@ def cached_pages(path) -> tuple[int, int]:
         return sum(v & 1 for v in vec), pages
 
 
-def expected_pack(frames: list[bytes], ulen: int = 1 << 20) -> bytes:
+def expected_pack(frames: list[bytes], ulen: int | list[int] = 1 << 20) -> bytes:
     """The pack file docs/formats.md describes, built independently of PackWriter."""
     import xxhash
     header = HEADER.pack(PACK_MAGIC, PACK_VERSION, 2, 0)
     index = np.zeros(len(frames), INDEX_DTYPE)
     offset = HEADER.size
+    ulens = ulen if isinstance(ulen, list) else [ulen] * len(frames)
     for i, f in enumerate(frames):
-        index[i] = (np.frombuffer(hashlib.sha256(f).digest(), np.uint8), offset, len(f), ulen)
+        index[i] = (np.frombuffer(hashlib.sha256(f).digest(), np.uint8), offset, len(f), ulens[i])
         offset += len(f)
     body = header + b"".join(frames)
     ib = index.tobytes()
@@ -202,6 +203,68 @@ def test_the_native_frames_checksum_is_xxh3_64_fed_in_any_pieces(data, cuts, hea
     assert h.digest() == xxhash.xxh3_64(head + data).digest()
     with pytest.raises(TypeError):
         h.update(None)
+
+
+def test_copy_hashed_into_copies_there_and_feeds_the_checksum():
+    """The fused copy + frames checksum means copy_into, then Xxh3Stream.update."""
+    import xxhash
+    from smsblock._frames import Xxh3Stream, copy_hashed_into
+    rng = np.random.default_rng(3)
+    for size in (0, 1, (16 << 10) - 1, 16 << 10, (16 << 10) + 1, 700_001):
+        src, at = rng.bytes(size), int(rng.integers(0, 50))
+        dst, h = bytearray(b"\xee" * (at + size + 7)), Xxh3Stream(b"head")
+        copy_hashed_into(dst, at, src, h)
+        assert dst == b"\xee" * at + src + b"\xee" * 7
+        assert h.digest() == xxhash.xxh3_64(b"head" + src).digest()
+    h = Xxh3Stream()
+    for at, src in ((7, b"abcd"), (-1, b"a"), (11, b""), (2**63 - 2, b"abc")):
+        with pytest.raises(ValueError):
+            copy_hashed_into(bytearray(10), at, src, h)
+    assert h.digest() == xxhash.xxh3_64(b"").digest()       # nothing hashed on refusal
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.sampled_from([0, 1, 7, *RAW_SIZES[:-1]]) | st.integers(0, 600_000),
+       at=st.integers(0, 9), spare=st.integers(0, 9), head=st.binary(max_size=20))
+def test_the_hashed_frame_writer_is_the_frame_writer_and_the_checksum(size, at, spare, head):
+    """write_raw_frame_hashed(out, at, data, h) means write_raw_frame(out[at:], data),
+    then h.update(the frame)."""
+    import xxhash
+    from smsblock._frames import Xxh3Stream, write_raw_frame_hashed
+    data = np.random.default_rng(size).bytes(size)
+    frame = raw_frame_by_hand(data)
+    out, h = bytearray(b"\xee" * (at + len(frame) + spare)), Xxh3Stream(head)
+    assert write_raw_frame_hashed(out, at, data, h) == len(frame)
+    assert out == b"\xee" * at + frame + b"\xee" * spare     # nothing written around it
+    assert h.digest() == xxhash.xxh3_64(head + frame).digest()
+    with pytest.raises(ValueError):
+        write_raw_frame_hashed(bytearray(at + len(frame) - 1), at, data, h)
+
+
+@pytest.mark.parametrize("handed_out", [False, True])
+def test_raw_and_compressed_frames_make_the_same_pack_wherever_buffers_end(tmp_path, handed_out):
+    """add_raw (a raw frame written straight into the write buffer) makes the pack that
+    add of the same frame does, buffers written here or handed to ``flush`` (as a pack
+    sink's writer thread does, in order, before the seal)."""
+    rng = np.random.default_rng(8)
+    sizes = [int(n) for n in rng.integers(1, 1 << 20, 12)] + [WRITE_CHUNK - 40, 5, 512 << 10]
+    blocks = [rng.bytes(n) for n in sizes]
+    frames = [raw_frame_by_hand(b) for b in blocks]
+    handed: list = []
+    w = PackWriter(tmp_path / "p.pack", "blake3",
+                   flush=(lambda *a: handed.append(a)) if handed_out else None)
+    for i, (b, f) in enumerate(zip(blocks, frames)):
+        address = hashlib.sha256(f).digest()
+        if i % 3 == 2:      # a compressed frame among the raw ones
+            w.add(address, f, len(b))
+        else:
+            assert w.add_raw(address, b) == len(f)
+    assert len(handed) == (sum(map(len, frames)) + HEADER.size) // WRITE_CHUNK if handed_out else not handed
+    for writer, buf, offset, length in handed:
+        writer.write_at(buf, offset, length)
+        pack.give_buffer(buf)
+    w.seal()
+    assert (tmp_path / "p.pack").read_bytes() == expected_pack(frames, [len(b) for b in blocks])
 
 
 @pytest.mark.parametrize("size", RAW_SIZES)

@@ -16,8 +16,8 @@ import numpy as np
 import zstandard
 
 from ..errors import Cancelled, SmsBlockError, StoreError
-from ..pack import (BlockIndex, PackWriter, address_function, looks_incompressible,
-                    raw_frame_size, write_raw_frame)
+from ..pack import (BlockIndex, PackWriter, address_function, give_buffer,
+                    looks_incompressible, raw_frame_size, write_raw_frame)
 from ..progress import CancelToken, check_cancel
 from .repository import Repository
 from .fingerprints import PackFingerprints, check_changed_packs, note_sealed
@@ -79,7 +79,12 @@ def start_run(store: Repository, *, threads: int = 2,
     threading.Thread(target=make, name="smsblock-run-start", daemon=True).start()
     return made
 
-QUEUE_DEPTH = 16          # compressed blocks waiting for the pack writer (bounds memory)
+#: bytes handed to the pack writer thread and not written yet (filled write buffers,
+#: blocks to look up): the threads that hand them over wait beyond this (bounds memory)
+IN_FLIGHT_BYTES = 16 << 20
+#: blocks appended by the scan workers themselves; False: each through the writer thread
+#: (the path blocks to be looked up take), to compare
+DIRECT_APPEND = True
 INDEX_BATCH = 1 << 18     # index entries of put packs held for the block index (~12 MiB)
 
 
@@ -116,14 +121,24 @@ _frame_buffers = _FrameBuffers()
 # --- the pack writer ----------------------------------------------------------------
 
 class PackSink:
-    """Owns the pack being filled.  A writer thread appends frames from a bounded queue
-    and seals the pack each time it reaches the store's pack size; a syncer thread then
-    fsyncs it and puts it under its id, while the writer already fills the next pack
-    (disk writes overlap compression).  At :meth:`close` the writer thread seals the
+    """Owns the pack being filled.  The scan workers append their blocks' frames to it
+    themselves (:meth:`append`, under a lock): a raw frame is written straight into the
+    pack's write buffer, hashed as it is copied.  A writer thread writes each filled
+    buffer, and seals the pack once it reaches the store's pack size; a syncer thread then
+    fsyncs it and puts it under its id, while the next pack fills (disk writes overlap
+    the scan).
+
+    Handing each block to the writer thread instead (:meth:`submit`, still the way for
+    blocks to be looked up once the start's index is ready) cost a run more: a second
+    copy of each raw block, and a wake-up of a third thread on two busy cores per block
+    (1-8 GiB, 2 % changed, in-process A/B: see the commit).  At :meth:`close` the writer thread seals the
     partial pack and adds the run's packs to the on-disk block index, beside the syncer,
     while the run writes its manifest (these are the run's critical path)."""
 
     _STOP = object()
+    _FLUSH = object()       # (_FLUSH, writer, buffer, offset, length): write it
+    _SEAL = object()        # (_SEAL, writer): seal it, hand it to the syncer
+    _BLOCK = object()       # (_BLOCK, address, frame, ulen, check, buffer): add it
 
     def __init__(self, store: Repository, damaged: set[str] = frozenset(),
                  start: "Future[RunStart] | None" = None):
@@ -148,7 +163,12 @@ class PackSink:
         self._seal_at_stop = True
         self._written = threading.Event()     # the writer thread took its last block
         self._writer: PackWriter | None = None
-        self._queue: queue.Queue = queue.Queue(QUEUE_DEPTH)
+        # unbounded: a worker may put while it holds the append lock; memory is bounded
+        # by IN_FLIGHT_BYTES, waited for outside the lock
+        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()           # the pack being filled
+        self._room = threading.Condition()      # _in_flight fell
+        self._in_flight = 0
         self._sealed: queue.Queue = queue.Queue(2)      # packs written, waiting for fsync
         # started on first use: the scan does not wait for them, and a run that stores
         # nothing starts neither
@@ -166,24 +186,78 @@ class PackSink:
                     thread.start()
                     self._started_threads.add(thread)
 
+    def _check_open(self) -> None:
+        if self.error is not None:
+            if self._start_failed:      # the run's start-up failed: its own error
+                raise self.error
+            raise StoreError(f"pack writer failed: {self.error}")
+        if self._closing:       # a scan thread still running after the run stopped
+            raise Cancelled("the run was stopped")
+        self._ensure(self._thread)
+
     def submit(self, address: bytes, frame, ulen: int, check: bool = False,
                buffer: bytearray | None = None) -> None:
-        """Queue a block's frame; ``check``: unless the start's index holds it (it was
-        not ready when the block was addressed); ``buffer`` (holding ``frame``) goes back
-        to the raw-frame buffers once the frame is copied."""
-        while True:
-            if self.error is not None:
-                if self._start_failed:      # the run's start-up failed: its own error
-                    raise self.error
-                raise StoreError(f"pack writer failed: {self.error}")
-            if self._closing:       # a scan thread still running after the run stopped
-                raise Cancelled("the run was stopped")
-            self._ensure(self._thread)
+        """Hand a block's frame to the writer thread; ``check``: unless the start's
+        index holds it (it was not ready when the block was addressed); ``buffer``
+        (holding ``frame``) goes back to the raw-frame buffers once the frame is copied."""
+        self._check_open()
+        self._wait_room()
+        self._hand_over(len(frame), (self._BLOCK, address, frame, ulen, check, buffer))
+
+    def append(self, address: bytes, data, ulen: int, raw: bool = False) -> None:
+        """Add a block's frame to the pack from this thread; ``raw``: ``data`` is the
+        block itself, stored as a raw frame (written straight into the write buffer)."""
+        self._check_open()
+        with self._lock:
+            full = self._add(address, data, ulen, raw)
+        if full is not None:    # after its buffers: they were queued under the lock
+            self._queue.put((self._SEAL, full))
+        self._wait_room()
+
+    def _add(self, address: bytes, data, ulen: int, raw: bool) -> PackWriter | None:
+        """Append to the pack being filled (under ``_lock``); return it once it is full
+        (no longer the one being filled), to be sealed.  Never waits (the lock is held)."""
+        if self._writer is None:
+            self._writer = PackWriter(self.store.staging_path(".pack.tmp"), self.algorithm,
+                                      flush=self._flush)
+        if raw:
+            clen = self._writer.add_raw(address, data)
+        else:
+            self._writer.add(address, data, ulen)
+            clen = len(data)
+        self.blocks_stored += 1
+        self.bytes_stored += clen
+        self.bytes_uncompressed += ulen
+        if self._writer.size >= self.pack_size:
+            writer, self._writer = self._writer, None
+            return writer
+        return None
+
+    def _flush(self, writer: PackWriter, buf, offset: int, length: int) -> None:
+        """A PackWriter's filled buffer: written by the writer thread (at once, when this
+        is the writer thread)."""
+        if threading.current_thread() is self._thread:
             try:
-                self._queue.put((address, frame, ulen, check, buffer), timeout=0.2)
-                return
-            except queue.Full:
-                continue
+                writer.write_at(buf, offset, length)
+            finally:
+                give_buffer(buf)
+            return
+        self._hand_over(length, (self._FLUSH, writer, buf, offset, length))
+
+    def _hand_over(self, nbytes: int, item) -> None:
+        with self._room:
+            self._in_flight += nbytes
+        self._queue.put(item)
+
+    def _done(self, nbytes: int) -> None:
+        with self._room:
+            self._in_flight -= nbytes
+            self._room.notify_all()
+
+    def _wait_room(self) -> None:
+        with self._room:
+            while self._in_flight > IN_FLIGHT_BYTES and self.error is None:
+                self._room.wait(0.2)
 
     def _started(self) -> None:
         """Wait for the run's start-up work (the first time only)."""
@@ -211,58 +285,89 @@ class PackSink:
                     stopped = True
                     break
                 if self.error is not None:
-                    continue            # drain: submitters raise the error
-                address, frame, ulen, check, buffer = item
-                self._started()
-                if check and address in self._index:
-                    if buffer is not None:
-                        frame.release()
-                        _frame_buffers.give(buffer)
-                    continue            # stored already: the index was not ready to say so
-                if self._writer is None:
-                    self._writer = PackWriter(self.store.staging_path(".pack.tmp"), self.algorithm)
-                self._writer.add(address, frame, ulen)
-                self.blocks_stored += 1
-                self.bytes_stored += len(frame)
-                self.bytes_uncompressed += ulen
-                if buffer is not None:      # copied into the pack: the buffer is free
-                    frame.release()
-                    _frame_buffers.give(buffer)
-                if self._writer.size >= self.pack_size:
-                    self._seal(sealed)
-                    if sum(len(i) for _s, i in sealed.values()) >= INDEX_BATCH:
-                        self._index_sealed(sealed)
+                    self._drop(item)    # drain: submitters raise the error
+                    continue
+                kind = item[0]
+                if kind is self._FLUSH:
+                    _k, writer, buf, offset, length = item
+                    try:
+                        writer.write_at(buf, offset, length)
+                    finally:
+                        give_buffer(buf)
+                        self._done(length)
+                elif kind is self._SEAL:
+                    self._seal(item[1], sealed)
+                else:
+                    self._take_block(item, sealed)
             # the run's last block is in: the partial pack is sealed here, while the run
             # writes its manifest and the syncer syncs and puts the packs before it
-            if self._writer is not None:
-                if self._seal_at_stop and self.error is None and self._writer.count:
-                    self._seal(sealed)
+            with self._lock:
+                writer, self._writer = self._writer, None
+            if writer is not None:
+                if self._seal_at_stop and self.error is None and writer.count:
+                    self._seal(writer, sealed)
                 else:
-                    self._discard_partial()
+                    writer.discard()
             self._written.set()         # the counts are final: the manifest goes on
             self._index_sealed(sealed)
         except BaseException as e:      # reported to the submitting threads and close()
             self.error = e
+            with self._room:
+                self._room.notify_all()
             if not stopped:
-                while self._queue.get() is not self._STOP:
-                    pass
+                while (item := self._queue.get()) is not self._STOP:
+                    self._drop(item)
             self._discard_partial()
         finally:
             self._written.set()
             if self._syncer in self._started_threads:
                 self._sealed.put(self._STOP)
 
+    def _take_block(self, item, sealed: dict) -> None:
+        """A block handed over by :meth:`submit`: added unless it needs the start's
+        index and that holds it (it was not ready to say so)."""
+        _k, address, frame, ulen, check, buffer = item
+        nbytes = len(frame)
+        try:
+            self._started()
+            if not (check and address in self._index):
+                with self._lock:
+                    full = self._add(address, frame, ulen, raw=False)
+                if full is not None:    # sealed here: a STOP may be queued already
+                    self._seal(full, sealed)
+        finally:
+            if buffer is not None:      # copied into the pack: the buffer is free
+                frame.release()
+                _frame_buffers.give(buffer)
+            self._done(nbytes)
+
+    def _drop(self, item) -> None:
+        """An item left after the writer failed: its buffers go back, its pack goes."""
+        if item is self._STOP:
+            return
+        kind = item[0]
+        if kind is self._FLUSH:
+            give_buffer(item[2])
+        elif kind is self._SEAL:
+            item[1].discard()
+        elif item[5] is not None:
+            item[2].release()
+            _frame_buffers.give(item[5])
+
     def _discard_partial(self) -> None:
-        if self._writer is not None:
+        with self._lock:
             writer, self._writer = self._writer, None
+        if writer is not None:
             writer.discard()
 
-    def _seal(self, sealed: dict) -> None:
-        """Seal the pack being filled and hand it to the syncer."""
-        writer, self._writer = self._writer, None
+    def _seal(self, writer: PackWriter, sealed: dict) -> None:
+        """Seal a full (or the last) pack and hand it to the syncer."""
+        self._started()         # the start's damaged packs: put over, not beside
         pack_id, idx = writer.seal(sync=False)
         sealed[pack_id] = (writer.sealed_size, idx)
         self._put_sealed((writer, pack_id, idx))
+        if sum(len(i) for _s, i in sealed.values()) >= INDEX_BATCH:
+            self._index_sealed(sealed)
 
     def _index_sealed(self, sealed: dict) -> None:
         try:
@@ -403,6 +508,12 @@ class BlockStorer:
         if index is not None and address in index:
             return address
         compressor = self._compressor()
+        if index is not None and DIRECT_APPEND:
+            if looks_incompressible(view, compressor):
+                self.sink.append(address, view, len(view), raw=True)
+            else:
+                self.sink.append(address, compressor.compress(view), len(view))
+            return address
         buffer = None
         if looks_incompressible(view, compressor):
             buffer = _frame_buffers.take(raw_frame_size(len(view)))
