@@ -977,3 +977,63 @@ def test_a_failure_to_index_the_new_packs_costs_the_run_nothing(tmp_path, monkey
     assert replicate(disk, store, "srv").blocks_stored == 0
     restore(store, "srv", tmp_path / "o.raw")
     assert (tmp_path / "o.raw").read_bytes() == content
+
+
+def test_a_pack_the_writer_thread_fills_is_sealed_after_the_buffers_queued_for_it(tmp_path, monkeypatch):
+    """Scan workers append blocks themselves and hand each filled 4 MiB write buffer to
+    the writer thread; a block that had to wait for the run's start is added by the writer
+    thread.  When that block fills the pack, the pack must be sealed only after the
+    buffers the workers queued for it are written (sealing at once wrote them after the
+    seal, into a file the syncer may already have put and closed).  Found in review."""
+    from concurrent.futures import Future
+    import zstandard
+    from smsblock import pack as P
+    from smsblock.repository.writer import PackSink, start_run
+    store = new_store(tmp_path / "s", pack_size=P.WRITE_CHUNK + 4096)
+    events = []
+    real_write_at, real_seal = P.PackWriter.write_at, P.PackWriter.seal
+
+    sealing = set()
+
+    def write_at(self, buf, offset, length):
+        events.append(("tail" if id(self) in sealing else "write", id(self), offset))
+        return real_write_at(self, buf, offset, length)
+
+    def seal(self, sync=True):
+        events.append(("seal", id(self), None))
+        sealing.add(id(self))
+        try:
+            return real_seal(self, sync)
+        finally:
+            sealing.discard(id(self))
+    monkeypatch.setattr(P.PackWriter, "write_at", write_at)
+    monkeypatch.setattr(P.PackWriter, "seal", seal)
+    rng = np.random.default_rng(5)
+    start = Future()
+    sink = PackSink(store, start=start)
+    late = rng.integers(0, 4, 512 << 10, dtype=np.uint8).tobytes()     # compresses, > 4 KiB
+    late_frame = zstandard.ZstdCompressor().compress(late)
+    assert len(late_frame) > 8192
+    # the writer thread takes this block and waits for the run's start
+    sink.submit(b"\x01" * 32, late_frame, len(late), check=True)
+    # meanwhile the workers' 8 raw blocks fill the first write buffer: handed over, queued
+    blocks = [rng.bytes(512 << 10) for _ in range(8)]
+    for i, block in enumerate(blocks):
+        sink.append(bytes([2 + i]) * 32, block, len(block), raw=True)
+    start.set_result(start_run(store).result())     # the late block fills the pack
+    sink.close(seal=True)
+    assert sink.error is None and sink.blocks_stored == 9
+    sealed_at = {w: i for i, (what, w, _o) in enumerate(events) if what == "seal"}
+    assert sealed_at, events
+    for i, (what, w, offset) in enumerate(events):
+        if what == "write" and w in sealed_at:
+            assert i < sealed_at[w], f"buffer at {offset} written after its pack was sealed"
+    by_address = {bytes([2 + i]) * 32: b for i, b in enumerate(blocks)}
+    by_address[b"\x01" * 32] = late
+    found = 0
+    for pack_id, size in store.list_packs().items():
+        for e in store.pack_index(pack_id, size):
+            frame = store.read_pack(pack_id, int(e["offset"]), int(e["clen"]))
+            assert zstandard.ZstdDecompressor().decompress(frame) == by_address[bytes(e["address"])]
+            found += 1
+    assert found == 9

@@ -284,21 +284,11 @@ class PackSink:
                 if item is self._STOP:
                     stopped = True
                     break
-                if self.error is not None:
-                    self._drop(item)    # drain: submitters raise the error
-                    continue
-                kind = item[0]
-                if kind is self._FLUSH:
-                    _k, writer, buf, offset, length = item
-                    try:
-                        writer.write_at(buf, offset, length)
-                    finally:
-                        give_buffer(buf)
-                        self._done(length)
-                elif kind is self._SEAL:
-                    self._seal(item[1], sealed)
-                else:
-                    self._take_block(item, sealed)
+                self._handle(item, sealed)
+            # a pack this thread filled queued its seal behind its buffers, maybe behind
+            # the STOP too
+            for item in self._leftovers():
+                self._handle(item, sealed)
             # the run's last block is in: the partial pack is sealed here, while the run
             # writes its manifest and the syncer syncs and puts the packs before it
             with self._lock:
@@ -317,13 +307,40 @@ class PackSink:
             if not stopped:
                 while (item := self._queue.get()) is not self._STOP:
                     self._drop(item)
+            for item in self._leftovers():
+                self._drop(item)
             self._discard_partial()
         finally:
             self._written.set()
             if self._syncer in self._started_threads:
                 self._sealed.put(self._STOP)
 
-    def _take_block(self, item, sealed: dict) -> None:
+    def _leftovers(self):
+        """What is queued now, without waiting."""
+        while True:
+            try:
+                yield self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, item, sealed: dict) -> None:
+        if self.error is not None:
+            self._drop(item)            # drain: submitters raise the error
+            return
+        kind = item[0]
+        if kind is self._FLUSH:
+            _k, writer, buf, offset, length = item
+            try:
+                writer.write_at(buf, offset, length)
+            finally:
+                give_buffer(buf)
+                self._done(length)
+        elif kind is self._SEAL:
+            self._seal(item[1], sealed)
+        else:
+            self._take_block(item)
+
+    def _take_block(self, item) -> None:
         """A block handed over by :meth:`submit`: added unless it needs the start's
         index and that holds it (it was not ready to say so)."""
         _k, address, frame, ulen, check, buffer = item
@@ -333,8 +350,10 @@ class PackSink:
             if not (check and address in self._index):
                 with self._lock:
                     full = self._add(address, frame, ulen, raw=False)
-                if full is not None:    # sealed here: a STOP may be queued already
-                    self._seal(full, sealed)
+                if full is not None:
+                    # not sealed at once: buffers the scan workers filled may still be
+                    # queued for it; its seal goes behind them
+                    self._queue.put((self._SEAL, full))
         finally:
             if buffer is not None:      # copied into the pack: the buffer is free
                 frame.release()
