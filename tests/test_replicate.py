@@ -1037,3 +1037,134 @@ def test_a_pack_the_writer_thread_fills_is_sealed_after_the_buffers_queued_for_i
             assert zstandard.ZstdDecompressor().decompress(frame) == by_address[bytes(e["address"])]
             found += 1
     assert found == 9
+
+
+def _sink_for_appends(tmp_path, pack_size):
+    from concurrent.futures import Future
+    from smsblock.repository.writer import PackSink, start_run
+    store = new_store(tmp_path / "s", pack_size=pack_size)
+    start = Future()
+    start.set_result(start_run(store).result())
+    return store, PackSink(store, start=start)
+
+
+def _stored_blocks_match(store, by_address) -> int:
+    """Every block in the store's packs decompresses to what was appended under its
+    address; returns how many there are."""
+    import zstandard
+    d = zstandard.ZstdDecompressor()
+    found = 0
+    for pack_id, size in store.list_packs().items():
+        for e in store.pack_index(pack_id, size):
+            frame = store.read_pack(pack_id, int(e["offset"]), int(e["clen"]))
+            assert d.decompress(frame) == by_address[bytes(e["address"])], \
+                f"block {bytes(e['address'])[0]} of pack {pack_id} is not its data"
+            found += 1
+    return found
+
+
+def test_close_waits_for_an_append_in_progress_and_refuses_later_ones(tmp_path, monkeypatch):
+    """The engine's error path closes the sink while scan workers may still append.
+    An append in progress (here the one that fills the first write buffer) finishes
+    before the STOP is queued, so its buffer is written before the last pack is sealed;
+    an append that comes after is refused (Cancelled) and adds nothing: no pack file
+    nobody seals, no count changed after the counts were final.  Found in review: the
+    buffer was queued after the writer thread had drained the queue, and the pack was
+    sealed and put with 4 MiB never written."""
+    import threading
+    from smsblock import pack as P
+    from smsblock.repository.writer import PackSink
+    store, sink = _sink_for_appends(tmp_path, 64 << 20)
+    rng = np.random.default_rng(1)
+    blocks = {bytes([i + 1]) * 32: rng.bytes(512 << 10) for i in range(8)}
+    addresses = list(blocks)
+    for a in addresses[:7]:
+        sink.append(a, blocks[a], len(blocks[a]), raw=True)
+    in_add, go = threading.Event(), threading.Event()
+    real_add_raw = P.PackWriter.add_raw
+
+    def slow_add_raw(self, address, data):
+        if address == addresses[7]:
+            in_add.set()
+            go.wait(10)
+        return real_add_raw(self, address, data)
+    monkeypatch.setattr(P.PackWriter, "add_raw", slow_add_raw)
+    worker = threading.Thread(target=lambda: sink.append(addresses[7], blocks[addresses[7]],
+                                                         512 << 10, raw=True), daemon=True)
+    worker.start()
+    assert in_add.wait(10)
+    closer = threading.Thread(target=lambda: sink.close(seal=True, wait=False), daemon=True)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive(), "close went on while a block was half added"
+    go.set()
+    worker.join(10)
+    closer.join(10)
+    sink.wait()
+    assert sink.error is None and sink.blocks_stored == 8
+    counted = sink.blocks_stored
+    with pytest.raises(Cancelled):
+        sink.append(b"\x09" * 32, b"late" * 1000, 4000, raw=True)
+    assert sink.blocks_stored == counted
+    assert _stored_blocks_match(store, blocks) == 8
+    assert not list((tmp_path / "s").rglob("*.tmp")), "a staged pack nobody seals"
+
+
+def test_full_packs_waiting_for_their_seal_hold_back_the_workers(tmp_path, monkeypatch):
+    """A full pack waiting to be sealed keeps an open file and a 4 MiB buffer: it counts
+    in the bytes handed to the writer thread, so with small packs and a slow put (S3)
+    the workers wait instead of piling up open packs.  Found in review (200 open packs)."""
+    import threading
+    store, sink = _sink_for_appends(tmp_path, 256 << 10)
+    release = threading.Event()
+    real_put = type(store).put_pack
+    monkeypatch.setattr(type(store), "put_pack",
+                        lambda self, *a, **k: (release.wait(30), real_put(self, *a, **k))[1])
+    rng = np.random.default_rng(2)
+    block = rng.bytes(512 << 10)
+    appended = []
+
+    def worker():
+        for i in range(60):             # every block a full pack
+            sink.append(i.to_bytes(4, "little") * 8, block, len(block), raw=True)
+            appended.append(i)
+    t = threading.Thread(target=worker, daemon=True)
+    t.start()
+    t.join(3)
+    assert t.is_alive() and len(appended) < 12, f"{len(appended)} full packs queued, none put"
+    release.set()
+    t.join(30)
+    sink.close(seal=True)
+    assert len(appended) == 60 and sink.packs_sealed == 60
+
+
+def test_an_append_that_fails_midway_fails_the_sink_and_stores_no_broken_pack(tmp_path, monkeypatch):
+    """An append that fails once part of its frame is in the pack (no memory for the next
+    write buffer) leaves the pack's index and its bytes out of step: that pack is never
+    sealed and the sink fails (what was queued for the writer thread is dropped: the run
+    fails, the next run stores those blocks again); whatever pack was put is whole.  Found
+    in review: the error path sealed it with every later offset wrong."""
+    from smsblock import pack as P
+    from smsblock.errors import StoreError
+    store, sink = _sink_for_appends(tmp_path, 6 << 20)      # 12 raw blocks a pack
+    rng = np.random.default_rng(3)
+    blocks = {bytes([i + 1]) * 32: rng.bytes(512 << 10) for i in range(20)}
+    real_take, fail = P._take_buffer, []
+
+    def take():
+        if fail:
+            raise MemoryError("mmap: Cannot allocate memory (test)")
+        return real_take()
+    monkeypatch.setattr(P, "_take_buffer", take)
+    stored = 0
+    with pytest.raises(MemoryError):
+        for i, (address, block) in enumerate(blocks.items()):
+            if i == 19:     # the second pack's block that fills its write buffer
+                fail.append(1)
+            sink.append(address, block, len(block), raw=True)
+            stored += 1
+    with pytest.raises(StoreError, match="could not be added"):
+        sink.close(seal=True)
+    assert stored == 19 and sink.packs_sealed in (0, 1)
+    assert _stored_blocks_match(store, blocks) == 12 * sink.packs_sealed   # whole or none
+    assert not list((tmp_path / "s").rglob("*.tmp"))

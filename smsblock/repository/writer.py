@@ -16,7 +16,7 @@ import numpy as np
 import zstandard
 
 from ..errors import Cancelled, SmsBlockError, StoreError
-from ..pack import (BlockIndex, PackWriter, address_function, give_buffer,
+from ..pack import (WRITE_CHUNK, BlockIndex, PackWriter, address_function, give_buffer,
                     looks_incompressible, raw_frame_size, write_raw_frame)
 from ..progress import CancelToken, check_cancel
 from .repository import Repository
@@ -202,17 +202,35 @@ class PackSink:
         (holding ``frame``) goes back to the raw-frame buffers once the frame is copied."""
         self._check_open()
         self._wait_room()
-        self._hand_over(len(frame), (self._BLOCK, address, frame, ulen, check, buffer))
+        with self._lock:        # queued before a close's STOP, or refused
+            self._check_not_closing()
+            self._hand_over(len(frame), (self._BLOCK, address, frame, ulen, check, buffer))
 
     def append(self, address: bytes, data, ulen: int, raw: bool = False) -> None:
         """Add a block's frame to the pack from this thread; ``raw``: ``data`` is the
         block itself, stored as a raw frame (written straight into the write buffer)."""
         self._check_open()
         with self._lock:
-            full = self._add(address, data, ulen, raw)
-        if full is not None:    # after its buffers: they were queued under the lock
-            self._queue.put((self._SEAL, full))
+            # under the lock that close() takes to stop: what an append queues (filled
+            # buffers, a full pack's seal) is ahead of the STOP, and nothing is added
+            # to a pack after the writer thread took the last one
+            self._check_not_closing()
+            try:
+                full = self._add(address, data, ulen, raw)
+            except BaseException as e:
+                # the pack may hold part of this block (bytes in the buffer and the
+                # checksum, not in the index): never sealed; the run cannot go on
+                if self.error is None:
+                    self.error = StoreError(f"a block could not be added to the pack: "
+                                            f"{type(e).__name__}: {e}")
+                raise
+            if full is not None:    # behind its buffers; counted, as a full pack's fd,
+                self._hand_over(WRITE_CHUNK, (self._SEAL, full))  # file and buffer wait
         self._wait_room()
+
+    def _check_not_closing(self) -> None:
+        if self._closing:       # a scan thread still running after the run stopped
+            raise Cancelled("the run was stopped")
 
     def _add(self, address: bytes, data, ulen: int, raw: bool) -> PackWriter | None:
         """Append to the pack being filled (under ``_lock``); return it once it is full
@@ -301,7 +319,8 @@ class PackSink:
             self._written.set()         # the counts are final: the manifest goes on
             self._index_sealed(sealed)
         except BaseException as e:      # reported to the submitting threads and close()
-            self.error = e
+            if self.error is None:      # the first error is the one to report
+                self.error = e
             with self._room:
                 self._room.notify_all()
             if not stopped:
@@ -336,7 +355,10 @@ class PackSink:
                 give_buffer(buf)
                 self._done(length)
         elif kind is self._SEAL:
-            self._seal(item[1], sealed)
+            try:
+                self._seal(item[1], sealed)
+            finally:
+                self._done(WRITE_CHUNK)
         else:
             self._take_block(item)
 
@@ -350,10 +372,10 @@ class PackSink:
             if not (check and address in self._index):
                 with self._lock:
                     full = self._add(address, frame, ulen, raw=False)
-                if full is not None:
-                    # not sealed at once: buffers the scan workers filled may still be
-                    # queued for it; its seal goes behind them
-                    self._queue.put((self._SEAL, full))
+                    if full is not None:
+                        # not sealed at once: buffers the scan workers filled may still
+                        # be queued for it; its seal goes behind them
+                        self._hand_over(WRITE_CHUNK, (self._SEAL, full))
         finally:
             if buffer is not None:      # copied into the pack: the buffer is free
                 frame.release()
@@ -367,11 +389,15 @@ class PackSink:
         kind = item[0]
         if kind is self._FLUSH:
             give_buffer(item[2])
+            self._done(item[4])
         elif kind is self._SEAL:
             item[1].discard()
-        elif item[5] is not None:
-            item[2].release()
-            _frame_buffers.give(item[5])
+            self._done(WRITE_CHUNK)
+        else:
+            if item[5] is not None:
+                item[2].release()
+                _frame_buffers.give(item[5])
+            self._done(len(item[2]))
 
     def _discard_partial(self) -> None:
         with self._lock:
@@ -382,9 +408,13 @@ class PackSink:
     def _seal(self, writer: PackWriter, sealed: dict) -> None:
         """Seal a full (or the last) pack and hand it to the syncer."""
         self._started()         # the start's damaged packs: put over, not beside
-        pack_id, idx = writer.seal(sync=False)
+        try:
+            pack_id, idx = writer.seal(sync=False)
+            self._put_sealed((writer, pack_id, idx))
+        except BaseException:
+            writer.discard()        # never the syncer's: nobody else removes its file
+            raise
         sealed[pack_id] = (writer.sealed_size, idx)
-        self._put_sealed((writer, pack_id, idx))
         if sum(len(i) for _s, i in sealed.values()) >= INDEX_BATCH:
             self._index_sealed(sealed)
 
@@ -443,8 +473,10 @@ class PackSink:
             if wait:
                 self.wait()
             return
-        with self._threads_lock:
-            self._closing = True        # no writer thread starts after this
+        with self._lock, self._threads_lock:
+            # no writer thread starts after this, and no block is added: what appends
+            # queued is ahead of the STOP
+            self._closing = True
         if self._thread in self._started_threads:
             self._seal_at_stop = seal
             self._queue.put(self._STOP)
