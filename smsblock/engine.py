@@ -34,7 +34,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 
 from .disk import Disk, open_disk
-from .errors import PublishError, SmsBlockError, StoreError, UsageError
+from .errors import Cancelled, PublishError, SmsBlockError, StoreError, UsageError
 from .manifest import (DEFAULT_BLOCK_SIZE, BlockState, ManifestReader, ManifestWriter,
                        check_block_size)
 from .progress import CancelToken, ProgressCallback, check_cancel, with_phase
@@ -161,9 +161,9 @@ def replicate(disk, store, server_id: str, *, block_size: int | None = None,
                                         changed_extents)
             if store.publishers:        # after the commit: the run exists whatever they do
                 try:
-                    summary.published = store.publish_run(server_id, summary.run_id,
-                                                          progress=progress, cancel=cancel)
-                except PublishError as e:
+                    summary.published = store.publish_committed(
+                        server_id, summary.run_id, progress=progress, cancel=cancel)
+                except (PublishError, Cancelled) as e:     # the run is stored: say which
                     e.summary = summary
                     raise
             return summary

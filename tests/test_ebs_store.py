@@ -206,7 +206,7 @@ def test_cli_every_command_with_ebs_store(tmp_path, moto, aws_env):
     # the kept run still reads from EBS through its recorded chain
     store = open_store(url)
     assert store.snapshot_record("app")["snapshot_id"] == snap2
-    assert not (tmp_path / "staging" / "ebs-snapshots" / "app" / f"{s1['run_id']}.json").exists(), \
+    assert not (tmp_path / "staging" / "ebs-snapshots" / "us-east-1" / "app" / f"{s1['run_id']}.json").exists(), \
         "a pruned run's snapshot record goes with it"
     store.restore_snapshot("app", out)
     assert out.read_bytes() == second
@@ -348,7 +348,7 @@ def test_s3_staging_store_and_a_snapshot_that_never_completes(tmp_path, moto, bu
     record2 = second.published["ebs"]
     assert record2["parent_snapshot_id"] == record1["snapshot_id"] and record2["changed_blocks"] == 0
     assert moto.boto3_client("s3").get_object(
-        Bucket=bucket, Key=f"staging/ebs-snapshots/s3s/{second.run_id}.json")
+        Bucket=bucket, Key=f"staging/ebs-snapshots/us-east-1/s3s/{second.run_id}.json")
     store.restore_snapshot("s3s", out)
     assert out.read_bytes() == first
     prune(store, "s3s", 1)
@@ -550,7 +550,7 @@ def test_stores_that_kept_records_in_the_manifest_still_work(tmp_path, moto, cap
     records = {}
     for run_id in store.list_run_ids("old"):         # rewrite them as the old code did
         records[run_id] = record = store.snapshot_record("old", run_id)
-        (tmp_path / "staging" / "ebs-snapshots" / "old" / f"{run_id}.json").unlink()
+        (tmp_path / "staging" / "ebs-snapshots" / "us-east-1" / "old" / f"{run_id}.json").unlink()
         path = runs_dir / f"{run_id}.manifest"
         with ManifestReader(str(path)) as m:
             copy_manifest(m, str(path) + ".new", dict(m.meta, ebs=record))
@@ -568,3 +568,121 @@ def test_stores_that_kept_records_in_the_manifest_still_work(tmp_path, moto, cap
     for run_id, want in zip(store.list_run_ids("old"), (first, second, second)):
         store.restore_snapshot("old", out, run_id=run_id)
         assert out.read_bytes() == want
+
+
+def test_a_published_snapshot_left_in_the_journal_is_never_pruned(tmp_path, moto, capture, monkeypatch):
+    """The record is written, then the journal entry removed: when the removal fails (or
+    the process dies between the two), the run is published all the same, the stale
+    entry is cleared instead of being listed as pending, and prune keeps the snapshot.
+    Found in review: prune deleted the snapshot of a published run."""
+    from smsblock.errors import StoreError
+    from smsblock.publish import ebs as E
+    store = ebs_store(tmp_path, capture.url)
+    disk = tmp_path / "disk.raw"
+    content = make_disk(disk, 4)
+    real_remove, calls = E.Journal.remove, []
+
+    def remove(self, snap):
+        calls.append(snap)
+        if len(calls) == 1:
+            raise StoreError("journal: connection reset (test)")
+        return real_remove(self, snap)
+    monkeypatch.setattr(E.Journal, "remove", remove)
+    s = replicate(disk, store, "j")
+    snap = s.published["ebs"]["snapshot_id"]
+    assert (tmp_path / "staging" / "ebs-pending" / f"{snap}.json").exists()
+    assert store.pending_snapshots() == {} and verify(store).leftovers == []
+    assert not (tmp_path / "staging" / "ebs-pending" / f"{snap}.json").exists()
+    prune(store, "j", 1)
+    ids = [x["SnapshotId"] for x in moto.boto3_client("ec2").describe_snapshots(
+        OwnerIds=["self"])["Snapshots"]]
+    assert snap in ids, "prune deleted the snapshot of a published run"
+    store.restore_snapshot("j", tmp_path / "out.raw")
+    assert (tmp_path / "out.raw").read_bytes() == content
+
+
+def test_two_publishes_of_one_run_leave_one_record_and_report_the_other_snapshot(
+        tmp_path, moto, capture, monkeypatch):
+    """Two publishes of one run at once (`smsblock publish` twice): the first record
+    written stays, both callers get it, and the other snapshot stays pending (a
+    leftover that prune deletes), never complete and unreported.  Found in review."""
+    import threading
+    from smsblock.errors import PublishError
+    from smsblock.publish import ebs as E
+    store = ebs_store(tmp_path, capture.url)
+    disk = tmp_path / "disk.raw"
+    make_disk(disk, 5)
+    capture.add(Rule("status", method="POST", path=r"^/snapshots$", status=403,
+                     code="AccessDeniedException"))
+    with pytest.raises(PublishError) as failed:
+        replicate(disk, store, "c")
+    run = failed.value.run_id
+    capture.clear()
+    both = threading.Barrier(2)
+    real = E.EbsPublisher._snapshot
+    monkeypatch.setattr(E.EbsPublisher, "_snapshot",
+                        lambda self, *a: (both.wait(10), real(self, *a))[1])
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(store.publish_run("c", run)["ebs"]))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    recorded = store.snapshot_record("c", run)
+    assert got == [recorded, recorded]
+    tagged = [x["SnapshotId"] for x in moto.boto3_client("ec2").describe_snapshots(
+        OwnerIds=["self"])["Snapshots"] if {"Key": "smsblock:run", "Value": run} in x.get("Tags", [])]
+    others = [x for x in tagged if x != recorded["snapshot_id"]]
+    assert len(others) == 1 and verify(store).leftovers == [f"ebs-pending:{others[0]}"]
+    prune(store, "c", 1)
+    assert verify(store).leftovers == [] and store.snapshot_record("c", run) == recorded
+
+
+def test_a_run_publishes_under_the_lock_it_holds(tmp_path, moto, bucket, capture, monkeypatch):
+    """replicate publishes the run it committed under its own shared lock, without a
+    second one, which an S3 store refuses while a prune's exclusive lock object stands
+    (a prune on another host about to give up).  Found in review: the committed run
+    failed with StoreLockedError, not a publish error."""
+    from smsblock.backend import s3 as B
+    from smsblock.repository.repository import Repository
+    from smsblock.store.s3 import S3Store
+    staging = S3Store(f"s3://{bucket}/staging", endpoint_url=moto.url)
+    store = EbsStore("ebs://us-east-1", staging=staging, endpoint_url=capture.url)
+    store.initialise(StoreConfig(pack_size=1 << 20))
+    disk = tmp_path / "disk.raw"
+    make_disk(disk, 6)
+    real = Repository.publish_committed
+    lock_body = staging.backend._lock_body("prune")
+
+    def publish_committed(self, *a, **k):
+        self.backend._put(B.LOCK_EXCLUSIVE, lock_body, "a prune on another host")
+        try:
+            return real(self, *a, **k)
+        finally:
+            self.backend._delete(B.LOCK_EXCLUSIVE, "test")
+    monkeypatch.setattr(Repository, "publish_committed", publish_committed)
+    s = replicate(disk, store, "n")
+    assert s.published["ebs"]["snapshot_id"].startswith("snap-")
+
+
+def test_a_damaged_or_misplaced_record_is_refused_and_skipped_as_a_parent(tmp_path, moto, capture):
+    """A record is checked against the run and region it is read for; a damaged one
+    is an error where it is asked for by name, and taken as not published where runs
+    are listed or a parent is looked for, so one bad record stops nothing else."""
+    from smsblock.errors import StoreCorruptError
+    store, first, second = two_runs(tmp_path, capture.url, "bad", 11)
+    run1, run2 = store.list_run_ids("bad")
+    records = tmp_path / "staging" / "ebs-snapshots" / "us-east-1" / "bad"
+    snap1 = store.snapshot_record("bad", run1)["snapshot_id"]
+    (records / f"{run2}.json").write_bytes((records / f"{run1}.json").read_bytes())
+    with pytest.raises(StoreCorruptError, match="run_id"):
+        store.snapshot_record("bad", run2)
+    (records / f"{run2}.json").write_text("{not json")
+    with pytest.raises(StoreCorruptError, match="not JSON"):
+        store.snapshot_record("bad", run2)
+    assert [r.summary["snapshot_id"] for r in store.runs("bad")] == [snap1, None]
+    s3 = replicate(tmp_path / "disk.raw", store, "bad")
+    assert s3.published["ebs"]["parent_snapshot_id"] == snap1
+    store.restore_snapshot("bad", tmp_path / "out.raw")
+    assert (tmp_path / "out.raw").read_bytes() == second

@@ -107,11 +107,13 @@ def cmd_publish(args) -> int:
     if not store.publishers:
         raise UsageError(f"{store.url}: this store has nothing to publish runs to (an "
                          f"ebs:// store publishes each run as an EBS snapshot)")
+    run_id = args.run or store.latest_run_id(args.server)
+    if run_id is None:
+        raise RunNotFoundError(f"{store.url}: no runs of server {args.server!r}")
     with terminal_progress(f"publish {args.server}") as bar, cancel_on_interrupt() as token:
-        published = store.publish_run(args.server, args.run, progress=bar, cancel=token)
+        published = store.publish_run(args.server, run_id, progress=bar, cancel=token)
     if args.json:
-        _print_json({"store": store.url, "server_id": args.server,
-                     "run_id": args.run or store.latest_run_id(args.server),
+        _print_json({"store": store.url, "server_id": args.server, "run_id": run_id,
                      "published": published})
     else:
         _print_published(published)

@@ -23,7 +23,7 @@ waiting for and deleting snapshots.
 3. ``CompleteSnapshot`` with ``ChangedBlocksCount`` and the linear aggregate checksum:
    SHA-256 over the concatenated per-block SHA-256 digests in block-index order, base64;
 4. the record (snapshot id, parent, the chain of ancestors) is written to
-   ``ebs-snapshots/<server_id>/<run_id>.json`` and the journal entry removed.
+   ``ebs-snapshots/<region>/<server_id>/<run_id>.json`` and the journal entry removed.
 
 A run whose publish failed or died stays a run (it restores from the packs); publishing
 it again, or the next run, starts from the last published run.  Stores written before
@@ -66,7 +66,7 @@ log = logging.getLogger("smsblock.store.ebs")
 EBS_BLOCK = 512 << 10
 GIB = 1 << 30
 PENDING_DIR = "ebs-pending"
-RECORDS_DIR = "ebs-snapshots"   # RECORDS_DIR/<server_id>/<run_id>.json: a published run
+RECORDS_DIR = "ebs-snapshots"   # RECORDS_DIR/<region>/<server_id>/<run_id>.json: a published run
 MAX_RECORD = 1 << 20            # bytes of a record read back (a chain of ~20,000 snapshots)
 SNAPSHOT_ID = re.compile(r"snap-[0-9a-f]{8,32}")
 LIST_PAGE = 10000               # ListSnapshotBlocks' largest page
@@ -303,8 +303,10 @@ class EbsUploader:
 
 # --- the publisher -------------------------------------------------------------------------
 
-def _checked_record(raw: bytes, where: str) -> dict:
-    """A snapshot record read back, checked: its ids become API arguments."""
+def _checked_record(raw: bytes, where: str, expect: dict) -> dict:
+    """A snapshot record read back, checked: its ids become API arguments, and it must
+    be the record of the run and region asked for (``expect``; a key a record lacks, as
+    records kept in manifests by earlier versions lack the run's ids, is not checked)."""
     if len(raw) > MAX_RECORD:
         raise StoreCorruptError(f"{where}: snapshot record larger than {MAX_RECORD} bytes", where)
     try:
@@ -316,6 +318,10 @@ def _checked_record(raw: bytes, where: str) -> dict:
             or not all(isinstance(c, str) and SNAPSHOT_ID.fullmatch(c) for c in chain) \
             or record.get("snapshot_id") != chain[0]:
         raise StoreCorruptError(f"{where}: snapshot record without a valid snapshot chain", where)
+    for key, want in expect.items():
+        if key in record and record[key] != want:
+            raise StoreCorruptError(f"{where}: the snapshot record is for {key} "
+                                    f"{str(record[key])[:80]!r}, not {want!r}", where)
     return record
 
 
@@ -360,7 +366,9 @@ class EbsPublisher:
 
     # -- records: what a published run's snapshot is --------------------------------------
     def _record_rel(self, server_id: str, run_id: str) -> str:
-        return f"{RECORDS_DIR}/{check_server_id(server_id)}/{check_run_id(run_id)}.json"
+        # per region: one staging store may feed snapshots in several regions
+        return (f"{RECORDS_DIR}/{self.region}/{check_server_id(server_id)}/"
+                f"{check_run_id(run_id)}.json")
 
     def record(self, server_id: str, run_id: str) -> dict | None:
         """The run's snapshot record (``snapshot_id``, ``parent_snapshot_id``, ``chain``
@@ -370,14 +378,26 @@ class EbsPublisher:
         name = self._record_rel(server_id, run_id)
         raw = self.repository.backend.get(name, 0, MAX_RECORD + 1, what="read snapshot record")
         if raw is not None:
-            return _checked_record(raw, f"{self.url}: {name}")
+            return _checked_record(raw, f"{self.url}: {name}", {
+                "server_id": server_id, "run_id": run_id, "region": self.region})
         try:
             with self.repository.open_manifest(server_id, run_id) as manifest:
                 legacy = manifest.meta.get("ebs")
         except RunNotFoundError:
             return None
-        return _checked_record(json.dumps(legacy).encode(), f"{self.url}: {server_id}/{run_id}") \
-            if legacy else None
+        if not legacy or (isinstance(legacy, dict) and legacy.get("region") != self.region):
+            return None         # none, or a snapshot in another region
+        return _checked_record(json.dumps(legacy).encode(), f"{self.url}: {server_id}/{run_id}",
+                               {"region": self.region})
+
+    def record_or_none(self, server_id: str, run_id: str) -> dict | None:
+        """:meth:`record`, with a damaged record logged and taken as none: one bad
+        record must not stop every later run's publish, nor the listing of runs."""
+        try:
+            return self.record(server_id, run_id)
+        except StoreCorruptError as e:
+            log.warning("%s: %s: taken as not published", self.url, e)
+            return None
 
     def forget(self, server_id: str, run_id: str) -> None:
         """The run was deleted: so is its record (its snapshot stays in EBS)."""
@@ -389,7 +409,7 @@ class EbsPublisher:
         new snapshot's parent (a run that failed to publish is skipped)."""
         earlier = [r for r in self.repository.list_run_ids(server_id) if r < run_id]
         for other in reversed(earlier):
-            record = self.record(server_id, other)
+            record = self.record_or_none(server_id, other)
             if record is not None:
                 return other, record
         return None, None
@@ -408,8 +428,9 @@ class EbsPublisher:
         follow the disk's size."""
         known = self.record(server_id, run_id)
         if known is not None:
+            self._clear_journal(server_id, run_id, known)
             return known
-        for snap, rec in self.journal.records().items():
+        for snap, rec in self.pending().items():
             if rec.get("server_id") == server_id:
                 log.warning("%s: snapshot %s of run %s of %s was never completed (prune "
                             "deletes it)", self.url, snap, rec.get("run_id"), server_id)
@@ -427,11 +448,30 @@ class EbsPublisher:
                         or previous.disk_size > manifest.disk_size:
                     previous = base = None      # a volume cannot shrink: a new lineage
             record = self._snapshot(server_id, run_id, manifest, previous, base, progress, cancel)
-        self.repository.backend.put(self._record_rel(server_id, run_id),
-                                    json.dumps(record, sort_keys=True).encode(),
-                                    what="write snapshot record")
-        self.journal.remove(record["snapshot_id"])
+        # create-only: of two publishes of one run, the first record stays; the other's
+        # snapshot stays in the journal, reported by verify and deleted by prune
+        if not self.repository.backend.put(self._record_rel(server_id, run_id),
+                                           json.dumps(record, sort_keys=True).encode(),
+                                           create_only=True, what="write snapshot record"):
+            known = self.record(server_id, run_id)
+            log.warning("%s: run %s of %s was published meanwhile (snapshot %s); snapshot %s "
+                        "is left pending (prune deletes it)", self.url, run_id, server_id,
+                        known and known["snapshot_id"], record["snapshot_id"])
+            return known
+        try:
+            self.journal.remove(record["snapshot_id"])
+        except StoreError as e:     # published all the same: pending() clears it later
+            log.warning("%s: snapshot %s of %s/%s is recorded; its journal entry stays for "
+                        "now: %s", self.url, record["snapshot_id"], server_id, run_id, e)
         return record
+
+    def _clear_journal(self, server_id: str, run_id: str, record: dict) -> None:
+        """A journal entry for a recorded snapshot (its removal failed or was cut off
+        after the record was written) is no longer pending."""
+        for snap, entry in self.journal.records().items():
+            if snap == record["snapshot_id"] and entry.get("server_id") == server_id \
+                    and entry.get("run_id") == run_id:
+                self.journal.remove(snap)
 
     def _snapshot(self, server_id, run_id, manifest, previous, base, progress, cancel) -> dict:
         parent = base["snapshot_id"] if base else None
@@ -465,17 +505,39 @@ class EbsPublisher:
         log.info("%s: snapshot %s: %d blocks written", self.url, snap, sent.count)
         chain = [snap] + list(base["chain"]) if parent else [snap]
         return {"snapshot_id": snap, "parent_snapshot_id": parent, "chain": chain,
+                "server_id": server_id, "run_id": run_id,
                 "region": self.region, "volume_size_gib": volume_gib,
                 "changed_blocks": sent.count, "checksum": sent.checksum,
                 "published": datetime.now(timezone.utc).isoformat()}
 
     def pending(self) -> dict[str, dict]:
         """Snapshots started and never recorded (the publish died or failed):
-        ``{snapshot_id: journal entry}``."""
-        return self.journal.records()
+        ``{snapshot_id: journal entry}``.  An entry whose snapshot is its run's record
+        (the publish died between the two writes) is not pending: it is cleared."""
+        out = {}
+        for snap, entry in self.journal.records().items():
+            if self._recorded(snap, entry):
+                self.journal.remove(snap)
+                continue
+            out[snap] = entry
+        return out
+
+    def _recorded(self, snap: str, entry: dict) -> bool:
+        server_id, run_id = entry.get("server_id"), entry.get("run_id")
+        if not (isinstance(server_id, str) and isinstance(run_id, str)):
+            return False
+        try:
+            record = self.record(server_id, run_id)
+        except (UsageError, StoreCorruptError):     # ids not ours, a damaged record
+            return False
+        return record is not None and record["snapshot_id"] == snap
 
     def delete_pending(self, snap: str) -> None:
-        self.uploader.delete_snapshot(check_snapshot_id(snap))
+        entry = self.journal.records().get(check_snapshot_id(snap))
+        if entry is not None and self._recorded(snap, entry):
+            self.journal.remove(snap)       # a published run's snapshot: never deleted
+            return
+        self.uploader.delete_snapshot(snap)
         self.journal.remove(snap)
 
     def snapshot_disk(self, info: dict, manifest: Manifest | ManifestReader,

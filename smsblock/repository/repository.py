@@ -469,9 +469,13 @@ class Repository:
             run_id = self._run_of(server_id, run_id)
             if self.backend.stat(self._manifest_rel(server_id, run_id)) is None:
                 raise RunNotFoundError(f"{self.url}: no run {run_id!r} of server {server_id!r}")
-            return self._publish_locked(server_id, run_id, progress, cancel)
+            return self.publish_committed(server_id, run_id, progress=progress, cancel=cancel)
 
-    def _publish_locked(self, server_id, run_id, progress, cancel) -> dict[str, dict]:
+    def publish_committed(self, server_id: str, run_id: str, *, progress=None,
+                          cancel=None) -> dict[str, dict]:
+        """:meth:`publish_run` for a caller that holds the store lock (a replicate that
+        has just committed ``run_id``): no second lock, which an S3 store may refuse
+        while a prune asks for it."""
         out = {}
         for publisher in self.publishers:
             try:

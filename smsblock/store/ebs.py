@@ -20,7 +20,7 @@ image step uses too) turns the run into a snapshot:
 3. ``CompleteSnapshot`` with ``ChangedBlocksCount`` and the linear aggregate checksum:
    SHA-256 over the concatenated per-block SHA-256 digests in block-index order, base64;
 4. the snapshot's record (id, parent, chain of ancestors) is written beside the run
-   (``ebs-snapshots/<server>/<run>.json``) and the journal entry removed.
+   (``ebs-snapshots/<region>/<server>/<run>.json``) and the journal entry removed.
 
 A failed publish (EBS down, credentials) is a PublishError naming the run: the run is
 stored and restores from the packs; ``smsblock publish`` (or :meth:`publish_run`)
@@ -131,7 +131,7 @@ class EbsStore(Repository):
         is not published)."""
         out = super().runs(server_id)
         for info in out:
-            record = self.publisher.record(server_id, info.run_id)
+            record = self.publisher.record_or_none(server_id, info.run_id)
             info.summary["snapshot_id"] = record["snapshot_id"] if record else None
         return out
 
@@ -171,7 +171,8 @@ class EbsStore(Repository):
         staged packs; a run not published reads the packs.  Either has RunDisk's
         ``manifest`` and ``block(i)``."""
         server_id, run_id = manifest.meta.get("server_id"), manifest.meta.get("run_id")
-        record = self.publisher.record(server_id, run_id) if server_id and run_id else None
+        record = self.publisher.record_or_none(server_id, run_id) if server_id and run_id \
+            else None
         if record is None:
             log.warning("%s: run %s of %s is not published: restoring it from the staged packs",
                         self.url, run_id, server_id)
