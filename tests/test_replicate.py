@@ -782,6 +782,8 @@ def test_a_slow_start_still_dedups_exactly(tmp_path, monkeypatch):
     assert (tmp_path / "o.raw").read_bytes() == disk.read_bytes()
 
 
+# an error in the pack writer's own error path shows only as a thread's warning
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 @pytest.mark.parametrize("background", [True, False])
 @pytest.mark.parametrize("where", ["check_changed_packs", "block_index"])
 def test_a_failed_start_fails_the_run_with_its_own_error(tmp_path, monkeypatch, where,

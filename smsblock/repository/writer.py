@@ -394,10 +394,11 @@ class PackSink:
             item[1].discard()
             self._done(WRITE_CHUNK)
         else:
+            nbytes = len(item[2])       # before the frame's view is released
             if item[5] is not None:
                 item[2].release()
                 _frame_buffers.give(item[5])
-            self._done(len(item[2]))
+            self._done(nbytes)
 
     def _discard_partial(self) -> None:
         with self._lock:
