@@ -686,3 +686,29 @@ def test_a_damaged_or_misplaced_record_is_refused_and_skipped_as_a_parent(tmp_pa
     assert s3.published["ebs"]["parent_snapshot_id"] == snap1
     store.restore_snapshot("bad", tmp_path / "out.raw")
     assert (tmp_path / "out.raw").read_bytes() == second
+
+
+def test_a_record_whose_run_is_gone_is_a_leftover(tmp_path, moto, capture, monkeypatch):
+    """Prune deletes a run, then its snapshot record: when the second step fails (or
+    the process dies between them), the record is reported by verify and removed by the
+    next prune, never taken for a run; a record whose run exists is never removed so."""
+    from smsblock.errors import StoreError, UsageError
+    from smsblock.publish import ebs as E
+    store, first, second = two_runs(tmp_path, capture.url, "orph", 12)
+    run1, run2 = store.list_run_ids("orph")
+    real_forget = E.EbsPublisher.forget
+
+    def failing_forget(self, server_id, run_id):
+        raise StoreError("delete snapshot record: connection reset (test)")
+    monkeypatch.setattr(E.EbsPublisher, "forget", failing_forget)
+    with pytest.raises(StoreError, match="connection reset"):
+        prune(store, "orph", 1)
+    monkeypatch.setattr(E.EbsPublisher, "forget", real_forget)
+    assert store.list_run_ids("orph") == [run2]
+    assert verify(store).leftovers == [f"ebs-record:orph/{run1}"]
+    with pytest.raises(UsageError, match="exists"):
+        store.remove_leftover(f"ebs-record:orph/{run2}")
+    prune(store, "orph", 1)
+    assert verify(store).leftovers == [] and store.snapshot_record("orph", run2) is not None
+    store.restore_snapshot("orph", tmp_path / "out.raw")
+    assert (tmp_path / "out.raw").read_bytes() == second

@@ -404,6 +404,35 @@ class EbsPublisher:
         self.repository.backend.delete(self._record_rel(server_id, run_id),
                                        what="delete snapshot record")
 
+    def orphan_records(self) -> list[tuple[str, str]]:
+        """``(server_id, run_id)`` of records whose run is gone (a prune that died
+        between deleting the run and its record): leftovers."""
+        prefix = f"{RECORDS_DIR}/{self.region}/"
+        runs: dict[str, set[str]] = {}
+        out = []
+        for name in self.repository.backend.names(prefix, what="list snapshot records"):
+            parts = name[len(prefix):].split("/")
+            if len(parts) != 2 or not parts[1].endswith(".json"):
+                continue
+            server_id, run_id = parts[0], parts[1][:-len(".json")]
+            try:
+                check_server_id(server_id)
+                check_run_id(run_id)
+            except UsageError:
+                continue            # not a name this publisher writes
+            if server_id not in runs:
+                runs[server_id] = set(self.repository.list_run_ids(server_id))
+            if run_id not in runs[server_id]:
+                out.append((server_id, run_id))
+        return sorted(out)
+
+    def forget_orphan(self, server_id: str, run_id: str) -> None:
+        """Delete the record of a run that is gone (never of a run that exists)."""
+        if run_id in self.repository.list_run_ids(check_server_id(server_id)):
+            raise UsageError(f"{self.url}: run {run_id} of {server_id} exists: its snapshot "
+                             f"record is not a leftover")
+        self.forget(server_id, run_id)
+
     def _base(self, server_id: str, run_id: str) -> tuple[str, dict] | tuple[None, None]:
         """The newest earlier run of the server that is published, and its record: the
         new snapshot's parent (a run that failed to publish is skipped)."""

@@ -141,13 +141,19 @@ class EbsStore(Repository):
         return self.publisher.pending()
 
     def list_leftovers(self) -> list[str]:
-        return super().list_leftovers() + [f"ebs-pending:{s}" for s in self.pending_snapshots()]
+        return (super().list_leftovers()
+                + [f"ebs-pending:{s}" for s in self.pending_snapshots()]
+                + [f"ebs-record:{server}/{run}" for server, run in self.publisher.orphan_records()])
 
     def remove_leftover(self, name: str) -> int:
-        if not name.startswith("ebs-pending:"):
-            return super().remove_leftover(name)
-        self.publisher.delete_pending(name.split(":", 1)[1])
-        return 0
+        if name.startswith("ebs-pending:"):
+            self.publisher.delete_pending(name.split(":", 1)[1])
+            return 0
+        if name.startswith("ebs-record:"):
+            server_id, _, run_id = name.split(":", 1)[1].partition("/")
+            self.publisher.forget_orphan(server_id, run_id)
+            return 0
+        return super().remove_leftover(name)
 
     # -- reading snapshots back ----------------------------------------------------------------
     def snapshot_disk(self, server_id: str, run_id: str | None = None) -> SnapshotDisk:
