@@ -43,6 +43,7 @@ cdef extern from *:
 cdef enum:
     RAW_BLOCK_MAX = 128 * 1024          # zstd's largest block
     HEADER_SIZE = 9                     # magic, descriptor, 4-byte content size
+    HASH_CHUNK = 16 * 1024              # copied, then hashed while still in L1
 
 
 BLOCK_MAX = RAW_BLOCK_MAX       # for Python: pack.RAW_BLOCK_MAX
@@ -62,39 +63,64 @@ def raw_frame_size(Py_ssize_t n):
     return HEADER_SIZE + 3 * blocks + n
 
 
+cdef Py_ssize_t put_raw_frame(uint8_t *dst, const uint8_t *src, Py_ssize_t n,
+                              XXH3_state_t *state) noexcept nogil:
+    """The raw frame of ``src[:n]`` at ``dst`` (the caller checked it fits); returns its
+    length.  With ``state``, the frame is fed to it as it is written: each piece of at
+    most HASH_CHUNK bytes hashed from ``dst`` just after it is copied there."""
+    cdef Py_ssize_t pos = HEADER_SIZE, start = 0, k, piece, hashed = 0
+    cdef Py_ssize_t chunk = HASH_CHUNK if state != NULL else RAW_BLOCK_MAX
+    cdef bint last
+    dst[0] = 0x28; dst[1] = 0xB5; dst[2] = 0x2F; dst[3] = 0xFD      # 0xFD2FB528, LE
+    dst[4] = 0xA0
+    dst[5] = n & 0xFF; dst[6] = (n >> 8) & 0xFF
+    dst[7] = (n >> 16) & 0xFF; dst[8] = (n >> 24) & 0xFF
+    while True:
+        k = n - start
+        if k > RAW_BLOCK_MAX:
+            k = RAW_BLOCK_MAX
+        last = start + k >= n
+        put_le24(dst + pos, <uint32_t>((k << 3) | last))
+        pos += 3
+        while k:
+            piece = k if k < chunk else chunk
+            memcpy(dst + pos, src + start, <size_t>piece)
+            pos += piece
+            start += piece
+            k -= piece
+            if state != NULL:
+                smsblock_xxh3_64_update(state, dst + hashed, <size_t>(pos - hashed))
+                hashed = pos
+        if last:
+            break
+    if state != NULL and hashed < pos:
+        smsblock_xxh3_64_update(state, dst + hashed, <size_t>(pos - hashed))
+    return pos
+
+
+cdef Py_ssize_t checked_frame_size(Py_ssize_t n, Py_ssize_t at, Py_ssize_t room) except -1:
+    """The raw frame's size of ``n`` bytes, checked to fit ``room`` bytes from ``at``."""
+    if n >= (<Py_ssize_t>1 << 32):
+        raise ValueError(f"a block of {n} bytes is too large for a frame")
+    cdef Py_ssize_t need = raw_frame_size(n)
+    if at < 0 or at > room or need > room - at:
+        raise ValueError(f"a frame of {need} bytes at {at} does not fit {room}")
+    return need
+
+
 def write_raw_frame(uint8_t[::1] out not None, const uint8_t[::1] data not None):
     """Write into ``out`` one zstd frame holding ``data`` as raw blocks (RFC 8878: magic,
     a single-segment frame header with a 4-byte content size, then raw blocks of at
     most 128 KiB, each after a 3-byte header: last-block bit, type 0, size); return its
     length.  ValueError when ``out`` is too small or ``data`` 4 GiB or more."""
     cdef Py_ssize_t n = data.shape[0]
-    if n >= (<Py_ssize_t>1 << 32):
-        raise ValueError(f"a block of {n} bytes is too large for a frame")
-    cdef Py_ssize_t need = raw_frame_size(n)
-    if out.shape[0] < need:
-        raise ValueError(f"a frame of {need} bytes does not fit {out.shape[0]}")
+    checked_frame_size(n, 0, out.shape[0])
     cdef uint8_t *dst = &out[0]
     cdef const uint8_t *src = &data[0] if n else NULL
-    cdef Py_ssize_t at = HEADER_SIZE, start = 0, k
-    cdef bint last
+    cdef Py_ssize_t length
     with nogil:
-        dst[0] = 0x28; dst[1] = 0xB5; dst[2] = 0x2F; dst[3] = 0xFD      # 0xFD2FB528, LE
-        dst[4] = 0xA0
-        dst[5] = n & 0xFF; dst[6] = (n >> 8) & 0xFF
-        dst[7] = (n >> 16) & 0xFF; dst[8] = (n >> 24) & 0xFF
-        while True:
-            k = n - start
-            if k > RAW_BLOCK_MAX:
-                k = RAW_BLOCK_MAX
-            last = start + k >= n
-            put_le24(dst + at, <uint32_t>((k << 3) | last))
-            if k:
-                memcpy(dst + at + 3, src + start, <size_t>k)
-            at += 3 + k
-            start += k
-            if last:
-                break
-    return at
+        length = put_raw_frame(dst, src, n, NULL)
+    return length
 
 
 def copy_into(uint8_t[::1] dst not None, Py_ssize_t at, const uint8_t[::1] src not None):
@@ -105,10 +131,6 @@ def copy_into(uint8_t[::1] dst not None, Py_ssize_t at, const uint8_t[::1] src n
     if n:
         with nogil:
             memcpy(&dst[at], &src[0], <size_t>n)
-
-
-cdef enum:
-    HASH_CHUNK = 16 * 1024              # copied, then hashed while still in L1
 
 
 def copy_hashed_into(uint8_t[::1] dst not None, Py_ssize_t at, const uint8_t[::1] src not None,
@@ -140,40 +162,13 @@ def write_raw_frame_hashed(uint8_t[::1] out not None, Py_ssize_t at,
     section without the GIL: each L1-sized piece is hashed from ``out`` just after it is
     copied there.  Returns the frame's length; ValueError when it does not fit."""
     cdef Py_ssize_t n = data.shape[0]
-    if n >= (<Py_ssize_t>1 << 32):
-        raise ValueError(f"a block of {n} bytes is too large for a frame")
-    cdef Py_ssize_t need = raw_frame_size(n)
-    if at < 0 or at > out.shape[0] or need > out.shape[0] - at:
-        raise ValueError(f"a frame of {need} bytes at {at} does not fit {out.shape[0]}")
+    checked_frame_size(n, at, out.shape[0])
     cdef uint8_t *dst = &out[at]
     cdef const uint8_t *src = &data[0] if n else NULL
-    cdef Py_ssize_t pos = HEADER_SIZE, start = 0, k, piece, hashed = 0
-    cdef bint last
+    cdef Py_ssize_t length
     with nogil:
-        dst[0] = 0x28; dst[1] = 0xB5; dst[2] = 0x2F; dst[3] = 0xFD      # 0xFD2FB528, LE
-        dst[4] = 0xA0
-        dst[5] = n & 0xFF; dst[6] = (n >> 8) & 0xFF
-        dst[7] = (n >> 16) & 0xFF; dst[8] = (n >> 24) & 0xFF
-        while True:
-            k = n - start
-            if k > RAW_BLOCK_MAX:
-                k = RAW_BLOCK_MAX
-            last = start + k >= n
-            put_le24(dst + pos, <uint32_t>((k << 3) | last))
-            pos += 3
-            while k:
-                piece = k if k < HASH_CHUNK else HASH_CHUNK
-                memcpy(dst + pos, src + start, <size_t>piece)
-                pos += piece
-                start += piece
-                k -= piece
-                smsblock_xxh3_64_update(stream.state, dst + hashed, <size_t>(pos - hashed))
-                hashed = pos
-            if last:
-                break
-        if hashed < pos:
-            smsblock_xxh3_64_update(stream.state, dst + hashed, <size_t>(pos - hashed))
-    return pos
+        length = put_raw_frame(dst, src, n, stream.state)
+    return length
 
 
 cdef class Xxh3Stream:

@@ -167,15 +167,12 @@ def _scratch(size: int) -> bytearray:
     return buf
 
 
-def _give_buffer(buf: mmap.mmap) -> None:
+def give_buffer(buf: mmap.mmap) -> None:
     with _spare_lock:
         if len(_spare_buffers) < MAX_SPARE_BUFFERS:
             _spare_buffers.append(buf)
             return
     buf.close()
-
-
-give_buffer = _give_buffer     # for a PackWriter's ``flush``
 
 
 def _set_direct(fd: int, on: bool) -> bool:
@@ -340,7 +337,7 @@ class PackWriter:
     def _release_buffer(self) -> None:
         if self._buf is not None:
             buf, self._buf = self._buf, None
-            _give_buffer(buf)
+            give_buffer(buf)
 
     def sync(self) -> None:
         """fsync and close a sealed pack."""

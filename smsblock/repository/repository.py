@@ -204,8 +204,7 @@ class Repository:
         #: what runs after a run is committed (:meth:`publish_run`): objects with a
         #: ``name``, ``publish(server_id, run_id, *, progress, cancel) -> dict`` (its
         #: record of the run; publishing a published run returns the record),
-        #: ``record(server_id, run_id) -> dict | None``, ``forget(server_id, run_id)``
-        #: (the run was deleted) and ``check_block_size(block_size)`` (UsageError before a
+        #: ``forget(server_id, run_id)`` (the run was deleted) and ``check_block_size(block_size)`` (UsageError before a
         #: run it could never publish)
         self.publishers: list = []
 
@@ -499,14 +498,6 @@ class Repository:
         for publisher in self.publishers:
             publisher.check_block_size(block_size)
 
-    def published(self, server_id: str, run_id: str) -> dict[str, dict]:
-        """``{publisher name: record}`` of the publishers that have published the run."""
-        out = {}
-        for publisher in self.publishers:
-            record = publisher.record(server_id, run_id)
-            if record is not None:
-                out[publisher.name] = record
-        return out
 
     # == damage records ======================================================
     def put_damage_record(self, pack_id: str, data: bytes) -> None:

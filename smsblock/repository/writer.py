@@ -82,9 +82,6 @@ def start_run(store: Repository, *, threads: int = 2,
 #: bytes handed to the pack writer thread and not written yet (filled write buffers,
 #: blocks to look up): the threads that hand them over wait beyond this (bounds memory)
 IN_FLIGHT_BYTES = 16 << 20
-#: blocks appended by the scan workers themselves; False: each through the writer thread
-#: (the path blocks to be looked up take), to compare
-DIRECT_APPEND = True
 INDEX_BATCH = 1 << 18     # index entries of put packs held for the block index (~12 MiB)
 
 
@@ -191,8 +188,7 @@ class PackSink:
             if self._start_failed:      # the run's start-up failed: its own error
                 raise self.error
             raise StoreError(f"pack writer failed: {self.error}")
-        if self._closing:       # a scan thread still running after the run stopped
-            raise Cancelled("the run was stopped")
+        self._check_not_closing()
         self._ensure(self._thread)
 
     def submit(self, address: bytes, frame, ulen: int, check: bool = False,
@@ -560,7 +556,7 @@ class BlockStorer:
         if index is not None and address in index:
             return address
         compressor = self._compressor()
-        if index is not None and DIRECT_APPEND:
+        if index is not None:
             if looks_incompressible(view, compressor):
                 self.sink.append(address, view, len(view), raw=True)
             else:
